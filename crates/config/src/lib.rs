@@ -1,0 +1,499 @@
+//! The Portcullis configuration file.
+//!
+//! What it does: defines the TOML schema (`[gateway]`, `[policy]`, `[audit]`, `[flows]`,
+//! `[[user]]`, `[[peer]]`), loads it with unknown keys rejected, resolves relative paths
+//! against the file's directory, reads the gateway key, and checks everything that can be
+//! checked without touching the network. Every error names the file, the key and the
+//! reason ([`ConfigError`]). Secrets (the private key) never appear in errors or `Debug`.
+//!
+//! What it deliberately does not: no policy parsing (the policy crate owns the policy
+//! directory), no environment handling (the binary's clap CLI maps env vars to flags and
+//! overrides fields after loading).
+//!
+//! The keys are a contract that operators' automation relies on: add keys, never rename.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// A configuration problem: which file, which key, why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}{loc}: key `{key}`: {reason}", file = .file.display(), loc = .line.map(|(l, c)| format!(":{l}:{c}")).unwrap_or_default())]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub key: String,
+    pub reason: String,
+    pub line: Option<(usize, usize)>,
+}
+
+impl ConfigError {
+    fn new(file: &Path, key: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.to_path_buf(),
+            key: key.into(),
+            reason: reason.into(),
+            line: None,
+        }
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub gateway: GatewayConfig,
+    pub policy: PolicyConfig,
+    pub audit: AuditConfig,
+    #[serde(default)]
+    pub flows: FlowsConfig,
+    #[serde(default, rename = "user")]
+    pub users: Vec<UserConfig>,
+    #[serde(default, rename = "peer")]
+    pub peers: Vec<PeerConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// This gateway's name in audit events.
+    #[serde(default = "default_gateway_id")]
+    pub id: String,
+    pub listen: SocketAddr,
+    pub private_key_file: PathBuf,
+    pub tun_name: String,
+    /// The gateway's IPv4 address on the tunnel, with the tunnel prefix.
+    pub tunnel_address: IpNet,
+    /// Optional IPv6 tunnel address and prefix.
+    #[serde(default)]
+    pub tunnel_address6: Option<IpNet>,
+    #[serde(default = "default_mtu")]
+    pub mtu: u16,
+    /// UDP socket send and receive buffer size.
+    #[serde(default = "default_socket_buffer")]
+    pub socket_buffer_bytes: usize,
+    /// A session ends after this long without an authenticated packet from the peer.
+    #[serde(default = "default_session_idle")]
+    pub session_idle_timeout_secs: u64,
+}
+
+fn default_gateway_id() -> String {
+    "portcullis".into()
+}
+fn default_mtu() -> u16 {
+    1420
+}
+fn default_socket_buffer() -> usize {
+    7 * 1024 * 1024
+}
+fn default_session_idle() -> u64 {
+    180
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Events as JSON lines, appended.
+    pub events_file: PathBuf,
+}
+
+/// Flow table limits and idle timeouts (seconds).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlowsConfig {
+    pub max_flows: usize,
+    pub max_flows_per_peer: usize,
+    pub tcp_syn_timeout_secs: u64,
+    pub tcp_established_timeout_secs: u64,
+    pub tcp_closing_timeout_secs: u64,
+    pub udp_timeout_secs: u64,
+    pub icmp_timeout_secs: u64,
+    pub other_timeout_secs: u64,
+    pub fragment_timeout_secs: u64,
+}
+
+impl Default for FlowsConfig {
+    fn default() -> Self {
+        FlowsConfig {
+            max_flows: 262_144,
+            max_flows_per_peer: 8_192,
+            tcp_syn_timeout_secs: 30,
+            tcp_established_timeout_secs: 3_600,
+            tcp_closing_timeout_secs: 30,
+            udp_timeout_secs: 60,
+            icmp_timeout_secs: 30,
+            other_timeout_secs: 60,
+            fragment_timeout_secs: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    #[serde(default)]
+    pub email: String,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub user: String,
+    /// Base64 X25519 public key, as `wg pubkey` prints it.
+    pub public_key: String,
+    pub address: IpAddr,
+    #[serde(default)]
+    pub address6: Option<IpAddr>,
+    #[serde(default)]
+    pub persistent_keepalive: Option<u16>,
+}
+
+/// The gateway's X25519 private key. Never printed.
+#[derive(Clone)]
+pub struct PrivateKey(pub [u8; 32]);
+
+impl fmt::Debug for PrivateKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PrivateKey(<redacted>)")
+    }
+}
+
+/// A loaded and checked configuration.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub path: PathBuf,
+    pub config: Config,
+    pub private_key: PrivateKey,
+    /// Decoded peer public keys, in `config.peers` order.
+    pub peer_keys: Vec<[u8; 32]>,
+    /// Findings that do not stop the gateway.
+    pub warnings: Vec<String>,
+}
+
+/// Decodes a base64 WireGuard key (32 bytes).
+pub fn decode_key(text: &str) -> Result<[u8; 32], String> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .map_err(|e| format!("not valid base64: {e}"))?;
+    <[u8; 32]>::try_from(bytes.as_slice())
+        .map_err(|_| format!("decodes to {} bytes, a WireGuard key is 32", bytes.len()))
+}
+
+/// Reads and checks a configuration file.
+pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    let src = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new(path, "-", format!("cannot read file: {e}")))?;
+    let mut loaded = parse(path, &src)?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let resolve = |p: &mut PathBuf| {
+        if p.is_relative() {
+            *p = base.join(&*p);
+        }
+    };
+    resolve(&mut loaded.config.gateway.private_key_file);
+    resolve(&mut loaded.config.policy.dir);
+    resolve(&mut loaded.config.audit.events_file);
+    let key_path = &loaded.config.gateway.private_key_file;
+    let key_text = std::fs::read_to_string(key_path).map_err(|e| {
+        ConfigError::new(
+            path,
+            "gateway.private_key_file",
+            format!("cannot read {}: {e}", key_path.display()),
+        )
+    })?;
+    // The decode error could quote key material: report only that it is not a key.
+    loaded.private_key = PrivateKey(decode_key(&key_text).map_err(|_| {
+        ConfigError::new(
+            path,
+            "gateway.private_key_file",
+            format!(
+                "{} does not hold a base64 32-byte WireGuard private key (as `wg genkey` writes it)",
+                key_path.display()
+            ),
+        )
+    })?);
+    Ok(loaded)
+}
+
+/// Parses and checks configuration text (the private key is not read: zeros).
+pub fn parse(path: &Path, src: &str) -> Result<Loaded, ConfigError> {
+    let config: Config = toml::from_str(src).map_err(|e| toml_error(path, src, &e))?;
+    let mut warnings = Vec::new();
+    let g = &config.gateway;
+    let err = |key: String, reason: String| ConfigError::new(path, key, reason);
+
+    if g.tun_name.is_empty() || g.tun_name.len() > 15 {
+        return Err(err(
+            "gateway.tun_name".into(),
+            format!("{:?} must be 1 to 15 characters (a Linux interface name)", g.tun_name),
+        ));
+    }
+    if !g.tunnel_address.addr().is_ipv4() {
+        return Err(err(
+            "gateway.tunnel_address".into(),
+            format!("{} is not IPv4 (use tunnel_address6 for IPv6)", g.tunnel_address),
+        ));
+    }
+    if let Some(v6) = g.tunnel_address6 {
+        if !v6.addr().is_ipv6() {
+            return Err(err("gateway.tunnel_address6".into(), format!("{v6} is not IPv6")));
+        }
+    }
+    let min_mtu = if g.tunnel_address6.is_some() { 1280 } else { 576 };
+    if !(min_mtu..=9000).contains(&g.mtu) {
+        return Err(err(
+            "gateway.mtu".into(),
+            format!("{} is outside {min_mtu}..=9000", g.mtu),
+        ));
+    }
+    let f = &config.flows;
+    if f.max_flows == 0 || f.max_flows_per_peer == 0 {
+        return Err(err("flows.max_flows".into(), "limits must be at least 1".into()));
+    }
+    for (key, v) in [
+        ("tcp_syn_timeout_secs", f.tcp_syn_timeout_secs),
+        ("tcp_established_timeout_secs", f.tcp_established_timeout_secs),
+        ("tcp_closing_timeout_secs", f.tcp_closing_timeout_secs),
+        ("udp_timeout_secs", f.udp_timeout_secs),
+        ("icmp_timeout_secs", f.icmp_timeout_secs),
+        ("other_timeout_secs", f.other_timeout_secs),
+        ("fragment_timeout_secs", f.fragment_timeout_secs),
+    ] {
+        if v == 0 {
+            return Err(err(format!("flows.{key}"), "must be at least 1 second".into()));
+        }
+    }
+
+    let mut user_names = HashSet::new();
+    for (i, u) in config.users.iter().enumerate() {
+        if u.name.is_empty() {
+            return Err(err(format!("user[{i}].name"), "must not be empty".into()));
+        }
+        if !user_names.insert(u.name.as_str()) {
+            return Err(err(format!("user[{i}].name"), format!("duplicate user {:?}", u.name)));
+        }
+    }
+
+    let mut peer_keys = Vec::new();
+    let mut seen_keys = HashSet::new();
+    let mut seen_addrs = HashSet::new();
+    for (i, p) in config.peers.iter().enumerate() {
+        let key = decode_key(&p.public_key).map_err(|r| err(format!("peer[{i}].public_key"), r))?;
+        if !seen_keys.insert(key) {
+            return Err(err(
+                format!("peer[{i}].public_key"),
+                "the same public key is configured twice".into(),
+            ));
+        }
+        peer_keys.push(key);
+        let nets: [(Option<IpAddr>, Option<IpNet>, &str); 2] = [
+            (Some(p.address), Some(g.tunnel_address), "address"),
+            (p.address6, g.tunnel_address6, "address6"),
+        ];
+        for (addr, net, key) in nets {
+            let Some(addr) = addr else { continue };
+            let Some(net) = net else {
+                return Err(err(
+                    format!("peer[{i}].{key}"),
+                    "gateway.tunnel_address6 is not set".into(),
+                ));
+            };
+            if !net.contains(&addr) || addr == net.addr() || addr == net.network() {
+                return Err(err(
+                    format!("peer[{i}].{key}"),
+                    format!("{addr} is not a usable host address of the tunnel network {net}"),
+                ));
+            }
+            if !seen_addrs.insert(addr) {
+                return Err(err(
+                    format!("peer[{i}].{key}"),
+                    format!("{addr} is assigned to another peer"),
+                ));
+            }
+        }
+        if !user_names.contains(p.user.as_str()) {
+            warnings.push(format!(
+                "{}: peer[{i}] names user {:?}, which no [[user]] defines: it has no access until an identity source provides that user",
+                path.display(),
+                p.user
+            ));
+        }
+    }
+    Ok(Loaded {
+        path: path.to_path_buf(),
+        config,
+        private_key: PrivateKey([0; 32]),
+        peer_keys,
+        warnings,
+    })
+}
+
+/// Turns a toml error into file:line:col, the dotted key and the reason.
+fn toml_error(path: &Path, src: &str, e: &toml::de::Error) -> ConfigError {
+    let (line, col, key) = match e.span() {
+        Some(span) => {
+            let before = src.get(..span.start).unwrap_or_default();
+            let line = before.matches('\n').count() + 1;
+            let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+            let table = before
+                .lines()
+                .rev()
+                .map(str::trim)
+                .find(|l| l.starts_with('['))
+                .map(|l| l.trim_matches(|c| c == '[' || c == ']').to_string());
+            let this_line = src.lines().nth(line - 1).unwrap_or_default();
+            let key_name = this_line
+                .split_once('=')
+                .map(|(k, _)| k.trim().to_string())
+                .filter(|k| !k.starts_with('['));
+            let key = match (table, key_name) {
+                (Some(t), Some(k)) => format!("{t}.{k}"),
+                (Some(t), None) => t,
+                (None, Some(k)) => k,
+                (None, None) => "-".into(),
+            };
+            (line, col, key)
+        }
+        None => (1, 1, "-".into()),
+    };
+    ConfigError {
+        file: path.to_path_buf(),
+        key,
+        reason: e.message().trim().to_string(),
+        line: Some((line, col)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY_A: &str = "hTj3BGuxdqxk2ZR0TlCsdi7Sbi4fKCDpg1AwH6PTSEs=";
+    const KEY_B: &str = "d6ec7PznHbb+vzrSc9U+MsyCI5gqTEN1Ws4PX+V/zns=";
+
+    fn sample(extra: &str) -> String {
+        format!(
+            r#"
+[gateway]
+listen = "0.0.0.0:51820"
+private_key_file = "gw.key"
+tun_name = "pc0"
+tunnel_address = "100.64.0.1/24"
+mtu = 1420
+
+[policy]
+dir = "policies"
+
+[audit]
+events_file = "events.jsonl"
+
+[[user]]
+name = "alice"
+groups = ["sre"]
+tags = ["oncall"]
+
+[[peer]]
+user = "alice"
+public_key = "{KEY_A}"
+address = "100.64.0.2"
+{extra}"#
+        )
+    }
+
+    fn check(src: &str) -> Result<Loaded, ConfigError> {
+        parse(Path::new("/etc/portcullis.toml"), src)
+    }
+
+    #[test]
+    fn the_documented_example_parses() -> Result<(), ConfigError> {
+        let l = check(&sample(""))?;
+        assert_eq!(l.config.gateway.mtu, 1420);
+        assert_eq!(l.config.peers[0].address, IpAddr::from([100, 64, 0, 2]));
+        assert_eq!(l.config.flows, FlowsConfig::default());
+        assert!(l.warnings.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn the_shipped_example_file_parses() -> Result<(), ConfigError> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../portcullis.example.toml");
+        let src = std::fs::read_to_string(&path).map_err(|e| ConfigError::new(&path, "-", e.to_string()))?;
+        check(&src)?;
+        Ok(())
+    }
+
+    #[test]
+    fn errors_name_file_key_and_reason() {
+        let cases = [
+            (sample("").replace("mtu = 1420", "mtu = 1420\nbogus = 1"), "gateway.bogus", "unknown field"),
+            (sample("").replace("mtu = 1420", "mtu = \"big\""), "gateway.mtu", "invalid type"),
+            (sample("").replace("mtu = 1420", "mtu = 100"), "gateway.mtu", "outside"),
+            (sample("").replace(KEY_A, "no!pe"), "peer[0].public_key", "base64"),
+            (sample("").replace(KEY_A, "AAAA"), "peer[0].public_key", "32"),
+            (sample("").replace("100.64.0.2", "10.0.0.2"), "peer[0].address", "tunnel network"),
+            (sample("").replace("100.64.0.2", "100.64.0.1"), "peer[0].address", "usable"),
+            (
+                sample(&format!("[[peer]]\nuser = \"alice\"\npublic_key = \"{KEY_B}\"\naddress = \"100.64.0.2\"\n")),
+                "peer[1].address",
+                "another peer",
+            ),
+            (
+                sample(&format!("[[peer]]\nuser = \"alice\"\npublic_key = \"{KEY_A}\"\naddress = \"100.64.0.3\"\n")),
+                "peer[1].public_key",
+                "twice",
+            ),
+            (sample("").replace("\"pc0\"", "\"a-very-long-interface\""), "gateway.tun_name", "15"),
+            (sample("address6 = \"fd00::2\""), "peer[0].address6", "tunnel_address6"),
+            (sample("").replace("[audit]\nevents_file = \"events.jsonl\"\n", ""), "-", "missing field `audit`"),
+        ];
+        for (src, key, reason) in cases {
+            match check(&src) {
+                Ok(_) => panic!("accepted config expected to fail on {key}"),
+                Err(e) => {
+                    assert_eq!(e.key, key, "{e}");
+                    assert!(e.reason.contains(reason), "{e}");
+                    assert!(e.to_string().starts_with("/etc/portcullis.toml"), "{e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_user_is_a_warning() -> Result<(), ConfigError> {
+        let l = check(&sample("").replace("user = \"alice\"\npublic_key", "user = \"zed\"\npublic_key"))?;
+        assert_eq!(l.warnings.len(), 1);
+        assert!(l.warnings[0].contains("zed"));
+        Ok(())
+    }
+
+    #[test]
+    fn private_key_is_read_relative_and_never_printed() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        std::fs::write(dir.path().join("gw.key"), format!("{KEY_B}\n"))?;
+        let path = dir.path().join("portcullis.toml");
+        std::fs::write(&path, sample(""))?;
+        let l = load(&path)?;
+        assert_eq!(l.config.policy.dir, dir.path().join("policies"));
+        assert!(!format!("{l:?}").contains(KEY_B));
+        std::fs::write(dir.path().join("gw.key"), "garbage")?;
+        let e = load(&path).err().ok_or("accepted a bad key")?;
+        assert_eq!(e.key, "gateway.private_key_file");
+        assert!(!e.to_string().contains("garbage"), "{e}");
+        Ok(())
+    }
+}

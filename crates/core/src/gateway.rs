@@ -1,0 +1,583 @@
+//! The gateway state machine: WireGuard peers (one boringtun `noise::Tunn` each), sessions,
+//! and the [`Enforcer`] between the tunnel and the private network.
+//!
+//! Inputs: [`Gateway::handle_datagram`] (UDP from a client), [`Gateway::handle_tun_packet`]
+//! (IP from the private network), [`Gateway::handle_timeout`], and the control inputs
+//! (policy bundle, user upsert/revoke, peer add/remove). Outputs: the return values of the
+//! two packet inputs (the hot path, no allocation), then [`Gateway::poll_transmit`] (UDP
+//! datagrams: handshakes, cookies, keepalives, injected resets), [`Gateway::poll_tun_packet`]
+//! and [`Gateway::poll_event`].
+//!
+//! Time: our own timers (flows, sessions) use the `now` passed in. boringtun's `Tunn`
+//! keeps its own monotonic clock for the WireGuard protocol timers (rekey, keepalive,
+//! handshake expiry); we drive it through `update_timers` from `handle_timeout`.
+//!
+//! Peer lookup: a handshake initiation is opened with `parse_handshake_anon` to learn the
+//! sender's static key; every other message carries our receiver index, whose upper 24
+//! bits are the peer's slot (boringtun shifts the index we give it left by 8). All
+//! messages first pass the gateway-wide rate limiter, which answers with cookie replies
+//! when handshakes exceed the limit; its counter is reset every second.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+use chrono::{DateTime, Utc};
+use portcullis_model::{CloseReason, Counters, Event, Principal};
+use portcullis_policy::{Engine, PolicyBundle};
+use rustc_hash::FxHashMap;
+
+use crate::enforce::{Enforcer, FlowLimits, Injected, PeerCtx};
+use crate::flow::PeerId;
+
+/// Handshake initiations per second, gateway-wide, before cookie replies are required.
+pub const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// How often boringtun's timers are driven.
+pub const TIMER_TICK: Duration = Duration::from_millis(250);
+/// Largest buffer a datagram or packet needs: MTU 9000 plus WireGuard overhead.
+pub const MAX_PACKET: usize = 9000 + 32 + 16;
+
+/// A device allowed to connect.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerSpec {
+    pub user: String,
+    pub public_key: [u8; 32],
+    /// Tunnel addresses assigned to the device (IPv4 and optionally IPv6).
+    pub addresses: Vec<IpAddr>,
+    pub persistent_keepalive: Option<u16>,
+}
+
+/// Gateway settings.
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    pub private_key: [u8; 32],
+    pub limits: FlowLimits,
+    pub session_idle_timeout: Duration,
+}
+
+/// A UDP datagram to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    pub dst: SocketAddr,
+    pub payload: Vec<u8>,
+}
+
+/// Counters of the WireGuard layer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WgStats {
+    pub datagrams: u64,
+    pub malformed_datagrams: u64,
+    pub unknown_peer: u64,
+    pub wg_errors: u64,
+    pub cookie_replies: u64,
+    pub handshakes: u64,
+    pub tun_no_peer: u64,
+    pub no_endpoint: u64,
+}
+
+#[derive(Debug)]
+struct Session {
+    id: u64,
+    started: Instant,
+    last_rx: Instant,
+    endpoint: SocketAddr,
+    rx: Counters,
+    tx: Counters,
+}
+
+struct Peer {
+    spec: PeerSpec,
+    user: Arc<str>,
+    device: Arc<str>,
+    tunn: Tunn,
+    endpoint: Option<SocketAddr>,
+    session: Option<Session>,
+}
+
+/// The sans-IO gateway.
+pub struct Gateway {
+    secret: StaticSecret,
+    public: PublicKey,
+    rate_limiter: Arc<RateLimiter>,
+    peers: Vec<Option<Peer>>,
+    by_key: FxHashMap<[u8; 32], PeerId>,
+    by_addr: FxHashMap<IpAddr, PeerId>,
+    enforcer: Enforcer,
+    session_idle_timeout: Duration,
+    next_session_id: u64,
+    next_tick: Instant,
+    next_second: Instant,
+    transmits: VecDeque<Transmit>,
+    tun_out: VecDeque<Vec<u8>>,
+    events: VecDeque<Event>,
+    scratch: Vec<u8>,
+    pub stats: WgStats,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("peers", &self.by_key.len())
+            .field("enforcer", &self.enforcer)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+/// Errors of control inputs.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("peer {0} is already configured")]
+    DuplicatePeer(String),
+    #[error("tunnel address {0} is already assigned to another peer")]
+    DuplicateAddress(IpAddr),
+    #[error("too many peers")]
+    TooManyPeers,
+    #[error(transparent)]
+    Entities(#[from] portcullis_policy::EntitiesError),
+}
+
+impl Gateway {
+    pub fn new(
+        config: GatewayConfig,
+        bundle: Arc<PolicyBundle>,
+        users: Vec<Principal>,
+        now: Instant,
+        wall: DateTime<Utc>,
+    ) -> Result<Gateway, ControlError> {
+        let secret = StaticSecret::from(config.private_key);
+        let public = PublicKey::from(&secret);
+        let engine = Engine::new(bundle, users)?;
+        Ok(Gateway {
+            rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            secret,
+            public,
+            peers: Vec::new(),
+            by_key: FxHashMap::default(),
+            by_addr: FxHashMap::default(),
+            enforcer: Enforcer::new(engine, config.limits, now, wall),
+            session_idle_timeout: config.session_idle_timeout,
+            next_session_id: 1,
+            next_tick: now,
+            next_second: now,
+            transmits: VecDeque::new(),
+            tun_out: VecDeque::new(),
+            events: VecDeque::new(),
+            scratch: vec![0; MAX_PACKET],
+            stats: WgStats::default(),
+        })
+    }
+
+    pub fn public_key(&self) -> [u8; 32] {
+        self.public.to_bytes()
+    }
+
+    pub fn enforcer(&self) -> &Enforcer {
+        &self.enforcer
+    }
+
+    /// Re-anchors wall-clock time; call about once a second.
+    pub fn handle_wall_clock(&mut self, now: Instant, wall: DateTime<Utc>) {
+        self.enforcer.handle_wall_clock(now, wall);
+    }
+
+    /// Adds a device. It can connect at once.
+    pub fn handle_peer_add(&mut self, spec: PeerSpec) -> Result<PeerId, ControlError> {
+        if self.by_key.contains_key(&spec.public_key) {
+            return Err(ControlError::DuplicatePeer(b64(&spec.public_key)));
+        }
+        if let Some(a) = spec.addresses.iter().find(|a| self.by_addr.contains_key(a)) {
+            return Err(ControlError::DuplicateAddress(*a));
+        }
+        let slot = match self.peers.iter().position(Option::is_none) {
+            Some(s) => s,
+            None => {
+                self.peers.push(None);
+                self.peers.len() - 1
+            }
+        };
+        // boringtun keeps 8 bits of the index for itself; we own the upper 24.
+        let index = u32::try_from(slot).ok().filter(|i| *i < (1 << 24)).ok_or(ControlError::TooManyPeers)?;
+        let id = PeerId(index);
+        let tunn = Tunn::new(
+            self.secret.clone(),
+            PublicKey::from(spec.public_key),
+            None,
+            spec.persistent_keepalive,
+            index,
+            None,
+        );
+        for a in &spec.addresses {
+            self.by_addr.insert(*a, id);
+        }
+        self.by_key.insert(spec.public_key, id);
+        let device: Arc<str> = b64(&spec.public_key).into();
+        self.events.push_back(Event::PeerAdded {
+            user: spec.user.clone(),
+            device: device.to_string(),
+        });
+        let peer = Peer {
+            user: spec.user.as_str().into(),
+            device,
+            spec,
+            tunn,
+            endpoint: None,
+            session: None,
+        };
+        if let Some(s) = self.peers.get_mut(slot) {
+            *s = Some(peer);
+        }
+        Ok(id)
+    }
+
+    /// Removes a device: its flows are cut (with resets), its session ends.
+    pub fn handle_peer_remove(&mut self, now: Instant, public_key: &[u8; 32], reason: &str) -> bool {
+        let Some(id) = self.by_key.get(public_key).copied() else {
+            return false;
+        };
+        self.enforcer.handle_peer_removed(now, id);
+        self.flush_injected();
+        self.end_session(id, now, reason);
+        let Some(peer) = self.peers.get_mut(id.0 as usize).and_then(Option::take) else {
+            return false;
+        };
+        self.by_key.remove(public_key);
+        for a in &peer.spec.addresses {
+            self.by_addr.remove(a);
+        }
+        self.events.push_back(Event::PeerRemoved {
+            user: peer.spec.user,
+            device: peer.device.to_string(),
+            reason: reason.into(),
+        });
+        true
+    }
+
+    /// Applies a new, fully validated policy bundle; established flows are re-decided
+    /// now and the denied ones cut.
+    pub fn handle_policy_bundle(&mut self, now: Instant, bundle: Arc<PolicyBundle>) -> Result<usize, ControlError> {
+        let cut = self.enforcer.handle_policy_bundle(now, bundle)?;
+        self.flush_injected();
+        self.drain_enforcer_events();
+        Ok(cut)
+    }
+
+    /// Reports a policy set that failed validation; the running one stays in force.
+    pub fn handle_policy_rejected(&mut self, errors: Vec<String>) {
+        self.events.push_back(Event::PolicyRejected { errors });
+    }
+
+    /// Adds or changes a user; its live flows are re-decided now.
+    pub fn handle_user_upsert(&mut self, now: Instant, user: Principal) -> Result<usize, ControlError> {
+        let cut = self.enforcer.handle_user_upsert(now, user)?;
+        self.flush_injected();
+        Ok(cut)
+    }
+
+    /// Revokes a user: every peer of theirs is removed, every flow cut, every session
+    /// ended, in this one call. Returns the number of peers removed.
+    pub fn handle_revoke_user(&mut self, now: Instant, name: &str, reason: &str) -> Result<usize, ControlError> {
+        let keys: Vec<[u8; 32]> = self
+            .peers
+            .iter()
+            .flatten()
+            .filter(|p| p.spec.user == name)
+            .map(|p| p.spec.public_key)
+            .collect();
+        for k in &keys {
+            self.handle_peer_remove(now, k, reason);
+        }
+        self.enforcer.handle_user_removed(now, name)?;
+        self.flush_injected();
+        Ok(keys.len())
+    }
+
+    /// A UDP datagram from `from`. Returns a decrypted packet to write to the TUN device.
+    pub fn handle_datagram<'b>(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &'b mut [u8],
+    ) -> Option<&'b [u8]> {
+        self.stats.datagrams += 1;
+        let id = match self.rate_limiter.verify_packet(Some(from.ip()), datagram, &mut self.scratch) {
+            Ok(Packet::HandshakeInit(init)) => {
+                match parse_handshake_anon(&self.secret, &self.public, &init) {
+                    Ok(half) => self.by_key.get(&half.peer_static_public).copied(),
+                    Err(_) => None,
+                }
+            }
+            Ok(Packet::HandshakeResponse(p)) => Some(PeerId(p.receiver_idx >> 8)),
+            Ok(Packet::PacketCookieReply(p)) => Some(PeerId(p.receiver_idx >> 8)),
+            Ok(Packet::PacketData(p)) => Some(PeerId(p.receiver_idx >> 8)),
+            Err(TunnResult::WriteToNetwork(cookie)) => {
+                self.stats.cookie_replies += 1;
+                self.transmits.push_back(Transmit {
+                    dst: from,
+                    payload: cookie.to_vec(),
+                });
+                return None;
+            }
+            Err(_) => {
+                self.stats.malformed_datagrams += 1;
+                return None;
+            }
+        };
+        let Some(id) = id else {
+            self.stats.unknown_peer += 1;
+            return None;
+        };
+        let Some(peer) = self.peers.get_mut(id.0 as usize).and_then(Option::as_mut) else {
+            self.stats.unknown_peer += 1;
+            return None;
+        };
+        match peer.tunn.decapsulate(Some(from.ip()), datagram, out) {
+            TunnResult::Done => {
+                peer.touch(now, from, datagram.len(), &mut self.next_session_id, &mut self.events);
+                None
+            }
+            TunnResult::Err(e) => {
+                self.stats.wg_errors += 1;
+                if matches!(e, WireGuardError::UnderLoad) {
+                    self.stats.cookie_replies += 1;
+                }
+                None
+            }
+            TunnResult::WriteToNetwork(reply) => {
+                // A handshake answer; afterwards flush packets queued during the handshake.
+                self.stats.handshakes += 1;
+                peer.touch(now, from, datagram.len(), &mut self.next_session_id, &mut self.events);
+                self.transmits.push_back(Transmit {
+                    dst: from,
+                    payload: reply.to_vec(),
+                });
+                while let TunnResult::WriteToNetwork(p) = peer.tunn.decapsulate(None, &[], &mut self.scratch) {
+                    self.transmits.push_back(Transmit {
+                        dst: from,
+                        payload: p.to_vec(),
+                    });
+                }
+                None
+            }
+            TunnResult::WriteToTunnelV4(packet, _) | TunnResult::WriteToTunnelV6(packet, _) => {
+                peer.touch(now, from, datagram.len(), &mut self.next_session_id, &mut self.events);
+                let ctx = PeerCtx {
+                    id,
+                    user: &peer.user,
+                    device: &peer.device,
+                    addresses: &peer.spec.addresses,
+                    session_id: peer.session.as_ref().map(|s| s.id).unwrap_or(0),
+                };
+                let verdict = self.enforcer.handle_outbound(now, &ctx, packet);
+                self.flush_injected();
+                self.drain_enforcer_events();
+                match verdict {
+                    Ok(()) => Some(&*packet),
+                    Err(_) => None,
+                }
+            }
+        }
+    }
+
+    /// An IP packet read from the TUN device. Returns the datagram to send.
+    pub fn handle_tun_packet<'b>(&mut self, now: Instant, packet: &[u8], out: &'b mut [u8]) -> Option<(SocketAddr, &'b [u8])> {
+        let id = match self.enforcer.handle_inbound(now, packet) {
+            Ok(id) => id,
+            Err(_) => {
+                self.flush_injected();
+                self.drain_enforcer_events();
+                return None;
+            }
+        };
+        self.drain_enforcer_events();
+        let Some(peer) = self.peers.get_mut(id.0 as usize).and_then(Option::as_mut) else {
+            self.stats.tun_no_peer += 1;
+            return None;
+        };
+        let Some(endpoint) = peer.endpoint else {
+            self.stats.no_endpoint += 1;
+            return None;
+        };
+        match peer.tunn.encapsulate(packet, out) {
+            TunnResult::WriteToNetwork(datagram) => {
+                if let Some(s) = peer.session.as_mut() {
+                    s.tx.add(datagram.len());
+                }
+                Some((endpoint, &*datagram))
+            }
+            _ => None,
+        }
+    }
+
+    /// Drives timers: WireGuard (every [`TIMER_TICK`]), rate limiter reset, flow and
+    /// session expiry (every second).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if now < self.next_tick {
+            return;
+        }
+        self.next_tick = now + TIMER_TICK;
+        let mut expired = Vec::new();
+        for (slot, peer) in self.peers.iter_mut().enumerate() {
+            let Some(peer) = peer else { continue };
+            match peer.tunn.update_timers(&mut self.scratch) {
+                TunnResult::WriteToNetwork(p) => {
+                    if let Some(dst) = peer.endpoint {
+                        self.transmits.push_back(Transmit {
+                            dst,
+                            payload: p.to_vec(),
+                        });
+                    }
+                }
+                TunnResult::Err(WireGuardError::ConnectionExpired) => {
+                    expired.push(PeerId(slot as u32));
+                }
+                _ => {}
+            }
+            if let Some(s) = &peer.session {
+                if now.saturating_duration_since(s.last_rx) >= self.session_idle_timeout {
+                    expired.push(PeerId(slot as u32));
+                }
+            }
+        }
+        for id in expired {
+            self.end_session(id, now, "idle");
+        }
+        if now >= self.next_second {
+            self.next_second = now + Duration::from_secs(1);
+            self.rate_limiter.reset_count();
+            self.enforcer.handle_timeout(now);
+        }
+    }
+
+    /// When [`Gateway::handle_timeout`] wants to be called next.
+    pub fn poll_timeout(&self) -> Instant {
+        self.next_tick
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    pub fn poll_tun_packet(&mut self) -> Option<Vec<u8>> {
+        self.tun_out.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.drain_enforcer_events();
+        self.events.pop_front()
+    }
+
+    /// Ends every session and closes every flow (shutdown).
+    pub fn handle_shutdown(&mut self, now: Instant) {
+        self.enforcer.close_all(now, CloseReason::Shutdown);
+        self.drain_enforcer_events();
+        for slot in 0..self.peers.len() {
+            self.end_session(PeerId(slot as u32), now, "shutdown");
+        }
+    }
+
+    /// Sessions currently up: (user, device, endpoint).
+    pub fn sessions(&self) -> Vec<(String, String, SocketAddr)> {
+        self.peers
+            .iter()
+            .flatten()
+            .filter_map(|p| p.session.as_ref().map(|s| (p.spec.user.clone(), p.device.to_string(), s.endpoint)))
+            .collect()
+    }
+
+    /// Moves the enforcer's injected packets to the transmit and TUN queues, keeping
+    /// event order (enforcer events stay in its own queue, drained after ours).
+    fn flush_injected(&mut self) {
+        while let Some(inj) = self.enforcer.poll_injected() {
+            match inj {
+                Injected::ToTun(p) => self.tun_out.push_back(p),
+                Injected::ToPeer(id, p) => {
+                    let Some(peer) = self.peers.get_mut(id.0 as usize).and_then(Option::as_mut) else {
+                        continue;
+                    };
+                    let Some(dst) = peer.endpoint else { continue };
+                    let mut buf = vec![0u8; p.len() + 32 + 148];
+                    if let TunnResult::WriteToNetwork(d) = peer.tunn.encapsulate(&p, &mut buf) {
+                        self.transmits.push_back(Transmit {
+                            dst,
+                            payload: d.to_vec(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    fn drain_enforcer_events(&mut self) {
+        while let Some(e) = self.enforcer.poll_event() {
+            self.events.push_back(e);
+        }
+    }
+
+    fn end_session(&mut self, id: PeerId, now: Instant, reason: &str) {
+        // Flow events that happened before belong before the session end.
+        self.drain_enforcer_events();
+        let Some(peer) = self.peers.get_mut(id.0 as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        if let Some(s) = peer.session.take() {
+            self.events.push_back(Event::SessionEnded {
+                session_id: s.id,
+                user: peer.spec.user.clone(),
+                device: peer.device.to_string(),
+                endpoint: Some(s.endpoint),
+                duration_ms: now.saturating_duration_since(s.started).as_millis() as u64,
+                rx: s.rx,
+                tx: s.tx,
+                reason: reason.into(),
+            });
+        }
+    }
+}
+
+impl Peer {
+    /// Records an authenticated datagram: endpoint roaming, session start, counters.
+    fn touch(&mut self, now: Instant, from: SocketAddr, len: usize, next_session_id: &mut u64, events: &mut VecDeque<Event>) {
+        self.endpoint = Some(from);
+        match &mut self.session {
+            Some(s) => {
+                s.last_rx = now;
+                s.endpoint = from;
+                s.rx.add(len);
+            }
+            None => {
+                let id = *next_session_id;
+                *next_session_id += 1;
+                let mut rx = Counters::default();
+                rx.add(len);
+                self.session = Some(Session {
+                    id,
+                    started: now,
+                    last_rx: now,
+                    endpoint: from,
+                    rx,
+                    tx: Counters::default(),
+                });
+                events.push_back(Event::SessionStarted {
+                    session_id: id,
+                    user: self.spec.user.clone(),
+                    device: self.device.to_string(),
+                    endpoint: from,
+                });
+            }
+        }
+    }
+}
+
+/// Base64 of a key, as WireGuard tools print it.
+pub fn b64(key: &[u8; 32]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(key)
+}

@@ -1,0 +1,24 @@
+//! The sans-IO core of the Portcullis gateway.
+//!
+//! What it does: everything between a UDP datagram arriving and a packet leaving, as a
+//! state machine that takes `now` and bytes and returns what to send and what happened:
+//! WireGuard termination ([`Gateway`], boringtun's `noise::Tunn` per peer), sessions,
+//! anti-spoofing, the stateful flow table ([`flow`]), per-flow Cedar decisions, return
+//! traffic, fragments, timeouts, re-decision after policy or identity changes, revocation,
+//! and the TCP resets that cut a flow in flight ([`enforce`]).
+//!
+//! What it deliberately does not: no sockets, no TUN device, no clock reads, no tokio, no
+//! file writes. The io layer (`portcullis-io`) drives it; tests drive it directly with a
+//! virtual clock and real boringtun clients.
+//!
+//! Seams for other subsystems: [`Gateway::poll_event`] (audit), [`Gateway::handle_user_upsert`]
+//! and [`Gateway::handle_revoke_user`] (identity), [`Gateway::handle_peer_add`] and
+//! [`Gateway::handle_peer_remove`] (enrollment), [`Gateway::handle_policy_bundle`] (reload).
+
+pub mod enforce;
+pub mod flow;
+pub mod gateway;
+
+pub use enforce::{Drop, EnforceStats, Enforcer, FlowLimits, Injected, PeerCtx};
+pub use flow::{FlowKey, FlowState, PeerId, Timeouts};
+pub use gateway::{b64, ControlError, Gateway, GatewayConfig, PeerSpec, Transmit, WgStats, MAX_PACKET, TIMER_TICK};

@@ -1,0 +1,348 @@
+//! Shared value types of Portcullis: the flow key, the policy decision, the principal,
+//! and the audit [`Event`] the core emits.
+//!
+//! What it does: defines plain data that crosses crate boundaries, and the JSON shape of
+//! an event (one JSON object per line in `[audit] events_file`; the audit pipeline reuses
+//! the same serde representation).
+//!
+//! What it deliberately does not: no IO, no parsing of packets, no policy logic.
+//!
+//! Wire format owned here: the event JSON. Every event is an object with `"type"` (snake
+//! case variant name), `"v"` (schema version, currently 1), `"id"` (UUID v4), `"seq"`
+//! (per-gateway monotonic sequence number), `"time"` (RFC 3339 UTC), `"gateway"` and the
+//! variant's fields. Fields are only ever added within a version.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Event schema version written into every event.
+pub const EVENT_VERSION: u32 = 1;
+
+/// IP protocol of a flow, as policies see it (`context.protocol`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Protocol(pub u8);
+
+impl Protocol {
+    pub const ICMP: Protocol = Protocol(1);
+    pub const TCP: Protocol = Protocol(6);
+    pub const UDP: Protocol = Protocol(17);
+    pub const ICMPV6: Protocol = Protocol(58);
+
+    /// The name policies compare against: "tcp", "udp", "icmp", "icmpv6", or the number.
+    pub fn name(self) -> std::borrow::Cow<'static, str> {
+        match self {
+            Protocol::TCP => "tcp".into(),
+            Protocol::UDP => "udp".into(),
+            Protocol::ICMP => "icmp".into(),
+            Protocol::ICMPV6 => "icmpv6".into(),
+            Protocol(n) => n.to_string().into(),
+        }
+    }
+
+    /// Parses a protocol name as written in policies, tests and CLIs.
+    pub fn from_name(name: &str) -> Option<Protocol> {
+        match name.to_ascii_lowercase().as_str() {
+            "tcp" => Some(Protocol::TCP),
+            "udp" => Some(Protocol::UDP),
+            "icmp" => Some(Protocol::ICMP),
+            "icmpv6" => Some(Protocol::ICMPV6),
+            other => other.parse().ok().map(Protocol),
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+impl Serialize for Protocol {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for Protocol {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        Protocol::from_name(&name)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown protocol {name:?}")))
+    }
+}
+
+/// Who is asking: a user with the groups and tags the identity sources gave it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Principal {
+    pub name: String,
+    #[serde(default)]
+    pub email: String,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+/// What a new flow asks the policy engine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlowRequest {
+    pub src_ip: IpAddr,
+    pub dst_ip: IpAddr,
+    /// Destination port; 0 for protocols without ports.
+    pub dst_port: u16,
+    pub protocol: Protocol,
+    /// The device (peer public key, base64) the flow comes from.
+    pub device: String,
+}
+
+/// The verdict of the policy engine. A deny is a value, not an error.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    pub allowed: bool,
+    /// Ids of the policies that determined the decision (the permits for an allow, the
+    /// forbids for a deny; empty when nothing matched and the default deny applied).
+    pub policy_ids: Vec<String>,
+    /// The most specific network the destination resolved to.
+    pub network: String,
+    /// Evaluation errors (a policy that errored is skipped, as Cedar does).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
+}
+
+impl Decision {
+    pub fn deny_default(network: impl Into<String>) -> Self {
+        Decision {
+            allowed: false,
+            policy_ids: Vec::new(),
+            network: network.into(),
+            errors: Vec::new(),
+        }
+    }
+}
+
+/// Why a flow ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloseReason {
+    /// No packet within the protocol's idle timeout.
+    IdleTimeout,
+    /// TCP FIN from both sides (or RST) and the closing timeout passed.
+    TcpClosed,
+    /// Re-decided after a policy or identity change and now denied.
+    PolicyRevoked,
+    /// The user or its device was revoked / removed.
+    PeerRemoved,
+    /// Evicted because the flow table was full.
+    Evicted,
+    /// The gateway is shutting down.
+    Shutdown,
+}
+
+/// Which side a packet came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// From the WireGuard peer towards the private network.
+    Outbound,
+    /// From the private network (TUN) towards the peer.
+    Inbound,
+}
+
+/// The 5-tuple of a flow as the audit trail shows it; `src` is always the client side.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowTuple {
+    pub protocol: Protocol,
+    pub src_ip: IpAddr,
+    pub src_port: u16,
+    pub dst_ip: IpAddr,
+    pub dst_port: u16,
+}
+
+/// Counters of one direction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl Counters {
+    #[inline]
+    pub fn add(&mut self, bytes: usize) {
+        self.packets += 1;
+        self.bytes += bytes as u64;
+    }
+}
+
+/// What happened, as the core reports it. The io layer stamps identity ([`Envelope`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    SessionStarted {
+        session_id: u64,
+        user: String,
+        device: String,
+        endpoint: SocketAddr,
+    },
+    SessionEnded {
+        session_id: u64,
+        user: String,
+        device: String,
+        endpoint: Option<SocketAddr>,
+        duration_ms: u64,
+        rx: Counters,
+        tx: Counters,
+        reason: String,
+    },
+    FlowOpened {
+        flow_id: u64,
+        session_id: u64,
+        user: String,
+        device: String,
+        #[serde(flatten)]
+        tuple: FlowTuple,
+        network: String,
+        policy_ids: Vec<String>,
+        policy_epoch: u64,
+    },
+    FlowDenied {
+        session_id: u64,
+        user: String,
+        device: String,
+        #[serde(flatten)]
+        tuple: FlowTuple,
+        network: String,
+        /// The forbids that fired; empty when no permit matched.
+        policy_ids: Vec<String>,
+        policy_epoch: u64,
+        /// Packets of this denied tuple suppressed since the last report.
+        suppressed: u64,
+    },
+    FlowClosed {
+        flow_id: u64,
+        session_id: u64,
+        user: String,
+        device: String,
+        #[serde(flatten)]
+        tuple: FlowTuple,
+        network: String,
+        policy_ids: Vec<String>,
+        policy_epoch: u64,
+        reason: CloseReason,
+        duration_ms: u64,
+        /// Client → network.
+        outbound: Counters,
+        /// Network → client.
+        inbound: Counters,
+    },
+    SpoofDropped {
+        user: String,
+        device: String,
+        claimed_src: IpAddr,
+        assigned: Vec<IpAddr>,
+        /// Further spoofed packets from this peer dropped since the last report.
+        suppressed: u64,
+    },
+    PolicyLoaded {
+        policy_epoch: u64,
+        policies: usize,
+        networks: usize,
+        /// Established flows cut because the new set denies them.
+        flows_cut: usize,
+    },
+    PolicyRejected {
+        errors: Vec<String>,
+    },
+    PeerAdded {
+        user: String,
+        device: String,
+    },
+    PeerRemoved {
+        user: String,
+        device: String,
+        reason: String,
+    },
+}
+
+impl Event {
+    /// The variant name as written in `"type"`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::SessionStarted { .. } => "session_started",
+            Event::SessionEnded { .. } => "session_ended",
+            Event::FlowOpened { .. } => "flow_opened",
+            Event::FlowDenied { .. } => "flow_denied",
+            Event::FlowClosed { .. } => "flow_closed",
+            Event::SpoofDropped { .. } => "spoof_dropped",
+            Event::PolicyLoaded { .. } => "policy_loaded",
+            Event::PolicyRejected { .. } => "policy_rejected",
+            Event::PeerAdded { .. } => "peer_added",
+            Event::PeerRemoved { .. } => "peer_removed",
+        }
+    }
+}
+
+/// An event with its identity: what is written to the events file, one per line.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub v: u32,
+    pub id: uuid::Uuid,
+    pub seq: u64,
+    pub time: DateTime<Utc>,
+    pub gateway: String,
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocol_names_round_trip() {
+        for p in [1u8, 6, 17, 58, 47, 132] {
+            let proto = Protocol(p);
+            assert_eq!(Protocol::from_name(&proto.name()), Some(proto));
+        }
+        assert_eq!(Protocol::from_name("TCP"), Some(Protocol::TCP));
+        assert_eq!(Protocol::from_name("sctp"), None);
+        assert_eq!(Protocol::from_name("300"), None);
+    }
+
+    #[test]
+    fn envelope_json_is_flat_and_tagged() -> Result<(), serde_json::Error> {
+        let env = Envelope {
+            v: EVENT_VERSION,
+            id: uuid::Uuid::nil(),
+            seq: 7,
+            time: DateTime::<Utc>::UNIX_EPOCH,
+            gateway: "gw1".into(),
+            event: Event::FlowDenied {
+                session_id: 1,
+                user: "bob".into(),
+                device: "k".into(),
+                tuple: FlowTuple {
+                    protocol: Protocol::TCP,
+                    src_ip: "100.64.0.3".parse().map_err(serde::de::Error::custom)?,
+                    src_port: 40000,
+                    dst_ip: "10.8.0.2".parse().map_err(serde::de::Error::custom)?,
+                    dst_port: 22,
+                },
+                network: "prod".into(),
+                policy_ids: vec![],
+                policy_epoch: 1,
+                suppressed: 0,
+            },
+        };
+        let json = serde_json::to_value(&env)?;
+        assert_eq!(json["type"], "flow_denied");
+        assert_eq!(json["protocol"], "tcp");
+        assert_eq!(json["dst_ip"], "10.8.0.2");
+        assert_eq!(json["seq"], 7);
+        let back: Envelope = serde_json::from_value(json)?;
+        assert_eq!(back, env);
+        Ok(())
+    }
+}

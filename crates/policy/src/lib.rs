@@ -1,0 +1,527 @@
+//! The Cedar policy engine of Portcullis.
+//!
+//! What it does:
+//! - loads a policy directory ([`PolicyBundle::load`]): `schema.cedarschema` (required),
+//!   every `*.cedar` file (sorted by name), and `networks.toml` (optional); parses and
+//!   strictly validates everything, and reports each problem as `file:line:col` with a
+//!   caret excerpt ([`SourceError`]). A bundle is complete or it is not built: there is no
+//!   half-applied policy set.
+//! - resolves a destination address to the most specific declared network (longest
+//!   prefix), or `Network::"internet"`;
+//! - decides a flow ([`Engine::decide`]): `User::"name"` (in its `Group`s) asking
+//!   `Action::"connect"` on the destination's `Network`, with the flow in `context`.
+//!
+//! Policy ids: a policy's `@id("…")` annotation when it has one (recommended: audit rows
+//! carry it), else `<file name>#<index in file>`. Ids are unique across the directory.
+//!
+//! What it deliberately does not: no IO beyond reading the directory at load time, no
+//! clock (callers pass `now`), no caching yet (each call evaluates the whole set).
+
+mod diagnostics;
+mod networks;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use cedar_policy::{
+    Authorizer, Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicyId,
+    PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
+};
+use chrono::{DateTime, Utc};
+pub use diagnostics::{line_col, SourceError};
+pub use networks::{Network, Networks, INTERNET};
+use portcullis_model::{Decision, FlowRequest, Principal};
+
+/// Largest file read from a policy directory.
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
+
+/// The schema file name inside a policy directory.
+pub const SCHEMA_FILE: &str = "schema.cedarschema";
+/// The networks file name inside a policy directory.
+pub const NETWORKS_FILE: &str = "networks.toml";
+
+/// A policy directory that failed to load: every problem found, located.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", render(.errors))]
+pub struct LoadError {
+    pub errors: Vec<SourceError>,
+}
+
+fn render(errors: &[SourceError]) -> String {
+    errors
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Where a policy came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyInfo {
+    pub id: String,
+    pub file: PathBuf,
+    pub line: usize,
+    pub col: usize,
+    /// "permit" or "forbid".
+    pub effect: String,
+}
+
+/// A loaded, validated policy directory. Immutable; a reload builds a new one.
+#[derive(Debug)]
+pub struct PolicyBundle {
+    pub dir: PathBuf,
+    schema: Schema,
+    policies: PolicySet,
+    info: Vec<PolicyInfo>,
+    networks: Networks,
+    /// Non-fatal findings (Cedar validation warnings).
+    pub warnings: Vec<SourceError>,
+}
+
+impl PolicyBundle {
+    /// Loads and validates a policy directory. All errors are collected before failing.
+    pub fn load(dir: &Path) -> Result<PolicyBundle, LoadError> {
+        let mut errors = Vec::new();
+        let schema_path = dir.join(SCHEMA_FILE);
+        let schema_src = read_capped(&schema_path).map_err(|e| LoadError { errors: vec![e] })?;
+        let schema = match Schema::from_cedarschema_str(&schema_src) {
+            Ok((schema, _warnings)) => schema,
+            Err(e) => {
+                return Err(LoadError {
+                    errors: vec![SourceError::from_diagnostic(&schema_path, &schema_src, &e, 0)],
+                })
+            }
+        };
+
+        let networks_path = dir.join(NETWORKS_FILE);
+        let networks = if networks_path.exists() {
+            match read_capped(&networks_path) {
+                Ok(src) => Networks::parse(&networks_path, &src).unwrap_or_else(|e| {
+                    errors.extend(e);
+                    Networks::default()
+                }),
+                Err(e) => {
+                    errors.push(e);
+                    Networks::default()
+                }
+            }
+        } else {
+            Networks::default()
+        };
+
+        let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
+            Ok(rd) => rd
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "cedar") && p.is_file())
+                .collect(),
+            Err(e) => {
+                return Err(LoadError {
+                    errors: vec![SourceError::file(dir, format!("cannot read directory: {e}"))],
+                })
+            }
+        };
+        files.sort();
+
+        let validator = Validator::new(schema.clone());
+        let mut policies = PolicySet::new();
+        let mut info: Vec<PolicyInfo> = Vec::new();
+        let mut warnings = Vec::new();
+        for file in &files {
+            let src = match read_capped(file) {
+                Ok(s) => s,
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
+            let set = match PolicySet::from_str(&src) {
+                Ok(set) => set,
+                Err(e) => {
+                    for err in e.iter() {
+                        errors.push(SourceError::from_diagnostic(file, &src, err, 0));
+                    }
+                    continue;
+                }
+            };
+            if set.templates().next().is_some() {
+                errors.push(SourceError::file(
+                    file,
+                    "policy templates (?principal / ?resource) are not supported".into(),
+                ));
+                continue;
+            }
+            let result = validator.validate(&set, ValidationMode::Strict);
+            for e in result.validation_errors() {
+                errors.push(SourceError::from_diagnostic(file, &src, e, 0));
+            }
+            for w in result.validation_warnings() {
+                warnings.push(SourceError::from_diagnostic(file, &src, w, 0));
+            }
+            let starts = policy_starts(&src);
+            let file_name = file
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            for policy in set.policies() {
+                // Cedar numbers a file's policies policy0, policy1, … in source order.
+                let index: usize = policy
+                    .id()
+                    .to_string()
+                    .trim_start_matches("policy")
+                    .parse()
+                    .unwrap_or(0);
+                let offset = starts.get(index).copied().unwrap_or(0);
+                let (line, col) = line_col(&src, offset);
+                let id = policy
+                    .annotation("id")
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("{file_name}#{index}"));
+                if let Some(prev) = info.iter().find(|p| p.id == id) {
+                    errors.push(SourceError::at(
+                        file,
+                        &src,
+                        line,
+                        col,
+                        format!(
+                            "duplicate policy id {id:?} (first defined at {}:{})",
+                            prev.file.display(),
+                            prev.line
+                        ),
+                    ));
+                    continue;
+                }
+                let effect = match policy.effect() {
+                    cedar_policy::Effect::Permit => "permit",
+                    cedar_policy::Effect::Forbid => "forbid",
+                };
+                if let Err(e) = policies.add(policy.new_id(PolicyId::new(&id))) {
+                    errors.push(SourceError::at(file, &src, line, col, e.to_string()));
+                    continue;
+                }
+                info.push(PolicyInfo {
+                    id,
+                    file: file.clone(),
+                    line,
+                    col,
+                    effect: effect.into(),
+                });
+            }
+        }
+        if !errors.is_empty() {
+            return Err(LoadError { errors });
+        }
+        Ok(PolicyBundle {
+            dir: dir.to_path_buf(),
+            schema,
+            policies,
+            info,
+            networks,
+            warnings,
+        })
+    }
+
+    pub fn networks(&self) -> &Networks {
+        &self.networks
+    }
+
+    pub fn policies(&self) -> &[PolicyInfo] {
+        &self.info
+    }
+
+    pub fn policy(&self, id: &str) -> Option<&PolicyInfo> {
+        self.info.iter().find(|p| p.id == id)
+    }
+
+    fn network_entities(&self) -> Vec<Entity> {
+        let mut out: Vec<Entity> = self
+            .networks
+            .iter()
+            .map(|n| {
+                let parents = n
+                    .parent
+                    .iter()
+                    .map(|p| uid("Network", p))
+                    .collect::<HashSet<_>>();
+                Entity::new(
+                    uid("Network", &n.name),
+                    HashMap::from([("tags".to_string(), string_set(&n.tags))]),
+                    parents,
+                )
+                .map_err(Box::new)
+            })
+            .filter_map(|e| e.ok())
+            .collect();
+        if let Ok(internet) = Entity::new(
+            uid("Network", INTERNET),
+            HashMap::from([("tags".to_string(), string_set(&[]))]),
+            HashSet::new(),
+        ) {
+            out.push(internet);
+        }
+        out
+    }
+}
+
+fn read_capped(path: &Path) -> Result<String, SourceError> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| SourceError::file(path, format!("cannot read: {e}")))?;
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(SourceError::file(
+            path,
+            format!("file is {} bytes, over the {MAX_FILE_BYTES}-byte limit", meta.len()),
+        ));
+    }
+    std::fs::read_to_string(path).map_err(|e| SourceError::file(path, format!("cannot read: {e}")))
+}
+
+/// Byte offsets where each top-level Cedar statement starts (annotations included).
+/// Cedar has only `//` comments; strings may contain `;` and `//`.
+fn policy_starts(src: &str) -> Vec<usize> {
+    let b = src.as_bytes();
+    let mut starts = Vec::new();
+    let mut depth = 0i32;
+    let mut in_stmt = false;
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        if c == b'/' && b.get(i + 1) == Some(&b'/') {
+            while b.get(i).is_some_and(|&c| c != b'\n') {
+                i += 1;
+            }
+            continue;
+        }
+        if c.is_ascii_whitespace() {
+            i += 1;
+            continue;
+        }
+        if !in_stmt {
+            starts.push(i);
+            in_stmt = true;
+        }
+        match c {
+            b'"' => {
+                i += 1;
+                while let Some(&s) = b.get(i) {
+                    i += if s == b'\\' { 2 } else { 1 };
+                    if s == b'"' {
+                        break;
+                    }
+                }
+                continue;
+            }
+            b'(' | b'[' | b'{' => depth += 1,
+            b')' | b']' | b'}' => depth -= 1,
+            b';' if depth == 0 => in_stmt = false,
+            _ => {}
+        }
+        i += 1;
+    }
+    starts
+}
+
+fn uid(kind: &str, id: &str) -> EntityUid {
+    // Entity type names used here are fixed identifiers and always parse.
+    let ty = EntityTypeName::from_str(kind).unwrap_or_else(|_| unreachable_type());
+    EntityUid::from_type_name_and_id(ty, EntityId::new(id))
+}
+
+#[allow(clippy::panic)]
+fn unreachable_type() -> EntityTypeName {
+    panic!("built-in entity type name failed to parse")
+}
+
+fn string_set(items: &[String]) -> RestrictedExpression {
+    RestrictedExpression::new_set(items.iter().map(|s| RestrictedExpression::new_string(s.clone())))
+}
+
+/// A decision engine: a policy bundle plus the identities it decides for.
+pub struct Engine {
+    bundle: Arc<PolicyBundle>,
+    users: HashMap<String, Principal>,
+    entities: Entities,
+    epoch: u64,
+    authorizer: Authorizer,
+    action: EntityUid,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("dir", &self.bundle.dir)
+            .field("policies", &self.bundle.info.len())
+            .field("users", &self.users.len())
+            .field("epoch", &self.epoch)
+            .finish()
+    }
+}
+
+/// Identity data that Cedar rejected (wrong attribute types for the schema).
+#[derive(Debug, thiserror::Error)]
+#[error("identity data does not match the policy schema: {0}")]
+pub struct EntitiesError(String);
+
+impl Engine {
+    pub fn new(bundle: Arc<PolicyBundle>, users: Vec<Principal>) -> Result<Engine, EntitiesError> {
+        let users: HashMap<String, Principal> =
+            users.into_iter().map(|u| (u.name.clone(), u)).collect();
+        let entities = build_entities(&bundle, &users)?;
+        Ok(Engine {
+            bundle,
+            users,
+            entities,
+            epoch: 1,
+            authorizer: Authorizer::new(),
+            action: uid("Action", "connect"),
+        })
+    }
+
+    /// Bumped on every policy or identity change; flows decided under an older epoch
+    /// must be re-decided.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    pub fn bundle(&self) -> &Arc<PolicyBundle> {
+        &self.bundle
+    }
+
+    pub fn user(&self, name: &str) -> Option<&Principal> {
+        self.users.get(name)
+    }
+
+    /// Replaces the policy bundle (already fully validated). Bumps the epoch.
+    pub fn set_bundle(&mut self, bundle: Arc<PolicyBundle>) -> Result<(), EntitiesError> {
+        self.entities = build_entities(&bundle, &self.users)?;
+        self.bundle = bundle;
+        self.epoch += 1;
+        Ok(())
+    }
+
+    /// Adds or replaces a user. Bumps the epoch.
+    pub fn upsert_user(&mut self, user: Principal) -> Result<(), EntitiesError> {
+        let mut users = self.users.clone();
+        users.insert(user.name.clone(), user);
+        self.entities = build_entities(&self.bundle, &users)?;
+        self.users = users;
+        self.epoch += 1;
+        Ok(())
+    }
+
+    /// Removes a user; its flows decide to deny from now on. Bumps the epoch.
+    pub fn remove_user(&mut self, name: &str) -> Result<(), EntitiesError> {
+        let mut users = self.users.clone();
+        users.remove(name);
+        self.entities = build_entities(&self.bundle, &users)?;
+        self.users = users;
+        self.epoch += 1;
+        Ok(())
+    }
+
+    /// Decides one new flow of `user`. Unknown users are denied.
+    pub fn decide(&self, user: &str, req: &FlowRequest, now: DateTime<Utc>) -> Decision {
+        let network = self.bundle.networks.resolve(req.dst_ip).to_string();
+        if !self.users.contains_key(user) {
+            let mut d = Decision::deny_default(network);
+            d.errors.push(format!("unknown user {user:?}"));
+            return d;
+        }
+        let context = Context::from_pairs([
+            (
+                "dst_ip".to_string(),
+                RestrictedExpression::new_ip(req.dst_ip.to_string()),
+            ),
+            (
+                "dst_port".to_string(),
+                RestrictedExpression::new_long(i64::from(req.dst_port)),
+            ),
+            (
+                "protocol".to_string(),
+                RestrictedExpression::new_string(req.protocol.name().into_owned()),
+            ),
+            (
+                "src_ip".to_string(),
+                RestrictedExpression::new_ip(req.src_ip.to_string()),
+            ),
+            (
+                "now".to_string(),
+                RestrictedExpression::new_datetime(
+                    now.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+                ),
+            ),
+            (
+                "device".to_string(),
+                RestrictedExpression::new_string(req.device.clone()),
+            ),
+        ]);
+        let context = match context {
+            Ok(c) => c,
+            Err(e) => {
+                let mut d = Decision::deny_default(network);
+                d.errors.push(format!("cannot build request context: {e}"));
+                return d;
+            }
+        };
+        let request = match Request::new(
+            uid("User", user),
+            self.action.clone(),
+            uid("Network", &network),
+            context,
+            None,
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                let mut d = Decision::deny_default(network);
+                d.errors.push(format!("cannot build request: {e}"));
+                return d;
+            }
+        };
+        let response = self
+            .authorizer
+            .is_authorized(&request, &self.bundle.policies, &self.entities);
+        let diagnostics = response.diagnostics();
+        Decision {
+            allowed: response.decision() == cedar_policy::Decision::Allow,
+            policy_ids: diagnostics
+                .reason()
+                .map(|id| id.to_string())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect(),
+            network,
+            errors: diagnostics.errors().map(|e| e.to_string()).collect(),
+        }
+    }
+}
+
+fn build_entities(
+    bundle: &PolicyBundle,
+    users: &HashMap<String, Principal>,
+) -> Result<Entities, EntitiesError> {
+    let mut all = bundle.network_entities();
+    let mut groups = BTreeSet::new();
+    for u in users.values() {
+        let parents: HashSet<EntityUid> = u.groups.iter().map(|g| uid("Group", g)).collect();
+        groups.extend(u.groups.iter().cloned());
+        let entity = Entity::new(
+            uid("User", &u.name),
+            HashMap::from([
+                (
+                    "email".to_string(),
+                    RestrictedExpression::new_string(u.email.clone()),
+                ),
+                ("tags".to_string(), string_set(&u.tags)),
+            ]),
+            parents,
+        )
+        .map_err(|e| EntitiesError(format!("user {:?}: {e}", u.name)))?;
+        all.push(entity);
+    }
+    for g in groups {
+        all.push(Entity::new_no_attrs(uid("Group", &g), HashSet::new()));
+    }
+    Entities::from_entities(all, Some(&bundle.schema)).map_err(|e| EntitiesError(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests;
