@@ -240,21 +240,34 @@ pub fn parse(path: &Path, src: &str) -> Result<Loaded, ConfigError> {
     if g.tun_name.is_empty() || g.tun_name.len() > 15 {
         return Err(err(
             "gateway.tun_name".into(),
-            format!("{:?} must be 1 to 15 characters (a Linux interface name)", g.tun_name),
+            format!(
+                "{:?} must be 1 to 15 characters (a Linux interface name)",
+                g.tun_name
+            ),
         ));
     }
     if !g.tunnel_address.addr().is_ipv4() {
         return Err(err(
             "gateway.tunnel_address".into(),
-            format!("{} is not IPv4 (use tunnel_address6 for IPv6)", g.tunnel_address),
+            format!(
+                "{} is not IPv4 (use tunnel_address6 for IPv6)",
+                g.tunnel_address
+            ),
         ));
     }
     if let Some(v6) = g.tunnel_address6 {
         if !v6.addr().is_ipv6() {
-            return Err(err("gateway.tunnel_address6".into(), format!("{v6} is not IPv6")));
+            return Err(err(
+                "gateway.tunnel_address6".into(),
+                format!("{v6} is not IPv6"),
+            ));
         }
     }
-    let min_mtu = if g.tunnel_address6.is_some() { 1280 } else { 576 };
+    let min_mtu = if g.tunnel_address6.is_some() {
+        1280
+    } else {
+        576
+    };
     if !(min_mtu..=9000).contains(&g.mtu) {
         return Err(err(
             "gateway.mtu".into(),
@@ -263,11 +276,17 @@ pub fn parse(path: &Path, src: &str) -> Result<Loaded, ConfigError> {
     }
     let f = &config.flows;
     if f.max_flows == 0 || f.max_flows_per_peer == 0 {
-        return Err(err("flows.max_flows".into(), "limits must be at least 1".into()));
+        return Err(err(
+            "flows.max_flows".into(),
+            "limits must be at least 1".into(),
+        ));
     }
     for (key, v) in [
         ("tcp_syn_timeout_secs", f.tcp_syn_timeout_secs),
-        ("tcp_established_timeout_secs", f.tcp_established_timeout_secs),
+        (
+            "tcp_established_timeout_secs",
+            f.tcp_established_timeout_secs,
+        ),
         ("tcp_closing_timeout_secs", f.tcp_closing_timeout_secs),
         ("udp_timeout_secs", f.udp_timeout_secs),
         ("icmp_timeout_secs", f.icmp_timeout_secs),
@@ -275,7 +294,10 @@ pub fn parse(path: &Path, src: &str) -> Result<Loaded, ConfigError> {
         ("fragment_timeout_secs", f.fragment_timeout_secs),
     ] {
         if v == 0 {
-            return Err(err(format!("flows.{key}"), "must be at least 1 second".into()));
+            return Err(err(
+                format!("flows.{key}"),
+                "must be at least 1 second".into(),
+            ));
         }
     }
 
@@ -285,7 +307,10 @@ pub fn parse(path: &Path, src: &str) -> Result<Loaded, ConfigError> {
             return Err(err(format!("user[{i}].name"), "must not be empty".into()));
         }
         if !user_names.insert(u.name.as_str()) {
-            return Err(err(format!("user[{i}].name"), format!("duplicate user {:?}", u.name)));
+            return Err(err(
+                format!("user[{i}].name"),
+                format!("duplicate user {:?}", u.name),
+            ));
         }
     }
 
@@ -432,7 +457,8 @@ address = "100.64.0.2"
     #[test]
     fn the_shipped_example_file_parses() -> Result<(), ConfigError> {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../portcullis.example.toml");
-        let src = std::fs::read_to_string(&path).map_err(|e| ConfigError::new(&path, "-", e.to_string()))?;
+        let src = std::fs::read_to_string(&path)
+            .map_err(|e| ConfigError::new(&path, "-", e.to_string()))?;
         check(&src)?;
         Ok(())
     }
@@ -475,7 +501,9 @@ address = "100.64.0.2"
 
     #[test]
     fn unknown_user_is_a_warning() -> Result<(), ConfigError> {
-        let l = check(&sample("").replace("user = \"alice\"\npublic_key", "user = \"zed\"\npublic_key"))?;
+        let l = check(
+            &sample("").replace("user = \"alice\"\npublic_key", "user = \"zed\"\npublic_key"),
+        )?;
         assert_eq!(l.warnings.len(), 1);
         assert!(l.warnings[0].contains("zed"));
         Ok(())

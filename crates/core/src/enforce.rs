@@ -196,7 +196,12 @@ impl Enforcer {
     }
 
     /// A packet from a peer, towards the private network.
-    pub fn handle_outbound(&mut self, now: Instant, peer: &PeerCtx<'_>, packet: &[u8]) -> Result<(), Drop> {
+    pub fn handle_outbound(
+        &mut self,
+        now: Instant,
+        peer: &PeerCtx<'_>,
+        packet: &[u8],
+    ) -> Result<(), Drop> {
         let meta = match portcullis_packet::parse(packet) {
             Ok(m) => m,
             Err(_) => {
@@ -238,7 +243,9 @@ impl Enforcer {
         let timeouts = self.timeouts;
         let live = match self.flows.get_mut(&key) {
             // Decided under an older policy or identity epoch: decided again below.
-            Some(flow) if flow.peer == peer.id && !flow.expired(now, &timeouts) => flow.epoch == epoch,
+            Some(flow) if flow.peer == peer.id && !flow.expired(now, &timeouts) => {
+                flow.epoch == epoch
+            }
             Some(_) => {
                 self.close(key, now, CloseReason::IdleTimeout);
                 false
@@ -262,7 +269,10 @@ impl Enforcer {
         flow.last_seen = now;
         flow.outbound.add(packet.len());
         if let Transport::Tcp {
-            flags, seq, seq_len, ..
+            flags,
+            seq,
+            seq_len,
+            ..
         } = meta.transport
         {
             flow.client_next_seq = seq.wrapping_add(seq_len);
@@ -368,9 +378,13 @@ impl Enforcer {
         flow.last_seen = now;
         flow.inbound.add(len);
         if let Some(PacketMeta {
-            transport: Transport::Tcp {
-                flags, seq, seq_len, ..
-            },
+            transport:
+                Transport::Tcp {
+                    flags,
+                    seq,
+                    seq_len,
+                    ..
+                },
             ..
         }) = meta
         {
@@ -397,7 +411,14 @@ impl Enforcer {
         }
     }
 
-    fn related(&mut self, now: Instant, key: &FlowKey, _dst: IpAddr, len: usize, outbound: bool) -> Result<(), Drop> {
+    fn related(
+        &mut self,
+        now: Instant,
+        key: &FlowKey,
+        _dst: IpAddr,
+        len: usize,
+        outbound: bool,
+    ) -> Result<(), Drop> {
         let timeouts = self.timeouts;
         match self.flows.get_mut(key) {
             Some(f) if !f.expired(now, &timeouts) && f.epoch == self.engine.epoch() => {
@@ -414,7 +435,13 @@ impl Enforcer {
         }
     }
 
-    fn open(&mut self, now: Instant, peer: &PeerCtx<'_>, key: FlowKey, meta: &PacketMeta) -> Result<(), Drop> {
+    fn open(
+        &mut self,
+        now: Instant,
+        peer: &PeerCtx<'_>,
+        key: FlowKey,
+        meta: &PacketMeta,
+    ) -> Result<(), Drop> {
         let epoch = self.engine.epoch();
         // A tuple denied under this epoch is not decided again until the report interval.
         if let Some(d) = self.denied.get_mut(&key) {
@@ -596,7 +623,11 @@ impl Enforcer {
     }
 
     /// Removes a user from the policy entities and cuts all its flows.
-    pub fn handle_user_removed(&mut self, now: Instant, name: &str) -> Result<usize, portcullis_policy::EntitiesError> {
+    pub fn handle_user_removed(
+        &mut self,
+        now: Instant,
+        name: &str,
+    ) -> Result<usize, portcullis_policy::EntitiesError> {
         self.engine.remove_user(name)?;
         self.denied.clear();
         Ok(self.redecide_all(now))
@@ -753,7 +784,13 @@ impl Enforcer {
             .map(|e| e.flow)
     }
 
-    fn later_fragment(&mut self, now: Instant, meta: &PacketMeta, len: usize, outbound: bool) -> Result<(), Drop> {
+    fn later_fragment(
+        &mut self,
+        now: Instant,
+        meta: &PacketMeta,
+        len: usize,
+        outbound: bool,
+    ) -> Result<(), Drop> {
         let Some(key) = self.later_fragment_key(now, meta) else {
             self.stats.fragments_dropped += 1;
             return Err(Drop::Fragment);
@@ -788,7 +825,9 @@ fn tcp_transition(flow: &mut Flow, flags: u8, from_client: bool) {
         }
     }
     flow.state = match flow.state {
-        FlowState::TcpSynSent if !from_client && flags & tcp_flags::ACK != 0 => FlowState::TcpEstablished,
+        FlowState::TcpSynSent if !from_client && flags & tcp_flags::ACK != 0 => {
+            FlowState::TcpEstablished
+        }
         FlowState::TcpSynSent => FlowState::TcpSynSent,
         FlowState::TcpEstablished | FlowState::TcpHalfClosed if flow.fin_out && flow.fin_in => {
             FlowState::TcpClosing

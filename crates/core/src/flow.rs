@@ -209,7 +209,10 @@ impl FlowTable {
     }
 
     /// Removes and returns every flow matching `pred`.
-    pub fn drain_where(&mut self, mut pred: impl FnMut(&FlowKey, &Flow) -> bool) -> Vec<(FlowKey, Flow)> {
+    pub fn drain_where(
+        &mut self,
+        mut pred: impl FnMut(&FlowKey, &Flow) -> bool,
+    ) -> Vec<(FlowKey, Flow)> {
         let keys: Vec<FlowKey> = self
             .map
             .iter()
@@ -282,7 +285,10 @@ mod tests {
         let t = Timeouts::default();
         let mut table = FlowTable::new(3, 100);
         for i in 0..3u16 {
-            table.insert(key(i, 2), flow(2, t0 + Duration::from_secs(u64::from(i)), FlowState::Udp));
+            table.insert(
+                key(i, 2),
+                flow(2, t0 + Duration::from_secs(u64::from(i)), FlowState::Udp),
+            );
         }
         // Touch flow 0 so flow 1 becomes the least recently active.
         if let Some(f) = table.get_mut(&key(0, 2)) {
@@ -300,10 +306,16 @@ mod tests {
         let t = Timeouts::default();
         let mut table = FlowTable::new(100, 2);
         table.insert(key(1, 2), flow(2, t0, FlowState::TcpEstablished));
-        table.insert(key(2, 2), flow(2, t0 + Duration::from_secs(5), FlowState::Udp));
+        table.insert(
+            key(2, 2),
+            flow(2, t0 + Duration::from_secs(5), FlowState::Udp),
+        );
         table.insert(key(3, 3), flow(3, t0, FlowState::Udp));
         let evicted = table.make_room(PeerId(2), t0 + Duration::from_secs(6), &t);
-        assert_eq!(evicted.iter().map(|e| e.0).collect::<Vec<_>>(), vec![key(2, 2)]);
+        assert_eq!(
+            evicted.iter().map(|e| e.0).collect::<Vec<_>>(),
+            vec![key(2, 2)]
+        );
         assert_eq!(table.peer_len(PeerId(2)), 1);
         assert_eq!(table.peer_len(PeerId(3)), 1);
     }
@@ -314,7 +326,10 @@ mod tests {
         let t = Timeouts::default();
         let mut table = FlowTable::new(2, 100);
         table.insert(key(1, 2), flow(2, t0, FlowState::TcpEstablished));
-        table.insert(key(2, 2), flow(2, t0 + Duration::from_secs(50), FlowState::Icmp));
+        table.insert(
+            key(2, 2),
+            flow(2, t0 + Duration::from_secs(50), FlowState::Icmp),
+        );
         // At t0+90 the ICMP flow (30 s timeout) is expired, the older TCP flow is not.
         let evicted = table.make_room(PeerId(2), t0 + Duration::from_secs(90), &t);
         assert_eq!(evicted[0].0, key(2, 2));

@@ -203,7 +203,10 @@ impl Gateway {
             }
         };
         // boringtun keeps 8 bits of the index for itself; we own the upper 24.
-        let index = u32::try_from(slot).ok().filter(|i| *i < (1 << 24)).ok_or(ControlError::TooManyPeers)?;
+        let index = u32::try_from(slot)
+            .ok()
+            .filter(|i| *i < (1 << 24))
+            .ok_or(ControlError::TooManyPeers)?;
         let id = PeerId(index);
         let tunn = Tunn::new(
             self.secret.clone(),
@@ -237,7 +240,12 @@ impl Gateway {
     }
 
     /// Removes a device: its flows are cut (with resets), its session ends.
-    pub fn handle_peer_remove(&mut self, now: Instant, public_key: &[u8; 32], reason: &str) -> bool {
+    pub fn handle_peer_remove(
+        &mut self,
+        now: Instant,
+        public_key: &[u8; 32],
+        reason: &str,
+    ) -> bool {
         let Some(id) = self.by_key.get(public_key).copied() else {
             return false;
         };
@@ -261,7 +269,11 @@ impl Gateway {
 
     /// Applies a new, fully validated policy bundle; established flows are re-decided
     /// now and the denied ones cut.
-    pub fn handle_policy_bundle(&mut self, now: Instant, bundle: Arc<PolicyBundle>) -> Result<usize, ControlError> {
+    pub fn handle_policy_bundle(
+        &mut self,
+        now: Instant,
+        bundle: Arc<PolicyBundle>,
+    ) -> Result<usize, ControlError> {
         let cut = self.enforcer.handle_policy_bundle(now, bundle)?;
         self.flush_injected();
         self.drain_enforcer_events();
@@ -274,7 +286,11 @@ impl Gateway {
     }
 
     /// Adds or changes a user; its live flows are re-decided now.
-    pub fn handle_user_upsert(&mut self, now: Instant, user: Principal) -> Result<usize, ControlError> {
+    pub fn handle_user_upsert(
+        &mut self,
+        now: Instant,
+        user: Principal,
+    ) -> Result<usize, ControlError> {
         let cut = self.enforcer.handle_user_upsert(now, user)?;
         self.flush_injected();
         Ok(cut)
@@ -282,7 +298,12 @@ impl Gateway {
 
     /// Revokes a user: every peer of theirs is removed, every flow cut, every session
     /// ended, in this one call. Returns the number of peers removed.
-    pub fn handle_revoke_user(&mut self, now: Instant, name: &str, reason: &str) -> Result<usize, ControlError> {
+    pub fn handle_revoke_user(
+        &mut self,
+        now: Instant,
+        name: &str,
+        reason: &str,
+    ) -> Result<usize, ControlError> {
         let keys: Vec<[u8; 32]> = self
             .peers
             .iter()
@@ -307,7 +328,10 @@ impl Gateway {
         out: &'b mut [u8],
     ) -> Option<&'b [u8]> {
         self.stats.datagrams += 1;
-        let id = match self.rate_limiter.verify_packet(Some(from.ip()), datagram, &mut self.scratch) {
+        let id = match self
+            .rate_limiter
+            .verify_packet(Some(from.ip()), datagram, &mut self.scratch)
+        {
             Ok(Packet::HandshakeInit(init)) => {
                 match parse_handshake_anon(&self.secret, &self.public, &init) {
                     Ok(half) => self.by_key.get(&half.peer_static_public).copied(),
@@ -340,7 +364,13 @@ impl Gateway {
         };
         match peer.tunn.decapsulate(Some(from.ip()), datagram, out) {
             TunnResult::Done => {
-                peer.touch(now, from, datagram.len(), &mut self.next_session_id, &mut self.events);
+                peer.touch(
+                    now,
+                    from,
+                    datagram.len(),
+                    &mut self.next_session_id,
+                    &mut self.events,
+                );
                 None
             }
             TunnResult::Err(e) => {
@@ -353,12 +383,20 @@ impl Gateway {
             TunnResult::WriteToNetwork(reply) => {
                 // A handshake answer; afterwards flush packets queued during the handshake.
                 self.stats.handshakes += 1;
-                peer.touch(now, from, datagram.len(), &mut self.next_session_id, &mut self.events);
+                peer.touch(
+                    now,
+                    from,
+                    datagram.len(),
+                    &mut self.next_session_id,
+                    &mut self.events,
+                );
                 self.transmits.push_back(Transmit {
                     dst: from,
                     payload: reply.to_vec(),
                 });
-                while let TunnResult::WriteToNetwork(p) = peer.tunn.decapsulate(None, &[], &mut self.scratch) {
+                while let TunnResult::WriteToNetwork(p) =
+                    peer.tunn.decapsulate(None, &[], &mut self.scratch)
+                {
                     self.transmits.push_back(Transmit {
                         dst: from,
                         payload: p.to_vec(),
@@ -367,7 +405,13 @@ impl Gateway {
                 None
             }
             TunnResult::WriteToTunnelV4(packet, _) | TunnResult::WriteToTunnelV6(packet, _) => {
-                peer.touch(now, from, datagram.len(), &mut self.next_session_id, &mut self.events);
+                peer.touch(
+                    now,
+                    from,
+                    datagram.len(),
+                    &mut self.next_session_id,
+                    &mut self.events,
+                );
                 let ctx = PeerCtx {
                     id,
                     user: &peer.user,
@@ -387,7 +431,12 @@ impl Gateway {
     }
 
     /// An IP packet read from the TUN device. Returns the datagram to send.
-    pub fn handle_tun_packet<'b>(&mut self, now: Instant, packet: &[u8], out: &'b mut [u8]) -> Option<(SocketAddr, &'b [u8])> {
+    pub fn handle_tun_packet<'b>(
+        &mut self,
+        now: Instant,
+        packet: &[u8],
+        out: &'b mut [u8],
+    ) -> Option<(SocketAddr, &'b [u8])> {
         let id = match self.enforcer.handle_inbound(now, packet) {
             Ok(id) => id,
             Err(_) => {
@@ -488,7 +537,11 @@ impl Gateway {
         self.peers
             .iter()
             .flatten()
-            .filter_map(|p| p.session.as_ref().map(|s| (p.spec.user.clone(), p.device.to_string(), s.endpoint)))
+            .filter_map(|p| {
+                p.session
+                    .as_ref()
+                    .map(|s| (p.spec.user.clone(), p.device.to_string(), s.endpoint))
+            })
             .collect()
     }
 
@@ -499,7 +552,8 @@ impl Gateway {
             match inj {
                 Injected::ToTun(p) => self.tun_out.push_back(p),
                 Injected::ToPeer(id, p) => {
-                    let Some(peer) = self.peers.get_mut(id.0 as usize).and_then(Option::as_mut) else {
+                    let Some(peer) = self.peers.get_mut(id.0 as usize).and_then(Option::as_mut)
+                    else {
                         continue;
                     };
                     let Some(dst) = peer.endpoint else { continue };
@@ -544,7 +598,14 @@ impl Gateway {
 
 impl Peer {
     /// Records an authenticated datagram: endpoint roaming, session start, counters.
-    fn touch(&mut self, now: Instant, from: SocketAddr, len: usize, next_session_id: &mut u64, events: &mut VecDeque<Event>) {
+    fn touch(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        len: usize,
+        next_session_id: &mut u64,
+        events: &mut VecDeque<Event>,
+    ) {
         self.endpoint = Some(from);
         match &mut self.session {
             Some(s) => {

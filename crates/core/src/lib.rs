@@ -21,4 +21,6 @@ pub mod gateway;
 
 pub use enforce::{Drop, EnforceStats, Enforcer, FlowLimits, Injected, PeerCtx};
 pub use flow::{FlowKey, FlowState, PeerId, Timeouts};
-pub use gateway::{b64, ControlError, Gateway, GatewayConfig, PeerSpec, Transmit, WgStats, MAX_PACKET, TIMER_TICK};
+pub use gateway::{
+    b64, ControlError, Gateway, GatewayConfig, PeerSpec, Transmit, WgStats, MAX_PACKET, TIMER_TICK,
+};

@@ -1,0 +1,334 @@
+//! The io layer: the only place that touches sockets, the TUN device, clocks, signals and
+//! the events file. It drives the sans-IO [`portcullis_core::Gateway`].
+//!
+//! What it does: binds the UDP socket (buffers raised with `SO_RCVBUFFORCE` /
+//! `SO_SNDBUFFORCE` when allowed, plain `SO_RCVBUF` / `SO_SNDBUF` otherwise), creates and
+//! configures the TUN device, runs one event loop (UDP readable → core → TUN; TUN readable
+//! → core → UDP; timers; SIGHUP reloads the policy directory; SIGINT/SIGTERM shut down
+//! cleanly, closing every flow and session in the audit trail), and appends events as
+//! JSON lines ([`EventSink`]).
+//!
+//! What it deliberately does not: no policy or flow logic; no durability beyond handing
+//! each batch of events to the OS (`write` + flush per loop iteration; the audit pipeline
+//! adds a fsynced spool).
+
+mod sink;
+
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context as _};
+use portcullis_config::Loaded;
+use portcullis_core::{FlowLimits, Gateway, GatewayConfig, PeerSpec, Timeouts, MAX_PACKET};
+use portcullis_model::Principal;
+use portcullis_policy::PolicyBundle;
+pub use sink::EventSink;
+use tokio::net::UdpSocket;
+use tokio::signal::unix::{signal, SignalKind};
+
+/// Packets handled per readiness event before yielding to the other source.
+const BATCH: usize = 64;
+
+/// Builds the gateway core from a loaded configuration.
+pub fn build_gateway(
+    loaded: &Loaded,
+    bundle: Arc<PolicyBundle>,
+    now: Instant,
+) -> anyhow::Result<Gateway> {
+    let c = &loaded.config;
+    let f = &c.flows;
+    let secs = Duration::from_secs;
+    let limits = FlowLimits {
+        max_flows: f.max_flows,
+        max_flows_per_peer: f.max_flows_per_peer,
+        timeouts: Timeouts {
+            tcp_syn: secs(f.tcp_syn_timeout_secs),
+            tcp_established: secs(f.tcp_established_timeout_secs),
+            tcp_closing: secs(f.tcp_closing_timeout_secs),
+            udp: secs(f.udp_timeout_secs),
+            icmp: secs(f.icmp_timeout_secs),
+            other: secs(f.other_timeout_secs),
+            fragment: secs(f.fragment_timeout_secs),
+        },
+    };
+    let users = c
+        .users
+        .iter()
+        .map(|u| Principal {
+            name: u.name.clone(),
+            email: u.email.clone(),
+            groups: u.groups.clone(),
+            tags: u.tags.clone(),
+        })
+        .collect();
+    let mut gw = Gateway::new(
+        GatewayConfig {
+            private_key: loaded.private_key.0,
+            limits,
+            session_idle_timeout: secs(c.gateway.session_idle_timeout_secs),
+        },
+        bundle,
+        users,
+        now,
+        chrono::Utc::now(),
+    )?;
+    for (p, key) in c.peers.iter().zip(&loaded.peer_keys) {
+        let mut addresses = vec![p.address];
+        addresses.extend(p.address6);
+        gw.handle_peer_add(PeerSpec {
+            user: p.user.clone(),
+            public_key: *key,
+            addresses,
+            persistent_keepalive: p.persistent_keepalive,
+        })?;
+    }
+    Ok(gw)
+}
+
+/// Binds the WireGuard UDP socket with large buffers.
+pub fn bind_udp(listen: SocketAddr, buffer: usize) -> anyhow::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(listen),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )
+    .context("creating the udp socket")?;
+    if listen.is_ipv6() {
+        // Accept IPv4-mapped clients too when bound to [::].
+        let _ = socket.set_only_v6(false);
+    }
+    set_buffers(&socket, buffer);
+    socket.set_nonblocking(true)?;
+    socket
+        .bind(&listen.into())
+        .with_context(|| format!("binding udp {listen}"))?;
+    Ok(UdpSocket::from_std(socket.into())?)
+}
+
+fn set_buffers(socket: &socket2::Socket, size: usize) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    // The FORCE variants pass net.core.{r,w}mem_max; they need CAP_NET_ADMIN.
+    let forced = setsockopt(&socket.as_fd(), sockopt::RcvBufForce, &size).is_ok()
+        && setsockopt(&socket.as_fd(), sockopt::SndBufForce, &size).is_ok();
+    if !forced {
+        let _ = socket.set_recv_buffer_size(size);
+        let _ = socket.set_send_buffer_size(size);
+    }
+    tracing::info!(
+        requested = size,
+        recv = socket.recv_buffer_size().unwrap_or(0),
+        send = socket.send_buffer_size().unwrap_or(0),
+        forced,
+        "udp socket buffers"
+    );
+}
+
+/// Creates the TUN device with the tunnel addresses and MTU, up.
+pub fn build_tun(loaded: &Loaded) -> anyhow::Result<tun_rs::AsyncDevice> {
+    let g = &loaded.config.gateway;
+    let v4 = match g.tunnel_address.addr() {
+        std::net::IpAddr::V4(a) => a,
+        std::net::IpAddr::V6(_) => return Err(anyhow!("gateway.tunnel_address must be IPv4")),
+    };
+    let mut b = tun_rs::DeviceBuilder::new()
+        .name(&g.tun_name)
+        .mtu(g.mtu)
+        .ipv4(v4, g.tunnel_address.prefix_len(), None);
+    if let Some(v6) = g.tunnel_address6 {
+        if let std::net::IpAddr::V6(a) = v6.addr() {
+            b = b.ipv6(a, v6.prefix_len());
+        }
+    }
+    b.build_async().with_context(|| {
+        format!(
+            "creating tun device {:?} (needs CAP_NET_ADMIN and /dev/net/tun)",
+            g.tun_name
+        )
+    })
+}
+
+/// Runs the gateway until SIGINT or SIGTERM.
+pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
+    let c = &loaded.config;
+    let bundle = PolicyBundle::load(&c.policy.dir)
+        .map_err(|e| anyhow!("policy directory {} rejected:\n{e}", c.policy.dir.display()))?;
+    for w in &bundle.warnings {
+        tracing::warn!("{w}");
+    }
+    let mut gw = build_gateway(&loaded, Arc::new(bundle), Instant::now())?;
+    let mut sink = EventSink::open(&c.audit.events_file, &c.gateway.id)?;
+    let udp = bind_udp(c.gateway.listen, c.gateway.socket_buffer_bytes)?;
+    let tun = build_tun(&loaded)?;
+    tracing::info!(
+        listen = %udp.local_addr()?,
+        tun = %c.gateway.tun_name,
+        public_key = %portcullis_core::b64(&gw.public_key()),
+        peers = c.peers.len(),
+        "gateway up"
+    );
+
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut rx = vec![0u8; 65_536];
+    let mut out = vec![0u8; MAX_PACKET + 256];
+    let mut next_wall = Instant::now();
+    let mut next_stats = Instant::now() + Duration::from_secs(60);
+
+    loop {
+        let deadline = tokio::time::Instant::from_std(gw.poll_timeout());
+        tokio::select! {
+            r = udp.readable() => {
+                r?;
+                for _ in 0..BATCH {
+                    match udp.try_recv_from(&mut rx) {
+                        Ok((n, from)) => {
+                            let Some(datagram) = rx.get(..n) else { continue };
+                            if let Some(packet) = gw.handle_datagram(Instant::now(), from, datagram, &mut out) {
+                                write_tun(&tun, packet).await;
+                            }
+                        }
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            tracing::debug!("udp receive: {e}");
+                            break;
+                        }
+                    }
+                }
+            }
+            r = tun.readable() => {
+                r?;
+                for _ in 0..BATCH {
+                    match tun.try_recv(&mut rx) {
+                        Ok(n) => {
+                            let Some(packet) = rx.get(..n) else { continue };
+                            if let Some((dst, datagram)) = gw.handle_tun_packet(Instant::now(), packet, &mut out) {
+                                send_udp(&udp, dst, datagram).await;
+                            }
+                        }
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            tracing::debug!("tun receive: {e}");
+                            break;
+                        }
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                let now = Instant::now();
+                if now >= next_wall {
+                    gw.handle_wall_clock(now, chrono::Utc::now());
+                    next_wall = now + Duration::from_secs(1);
+                }
+                gw.handle_timeout(now);
+                if now >= next_stats {
+                    next_stats = now + Duration::from_secs(60);
+                    log_stats(&gw);
+                }
+            }
+            _ = hup.recv() => reload(&mut gw, &loaded),
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+        flush(&mut gw, &udp, &tun, &mut sink).await?;
+    }
+    tracing::info!("shutting down");
+    gw.handle_shutdown(Instant::now());
+    flush(&mut gw, &udp, &tun, &mut sink).await?;
+    log_stats(&gw);
+    Ok(())
+}
+
+/// Reloads the policy directory; a rejected set leaves the running one in force.
+fn reload(gw: &mut Gateway, loaded: &Loaded) {
+    let dir = &loaded.config.policy.dir;
+    match PolicyBundle::load(dir) {
+        Ok(bundle) => match gw.handle_policy_bundle(Instant::now(), Arc::new(bundle)) {
+            Ok(cut) => tracing::info!(dir = %dir.display(), flows_cut = cut, "policy reloaded"),
+            Err(e) => {
+                tracing::error!("policy reload rejected: {e}");
+                gw.handle_policy_rejected(vec![e.to_string()]);
+            }
+        },
+        Err(e) => {
+            tracing::error!("policy reload rejected, previous policy stays in force:\n{e}");
+            gw.handle_policy_rejected(e.errors.iter().map(|e| e.to_string()).collect());
+        }
+    }
+}
+
+async fn flush(
+    gw: &mut Gateway,
+    udp: &UdpSocket,
+    tun: &tun_rs::AsyncDevice,
+    sink: &mut EventSink,
+) -> anyhow::Result<()> {
+    while let Some(t) = gw.poll_transmit() {
+        send_udp(udp, t.dst, &t.payload).await;
+    }
+    while let Some(p) = gw.poll_tun_packet() {
+        write_tun(tun, &p).await;
+    }
+    let mut wrote = false;
+    while let Some(e) = gw.poll_event() {
+        sink.write(e)?;
+        wrote = true;
+    }
+    if wrote {
+        sink.flush()?;
+    }
+    Ok(())
+}
+
+async fn write_tun(tun: &tun_rs::AsyncDevice, packet: &[u8]) {
+    match tun.try_send(packet) {
+        Ok(_) => {}
+        Err(e) if e.kind() == ErrorKind::WouldBlock => {
+            if let Err(e) = tun.send(packet).await {
+                tracing::debug!("tun send: {e}");
+            }
+        }
+        Err(e) => tracing::debug!("tun send: {e}"),
+    }
+}
+
+async fn send_udp(udp: &UdpSocket, dst: SocketAddr, datagram: &[u8]) {
+    match udp.try_send_to(datagram, dst) {
+        Ok(_) => {}
+        Err(e) if e.kind() == ErrorKind::WouldBlock => {
+            if let Err(e) = udp.send_to(datagram, dst).await {
+                tracing::debug!("udp send to {dst}: {e}");
+            }
+        }
+        Err(e) => tracing::debug!("udp send to {dst}: {e}"),
+    }
+}
+
+fn log_stats(gw: &Gateway) {
+    let e = gw.enforcer().stats;
+    let w = gw.stats;
+    tracing::info!(
+        flows = gw.enforcer().flows().len(),
+        forwarded_out = e.forwarded_out,
+        forwarded_in = e.forwarded_in,
+        denied = e.denied,
+        spoofed = e.spoofed,
+        malformed = e.malformed,
+        fragments_dropped = e.fragments_dropped,
+        inbound_no_flow = e.inbound_no_flow,
+        flows_opened = e.flows_opened,
+        flows_evicted = e.flows_evicted,
+        flows_revoked = e.flows_revoked,
+        datagrams = w.datagrams,
+        malformed_datagrams = w.malformed_datagrams,
+        unknown_peer = w.unknown_peer,
+        wg_errors = w.wg_errors,
+        handshakes = w.handshakes,
+        cookie_replies = w.cookie_replies,
+        "counters"
+    );
+}

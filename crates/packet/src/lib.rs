@@ -14,7 +14,9 @@
 
 use std::net::IpAddr;
 
-use etherparse::{IpNumber, IpSlice, Ipv6ExtensionSlice, LaxIpSlice, TcpHeaderSlice, UdpHeaderSlice};
+use etherparse::{
+    IpNumber, IpSlice, Ipv6ExtensionSlice, LaxIpSlice, TcpHeaderSlice, UdpHeaderSlice,
+};
 pub use portcullis_model::Protocol;
 
 /// Why a packet could not be parsed. Each one is counted by the core as "malformed".
@@ -64,12 +66,19 @@ pub enum Transport {
         dst_port: u16,
     },
     /// ICMP / ICMPv6 echo request or reply; `id` plays the role of both ports.
-    IcmpEcho { request: bool, id: u16 },
+    IcmpEcho {
+        request: bool,
+        id: u16,
+    },
     /// An ICMP error (unreachable, too big, time exceeded, parameter problem) quoting the
     /// start of the packet that caused it.
-    IcmpError { quoted: Quoted },
+    IcmpError {
+        quoted: Quoted,
+    },
     /// Any other ICMP message.
-    IcmpOther { icmp_type: u8 },
+    IcmpOther {
+        icmp_type: u8,
+    },
     /// A protocol without ports, decided by protocol number.
     Other,
     /// A non-first fragment: the transport header is in another packet.
@@ -206,9 +215,7 @@ fn parse_transport(ip_number: IpNumber, payload: &[u8]) -> Result<Transport, Par
 fn parse_icmp(payload: &[u8], v6: bool) -> Result<Transport, ParseError> {
     let name = if v6 { "icmpv6" } else { "icmp" };
     let (icmp_type, id, quoted) = match payload {
-        [t, _code, _c0, _c1, i0, i1, _, _, rest @ ..] => {
-            (*t, u16::from_be_bytes([*i0, *i1]), rest)
-        }
+        [t, _code, _c0, _c1, i0, i1, _, _, rest @ ..] => (*t, u16::from_be_bytes([*i0, *i1]), rest),
         _ => return Err(ParseError::TruncatedTransport(name)),
     };
     let (echo_request, echo_reply, is_error) = if v6 {
@@ -296,7 +303,8 @@ mod tests {
     }
 
     fn tcp_packet(flags: &str, payload: &[u8]) -> Vec<u8> {
-        let mut b = PacketBuilder::ipv4([100, 64, 0, 2], [10, 8, 0, 2], 64).tcp(40000, 22, 1000, 64000);
+        let mut b =
+            PacketBuilder::ipv4([100, 64, 0, 2], [10, 8, 0, 2], 64).tcp(40000, 22, 1000, 64000);
         if flags.contains('S') {
             b = b.syn();
         }
@@ -319,7 +327,12 @@ mod tests {
         assert_eq!(m.protocol, Protocol::TCP);
         assert_eq!(m.ports(), (40000, 22));
         match m.transport {
-            Transport::Tcp { flags, seq, seq_len, .. } => {
+            Transport::Tcp {
+                flags,
+                seq,
+                seq_len,
+                ..
+            } => {
                 assert_eq!(flags & tcp_flags::SYN, tcp_flags::SYN);
                 assert_eq!(seq, 1000);
                 assert_eq!(seq_len, 1);
@@ -355,14 +368,22 @@ mod tests {
         let mut echo = Vec::new();
         let _ = b.write(&mut echo, b"ping");
         let m = parse(&echo)?;
-        assert_eq!(m.transport, Transport::IcmpEcho { request: true, id: 77 });
+        assert_eq!(
+            m.transport,
+            Transport::IcmpEcho {
+                request: true,
+                id: 77
+            }
+        );
         assert_eq!(m.ports(), (77, 77));
 
         // A "fragmentation needed" error from the server side quoting our TCP SYN.
         let quoted = tcp_packet("S", &[]);
         let b = PacketBuilder::ipv4([10, 8, 0, 1], [100, 64, 0, 2], 64).icmpv4(
             etherparse::Icmpv4Type::DestinationUnreachable(
-                etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1300 },
+                etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded {
+                    next_hop_mtu: 1300,
+                },
             ),
         );
         let mut err = Vec::new();
@@ -431,7 +452,14 @@ mod tests {
             m.transport,
             Transport::Tcp { flags, seq: 99, .. } if flags & tcp_flags::RST != 0
         ));
-        assert!(build_tcp_rst(v4([1, 1, 1, 1]), 1, "::1".parse().map_err(|_| ParseError::Empty)?, 1, 0).is_none());
+        assert!(build_tcp_rst(
+            v4([1, 1, 1, 1]),
+            1,
+            "::1".parse().map_err(|_| ParseError::Empty)?,
+            1,
+            0
+        )
+        .is_none());
         Ok(())
     }
 

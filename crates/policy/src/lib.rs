@@ -90,7 +90,12 @@ impl PolicyBundle {
             Ok((schema, _warnings)) => schema,
             Err(e) => {
                 return Err(LoadError {
-                    errors: vec![SourceError::from_diagnostic(&schema_path, &schema_src, &e, 0)],
+                    errors: vec![SourceError::from_diagnostic(
+                        &schema_path,
+                        &schema_src,
+                        &e,
+                        0,
+                    )],
                 })
             }
         };
@@ -118,7 +123,10 @@ impl PolicyBundle {
                 .collect(),
             Err(e) => {
                 return Err(LoadError {
-                    errors: vec![SourceError::file(dir, format!("cannot read directory: {e}"))],
+                    errors: vec![SourceError::file(
+                        dir,
+                        format!("cannot read directory: {e}"),
+                    )],
                 })
             }
         };
@@ -270,7 +278,10 @@ fn read_capped(path: &Path) -> Result<String, SourceError> {
     if meta.len() > MAX_FILE_BYTES {
         return Err(SourceError::file(
             path,
-            format!("file is {} bytes, over the {MAX_FILE_BYTES}-byte limit", meta.len()),
+            format!(
+                "file is {} bytes, over the {MAX_FILE_BYTES}-byte limit",
+                meta.len()
+            ),
         ));
     }
     std::fs::read_to_string(path).map_err(|e| SourceError::file(path, format!("cannot read: {e}")))
@@ -332,7 +343,11 @@ fn unreachable_type() -> EntityTypeName {
 }
 
 fn string_set(items: &[String]) -> RestrictedExpression {
-    RestrictedExpression::new_set(items.iter().map(|s| RestrictedExpression::new_string(s.clone())))
+    RestrictedExpression::new_set(
+        items
+            .iter()
+            .map(|s| RestrictedExpression::new_string(s.clone())),
+    )
 }
 
 /// A decision engine: a policy bundle plus the identities it decides for.
@@ -476,9 +491,9 @@ impl Engine {
                 return d;
             }
         };
-        let response = self
-            .authorizer
-            .is_authorized(&request, &self.bundle.policies, &self.entities);
+        let response =
+            self.authorizer
+                .is_authorized(&request, &self.bundle.policies, &self.entities);
         let diagnostics = response.diagnostics();
         Decision {
             allowed: response.decision() == cedar_policy::Decision::Allow,

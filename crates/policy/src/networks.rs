@@ -53,11 +53,14 @@ impl Networks {
     /// Parses and checks `networks.toml` content. `file` names it in errors.
     pub fn parse(file: &Path, src: &str) -> Result<Networks, Vec<SourceError>> {
         let parsed: NetworksFile = toml::from_str(src).map_err(|e| {
-            let (line, col) = e
-                .span()
-                .map(|s| line_col(src, s.start))
-                .unwrap_or((1, 1));
-            vec![SourceError::at(file, src, line, col, e.message().to_string())]
+            let (line, col) = e.span().map(|s| line_col(src, s.start)).unwrap_or((1, 1));
+            vec![SourceError::at(
+                file,
+                src,
+                line,
+                col,
+                e.message().to_string(),
+            )]
         })?;
         let mut errors = Vec::new();
         let locate = |needle: &str| -> (usize, usize) {
@@ -175,7 +178,8 @@ impl Networks {
                 if ai == bi && a != b {
                     continue;
                 }
-                let related = out.is_ancestor(&na.name, &nb.name) || out.is_ancestor(&nb.name, &na.name);
+                let related =
+                    out.is_ancestor(&na.name, &nb.name) || out.is_ancestor(&nb.name, &na.name);
                 if ai == bi || !related {
                     let (line, col) = locate(&format!("\"{b}\""));
                     errors.push(SourceError::at(

@@ -49,24 +49,136 @@ fn example_policies_decide_as_documented() -> Result<(), Box<dyn std::error::Err
     let e = engine()?;
     let now = at("2026-11-22T10:00:00Z");
     let cases: &[(&str, &str, u16, Protocol, bool, &[&str], &str)] = &[
-        ("alice", "10.8.0.2", 8080, Protocol::TCP, true, &["sre-prod"], "prod"),
-        ("alice", "10.8.5.4", 5432, Protocol::TCP, true, &["sre-prod"], "prod-db"),
-        ("alice", "fd00:8::2", 8080, Protocol::TCP, true, &["sre-prod"], "prod"),
-        ("alice", "10.8.0.2", 0, Protocol::ICMP, true, &["sre-prod"], "prod"),
+        (
+            "alice",
+            "10.8.0.2",
+            8080,
+            Protocol::TCP,
+            true,
+            &["sre-prod"],
+            "prod",
+        ),
+        (
+            "alice",
+            "10.8.5.4",
+            5432,
+            Protocol::TCP,
+            true,
+            &["sre-prod"],
+            "prod-db",
+        ),
+        (
+            "alice",
+            "fd00:8::2",
+            8080,
+            Protocol::TCP,
+            true,
+            &["sre-prod"],
+            "prod",
+        ),
+        (
+            "alice",
+            "10.8.0.2",
+            0,
+            Protocol::ICMP,
+            true,
+            &["sre-prod"],
+            "prod",
+        ),
         ("bob", "10.8.0.2", 8080, Protocol::TCP, false, &[], "prod"),
-        ("bob", "10.9.0.2", 443, Protocol::TCP, true, &["developers-dev-staging"], "dev"),
+        (
+            "bob",
+            "10.9.0.2",
+            443,
+            Protocol::TCP,
+            true,
+            &["developers-dev-staging"],
+            "dev",
+        ),
         ("bob", "10.9.0.2", 8080, Protocol::TCP, false, &[], "dev"),
-        ("bob", "10.10.1.1", 22, Protocol::TCP, true, &["developers-dev-staging"], "staging"),
-        ("bob", "10.53.0.53", 53, Protocol::UDP, true, &["everyone-dns"], "resolver"),
-        ("bob", "10.53.0.53", 53, Protocol::TCP, false, &[], "resolver"),
-        ("bob", "192.0.2.1", 443, Protocol::TCP, false, &[], "internet"),
+        (
+            "bob",
+            "10.10.1.1",
+            22,
+            Protocol::TCP,
+            true,
+            &["developers-dev-staging"],
+            "staging",
+        ),
+        (
+            "bob",
+            "10.53.0.53",
+            53,
+            Protocol::UDP,
+            true,
+            &["everyone-dns"],
+            "resolver",
+        ),
+        (
+            "bob",
+            "10.53.0.53",
+            53,
+            Protocol::TCP,
+            false,
+            &[],
+            "resolver",
+        ),
+        (
+            "bob",
+            "192.0.2.1",
+            443,
+            Protocol::TCP,
+            false,
+            &[],
+            "internet",
+        ),
         // pci: alice is sre+oncall but not pci-admin; carol is both; dave not oncall.
-        ("alice", "10.8.200.9", 443, Protocol::TCP, false, &["pci-oncall-admins-only"], "pci"),
-        ("carol", "10.8.200.9", 443, Protocol::TCP, true, &["sre-prod"], "pci"),
-        ("dave", "10.8.200.9", 443, Protocol::TCP, false, &["pci-oncall-admins-only"], "pci"),
+        (
+            "alice",
+            "10.8.200.9",
+            443,
+            Protocol::TCP,
+            false,
+            &["pci-oncall-admins-only"],
+            "pci",
+        ),
+        (
+            "carol",
+            "10.8.200.9",
+            443,
+            Protocol::TCP,
+            true,
+            &["sre-prod"],
+            "pci",
+        ),
+        (
+            "dave",
+            "10.8.200.9",
+            443,
+            Protocol::TCP,
+            false,
+            &["pci-oncall-admins-only"],
+            "pci",
+        ),
         // An explicit deny beats the permit.
-        ("alice", "10.8.0.2", 23, Protocol::TCP, false, &["no-telnet"], "prod"),
-        ("erin", "10.10.0.5", 8443, Protocol::TCP, true, &["contractors-staging-2026"], "staging"),
+        (
+            "alice",
+            "10.8.0.2",
+            23,
+            Protocol::TCP,
+            false,
+            &["no-telnet"],
+            "prod",
+        ),
+        (
+            "erin",
+            "10.10.0.5",
+            8443,
+            Protocol::TCP,
+            true,
+            &["contractors-staging-2026"],
+            "staging",
+        ),
         ("nobody", "10.8.0.2", 22, Protocol::TCP, false, &[], "prod"),
     ];
     for (u, dst, port, proto, allowed, ids, network) in cases {
@@ -104,7 +216,10 @@ fn identity_changes_bump_epoch_and_change_decisions() -> Result<(), Box<dyn std:
 
 fn write_dir(files: &[(&str, &str)]) -> Result<tempfile::TempDir, std::io::Error> {
     let dir = tempfile::tempdir()?;
-    std::fs::copy(example_dir().join(SCHEMA_FILE), dir.path().join(SCHEMA_FILE))?;
+    std::fs::copy(
+        example_dir().join(SCHEMA_FILE),
+        dir.path().join(SCHEMA_FILE),
+    )?;
     for (name, src) in files {
         std::fs::write(dir.path().join(name), src)?;
     }
@@ -117,7 +232,9 @@ fn syntax_errors_are_located() -> Result<(), Box<dyn std::error::Error>> {
         "bad.cedar",
         "// ok\npermit(principal, action, resource);\npermit(principal, action resource);\n",
     )])?;
-    let err = PolicyBundle::load(dir.path()).err().ok_or("accepted a syntax error")?;
+    let err = PolicyBundle::load(dir.path())
+        .err()
+        .ok_or("accepted a syntax error")?;
     let first = &err.errors[0];
     assert!(first.file.ends_with("bad.cedar"));
     assert_eq!(first.line, 3, "{first}");
@@ -134,10 +251,15 @@ fn schema_violations_are_rejected() -> Result<(), Box<dyn std::error::Error>> {
             "permit(principal, action, resource)\nwhen { principal.department == \"x\" };",
             2,
         ),
-        ("permit(principal, action, resource) when { context.port == 1 };", 1),
+        (
+            "permit(principal, action, resource) when { context.port == 1 };",
+            1,
+        ),
     ] {
         let dir = write_dir(&[("p.cedar", src)])?;
-        let err = PolicyBundle::load(dir.path()).err().ok_or(format!("accepted {src}"))?;
+        let err = PolicyBundle::load(dir.path())
+            .err()
+            .ok_or(format!("accepted {src}"))?;
         assert_eq!(err.errors[0].line, line, "{}", err);
     }
     Ok(())
@@ -146,15 +268,31 @@ fn schema_violations_are_rejected() -> Result<(), Box<dyn std::error::Error>> {
 #[test]
 fn duplicate_ids_and_templates_are_rejected() -> Result<(), Box<dyn std::error::Error>> {
     let dir = write_dir(&[
-        ("a.cedar", "@id(\"x\")\npermit(principal, action, resource);"),
-        ("b.cedar", "\n@id(\"x\")\nforbid(principal, action, resource);"),
+        (
+            "a.cedar",
+            "@id(\"x\")\npermit(principal, action, resource);",
+        ),
+        (
+            "b.cedar",
+            "\n@id(\"x\")\nforbid(principal, action, resource);",
+        ),
     ])?;
-    let err = PolicyBundle::load(dir.path()).err().ok_or("accepted duplicate ids")?;
-    assert!(err.to_string().contains("duplicate policy id \"x\""), "{err}");
+    let err = PolicyBundle::load(dir.path())
+        .err()
+        .ok_or("accepted duplicate ids")?;
+    assert!(
+        err.to_string().contains("duplicate policy id \"x\""),
+        "{err}"
+    );
     assert_eq!(err.errors[0].line, 2);
 
-    let dir = write_dir(&[("t.cedar", "permit(principal == ?principal, action, resource);")])?;
-    let err = PolicyBundle::load(dir.path()).err().ok_or("accepted a template")?;
+    let dir = write_dir(&[(
+        "t.cedar",
+        "permit(principal == ?principal, action, resource);",
+    )])?;
+    let err = PolicyBundle::load(dir.path())
+        .err()
+        .ok_or("accepted a template")?;
     assert!(err.to_string().contains("templates"), "{err}");
     Ok(())
 }
@@ -177,11 +315,15 @@ fn unnamed_policies_get_file_index_ids_and_locations() -> Result<(), Box<dyn std
 fn oversized_and_missing_files_are_errors() -> Result<(), Box<dyn std::error::Error>> {
     let big = "// x\n".repeat((MAX_FILE_BYTES as usize / 5) + 10);
     let dir = write_dir(&[("big.cedar", &big)])?;
-    let err = PolicyBundle::load(dir.path()).err().ok_or("accepted an oversized file")?;
+    let err = PolicyBundle::load(dir.path())
+        .err()
+        .ok_or("accepted an oversized file")?;
     assert!(err.to_string().contains("limit"), "{err}");
 
     let empty = tempfile::tempdir()?;
-    let err = PolicyBundle::load(empty.path()).err().ok_or("accepted a dir without schema")?;
+    let err = PolicyBundle::load(empty.path())
+        .err()
+        .ok_or("accepted a dir without schema")?;
     assert!(err.to_string().contains(SCHEMA_FILE), "{err}");
     Ok(())
 }

@@ -1,1 +1,196 @@
-fn main(){}
+//! The `portcullis` binary: one CLI for the gateway and its tooling.
+//!
+//! - `portcullis gateway --config FILE`: run the gateway.
+//! - `portcullis policy validate --dir DIR`: check a policy directory (for CI).
+//! - `portcullis check-config --config FILE`: check a configuration file.
+//! - `portcullis keygen` / `portcullis pubkey`: WireGuard keys, like `wg genkey` / `wg pubkey`.
+//!
+//! Every flag can also be set from the environment (`PORTCULLIS_*`, shown in `--help`).
+
+use std::io::Read as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use base64::Engine as _;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "portcullis",
+    version,
+    about = "Identity-aware WireGuard gateway"
+)]
+struct Cli {
+    /// Log filter (tracing EnvFilter syntax), e.g. "info" or "portcullis_io=debug".
+    #[arg(long, global = true, env = "PORTCULLIS_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Gateway {
+        /// The TOML configuration file.
+        #[arg(long, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+        /// Overrides [gateway] listen.
+        #[arg(long, env = "PORTCULLIS_LISTEN")]
+        listen: Option<SocketAddr>,
+        /// Overrides [audit] events_file.
+        #[arg(long, env = "PORTCULLIS_EVENTS_FILE")]
+        events_file: Option<PathBuf>,
+        /// Overrides [policy] dir.
+        #[arg(long, env = "PORTCULLIS_POLICY_DIR")]
+        policy_dir: Option<PathBuf>,
+    },
+    /// Check a configuration file and exit (0 when valid).
+    CheckConfig {
+        #[arg(long, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+    },
+    /// Policy tooling.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Print a new WireGuard private key (base64).
+    Keygen,
+    /// Read a private key on stdin, print its public key.
+    Pubkey,
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Parse and validate a policy directory; errors as file:line:col. Exit 1 on errors.
+    Validate {
+        #[arg(long, env = "PORTCULLIS_POLICY_DIR", default_value = "policies")]
+        dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Gateway {
+            config,
+            listen,
+            events_file,
+            policy_dir,
+        } => {
+            let mut loaded = portcullis_config::load(&config)?;
+            for w in &loaded.warnings {
+                tracing::warn!("{w}");
+            }
+            if let Some(l) = listen {
+                loaded.config.gateway.listen = l;
+            }
+            if let Some(e) = events_file {
+                loaded.config.audit.events_file = e;
+            }
+            if let Some(d) = policy_dir {
+                loaded.config.policy.dir = d;
+            }
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(portcullis_io::run(loaded))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckConfig { config } => {
+            let loaded = portcullis_config::load(&config)?;
+            for w in &loaded.warnings {
+                eprintln!("warning: {w}");
+            }
+            portcullis_policy::PolicyBundle::load(&loaded.config.policy.dir).map_err(|e| {
+                anyhow::anyhow!(
+                    "policy directory {}:\n{e}",
+                    loaded.config.policy.dir.display()
+                )
+            })?;
+            println!("{}: ok", config.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Policy {
+            command: PolicyCommand::Validate { dir },
+        } => match portcullis_policy::PolicyBundle::load(&dir) {
+            Ok(bundle) => {
+                for w in &bundle.warnings {
+                    eprintln!("warning: {w}");
+                }
+                println!(
+                    "{}: {} policies, {} networks: ok",
+                    dir.display(),
+                    bundle.policies().len(),
+                    bundle.networks().len()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                eprintln!("{} error(s)", e.errors.len());
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        Command::Keygen => {
+            let secret = boringtun_secret();
+            println!(
+                "{}",
+                base64::engine::general_purpose::STANDARD.encode(secret)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pubkey => {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("reading stdin")?;
+            let key = portcullis_config::decode_key(&text)
+                .map_err(|_| anyhow::anyhow!("stdin does not hold a base64 32-byte private key"))?;
+            let public = x25519_public(key);
+            println!(
+                "{}",
+                base64::engine::general_purpose::STANDARD.encode(public)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn boringtun_secret() -> [u8; 32] {
+    use rand::RngCore as _;
+    let mut key = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut key);
+    // Clamp as X25519 expects (wg genkey does the same).
+    key[0] &= 248;
+    key[31] = (key[31] & 127) | 64;
+    key
+}
+
+fn x25519_public(private: [u8; 32]) -> [u8; 32] {
+    portcullis_core_public(private)
+}
+
+fn portcullis_core_public(private: [u8; 32]) -> [u8; 32] {
+    let secret = boringtun::x25519::StaticSecret::from(private);
+    boringtun::x25519::PublicKey::from(&secret).to_bytes()
+}
