@@ -1,0 +1,1019 @@
+//! The core without devices: real Cedar policies (the repository's `policies/`), a
+//! virtual clock, plain IP packets for the enforcer and real boringtun clients for the
+//! gateway.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use boringtun::noise::{Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+use etherparse::PacketBuilder;
+use portcullis_core::{
+    Drop, Enforcer, FlowLimits, FlowState, Gateway, GatewayConfig, Injected, PeerCtx, PeerId,
+    PeerSpec, Timeouts,
+};
+use portcullis_model::{CloseReason, Event, Principal, Protocol};
+use portcullis_policy::{Engine, PolicyBundle};
+use proptest::prelude::*;
+
+const ALICE: [u8; 4] = [100, 64, 0, 2];
+const BOB: [u8; 4] = [100, 64, 0, 3];
+const PROD: [u8; 4] = [10, 8, 0, 2];
+const DEV: [u8; 4] = [10, 9, 0, 2];
+
+fn policies() -> Arc<PolicyBundle> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies");
+    Arc::new(PolicyBundle::load(&dir).expect("example policies load"))
+}
+
+fn users() -> Vec<Principal> {
+    vec![
+        Principal {
+            name: "alice".into(),
+            email: String::new(),
+            groups: vec!["sre".into()],
+            tags: vec!["oncall".into()],
+        },
+        Principal {
+            name: "bob".into(),
+            email: String::new(),
+            groups: vec!["developers".into()],
+            tags: vec![],
+        },
+    ]
+}
+
+fn wall() -> chrono::DateTime<chrono::Utc> {
+    "2026-11-22T10:00:00Z".parse().expect("time")
+}
+
+fn enforcer(limits: FlowLimits, t0: Instant) -> Enforcer {
+    Enforcer::new(
+        Engine::new(policies(), users()).expect("engine"),
+        limits,
+        t0,
+        wall(),
+    )
+}
+
+struct Who {
+    id: PeerId,
+    user: Arc<str>,
+    device: Arc<str>,
+    addrs: Vec<IpAddr>,
+}
+
+impl Who {
+    fn new(id: u32, user: &str, addr: [u8; 4]) -> Who {
+        Who {
+            id: PeerId(id),
+            user: user.into(),
+            device: format!("{user}-key").into(),
+            addrs: vec![
+                IpAddr::from(addr),
+                IpAddr::from([0xfd, 0, 0, 0x64, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, addr[3]]),
+            ],
+        }
+    }
+    fn ctx(&self) -> PeerCtx<'_> {
+        PeerCtx {
+            id: self.id,
+            user: &self.user,
+            device: &self.device,
+            addresses: &self.addrs,
+            session_id: 7,
+        }
+    }
+}
+
+fn tcp(
+    src: [u8; 4],
+    sp: u16,
+    dst: [u8; 4],
+    dp: u16,
+    flags: &str,
+    seq: u32,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut b = PacketBuilder::ipv4(src, dst, 64).tcp(sp, dp, seq, 64000);
+    if flags.contains('S') {
+        b = b.syn();
+    }
+    if flags.contains('A') {
+        b = b.ack(1);
+    }
+    if flags.contains('F') {
+        b = b.fin();
+    }
+    if flags.contains('R') {
+        b = b.rst();
+    }
+    let mut out = Vec::new();
+    b.write(&mut out, payload).expect("build");
+    out
+}
+
+fn udp(src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ipv4(src, dst, 64)
+        .udp(sp, dp)
+        .write(&mut out, b"x")
+        .expect("build");
+    out
+}
+
+fn events(e: &mut Enforcer) -> Vec<Event> {
+    std::iter::from_fn(|| e.poll_event()).collect()
+}
+
+#[test]
+fn tcp_flow_lifecycle_with_counters_and_close_event() {
+    let t0 = Instant::now();
+    let mut e = enforcer(FlowLimits::default(), t0);
+    let alice = Who::new(1, "alice", ALICE);
+    assert_eq!(
+        e.handle_outbound(
+            t0,
+            &alice.ctx(),
+            &tcp(ALICE, 40000, PROD, 22, "S", 100, b"")
+        ),
+        Ok(())
+    );
+    let ev = events(&mut e);
+    assert!(
+        matches!(&ev[..], [Event::FlowOpened { user, policy_ids, network, tuple, .. }]
+        if user == "alice" && policy_ids == &["sre-prod"] && network == "prod" && tuple.dst_port == 22)
+    );
+    // Server answers: return traffic goes to alice's peer.
+    assert_eq!(
+        e.handle_inbound(t0, &tcp(PROD, 22, ALICE, 40000, "SA", 900, b"")),
+        Ok(PeerId(1))
+    );
+    let key = *e.flows().iter().next().expect("one flow").0;
+    assert_eq!(
+        e.flows().get(&key).map(|f| f.state),
+        Some(FlowState::TcpEstablished)
+    );
+    assert_eq!(
+        e.handle_outbound(
+            t0,
+            &alice.ctx(),
+            &tcp(ALICE, 40000, PROD, 22, "A", 101, b"hello")
+        ),
+        Ok(())
+    );
+    assert_eq!(
+        e.handle_outbound(
+            t0,
+            &alice.ctx(),
+            &tcp(ALICE, 40000, PROD, 22, "AF", 106, b"")
+        ),
+        Ok(())
+    );
+    assert_eq!(
+        e.flows().get(&key).map(|f| f.state),
+        Some(FlowState::TcpHalfClosed)
+    );
+    assert_eq!(
+        e.handle_inbound(t0, &tcp(PROD, 22, ALICE, 40000, "AF", 901, b"")),
+        Ok(PeerId(1))
+    );
+    assert_eq!(
+        e.flows().get(&key).map(|f| f.state),
+        Some(FlowState::TcpClosing)
+    );
+    // Closing timeout (30 s) passes on the virtual clock.
+    e.handle_timeout(t0 + Duration::from_secs(29));
+    assert_eq!(e.flows().len(), 1);
+    e.handle_timeout(t0 + Duration::from_secs(31));
+    assert_eq!(e.flows().len(), 0);
+    match &events(&mut e)[..] {
+        [Event::FlowClosed {
+            reason,
+            outbound,
+            inbound,
+            duration_ms,
+            ..
+        }] => {
+            assert_eq!(*reason, CloseReason::TcpClosed);
+            assert_eq!(outbound.packets, 3);
+            assert_eq!(inbound.packets, 2);
+            assert!(outbound.bytes > inbound.bytes);
+            assert_eq!(*duration_ms, 31_000);
+        }
+        other => panic!("expected one flow_closed, got {other:?}"),
+    }
+}
+
+#[test]
+fn return_traffic_only_for_flows_a_client_opened() {
+    let t0 = Instant::now();
+    let mut e = enforcer(FlowLimits::default(), t0);
+    let alice = Who::new(1, "alice", ALICE);
+    // Nothing opened yet: the private network cannot reach alice.
+    assert_eq!(
+        e.handle_inbound(t0, &tcp(PROD, 22, ALICE, 40000, "S", 1, b"")),
+        Err(Drop::NoFlow)
+    );
+    assert_eq!(
+        e.handle_outbound(t0, &alice.ctx(), &udp(ALICE, 5000, PROD, 53)),
+        Ok(())
+    );
+    assert_eq!(
+        e.handle_inbound(t0, &udp(PROD, 53, ALICE, 5000)),
+        Ok(PeerId(1))
+    );
+    // Another server port, another server, another client port: no flow.
+    assert_eq!(
+        e.handle_inbound(t0, &udp(PROD, 54, ALICE, 5000)),
+        Err(Drop::NoFlow)
+    );
+    assert_eq!(
+        e.handle_inbound(t0, &udp([10, 8, 0, 3], 53, ALICE, 5000)),
+        Err(Drop::NoFlow)
+    );
+    assert_eq!(
+        e.handle_inbound(t0, &udp(PROD, 53, ALICE, 5001)),
+        Err(Drop::NoFlow)
+    );
+    // A server-side echo request is not a reply to alice's echo request.
+    let mut ping = Vec::new();
+    PacketBuilder::ipv4(ALICE, PROD, 64)
+        .icmpv4_echo_request(9, 1)
+        .write(&mut ping, b"p")
+        .expect("build");
+    assert_eq!(e.handle_outbound(t0, &alice.ctx(), &ping), Ok(()));
+    let mut reply = Vec::new();
+    PacketBuilder::ipv4(PROD, ALICE, 64)
+        .icmpv4_echo_reply(9, 1)
+        .write(&mut reply, b"p")
+        .expect("build");
+    assert_eq!(e.handle_inbound(t0, &reply), Ok(PeerId(1)));
+    let mut req = Vec::new();
+    PacketBuilder::ipv4(PROD, ALICE, 64)
+        .icmpv4_echo_request(9, 2)
+        .write(&mut req, b"p")
+        .expect("build");
+    assert_eq!(e.handle_inbound(t0, &req), Err(Drop::NoFlow));
+}
+
+#[test]
+fn icmp_errors_follow_their_flow() {
+    let t0 = Instant::now();
+    let mut e = enforcer(FlowLimits::default(), t0);
+    let alice = Who::new(1, "alice", ALICE);
+    let syn = tcp(ALICE, 40000, PROD, 22, "S", 1, b"");
+    e.handle_outbound(t0, &alice.ctx(), &syn).expect("allowed");
+    let too_big = |quoted: &[u8]| {
+        let mut out = Vec::new();
+        PacketBuilder::ipv4([10, 8, 0, 1], ALICE, 64)
+            .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded {
+                    next_hop_mtu: 1280,
+                },
+            ))
+            .write(&mut out, &quoted[..28])
+            .expect("build");
+        out
+    };
+    assert_eq!(e.handle_inbound(t0, &too_big(&syn)), Ok(PeerId(1)));
+    let other = tcp(ALICE, 40001, PROD, 22, "S", 1, b"");
+    assert_eq!(e.handle_inbound(t0, &too_big(&other)), Err(Drop::NoFlow));
+}
+
+#[test]
+fn denied_flows_are_reported_once_per_interval_with_suppressed_count() {
+    let t0 = Instant::now();
+    let mut e = enforcer(FlowLimits::default(), t0);
+    let bob = Who::new(2, "bob", BOB);
+    let syn = tcp(BOB, 41000, PROD, 22, "S", 1, b"");
+    for i in 0..4 {
+        assert_eq!(
+            e.handle_outbound(t0 + Duration::from_secs(i), &bob.ctx(), &syn),
+            Err(Drop::Denied)
+        );
+    }
+    match &events(&mut e)[..] {
+        [Event::FlowDenied {
+            user,
+            tuple,
+            network,
+            policy_ids,
+            suppressed,
+            ..
+        }] => {
+            assert_eq!(user, "bob");
+            assert_eq!(tuple.dst_ip, IpAddr::from(PROD));
+            assert_eq!(tuple.dst_port, 22);
+            assert_eq!(network, "prod");
+            assert!(policy_ids.is_empty(), "no permit matched: {policy_ids:?}");
+            assert_eq!(*suppressed, 0);
+        }
+        other => panic!("expected one flow_denied, got {other:?}"),
+    }
+    assert_eq!(
+        e.handle_outbound(t0 + Duration::from_secs(11), &bob.ctx(), &syn),
+        Err(Drop::Denied)
+    );
+    assert!(matches!(
+        &events(&mut e)[..],
+        [Event::FlowDenied { suppressed: 3, .. }]
+    ));
+    // bob may reach dev on 443; and a forbid names itself.
+    assert_eq!(
+        e.handle_outbound(t0, &bob.ctx(), &tcp(BOB, 41001, DEV, 443, "S", 1, b"")),
+        Ok(())
+    );
+    assert_eq!(
+        e.handle_outbound(t0, &bob.ctx(), &tcp(BOB, 41002, DEV, 23, "S", 1, b"")),
+        Err(Drop::Denied)
+    );
+    let ev = events(&mut e);
+    assert!(
+        ev.iter().any(
+            |x| matches!(x, Event::FlowDenied { policy_ids, .. } if policy_ids == &["no-telnet"])
+        ),
+        "{ev:?}"
+    );
+}
+
+#[test]
+fn spoofed_sources_are_dropped_counted_and_reported() {
+    let t0 = Instant::now();
+    let mut e = enforcer(FlowLimits::default(), t0);
+    let alice = Who::new(1, "alice", ALICE);
+    for _ in 0..3 {
+        assert_eq!(
+            e.handle_outbound(t0, &alice.ctx(), &udp(BOB, 1, PROD, 53)),
+            Err(Drop::Spoofed)
+        );
+    }
+    assert_eq!(e.stats.spoofed, 3);
+    assert_eq!(e.flows().len(), 0);
+    match &events(&mut e)[..] {
+        [Event::SpoofDropped {
+            user, claimed_src, ..
+        }] => {
+            assert_eq!(user, "alice");
+            assert_eq!(*claimed_src, IpAddr::from(BOB));
+        }
+        other => panic!("expected one spoof_dropped, got {other:?}"),
+    }
+}
+
+#[test]
+fn idle_timeouts_follow_the_protocol_on_a_virtual_clock() {
+    let t0 = Instant::now();
+    let limits = FlowLimits {
+        timeouts: Timeouts {
+            udp: Duration::from_secs(60),
+            icmp: Duration::from_secs(30),
+            ..Timeouts::default()
+        },
+        ..FlowLimits::default()
+    };
+    let mut e = enforcer(limits, t0);
+    let alice = Who::new(1, "alice", ALICE);
+    e.handle_outbound(t0, &alice.ctx(), &udp(ALICE, 5000, PROD, 53))
+        .expect("udp");
+    let mut ping = Vec::new();
+    PacketBuilder::ipv4(ALICE, PROD, 64)
+        .icmpv4_echo_request(9, 1)
+        .write(&mut ping, b"p")
+        .expect("build");
+    e.handle_outbound(t0, &alice.ctx(), &ping).expect("icmp");
+    // Activity at +50 s keeps the UDP flow alive past its original deadline.
+    assert_eq!(
+        e.handle_inbound(t0 + Duration::from_secs(50), &udp(PROD, 53, ALICE, 5000)),
+        Ok(PeerId(1))
+    );
+    e.handle_timeout(t0 + Duration::from_secs(31));
+    assert_eq!(e.flows().len(), 1, "icmp expired at 30 s");
+    e.handle_timeout(t0 + Duration::from_secs(100));
+    assert_eq!(e.flows().len(), 1, "udp idle only 50 s");
+    e.handle_timeout(t0 + Duration::from_secs(111));
+    assert_eq!(e.flows().len(), 0);
+    let reasons: Vec<_> = events(&mut e)
+        .into_iter()
+        .filter_map(|x| match x {
+            Event::FlowClosed { reason, tuple, .. } => Some((tuple.protocol, reason)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![
+            (Protocol::ICMP, CloseReason::IdleTimeout),
+            (Protocol::UDP, CloseReason::IdleTimeout)
+        ]
+    );
+    // An expired flow's reply does not pass, even before the sweep runs.
+    e.handle_outbound(t0, &alice.ctx(), &udp(ALICE, 6000, PROD, 53))
+        .expect("udp");
+    assert_eq!(
+        e.handle_inbound(t0 + Duration::from_secs(61), &udp(PROD, 53, ALICE, 6000)),
+        Err(Drop::NoFlow)
+    );
+}
+
+fn fragment(
+    src: [u8; 4],
+    dst: [u8; 4],
+    id: u16,
+    offset_units: u16,
+    more: bool,
+    udp_ports: Option<(u16, u16)>,
+) -> Vec<u8> {
+    // An IPv4 UDP packet whose header fields say "fragment".
+    let mut p = match udp_ports {
+        Some((sp, dp)) => {
+            let mut out = Vec::new();
+            PacketBuilder::ipv4(src, dst, 64)
+                .udp(sp, dp)
+                .write(&mut out, &[0u8; 32])
+                .expect("build");
+            out
+        }
+        None => {
+            let mut out = Vec::new();
+            PacketBuilder::ipv4(src, dst, 64)
+                .udp(1, 1)
+                .write(&mut out, &[0u8; 32])
+                .expect("build");
+            out
+        }
+    };
+    p[4..6].copy_from_slice(&id.to_be_bytes());
+    let flags_off = (u16::from(more) << 13) | offset_units;
+    p[6..8].copy_from_slice(&flags_off.to_be_bytes());
+    p
+}
+
+#[test]
+fn later_fragments_pass_only_after_an_allowed_first_fragment() {
+    let t0 = Instant::now();
+    let mut e = enforcer(FlowLimits::default(), t0);
+    let alice = Who::new(1, "alice", ALICE);
+    let bob = Who::new(2, "bob", BOB);
+    // A later fragment with no first fragment seen: dropped.
+    assert_eq!(
+        e.handle_outbound(t0, &alice.ctx(), &fragment(ALICE, PROD, 7, 5, false, None)),
+        Err(Drop::Fragment)
+    );
+    // First fragment allowed → its later fragments pass.
+    assert_eq!(
+        e.handle_outbound(
+            t0,
+            &alice.ctx(),
+            &fragment(ALICE, PROD, 7, 0, true, Some((5000, 53)))
+        ),
+        Ok(())
+    );
+    assert_eq!(
+        e.handle_outbound(t0, &alice.ctx(), &fragment(ALICE, PROD, 7, 5, false, None)),
+        Ok(())
+    );
+    // Another id is still dropped.
+    assert_eq!(
+        e.handle_outbound(t0, &alice.ctx(), &fragment(ALICE, PROD, 8, 5, false, None)),
+        Err(Drop::Fragment)
+    );
+    // A denied first fragment does not open the door for its later fragments.
+    assert_eq!(
+        e.handle_outbound(
+            t0,
+            &bob.ctx(),
+            &fragment(BOB, PROD, 9, 0, true, Some((5000, 22)))
+        ),
+        Err(Drop::Denied)
+    );
+    assert_eq!(
+        e.handle_outbound(t0, &bob.ctx(), &fragment(BOB, PROD, 9, 5, false, None)),
+        Err(Drop::Fragment)
+    );
+    // Reply fragments: first one on the flow, then its later fragments.
+    assert_eq!(
+        e.handle_inbound(t0, &fragment(PROD, ALICE, 70, 0, true, Some((53, 5000)))),
+        Ok(PeerId(1))
+    );
+    assert_eq!(
+        e.handle_inbound(t0, &fragment(PROD, ALICE, 70, 5, false, None)),
+        Ok(PeerId(1))
+    );
+    assert_eq!(
+        e.handle_inbound(t0, &fragment(PROD, ALICE, 71, 5, false, None)),
+        Err(Drop::Fragment)
+    );
+    // The record expires with the fragment timeout.
+    e.handle_timeout(t0 + Duration::from_secs(31));
+    assert_eq!(
+        e.handle_outbound(
+            t0 + Duration::from_secs(31),
+            &alice.ctx(),
+            &fragment(ALICE, PROD, 7, 6, false, None)
+        ),
+        Err(Drop::Fragment)
+    );
+    assert_eq!(e.stats.fragments_dropped, 5);
+}
+
+#[test]
+fn a_full_table_evicts_the_least_recently_active_flow() {
+    let t0 = Instant::now();
+    let mut e = enforcer(
+        FlowLimits {
+            max_flows: 3,
+            ..FlowLimits::default()
+        },
+        t0,
+    );
+    let alice = Who::new(1, "alice", ALICE);
+    for (i, port) in [5001u16, 5002, 5003].iter().enumerate() {
+        e.handle_outbound(
+            t0 + Duration::from_secs(i as u64),
+            &alice.ctx(),
+            &udp(ALICE, *port, PROD, 53),
+        )
+        .expect("udp");
+    }
+    // 5001 is refreshed, so 5002 is the least recently active.
+    e.handle_outbound(
+        t0 + Duration::from_secs(4),
+        &alice.ctx(),
+        &udp(ALICE, 5001, PROD, 53),
+    )
+    .expect("udp");
+    events(&mut e);
+    e.handle_outbound(
+        t0 + Duration::from_secs(5),
+        &alice.ctx(),
+        &udp(ALICE, 5004, PROD, 53),
+    )
+    .expect("udp");
+    assert_eq!(e.flows().len(), 3);
+    assert_eq!(e.stats.flows_evicted, 1);
+    let ev = events(&mut e);
+    assert!(
+        matches!(&ev[0], Event::FlowClosed { reason: CloseReason::Evicted, tuple, .. } if tuple.src_port == 5002),
+        "{ev:?}"
+    );
+    assert_eq!(
+        e.handle_inbound(t0 + Duration::from_secs(5), &udp(PROD, 53, ALICE, 5002)),
+        Err(Drop::NoFlow)
+    );
+    assert_eq!(
+        e.handle_inbound(t0 + Duration::from_secs(5), &udp(PROD, 53, ALICE, 5001)),
+        Ok(PeerId(1))
+    );
+}
+
+fn bundle_without_sre() -> Arc<PolicyBundle> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies");
+    for f in ["schema.cedarschema", "networks.toml", "guardrails.cedar"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).expect("copy");
+    }
+    let access = std::fs::read_to_string(src.join("access.cedar")).expect("read");
+    std::fs::write(
+        dir.path().join("access.cedar"),
+        access.replace("Group::\"sre\"", "Group::\"sre-disabled\""),
+    )
+    .expect("write");
+    Arc::new(PolicyBundle::load(dir.path()).expect("load"))
+}
+
+#[test]
+fn reload_that_removes_access_cuts_established_flows_with_resets() {
+    let t0 = Instant::now();
+    let mut e = enforcer(FlowLimits::default(), t0);
+    let alice = Who::new(1, "alice", ALICE);
+    e.handle_outbound(
+        t0,
+        &alice.ctx(),
+        &tcp(ALICE, 40000, PROD, 22, "S", 100, b""),
+    )
+    .expect("syn");
+    e.handle_inbound(t0, &tcp(PROD, 22, ALICE, 40000, "SA", 5000, b""))
+        .expect("syn-ack");
+    e.handle_outbound(
+        t0,
+        &alice.ctx(),
+        &tcp(ALICE, 40000, PROD, 22, "A", 101, b"abcd"),
+    )
+    .expect("data");
+    e.handle_inbound(t0, &tcp(PROD, 22, ALICE, 40000, "A", 5001, b"xyz"))
+        .expect("data");
+    events(&mut e);
+    let epoch = e.engine().epoch();
+    let cut = e
+        .handle_policy_bundle(t0, bundle_without_sre())
+        .expect("reload");
+    assert_eq!(cut, 1);
+    assert!(e.engine().epoch() > epoch);
+    let injected: Vec<Injected> = std::iter::from_fn(|| e.poll_injected()).collect();
+    assert_eq!(injected.len(), 2, "{injected:?}");
+    for inj in &injected {
+        let (bytes, want_src, want_seq) = match inj {
+            Injected::ToPeer(id, p) => {
+                assert_eq!(*id, PeerId(1));
+                (p, IpAddr::from(PROD), 5004u32)
+            }
+            Injected::ToTun(p) => (p, IpAddr::from(ALICE), 105u32),
+        };
+        let meta = portcullis_packet::parse(bytes).expect("rst parses");
+        assert_eq!(meta.src, want_src);
+        match meta.transport {
+            portcullis_packet::Transport::Tcp { flags, seq, .. } => {
+                assert!(flags & portcullis_packet::tcp_flags::RST != 0);
+                assert_eq!(seq, want_seq, "rst seq for {inj:?}");
+            }
+            other => panic!("not tcp: {other:?}"),
+        }
+    }
+    let ev = events(&mut e);
+    assert!(
+        matches!(
+            &ev[0],
+            Event::FlowClosed {
+                reason: CloseReason::PolicyRevoked,
+                ..
+            }
+        ),
+        "{ev:?}"
+    );
+    assert!(
+        matches!(&ev[1], Event::PolicyLoaded { flows_cut: 1, .. }),
+        "{ev:?}"
+    );
+    // Later packets of the cut connection are decided anew, and denied.
+    assert_eq!(
+        e.handle_outbound(
+            t0,
+            &alice.ctx(),
+            &tcp(ALICE, 40000, PROD, 22, "A", 105, b"more")
+        ),
+        Err(Drop::Denied)
+    );
+    assert_eq!(
+        e.handle_inbound(t0, &tcp(PROD, 22, ALICE, 40000, "A", 5004, b"more")),
+        Err(Drop::NoFlow)
+    );
+}
+
+#[test]
+fn losing_a_group_cuts_live_flows_at_once() {
+    let t0 = Instant::now();
+    let mut e = enforcer(FlowLimits::default(), t0);
+    let alice = Who::new(1, "alice", ALICE);
+    e.handle_outbound(t0, &alice.ctx(), &udp(ALICE, 5000, PROD, 53))
+        .expect("udp");
+    let cut = e
+        .handle_user_upsert(
+            t0,
+            Principal {
+                name: "alice".into(),
+                email: String::new(),
+                groups: vec![],
+                tags: vec![],
+            },
+        )
+        .expect("upsert");
+    assert_eq!(cut, 1);
+    assert_eq!(e.flows().len(), 0);
+}
+
+#[test]
+fn ipv6_flows_are_decided_and_tracked_like_ipv4() {
+    let t0 = Instant::now();
+    let mut e = enforcer(FlowLimits::default(), t0);
+    let alice = Who::new(1, "alice", ALICE);
+    let client: [u8; 16] = [0xfd, 0, 0, 0x64, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+    let server: [u8; 16] = [0xfd, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+    let mut syn = Vec::new();
+    PacketBuilder::ipv6(client, server, 64)
+        .tcp(40000, 443, 1, 1000)
+        .syn()
+        .write(&mut syn, &[])
+        .expect("build");
+    assert_eq!(e.handle_outbound(t0, &alice.ctx(), &syn), Ok(()));
+    let mut reply = Vec::new();
+    PacketBuilder::ipv6(server, client, 64)
+        .tcp(443, 40000, 9, 1000)
+        .syn()
+        .ack(2)
+        .write(&mut reply, &[])
+        .expect("build");
+    assert_eq!(e.handle_inbound(t0, &reply), Ok(PeerId(1)));
+    let bob = Who::new(2, "bob", BOB);
+    let mut bob_syn = Vec::new();
+    let bob_client: [u8; 16] = [0xfd, 0, 0, 0x64, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3];
+    PacketBuilder::ipv6(bob_client, server, 64)
+        .tcp(40000, 443, 1, 1000)
+        .syn()
+        .write(&mut bob_syn, &[])
+        .expect("build");
+    assert_eq!(
+        e.handle_outbound(t0, &bob.ctx(), &bob_syn),
+        Err(Drop::Denied)
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, .. ProptestConfig::default() })]
+
+    #[test]
+    fn arbitrary_packets_never_panic_the_enforcer(
+        packets in proptest::collection::vec((any::<bool>(), proptest::collection::vec(any::<u8>(), 0..120)), 1..30),
+        prefix in proptest::option::of(prop_oneof![Just(0x45u8), Just(0x60u8)]),
+    ) {
+        let t0 = Instant::now();
+        let mut e = enforcer(FlowLimits { max_flows: 8, ..FlowLimits::default() }, t0);
+        let alice = Who::new(1, "alice", ALICE);
+        for (i, (outbound, mut bytes)) in packets.into_iter().enumerate() {
+            if let (Some(p), Some(first)) = (prefix, bytes.first_mut()) {
+                *first = p;
+            }
+            let now = t0 + Duration::from_millis(i as u64 * 700);
+            if outbound {
+                let _ = e.handle_outbound(now, &alice.ctx(), &bytes);
+            } else {
+                let _ = e.handle_inbound(now, &bytes);
+            }
+            e.handle_timeout(now);
+        }
+        while e.poll_event().is_some() {}
+    }
+
+    #[test]
+    fn arbitrary_datagrams_never_panic_the_gateway(
+        datagrams in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..200), 1..20),
+        tun in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..100), 0..10),
+    ) {
+        let t0 = Instant::now();
+        let (mut gw, _) = gateway(t0);
+        let mut out = vec![0u8; portcullis_core::MAX_PACKET];
+        let from: SocketAddr = "192.168.1.2:5555".parse().expect("addr");
+        for (i, mut d) in datagrams.into_iter().enumerate() {
+            // Give some datagrams a valid WireGuard type so they reach deeper parsing.
+            if let Some(first) = d.first_mut() { *first = (i % 5) as u8; }
+            if d.len() > 3 { d[1] = 0; d[2] = 0; d[3] = 0; }
+            let _ = gw.handle_datagram(t0, from, &d, &mut out);
+        }
+        for p in tun {
+            let _ = gw.handle_tun_packet(t0, &p, &mut out);
+        }
+        gw.handle_timeout(t0 + Duration::from_secs(1));
+        while gw.poll_transmit().is_some() {}
+        while gw.poll_event().is_some() {}
+    }
+}
+
+// ---- the gateway with real boringtun clients ----
+
+const GW_KEY: [u8; 32] = [7; 32];
+
+fn client_key(n: u8) -> StaticSecret {
+    StaticSecret::from([n; 32])
+}
+
+fn gateway(t0: Instant) -> (Gateway, PublicKey) {
+    let mut gw = Gateway::new(
+        GatewayConfig {
+            private_key: GW_KEY,
+            limits: FlowLimits::default(),
+            session_idle_timeout: Duration::from_secs(180),
+        },
+        policies(),
+        users(),
+        t0,
+        wall(),
+    )
+    .expect("gateway");
+    for (n, user, addr) in [(1u8, "alice", ALICE), (2, "bob", BOB)] {
+        gw.handle_peer_add(PeerSpec {
+            user: user.into(),
+            public_key: PublicKey::from(&client_key(n)).to_bytes(),
+            addresses: vec![IpAddr::from(addr)],
+            persistent_keepalive: None,
+        })
+        .expect("peer");
+    }
+    let public = PublicKey::from(gw.public_key());
+    (gw, public)
+}
+
+struct Client {
+    tunn: Tunn,
+    addr: SocketAddr,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    fn new(n: u8, gw: &PublicKey) -> Client {
+        Client {
+            tunn: Tunn::new(client_key(n), *gw, None, None, u32::from(n), None),
+            addr: SocketAddr::from(([192, 168, 1, n], 40000 + u16::from(n))),
+            buf: vec![0; 4096],
+        }
+    }
+
+    /// Sends `packet` through the tunnel, completing the handshake if needed. Returns
+    /// what the gateway wrote to its TUN device.
+    fn send(&mut self, gw: &mut Gateway, now: Instant, packet: &[u8]) -> Option<Vec<u8>> {
+        let mut out = vec![0u8; portcullis_core::MAX_PACKET];
+        let first = match self.tunn.encapsulate(packet, &mut self.buf) {
+            TunnResult::WriteToNetwork(d) => d.to_vec(),
+            other => panic!("encapsulate: {other:?}"),
+        };
+        let mut to_tun = gw
+            .handle_datagram(now, self.addr, &first, &mut out)
+            .map(<[u8]>::to_vec);
+        // Handshake: deliver the gateway's answers, and our queued packet after them.
+        while let Some(t) = gw.poll_transmit() {
+            assert_eq!(t.dst, self.addr);
+            let mut pending = vec![];
+            match self.tunn.decapsulate(
+                Some(IpAddr::from([10, 0, 0, 1])),
+                &t.payload,
+                &mut self.buf,
+            ) {
+                TunnResult::WriteToNetwork(d) => pending.push(d.to_vec()),
+                TunnResult::WriteToTunnelV4(p, _) => panic!("unexpected data {p:?}"),
+                _ => {}
+            }
+            while let TunnResult::WriteToNetwork(d) =
+                self.tunn.decapsulate(None, &[], &mut self.buf)
+            {
+                pending.push(d.to_vec());
+            }
+            for d in pending {
+                if let Some(p) = gw.handle_datagram(now, self.addr, &d, &mut out) {
+                    to_tun = Some(p.to_vec());
+                }
+            }
+        }
+        to_tun
+    }
+
+    fn receive(&mut self, datagram: &[u8]) -> Option<Vec<u8>> {
+        match self.tunn.decapsulate(None, datagram, &mut self.buf) {
+            TunnResult::WriteToTunnelV4(p, _) | TunnResult::WriteToTunnelV6(p, _) => {
+                Some(p.to_vec())
+            }
+            _ => None,
+        }
+    }
+}
+
+#[test]
+fn wireguard_clients_handshake_and_are_enforced_both_ways() {
+    let t0 = Instant::now();
+    let (mut gw, gw_pub) = gateway(t0);
+    let mut alice = Client::new(1, &gw_pub);
+    let syn = tcp(ALICE, 40000, PROD, 22, "S", 1, b"");
+    let forwarded = alice
+        .send(&mut gw, t0, &syn)
+        .expect("alice's syn reaches the tun device");
+    assert_eq!(forwarded, syn);
+    assert_eq!(gw.stats.handshakes, 1);
+    // The reply from prod is encrypted to alice's endpoint and decrypts to the same bytes.
+    let reply = tcp(PROD, 22, ALICE, 40000, "SA", 9, b"");
+    let mut out = vec![0u8; portcullis_core::MAX_PACKET];
+    let (dst, datagram) = gw
+        .handle_tun_packet(t0, &reply, &mut out)
+        .expect("reply to alice");
+    assert_eq!(dst, alice.addr);
+    let datagram = datagram.to_vec();
+    assert_eq!(alice.receive(&datagram), Some(reply));
+    // Traffic for nobody's flow stays out.
+    assert!(gw
+        .handle_tun_packet(t0, &tcp(PROD, 22, ALICE, 40001, "SA", 9, b""), &mut out)
+        .is_none());
+
+    let mut bob = Client::new(2, &gw_pub);
+    assert!(
+        bob.send(&mut gw, t0, &tcp(BOB, 40000, PROD, 22, "S", 1, b""))
+            .is_none(),
+        "bob is denied prod"
+    );
+    // bob cannot claim alice's address.
+    assert!(bob
+        .send(&mut gw, t0, &tcp(ALICE, 40000, DEV, 443, "S", 1, b""))
+        .is_none());
+    assert!(bob
+        .send(&mut gw, t0, &tcp(BOB, 40000, DEV, 443, "S", 1, b""))
+        .is_some());
+
+    let kinds: Vec<&str> = std::iter::from_fn(|| gw.poll_event())
+        .map(|e| e.kind())
+        .collect::<Vec<_>>()
+        .leak()
+        .to_vec();
+    assert_eq!(
+        kinds,
+        [
+            "peer_added",
+            "peer_added",
+            "session_started",
+            "flow_opened",
+            "session_started",
+            "flow_denied",
+            "spoof_dropped",
+            "flow_opened"
+        ]
+    );
+}
+
+#[test]
+fn unknown_keys_get_nothing() {
+    let t0 = Instant::now();
+    let (mut gw, gw_pub) = gateway(t0);
+    let mut mallory = Client::new(9, &gw_pub);
+    assert!(mallory
+        .send(&mut gw, t0, &udp([100, 64, 0, 9], 1, PROD, 53))
+        .is_none());
+    assert_eq!(gw.stats.unknown_peer, 1);
+    assert!(
+        gw.poll_transmit().is_none(),
+        "no handshake answer for an unknown key"
+    );
+}
+
+#[test]
+fn revoking_a_user_removes_peer_session_and_flows_in_one_call() {
+    let t0 = Instant::now();
+    let (mut gw, gw_pub) = gateway(t0);
+    let mut alice = Client::new(1, &gw_pub);
+    alice
+        .send(&mut gw, t0, &tcp(ALICE, 40000, PROD, 22, "S", 1, b""))
+        .expect("syn");
+    let mut out = vec![0u8; portcullis_core::MAX_PACKET];
+    gw.handle_tun_packet(t0, &tcp(PROD, 22, ALICE, 40000, "SA", 9, b""), &mut out)
+        .expect("syn-ack");
+    while gw.poll_event().is_some() {}
+    let removed = gw
+        .handle_revoke_user(t0 + Duration::from_millis(5), "alice", "admin")
+        .expect("revoke");
+    assert_eq!(removed, 1);
+    let kinds: Vec<&'static str> = std::iter::from_fn(|| gw.poll_event())
+        .map(|e| e.kind())
+        .collect();
+    assert_eq!(kinds, ["flow_closed", "session_ended", "peer_removed"]);
+    // A reset went to alice through the tunnel before her peer was removed.
+    let rst = gw.poll_transmit().expect("rst to alice");
+    let p = alice.receive(&rst.payload).expect("decrypts");
+    let meta = portcullis_packet::parse(&p).expect("parses");
+    assert!(
+        matches!(meta.transport, portcullis_packet::Transport::Tcp { flags, .. } if flags & 4 != 0)
+    );
+    assert!(
+        gw.poll_tun_packet().is_some(),
+        "a reset went to the server too"
+    );
+    // Her tunnel carries nothing more.
+    assert!(alice
+        .send(&mut gw, t0, &tcp(ALICE, 40000, PROD, 22, "A", 2, b"x"))
+        .is_none());
+    assert!(gw
+        .handle_tun_packet(t0, &tcp(PROD, 22, ALICE, 40000, "A", 10, b""), &mut out)
+        .is_none());
+}
+
+#[test]
+fn sessions_end_after_idle_timeout() {
+    let t0 = Instant::now();
+    let (mut gw, gw_pub) = gateway(t0);
+    let mut alice = Client::new(1, &gw_pub);
+    alice
+        .send(&mut gw, t0, &udp(ALICE, 5000, PROD, 53))
+        .expect("udp");
+    while gw.poll_event().is_some() {}
+    gw.handle_timeout(t0 + Duration::from_secs(179));
+    let ev: Vec<Event> = std::iter::from_fn(|| gw.poll_event()).collect();
+    assert!(
+        !ev.iter().any(|e| matches!(e, Event::SessionEnded { .. })),
+        "{ev:?}"
+    );
+    assert!(
+        ev.iter().any(|e| matches!(
+            e,
+            Event::FlowClosed {
+                reason: CloseReason::IdleTimeout,
+                ..
+            }
+        )),
+        "{ev:?}"
+    );
+    gw.handle_timeout(t0 + Duration::from_secs(181));
+    let ev: Vec<Event> = std::iter::from_fn(|| gw.poll_event()).collect();
+    assert!(ev.iter().any(|e| matches!(e, Event::SessionEnded { user, reason, .. } if user == "alice" && reason == "idle")), "{ev:?}");
+}
