@@ -1,1 +1,687 @@
+//! The lab: a gateway, real WireGuard clients and private networks, each in a network
+//! namespace this process creates and deletes.
+//!
+//! ```text
+//!  ns alice ── wireguard-go (100.64.0.2, fd00:64::2) ─┐ 192.168.77.0/24
+//!  ns bob   ── wireguard-go (100.64.0.3, fd00:64::3) ─┤ 192.168.78.0/24
+//!                                                     ▼
+//!  ns gw: portcullis gateway (UDP :51820, TUN pc0 100.64.0.1/24, fd00:64::1/64), forwarding on
+//!        ├── ns prod: 10.8.0.2/24, fd00:8::2/64   (TCP echo :8080, :22; UDP echo :5353)
+//!        └── ns dev:  10.9.0.2/24, fd00:9::2/64   (TCP echo :443, :8080)
+//! ```
+//!
+//! Used by the end-to-end tests (`e2e.rs`) and by the lab demo (`lab.rs`). Needs root,
+//! `ip`, `wg`, `wireguard-go` and `ping`; the README's commands install them.
+//! Everything is torn down in `Drop`, also when a test fails: processes this lab started
+//! are stopped by PID, namespaces deleted, wireguard-go sockets removed.
 
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use serde_json::Value;
+
+static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
+
+/// One client device in its own namespace.
+#[derive(Debug)]
+pub struct Client {
+    pub user: String,
+    pub ns: String,
+    pub ifname: String,
+    pub addr: String,
+    pub addr6: String,
+    pub public_key: String,
+}
+
+/// A running lab.
+pub struct Lab {
+    pub id: String,
+    pub dir: PathBuf,
+    pub ns_gw: String,
+    pub ns_prod: String,
+    pub ns_dev: String,
+    pub alice: Client,
+    pub bob: Client,
+    pub gateway_public_key: String,
+    gateway: Option<Child>,
+    wg_procs: Vec<Child>,
+    namespaces: Vec<String>,
+    stop: Arc<AtomicBool>,
+    servers: Vec<JoinHandle<()>>,
+}
+
+/// Runs a command, failing with its stderr.
+pub fn sh(args: &[&str]) -> Result<String> {
+    let (prog, rest) = args.split_first().ok_or_else(|| anyhow!("empty command"))?;
+    let out = Command::new(prog)
+        .args(rest)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {args:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn sh_in(ns: &str, args: &[&str]) -> Result<String> {
+    let mut full = vec!["ip", "netns", "exec", ns];
+    full.extend_from_slice(args);
+    sh(&full)
+}
+
+/// Finds the `portcullis` binary built next to this executable (target/<profile>/).
+pub fn portcullis_bin() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("PORTCULLIS_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    for dir in exe.ancestors().skip(1).take(3) {
+        let candidate = dir.join("portcullis");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "portcullis binary not found near {}; build it first (cargo build -p portcullis)",
+        exe.display()
+    )
+}
+
+/// The repository root (for `policies/`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// Checks the lab's prerequisites, with a message saying what is missing.
+pub fn check_prerequisites() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the lab needs root (network namespaces, TUN devices)");
+    }
+    for tool in ["ip", "wg", "wireguard-go", "ping"] {
+        if sh(&["sh", "-c", &format!("command -v {tool}")]).is_err() {
+            bail!("{tool} is not installed: run scripts/install-deps.sh");
+        }
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        bail!("/dev/net/tun is missing");
+    }
+    Ok(())
+}
+
+fn wg_genkey() -> Result<(String, String)> {
+    let private = sh(&["wg", "genkey"])?.trim().to_string();
+    let mut child = Command::new("wg")
+        .arg("pubkey")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .ok_or_else(|| anyhow!("wg pubkey stdin"))?
+        .write_all(private.as_bytes())?;
+    let out = child.wait_with_output()?;
+    Ok((
+        private,
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+    ))
+}
+
+/// Options for [`Lab::start`].
+#[derive(Clone, Debug)]
+pub struct LabOptions {
+    /// Extra lines appended to the gateway config.
+    pub extra_config: String,
+    /// Log filter for the gateway.
+    pub gateway_log: String,
+    /// Where the gateway's stderr goes (None: a file in the lab dir).
+    pub gateway_stderr_inherit: bool,
+}
+
+impl Default for LabOptions {
+    fn default() -> Self {
+        LabOptions {
+            extra_config: String::new(),
+            gateway_log: "info".into(),
+            gateway_stderr_inherit: false,
+        }
+    }
+}
+
+impl Lab {
+    /// Builds the topology, starts the gateway and both clients, and waits until both
+    /// tunnels have completed a handshake.
+    pub fn start(opts: LabOptions) -> Result<Lab> {
+        check_prerequisites()?;
+        let n = NEXT_LAB.fetch_add(1, Ordering::SeqCst);
+        let id = format!("{:x}{n}", std::process::id() & 0xfffff);
+        let dir = std::env::temp_dir().join(format!("portcullis-lab-{id}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let ns = |role: &str| format!("pcl{id}-{role}");
+        let mut lab = Lab {
+            dir: dir.clone(),
+            ns_gw: ns("gw"),
+            ns_prod: ns("prod"),
+            ns_dev: ns("dev"),
+            alice: Client {
+                user: "alice".into(),
+                ns: ns("alice"),
+                ifname: format!("wg{id}a"),
+                addr: "100.64.0.2".into(),
+                addr6: "fd00:64::2".into(),
+                public_key: String::new(),
+            },
+            bob: Client {
+                user: "bob".into(),
+                ns: ns("bob"),
+                ifname: format!("wg{id}b"),
+                addr: "100.64.0.3".into(),
+                addr6: "fd00:64::3".into(),
+                public_key: String::new(),
+            },
+            id,
+            gateway_public_key: String::new(),
+            gateway: None,
+            wg_procs: Vec::new(),
+            namespaces: Vec::new(),
+            stop: Arc::new(AtomicBool::new(false)),
+            servers: Vec::new(),
+        };
+        // From here on, Drop cleans up whatever was created.
+        lab.build_topology()?;
+        lab.start_servers()?;
+        lab.start_gateway(&opts)?;
+        lab.start_clients()?;
+        Ok(lab)
+    }
+
+    fn add_ns(&mut self, name: &str) -> Result<()> {
+        sh(&["ip", "netns", "add", name])?;
+        self.namespaces.push(name.to_string());
+        sh(&["ip", "-n", name, "link", "set", "lo", "up"])?;
+        Ok(())
+    }
+
+    fn veth(&self, a_ns: &str, a: &str, b_ns: &str, b: &str) -> Result<()> {
+        sh(&[
+            "ip", "link", "add", a, "netns", a_ns, "type", "veth", "peer", "name", b, "netns", b_ns,
+        ])?;
+        sh(&["ip", "-n", a_ns, "link", "set", a, "up"])?;
+        sh(&["ip", "-n", b_ns, "link", "set", b, "up"])?;
+        Ok(())
+    }
+
+    fn build_topology(&mut self) -> Result<()> {
+        let (gw, prod, dev) = (
+            self.ns_gw.clone(),
+            self.ns_prod.clone(),
+            self.ns_dev.clone(),
+        );
+        let (alice, bob) = (self.alice.ns.clone(), self.bob.ns.clone());
+        for ns in [&gw, &prod, &dev, &alice, &bob] {
+            self.add_ns(ns)?;
+        }
+        self.veth(&gw, "to-alice", &alice, "eth0")?;
+        self.veth(&gw, "to-bob", &bob, "eth0")?;
+        self.veth(&gw, "to-prod", &prod, "eth0")?;
+        self.veth(&gw, "to-dev", &dev, "eth0")?;
+        let addr = |ns: &str, a: &str, dev: &str| {
+            sh(&["ip", "-n", ns, "addr", "add", a, "dev", dev, "nodad"])
+        };
+        addr(&gw, "192.168.77.1/24", "to-alice")?;
+        addr(&alice, "192.168.77.2/24", "eth0")?;
+        addr(&gw, "192.168.78.1/24", "to-bob")?;
+        addr(&bob, "192.168.78.2/24", "eth0")?;
+        addr(&gw, "10.8.0.1/24", "to-prod")?;
+        addr(&gw, "fd00:8::1/64", "to-prod")?;
+        addr(&prod, "10.8.0.2/24", "eth0")?;
+        addr(&prod, "fd00:8::2/64", "eth0")?;
+        addr(&gw, "10.9.0.1/24", "to-dev")?;
+        addr(&gw, "fd00:9::1/64", "to-dev")?;
+        addr(&dev, "10.9.0.2/24", "eth0")?;
+        addr(&dev, "fd00:9::2/64", "eth0")?;
+        for (ns, v4, v6) in [
+            (&prod, "10.8.0.1", "fd00:8::1"),
+            (&dev, "10.9.0.1", "fd00:9::1"),
+        ] {
+            sh(&["ip", "-n", ns, "route", "add", "default", "via", v4])?;
+            sh(&["ip", "-n", ns, "-6", "route", "add", "default", "via", v6])?;
+        }
+        // The gateway host forwards between its TUN device and the private networks.
+        sh_in(&gw, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        sh_in(&gw, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
+        Ok(())
+    }
+
+    fn start_servers(&mut self) -> Result<()> {
+        let servers = [
+            (self.ns_prod.clone(), 8080u16),
+            (self.ns_prod.clone(), 22),
+            (self.ns_prod.clone(), 23),
+            (self.ns_dev.clone(), 443),
+            (self.ns_dev.clone(), 8080),
+        ];
+        for (ns, port) in servers {
+            let stop = self.stop.clone();
+            let listener = in_ns(&ns, move || -> Result<TcpListener> {
+                let l = TcpListener::bind(("::", port))?;
+                l.set_nonblocking(true)?;
+                Ok(l)
+            })??;
+            self.servers
+                .push(std::thread::spawn(move || echo_server(listener, stop)));
+        }
+        Ok(())
+    }
+
+    fn start_gateway(&mut self, opts: &LabOptions) -> Result<()> {
+        let (private, public) = wg_genkey()?;
+        std::fs::write(self.dir.join("gw.key"), format!("{private}\n"))?;
+        self.gateway_public_key = public;
+        let (a_priv, a_pub) = wg_genkey()?;
+        let (b_priv, b_pub) = wg_genkey()?;
+        std::fs::write(self.dir.join("alice.key"), a_priv)?;
+        std::fs::write(self.dir.join("bob.key"), b_priv)?;
+        self.alice.public_key = a_pub;
+        self.bob.public_key = b_pub;
+        copy_dir(&repo_root().join("policies"), &self.dir.join("policies"))?;
+        let config = format!(
+            r#"[gateway]
+id = "lab-{id}"
+listen = "0.0.0.0:51820"
+private_key_file = "gw.key"
+tun_name = "pc0"
+tunnel_address = "100.64.0.1/24"
+tunnel_address6 = "fd00:64::1/64"
+mtu = 1420
+
+[policy]
+dir = "policies"
+
+[audit]
+events_file = "events.jsonl"
+
+[[user]]
+name = "alice"
+email = "alice@example.com"
+groups = ["sre"]
+tags = ["oncall"]
+
+[[user]]
+name = "bob"
+email = "bob@example.com"
+groups = ["developers"]
+
+[[peer]]
+user = "alice"
+public_key = "{a}"
+address = "100.64.0.2"
+address6 = "fd00:64::2"
+
+[[peer]]
+user = "bob"
+public_key = "{b}"
+address = "100.64.0.3"
+address6 = "fd00:64::3"
+{extra}
+"#,
+            id = self.id,
+            a = self.alice.public_key,
+            b = self.bob.public_key,
+            extra = opts.extra_config,
+        );
+        std::fs::write(self.config_path(), config)?;
+        let stderr = if opts.gateway_stderr_inherit {
+            Stdio::inherit()
+        } else {
+            Stdio::from(File::create(self.dir.join("gateway.log"))?)
+        };
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns_gw])
+            .arg(portcullis_bin()?)
+            .args(["gateway", "--config"])
+            .arg(self.config_path())
+            .env("PORTCULLIS_LOG", &opts.gateway_log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .context("starting the gateway")?;
+        self.gateway = Some(child);
+        // Ready when its TUN device is up.
+        wait_until(Duration::from_secs(15), || {
+            if let Some(g) = self.gateway.as_mut() {
+                if let Ok(Some(status)) = g.try_wait() {
+                    return Err(anyhow!(
+                        "gateway exited with {status}: {}",
+                        self.gateway_log()
+                    ));
+                }
+            }
+            Ok(sh(&["ip", "-n", &self.ns_gw, "link", "show", "pc0"])
+                .is_ok_and(|s| s.contains(",UP")))
+        })
+        .with_context(|| format!("gateway did not come up: {}", self.gateway_log()))?;
+        Ok(())
+    }
+
+    fn start_clients(&mut self) -> Result<()> {
+        for (who, endpoint, key) in [
+            ("alice", "192.168.77.1:51820", "alice.key"),
+            ("bob", "192.168.78.1:51820", "bob.key"),
+        ] {
+            let c = if who == "alice" {
+                &self.alice
+            } else {
+                &self.bob
+            };
+            let (ns, ifname, addr, addr6) = (
+                c.ns.clone(),
+                c.ifname.clone(),
+                c.addr.clone(),
+                c.addr6.clone(),
+            );
+            let _ = std::fs::remove_file(format!("/var/run/wireguard/{ifname}.sock"));
+            let child = Command::new("ip")
+                .args(["netns", "exec", &ns, "wireguard-go", "-f", &ifname])
+                .env("WG_PROCESS_FOREGROUND", "1")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(File::create(
+                    self.dir.join(format!("wireguard-go-{who}.log")),
+                )?))
+                .spawn()
+                .context("starting wireguard-go")?;
+            self.wg_procs.push(child);
+            let sock = PathBuf::from(format!("/var/run/wireguard/{ifname}.sock"));
+            wait_until(Duration::from_secs(10), || Ok(sock.exists())).with_context(|| {
+                format!("wireguard-go for {who} did not create {}", sock.display())
+            })?;
+            let key = self.dir.join(key);
+            let key = key.to_string_lossy();
+            sh_in(
+                &ns,
+                &[
+                    "wg",
+                    "set",
+                    &ifname,
+                    "private-key",
+                    &key,
+                    "peer",
+                    &self.gateway_public_key,
+                    "endpoint",
+                    endpoint,
+                    "allowed-ips",
+                    "10.8.0.0/16,10.9.0.0/16,100.64.0.0/24,fd00:8::/32,fd00:9::/32,fd00:64::/64",
+                ],
+            )?;
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{addr}/32"),
+                "dev",
+                &ifname,
+            ])?;
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{addr6}/128"),
+                "dev",
+                &ifname,
+                "nodad",
+            ])?;
+            sh(&["ip", "-n", &ns, "link", "set", &ifname, "up"])?;
+            for net in ["10.8.0.0/16", "10.9.0.0/16", "100.64.0.0/24"] {
+                sh(&["ip", "-n", &ns, "route", "add", net, "dev", &ifname])?;
+            }
+            for net in ["fd00:8::/32", "fd00:9::/32", "fd00:64::/64"] {
+                sh(&["ip", "-n", &ns, "-6", "route", "add", net, "dev", &ifname])?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("portcullis.toml")
+    }
+
+    pub fn policy_dir(&self) -> PathBuf {
+        self.dir.join("policies")
+    }
+
+    pub fn events_path(&self) -> PathBuf {
+        self.dir.join("events.jsonl")
+    }
+
+    pub fn gateway_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("gateway.log")).unwrap_or_default()
+    }
+
+    pub fn gateway_pid(&self) -> Option<u32> {
+        self.gateway.as_ref().map(Child::id)
+    }
+
+    /// Sends SIGHUP to the gateway: reload the policy directory.
+    pub fn reload(&self) -> Result<()> {
+        let pid = self.gateway_pid().ok_or_else(|| anyhow!("no gateway"))?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )?;
+        Ok(())
+    }
+
+    /// All events written so far.
+    pub fn events(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.events_path())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Waits for an event matching `pred`.
+    pub fn wait_event(&self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(e) = self.events().into_iter().find(&pred) {
+                return Ok(e);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no matching event within {timeout:?}; events: {:#?}",
+                    self.events()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `ping` from a client's namespace; true when a reply came back.
+    pub fn ping(&self, c: &Client, dst: &str) -> bool {
+        sh_in(&c.ns, &["ping", "-c", "1", "-W", "2", dst]).is_ok()
+    }
+
+    /// Opens a TCP connection from a client's namespace.
+    pub fn connect(&self, c: &Client, dst: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+        let s = in_ns(&c.ns, move || TcpStream::connect_timeout(&dst, timeout))??;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.set_write_timeout(Some(Duration::from_secs(10)))?;
+        Ok(s)
+    }
+
+    /// Sends a UDP datagram from a client's namespace, optionally from a given source.
+    pub fn udp_send(
+        &self,
+        c: &Client,
+        src: Option<SocketAddr>,
+        dst: SocketAddr,
+        payload: &[u8],
+    ) -> Result<()> {
+        let payload = payload.to_vec();
+        in_ns(&c.ns, move || -> Result<()> {
+            let bind = src.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+            let s = UdpSocket::bind(bind)?;
+            s.send_to(&payload, dst)?;
+            Ok(())
+        })?
+    }
+
+    /// Binds a UDP socket in a namespace (to observe what arrives there).
+    pub fn udp_listen(&self, ns: &str, addr: SocketAddr) -> Result<UdpSocket> {
+        let s = in_ns(ns, move || UdpSocket::bind(addr))??;
+        s.set_read_timeout(Some(Duration::from_millis(1500)))?;
+        Ok(s)
+    }
+
+    /// Stops the gateway with SIGTERM (it closes every flow and session in the audit
+    /// trail) and waits for it.
+    pub fn stop_gateway(&mut self) -> Result<()> {
+        if let Some(mut g) = self.gateway.take() {
+            terminate(&mut g);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for mut c in self.wg_procs.drain(..) {
+            terminate(&mut c);
+        }
+        let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.alice.ifname));
+        let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.bob.ifname));
+        if let Some(mut g) = self.gateway.take() {
+            terminate(&mut g);
+        }
+        for s in self.servers.drain(..) {
+            let _ = s.join();
+        }
+        for ns in self.namespaces.drain(..) {
+            let _ = sh(&["ip", "netns", "del", &ns]);
+        }
+        if std::env::var_os("PORTCULLIS_KEEP_LAB").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// SIGTERM, then SIGKILL after 5 s; always reaped.
+fn terminate(child: &mut Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Runs `f` on a fresh thread inside network namespace `ns` (sockets it creates stay there).
+pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || -> Result<T> {
+        let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("entering {path}"))?;
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| anyhow!("namespace thread panicked"))?
+}
+
+fn echo_server(listener: TcpListener, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((mut stream, _)) => {
+                let _ = stream.set_nonblocking(false);
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+                    let mut buf = vec![0u8; 65536];
+                    while !stop.load(Ordering::SeqCst) {
+                        match stream.read(&mut buf) {
+                            Ok(0) => break,
+                            Ok(n) => {
+                                if stream.write_all(buf.get(..n).unwrap_or_default()).is_err() {
+                                    break;
+                                }
+                            }
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                ) => {}
+                            Err(_) => break,
+                        }
+                    }
+                    let _ = stream.shutdown(Shutdown::Both);
+                });
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// Polls `f` every 50 ms until it returns true.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f()? {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Sends `data` over `stream` and reads the same number of bytes back (echo server).
+pub fn echo_round_trip(stream: &mut TcpStream, data: &[u8]) -> Result<Vec<u8>> {
+    let mut writer = stream.try_clone()?;
+    let data_owned = data.to_vec();
+    let w = std::thread::spawn(move || writer.write_all(&data_owned));
+    let mut back = vec![0u8; data.len()];
+    stream.read_exact(&mut back)?;
+    w.join().map_err(|_| anyhow!("writer panicked"))??;
+    Ok(back)
+}
