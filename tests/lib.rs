@@ -157,7 +157,7 @@ impl Default for LabOptions {
     fn default() -> Self {
         LabOptions {
             extra_config: String::new(),
-            gateway_log: "info".into(),
+            gateway_log: std::env::var("PORTCULLIS_LAB_LOG").unwrap_or_else(|_| "info".into()),
             gateway_stderr_inherit: false,
         }
     }
@@ -215,6 +215,17 @@ impl Lab {
         sh(&["ip", "netns", "add", name])?;
         self.namespaces.push(name.to_string());
         sh(&["ip", "-n", name, "link", "set", "lo", "up"])?;
+        // Fresh links would otherwise spend ~1 s in duplicate address detection, during
+        // which the kernel holds the first IPv6 packets (no usable link-local source).
+        sh_in(
+            name,
+            &[
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+            ],
+        )?;
         Ok(())
     }
 

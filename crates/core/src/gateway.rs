@@ -420,6 +420,11 @@ impl Gateway {
                     session_id: peer.session.as_ref().map(|s| s.id).unwrap_or(0),
                 };
                 let verdict = self.enforcer.handle_outbound(now, &ctx, packet);
+                if let Err(reason) = verdict {
+                    if tracing::enabled!(tracing::Level::DEBUG) {
+                        tracing::debug!(user = %peer.spec.user, ?reason, packet = ?portcullis_packet::parse(packet), "outbound packet dropped");
+                    }
+                }
                 self.flush_injected();
                 self.drain_enforcer_events();
                 match verdict {
@@ -439,7 +444,10 @@ impl Gateway {
     ) -> Option<(SocketAddr, &'b [u8])> {
         let id = match self.enforcer.handle_inbound(now, packet) {
             Ok(id) => id,
-            Err(_) => {
+            Err(reason) => {
+                if tracing::enabled!(tracing::Level::DEBUG) {
+                    tracing::debug!(?reason, packet = ?portcullis_packet::parse(packet), "inbound packet dropped");
+                }
                 self.flush_injected();
                 self.drain_enforcer_events();
                 return None;

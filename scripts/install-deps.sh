@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs what the lab and the tests need, idempotently and unattended.
+# Only missing Debian packages are installed; apt-get update runs only when needed.
+set -euo pipefail
+
+packages=(
+  wireguard-go      # the stock WireGuard client used in the lab and tests
+  wireguard-tools   # wg, to configure it
+  iproute2          # ip netns, veth
+  iputils-ping      # ping through the tunnel
+  iperf3            # throughput benchmark
+  procps            # sysctl
+  kmod
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  sudo_cmd=()
+  [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)
+  "${sudo_cmd[@]}" apt-get update -qq -o DPkg::Lock::Timeout=300
+  # --no-install-recommends: wireguard-tools would otherwise pull in a kernel package.
+  "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends -o DPkg::Lock::Timeout=300 "${missing[@]}"
+fi
+
+if ! command -v cargo >/dev/null; then
+  echo "cargo is required (install Rust with rustup)" >&2
+  exit 1
+fi
+if [[ ! -e /dev/net/tun ]]; then
+  echo "/dev/net/tun is missing: the gateway and wireguard-go need TUN devices" >&2
+  exit 1
+fi
