@@ -464,6 +464,21 @@ address = "100.64.0.2"
     }
 
     #[test]
+    fn the_readme_example_parses() -> Result<(), ConfigError> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md");
+        let readme = std::fs::read_to_string(&path)
+            .map_err(|e| ConfigError::new(&path, "-", e.to_string()))?;
+        let start = readme
+            .find("```toml\n[gateway]")
+            .ok_or_else(|| ConfigError::new(&path, "-", "no toml example".into()))?;
+        let block = &readme[start + 8..];
+        let end = block.find("```").unwrap_or(block.len());
+        let l = check(&block[..end])?;
+        assert_eq!(l.config.peers.len(), 1);
+        Ok(())
+    }
+
+    #[test]
     fn errors_name_file_key_and_reason() {
         let cases = [
             (sample("").replace("mtu = 1420", "mtu = 1420\nbogus = 1"), "gateway.bogus", "unknown field"),
