@@ -470,7 +470,7 @@ address = "100.64.0.2"
             .map_err(|e| ConfigError::new(&path, "-", e.to_string()))?;
         let start = readme
             .find("```toml\n[gateway]")
-            .ok_or_else(|| ConfigError::new(&path, "-", "no toml example".into()))?;
+            .ok_or_else(|| ConfigError::new(&path, "-", "no toml example"))?;
         let block = &readme[start + 8..];
         let end = block.find("```").unwrap_or(block.len());
         let l = check(&block[..end])?;
