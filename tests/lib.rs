@@ -52,6 +52,7 @@ pub struct Lab {
     pub bob: Client,
     pub gateway_public_key: String,
     gateway: Option<Child>,
+    gateway_ifname: Option<String>,
     wg_procs: Vec<Child>,
     namespaces: Vec<String>,
     stop: Arc<AtomicBool>,
@@ -75,7 +76,8 @@ pub fn sh(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn sh_in(ns: &str, args: &[&str]) -> Result<String> {
+/// Runs a command inside a network namespace.
+pub fn sh_in(ns: &str, args: &[&str]) -> Result<String> {
     let mut full = vec!["ip", "netns", "exec", ns];
     full.extend_from_slice(args);
     sh(&full)
@@ -142,9 +144,19 @@ fn wg_genkey() -> Result<(String, String)> {
     ))
 }
 
+/// Which gateway the lab runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GatewayKind {
+    /// The portcullis binary (found by [`portcullis_bin`]).
+    Portcullis,
+    /// wireguard-go as a plain WireGuard gateway with kernel forwarding (for comparison).
+    WireguardGo,
+}
+
 /// Options for [`Lab::start`].
 #[derive(Clone, Debug)]
 pub struct LabOptions {
+    pub gateway: GatewayKind,
     /// Extra lines appended to the gateway config.
     pub extra_config: String,
     /// Log filter for the gateway.
@@ -156,6 +168,7 @@ pub struct LabOptions {
 impl Default for LabOptions {
     fn default() -> Self {
         LabOptions {
+            gateway: GatewayKind::Portcullis,
             extra_config: String::new(),
             gateway_log: std::env::var("PORTCULLIS_LAB_LOG").unwrap_or_else(|_| "info".into()),
             gateway_stderr_inherit: false,
@@ -198,6 +211,7 @@ impl Lab {
             id,
             gateway_public_key: String::new(),
             gateway: None,
+            gateway_ifname: None,
             wg_procs: Vec::new(),
             namespaces: Vec::new(),
             stop: Arc::new(AtomicBool::new(false)),
@@ -358,6 +372,9 @@ address6 = "fd00:64::3"
             extra = opts.extra_config,
         );
         std::fs::write(self.config_path(), config)?;
+        if opts.gateway == GatewayKind::WireguardGo {
+            return self.start_wireguard_go_gateway();
+        }
         let stderr = if opts.gateway_stderr_inherit {
             Stdio::inherit()
         } else {
@@ -389,6 +406,68 @@ address6 = "fd00:64::3"
                 .is_ok_and(|s| s.contains(",UP")))
         })
         .with_context(|| format!("gateway did not come up: {}", self.gateway_log()))?;
+        Ok(())
+    }
+
+    fn start_wireguard_go_gateway(&mut self) -> Result<()> {
+        let ifname = format!("wg{}g", self.id);
+        let _ = std::fs::remove_file(format!("/var/run/wireguard/{ifname}.sock"));
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns_gw, "wireguard-go", "-f", &ifname])
+            .env("WG_PROCESS_FOREGROUND", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(File::create(self.dir.join("gateway.log"))?))
+            .spawn()
+            .context("starting wireguard-go as the gateway")?;
+        self.gateway = Some(child);
+        self.gateway_ifname = Some(ifname.clone());
+        let sock = PathBuf::from(format!("/var/run/wireguard/{ifname}.sock"));
+        wait_until(Duration::from_secs(10), || Ok(sock.exists()))?;
+        let key = self.dir.join("gw.key");
+        let key = key.to_string_lossy();
+        sh_in(
+            &self.ns_gw,
+            &[
+                "wg",
+                "set",
+                &ifname,
+                "listen-port",
+                "51820",
+                "private-key",
+                &key,
+                "peer",
+                &self.alice.public_key,
+                "allowed-ips",
+                "100.64.0.2/32,fd00:64::2/128",
+                "peer",
+                &self.bob.public_key,
+                "allowed-ips",
+                "100.64.0.3/32,fd00:64::3/128",
+            ],
+        )?;
+        sh(&[
+            "ip",
+            "-n",
+            &self.ns_gw,
+            "addr",
+            "add",
+            "100.64.0.1/24",
+            "dev",
+            &ifname,
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            &self.ns_gw,
+            "addr",
+            "add",
+            "fd00:64::1/64",
+            "dev",
+            &ifname,
+            "nodad",
+        ])?;
+        sh(&["ip", "-n", &self.ns_gw, "link", "set", &ifname, "up"])?;
         Ok(())
     }
 
@@ -494,6 +573,23 @@ address6 = "fd00:64::3"
         self.gateway.as_ref().map(Child::id)
     }
 
+    /// CPU seconds (user + system) the gateway process has used so far.
+    pub fn gateway_cpu_seconds(&self) -> Result<f64> {
+        let pid = self.gateway_pid().ok_or_else(|| anyhow!("no gateway"))?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| -> f64 {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        // /proc reports clock ticks of USER_HZ, 100 on Linux.
+        Ok((ticks(11) + ticks(12)) / 100.0)
+    }
+
     /// Sends SIGHUP to the gateway: reload the policy directory.
     pub fn reload(&self) -> Result<()> {
         let pid = self.gateway_pid().ok_or_else(|| anyhow!("no gateway"))?;
@@ -585,6 +681,9 @@ impl Drop for Lab {
         }
         let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.alice.ifname));
         let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.bob.ifname));
+        if let Some(g) = &self.gateway_ifname {
+            let _ = std::fs::remove_file(format!("/var/run/wireguard/{g}.sock"));
+        }
         if let Some(mut g) = self.gateway.take() {
             terminate(&mut g);
         }

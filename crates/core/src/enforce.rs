@@ -216,7 +216,7 @@ impl Enforcer {
         }
         match meta.transport {
             Transport::Fragment => {
-                return self.later_fragment(now, &meta, packet.len(), true);
+                return self.outbound_later_fragment(now, &meta, packet.len());
             }
             Transport::IcmpError { quoted } => {
                 // The client reports an error about a server packet: quoted is server → client.
@@ -227,7 +227,7 @@ impl Enforcer {
                     server: quoted.src,
                     server_port: quoted.src_port,
                 };
-                return self.related(now, &key, meta.dst, packet.len(), true);
+                return self.outbound_related(now, &key, packet.len());
             }
             _ => {}
         }
@@ -411,21 +411,13 @@ impl Enforcer {
         }
     }
 
-    fn related(
-        &mut self,
-        now: Instant,
-        key: &FlowKey,
-        _dst: IpAddr,
-        len: usize,
-        outbound: bool,
-    ) -> Result<(), Drop> {
+    /// An outbound ICMP error about a flow's packet: passes when the flow is live.
+    fn outbound_related(&mut self, now: Instant, key: &FlowKey, len: usize) -> Result<(), Drop> {
         let timeouts = self.timeouts;
         match self.flows.get_mut(key) {
             Some(f) if !f.expired(now, &timeouts) && f.epoch == self.engine.epoch() => {
-                if outbound {
-                    f.outbound.add(len);
-                    self.stats.forwarded_out += 1;
-                }
+                f.outbound.add(len);
+                self.stats.forwarded_out += 1;
                 Ok(())
             }
             _ => {
@@ -784,27 +776,24 @@ impl Enforcer {
             .map(|e| e.flow)
     }
 
-    fn later_fragment(
+    fn outbound_later_fragment(
         &mut self,
         now: Instant,
         meta: &PacketMeta,
         len: usize,
-        outbound: bool,
     ) -> Result<(), Drop> {
-        let Some(key) = self.later_fragment_key(now, meta) else {
-            self.stats.fragments_dropped += 1;
-            return Err(Drop::Fragment);
-        };
-        match self.flows.get_mut(&key) {
-            Some(f) if f.epoch == self.engine.epoch() => {
+        let live = self.later_fragment_key(now, meta).and_then(|key| {
+            let epoch = self.engine.epoch();
+            self.flows.get_mut(&key).filter(|f| f.epoch == epoch)
+        });
+        match live {
+            Some(f) => {
                 f.last_seen = now;
-                if outbound {
-                    f.outbound.add(len);
-                    self.stats.forwarded_out += 1;
-                }
+                f.outbound.add(len);
+                self.stats.forwarded_out += 1;
                 Ok(())
             }
-            _ => {
+            None => {
                 self.stats.fragments_dropped += 1;
                 Err(Drop::Fragment)
             }

@@ -66,58 +66,46 @@ impl Networks {
         let locate = |needle: &str| -> (usize, usize) {
             src.find(needle).map(|o| line_col(src, o)).unwrap_or((1, 1))
         };
+        // An error located at the first occurrence of `needle` in the file.
+        let error_at = |needle: &str, message: String| {
+            let (line, col) = locate(needle);
+            SourceError::at(file, src, line, col, message)
+        };
         let mut networks = Vec::new();
         let mut names = HashSet::new();
         for entry in parsed.network {
-            let (line, col) = locate(&format!("\"{}\"", entry.name));
+            let name_needle = format!("\"{}\"", entry.name);
             if entry.name.is_empty() || entry.name == INTERNET {
-                errors.push(SourceError::at(
-                    file,
-                    src,
-                    line,
-                    col,
+                errors.push(error_at(
+                    &name_needle,
                     format!("network name {:?} is reserved or empty", entry.name),
                 ));
                 continue;
             }
             if !names.insert(entry.name.clone()) {
-                errors.push(SourceError::at(
-                    file,
-                    src,
-                    line,
-                    col,
+                errors.push(error_at(
+                    &name_needle,
                     format!("duplicate network {:?}", entry.name),
                 ));
                 continue;
             }
             let mut cidrs = Vec::new();
             for c in &entry.cidrs {
+                let cidr_needle = format!("\"{c}\"");
                 match c.parse::<IpNet>() {
                     Ok(net) if net.trunc() == net => cidrs.push(net),
-                    Ok(net) => {
-                        let (line, col) = locate(&format!("\"{c}\""));
-                        errors.push(SourceError::at(
-                            file,
-                            src,
-                            line,
-                            col,
-                            format!(
-                                "network {:?}: cidr {c:?} has host bits set (did you mean {}?)",
-                                entry.name,
-                                net.trunc()
-                            ),
-                        ));
-                    }
-                    Err(e) => {
-                        let (line, col) = locate(&format!("\"{c}\""));
-                        errors.push(SourceError::at(
-                            file,
-                            src,
-                            line,
-                            col,
-                            format!("network {:?}: invalid cidr {c:?}: {e}", entry.name),
-                        ));
-                    }
+                    Ok(net) => errors.push(error_at(
+                        &cidr_needle,
+                        format!(
+                            "network {:?}: cidr {c:?} has host bits set (did you mean {}?)",
+                            entry.name,
+                            net.trunc()
+                        ),
+                    )),
+                    Err(e) => errors.push(error_at(
+                        &cidr_needle,
+                        format!("network {:?}: invalid cidr {c:?}: {e}", entry.name),
+                    )),
                 }
             }
             networks.push(Network {
