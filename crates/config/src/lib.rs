@@ -73,6 +73,9 @@ pub struct GatewayConfig {
     pub tunnel_address6: Option<IpNet>,
     #[serde(default = "default_mtu")]
     pub mtu: u16,
+    /// TUN offloads (TSO/GRO through virtio-net headers) and UDP GSO/GRO batching.
+    #[serde(default = "default_true")]
+    pub offload: bool,
     /// UDP socket send and receive buffer size.
     #[serde(default = "default_socket_buffer")]
     pub socket_buffer_bytes: usize,
@@ -83,6 +86,9 @@ pub struct GatewayConfig {
 
 fn default_gateway_id() -> String {
     "portcullis".into()
+}
+fn default_true() -> bool {
+    true
 }
 fn default_mtu() -> u16 {
     1420

@@ -12,9 +12,9 @@
 //! each batch of events to the OS (`write` + flush per loop iteration; the audit pipeline
 //! adds a fsynced spool).
 
+mod datapath;
 mod sink;
 
-use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::sync::Arc;
@@ -22,15 +22,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _};
 use portcullis_config::Loaded;
-use portcullis_core::{FlowLimits, Gateway, GatewayConfig, PeerSpec, Timeouts, MAX_PACKET};
+use portcullis_core::{FlowLimits, Gateway, GatewayConfig, PeerSpec, Timeouts};
 use portcullis_model::Principal;
 use portcullis_policy::PolicyBundle;
+pub use datapath::{Datapath, DatapathStats};
 pub use sink::EventSink;
 use tokio::net::UdpSocket;
 use tokio::signal::unix::{signal, SignalKind};
-
-/// Packets handled per readiness event before yielding to the other source.
-const BATCH: usize = 64;
 
 /// Builds the gateway core from a loaded configuration.
 pub fn build_gateway(
@@ -127,8 +125,23 @@ fn set_buffers(socket: &socket2::Socket, size: usize) {
     );
 }
 
-/// Creates the TUN device with the tunnel addresses and MTU, up.
-pub fn build_tun(loaded: &Loaded) -> anyhow::Result<tun_rs::AsyncDevice> {
+/// Creates the TUN device with the tunnel addresses and MTU, up. Returns whether
+/// offloads (virtio-net header, TSO/USO, GRO) are on.
+pub fn build_tun(loaded: &Loaded) -> anyhow::Result<(tun_rs::AsyncDevice, bool)> {
+    if loaded.config.gateway.offload {
+        match tun_builder(loaded)?.offload(true).build_async() {
+            Ok(dev) => return Ok((dev, true)),
+            Err(e) => tracing::warn!("tun offloads unavailable ({e}); continuing without"),
+        }
+    }
+    let g = &loaded.config.gateway;
+    let dev = tun_builder(loaded)?
+        .build_async()
+        .with_context(|| format!("creating tun device {:?} (needs CAP_NET_ADMIN and /dev/net/tun)", g.tun_name))?;
+    Ok((dev, false))
+}
+
+fn tun_builder(loaded: &Loaded) -> anyhow::Result<tun_rs::DeviceBuilder> {
     let g = &loaded.config.gateway;
     let v4 = match g.tunnel_address.addr() {
         std::net::IpAddr::V4(a) => a,
@@ -143,12 +156,7 @@ pub fn build_tun(loaded: &Loaded) -> anyhow::Result<tun_rs::AsyncDevice> {
             b = b.ipv6(a, v6.prefix_len());
         }
     }
-    b.build_async().with_context(|| {
-        format!(
-            "creating tun device {:?} (needs CAP_NET_ADMIN and /dev/net/tun)",
-            g.tun_name
-        )
-    })
+    Ok(b)
 }
 
 /// Runs the gateway until SIGINT or SIGTERM.
@@ -162,10 +170,12 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     let mut gw = build_gateway(&loaded, Arc::new(bundle), Instant::now())?;
     let mut sink = EventSink::open(&c.audit.events_file, &c.gateway.id)?;
     let udp = bind_udp(c.gateway.listen, c.gateway.socket_buffer_bytes)?;
-    let tun = build_tun(&loaded)?;
+    let (tun, offload) = build_tun(&loaded)?;
+    let mut dp = Datapath::new(udp, tun, offload)?;
     tracing::info!(
-        listen = %udp.local_addr()?,
+        listen = %dp.udp.local_addr()?,
         tun = %c.gateway.tun_name,
+        offload,
         public_key = %portcullis_core::b64(&gw.public_key()),
         peers = c.peers.len(),
         "gateway up"
@@ -174,49 +184,19 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let mut rx = vec![0u8; 65_536];
-    let mut out = vec![0u8; MAX_PACKET + 256];
     let mut next_wall = Instant::now();
     let mut next_stats = Instant::now() + Duration::from_secs(60);
 
     loop {
         let deadline = tokio::time::Instant::from_std(gw.poll_timeout());
         tokio::select! {
-            r = udp.readable() => {
+            r = dp.udp.readable() => {
                 r?;
-                for _ in 0..BATCH {
-                    match udp.try_recv_from(&mut rx) {
-                        Ok((n, from)) => {
-                            let Some(datagram) = rx.get(..n) else { continue };
-                            if let Some(packet) = gw.handle_datagram(Instant::now(), from, datagram, &mut out) {
-                                write_tun(&tun, packet).await;
-                            }
-                        }
-                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                        Err(e) => {
-                            tracing::debug!("udp receive: {e}");
-                            break;
-                        }
-                    }
-                }
+                dp.on_udp_readable(&mut gw).await?;
             }
-            r = tun.readable() => {
+            r = dp.tun.readable() => {
                 r?;
-                for _ in 0..BATCH {
-                    match tun.try_recv(&mut rx) {
-                        Ok(n) => {
-                            let Some(packet) = rx.get(..n) else { continue };
-                            if let Some((dst, datagram)) = gw.handle_tun_packet(Instant::now(), packet, &mut out) {
-                                send_udp(&udp, dst, datagram).await;
-                            }
-                        }
-                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                        Err(e) => {
-                            tracing::debug!("tun receive: {e}");
-                            break;
-                        }
-                    }
-                }
+                dp.on_tun_readable(&mut gw).await?;
             }
             _ = tokio::time::sleep_until(deadline) => {
                 let now = Instant::now();
@@ -227,19 +207,19 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
                 gw.handle_timeout(now);
                 if now >= next_stats {
                     next_stats = now + Duration::from_secs(60);
-                    log_stats(&gw);
+                    log_stats(&gw, &dp.stats);
                 }
             }
             _ = hup.recv() => reload(&mut gw, &loaded),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
-        flush(&mut gw, &udp, &tun, &mut sink).await?;
+        flush(&mut gw, &mut dp, &mut sink).await?;
     }
     tracing::info!("shutting down");
     gw.handle_shutdown(Instant::now());
-    flush(&mut gw, &udp, &tun, &mut sink).await?;
-    log_stats(&gw);
+    flush(&mut gw, &mut dp, &mut sink).await?;
+    log_stats(&gw, &dp.stats);
     Ok(())
 }
 
@@ -261,17 +241,12 @@ fn reload(gw: &mut Gateway, loaded: &Loaded) {
     }
 }
 
-async fn flush(
-    gw: &mut Gateway,
-    udp: &UdpSocket,
-    tun: &tun_rs::AsyncDevice,
-    sink: &mut EventSink,
-) -> anyhow::Result<()> {
+async fn flush(gw: &mut Gateway, dp: &mut Datapath, sink: &mut EventSink) -> anyhow::Result<()> {
     while let Some(t) = gw.poll_transmit() {
-        send_udp(udp, t.dst, &t.payload).await;
+        dp.send_datagram(t.dst, &t.payload).await;
     }
     while let Some(p) = gw.poll_tun_packet() {
-        write_tun(tun, &p).await;
+        dp.write_tun_packet(&p).await;
     }
     let mut wrote = false;
     while let Some(e) = gw.poll_event() {
@@ -284,31 +259,7 @@ async fn flush(
     Ok(())
 }
 
-async fn write_tun(tun: &tun_rs::AsyncDevice, packet: &[u8]) {
-    match tun.try_send(packet) {
-        Ok(_) => {}
-        Err(e) if e.kind() == ErrorKind::WouldBlock => {
-            if let Err(e) = tun.send(packet).await {
-                tracing::debug!("tun send: {e}");
-            }
-        }
-        Err(e) => tracing::debug!("tun send: {e}"),
-    }
-}
-
-async fn send_udp(udp: &UdpSocket, dst: SocketAddr, datagram: &[u8]) {
-    match udp.try_send_to(datagram, dst) {
-        Ok(_) => {}
-        Err(e) if e.kind() == ErrorKind::WouldBlock => {
-            if let Err(e) = udp.send_to(datagram, dst).await {
-                tracing::debug!("udp send to {dst}: {e}");
-            }
-        }
-        Err(e) => tracing::debug!("udp send to {dst}: {e}"),
-    }
-}
-
-fn log_stats(gw: &Gateway) {
+fn log_stats(gw: &Gateway, dp: &DatapathStats) {
     let e = gw.enforcer().stats;
     let w = gw.stats;
     tracing::info!(
@@ -329,6 +280,12 @@ fn log_stats(gw: &Gateway) {
         wg_errors = w.wg_errors,
         handshakes = w.handshakes,
         cookie_replies = w.cookie_replies,
+        udp_batches = dp.udp_batches,
+        udp_datagrams = dp.udp_datagrams,
+        udp_sends = dp.udp_sends,
+        tun_reads = dp.tun_reads,
+        tun_writes = dp.tun_writes,
+        send_errors = dp.send_errors,
         "counters"
     );
 }

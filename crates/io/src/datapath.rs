@@ -1,0 +1,292 @@
+//! The batched data path between the UDP socket, the core and the TUN device.
+//!
+//! Network → TUN: one `recvmmsg` (quinn-udp, with UDP GRO: one buffer may hold many
+//! datagrams of one sender) fills up to [`quinn_udp::BATCH_SIZE`] buffers; each datagram
+//! goes through the core into its own TUN buffer; the batch is written with tun-rs's
+//! `send_multiple`, which coalesces TCP/UDP segments of one flow (GRO) into a single
+//! virtio-net write when offloads are on.
+//!
+//! TUN → network: one read with offloads on can return a 64 KiB TCP super-packet; tun-rs
+//! splits it into MTU-sized segments; each goes through the core and is encrypted
+//! directly into a contiguous send buffer; runs of equal-sized datagrams to one peer leave
+//! in one `sendmsg` with UDP GSO.
+//!
+//! Why: at ~1 µs of our own work per packet, the kernel's per-packet cost (syscalls,
+//! forwarding each TUN write) dominated (measured: 85% of the gateway's CPU was system
+//! time). Batching moves that cost from per packet to per batch.
+
+use std::io::{ErrorKind, IoSliceMut};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use portcullis_core::{Gateway, MAX_PACKET};
+use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tun_rs::{AsyncDevice, GROTable, VIRTIO_NET_HDR_LEN};
+
+/// Room in front of each TUN packet for the virtio-net header.
+const TUN_OFFSET: usize = VIRTIO_NET_HDR_LEN;
+/// Largest UDP read with GRO (many coalesced datagrams).
+const RX_BUF: usize = 65_535;
+/// Segments one TUN read can split into (64 KiB / MTU, with room).
+const TUN_SEGMENTS: usize = 128;
+/// Datagrams per GSO send (the kernel's UDP_MAX_SEGMENTS is 64 or more).
+const MAX_GSO_SEGMENTS: usize = 64;
+
+/// Buffers and state of the data path; allocated once.
+pub struct Datapath {
+    pub udp: UdpSocket,
+    udp_state: UdpSocketState,
+    pub tun: AsyncDevice,
+    offload: bool,
+    rx_bufs: Vec<Vec<u8>>,
+    rx_meta: Vec<RecvMeta>,
+    tun_out: Vec<Vec<u8>>,
+    gro: GROTable,
+    tun_raw: Vec<u8>,
+    tun_segs: Vec<Vec<u8>>,
+    tun_sizes: Vec<usize>,
+    gso_buf: Vec<u8>,
+    max_gso_segments: usize,
+    pub stats: DatapathStats,
+}
+
+/// Counters of the data path.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DatapathStats {
+    pub udp_batches: u64,
+    pub udp_datagrams: u64,
+    pub tun_writes: u64,
+    pub tun_reads: u64,
+    pub udp_sends: u64,
+    pub send_errors: u64,
+}
+
+impl Datapath {
+    pub fn new(udp: UdpSocket, tun: AsyncDevice, offload: bool) -> std::io::Result<Datapath> {
+        let udp_state = UdpSocketState::new((&udp).into())?;
+        let batch = quinn_udp::BATCH_SIZE;
+        let max_gso = udp_state.max_gso_segments().max(1);
+        Ok(Datapath {
+            udp,
+            udp_state,
+            tun,
+            offload,
+            rx_bufs: (0..batch).map(|_| vec![0u8; RX_BUF]).collect(),
+            rx_meta: vec![RecvMeta::default(); batch],
+            tun_out: Vec::new(),
+            gro: GROTable::default(),
+            tun_raw: vec![0u8; TUN_OFFSET + 65_535],
+            tun_segs: (0..TUN_SEGMENTS).map(|_| vec![0u8; MAX_PACKET]).collect(),
+            tun_sizes: vec![0; TUN_SEGMENTS],
+            gso_buf: vec![0u8; TUN_SEGMENTS * (MAX_PACKET + 64)],
+            max_gso_segments: max_gso.min(MAX_GSO_SEGMENTS),
+            stats: DatapathStats::default(),
+        })
+    }
+
+    /// Drains what the UDP socket has (bounded), through the core, to the TUN device.
+    pub async fn on_udp_readable(&mut self, gw: &mut Gateway) -> std::io::Result<()> {
+        let mut used = 0usize;
+        for _ in 0..4 {
+            let n = {
+                let mut iovs: Vec<IoSliceMut<'_>> =
+                    self.rx_bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+                let (udp, state, meta) = (&self.udp, &self.udp_state, &mut self.rx_meta);
+                match udp.try_io(Interest::READABLE, || state.recv(udp.into(), &mut iovs, meta)) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        tracing::debug!("udp receive: {e}");
+                        break;
+                    }
+                }
+            };
+            self.stats.udp_batches += 1;
+            let now = Instant::now();
+            for (meta, buf) in self.rx_meta.iter().zip(&self.rx_bufs).take(n) {
+                let stride = meta.stride.max(1);
+                let data = buf.get(..meta.len).unwrap_or_default();
+                for datagram in data.chunks(stride) {
+                    self.stats.udp_datagrams += 1;
+                    if self.tun_out.len() <= used {
+                        self.tun_out.push(vec![0u8; TUN_OFFSET + MAX_PACKET]);
+                    }
+                    let Some(out) = self.tun_out.get_mut(used) else { continue };
+                    out.resize(TUN_OFFSET + MAX_PACKET, 0);
+                    let Some(space) = out.get_mut(TUN_OFFSET..) else { continue };
+                    if let Some(packet) = gw.handle_datagram(now, meta.addr, datagram, space) {
+                        let len = packet.len();
+                        out.truncate(TUN_OFFSET + len);
+                        used += 1;
+                    }
+                }
+            }
+            if used >= 64 {
+                self.flush_tun(used).await;
+                used = 0;
+            }
+        }
+        self.flush_tun(used).await;
+        Ok(())
+    }
+
+    async fn flush_tun(&mut self, used: usize) {
+        if used == 0 {
+            return;
+        }
+        self.stats.tun_writes += 1;
+        let Some(bufs) = self.tun_out.get_mut(..used) else { return };
+        if self.offload {
+            if let Err(e) = self.tun.send_multiple(&mut self.gro, bufs, TUN_OFFSET).await {
+                tracing::debug!("tun write: {e}");
+            }
+        } else {
+            for b in bufs.iter() {
+                if let Err(e) = self.tun.send(b.get(TUN_OFFSET..).unwrap_or_default()).await {
+                    tracing::debug!("tun write: {e}");
+                }
+            }
+        }
+    }
+
+    /// Writes one packet the core produced (injected resets) to the TUN device.
+    pub async fn write_tun_packet(&mut self, packet: &[u8]) {
+        let mut buf = vec![0u8; TUN_OFFSET];
+        buf.extend_from_slice(packet);
+        if self.tun_out.is_empty() {
+            self.tun_out.push(Vec::new());
+        }
+        if let Some(slot) = self.tun_out.get_mut(0) {
+            *slot = buf;
+        }
+        self.flush_tun(1).await;
+    }
+
+    /// Drains what the TUN device has (bounded), through the core, to the UDP socket.
+    pub async fn on_tun_readable(&mut self, gw: &mut Gateway) -> std::io::Result<()> {
+        for _ in 0..16 {
+            let n = if self.offload {
+                match self
+                    .tun
+                    .try_recv_multiple(&mut self.tun_raw, &mut self.tun_segs, &mut self.tun_sizes, 0)
+                {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        tracing::debug!("tun receive: {e}");
+                        break;
+                    }
+                }
+            } else {
+                let Some(seg) = self.tun_segs.get_mut(0) else { break };
+                match self.tun.try_recv(seg) {
+                    Ok(len) => {
+                        if let Some(s) = self.tun_sizes.get_mut(0) {
+                            *s = len;
+                        }
+                        1
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        tracing::debug!("tun receive: {e}");
+                        break;
+                    }
+                }
+            };
+            self.stats.tun_reads += 1;
+            let now = Instant::now();
+            // Encrypt into one contiguous buffer; runs to one peer with one size go out
+            // as a single GSO send.
+            let mut run: Option<Run> = None;
+            let mut pos = 0usize;
+            for i in 0..n {
+                let (Some(seg), Some(&size)) = (self.tun_segs.get(i), self.tun_sizes.get(i)) else {
+                    continue;
+                };
+                let Some(packet) = seg.get(..size) else { continue };
+                if pos + MAX_PACKET + 64 > self.gso_buf.len() {
+                    if let Some(r) = run.take() {
+                        send_run(&self.udp, &self.udp_state, &mut self.stats, &self.gso_buf, r, pos).await;
+                    }
+                    pos = 0;
+                }
+                let Some(space) = self.gso_buf.get_mut(pos..pos + MAX_PACKET + 64) else { continue };
+                let Some((dst, datagram)) = gw.handle_tun_packet(now, packet, space) else { continue };
+                let len = datagram.len();
+                match run.as_mut() {
+                    Some(r) if r.dst == dst && !r.closed && len <= r.segment && r.count < self.max_gso_segments => {
+                        r.count += 1;
+                        // A shorter datagram can only be the last of a GSO send.
+                        r.closed = len < r.segment;
+                    }
+                    _ => {
+                        if let Some(r) = run.take() {
+                            send_run(&self.udp, &self.udp_state, &mut self.stats, &self.gso_buf, r, pos).await;
+                        }
+                        run = Some(Run { dst, segment: len, start: pos, count: 1, closed: false });
+                    }
+                }
+                pos += len;
+            }
+            if let Some(r) = run.take() {
+                send_run(&self.udp, &self.udp_state, &mut self.stats, &self.gso_buf, r, pos).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one datagram the core produced (handshakes, keepalives, cookies).
+    pub async fn send_datagram(&mut self, dst: SocketAddr, datagram: &[u8]) {
+        send_datagrams(&self.udp, &self.udp_state, &mut self.stats, dst, datagram.len(), datagram).await;
+    }
+}
+
+/// Consecutive encrypted datagrams in the send buffer, for one GSO send.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    dst: SocketAddr,
+    segment: usize,
+    start: usize,
+    count: usize,
+    closed: bool,
+}
+
+async fn send_run(
+    udp: &UdpSocket,
+    state: &UdpSocketState,
+    stats: &mut DatapathStats,
+    buf: &[u8],
+    run: Run,
+    end: usize,
+) {
+    let contents = buf.get(run.start..end).unwrap_or_default();
+    send_datagrams(udp, state, stats, run.dst, run.segment, contents).await;
+}
+
+/// Sends `contents` (datagrams of `segment` bytes, the last possibly shorter) to `dst`.
+async fn send_datagrams(
+    udp: &UdpSocket,
+    state: &UdpSocketState,
+    stats: &mut DatapathStats,
+    dst: SocketAddr,
+    segment: usize,
+    contents: &[u8],
+) {
+    if contents.is_empty() {
+        return;
+    }
+    let transmit = Transmit {
+        destination: dst,
+        ecn: None,
+        contents,
+        segment_size: (contents.len() > segment).then_some(segment),
+        src_ip: None,
+    };
+    stats.udp_sends += 1;
+    if let Err(e) = udp.async_io(Interest::WRITABLE, || state.try_send(udp.into(), &transmit)).await {
+        stats.send_errors += 1;
+        tracing::debug!("udp send to {dst}: {e}");
+    }
+}
