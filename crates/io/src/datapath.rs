@@ -33,6 +33,9 @@ const RX_BUF: usize = 65_535;
 const TUN_SEGMENTS: usize = 128;
 /// Datagrams per GSO send (the kernel's UDP_MAX_SEGMENTS is 64 or more).
 const MAX_GSO_SEGMENTS: usize = 64;
+/// Bytes per GSO send: the whole batch is one UDP datagram to the kernel, so it must fit
+/// the 64 KiB IP length (larger sends fail with EMSGSIZE and would be lost).
+const MAX_GSO_BYTES: usize = 65_000;
 
 /// Buffers and state of the data path; allocated once.
 pub struct Datapath {
@@ -91,10 +94,15 @@ impl Datapath {
         let mut used = 0usize;
         for _ in 0..4 {
             let n = {
-                let mut iovs: Vec<IoSliceMut<'_>> =
-                    self.rx_bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+                let mut iovs: Vec<IoSliceMut<'_>> = self
+                    .rx_bufs
+                    .iter_mut()
+                    .map(|b| IoSliceMut::new(b))
+                    .collect();
                 let (udp, state, meta) = (&self.udp, &self.udp_state, &mut self.rx_meta);
-                match udp.try_io(Interest::READABLE, || state.recv(udp.into(), &mut iovs, meta)) {
+                match udp.try_io(Interest::READABLE, || {
+                    state.recv(udp.into(), &mut iovs, meta)
+                }) {
                     Ok(n) => n,
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(e) => {
@@ -113,9 +121,13 @@ impl Datapath {
                     if self.tun_out.len() <= used {
                         self.tun_out.push(vec![0u8; TUN_OFFSET + MAX_PACKET]);
                     }
-                    let Some(out) = self.tun_out.get_mut(used) else { continue };
+                    let Some(out) = self.tun_out.get_mut(used) else {
+                        continue;
+                    };
                     out.resize(TUN_OFFSET + MAX_PACKET, 0);
-                    let Some(space) = out.get_mut(TUN_OFFSET..) else { continue };
+                    let Some(space) = out.get_mut(TUN_OFFSET..) else {
+                        continue;
+                    };
                     if let Some(packet) = gw.handle_datagram(now, meta.addr, datagram, space) {
                         let len = packet.len();
                         out.truncate(TUN_OFFSET + len);
@@ -137,9 +149,15 @@ impl Datapath {
             return;
         }
         self.stats.tun_writes += 1;
-        let Some(bufs) = self.tun_out.get_mut(..used) else { return };
+        let Some(bufs) = self.tun_out.get_mut(..used) else {
+            return;
+        };
         if self.offload {
-            if let Err(e) = self.tun.send_multiple(&mut self.gro, bufs, TUN_OFFSET).await {
+            if let Err(e) = self
+                .tun
+                .send_multiple(&mut self.gro, bufs, TUN_OFFSET)
+                .await
+            {
                 tracing::debug!("tun write: {e}");
             }
         } else {
@@ -168,10 +186,12 @@ impl Datapath {
     pub async fn on_tun_readable(&mut self, gw: &mut Gateway) -> std::io::Result<()> {
         for _ in 0..16 {
             let n = if self.offload {
-                match self
-                    .tun
-                    .try_recv_multiple(&mut self.tun_raw, &mut self.tun_segs, &mut self.tun_sizes, 0)
-                {
+                match self.tun.try_recv_multiple(
+                    &mut self.tun_raw,
+                    &mut self.tun_segs,
+                    &mut self.tun_sizes,
+                    0,
+                ) {
                     Ok(n) => n,
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(e) => {
@@ -180,7 +200,9 @@ impl Datapath {
                     }
                 }
             } else {
-                let Some(seg) = self.tun_segs.get_mut(0) else { break };
+                let Some(seg) = self.tun_segs.get_mut(0) else {
+                    break;
+                };
                 match self.tun.try_recv(seg) {
                     Ok(len) => {
                         if let Some(s) = self.tun_sizes.get_mut(0) {
@@ -199,39 +221,56 @@ impl Datapath {
             let now = Instant::now();
             // Encrypt into one contiguous buffer; runs to one peer with one size go out
             // as a single GSO send.
-            let mut run: Option<Run> = None;
+            let mut runs = RunBuilder::new(self.max_gso_segments);
             let mut pos = 0usize;
             for i in 0..n {
                 let (Some(seg), Some(&size)) = (self.tun_segs.get(i), self.tun_sizes.get(i)) else {
                     continue;
                 };
-                let Some(packet) = seg.get(..size) else { continue };
+                let Some(packet) = seg.get(..size) else {
+                    continue;
+                };
                 if pos + MAX_PACKET + 64 > self.gso_buf.len() {
-                    if let Some(r) = run.take() {
-                        send_run(&self.udp, &self.udp_state, &mut self.stats, &self.gso_buf, r, pos).await;
+                    if let Some(r) = runs.finish() {
+                        send_run(
+                            &self.udp,
+                            &self.udp_state,
+                            &mut self.stats,
+                            &self.gso_buf,
+                            r,
+                        )
+                        .await;
                     }
                     pos = 0;
                 }
-                let Some(space) = self.gso_buf.get_mut(pos..pos + MAX_PACKET + 64) else { continue };
-                let Some((dst, datagram)) = gw.handle_tun_packet(now, packet, space) else { continue };
+                let Some(space) = self.gso_buf.get_mut(pos..pos + MAX_PACKET + 64) else {
+                    continue;
+                };
+                let Some((dst, datagram)) = gw.handle_tun_packet(now, packet, space) else {
+                    continue;
+                };
                 let len = datagram.len();
-                match run.as_mut() {
-                    Some(r) if r.dst == dst && !r.closed && len <= r.segment && r.count < self.max_gso_segments => {
-                        r.count += 1;
-                        // A shorter datagram can only be the last of a GSO send.
-                        r.closed = len < r.segment;
-                    }
-                    _ => {
-                        if let Some(r) = run.take() {
-                            send_run(&self.udp, &self.udp_state, &mut self.stats, &self.gso_buf, r, pos).await;
-                        }
-                        run = Some(Run { dst, segment: len, start: pos, count: 1, closed: false });
-                    }
+                if let Some(r) = runs.push(dst, pos, len) {
+                    send_run(
+                        &self.udp,
+                        &self.udp_state,
+                        &mut self.stats,
+                        &self.gso_buf,
+                        r,
+                    )
+                    .await;
                 }
                 pos += len;
             }
-            if let Some(r) = run.take() {
-                send_run(&self.udp, &self.udp_state, &mut self.stats, &self.gso_buf, r, pos).await;
+            if let Some(r) = runs.finish() {
+                send_run(
+                    &self.udp,
+                    &self.udp_state,
+                    &mut self.stats,
+                    &self.gso_buf,
+                    r,
+                )
+                .await;
             }
         }
         Ok(())
@@ -239,18 +278,75 @@ impl Datapath {
 
     /// Sends one datagram the core produced (handshakes, keepalives, cookies).
     pub async fn send_datagram(&mut self, dst: SocketAddr, datagram: &[u8]) {
-        send_datagrams(&self.udp, &self.udp_state, &mut self.stats, dst, datagram.len(), datagram).await;
+        send_datagrams(
+            &self.udp,
+            &self.udp_state,
+            &mut self.stats,
+            dst,
+            datagram.len(),
+            datagram,
+        )
+        .await;
     }
 }
 
 /// Consecutive encrypted datagrams in the send buffer, for one GSO send.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Run {
     dst: SocketAddr,
     segment: usize,
     start: usize,
+    end: usize,
     count: usize,
+    /// Ended by a shorter datagram: nothing may follow it in this send.
     closed: bool,
+}
+
+/// Groups datagrams written back to back into GSO sends: same peer, same size (the last
+/// may be shorter), at most `max_segments` and [`MAX_GSO_BYTES`] per send.
+#[derive(Debug)]
+struct RunBuilder {
+    current: Option<Run>,
+    max_segments: usize,
+}
+
+impl RunBuilder {
+    fn new(max_segments: usize) -> Self {
+        RunBuilder {
+            current: None,
+            max_segments: max_segments.max(1),
+        }
+    }
+
+    /// Adds the datagram at `start..start + len`; returns a finished run to send first.
+    fn push(&mut self, dst: SocketAddr, start: usize, len: usize) -> Option<Run> {
+        if let Some(r) = self.current.as_mut() {
+            let fits = r.dst == dst
+                && !r.closed
+                && r.end == start
+                && len <= r.segment
+                && r.count < self.max_segments
+                && r.end + len - r.start <= MAX_GSO_BYTES;
+            if fits {
+                r.count += 1;
+                r.end += len;
+                r.closed = len < r.segment;
+                return None;
+            }
+        }
+        self.current.replace(Run {
+            dst,
+            segment: len,
+            start,
+            end: start + len,
+            count: 1,
+            closed: false,
+        })
+    }
+
+    fn finish(&mut self) -> Option<Run> {
+        self.current.take()
+    }
 }
 
 async fn send_run(
@@ -259,9 +355,8 @@ async fn send_run(
     stats: &mut DatapathStats,
     buf: &[u8],
     run: Run,
-    end: usize,
 ) {
-    let contents = buf.get(run.start..end).unwrap_or_default();
+    let contents = buf.get(run.start..run.end).unwrap_or_default();
     send_datagrams(udp, state, stats, run.dst, run.segment, contents).await;
 }
 
@@ -285,8 +380,75 @@ async fn send_datagrams(
         src_ip: None,
     };
     stats.udp_sends += 1;
-    if let Err(e) = udp.async_io(Interest::WRITABLE, || state.try_send(udp.into(), &transmit)).await {
+    if let Err(e) = udp
+        .async_io(Interest::WRITABLE, || state.try_send(udp.into(), &transmit))
+        .await
+    {
         stats.send_errors += 1;
-        tracing::debug!("udp send to {dst}: {e}");
+        // Rare and costly (a whole batch): visible at the default level, but not per packet.
+        if stats.send_errors.is_power_of_two() {
+            tracing::warn!(errors = stats.send_errors, "udp send to {dst} failed: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(max_segments: usize, datagrams: &[(u16, usize)]) -> Vec<Run> {
+        let mut b = RunBuilder::new(max_segments);
+        let mut pos = 0;
+        let mut out = Vec::new();
+        for &(port, len) in datagrams {
+            out.extend(b.push(SocketAddr::from(([192, 168, 1, 2], port)), pos, len));
+            pos += len;
+        }
+        out.extend(b.finish());
+        out
+    }
+
+    #[test]
+    fn runs_never_exceed_the_64k_gso_limit_and_cover_every_datagram() {
+        let runs = plan(64, &[(1, 1452); 100]);
+        assert!(
+            runs.iter()
+                .all(|r| r.end - r.start <= MAX_GSO_BYTES && r.count <= 64),
+            "{runs:?}"
+        );
+        assert_eq!(runs.iter().map(|r| r.count).sum::<usize>(), 100);
+        assert_eq!(runs.first().map(|r| r.count), Some(MAX_GSO_BYTES / 1452));
+        // Contiguous and complete.
+        for w in runs.windows(2) {
+            assert_eq!(w[0].end, w[1].start);
+        }
+    }
+
+    #[test]
+    fn a_shorter_datagram_ends_a_run_and_peers_are_never_mixed() {
+        let runs = plan(
+            64,
+            &[
+                (1, 1000),
+                (1, 1000),
+                (1, 600),
+                (1, 1000),
+                (2, 1000),
+                (1, 1000),
+            ],
+        );
+        let shape: Vec<(u16, usize, usize)> = runs
+            .iter()
+            .map(|r| (r.dst.port(), r.count, r.segment))
+            .collect();
+        assert_eq!(
+            shape,
+            vec![(1, 3, 1000), (1, 1, 1000), (2, 1, 1000), (1, 1, 1000)]
+        );
+        // A larger datagram cannot join a run of smaller ones.
+        let runs = plan(64, &[(1, 500), (1, 900)]);
+        assert_eq!(runs.len(), 2);
+        // Without GSO every datagram is its own send.
+        assert_eq!(plan(1, &[(1, 100); 5]).len(), 5);
     }
 }

@@ -21,11 +21,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _};
+pub use datapath::{Datapath, DatapathStats};
 use portcullis_config::Loaded;
 use portcullis_core::{FlowLimits, Gateway, GatewayConfig, PeerSpec, Timeouts};
 use portcullis_model::Principal;
 use portcullis_policy::PolicyBundle;
-pub use datapath::{Datapath, DatapathStats};
 pub use sink::EventSink;
 use tokio::net::UdpSocket;
 use tokio::signal::unix::{signal, SignalKind};
@@ -135,9 +135,12 @@ pub fn build_tun(loaded: &Loaded) -> anyhow::Result<(tun_rs::AsyncDevice, bool)>
         }
     }
     let g = &loaded.config.gateway;
-    let dev = tun_builder(loaded)?
-        .build_async()
-        .with_context(|| format!("creating tun device {:?} (needs CAP_NET_ADMIN and /dev/net/tun)", g.tun_name))?;
+    let dev = tun_builder(loaded)?.build_async().with_context(|| {
+        format!(
+            "creating tun device {:?} (needs CAP_NET_ADMIN and /dev/net/tun)",
+            g.tun_name
+        )
+    })?;
     Ok((dev, false))
 }
 
