@@ -87,9 +87,9 @@ fn sre_reaches_prod_developer_is_denied_prod_and_allowed_dev() {
 }
 
 #[test]
-fn two_megabyte_transfer_arrives_intact_and_is_counted() {
+fn sixteen_megabyte_transfer_arrives_intact_is_counted_and_loses_no_batch() {
     let mut lab = lab();
-    let data: Vec<u8> = (0..2 * 1024 * 1024u32)
+    let data: Vec<u8> = (0..16 * 1024 * 1024u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
     let mut s = lab
@@ -106,17 +106,33 @@ fn two_megabyte_transfer_arrives_intact_and_is_counted() {
         })
         .unwrap();
     assert!(
-        closed["outbound"]["bytes"].as_u64().unwrap() > 2 * 1024 * 1024,
+        closed["outbound"]["bytes"].as_u64().unwrap() > 16 * 1024 * 1024,
         "{closed}"
     );
     assert!(
-        closed["inbound"]["bytes"].as_u64().unwrap() > 2 * 1024 * 1024,
+        closed["inbound"]["bytes"].as_u64().unwrap() > 16 * 1024 * 1024,
         "{closed}"
     );
     lab.wait_event(Duration::from_secs(5), |e| {
         is(e, "session_ended") && e["user"] == "alice"
     })
     .unwrap();
+    // No batch was lost on the way (a failed GSO send drops up to 64 datagrams at once;
+    // TCP would hide it behind retransmissions).
+    let log = lab.gateway_log();
+    let counters = log
+        .lines()
+        .rev()
+        .find(|l| l.contains(" counters "))
+        .unwrap_or_default();
+    assert!(
+        counters.contains("send_errors=0"),
+        "gateway counters: {counters}"
+    );
+    assert!(
+        !counters.contains("udp_datagrams=0 "),
+        "gateway counters: {counters}"
+    );
 }
 
 #[test]
