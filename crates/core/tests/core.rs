@@ -1017,3 +1017,42 @@ fn sessions_end_after_idle_timeout() {
     let ev: Vec<Event> = std::iter::from_fn(|| gw.poll_event()).collect();
     assert!(ev.iter().any(|e| matches!(e, Event::SessionEnded { user, reason, .. } if user == "alice" && reason == "idle")), "{ev:?}");
 }
+
+#[test]
+fn handshake_floods_get_cookie_replies_and_the_limiter_resets_every_second() {
+    let t0 = Instant::now();
+    let (mut gw, gw_pub) = gateway(t0);
+    let mut alice = Client::new(1, &gw_pub);
+    let mut out = vec![0u8; portcullis_core::MAX_PACKET];
+    let mut flood = |gw: &mut Gateway, n: usize| -> (usize, usize) {
+        let (mut responses, mut cookies) = (0, 0);
+        for _ in 0..n {
+            let init = match alice.tunn.format_handshake_initiation(&mut alice.buf, true) {
+                TunnResult::WriteToNetwork(d) => d.to_vec(),
+                other => panic!("no initiation: {other:?}"),
+            };
+            gw.handle_datagram(t0, alice.addr, &init, &mut out);
+            while let Some(t) = gw.poll_transmit() {
+                match t.payload.first() {
+                    Some(2) => responses += 1,
+                    Some(3) => cookies += 1,
+                    other => panic!("unexpected message type {other:?}"),
+                }
+            }
+        }
+        (responses, cookies)
+    };
+    // Past HANDSHAKE_RATE_LIMIT initiations per second, the gateway answers with cookies.
+    let (responses, cookies) = flood(&mut gw, 150);
+    assert!(responses >= 1, "the first initiation is answered");
+    assert!(
+        cookies >= 40,
+        "expected cookie replies under load, got {cookies}"
+    );
+    assert!(gw.stats.cookie_replies >= 40);
+    // boringtun's limiter measures its second with its own clock: wait one, then tick.
+    std::thread::sleep(Duration::from_millis(1100));
+    gw.handle_timeout(t0 + Duration::from_secs(1));
+    let (_, cookies_after) = flood(&mut gw, 5);
+    assert_eq!(cookies_after, 0, "the counter was reset");
+}
