@@ -3,7 +3,8 @@
 //! - `established/outbound`, `established/inbound`: a packet of an established flow,
 //!   excluding crypto: parse + anti-spoofing + flow lookup + counters + TCP state.
 //! - `parse_only`: etherparse slicing of the same packet, for comparison.
-//! - `first_packet/cedar`: a new flow's decision through plain Cedar over the example set.
+//! - `first_packet/plain_cedar`, `first_packet/fast_cached`: a new flow's decision through
+//!   plain Cedar over the example set, and through the engine's fast path (cache hit).
 //! - `gateway/datagram_1400`: the whole inbound path with ChaCha20-Poly1305 decryption.
 //!
 //! Run: `cargo bench -p portcullis-core --bench per_packet`
@@ -97,7 +98,7 @@ fn per_packet(c: &mut Criterion) {
         b.iter(|| portcullis_packet::parse(black_box(&out)))
     });
 
-    let engine = Engine::new(bundle(), users()).unwrap();
+    let mut engine = Engine::new(bundle(), users()).unwrap();
     let req = portcullis_model::FlowRequest {
         src_ip: IpAddr::from([100, 64, 0, 2]),
         dst_ip: IpAddr::from([10, 8, 5, 4]),

@@ -458,6 +458,7 @@ impl Enforcer {
         let decision = self.engine.decide(peer.user, &request, self.wall(now));
         let tuple = tuple_of(&key);
         if !decision.allowed {
+            let decision = Arc::unwrap_or_clone(decision);
             let suppressed = self.denied.remove(&key).map(|d| d.suppressed).unwrap_or(0);
             if self.denied.len() >= MAX_DENY_MEMORY {
                 self.denied.clear();
@@ -496,16 +497,14 @@ impl Enforcer {
             Transport::IcmpEcho { .. } | Transport::IcmpOther { .. } => FlowState::Icmp,
             _ => FlowState::Other,
         };
-        let network: Arc<str> = decision.network.as_str().into();
-        let policy_ids: Arc<[String]> = decision.policy_ids.clone().into();
         self.events.push_back(Event::FlowOpened {
             flow_id: id,
             session_id: peer.session_id,
             user: peer.user.to_string(),
             device: peer.device.to_string(),
             tuple,
-            network: decision.network,
-            policy_ids: decision.policy_ids,
+            network: decision.network.clone(),
+            policy_ids: decision.policy_ids.clone(),
             policy_epoch: epoch,
         });
         self.flows.insert(
@@ -519,8 +518,7 @@ impl Enforcer {
                 created: now,
                 last_seen: now,
                 state,
-                network,
-                policy_ids,
+                decision,
                 epoch,
                 outbound: Default::default(),
                 inbound: Default::default(),
@@ -559,8 +557,7 @@ impl Enforcer {
         if decision.allowed {
             if let Some(flow) = self.flows.get_mut(key) {
                 flow.epoch = epoch;
-                flow.policy_ids = decision.policy_ids.into();
-                flow.network = decision.network.as_str().into();
+                flow.decision = decision;
             }
             true
         } else {
@@ -708,8 +705,8 @@ impl Enforcer {
             user: f.user.to_string(),
             device: f.device.to_string(),
             tuple: tuple_of(key),
-            network: f.network.to_string(),
-            policy_ids: f.policy_ids.to_vec(),
+            network: f.decision.network.clone(),
+            policy_ids: f.decision.policy_ids.clone(),
             policy_epoch: f.epoch,
             reason,
             duration_ms: now.saturating_duration_since(f.created).as_millis() as u64,

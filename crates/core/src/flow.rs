@@ -17,7 +17,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use portcullis_model::{Counters, Protocol};
+use portcullis_model::{Counters, Decision, Protocol};
 use rustc_hash::FxHashMap;
 
 /// Entries examined to pick an eviction victim.
@@ -102,8 +102,8 @@ pub struct Flow {
     pub created: Instant,
     pub last_seen: Instant,
     pub state: FlowState,
-    pub network: Arc<str>,
-    pub policy_ids: Arc<[String]>,
+    /// The decision that allowed the flow (network, deciding policies).
+    pub decision: Arc<Decision>,
     pub epoch: u64,
     /// Client → network.
     pub outbound: Counters,
@@ -266,8 +266,7 @@ mod tests {
             created: at,
             last_seen: at,
             state,
-            network: "n".into(),
-            policy_ids: Arc::from(Vec::new()),
+            decision: Arc::new(Decision::deny_default("n")),
             epoch: 1,
             outbound: Counters::default(),
             inbound: Counters::default(),

@@ -17,22 +17,23 @@
 //! What it deliberately does not: no IO beyond reading the directory at load time, no
 //! clock (callers pass `now`), no caching yet (each call evaluates the whole set).
 
+mod analysis;
 mod diagnostics;
+mod engine;
 mod networks;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Arc;
 
+pub use analysis::{ContextReads, PolicyMeta, Scope};
 use cedar_policy::{
-    Authorizer, Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicyId,
-    PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
+    Entity, EntityId, EntityTypeName, EntityUid, PolicyId, PolicySet, RestrictedExpression, Schema,
+    ValidationMode, Validator,
 };
-use chrono::{DateTime, Utc};
 pub use diagnostics::{line_col, SourceError};
+pub use engine::{Engine, EngineStats, EntitiesError};
 pub use networks::{Network, Networks, INTERNET};
-use portcullis_model::{Decision, FlowRequest, Principal};
 
 /// Largest file read from a policy directory.
 pub const MAX_FILE_BYTES: u64 = 1 << 20;
@@ -75,6 +76,9 @@ pub struct PolicyBundle {
     schema: Schema,
     policies: PolicySet,
     info: Vec<PolicyInfo>,
+    /// The policies (with their final ids) and what each can match, in `info` order.
+    pub(crate) list: Vec<cedar_policy::Policy>,
+    pub(crate) metas: Vec<PolicyMeta>,
     networks: Networks,
     /// Non-fatal findings (Cedar validation warnings).
     pub warnings: Vec<SourceError>,
@@ -135,6 +139,7 @@ impl PolicyBundle {
         let validator = Validator::new(schema.clone());
         let mut policies = PolicySet::new();
         let mut info: Vec<PolicyInfo> = Vec::new();
+        let mut list = Vec::new();
         let mut warnings = Vec::new();
         for file in &files {
             let src = match read_capped(file) {
@@ -204,10 +209,12 @@ impl PolicyBundle {
                     cedar_policy::Effect::Permit => "permit",
                     cedar_policy::Effect::Forbid => "forbid",
                 };
-                if let Err(e) = policies.add(policy.new_id(PolicyId::new(&id))) {
+                let renamed = policy.new_id(PolicyId::new(&id));
+                if let Err(e) = policies.add(renamed.clone()) {
                     errors.push(SourceError::at(file, &src, line, col, e.to_string()));
                     continue;
                 }
+                list.push(renamed);
                 info.push(PolicyInfo {
                     id,
                     file: file.clone(),
@@ -220,11 +227,14 @@ impl PolicyBundle {
         if !errors.is_empty() {
             return Err(LoadError { errors });
         }
+        let metas = list.iter().map(PolicyMeta::of).collect();
         Ok(PolicyBundle {
             dir: dir.to_path_buf(),
             schema,
             policies,
             info,
+            list,
+            metas,
             networks,
             warnings,
         })
@@ -242,7 +252,27 @@ impl PolicyBundle {
         self.info.iter().find(|p| p.id == id)
     }
 
-    fn network_entities(&self) -> Vec<Entity> {
+    pub(crate) fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    pub(crate) fn policy_set(&self) -> &PolicySet {
+        &self.policies
+    }
+
+    /// Groups named in policy scopes (`principal in Group::"…"`), for "no identity has
+    /// this group" warnings.
+    pub fn referenced_groups(&self) -> BTreeSet<String> {
+        self.metas
+            .iter()
+            .filter_map(|m| match &m.principal {
+                Scope::In(_, t, g) | Scope::Eq(t, g) if t == "Group" => Some(g.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub(crate) fn network_entities(&self) -> Vec<Entity> {
         let mut out: Vec<Entity> = self
             .networks
             .iter()
@@ -331,7 +361,7 @@ fn policy_starts(src: &str) -> Vec<usize> {
     starts
 }
 
-fn uid(kind: &str, id: &str) -> EntityUid {
+pub(crate) fn uid(kind: &str, id: &str) -> EntityUid {
     // Entity type names used here are fixed identifiers and always parse.
     let ty = EntityTypeName::from_str(kind).unwrap_or_else(|_| unreachable_type());
     EntityUid::from_type_name_and_id(ty, EntityId::new(id))
@@ -342,200 +372,12 @@ fn unreachable_type() -> EntityTypeName {
     panic!("built-in entity type name failed to parse")
 }
 
-fn string_set(items: &[String]) -> RestrictedExpression {
+pub(crate) fn string_set(items: &[String]) -> RestrictedExpression {
     RestrictedExpression::new_set(
         items
             .iter()
             .map(|s| RestrictedExpression::new_string(s.clone())),
     )
-}
-
-/// A decision engine: a policy bundle plus the identities it decides for.
-pub struct Engine {
-    bundle: Arc<PolicyBundle>,
-    users: HashMap<String, Principal>,
-    entities: Entities,
-    epoch: u64,
-    authorizer: Authorizer,
-    action: EntityUid,
-}
-
-impl std::fmt::Debug for Engine {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine")
-            .field("dir", &self.bundle.dir)
-            .field("policies", &self.bundle.info.len())
-            .field("users", &self.users.len())
-            .field("epoch", &self.epoch)
-            .finish()
-    }
-}
-
-/// Identity data that Cedar rejected (wrong attribute types for the schema).
-#[derive(Debug, thiserror::Error)]
-#[error("identity data does not match the policy schema: {0}")]
-pub struct EntitiesError(String);
-
-impl Engine {
-    pub fn new(bundle: Arc<PolicyBundle>, users: Vec<Principal>) -> Result<Engine, EntitiesError> {
-        let users: HashMap<String, Principal> =
-            users.into_iter().map(|u| (u.name.clone(), u)).collect();
-        let entities = build_entities(&bundle, &users)?;
-        Ok(Engine {
-            bundle,
-            users,
-            entities,
-            epoch: 1,
-            authorizer: Authorizer::new(),
-            action: uid("Action", "connect"),
-        })
-    }
-
-    /// Bumped on every policy or identity change; flows decided under an older epoch
-    /// must be re-decided.
-    pub fn epoch(&self) -> u64 {
-        self.epoch
-    }
-
-    pub fn bundle(&self) -> &Arc<PolicyBundle> {
-        &self.bundle
-    }
-
-    pub fn user(&self, name: &str) -> Option<&Principal> {
-        self.users.get(name)
-    }
-
-    /// Replaces the policy bundle (already fully validated). Bumps the epoch.
-    pub fn set_bundle(&mut self, bundle: Arc<PolicyBundle>) -> Result<(), EntitiesError> {
-        self.entities = build_entities(&bundle, &self.users)?;
-        self.bundle = bundle;
-        self.epoch += 1;
-        Ok(())
-    }
-
-    /// Adds or replaces a user. Bumps the epoch.
-    pub fn upsert_user(&mut self, user: Principal) -> Result<(), EntitiesError> {
-        let mut users = self.users.clone();
-        users.insert(user.name.clone(), user);
-        self.entities = build_entities(&self.bundle, &users)?;
-        self.users = users;
-        self.epoch += 1;
-        Ok(())
-    }
-
-    /// Removes a user; its flows decide to deny from now on. Bumps the epoch.
-    pub fn remove_user(&mut self, name: &str) -> Result<(), EntitiesError> {
-        let mut users = self.users.clone();
-        users.remove(name);
-        self.entities = build_entities(&self.bundle, &users)?;
-        self.users = users;
-        self.epoch += 1;
-        Ok(())
-    }
-
-    /// Decides one new flow of `user`. Unknown users are denied.
-    pub fn decide(&self, user: &str, req: &FlowRequest, now: DateTime<Utc>) -> Decision {
-        let network = self.bundle.networks.resolve(req.dst_ip).to_string();
-        if !self.users.contains_key(user) {
-            let mut d = Decision::deny_default(network);
-            d.errors.push(format!("unknown user {user:?}"));
-            return d;
-        }
-        let context = Context::from_pairs([
-            (
-                "dst_ip".to_string(),
-                RestrictedExpression::new_ip(req.dst_ip.to_string()),
-            ),
-            (
-                "dst_port".to_string(),
-                RestrictedExpression::new_long(i64::from(req.dst_port)),
-            ),
-            (
-                "protocol".to_string(),
-                RestrictedExpression::new_string(req.protocol.name().into_owned()),
-            ),
-            (
-                "src_ip".to_string(),
-                RestrictedExpression::new_ip(req.src_ip.to_string()),
-            ),
-            (
-                "now".to_string(),
-                RestrictedExpression::new_datetime(
-                    now.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
-                ),
-            ),
-            (
-                "device".to_string(),
-                RestrictedExpression::new_string(req.device.clone()),
-            ),
-        ]);
-        let context = match context {
-            Ok(c) => c,
-            Err(e) => {
-                let mut d = Decision::deny_default(network);
-                d.errors.push(format!("cannot build request context: {e}"));
-                return d;
-            }
-        };
-        let request = match Request::new(
-            uid("User", user),
-            self.action.clone(),
-            uid("Network", &network),
-            context,
-            None,
-        ) {
-            Ok(r) => r,
-            Err(e) => {
-                let mut d = Decision::deny_default(network);
-                d.errors.push(format!("cannot build request: {e}"));
-                return d;
-            }
-        };
-        let response =
-            self.authorizer
-                .is_authorized(&request, &self.bundle.policies, &self.entities);
-        let diagnostics = response.diagnostics();
-        Decision {
-            allowed: response.decision() == cedar_policy::Decision::Allow,
-            policy_ids: diagnostics
-                .reason()
-                .map(|id| id.to_string())
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect(),
-            network,
-            errors: diagnostics.errors().map(|e| e.to_string()).collect(),
-        }
-    }
-}
-
-fn build_entities(
-    bundle: &PolicyBundle,
-    users: &HashMap<String, Principal>,
-) -> Result<Entities, EntitiesError> {
-    let mut all = bundle.network_entities();
-    let mut groups = BTreeSet::new();
-    for u in users.values() {
-        let parents: HashSet<EntityUid> = u.groups.iter().map(|g| uid("Group", g)).collect();
-        groups.extend(u.groups.iter().cloned());
-        let entity = Entity::new(
-            uid("User", &u.name),
-            HashMap::from([
-                (
-                    "email".to_string(),
-                    RestrictedExpression::new_string(u.email.clone()),
-                ),
-                ("tags".to_string(), string_set(&u.tags)),
-            ]),
-            parents,
-        )
-        .map_err(|e| EntitiesError(format!("user {:?}: {e}", u.name)))?;
-        all.push(entity);
-    }
-    for g in groups {
-        all.push(Entity::new_no_attrs(uid("Group", &g), HashSet::new()));
-    }
-    Entities::from_entities(all, Some(&bundle.schema)).map_err(|e| EntitiesError(e.to_string()))
 }
 
 #[cfg(test)]

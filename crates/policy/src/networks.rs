@@ -42,11 +42,29 @@ pub struct Network {
 }
 
 /// All declared networks and a prefix table for resolving destinations.
-#[derive(Clone, Debug, Default)]
+#[derive(Default)]
 pub struct Networks {
     networks: Vec<Network>,
-    /// (prefix, index into `networks`), longest prefix first.
+    /// (prefix, index into `networks`), longest prefix first (checks and listing).
     prefixes: Vec<(IpNet, usize)>,
+    /// Longest-prefix match (tree bitmap): ~tens of ns per lookup.
+    table: ip_network_table::IpNetworkTable<usize>,
+    /// Indices of each network's ancestors, nearest first.
+    ancestors: Vec<Vec<usize>>,
+}
+
+impl std::fmt::Debug for Networks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Networks")
+            .field("networks", &self.networks)
+            .finish()
+    }
+}
+
+impl Clone for Networks {
+    fn clone(&self) -> Self {
+        Networks::from_networks(self.networks.clone())
+    }
 }
 
 impl Networks {
@@ -198,7 +216,51 @@ impl Networks {
             .flat_map(|(i, n)| n.cidrs.iter().map(move |c| (*c, i)))
             .collect();
         prefixes.sort_by_key(|p| std::cmp::Reverse(p.0.prefix_len()));
-        Networks { networks, prefixes }
+        let mut table = ip_network_table::IpNetworkTable::new();
+        for (net, i) in &prefixes {
+            if let Ok(n) = ip_network::IpNetwork::new(net.network(), net.prefix_len()) {
+                table.insert(n, *i);
+            }
+        }
+        let index_of = |name: &str| networks.iter().position(|n| n.name == name);
+        let ancestors = networks
+            .iter()
+            .map(|n| {
+                std::iter::successors(n.parent.as_deref().and_then(index_of), |i| {
+                    networks
+                        .get(*i)
+                        .and_then(|p| p.parent.as_deref())
+                        .and_then(index_of)
+                })
+                .take(networks.len())
+                .collect()
+            })
+            .collect();
+        Networks {
+            networks,
+            prefixes,
+            table,
+            ancestors,
+        }
+    }
+
+    /// Index of the most specific network containing `ip`; `None` is [`INTERNET`].
+    #[inline]
+    pub fn resolve_index(&self, ip: IpAddr) -> Option<usize> {
+        self.table.longest_match(ip).map(|(_, i)| *i)
+    }
+
+    /// The network at `index` (from [`Networks::resolve_index`]).
+    pub fn get(&self, index: usize) -> Option<&Network> {
+        self.networks.get(index)
+    }
+
+    /// Ancestor indices of the network at `index`, nearest first.
+    pub fn ancestor_indices(&self, index: usize) -> &[usize] {
+        self.ancestors
+            .get(index)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Network> {
@@ -215,10 +277,8 @@ impl Networks {
 
     /// The most specific network containing `ip`, or [`INTERNET`].
     pub fn resolve(&self, ip: IpAddr) -> &str {
-        self.prefixes
-            .iter()
-            .find(|(net, _)| net.contains(&ip))
-            .and_then(|(_, i)| self.networks.get(*i))
+        self.resolve_index(ip)
+            .and_then(|i| self.networks.get(i))
             .map(|n| n.name.as_str())
             .unwrap_or(INTERNET)
     }
@@ -276,6 +336,19 @@ cidrs = ["10.8.5.0/24"]
         assert_eq!(n.resolve(ip("192.0.2.1")?), INTERNET);
         assert_eq!(n.ancestors("prod-db").collect::<Vec<_>>(), vec!["prod"]);
         Ok(())
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn table_lookup_equals_a_linear_longest_prefix_scan(a in 0u8..=255, b in 0u8..=255, c in 0u8..=255) {
+            let n = parse(GOOD).map_err(|e| proptest::test_runner::TestCaseError::fail(format!("{e:?}")))?;
+            let ip = IpAddr::from([10, a, b, c]);
+            let linear = n.prefixes.iter().find(|(net, _)| net.contains(&ip)).map(|(_, i)| *i);
+            proptest::prop_assert_eq!(n.resolve_index(ip), linear);
+            let ip = IpAddr::from([0xfd00, 8, u16::from(a), 0, 0, 0, 0, u16::from(c)]);
+            let linear = n.prefixes.iter().find(|(net, _)| net.contains(&ip)).map(|(_, i)| *i);
+            proptest::prop_assert_eq!(n.resolve_index(ip), linear);
+        }
     }
 
     #[test]

@@ -1,6 +1,9 @@
 use super::*;
+use chrono::{DateTime, Utc};
 use portcullis_model::Protocol;
+use portcullis_model::{FlowRequest, Principal};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 fn example_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies")
@@ -46,7 +49,7 @@ fn at(s: &str) -> DateTime<Utc> {
 #[allow(clippy::type_complexity)]
 #[test]
 fn example_policies_decide_as_documented() -> Result<(), Box<dyn std::error::Error>> {
-    let e = engine()?;
+    let mut e = engine()?;
     let now = at("2026-11-22T10:00:00Z");
     let cases: &[(&str, &str, u16, Protocol, bool, &[&str], &str)] = &[
         (
@@ -192,7 +195,7 @@ fn example_policies_decide_as_documented() -> Result<(), Box<dyn std::error::Err
 
 #[test]
 fn expiring_grant_expires() -> Result<(), Box<dyn std::error::Error>> {
-    let e = engine()?;
+    let mut e = engine()?;
     let r = req("10.10.0.5", 8443, Protocol::TCP);
     assert!(e.decide("erin", &r, at("2026-12-30T23:59:59Z")).allowed);
     assert!(!e.decide("erin", &r, at("2026-12-31T00:00:00Z")).allowed);
