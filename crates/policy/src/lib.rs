@@ -21,6 +21,7 @@ mod analysis;
 mod diagnostics;
 mod engine;
 mod networks;
+pub mod synth;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -58,6 +59,17 @@ fn render(errors: &[SourceError]) -> String {
         .join("\n")
 }
 
+/// The contents of a policy directory, read or generated.
+#[derive(Clone, Debug, Default)]
+pub struct Sources {
+    pub dir: PathBuf,
+    /// (path, text) of the schema.
+    pub schema: (PathBuf, String),
+    pub networks: Option<(PathBuf, String)>,
+    /// (path, text) of each `.cedar` file, in load order.
+    pub policies: Vec<(PathBuf, String)>,
+}
+
 /// Where a policy came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolicyInfo {
@@ -87,40 +99,22 @@ pub struct PolicyBundle {
 impl PolicyBundle {
     /// Loads and validates a policy directory. All errors are collected before failing.
     pub fn load(dir: &Path) -> Result<PolicyBundle, LoadError> {
-        let mut errors = Vec::new();
         let schema_path = dir.join(SCHEMA_FILE);
         let schema_src = read_capped(&schema_path).map_err(|e| LoadError { errors: vec![e] })?;
-        let schema = match Schema::from_cedarschema_str(&schema_src) {
-            Ok((schema, _warnings)) => schema,
-            Err(e) => {
-                return Err(LoadError {
-                    errors: vec![SourceError::from_diagnostic(
-                        &schema_path,
-                        &schema_src,
-                        &e,
-                        0,
-                    )],
-                })
-            }
-        };
-
         let networks_path = dir.join(NETWORKS_FILE);
-        let networks = if networks_path.exists() {
+        let mut errors = Vec::new();
+        let networks_src = if networks_path.exists() {
             match read_capped(&networks_path) {
-                Ok(src) => Networks::parse(&networks_path, &src).unwrap_or_else(|e| {
-                    errors.extend(e);
-                    Networks::default()
-                }),
+                Ok(src) => Some(src),
                 Err(e) => {
                     errors.push(e);
-                    Networks::default()
+                    None
                 }
             }
         } else {
-            Networks::default()
+            None
         };
-
-        let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        let mut paths: Vec<PathBuf> = match std::fs::read_dir(dir) {
             Ok(rd) => rd
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| p.extension().is_some_and(|x| x == "cedar") && p.is_file())
@@ -134,21 +128,62 @@ impl PolicyBundle {
                 })
             }
         };
-        files.sort();
+        paths.sort();
+        let mut files = Vec::new();
+        for path in paths {
+            match read_capped(&path) {
+                Ok(src) => files.push((path, src)),
+                Err(e) => errors.push(e),
+            }
+        }
+        let sources = Sources {
+            dir: dir.to_path_buf(),
+            schema: (schema_path, schema_src),
+            networks: networks_src.map(|s| (networks_path, s)),
+            policies: files,
+        };
+        match PolicyBundle::from_sources(sources) {
+            Ok(b) if errors.is_empty() => Ok(b),
+            Ok(_) => Err(LoadError { errors }),
+            Err(mut e) => {
+                errors.append(&mut e.errors);
+                Err(LoadError { errors })
+            }
+        }
+    }
 
+    /// Builds a bundle from sources in memory (file names are used in errors and ids).
+    pub fn from_sources(sources: Sources) -> Result<PolicyBundle, LoadError> {
+        let mut errors = Vec::new();
+        let dir = sources.dir;
+        let (schema_path, schema_src) = sources.schema;
+        let schema = match Schema::from_cedarschema_str(&schema_src) {
+            Ok((schema, _warnings)) => schema,
+            Err(e) => {
+                return Err(LoadError {
+                    errors: vec![SourceError::from_diagnostic(
+                        &schema_path,
+                        &schema_src,
+                        &e,
+                        0,
+                    )],
+                })
+            }
+        };
+        let networks = match &sources.networks {
+            Some((path, src)) => Networks::parse(path, src).unwrap_or_else(|e| {
+                errors.extend(e);
+                Networks::default()
+            }),
+            None => Networks::default(),
+        };
         let validator = Validator::new(schema.clone());
         let mut policies = PolicySet::new();
         let mut info: Vec<PolicyInfo> = Vec::new();
         let mut list = Vec::new();
         let mut warnings = Vec::new();
-        for file in &files {
-            let src = match read_capped(file) {
-                Ok(s) => s,
-                Err(e) => {
-                    errors.push(e);
-                    continue;
-                }
-            };
+        for (file, src) in &sources.policies {
+            let src = src.as_str();
             let set = match PolicySet::from_str(&src) {
                 Ok(set) => set,
                 Err(e) => {
@@ -229,7 +264,7 @@ impl PolicyBundle {
         }
         let metas = list.iter().map(PolicyMeta::of).collect();
         Ok(PolicyBundle {
-            dir: dir.to_path_buf(),
+            dir,
             schema,
             policies,
             info,

@@ -1,0 +1,60 @@
+//! The fast path (slices, minimal context, decision cache) against plain
+//! `Authorizer::is_authorized` over the whole set: same decision, same determining
+//! policies, same errors, for ≥ 100,000 random requests over generated companies, with
+//! identity changes interleaved so cache invalidation is exercised too.
+
+use portcullis_policy::synth::{Company, Shape};
+use portcullis_policy::Engine;
+use std::sync::Arc;
+
+fn run(shape: Shape, requests: usize) -> (usize, usize) {
+    let mut company = Company::generate(shape);
+    let bundle = Arc::new(std::mem::replace(
+        &mut company.bundle,
+        Company::generate(Shape {
+            policies: 1,
+            ..shape
+        })
+        .bundle,
+    ));
+    let mut engine = Engine::new(bundle, company.users.clone()).expect("engine");
+    let (mut allowed, mut with_errors) = (0, 0);
+    for i in 0..requests {
+        if i % 997 == 0 {
+            // An identity change: new groups and tags for some user (epoch bump).
+            let u = company.reshuffled_user(i % shape.users);
+            engine.upsert_user(u).expect("upsert");
+        }
+        let (user, req, now) = company.request();
+        let fast = engine.decide(&user, &req, now);
+        let plain = engine.decide_plain(&user, &req, now);
+        assert_eq!(*fast, plain, "request {i}: {user} {req:?} at {now}");
+        allowed += usize::from(plain.allowed);
+        with_errors += usize::from(!plain.errors.is_empty());
+    }
+    (allowed, with_errors)
+}
+
+#[test]
+fn fast_path_equals_plain_cedar_on_100k_random_requests() {
+    let mut total = 0;
+    for (seed, policies) in [(1, 150), (2, 40), (3, 400)] {
+        let shape = Shape {
+            policies,
+            users: 80,
+            groups: 30,
+            networks: 12,
+            seed,
+        };
+        let n = if policies >= 400 { 20_000 } else { 40_000 };
+        let (allowed, errors) = run(shape, n);
+        // The generated sets must exercise both outcomes and the error path.
+        assert!(
+            allowed > n / 50 && allowed < n - n / 50,
+            "seed {seed}: {allowed} of {n} allowed"
+        );
+        assert!(errors > 0, "seed {seed}: no evaluation errors exercised");
+        total += n;
+    }
+    assert!(total >= 100_000);
+}
