@@ -184,11 +184,11 @@ impl PolicyBundle {
         let mut warnings = Vec::new();
         for (file, src) in &sources.policies {
             let src = src.as_str();
-            let set = match PolicySet::from_str(&src) {
+            let set = match PolicySet::from_str(src) {
                 Ok(set) => set,
                 Err(e) => {
                     for err in e.iter() {
-                        errors.push(SourceError::from_diagnostic(file, &src, err, 0));
+                        errors.push(SourceError::from_diagnostic(file, src, err, 0));
                     }
                     continue;
                 }
@@ -202,12 +202,12 @@ impl PolicyBundle {
             }
             let result = validator.validate(&set, ValidationMode::Strict);
             for e in result.validation_errors() {
-                errors.push(SourceError::from_diagnostic(file, &src, e, 0));
+                errors.push(SourceError::from_diagnostic(file, src, e, 0));
             }
             for w in result.validation_warnings() {
-                warnings.push(SourceError::from_diagnostic(file, &src, w, 0));
+                warnings.push(SourceError::from_diagnostic(file, src, w, 0));
             }
-            let starts = policy_starts(&src);
+            let starts = policy_starts(src);
             let file_name = file
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
@@ -221,7 +221,7 @@ impl PolicyBundle {
                     .parse()
                     .unwrap_or(0);
                 let offset = starts.get(index).copied().unwrap_or(0);
-                let (line, col) = line_col(&src, offset);
+                let (line, col) = line_col(src, offset);
                 let id = policy
                     .annotation("id")
                     .map(str::to_string)
@@ -229,7 +229,7 @@ impl PolicyBundle {
                 if let Some(prev) = info.iter().find(|p| p.id == id) {
                     errors.push(SourceError::at(
                         file,
-                        &src,
+                        src,
                         line,
                         col,
                         format!(
@@ -246,7 +246,7 @@ impl PolicyBundle {
                 };
                 let renamed = policy.new_id(PolicyId::new(&id));
                 if let Err(e) = policies.add(renamed.clone()) {
-                    errors.push(SourceError::at(file, &src, line, col, e.to_string()));
+                    errors.push(SourceError::at(file, src, line, col, e.to_string()));
                     continue;
                 }
                 list.push(renamed);

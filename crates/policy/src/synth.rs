@@ -196,8 +196,10 @@ impl Company {
             ]),
             _ => IpAddr::from([10, rng.gen_range(0..top), rng.gen_range(0..5), rng.gen()]),
         };
-        let protocol =
-            [Protocol::TCP, Protocol::TCP, Protocol::UDP, Protocol::ICMP][rng.gen_range(0..4)];
+        let protocol = pick(
+            rng,
+            &[Protocol::TCP, Protocol::TCP, Protocol::UDP, Protocol::ICMP],
+        );
         let dst_port = if protocol == Protocol::ICMP {
             0
         } else {

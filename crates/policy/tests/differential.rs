@@ -3,6 +3,13 @@
 //! policies, same errors, for ≥ 100,000 random requests over generated companies, with
 //! identity changes interleaved so cache invalidation is exercised too.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use portcullis_policy::synth::{Company, Shape};
 use portcullis_policy::Engine;
 use std::sync::Arc;
