@@ -94,6 +94,8 @@ pub struct PolicyMeta {
     pub connect: bool,
     pub resource: Scope,
     pub reads: ContextReads,
+    /// Every `Group::"…"` the policy names, in its scope or its conditions.
+    pub groups: Vec<String>,
 }
 
 impl PolicyMeta {
@@ -138,20 +140,44 @@ impl PolicyMeta {
             ActionConstraint::Eq(u) => is_connect(&u),
             ActionConstraint::In(us) => us.iter().any(is_connect),
         };
-        let reads = match policy.to_json() {
+        let (reads, groups) = match policy.to_json() {
             Ok(json) => {
                 let mut reads = 0u8;
                 walk(&json, &mut reads);
-                ContextReads(reads)
+                let mut groups = Vec::new();
+                entity_literals(&json, "Group", &mut groups);
+                groups.sort();
+                groups.dedup();
+                (ContextReads(reads), groups)
             }
-            Err(_) => ContextReads(ContextReads::ALL),
+            Err(_) => (ContextReads(ContextReads::ALL), Vec::new()),
         };
         PolicyMeta {
             principal,
             connect,
             resource,
             reads,
+            groups,
         }
+    }
+}
+
+/// Collects the ids of entity literals of type `ty` (`{"type": ty, "id": …}` objects).
+fn entity_literals(v: &serde_json::Value, ty: &str, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(map) => {
+            if let (Some(t), Some(id)) = (
+                map.get("type").and_then(|t| t.as_str()),
+                map.get("id").and_then(|i| i.as_str()),
+            ) {
+                if t == ty {
+                    out.push(id.to_string());
+                }
+            }
+            map.values().for_each(|c| entity_literals(c, ty, out));
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|c| entity_literals(c, ty, out)),
+        _ => {}
     }
 }
 

@@ -22,6 +22,7 @@ mod diagnostics;
 mod engine;
 mod networks;
 pub mod synth;
+pub mod testing;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -200,18 +201,13 @@ impl PolicyBundle {
                 ));
                 continue;
             }
-            let result = validator.validate(&set, ValidationMode::Strict);
-            for e in result.validation_errors() {
-                errors.push(SourceError::from_diagnostic(file, src, e, 0));
-            }
-            for w in result.validation_warnings() {
-                warnings.push(SourceError::from_diagnostic(file, src, w, 0));
-            }
             let starts = policy_starts(src);
             let file_name = file
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
+            // Rename first (to the @id, or file#index), so validation messages name them.
+            let mut renamed_here = Vec::new();
             for policy in set.policies() {
                 // Cedar numbers a file's policies policy0, policy1, … in source order.
                 let index: usize = policy
@@ -226,16 +222,24 @@ impl PolicyBundle {
                     .annotation("id")
                     .map(str::to_string)
                     .unwrap_or_else(|| format!("{file_name}#{index}"));
-                if let Some(prev) = info.iter().find(|p| p.id == id) {
+                let earlier = info
+                    .iter()
+                    .map(|p| (p.id.as_str(), p.file.as_path(), p.line))
+                    .chain(renamed_here.iter().map(
+                        |(_, i): &(cedar_policy::Policy, PolicyInfo)| {
+                            (i.id.as_str(), i.file.as_path(), i.line)
+                        },
+                    ))
+                    .find(|(other, _, _)| *other == id)
+                    .map(|(_, f, l)| (f.display().to_string(), l));
+                if let Some((prev_file, prev_line)) = earlier {
                     errors.push(SourceError::at(
                         file,
                         src,
                         line,
                         col,
                         format!(
-                            "duplicate policy id {id:?} (first defined at {}:{})",
-                            prev.file.display(),
-                            prev.line
+                            "duplicate policy id {id:?} (first defined at {prev_file}:{prev_line})"
                         ),
                     ));
                     continue;
@@ -244,19 +248,46 @@ impl PolicyBundle {
                     cedar_policy::Effect::Permit => "permit",
                     cedar_policy::Effect::Forbid => "forbid",
                 };
-                let renamed = policy.new_id(PolicyId::new(&id));
-                if let Err(e) = policies.add(renamed.clone()) {
-                    errors.push(SourceError::at(file, src, line, col, e.to_string()));
+                renamed_here.push((
+                    policy.new_id(PolicyId::new(&id)),
+                    PolicyInfo {
+                        id,
+                        file: file.clone(),
+                        line,
+                        col,
+                        effect: effect.into(),
+                    },
+                ));
+            }
+            renamed_here.sort_by_key(|(_, i)| (i.line, i.col));
+            let file_set =
+                match PolicySet::from_policies(renamed_here.iter().map(|(p, _)| p.clone())) {
+                    Ok(set) => set,
+                    Err(e) => {
+                        errors.push(SourceError::file(file, e.to_string()));
+                        continue;
+                    }
+                };
+            let result = validator.validate(&file_set, ValidationMode::Strict);
+            for e in result.validation_errors() {
+                errors.push(SourceError::from_diagnostic(file, src, e, 0));
+            }
+            for w in result.validation_warnings() {
+                warnings.push(SourceError::from_diagnostic(file, src, w, 0));
+            }
+            for (policy, pinfo) in renamed_here {
+                if let Err(e) = policies.add(policy.clone()) {
+                    errors.push(SourceError::at(
+                        file,
+                        src,
+                        pinfo.line,
+                        pinfo.col,
+                        e.to_string(),
+                    ));
                     continue;
                 }
-                list.push(renamed);
-                info.push(PolicyInfo {
-                    id,
-                    file: file.clone(),
-                    line,
-                    col,
-                    effect: effect.into(),
-                });
+                list.push(policy);
+                info.push(pinfo);
             }
         }
         if !errors.is_empty() {
@@ -295,15 +326,12 @@ impl PolicyBundle {
         &self.policies
     }
 
-    /// Groups named in policy scopes (`principal in Group::"…"`), for "no identity has
-    /// this group" warnings.
+    /// Groups the policies name (scopes and conditions), for "no identity has this group"
+    /// warnings.
     pub fn referenced_groups(&self) -> BTreeSet<String> {
         self.metas
             .iter()
-            .filter_map(|m| match &m.principal {
-                Scope::In(_, t, g) | Scope::Eq(t, g) if t == "Group" => Some(g.clone()),
-                _ => None,
-            })
+            .flat_map(|m| m.groups.iter().cloned())
             .collect()
     }
 

@@ -1,7 +1,7 @@
 //! The `portcullis` binary: one CLI for the gateway and its tooling.
 //!
 //! - `portcullis gateway --config FILE`: run the gateway.
-//! - `portcullis policy validate --dir DIR`: check a policy directory (for CI).
+//! - `portcullis policy validate|test|explain|bench`: policy tooling (for a policy repo's CI).
 //! - `portcullis check-config --config FILE`: check a configuration file.
 //! - `portcullis keygen` / `portcullis pubkey`: WireGuard keys, like `wg genkey` / `wg pubkey`.
 //!
@@ -15,6 +15,8 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use base64::Engine as _;
 use clap::{Parser, Subcommand};
+
+mod policy_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -55,21 +57,12 @@ enum Command {
     /// Policy tooling.
     Policy {
         #[command(subcommand)]
-        command: PolicyCommand,
+        command: policy_cmd::PolicyCommand,
     },
     /// Print a new WireGuard private key (base64).
     Keygen,
     /// Read a private key on stdin, print its public key.
     Pubkey,
-}
-
-#[derive(Subcommand)]
-enum PolicyCommand {
-    /// Parse and validate a policy directory; errors as file:line:col. Exit 1 on errors.
-    Validate {
-        #[arg(long, env = "PORTCULLIS_POLICY_DIR", default_value = "policies")]
-        dir: PathBuf,
-    },
 }
 
 fn main() -> ExitCode {
@@ -131,27 +124,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             println!("{}: ok", config.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Policy {
-            command: PolicyCommand::Validate { dir },
-        } => match portcullis_policy::PolicyBundle::load(&dir) {
-            Ok(bundle) => {
-                for w in &bundle.warnings {
-                    eprintln!("warning: {w}");
-                }
-                println!(
-                    "{}: {} policies, {} networks: ok",
-                    dir.display(),
-                    bundle.policies().len(),
-                    bundle.networks().len()
-                );
-                Ok(ExitCode::SUCCESS)
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                eprintln!("{} error(s)", e.errors.len());
-                Ok(ExitCode::FAILURE)
-            }
-        },
+        Command::Policy { command } => policy_cmd::run(command),
         Command::Keygen => {
             let secret = boringtun_secret();
             println!(

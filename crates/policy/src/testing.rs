@@ -1,0 +1,327 @@
+//! Policy test cases (`<policy dir>/tests/*.toml`) and destinations as written on the
+//! command line (`10.8.5.4:5432/tcp`, `[fd00:8::2]:443/tcp`, `10.8.0.2/icmp`).
+//!
+//! Format owned here:
+//!
+//! ```toml
+//! [[case]]
+//! name = "SREs reach prod-db"         # optional; defaults to "<file>#<n>"
+//! user = "alice"
+//! groups = ["sre"]                    # optional
+//! tags = ["oncall"]                   # optional
+//! dst = "10.8.5.4:5432/tcp"
+//! at = "2026-11-22T10:00:00Z"         # optional; defaults to the time of the run
+//! expect = "allow"                    # or "deny"
+//! policies = ["sre-prod"]             # optional: the exact determining policy ids
+//! ```
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use portcullis_model::{Decision, FlowRequest, Principal, Protocol};
+use serde::Deserialize;
+
+use crate::diagnostics::{line_col, SourceError};
+use crate::{Engine, PolicyBundle};
+
+/// A destination: address, port (0 when none) and protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Destination {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// Parses `ip:port/proto`, `[v6]:port/proto` or `ip/proto`.
+pub fn parse_destination(text: &str) -> Result<Destination, String> {
+    let (addr, proto) = text.rsplit_once('/').ok_or_else(|| {
+        format!("destination {text:?}: expected ip:port/protocol (e.g. 10.8.5.4:5432/tcp)")
+    })?;
+    let protocol = Protocol::from_name(proto).ok_or_else(|| {
+        format!(
+            "destination {text:?}: unknown protocol {proto:?} (tcp, udp, icmp, icmpv6 or a number)"
+        )
+    })?;
+    let (ip, port) = if let Ok(sa) = addr.parse::<SocketAddr>() {
+        (sa.ip(), sa.port())
+    } else if let Ok(ip) = addr
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+    {
+        (ip, 0)
+    } else {
+        return Err(format!(
+            "destination {text:?}: {addr:?} is not an address or address:port"
+        ));
+    };
+    if port != 0 && !matches!(protocol, Protocol::TCP | Protocol::UDP) {
+        return Err(format!("destination {text:?}: {protocol} has no ports"));
+    }
+    Ok(Destination { ip, port, protocol })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CaseFile {
+    #[serde(default)]
+    case: Vec<RawCase>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCase {
+    #[serde(default)]
+    name: Option<String>,
+    user: String,
+    #[serde(default)]
+    groups: Vec<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+    dst: String,
+    #[serde(default)]
+    at: Option<DateTime<Utc>>,
+    expect: Expect,
+    #[serde(default)]
+    policies: Option<Vec<String>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Expect {
+    Allow,
+    Deny,
+}
+
+/// One test case, located in its file.
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub file: PathBuf,
+    pub line: usize,
+    pub name: String,
+    pub user: Principal,
+    pub dst: Destination,
+    pub at: Option<DateTime<Utc>>,
+    pub expect: Expect,
+    pub policies: Option<Vec<String>>,
+}
+
+/// The outcome of one case.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub case: Case,
+    pub decision: Decision,
+    /// Why it failed; `None` when it passed.
+    pub failure: Option<String>,
+}
+
+/// Reads every `*.toml` under `dir/tests`, sorted by name.
+pub fn load_cases(dir: &Path) -> Result<Vec<Case>, Vec<SourceError>> {
+    let tests = dir.join("tests");
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(&tests) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect(),
+        Err(e) => {
+            return Err(vec![SourceError::file(
+                &tests,
+                format!("cannot read test directory: {e}"),
+            )])
+        }
+    };
+    files.sort();
+    let mut cases = Vec::new();
+    let mut errors = Vec::new();
+    for file in files {
+        let src = match std::fs::read_to_string(&file) {
+            Ok(s) => s,
+            Err(e) => {
+                errors.push(SourceError::file(&file, format!("cannot read: {e}")));
+                continue;
+            }
+        };
+        let parsed: CaseFile = match toml::from_str(&src) {
+            Ok(p) => p,
+            Err(e) => {
+                let (line, col) = e.span().map(|s| line_col(&src, s.start)).unwrap_or((1, 1));
+                errors.push(SourceError::at(
+                    &file,
+                    &src,
+                    line,
+                    col,
+                    e.message().to_string(),
+                ));
+                continue;
+            }
+        };
+        // Each [[case]] header, in order, locates its case.
+        let headers: Vec<usize> = src
+            .match_indices("[[case]]")
+            .map(|(o, _)| line_col(&src, o).0)
+            .collect();
+        let file_name = file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        for (i, raw) in parsed.case.into_iter().enumerate() {
+            let line = headers.get(i).copied().unwrap_or(1);
+            let dst = match parse_destination(&raw.dst) {
+                Ok(d) => d,
+                Err(e) => {
+                    errors.push(SourceError::at(&file, &src, line, 1, e));
+                    continue;
+                }
+            };
+            cases.push(Case {
+                file: file.clone(),
+                line,
+                name: raw.name.unwrap_or_else(|| format!("{file_name}#{i}")),
+                user: Principal {
+                    email: format!("{}@example.com", raw.user),
+                    name: raw.user,
+                    groups: raw.groups,
+                    tags: raw.tags,
+                },
+                dst,
+                at: raw.at,
+                expect: raw.expect,
+                policies: raw.policies,
+            });
+        }
+    }
+    if errors.is_empty() {
+        Ok(cases)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Decides `case` with plain Cedar over the whole bundle and compares.
+pub fn run_case(bundle: &Arc<PolicyBundle>, case: &Case, now: DateTime<Utc>) -> Outcome {
+    let decision = match Engine::new(bundle.clone(), vec![case.user.clone()]) {
+        Ok(engine) => engine.decide_plain(
+            &case.user.name,
+            &FlowRequest {
+                src_ip: IpAddr::from([100, 64, 0, 2]),
+                dst_ip: case.dst.ip,
+                dst_port: case.dst.port,
+                protocol: case.dst.protocol,
+                device: "test".into(),
+            },
+            case.at.unwrap_or(now),
+        ),
+        Err(e) => {
+            let mut d = Decision::deny_default("-");
+            d.errors.push(e.to_string());
+            d
+        }
+    };
+    let got = if decision.allowed {
+        Expect::Allow
+    } else {
+        Expect::Deny
+    };
+    let mut failure = None;
+    if got != case.expect {
+        failure = Some(format!("expected {:?}, got {:?}", case.expect, got).to_lowercase());
+    } else if let Some(want) = &case.policies {
+        let mut want = want.clone();
+        want.sort();
+        if want != decision.policy_ids {
+            failure = Some(format!(
+                "expected deciding policies {want:?}, got {:?}",
+                decision.policy_ids
+            ));
+        }
+    }
+    Outcome {
+        case: case.clone(),
+        decision,
+        failure,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destinations_parse() {
+        let d = parse_destination("10.8.5.4:5432/tcp").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (d.ip, d.port, d.protocol),
+            (IpAddr::from([10, 8, 5, 4]), 5432, Protocol::TCP)
+        );
+        let d = parse_destination("[fd00:8::2]:443/TCP").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(d.port, 443);
+        let d = parse_destination("10.8.0.2/icmp").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((d.port, d.protocol), (0, Protocol::ICMP));
+        let d = parse_destination("fd00:8::2/icmpv6").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(d.protocol, Protocol::ICMPV6);
+        for bad in [
+            "10.8.0.2:22",
+            "10.8.0.2:22/sctp",
+            "10.8.0.300:22/tcp",
+            "10.8.0.2:22/icmp",
+            "host:22/tcp",
+        ] {
+            assert!(parse_destination(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_example_cases_all_pass() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies");
+        let bundle = Arc::new(PolicyBundle::load(&dir).unwrap_or_else(|e| panic!("{e}")));
+        let cases = load_cases(&dir).unwrap_or_else(|e| panic!("{e:?}"));
+        assert!(cases.len() >= 12, "every example policy has cases");
+        let now: DateTime<Utc> = "2026-11-22T10:00:00Z".parse().unwrap_or_default();
+        for c in &cases {
+            let o = run_case(&bundle, c, now);
+            assert!(
+                o.failure.is_none(),
+                "{}:{} {}: {:?}",
+                c.file.display(),
+                c.line,
+                c.name,
+                o.failure
+            );
+        }
+        // Every policy is exercised by at least one case's deciding set.
+        for p in bundle.policies() {
+            let decided: bool = cases.iter().any(|c| {
+                run_case(&bundle, c, now)
+                    .decision
+                    .policy_ids
+                    .contains(&p.id)
+            });
+            assert!(decided, "policy {} has no test case that it decides", p.id);
+        }
+    }
+
+    #[test]
+    fn a_wrong_expectation_fails_with_a_reason() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies");
+        let bundle = Arc::new(PolicyBundle::load(&dir).unwrap_or_else(|e| panic!("{e}")));
+        let case = Case {
+            file: PathBuf::from("t.toml"),
+            line: 1,
+            name: "bob in prod".into(),
+            user: Principal {
+                name: "bob".into(),
+                email: String::new(),
+                groups: vec!["developers".into()],
+                tags: vec![],
+            },
+            dst: parse_destination("10.8.0.2:22/tcp").unwrap_or_else(|e| panic!("{e}")),
+            at: None,
+            expect: Expect::Allow,
+            policies: None,
+        };
+        let o = run_case(&bundle, &case, Utc::now());
+        assert_eq!(o.failure.as_deref(), Some("expected allow, got deny"));
+    }
+}

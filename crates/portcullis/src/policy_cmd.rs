@@ -1,0 +1,361 @@
+//! `portcullis policy …`: validate, test, explain, bench. Usable without a gateway, in a
+//! policy repository's CI.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use chrono::{DateTime, Utc};
+use clap::Subcommand;
+use portcullis_model::{FlowRequest, Principal};
+use portcullis_policy::synth::{Company, Shape};
+use portcullis_policy::testing::{load_cases, parse_destination, run_case};
+use portcullis_policy::{Engine, PolicyBundle};
+use serde_json::json;
+
+#[derive(Subcommand)]
+pub enum PolicyCommand {
+    /// Parse and validate a policy directory; errors as file:line:col. Exit 1 on errors.
+    Validate {
+        #[arg(long, env = "PORTCULLIS_POLICY_DIR", default_value = "policies")]
+        dir: PathBuf,
+        /// A gateway config: warn about groups the policies name that no [[user]] has.
+        #[arg(long, env = "PORTCULLIS_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Run the cases in DIR/tests/*.toml; prints pass/fail per case. Exit 1 on any failure.
+    Test {
+        #[arg(long, env = "PORTCULLIS_POLICY_DIR", default_value = "policies")]
+        dir: PathBuf,
+    },
+    /// Explain the decision for one user and destination.
+    Explain {
+        #[arg(long, env = "PORTCULLIS_POLICY_DIR", default_value = "policies")]
+        dir: PathBuf,
+        #[arg(long)]
+        user: String,
+        /// Comma-separated groups.
+        #[arg(long, value_delimiter = ',', default_value = "")]
+        groups: Vec<String>,
+        /// Comma-separated tags.
+        #[arg(long, value_delimiter = ',', default_value = "")]
+        tags: Vec<String>,
+        /// Destination: ip:port/proto, [v6]:port/proto or ip/proto.
+        #[arg(long)]
+        dst: String,
+        /// Time of the request (RFC 3339); default now.
+        #[arg(long)]
+        at: Option<DateTime<Utc>>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Generate a policy set and users, and print one JSON line with p50/p99 of the fast
+    /// path (cold and warm cache) and of plain Cedar over the full set, same run.
+    Bench {
+        #[arg(long, default_value_t = 1000)]
+        policies: usize,
+        #[arg(long, default_value_t = 10_000)]
+        users: usize,
+        #[arg(long, default_value_t = 200)]
+        groups: usize,
+        #[arg(long, default_value_t = 60)]
+        networks: usize,
+        /// Requests for the fast path (the plain path samples fewer: it is slow).
+        #[arg(long, default_value_t = 50_000)]
+        requests: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+}
+
+pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        PolicyCommand::Validate { dir, config } => validate(&dir, config.as_deref()),
+        PolicyCommand::Test { dir } => test(&dir),
+        PolicyCommand::Explain {
+            dir,
+            user,
+            groups,
+            tags,
+            dst,
+            at,
+            json,
+        } => explain(&dir, user, groups, tags, &dst, at, json),
+        PolicyCommand::Bench {
+            policies,
+            users,
+            groups,
+            networks,
+            requests,
+            seed,
+        } => bench(
+            Shape {
+                policies,
+                users,
+                groups,
+                networks,
+                seed,
+            },
+            requests,
+        ),
+    }
+}
+
+fn load(dir: &Path) -> Result<PolicyBundle, ExitCode> {
+    PolicyBundle::load(dir).map_err(|e| {
+        eprintln!("{e}");
+        eprintln!("{} error(s)", e.errors.len());
+        ExitCode::FAILURE
+    })
+}
+
+fn validate(dir: &Path, config: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let bundle = match load(dir) {
+        Ok(b) => b,
+        Err(code) => return Ok(code),
+    };
+    for w in &bundle.warnings {
+        eprintln!("warning: {w}");
+    }
+    if let Some(config) = config {
+        // Only the users matter here: no need for the gateway's key.
+        let text = std::fs::read_to_string(config)
+            .with_context(|| format!("reading {}", config.display()))?;
+        let loaded = portcullis_config::parse(config, &text)?;
+        let known: BTreeSet<&str> = loaded
+            .config
+            .users
+            .iter()
+            .flat_map(|u| u.groups.iter().map(String::as_str))
+            .collect();
+        for g in bundle.referenced_groups() {
+            if !known.contains(g.as_str()) {
+                eprintln!(
+                    "warning: policies name Group::{g:?}, which no user in {} has (a typo, or a group only an identity source provides?)",
+                    config.display()
+                );
+            }
+        }
+    }
+    println!(
+        "{}: {} policies, {} networks: ok",
+        dir.display(),
+        bundle.policies().len(),
+        bundle.networks().len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn test(dir: &Path) -> anyhow::Result<ExitCode> {
+    let bundle = match load(dir) {
+        Ok(b) => Arc::new(b),
+        Err(code) => return Ok(code),
+    };
+    let cases = match load_cases(dir) {
+        Ok(c) => c,
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("{e}");
+            }
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let now = Utc::now();
+    let mut failed = 0;
+    for case in &cases {
+        let o = run_case(&bundle, case, now);
+        match &o.failure {
+            None => println!("pass  {}", case.name),
+            Some(why) => {
+                failed += 1;
+                println!(
+                    "FAIL  {}  ({}:{})\n      {why}",
+                    case.name,
+                    case.file.display(),
+                    case.line
+                );
+            }
+        }
+    }
+    println!("{} passed, {} failed", cases.len() - failed, failed);
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn explain(
+    dir: &Path,
+    user: String,
+    groups: Vec<String>,
+    tags: Vec<String>,
+    dst: &str,
+    at: Option<DateTime<Utc>>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let bundle = match load(dir) {
+        Ok(b) => Arc::new(b),
+        Err(code) => return Ok(code),
+    };
+    let dst = parse_destination(dst).map_err(anyhow::Error::msg)?;
+    let principal = Principal {
+        email: format!("{user}@example.com"),
+        name: user.clone(),
+        groups: groups.into_iter().filter(|g| !g.is_empty()).collect(),
+        tags: tags.into_iter().filter(|t| !t.is_empty()).collect(),
+    };
+    let engine = Engine::new(bundle.clone(), vec![principal.clone()])
+        .context("building the request entities")?;
+    let at = at.unwrap_or_else(Utc::now);
+    let d = engine.decide_plain(
+        &user,
+        &FlowRequest {
+            src_ip: std::net::IpAddr::from([100, 64, 0, 2]),
+            dst_ip: dst.ip,
+            dst_port: dst.port,
+            protocol: dst.protocol,
+            device: "explain".into(),
+        },
+        at,
+    );
+    let ancestors: Vec<String> = bundle
+        .networks()
+        .ancestors(&d.network)
+        .map(str::to_string)
+        .collect();
+    let policies: Vec<serde_json::Value> = d
+        .policy_ids
+        .iter()
+        .map(|id| match bundle.policy(id) {
+            Some(p) => json!({"id": id, "effect": p.effect, "file": p.file.display().to_string(), "line": p.line, "col": p.col}),
+            None => json!({"id": id}),
+        })
+        .collect();
+    let reason = match (d.allowed, d.policy_ids.is_empty()) {
+        (true, _) => "permitted",
+        (false, true) => "no permit matched",
+        (false, false) => "forbidden",
+    };
+    let dst_text = match dst.port {
+        0 => format!("{}/{}", dst.ip, dst.protocol),
+        p if dst.ip.is_ipv6() => format!("[{}]:{p}/{}", dst.ip, dst.protocol),
+        p => format!("{}:{p}/{}", dst.ip, dst.protocol),
+    };
+    if json {
+        println!(
+            "{}",
+            json!({
+                "decision": if d.allowed { "allow" } else { "deny" },
+                "user": principal.name, "groups": principal.groups, "tags": principal.tags,
+                "destination": dst_text, "at": at.to_rfc3339(),
+                "network": d.network, "ancestors": ancestors,
+                "reason": reason, "policies": policies, "errors": d.errors,
+            })
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{}  {} → {} at {}",
+        if d.allowed { "ALLOW" } else { "DENY" },
+        principal.name,
+        dst_text,
+        at.to_rfc3339()
+    );
+    println!(
+        "  user:     groups [{}], tags [{}]",
+        principal.groups.join(", "),
+        principal.tags.join(", ")
+    );
+    let inside = if ancestors.is_empty() {
+        String::new()
+    } else {
+        format!(" (inside {})", ancestors.join(" ⊂ "))
+    };
+    println!("  network:  {}{inside}", d.network);
+    match reason {
+        "no permit matched" => println!("  reason:   no permit matched (default deny)"),
+        r => {
+            println!("  reason:   {r} by");
+            for p in &policies {
+                println!(
+                    "              {:<28} {:<7} {}:{}",
+                    p["id"].as_str().unwrap_or(""),
+                    p["effect"].as_str().unwrap_or(""),
+                    p["file"].as_str().unwrap_or(""),
+                    p["line"]
+                );
+            }
+        }
+    }
+    for e in &d.errors {
+        println!("  error:    {e} (the policy was skipped, as Cedar does)");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn percentile(sorted: &[u64], q: f64) -> u64 {
+    let idx = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted.get(idx).copied().unwrap_or(0)
+}
+
+fn bench(shape: Shape, requests: usize) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let mut company = Company::generate(shape);
+    let bundle = Arc::new(std::mem::replace(
+        &mut company.bundle,
+        Company::generate(Shape {
+            policies: 1,
+            users: 1,
+            ..shape
+        })
+        .bundle,
+    ));
+    let mut engine = Engine::new(bundle.clone(), company.users.clone())?;
+    let reqs: Vec<_> = (0..requests).map(|_| company.request()).collect();
+    let setup_ms = started.elapsed().as_millis();
+
+    let mut cold = Vec::with_capacity(requests);
+    for (u, r, t) in &reqs {
+        let s = Instant::now();
+        std::hint::black_box(engine.decide(u, r, *t));
+        cold.push(s.elapsed().as_nanos() as u64);
+    }
+    let misses = engine.stats.evaluations + engine.stats.empty_slices;
+    let hits_before = engine.stats.cache_hits;
+    let mut warm = Vec::with_capacity(requests);
+    for (u, r, t) in &reqs {
+        let s = Instant::now();
+        std::hint::black_box(engine.decide(u, r, *t));
+        warm.push(s.elapsed().as_nanos() as u64);
+    }
+    let warm_hits = engine.stats.cache_hits - hits_before;
+    let plain_n = requests.min(if shape.policies >= 1000 { 1500 } else { 5000 });
+    let mut plain = Vec::with_capacity(plain_n);
+    for (u, r, t) in reqs.iter().take(plain_n) {
+        let s = Instant::now();
+        std::hint::black_box(engine.decide_plain(u, r, *t));
+        plain.push(s.elapsed().as_nanos() as u64);
+    }
+    for v in [&mut cold, &mut warm, &mut plain] {
+        v.sort_unstable();
+    }
+    let (cold50, plain50) = (percentile(&cold, 0.5), percentile(&plain, 0.5));
+    println!(
+        "{}",
+        json!({
+            "policies": shape.policies, "users": shape.users, "groups": shape.groups, "networks": shape.networks,
+            "requests": requests, "plain_requests": plain_n, "setup_ms": setup_ms,
+            "fast_cold_p50_ns": cold50, "fast_cold_p99_ns": percentile(&cold, 0.99),
+            "fast_warm_p50_ns": percentile(&warm, 0.5), "fast_warm_p99_ns": percentile(&warm, 0.99),
+            "plain_p50_ns": plain50, "plain_p99_ns": percentile(&plain, 0.99),
+            "speedup_cold_p50": plain50 as f64 / cold50.max(1) as f64,
+            "cold_cache_misses": misses, "warm_cache_hit_ratio": warm_hits as f64 / requests.max(1) as f64,
+            "slice_builds": engine.stats.slice_builds,
+        })
+    );
+    Ok(ExitCode::SUCCESS)
+}

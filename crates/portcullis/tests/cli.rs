@@ -1,0 +1,196 @@
+//! The `portcullis` CLI as a policy author's CI runs it: exit codes and output.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_portcullis"))
+}
+
+fn policies() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies")
+}
+
+fn run(args: &[&str]) -> Output {
+    bin()
+        .args(args)
+        .env_remove("PORTCULLIS_POLICY_DIR")
+        .output()
+        .expect("runs")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn copy_policies() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(policies()).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+        }
+    }
+    std::fs::create_dir(dir.path().join("tests")).unwrap();
+    for e in std::fs::read_dir(policies().join("tests")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.path().join("tests").join(e.file_name())).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn validate_accepts_the_examples_and_locates_errors() {
+    let dir = policies();
+    let o = run(&["policy", "validate", "--dir", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("6 policies, 6 networks: ok"));
+
+    let bad = copy_policies();
+    std::fs::write(bad.path().join("z.cedar"), "\n@id(\"typo\")\npermit(principal in Group::\"sre\", action, resource) when { context.dst_prot == 22 };\n").unwrap();
+    std::fs::write(
+        bad.path().join("networks.toml"),
+        "[[network]]\nname = \"prod\"\ncidrs = [\"10.8.0.0/33\"]\n",
+    )
+    .unwrap();
+    let o = run(&["policy", "validate", "--dir", bad.path().to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("z.cedar:3:"), "{t}");
+    assert!(t.contains("typo"), "errors name the policy id: {t}");
+    assert!(t.contains("networks.toml:3:"), "{t}");
+    assert!(t.contains('^'), "caret excerpt: {t}");
+}
+
+#[test]
+fn policy_test_passes_the_examples_and_fails_a_wrong_case() {
+    let o = run(&["policy", "test", "--dir", policies().to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("17 passed, 0 failed"), "{}", text(&o));
+
+    let dir = copy_policies();
+    std::fs::write(
+        dir.path().join("tests/wrong.toml"),
+        "[[case]]\nname = \"bob reaches prod\"\nuser = \"bob\"\ngroups = [\"developers\"]\ndst = \"10.8.0.2:22/tcp\"\nexpect = \"allow\"\n",
+    )
+    .unwrap();
+    let o = run(&["policy", "test", "--dir", dir.path().to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let t = text(&o);
+    assert!(t.contains("FAIL  bob reaches prod"), "{t}");
+    assert!(t.contains("wrong.toml:1"), "{t}");
+    assert!(t.contains("expected allow, got deny"), "{t}");
+}
+
+#[test]
+fn explain_names_network_ancestors_and_deciding_policy_with_location() {
+    let o = run(&[
+        "policy",
+        "explain",
+        "--dir",
+        policies().to_str().unwrap(),
+        "--user",
+        "alice",
+        "--groups",
+        "sre",
+        "--tags",
+        "oncall",
+        "--dst",
+        "10.8.200.9:443/tcp",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["decision"], "deny");
+    assert_eq!(v["network"], "pci");
+    assert_eq!(v["ancestors"], serde_json::json!(["prod"]));
+    assert_eq!(v["reason"], "forbidden");
+    assert_eq!(v["policies"][0]["id"], "pci-oncall-admins-only");
+    assert!(v["policies"][0]["file"]
+        .as_str()
+        .unwrap()
+        .ends_with("guardrails.cedar"));
+    assert_eq!(v["policies"][0]["line"], 4);
+
+    let o = run(&[
+        "policy",
+        "explain",
+        "--dir",
+        policies().to_str().unwrap(),
+        "--user",
+        "bob",
+        "--dst",
+        "10.8.0.2:22/tcp",
+    ]);
+    assert!(text(&o).contains("no permit matched"), "{}", text(&o));
+
+    let o = run(&[
+        "policy",
+        "explain",
+        "--dir",
+        policies().to_str().unwrap(),
+        "--user",
+        "bob",
+        "--dst",
+        "10.8.0.2:22",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("expected ip:port/protocol"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn bench_prints_one_json_line_with_both_paths() {
+    let o = run(&[
+        "policy",
+        "bench",
+        "--policies",
+        "20",
+        "--users",
+        "50",
+        "--groups",
+        "10",
+        "--networks",
+        "6",
+        "--requests",
+        "300",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for k in [
+        "fast_cold_p50_ns",
+        "fast_cold_p99_ns",
+        "fast_warm_p50_ns",
+        "fast_warm_p99_ns",
+        "plain_p50_ns",
+        "plain_p99_ns",
+    ] {
+        assert!(v[k].as_u64().unwrap() > 0, "{k} in {v}");
+    }
+    assert!(v["warm_cache_hit_ratio"].as_f64().unwrap() > 0.0, "{v}");
+}
+
+#[test]
+fn config_errors_name_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("p.toml");
+    std::fs::write(&cfg, "[gateway]\nlisten = \"0.0.0.0:51820\"\nprivate_key_file = \"k\"\ntun_name = \"pc0\"\ntunnel_address = \"100.64.0.1/24\"\nmtu = \"big\"\n[policy]\ndir = \"p\"\n[audit]\nevents_file = \"e\"\n").unwrap();
+    let o = run(&["check-config", "--config", cfg.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(t.contains("p.toml:6:") && t.contains("gateway.mtu"), "{t}");
+}
