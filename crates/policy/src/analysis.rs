@@ -96,6 +96,9 @@ pub struct PolicyMeta {
     pub reads: ContextReads,
     /// Every `Group::"…"` the policy names, in its scope or its conditions.
     pub groups: Vec<String>,
+    /// No `when` / `unless`: the scope alone decides it.
+    pub unconditional: bool,
+    pub forbid: bool,
 }
 
 impl PolicyMeta {
@@ -140,17 +143,19 @@ impl PolicyMeta {
             ActionConstraint::Eq(u) => is_connect(&u),
             ActionConstraint::In(us) => us.iter().any(is_connect),
         };
-        let (reads, groups) = match policy.to_json() {
+        let forbid = policy.effect() == cedar_policy::Effect::Forbid;
+        let (reads, groups, unconditional) = match policy.to_json() {
             Ok(json) => {
+                let unconditional = json.get("conditions").and_then(|c| c.as_array()).is_some_and(|c| c.is_empty());
                 let mut reads = 0u8;
                 walk(&json, &mut reads);
                 let mut groups = Vec::new();
                 entity_literals(&json, "Group", &mut groups);
                 groups.sort();
                 groups.dedup();
-                (ContextReads(reads), groups)
+                (ContextReads(reads), groups, unconditional)
             }
-            Err(_) => (ContextReads(ContextReads::ALL), Vec::new()),
+            Err(_) => (ContextReads(ContextReads::ALL), Vec::new(), false),
         };
         PolicyMeta {
             principal,
@@ -158,6 +163,8 @@ impl PolicyMeta {
             resource,
             reads,
             groups,
+            unconditional,
+            forbid,
         }
     }
 }

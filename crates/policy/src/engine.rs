@@ -9,9 +9,13 @@
 //!    `context.now`, `dst_ip`, `src_ip` or `device`; other slices are always evaluated;
 //! 3. the slice for (user, network): only policies whose scopes can match, found through
 //!    an index by principal (any / user / group) and filtered by action and resource;
-//!    identical slices share one `PolicySet`; an empty slice is a default deny without
-//!    evaluation;
-//! 4. Cedar over the slice, with only the context attributes the slice reads.
+//! 4. a policy without `when`/`unless` in the slice is satisfied: its scope, which we
+//!    matched exactly against the same hierarchy Cedar sees, is all it says;
+//! 5. each conditional policy of the slice is evaluated by Cedar (its prebuilt
+//!    single-policy set), with only the context attributes the slice reads; the results
+//!    combine as Cedar combines them: any satisfied forbid denies (those forbids decide),
+//!    else any satisfied permit allows (those permits decide), else the default deny;
+//!    errors of every policy are reported, and an erroring policy counts as not satisfied.
 //!
 //! [`Engine::decide_plain`] is the reference: plain `Authorizer::is_authorized` over the
 //! whole set with the full context. A differential test holds the two identical.
@@ -64,9 +68,17 @@ struct DecisionKey {
 }
 
 struct Slice {
-    set: PolicySet,
+    permits: Vec<u32>,
+    forbids: Vec<u32>,
+    conditional: Vec<u32>,
+    /// Context read by the conditional policies.
     reads: ContextReads,
-    len: usize,
+}
+
+impl Slice {
+    fn empty() -> Slice {
+        Slice { permits: Vec::new(), forbids: Vec::new(), conditional: Vec::new(), reads: ContextReads(0) }
+    }
 }
 
 /// Policies indexed by what their principal scope names.
@@ -114,7 +126,6 @@ pub struct Engine {
     network_uids: Vec<EntityUid>,
     internet_uid: EntityUid,
     slices: FxHashMap<(u32, u32), Arc<Slice>>,
-    slice_sets: FxHashMap<Vec<u32>, Arc<Slice>>,
     decisions: FxHashMap<DecisionKey, Arc<Decision>>,
     pub stats: EngineStats,
 }
@@ -149,7 +160,6 @@ impl Engine {
             authorizer: Authorizer::new(),
             action: uid("Action", "connect"),
             slices: FxHashMap::default(),
-            slice_sets: FxHashMap::default(),
             decisions: FxHashMap::default(),
             stats: EngineStats::default(),
         };
@@ -195,7 +205,6 @@ impl Engine {
     fn bump(&mut self) {
         self.epoch += 1;
         self.slices.clear();
-        self.slice_sets.clear();
         self.decisions.clear();
     }
 
@@ -295,12 +304,12 @@ impl Engine {
             Some(s) => s.clone(),
             None => self.build_slice(user, net),
         };
-        let decision = if slice.len == 0 {
+        let decision = if slice.permits.is_empty() && slice.forbids.is_empty() && slice.conditional.is_empty() {
             self.stats.empty_slices += 1;
             Decision::deny_default(self.network_name(net))
         } else {
             self.stats.evaluations += 1;
-            self.evaluate(user, net, req, now, &slice.set, slice.reads)
+            self.evaluate_slice(user, net, req, now, &slice)
         };
         let decision = Arc::new(decision);
         if slice.reads.cacheable() {
@@ -337,160 +346,135 @@ impl Engine {
     fn build_slice(&mut self, user: &str, net: Option<usize>) -> Arc<Slice> {
         self.stats.slice_builds += 1;
         let net_key = net.map(|i| i as u32).unwrap_or(u32::MAX);
-        let (members, user_id) = {
-            let Some(entry) = self.users.get(user) else {
-                return Arc::new(Slice {
-                    set: PolicySet::new(),
-                    reads: ContextReads(0),
-                    len: 0,
-                });
-            };
-            let p = &entry.principal;
-            let networks = self.bundle.networks();
-            let (net_name, ancestors): (&str, Vec<&str>) =
-                match net.and_then(|i| networks.get(i).map(|n| (i, n))) {
-                    Some((i, n)) => (
-                        n.name.as_str(),
-                        networks
-                            .ancestor_indices(i)
-                            .iter()
-                            .filter_map(|a| networks.get(*a).map(|x| x.name.as_str()))
-                            .collect(),
-                    ),
-                    None => (INTERNET, Vec::new()),
-                };
-            let mut candidates: Vec<u32> = self.index.any.clone();
-            candidates.extend(self.index.by_user.get(&p.name).into_iter().flatten());
-            for g in &p.groups {
-                candidates.extend(self.index.by_group.get(g).into_iter().flatten());
-            }
-            candidates.sort_unstable();
-            candidates.dedup();
-            let metas = &self.bundle.metas;
-            let members: Vec<u32> = candidates
-                .into_iter()
-                .filter(|i| {
-                    metas.get(*i as usize).is_some_and(|m| {
-                        m.connect
-                            && m.principal.matches(
-                                "User",
-                                &p.name,
-                                p.groups.iter().map(|g| ("Group", g.as_str())),
-                            )
-                            && m.resource.matches(
-                                "Network",
-                                net_name,
-                                ancestors.iter().map(|a| ("Network", *a)),
-                            )
-                    })
-                })
-                .collect();
-            (members, entry.id)
+        let Some(entry) = self.users.get(user) else {
+            return Arc::new(Slice::empty());
         };
-        let slice = match self.slice_sets.get(&members) {
-            Some(s) => s.clone(),
-            None => {
-                let policies = members
+        let p = &entry.principal;
+        let networks = self.bundle.networks();
+        let (net_name, ancestors): (&str, Vec<&str>) = match net.and_then(|i| networks.get(i).map(|n| (i, n))) {
+            Some((i, n)) => (
+                n.name.as_str(),
+                networks
+                    .ancestor_indices(i)
                     .iter()
-                    .filter_map(|i| self.bundle.list.get(*i as usize).cloned());
-                let set = PolicySet::from_policies(policies).unwrap_or_default();
-                let reads = members
-                    .iter()
-                    .filter_map(|i| self.bundle.metas.get(*i as usize))
-                    .fold(ContextReads(0), |acc, m| ContextReads(acc.0 | m.reads.0));
-                let slice = Arc::new(Slice {
-                    set,
-                    reads,
-                    len: members.len(),
-                });
-                if self.slice_sets.len() >= MAX_CACHED_SLICES {
-                    self.slice_sets.clear();
-                }
-                self.slice_sets.insert(members, slice.clone());
-                slice
-            }
+                    .filter_map(|a| networks.get(*a).map(|x| x.name.as_str()))
+                    .collect(),
+            ),
+            None => (INTERNET, Vec::new()),
         };
+        let mut candidates: Vec<u32> = self.index.any.clone();
+        candidates.extend(self.index.by_user.get(&p.name).into_iter().flatten());
+        for g in &p.groups {
+            candidates.extend(self.index.by_group.get(g).into_iter().flatten());
+        }
+        candidates.sort_unstable();
+        candidates.dedup();
+        let mut slice = Slice::empty();
+        for i in candidates {
+            let Some(m) = self.bundle.metas.get(i as usize) else { continue };
+            let in_scope = m.connect
+                && m.principal.matches("User", &p.name, p.groups.iter().map(|g| ("Group", g.as_str())))
+                && m.resource.matches("Network", net_name, ancestors.iter().map(|a| ("Network", *a)));
+            if !in_scope {
+                continue;
+            }
+            if !m.unconditional {
+                slice.conditional.push(i);
+                slice.reads = ContextReads(slice.reads.0 | m.reads.0);
+            } else if m.forbid {
+                slice.forbids.push(i);
+            } else {
+                slice.permits.push(i);
+            }
+        }
+        let slice = Arc::new(slice);
         if self.slices.len() >= MAX_CACHED_SLICES {
             self.slices.clear();
         }
-        self.slices.insert((user_id, net_key), slice.clone());
+        self.slices.insert((entry.id, net_key), slice.clone());
         slice
     }
 
-    fn evaluate(
-        &self,
-        user: &str,
-        net: Option<usize>,
-        req: &FlowRequest,
-        now: DateTime<Utc>,
-        set: &PolicySet,
-        reads: ContextReads,
-    ) -> Decision {
+    fn evaluate_slice(&self, user: &str, net: Option<usize>, req: &FlowRequest, now: DateTime<Utc>, slice: &Slice) -> Decision {
         let network = self.network_name(net);
-        let Some(entry) = self.users.get(user) else {
-            return unknown_user(network, user);
+        let id_of = |i: &u32| self.bundle.policies().get(*i as usize).map(|p| p.id.clone());
+        let mut forbids: BTreeSet<String> = slice.forbids.iter().filter_map(id_of).collect();
+        let mut permits: BTreeSet<String> = slice.permits.iter().filter_map(id_of).collect();
+        let mut errors = Vec::new();
+        if !slice.conditional.is_empty() {
+            let request = match self.request(user, net, req, now, slice.reads) {
+                Ok(r) => r,
+                Err(e) => return deny_with_error(network, e),
+            };
+            for i in &slice.conditional {
+                let (Some(set), Some(meta)) = (self.bundle.singles.get(*i as usize), self.bundle.metas.get(*i as usize)) else {
+                    continue;
+                };
+                let response = self.authorizer.is_authorized(&request, set, &self.entities);
+                let diagnostics = response.diagnostics();
+                errors.extend(diagnostics.errors().map(|e| e.to_string()));
+                if diagnostics.reason().next().is_some() {
+                    if let Some(id) = id_of(i) {
+                        if meta.forbid {
+                            forbids.insert(id);
+                        } else {
+                            permits.insert(id);
+                        }
+                    }
+                }
+            }
+        }
+        errors.sort();
+        let allowed = forbids.is_empty() && !permits.is_empty();
+        let policy_ids = if !forbids.is_empty() {
+            forbids.into_iter().collect()
+        } else if allowed {
+            permits.into_iter().collect()
+        } else {
+            Vec::new()
         };
+        Decision { allowed, policy_ids, network, errors }
+    }
+
+    fn request(&self, user: &str, net: Option<usize>, req: &FlowRequest, now: DateTime<Utc>, reads: ContextReads) -> Result<Request, String> {
+        let entry = self.users.get(user).ok_or_else(|| format!("unknown user {user:?}"))?;
         let mut pairs: Vec<(String, RestrictedExpression)> = Vec::with_capacity(6);
         if reads.has(ContextReads::DST_IP) {
-            pairs.push((
-                "dst_ip".into(),
-                RestrictedExpression::new_ip(req.dst_ip.to_string()),
-            ));
+            pairs.push(("dst_ip".into(), RestrictedExpression::new_ip(req.dst_ip.to_string())));
         }
         if reads.has(ContextReads::DST_PORT) {
-            pairs.push((
-                "dst_port".into(),
-                RestrictedExpression::new_long(i64::from(req.dst_port)),
-            ));
+            pairs.push(("dst_port".into(), RestrictedExpression::new_long(i64::from(req.dst_port))));
         }
         if reads.has(ContextReads::PROTOCOL) {
-            pairs.push((
-                "protocol".into(),
-                RestrictedExpression::new_string(req.protocol.name().into_owned()),
-            ));
+            pairs.push(("protocol".into(), RestrictedExpression::new_string(req.protocol.name().into_owned())));
         }
         if reads.has(ContextReads::SRC_IP) {
-            pairs.push((
-                "src_ip".into(),
-                RestrictedExpression::new_ip(req.src_ip.to_string()),
-            ));
+            pairs.push(("src_ip".into(), RestrictedExpression::new_ip(req.src_ip.to_string())));
         }
         if reads.has(ContextReads::NOW) {
             pairs.push((
                 "now".into(),
-                RestrictedExpression::new_datetime(
-                    now.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
-                ),
+                RestrictedExpression::new_datetime(now.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()),
             ));
         }
         if reads.has(ContextReads::DEVICE) {
-            pairs.push((
-                "device".into(),
-                RestrictedExpression::new_string(req.device.clone()),
-            ));
+            pairs.push(("device".into(), RestrictedExpression::new_string(req.device.clone())));
         }
-        let context = match Context::from_pairs(pairs) {
-            Ok(c) => c,
-            Err(e) => {
-                return deny_with_error(network, format!("cannot build request context: {e}"))
-            }
-        };
-        let resource = net
-            .and_then(|i| self.network_uids.get(i))
-            .unwrap_or(&self.internet_uid)
-            .clone();
-        let request = match Request::new(
-            entry.uid.clone(),
-            self.action.clone(),
-            resource,
-            context,
-            None,
-        ) {
+        let context = Context::from_pairs(pairs).map_err(|e| format!("cannot build request context: {e}"))?;
+        let resource = net.and_then(|i| self.network_uids.get(i)).unwrap_or(&self.internet_uid).clone();
+        Request::new(entry.uid.clone(), self.action.clone(), resource, context, None).map_err(|e| format!("cannot build request: {e}"))
+    }
+
+    fn evaluate(&self, user: &str, net: Option<usize>, req: &FlowRequest, now: DateTime<Utc>, set: &PolicySet, reads: ContextReads) -> Decision {
+        let network = self.network_name(net);
+        let request = match self.request(user, net, req, now, reads) {
             Ok(r) => r,
-            Err(e) => return deny_with_error(network, format!("cannot build request: {e}")),
+            Err(e) => return deny_with_error(network, e),
         };
         let response = self.authorizer.is_authorized(&request, set, &self.entities);
         let diagnostics = response.diagnostics();
+        let mut errors: Vec<String> = diagnostics.errors().map(|e| e.to_string()).collect();
+        errors.sort();
         Decision {
             allowed: response.decision() == cedar_policy::Decision::Allow,
             policy_ids: diagnostics
@@ -500,7 +484,7 @@ impl Engine {
                 .into_iter()
                 .collect(),
             network,
-            errors: diagnostics.errors().map(|e| e.to_string()).collect(),
+            errors,
         }
     }
 }

@@ -117,7 +117,10 @@ impl Company {
                         rng.gen_range(0..top)
                     )
                 }
-                94..=96 => format!(
+                96..=97 => format!(
+                    "forbid (principal in Group::\"g{g}\", action == Action::\"connect\", resource in Network::\"{n}\");"
+                ),
+                94..=95 => format!(
                     "permit (principal, action == Action::\"connect\", resource in Network::\"{n}\")\nwhen {{ context.protocol == \"udp\" && context.dst_port == 53 }};"
                 ),
                 // Errors (overflow) for ports above 1: exercises error reporting.
