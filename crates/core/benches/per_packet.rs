@@ -106,7 +106,10 @@ fn per_packet(c: &mut Criterion) {
         protocol: portcullis_model::Protocol::TCP,
         device: "key".into(),
     };
-    c.bench_function("first_packet/cedar", |b| {
+    c.bench_function("first_packet/plain_cedar", |b| {
+        b.iter(|| engine.decide_plain("alice", black_box(&req), wall))
+    });
+    c.bench_function("first_packet/fast_cached", |b| {
         b.iter(|| engine.decide("alice", black_box(&req), wall))
     });
 }

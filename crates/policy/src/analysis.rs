@@ -146,7 +146,10 @@ impl PolicyMeta {
         let forbid = policy.effect() == cedar_policy::Effect::Forbid;
         let (reads, groups, unconditional) = match policy.to_json() {
             Ok(json) => {
-                let unconditional = json.get("conditions").and_then(|c| c.as_array()).is_some_and(|c| c.is_empty());
+                let unconditional = json
+                    .get("conditions")
+                    .and_then(|c| c.as_array())
+                    .is_some_and(|c| c.is_empty());
                 let mut reads = 0u8;
                 walk(&json, &mut reads);
                 let mut groups = Vec::new();

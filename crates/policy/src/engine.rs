@@ -77,7 +77,12 @@ struct Slice {
 
 impl Slice {
     fn empty() -> Slice {
-        Slice { permits: Vec::new(), forbids: Vec::new(), conditional: Vec::new(), reads: ContextReads(0) }
+        Slice {
+            permits: Vec::new(),
+            forbids: Vec::new(),
+            conditional: Vec::new(),
+            reads: ContextReads(0),
+        }
     }
 }
 
@@ -304,13 +309,15 @@ impl Engine {
             Some(s) => s.clone(),
             None => self.build_slice(user, net),
         };
-        let decision = if slice.permits.is_empty() && slice.forbids.is_empty() && slice.conditional.is_empty() {
-            self.stats.empty_slices += 1;
-            Decision::deny_default(self.network_name(net))
-        } else {
-            self.stats.evaluations += 1;
-            self.evaluate_slice(user, net, req, now, &slice)
-        };
+        let decision =
+            if slice.permits.is_empty() && slice.forbids.is_empty() && slice.conditional.is_empty()
+            {
+                self.stats.empty_slices += 1;
+                Decision::deny_default(self.network_name(net))
+            } else {
+                self.stats.evaluations += 1;
+                self.evaluate_slice(user, net, req, now, &slice)
+            };
         let decision = Arc::new(decision);
         if slice.reads.cacheable() {
             if self.decisions.len() >= MAX_CACHED_DECISIONS {
@@ -351,17 +358,18 @@ impl Engine {
         };
         let p = &entry.principal;
         let networks = self.bundle.networks();
-        let (net_name, ancestors): (&str, Vec<&str>) = match net.and_then(|i| networks.get(i).map(|n| (i, n))) {
-            Some((i, n)) => (
-                n.name.as_str(),
-                networks
-                    .ancestor_indices(i)
-                    .iter()
-                    .filter_map(|a| networks.get(*a).map(|x| x.name.as_str()))
-                    .collect(),
-            ),
-            None => (INTERNET, Vec::new()),
-        };
+        let (net_name, ancestors): (&str, Vec<&str>) =
+            match net.and_then(|i| networks.get(i).map(|n| (i, n))) {
+                Some((i, n)) => (
+                    n.name.as_str(),
+                    networks
+                        .ancestor_indices(i)
+                        .iter()
+                        .filter_map(|a| networks.get(*a).map(|x| x.name.as_str()))
+                        .collect(),
+                ),
+                None => (INTERNET, Vec::new()),
+            };
         let mut candidates: Vec<u32> = self.index.any.clone();
         candidates.extend(self.index.by_user.get(&p.name).into_iter().flatten());
         for g in &p.groups {
@@ -371,10 +379,20 @@ impl Engine {
         candidates.dedup();
         let mut slice = Slice::empty();
         for i in candidates {
-            let Some(m) = self.bundle.metas.get(i as usize) else { continue };
+            let Some(m) = self.bundle.metas.get(i as usize) else {
+                continue;
+            };
             let in_scope = m.connect
-                && m.principal.matches("User", &p.name, p.groups.iter().map(|g| ("Group", g.as_str())))
-                && m.resource.matches("Network", net_name, ancestors.iter().map(|a| ("Network", *a)));
+                && m.principal.matches(
+                    "User",
+                    &p.name,
+                    p.groups.iter().map(|g| ("Group", g.as_str())),
+                )
+                && m.resource.matches(
+                    "Network",
+                    net_name,
+                    ancestors.iter().map(|a| ("Network", *a)),
+                );
             if !in_scope {
                 continue;
             }
@@ -395,9 +413,21 @@ impl Engine {
         slice
     }
 
-    fn evaluate_slice(&self, user: &str, net: Option<usize>, req: &FlowRequest, now: DateTime<Utc>, slice: &Slice) -> Decision {
+    fn evaluate_slice(
+        &self,
+        user: &str,
+        net: Option<usize>,
+        req: &FlowRequest,
+        now: DateTime<Utc>,
+        slice: &Slice,
+    ) -> Decision {
         let network = self.network_name(net);
-        let id_of = |i: &u32| self.bundle.policies().get(*i as usize).map(|p| p.id.clone());
+        let id_of = |i: &u32| {
+            self.bundle
+                .policies()
+                .get(*i as usize)
+                .map(|p| p.id.clone())
+        };
         let mut forbids: BTreeSet<String> = slice.forbids.iter().filter_map(id_of).collect();
         let mut permits: BTreeSet<String> = slice.permits.iter().filter_map(id_of).collect();
         let mut errors = Vec::new();
@@ -407,7 +437,10 @@ impl Engine {
                 Err(e) => return deny_with_error(network, e),
             };
             for i in &slice.conditional {
-                let (Some(set), Some(meta)) = (self.bundle.singles.get(*i as usize), self.bundle.metas.get(*i as usize)) else {
+                let (Some(set), Some(meta)) = (
+                    self.bundle.singles.get(*i as usize),
+                    self.bundle.metas.get(*i as usize),
+                ) else {
                     continue;
                 };
                 let response = self.authorizer.is_authorized(&request, set, &self.entities);
@@ -433,39 +466,90 @@ impl Engine {
         } else {
             Vec::new()
         };
-        Decision { allowed, policy_ids, network, errors }
+        Decision {
+            allowed,
+            policy_ids,
+            network,
+            errors,
+        }
     }
 
-    fn request(&self, user: &str, net: Option<usize>, req: &FlowRequest, now: DateTime<Utc>, reads: ContextReads) -> Result<Request, String> {
-        let entry = self.users.get(user).ok_or_else(|| format!("unknown user {user:?}"))?;
+    fn request(
+        &self,
+        user: &str,
+        net: Option<usize>,
+        req: &FlowRequest,
+        now: DateTime<Utc>,
+        reads: ContextReads,
+    ) -> Result<Request, String> {
+        let entry = self
+            .users
+            .get(user)
+            .ok_or_else(|| format!("unknown user {user:?}"))?;
         let mut pairs: Vec<(String, RestrictedExpression)> = Vec::with_capacity(6);
         if reads.has(ContextReads::DST_IP) {
-            pairs.push(("dst_ip".into(), RestrictedExpression::new_ip(req.dst_ip.to_string())));
+            pairs.push((
+                "dst_ip".into(),
+                RestrictedExpression::new_ip(req.dst_ip.to_string()),
+            ));
         }
         if reads.has(ContextReads::DST_PORT) {
-            pairs.push(("dst_port".into(), RestrictedExpression::new_long(i64::from(req.dst_port))));
+            pairs.push((
+                "dst_port".into(),
+                RestrictedExpression::new_long(i64::from(req.dst_port)),
+            ));
         }
         if reads.has(ContextReads::PROTOCOL) {
-            pairs.push(("protocol".into(), RestrictedExpression::new_string(req.protocol.name().into_owned())));
+            pairs.push((
+                "protocol".into(),
+                RestrictedExpression::new_string(req.protocol.name().into_owned()),
+            ));
         }
         if reads.has(ContextReads::SRC_IP) {
-            pairs.push(("src_ip".into(), RestrictedExpression::new_ip(req.src_ip.to_string())));
+            pairs.push((
+                "src_ip".into(),
+                RestrictedExpression::new_ip(req.src_ip.to_string()),
+            ));
         }
         if reads.has(ContextReads::NOW) {
             pairs.push((
                 "now".into(),
-                RestrictedExpression::new_datetime(now.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()),
+                RestrictedExpression::new_datetime(
+                    now.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+                ),
             ));
         }
         if reads.has(ContextReads::DEVICE) {
-            pairs.push(("device".into(), RestrictedExpression::new_string(req.device.clone())));
+            pairs.push((
+                "device".into(),
+                RestrictedExpression::new_string(req.device.clone()),
+            ));
         }
-        let context = Context::from_pairs(pairs).map_err(|e| format!("cannot build request context: {e}"))?;
-        let resource = net.and_then(|i| self.network_uids.get(i)).unwrap_or(&self.internet_uid).clone();
-        Request::new(entry.uid.clone(), self.action.clone(), resource, context, None).map_err(|e| format!("cannot build request: {e}"))
+        let context =
+            Context::from_pairs(pairs).map_err(|e| format!("cannot build request context: {e}"))?;
+        let resource = net
+            .and_then(|i| self.network_uids.get(i))
+            .unwrap_or(&self.internet_uid)
+            .clone();
+        Request::new(
+            entry.uid.clone(),
+            self.action.clone(),
+            resource,
+            context,
+            None,
+        )
+        .map_err(|e| format!("cannot build request: {e}"))
     }
 
-    fn evaluate(&self, user: &str, net: Option<usize>, req: &FlowRequest, now: DateTime<Utc>, set: &PolicySet, reads: ContextReads) -> Decision {
+    fn evaluate(
+        &self,
+        user: &str,
+        net: Option<usize>,
+        req: &FlowRequest,
+        now: DateTime<Utc>,
+        set: &PolicySet,
+        reads: ContextReads,
+    ) -> Decision {
         let network = self.network_name(net);
         let request = match self.request(user, net, req, now, reads) {
             Ok(r) => r,
