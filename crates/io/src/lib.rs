@@ -170,15 +170,12 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     for w in &bundle.warnings {
         tracing::warn!("{w}");
     }
-    let known: std::collections::BTreeSet<&str> = c
-        .users
-        .iter()
-        .flat_map(|u| u.groups.iter().map(String::as_str))
-        .collect();
-    for g in bundle.referenced_groups() {
-        if !known.contains(g.as_str()) {
-            tracing::warn!(group = %g, "policies name a group no configured user has (a typo, or provided by an identity source?)");
-        }
+    for g in bundle.unknown_groups(
+        c.users
+            .iter()
+            .flat_map(|u| u.groups.iter().map(String::as_str)),
+    ) {
+        tracing::warn!(group = %g, "policies name a group no configured user has (a typo, or provided by an identity source?)");
     }
     let mut gw = build_gateway(&loaded, Arc::new(bundle), Instant::now())?;
     let mut sink = EventSink::open(&c.audit.events_file, &c.gateway.id)?;

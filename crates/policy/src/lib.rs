@@ -341,6 +341,16 @@ impl PolicyBundle {
             .collect()
     }
 
+    /// Groups the policies name that none of `known` is: likely typos, or groups only an
+    /// identity source provides.
+    pub fn unknown_groups<'a>(&self, known: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+        let known: BTreeSet<&str> = known.into_iter().collect();
+        self.referenced_groups()
+            .into_iter()
+            .filter(|g| !known.contains(g.as_str()))
+            .collect()
+    }
+
     pub(crate) fn network_entities(&self) -> Vec<Entity> {
         let mut out: Vec<Entity> = self
             .networks

@@ -1,7 +1,6 @@
 //! `portcullis policy …`: validate, test, explain, bench. Usable without a gateway, in a
 //! policy repository's CI.
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -125,19 +124,17 @@ fn validate(dir: &Path, config: Option<&Path>) -> anyhow::Result<ExitCode> {
         let text = std::fs::read_to_string(config)
             .with_context(|| format!("reading {}", config.display()))?;
         let loaded = portcullis_config::parse(config, &text)?;
-        let known: BTreeSet<&str> = loaded
-            .config
-            .users
-            .iter()
-            .flat_map(|u| u.groups.iter().map(String::as_str))
-            .collect();
-        for g in bundle.referenced_groups() {
-            if !known.contains(g.as_str()) {
-                eprintln!(
-                    "warning: policies name Group::{g:?}, which no user in {} has (a typo, or a group only an identity source provides?)",
-                    config.display()
-                );
-            }
+        for g in bundle.unknown_groups(
+            loaded
+                .config
+                .users
+                .iter()
+                .flat_map(|u| u.groups.iter().map(String::as_str)),
+        ) {
+            eprintln!(
+                "warning: policies name Group::{g:?}, which no user in {} has (a typo, or a group only an identity source provides?)",
+                config.display()
+            );
         }
     }
     println!(
