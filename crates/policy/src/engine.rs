@@ -431,28 +431,59 @@ impl Engine {
         let mut forbids: BTreeSet<String> = slice.forbids.iter().filter_map(id_of).collect();
         let mut permits: BTreeSet<String> = slice.permits.iter().filter_map(id_of).collect();
         let mut errors = Vec::new();
-        if !slice.conditional.is_empty() {
-            let request = match self.request(user, net, req, now, slice.reads) {
-                Ok(r) => r,
-                Err(e) => return deny_with_error(network, e),
+        let mut request: Option<Result<Request, String>> = None;
+        let protocol = req.protocol.name();
+        let network_tags: &[String] = net
+            .and_then(|i| self.bundle.networks().get(i))
+            .map(|n| n.tags.as_slice())
+            .unwrap_or_default();
+        let Some(entry) = self.users.get(user) else {
+            return unknown_user(network, user);
+        };
+        let env = crate::compile::Env {
+            user: &entry.principal,
+            network_tags,
+            dst_ip: req.dst_ip,
+            src_ip: req.src_ip,
+            dst_port: i64::from(req.dst_port),
+            protocol: &protocol,
+            device: &req.device,
+            now_ms: now.timestamp_millis(),
+        };
+        for i in &slice.conditional {
+            let Some(meta) = self.bundle.metas.get(*i as usize) else {
+                continue;
             };
-            for i in &slice.conditional {
-                let (Some(set), Some(meta)) = (
-                    self.bundle.singles.get(*i as usize),
-                    self.bundle.metas.get(*i as usize),
-                ) else {
-                    continue;
-                };
-                let response = self.authorizer.is_authorized(&request, set, &self.entities);
-                let diagnostics = response.diagnostics();
-                errors.extend(diagnostics.errors().map(|e| e.to_string()));
-                if diagnostics.reason().next().is_some() {
-                    if let Some(id) = id_of(i) {
-                        if meta.forbid {
-                            forbids.insert(id);
-                        } else {
-                            permits.insert(id);
-                        }
+            let satisfied = match self
+                .bundle
+                .compiled
+                .get(*i as usize)
+                .and_then(Option::as_ref)
+            {
+                Some(compiled) => compiled.satisfied(&env),
+                None => {
+                    let Some(set) = self.bundle.singles.get(*i as usize) else {
+                        continue;
+                    };
+                    let request = match request
+                        .get_or_insert_with(|| self.request(user, net, req, now, slice.reads))
+                    {
+                        Ok(r) => r,
+                        Err(e) => return deny_with_error(network, e.clone()),
+                    };
+                    let response = self.authorizer.is_authorized(request, set, &self.entities);
+                    let diagnostics = response.diagnostics();
+                    errors.extend(diagnostics.errors().map(|e| e.to_string()));
+                    let satisfied = diagnostics.reason().next().is_some();
+                    satisfied
+                }
+            };
+            if satisfied {
+                if let Some(id) = id_of(i) {
+                    if meta.forbid {
+                        forbids.insert(id);
+                    } else {
+                        permits.insert(id);
                     }
                 }
             }

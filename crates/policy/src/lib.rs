@@ -18,6 +18,7 @@
 //! clock (callers pass `now`), no caching yet (each call evaluates the whole set).
 
 mod analysis;
+mod compile;
 mod diagnostics;
 mod engine;
 mod networks;
@@ -94,6 +95,8 @@ pub struct PolicyBundle {
     /// One single-policy set per policy, built once: slices evaluate these instead of
     /// building a set per slice (building costs ~0.8 µs per policy).
     pub(crate) singles: Vec<PolicySet>,
+    /// Conditions compiled to native evaluation, where the policy's shape allows.
+    pub(crate) compiled: Vec<Option<compile::Compiled>>,
     networks: Networks,
     /// Non-fatal findings (Cedar validation warnings).
     pub warnings: Vec<SourceError>,
@@ -296,6 +299,10 @@ impl PolicyBundle {
             return Err(LoadError { errors });
         }
         let metas = list.iter().map(PolicyMeta::of).collect();
+        let compiled = list
+            .iter()
+            .map(|p| p.to_json().ok().and_then(|j| compile::Compiled::of(&j)))
+            .collect();
         let singles = list
             .iter()
             .map(|p| PolicySet::from_policies([p.clone()]).unwrap_or_default())
@@ -307,6 +314,7 @@ impl PolicyBundle {
             info,
             metas,
             singles,
+            compiled,
             networks,
             warnings,
         })
