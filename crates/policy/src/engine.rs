@@ -131,6 +131,8 @@ pub struct Engine {
     network_uids: Vec<EntityUid>,
     internet_uid: EntityUid,
     slices: FxHashMap<(u32, u32), Arc<Slice>>,
+    /// Per user: the policies whose principal and action scopes match (network-independent).
+    user_candidates: FxHashMap<u32, Arc<Vec<u32>>>,
     decisions: FxHashMap<DecisionKey, Arc<Decision>>,
     pub stats: EngineStats,
 }
@@ -165,6 +167,7 @@ impl Engine {
             authorizer: Authorizer::new(),
             action: uid("Action", "connect"),
             slices: FxHashMap::default(),
+            user_candidates: FxHashMap::default(),
             decisions: FxHashMap::default(),
             stats: EngineStats::default(),
         };
@@ -210,6 +213,7 @@ impl Engine {
     fn bump(&mut self) {
         self.epoch += 1;
         self.slices.clear();
+        self.user_candidates.clear();
         self.decisions.clear();
     }
 
@@ -370,30 +374,45 @@ impl Engine {
                 ),
                 None => (INTERNET, Vec::new()),
             };
-        let mut candidates: Vec<u32> = self.index.any.clone();
-        candidates.extend(self.index.by_user.get(&p.name).into_iter().flatten());
-        for g in &p.groups {
-            candidates.extend(self.index.by_group.get(g).into_iter().flatten());
-        }
-        candidates.sort_unstable();
-        candidates.dedup();
+        let candidates = match self.user_candidates.get(&entry.id) {
+            Some(c) => c.clone(),
+            None => {
+                let mut c: Vec<u32> = self.index.any.clone();
+                c.extend(self.index.by_user.get(&p.name).into_iter().flatten());
+                for g in &p.groups {
+                    c.extend(self.index.by_group.get(g).into_iter().flatten());
+                }
+                c.sort_unstable();
+                c.dedup();
+                let metas = &self.bundle.metas;
+                c.retain(|i| {
+                    metas.get(*i as usize).is_some_and(|m| {
+                        m.connect
+                            && m.principal.matches(
+                                "User",
+                                &p.name,
+                                p.groups.iter().map(|g| ("Group", g.as_str())),
+                            )
+                    })
+                });
+                let c = Arc::new(c);
+                if self.user_candidates.len() >= MAX_CACHED_SLICES {
+                    self.user_candidates.clear();
+                }
+                self.user_candidates.insert(entry.id, c.clone());
+                c
+            }
+        };
         let mut slice = Slice::empty();
-        for i in candidates {
+        for &i in candidates.iter() {
             let Some(m) = self.bundle.metas.get(i as usize) else {
                 continue;
             };
-            let in_scope = m.connect
-                && m.principal.matches(
-                    "User",
-                    &p.name,
-                    p.groups.iter().map(|g| ("Group", g.as_str())),
-                )
-                && m.resource.matches(
-                    "Network",
-                    net_name,
-                    ancestors.iter().map(|a| ("Network", *a)),
-                );
-            if !in_scope {
+            if !m.resource.matches(
+                "Network",
+                net_name,
+                ancestors.iter().map(|a| ("Network", *a)),
+            ) {
                 continue;
             }
             if !m.unconditional {
