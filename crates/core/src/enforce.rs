@@ -72,6 +72,8 @@ pub struct EnforceStats {
     pub denied: u64,
     pub fragments_dropped: u64,
     pub inbound_no_flow: u64,
+    /// Multicast from the private side (e.g. the kernel's own MLD reports on the TUN device).
+    pub inbound_multicast: u64,
     pub flows_opened: u64,
     pub flows_closed: u64,
     pub flows_evicted: u64,
@@ -294,6 +296,11 @@ impl Enforcer {
                 return Err(Drop::Malformed);
             }
         };
+        if meta.dst.is_multicast() {
+            // Never a reply to a client flow; counted apart so `inbound_no_flow` stays meaningful.
+            self.stats.inbound_multicast += 1;
+            return Err(Drop::NoFlow);
+        }
         match meta.transport {
             Transport::Fragment => {
                 let key = self.later_fragment_key(now, &meta);

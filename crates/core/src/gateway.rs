@@ -362,17 +362,19 @@ impl Gateway {
             self.stats.unknown_peer += 1;
             return None;
         };
-        match peer.tunn.decapsulate(Some(from.ip()), datagram, out) {
-            TunnResult::Done => {
-                peer.touch(
-                    now,
-                    from,
-                    datagram.len(),
-                    &mut self.next_session_id,
-                    &mut self.events,
-                );
-                None
-            }
+        let result = peer.tunn.decapsulate(Some(from.ip()), datagram, out);
+        if !matches!(result, TunnResult::Err(_)) {
+            // Authenticated: endpoint roaming, session start, counters.
+            peer.touch(
+                now,
+                from,
+                datagram.len(),
+                &mut self.next_session_id,
+                &mut self.events,
+            );
+        }
+        match result {
+            TunnResult::Done => None,
             TunnResult::Err(e) => {
                 self.stats.wg_errors += 1;
                 if matches!(e, WireGuardError::UnderLoad) {
@@ -383,13 +385,6 @@ impl Gateway {
             TunnResult::WriteToNetwork(reply) => {
                 // A handshake answer; afterwards flush packets queued during the handshake.
                 self.stats.handshakes += 1;
-                peer.touch(
-                    now,
-                    from,
-                    datagram.len(),
-                    &mut self.next_session_id,
-                    &mut self.events,
-                );
                 self.transmits.push_back(Transmit {
                     dst: from,
                     payload: reply.to_vec(),
@@ -405,13 +400,6 @@ impl Gateway {
                 None
             }
             TunnResult::WriteToTunnelV4(packet, _) | TunnResult::WriteToTunnelV6(packet, _) => {
-                peer.touch(
-                    now,
-                    from,
-                    datagram.len(),
-                    &mut self.next_session_id,
-                    &mut self.events,
-                );
                 let ctx = PeerCtx {
                     id,
                     user: &peer.user,

@@ -1056,3 +1056,28 @@ fn handshake_floods_get_cookie_replies_and_the_limiter_resets_every_second() {
     let (_, cookies_after) = flood(&mut gw, 5);
     assert_eq!(cookies_after, 0, "the counter was reset");
 }
+
+#[test]
+fn multicast_from_the_private_side_is_dropped_and_counted_apart() {
+    let t0 = Instant::now();
+    let mut e = enforcer(FlowLimits::default(), t0);
+    // An MLD report as the kernel sends on the TUN device: fe80:: → ff02::16, ICMPv6 type 143.
+    let src: [u8; 16] = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    let dst: [u8; 16] = [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x16];
+    let mut mld = Vec::new();
+    PacketBuilder::ipv6(src, dst, 1)
+        .icmpv6(etherparse::Icmpv6Type::Unknown {
+            type_u8: 143,
+            code_u8: 0,
+            bytes5to8: [0; 4],
+        })
+        .write(&mut mld, &[0; 20])
+        .expect("build");
+    assert_eq!(e.handle_inbound(t0, &mld), Err(Drop::NoFlow));
+    assert_eq!(
+        e.handle_inbound(t0, &udp(PROD, 53, [224, 0, 0, 251], 5353)),
+        Err(Drop::NoFlow)
+    );
+    assert_eq!(e.stats.inbound_multicast, 2);
+    assert_eq!(e.stats.inbound_no_flow, 0);
+}

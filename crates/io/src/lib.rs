@@ -281,6 +281,7 @@ fn log_stats(gw: &Gateway, dp: &DatapathStats) {
         malformed = e.malformed,
         fragments_dropped = e.fragments_dropped,
         inbound_no_flow = e.inbound_no_flow,
+        inbound_multicast = e.inbound_multicast,
         flows_opened = e.flows_opened,
         flows_evicted = e.flows_evicted,
         flows_revoked = e.flows_revoked,
