@@ -69,6 +69,7 @@ pub struct DatapathStats {
 impl Datapath {
     pub fn new(udp: UdpSocket, tun: AsyncDevice, offload: bool) -> std::io::Result<Datapath> {
         let udp_state = UdpSocketState::new((&udp).into())?;
+        restore_default_pmtu(&udp);
         let batch = quinn_udp::BATCH_SIZE;
         let max_gso = udp_state.max_gso_segments().max(1);
         Ok(Datapath {
@@ -290,6 +291,86 @@ impl Datapath {
     }
 }
 
+/// quinn-udp puts the socket in `IP_PMTUDISC_PROBE` mode (DF set, learned path MTU
+/// ignored), right for QUIC's own path-MTU probing but not for a tunnel: an outer packet
+/// larger than the real path would be dropped on the way. Restore Linux's default
+/// (`IP_PMTUDISC_WANT`: follow the learned path MTU and fragment locally when needed), as
+/// other WireGuard implementations get. Failure only logs: the socket still works.
+fn restore_default_pmtu(udp: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let fd = udp.as_raw_fd();
+    for (level, name, value) in [
+        (
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_WANT,
+        ),
+        (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            libc::IPV6_PMTUDISC_WANT,
+        ),
+    ] {
+        if let Err(e) = set_int_option(fd, level, name, value) {
+            // The IPv6 option fails on IPv4-only sockets; that is expected.
+            tracing::debug!(level, name, "restoring path-MTU discovery mode: {e}");
+        }
+    }
+}
+
+/// `setsockopt` for an int option; neither nix nor socket2 offers these two.
+#[allow(unsafe_code)]
+fn set_int_option(
+    fd: std::os::fd::RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> std::io::Result<()> {
+    // SAFETY: `fd` is an open socket owned by the caller for the duration of the call;
+    // the option value is a plain int whose size we pass.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Reads an int socket option (tests).
+#[cfg(test)]
+#[allow(unsafe_code)]
+fn get_int_option(
+    fd: std::os::fd::RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+) -> std::io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: valid pointers to a local int and its length, for the duration of the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(value)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Consecutive encrypted datagrams in the send buffer, for one GSO send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Run {
@@ -406,6 +487,29 @@ mod tests {
         }
         out.extend(b.finish());
         out
+    }
+
+    #[test]
+    fn the_socket_follows_the_learned_path_mtu_after_quinn_udp_setup() -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let udp = UdpSocket::bind("127.0.0.1:0").await?;
+            let _state = UdpSocketState::new((&udp).into())?;
+            let fd = udp.as_raw_fd();
+            assert_eq!(
+                get_int_option(fd, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER)?,
+                libc::IP_PMTUDISC_PROBE
+            );
+            restore_default_pmtu(&udp);
+            assert_eq!(
+                get_int_option(fd, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER)?,
+                libc::IP_PMTUDISC_WANT
+            );
+            Ok(())
+        })
     }
 
     #[test]
