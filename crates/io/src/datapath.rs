@@ -29,6 +29,8 @@ use tun_rs::{AsyncDevice, GROTable, VIRTIO_NET_HDR_LEN};
 const TUN_OFFSET: usize = VIRTIO_NET_HDR_LEN;
 /// Largest UDP read with GRO (many coalesced datagrams).
 const RX_BUF: usize = 65_535;
+/// Size of a WireGuard handshake initiation, the largest non-data message.
+const HANDSHAKE_INIT_LEN: usize = 148;
 /// Segments one TUN read can split into (64 KiB / MTU, with room).
 const TUN_SEGMENTS: usize = 128;
 /// Datagrams per GSO send (the kernel's UDP_MAX_SEGMENTS is 64 or more).
@@ -101,15 +103,12 @@ impl Datapath {
                     .map(|b| IoSliceMut::new(b))
                     .collect();
                 let (udp, state, meta) = (&self.udp, &self.udp_state, &mut self.rx_meta);
-                match udp.try_io(Interest::READABLE, || {
+                let r = udp.try_io(Interest::READABLE, || {
                     state.recv(udp.into(), &mut iovs, meta)
-                }) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(e) => {
-                        tracing::debug!("udp receive: {e}");
-                        break;
-                    }
+                });
+                match ready(r, "udp receive") {
+                    Some(n) => n,
+                    None => break,
                 }
             };
             self.stats.udp_batches += 1;
@@ -125,7 +124,10 @@ impl Datapath {
                     let Some(out) = self.tun_out.get_mut(used) else {
                         continue;
                     };
-                    out.resize(TUN_OFFSET + MAX_PACKET, 0);
+                    // Room for the plaintext: never longer than the datagram (a handshake
+                    // answer needs up to 92 bytes of a 148-byte initiation). Growing only
+                    // to that avoids zero-filling a jumbo-sized buffer per packet.
+                    out.resize(TUN_OFFSET + datagram.len().max(HANDSHAKE_INIT_LEN), 0);
                     let Some(space) = out.get_mut(TUN_OFFSET..) else {
                         continue;
                     };
@@ -186,37 +188,26 @@ impl Datapath {
     /// Drains what the TUN device has (bounded), through the core, to the UDP socket.
     pub async fn on_tun_readable(&mut self, gw: &mut Gateway) -> std::io::Result<()> {
         for _ in 0..16 {
-            let n = if self.offload {
-                match self.tun.try_recv_multiple(
+            let r = if self.offload {
+                self.tun.try_recv_multiple(
                     &mut self.tun_raw,
                     &mut self.tun_segs,
                     &mut self.tun_sizes,
                     0,
-                ) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(e) => {
-                        tracing::debug!("tun receive: {e}");
-                        break;
-                    }
-                }
+                )
             } else {
                 let Some(seg) = self.tun_segs.get_mut(0) else {
                     break;
                 };
-                match self.tun.try_recv(seg) {
-                    Ok(len) => {
-                        if let Some(s) = self.tun_sizes.get_mut(0) {
-                            *s = len;
-                        }
-                        1
+                self.tun.try_recv(seg).map(|len| {
+                    if let Some(s) = self.tun_sizes.get_mut(0) {
+                        *s = len;
                     }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(e) => {
-                        tracing::debug!("tun receive: {e}");
-                        break;
-                    }
-                }
+                    1
+                })
+            };
+            let Some(n) = ready(r, "tun receive") else {
+                break;
             };
             self.stats.tun_reads += 1;
             let now = Instant::now();
@@ -368,6 +359,19 @@ fn get_int_option(
         Ok(value)
     } else {
         Err(std::io::Error::last_os_error())
+    }
+}
+
+/// A non-blocking read's result: `None` ends the drain loop (nothing pending, or an error,
+/// logged; the next readiness event retries).
+fn ready(r: std::io::Result<usize>, what: &str) -> Option<usize> {
+    match r {
+        Ok(n) => Some(n),
+        Err(e) if e.kind() == ErrorKind::WouldBlock => None,
+        Err(e) => {
+            tracing::debug!("{what}: {e}");
+            None
+        }
     }
 }
 

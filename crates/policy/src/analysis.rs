@@ -60,8 +60,18 @@ pub enum Scope {
 }
 
 impl Scope {
-    fn from_uid(uid: &EntityUid) -> (String, String) {
-        (
+    /// `== uid`
+    fn equal_to(uid: &EntityUid) -> Scope {
+        Scope::Eq(
+            uid.type_name().to_string(),
+            uid.id().unescaped().to_string(),
+        )
+    }
+
+    /// `in uid`, or `is ty in uid`
+    fn within(is: Option<String>, uid: &EntityUid) -> Scope {
+        Scope::In(
+            is,
             uid.type_name().to_string(),
             uid.id().unescaped().to_string(),
         )
@@ -103,37 +113,20 @@ pub struct PolicyMeta {
 
 impl PolicyMeta {
     pub fn of(policy: &Policy) -> PolicyMeta {
+        // Principal and resource constraints are distinct types of the same shape.
         let principal = match policy.principal_constraint() {
             PrincipalConstraint::Any => Scope::Any,
-            PrincipalConstraint::Eq(u) => {
-                let (t, i) = Scope::from_uid(&u);
-                Scope::Eq(t, i)
-            }
-            PrincipalConstraint::In(u) => {
-                let (t, i) = Scope::from_uid(&u);
-                Scope::In(None, t, i)
-            }
+            PrincipalConstraint::Eq(u) => Scope::equal_to(&u),
+            PrincipalConstraint::In(u) => Scope::within(None, &u),
             PrincipalConstraint::Is(t) => Scope::Is(t.to_string()),
-            PrincipalConstraint::IsIn(ty, u) => {
-                let (t, i) = Scope::from_uid(&u);
-                Scope::In(Some(ty.to_string()), t, i)
-            }
+            PrincipalConstraint::IsIn(t, u) => Scope::within(Some(t.to_string()), &u),
         };
         let resource = match policy.resource_constraint() {
             ResourceConstraint::Any => Scope::Any,
-            ResourceConstraint::Eq(u) => {
-                let (t, i) = Scope::from_uid(&u);
-                Scope::Eq(t, i)
-            }
-            ResourceConstraint::In(u) => {
-                let (t, i) = Scope::from_uid(&u);
-                Scope::In(None, t, i)
-            }
+            ResourceConstraint::Eq(u) => Scope::equal_to(&u),
+            ResourceConstraint::In(u) => Scope::within(None, &u),
             ResourceConstraint::Is(t) => Scope::Is(t.to_string()),
-            ResourceConstraint::IsIn(ty, u) => {
-                let (t, i) = Scope::from_uid(&u);
-                Scope::In(Some(ty.to_string()), t, i)
-            }
+            ResourceConstraint::IsIn(t, u) => Scope::within(Some(t.to_string()), &u),
         };
         let is_connect = |u: &EntityUid| {
             u.type_name().to_string() == "Action" && u.id().unescaped() == "connect"
