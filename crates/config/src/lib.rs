@@ -109,8 +109,130 @@ pub struct PolicyConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
-    /// Events as JSON lines, appended.
+    /// Events as JSON lines, appended once they are durable in the spool (or, without a
+    /// spool, once handed to the OS): a local trail for `tail -f` and tests.
     pub events_file: PathBuf,
+    /// The durable spool (required with `[audit.clickhouse]`).
+    #[serde(default)]
+    pub spool_dir: Option<PathBuf>,
+    /// When spooled events reach the disk: `always`, `on_commit` (default: one fsync per
+    /// batch the writer takes, before the batch counts as written), `never` (the OS decides).
+    #[serde(default)]
+    pub fsync: FsyncMode,
+    #[serde(default = "default_spool_max_bytes")]
+    pub spool_max_bytes: u64,
+    #[serde(default = "default_segment_bytes")]
+    pub segment_bytes: u64,
+    /// What happens when events cannot be written: `deny_new_flows` (default, fail
+    /// closed) or `keep_forwarding` (flows continue; the refused events are counted and
+    /// reported in an `audit_degraded` event).
+    #[serde(default)]
+    pub on_full: OnFull,
+    #[serde(default)]
+    pub clickhouse: Option<ClickHouseConfig>,
+    #[serde(default)]
+    pub api: Option<AuditApiConfig>,
+}
+
+fn default_spool_max_bytes() -> u64 {
+    4 << 30
+}
+
+fn default_segment_bytes() -> u64 {
+    64 << 20
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FsyncMode {
+    Always,
+    #[default]
+    OnCommit,
+    Never,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFull {
+    #[default]
+    DenyNewFlows,
+    KeepForwarding,
+}
+
+/// Where the uploader sends events.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClickHouseConfig {
+    /// HTTP interface, e.g. `http://127.0.0.1:8123`.
+    pub url: String,
+    #[serde(default = "default_database")]
+    pub database: String,
+    #[serde(default = "default_ch_user")]
+    pub user: String,
+    /// File holding the password (trailing newline ignored); no password when absent.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// The uploader sends a batch when it has this many events…
+    #[serde(default = "default_batch_rows")]
+    pub batch_rows: usize,
+    /// …or when the oldest unsent event is this old.
+    #[serde(default = "default_batch_interval_ms")]
+    pub batch_interval_ms: u64,
+    /// Drop monthly partitions whose newest event is older than this (0: keep forever).
+    #[serde(default)]
+    pub retention_days: u32,
+}
+
+fn default_database() -> String {
+    "portcullis".into()
+}
+
+fn default_ch_user() -> String {
+    "default".into()
+}
+
+fn default_batch_rows() -> usize {
+    20_000
+}
+
+fn default_batch_interval_ms() -> u64 {
+    500
+}
+
+/// The read-only auditor HTTP API (`portcullis audit serve`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditApiConfig {
+    pub listen: SocketAddr,
+    /// File holding the bearer token auditors present.
+    pub token_file: PathBuf,
+}
+
+/// A secret read from a file. Never printed.
+#[derive(Clone, Default)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// Reads a secret file (surrounding whitespace trimmed); errors name the key, never the
+/// content.
+pub fn read_secret(config: &Path, key: &str, file: &Path) -> Result<Secret, ConfigError> {
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        ConfigError::new(config, key, format!("cannot read {}: {e}", file.display()))
+    })?;
+    let secret = text.trim().to_string();
+    if secret.is_empty() {
+        return Err(ConfigError::new(
+            config,
+            key,
+            format!("{} is empty", file.display()),
+        ));
+    }
+    Ok(Secret(secret))
 }
 
 /// Flow table limits and idle timeouts (seconds).
@@ -200,8 +322,9 @@ pub fn decode_key(text: &str) -> Result<[u8; 32], String> {
         .map_err(|_| format!("decodes to {} bytes, a WireGuard key is 32", bytes.len()))
 }
 
-/// Reads and checks a configuration file.
-pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+/// Reads and checks a configuration file, without reading the gateway's private key:
+/// what the auditor commands need (they may run where the key is not).
+pub fn load_unkeyed(path: &Path) -> Result<Loaded, ConfigError> {
     let src = std::fs::read_to_string(path)
         .map_err(|e| ConfigError::new(path, "-", format!("cannot read file: {e}")))?;
     let mut loaded = parse(path, &src)?;
@@ -211,9 +334,27 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
             *p = base.join(&*p);
         }
     };
-    resolve(&mut loaded.config.gateway.private_key_file);
-    resolve(&mut loaded.config.policy.dir);
-    resolve(&mut loaded.config.audit.events_file);
+    let c = &mut loaded.config;
+    resolve(&mut c.gateway.private_key_file);
+    resolve(&mut c.policy.dir);
+    resolve(&mut c.audit.events_file);
+    if let Some(d) = &mut c.audit.spool_dir {
+        resolve(d);
+    }
+    if let Some(ch) = &mut c.audit.clickhouse {
+        if let Some(f) = &mut ch.password_file {
+            resolve(f);
+        }
+    }
+    if let Some(api) = &mut c.audit.api {
+        resolve(&mut api.token_file);
+    }
+    Ok(loaded)
+}
+
+/// Reads and checks a configuration file, including the gateway's private key.
+pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    let mut loaded = load_unkeyed(path)?;
     let key_path = &loaded.config.gateway.private_key_file;
     let key_text = std::fs::read_to_string(key_path).map_err(|e| {
         ConfigError::new(
@@ -279,6 +420,56 @@ pub fn parse(path: &Path, src: &str) -> Result<Loaded, ConfigError> {
             "gateway.mtu".into(),
             format!("{} is outside {min_mtu}..=9000", g.mtu),
         ));
+    }
+    let a = &config.audit;
+    if a.clickhouse.is_some() && a.spool_dir.is_none() {
+        return Err(err(
+            "audit.spool_dir".into(),
+            "required with [audit.clickhouse]: events are spooled on disk before upload".into(),
+        ));
+    }
+    if a.spool_dir.is_some() && a.clickhouse.is_none() {
+        return Err(err(
+            "audit.spool_dir".into(),
+            "set without [audit.clickhouse]: nothing would drain the spool".into(),
+        ));
+    }
+    if a.segment_bytes < 4096 || a.spool_max_bytes < 2 * a.segment_bytes {
+        return Err(err(
+            "audit.spool_max_bytes".into(),
+            format!(
+                "{} must be at least twice segment_bytes ({}, itself at least 4096)",
+                a.spool_max_bytes, a.segment_bytes
+            ),
+        ));
+    }
+    if let Some(ch) = &a.clickhouse {
+        if !(ch.url.starts_with("http://") || ch.url.starts_with("https://")) {
+            return Err(err(
+                "audit.clickhouse.url".into(),
+                format!(
+                    "{:?} is not an http(s) URL of ClickHouse's HTTP interface",
+                    ch.url
+                ),
+            ));
+        }
+        let ident = |v: &str| {
+            !v.is_empty()
+                && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !v.starts_with(|c: char| c.is_ascii_digit())
+        };
+        if !ident(&ch.database) {
+            return Err(err(
+                "audit.clickhouse.database".into(),
+                format!("{:?} must be letters, digits and _", ch.database),
+            ));
+        }
+        if ch.batch_rows == 0 || ch.batch_interval_ms == 0 {
+            return Err(err(
+                "audit.clickhouse.batch_rows".into(),
+                "batch_rows and batch_interval_ms must be at least 1".into(),
+            ));
+        }
     }
     let f = &config.flows;
     if f.max_flows == 0 || f.max_flows_per_peer == 0 {
@@ -507,6 +698,26 @@ address = "100.64.0.2"
             (sample("").replace("\"pc0\"", "\"a-very-long-interface\""), "gateway.tun_name", "15"),
             (sample("address6 = \"fd00::2\""), "peer[0].address6", "tunnel_address6"),
             (sample("").replace("[audit]\nevents_file = \"events.jsonl\"\n", ""), "-", "missing field `audit`"),
+            (
+                sample("").replace("events_file = \"events.jsonl\"", "events_file = \"e\"\n[audit.clickhouse]\nurl = \"http://127.0.0.1:8123\""),
+                "audit.spool_dir",
+                "required",
+            ),
+            (
+                sample("").replace("events_file = \"events.jsonl\"", "events_file = \"e\"\nspool_dir = \"s\"\n[audit.clickhouse]\nurl = \"127.0.0.1:8123\""),
+                "audit.clickhouse.url",
+                "http",
+            ),
+            (
+                sample("").replace("events_file = \"events.jsonl\"", "events_file = \"e\"\nspool_dir = \"s\"\n[audit.clickhouse]\nurl = \"http://h:1\"\ndatabase = \"a;drop\""),
+                "audit.clickhouse.database",
+                "letters",
+            ),
+            (
+                sample("").replace("events_file = \"events.jsonl\"", "events_file = \"e\"\nfsync = \"sometimes\""),
+                "audit.fsync",
+                "unknown variant",
+            ),
         ];
         for (src, key, reason) in cases {
             match check(&src) {

@@ -137,6 +137,8 @@ pub struct Enforcer {
     events: VecDeque<Event>,
     injected: VecDeque<Injected>,
     next_flow_id: u64,
+    /// Set while the audit trail cannot take events: new flows are denied (fail closed).
+    audit_blocked: bool,
     mono_anchor: Instant,
     wall_anchor: DateTime<Utc>,
     pub stats: EnforceStats,
@@ -163,6 +165,7 @@ impl Enforcer {
             events: VecDeque::new(),
             injected: VecDeque::new(),
             next_flow_id: 1,
+            audit_blocked: false,
             mono_anchor: now,
             wall_anchor: wall,
             stats: EnforceStats::default(),
@@ -171,6 +174,16 @@ impl Enforcer {
 
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// Fail closed while the audit trail cannot take events: new flows are denied (with
+    /// reason `audit_unavailable`); established flows continue.
+    pub fn handle_audit_blocked(&mut self, blocked: bool) {
+        self.audit_blocked = blocked;
+    }
+
+    pub fn audit_blocked(&self) -> bool {
+        self.audit_blocked
     }
 
     pub fn flows(&self) -> &FlowTable {
@@ -462,7 +475,28 @@ impl Enforcer {
             device: peer.device.to_string(),
         };
         self.stats.decisions += 1;
-        let decision = self.engine.decide(peer.user, &request, self.wall(now));
+        let groups: Arc<[String]> = self
+            .engine
+            .user(peer.user)
+            .map(|p| Arc::from(p.groups.as_slice()))
+            .unwrap_or_else(|| Arc::from(Vec::new()));
+        let (decision, reason) = if self.audit_blocked {
+            let network = self
+                .engine
+                .bundle()
+                .networks()
+                .resolve(key.server)
+                .to_string();
+            (
+                Arc::new(portcullis_model::Decision::deny_default(network)),
+                Some("audit_unavailable".to_string()),
+            )
+        } else {
+            (
+                self.engine.decide(peer.user, &request, self.wall(now)),
+                None,
+            )
+        };
         let tuple = tuple_of(&key);
         if !decision.allowed {
             let decision = Arc::unwrap_or_clone(decision);
@@ -481,12 +515,14 @@ impl Enforcer {
             self.events.push_back(Event::FlowDenied {
                 session_id: peer.session_id,
                 user: peer.user.to_string(),
+                groups: groups.to_vec(),
                 device: peer.device.to_string(),
                 tuple,
                 network: decision.network,
                 policy_ids: decision.policy_ids,
                 policy_epoch: epoch,
                 suppressed,
+                reason,
             });
             self.stats.denied += 1;
             return Err(Drop::Denied);
@@ -508,6 +544,7 @@ impl Enforcer {
             flow_id: id,
             session_id: peer.session_id,
             user: peer.user.to_string(),
+            groups: groups.to_vec(),
             device: peer.device.to_string(),
             tuple,
             network: decision.network.clone(),
@@ -521,6 +558,7 @@ impl Enforcer {
                 peer: peer.id,
                 session_id: peer.session_id,
                 user: peer.user.clone(),
+                groups,
                 device: peer.device.clone(),
                 created: now,
                 last_seen: now,
@@ -710,6 +748,7 @@ impl Enforcer {
             flow_id: f.id,
             session_id: f.session_id,
             user: f.user.to_string(),
+            groups: f.groups.to_vec(),
             device: f.device.to_string(),
             tuple: tuple_of(key),
             network: f.decision.network.clone(),

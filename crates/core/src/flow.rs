@@ -98,6 +98,8 @@ pub struct Flow {
     pub peer: PeerId,
     pub session_id: u64,
     pub user: Arc<str>,
+    /// The user's groups when the flow was decided (for the audit trail).
+    pub groups: Arc<[String]>,
     pub device: Arc<str>,
     pub created: Instant,
     pub last_seen: Instant,
@@ -262,6 +264,7 @@ mod tests {
             peer: PeerId(u32::from(peer)),
             session_id: 0,
             user: "u".into(),
+            groups: Arc::new([]),
             device: "d".into(),
             created: at,
             last_seen: at,

@@ -163,7 +163,9 @@ impl Gateway {
             by_addr: FxHashMap::default(),
             enforcer: Enforcer::new(engine, config.limits, now, wall),
             session_idle_timeout: config.session_idle_timeout,
-            next_session_id: 1,
+            // Session ids stay unique across restarts of this gateway (the audit trail
+            // keys sessions on them): they start at the start time in microseconds.
+            next_session_id: wall.timestamp_micros().max(1) as u64,
             next_tick: now,
             next_second: now,
             transmits: VecDeque::new(),
@@ -183,6 +185,11 @@ impl Gateway {
     }
 
     /// Re-anchors wall-clock time; call about once a second.
+    /// See [`Enforcer::handle_audit_blocked`].
+    pub fn handle_audit_blocked(&mut self, blocked: bool) {
+        self.enforcer.handle_audit_blocked(blocked);
+    }
+
     pub fn handle_wall_clock(&mut self, now: Instant, wall: DateTime<Utc>) {
         self.enforcer.handle_wall_clock(now, wall);
     }

@@ -200,6 +200,9 @@ pub enum Event {
         flow_id: u64,
         session_id: u64,
         user: String,
+        /// The user's groups when the flow was decided.
+        #[serde(default)]
+        groups: Vec<String>,
         device: String,
         #[serde(flatten)]
         tuple: FlowTuple,
@@ -210,6 +213,8 @@ pub enum Event {
     FlowDenied {
         session_id: u64,
         user: String,
+        #[serde(default)]
+        groups: Vec<String>,
         device: String,
         #[serde(flatten)]
         tuple: FlowTuple,
@@ -219,11 +224,17 @@ pub enum Event {
         policy_epoch: u64,
         /// Packets of this denied tuple suppressed since the last report.
         suppressed: u64,
+        /// Set when the deny did not come from the policies (e.g. `audit_unavailable`:
+        /// the audit spool could not take events and the gateway fails closed).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
     FlowClosed {
         flow_id: u64,
         session_id: u64,
         user: String,
+        #[serde(default)]
+        groups: Vec<String>,
         device: String,
         #[serde(flatten)]
         tuple: FlowTuple,
@@ -264,6 +275,62 @@ pub enum Event {
         device: String,
         reason: String,
     },
+    /// A user's access was cut (offboarding, deactivation, manual revocation).
+    UserRevoked {
+        user: String,
+        /// Who asked: `scim`, `ldap`, `admin:<name>`, ….
+        source: String,
+        /// When the source asked (as it reported it, or when the request arrived).
+        requested_at: DateTime<Utc>,
+        /// When the core had removed every session and flow of the user.
+        applied_at: DateTime<Utc>,
+        latency_us: u64,
+        sessions_cut: u64,
+        flows_cut: u64,
+    },
+    /// An identity source created, changed or removed a user.
+    IdentityChanged {
+        source: String,
+        user: String,
+        /// `created`, `updated`, `deactivated`, `deleted`.
+        change: String,
+        groups: Vec<String>,
+    },
+    /// An administrator changed something through the admin API.
+    AdminAction {
+        actor: String,
+        action: String,
+        target: String,
+        outcome: String,
+    },
+    LoginSucceeded {
+        user: String,
+        method: String,
+        remote: Option<String>,
+    },
+    LoginFailed {
+        /// The name the login claimed (may not exist).
+        user: String,
+        method: String,
+        reason: String,
+        remote: Option<String>,
+    },
+    /// A device key was registered, rotated or expired.
+    KeyRotated {
+        user: String,
+        device: String,
+        previous: Option<String>,
+        expires_at: Option<DateTime<Utc>>,
+    },
+    /// The audit pipeline could not write events for a while (spool full or the writer
+    /// behind); with the default policy new flows were denied meanwhile. Raised once
+    /// writing works again, with how many events could not be written.
+    AuditDegraded {
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+        events_refused: u64,
+        reason: String,
+    },
 }
 
 impl Event {
@@ -280,6 +347,13 @@ impl Event {
             Event::PolicyRejected { .. } => "policy_rejected",
             Event::PeerAdded { .. } => "peer_added",
             Event::PeerRemoved { .. } => "peer_removed",
+            Event::UserRevoked { .. } => "user_revoked",
+            Event::IdentityChanged { .. } => "identity_changed",
+            Event::AdminAction { .. } => "admin_action",
+            Event::LoginSucceeded { .. } => "login_succeeded",
+            Event::LoginFailed { .. } => "login_failed",
+            Event::KeyRotated { .. } => "key_rotated",
+            Event::AuditDegraded { .. } => "audit_degraded",
         }
     }
 }
@@ -322,6 +396,7 @@ mod tests {
             event: Event::FlowDenied {
                 session_id: 1,
                 user: "bob".into(),
+                groups: vec!["developers".into()],
                 device: "k".into(),
                 tuple: FlowTuple {
                     protocol: Protocol::TCP,
@@ -334,6 +409,7 @@ mod tests {
                 policy_ids: vec![],
                 policy_epoch: 1,
                 suppressed: 0,
+                reason: None,
             },
         };
         let json = serde_json::to_value(&env)?;

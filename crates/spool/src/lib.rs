@@ -345,6 +345,30 @@ impl Spool {
         Ok(out)
     }
 
+    /// The newest committed record, acknowledged or not (the audit chain resumes from it
+    /// after a restart).
+    pub fn last_record(&self) -> Result<Option<(u64, Vec<u8>)>, SpoolError> {
+        for seg in self.segments.iter().rev() {
+            let Some(&(seq, offset)) = seg
+                .index
+                .iter()
+                .rev()
+                .find(|(seq, _)| *seq < self.committed_seq)
+            else {
+                continue;
+            };
+            let mut file = File::open(&seg.path).map_err(io(&seg.path))?;
+            file.seek(SeekFrom::Start(offset)).map_err(io(&seg.path))?;
+            let mut frame = [0u8; FRAME];
+            file.read_exact(&mut frame).map_err(io(&seg.path))?;
+            let len = u32::from_le_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize;
+            let mut payload = vec![0u8; len];
+            file.read_exact(&mut payload).map_err(io(&seg.path))?;
+            return Ok(Some((seq, payload)));
+        }
+        Ok(None)
+    }
+
     /// Records that everything up to `seq` reached its destination; deletes segments that
     /// hold only acknowledged records.
     pub fn ack(&mut self, seq: u64) -> Result<(), SpoolError> {

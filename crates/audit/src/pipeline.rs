@@ -1,0 +1,652 @@
+//! The gateway's audit pipeline: two threads behind a bounded queue, so the data plane
+//! never waits on the disk or on ClickHouse.
+//!
+//! - [`Pipeline::submit`] (data plane): stamps nothing, blocks never; a full queue refuses
+//!   the event, counts it and raises [`Pipeline::blocked`].
+//! - writer thread: stamps each event (UUID, per-gateway sequence number = spool sequence
+//!   number), links it into the hash chain, appends it to the spool, commits once per
+//!   batch (the fsync policy decides what commit means), then appends the batch to the
+//!   events file: a line there is an event counted as written. When the spool refuses
+//!   (full, or an io error) the events are counted, the pipeline reports `blocked`, and
+//!   once writing works again an `audit_degraded` event records the interval and the count.
+//! - uploader thread: reads committed records from the spool, batches them by count and
+//!   age, inserts them into ClickHouse, and acknowledges (trims) only after ClickHouse
+//!   answered. Failures back off exponentially (100 ms to 10 s) and reconnect, detecting
+//!   the server version again. Every 10 s it records its state in `uploader_metrics`;
+//!   every hour it applies retention.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use portcullis_model::{Envelope, Event, EVENT_VERSION};
+use portcullis_spool::{Recovery, Spool, SpoolConfig, SpoolError};
+
+use crate::row::{AuditRow, Chain};
+use crate::store::{MetricsRow, Store, StoreConfig};
+
+/// Where events go.
+#[derive(Clone, Debug)]
+pub struct PipelineConfig {
+    pub gateway: String,
+    pub events_file: PathBuf,
+    /// The durable spool and the uploader; without it events only reach the events file.
+    pub spool: Option<SpoolSettings>,
+    /// Events the queue between the data plane and the writer holds.
+    pub queue: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct SpoolSettings {
+    pub dir: PathBuf,
+    pub spool: SpoolConfig,
+    pub upload: UploadConfig,
+}
+
+#[derive(Clone, Debug)]
+pub struct UploadConfig {
+    pub store: StoreConfig,
+    pub batch_rows: usize,
+    pub batch_interval: Duration,
+    /// Drop partitions older than this (hourly); `None` keeps everything.
+    pub retention: Option<Duration>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    #[error("events file {path}: {source}")]
+    EventsFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("starting audit thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Counters and gauges, readable from any thread.
+#[derive(Debug, Default)]
+pub struct PipelineStats {
+    /// Events durable in the spool (or, without one, written to the events file).
+    pub written: AtomicU64,
+    /// Events that could not be written (queue full, spool full, io errors).
+    pub refused: AtomicU64,
+    pub uploaded: AtomicU64,
+    pub batches: AtomicU64,
+    pub upload_errors: AtomicU64,
+    /// Records the uploader could not decode and skipped (reported, never expected).
+    pub undecodable: AtomicU64,
+    pub backlog: AtomicU64,
+    pub spool_bytes: AtomicU64,
+    /// Age of the oldest event not yet in ClickHouse, in milliseconds.
+    pub lag_ms: AtomicU64,
+    /// Highest sequence number durable in the spool.
+    pub written_seq: AtomicU64,
+    /// Highest sequence number ClickHouse acknowledged.
+    pub acked_seq: AtomicU64,
+}
+
+struct Shared {
+    stats: PipelineStats,
+    blocked: AtomicBool,
+    /// Refusals by `submit` not yet accounted for by the writer.
+    queue_refused: AtomicU64,
+    stop: AtomicBool,
+}
+
+type Item = (Event, DateTime<Utc>);
+
+/// The running pipeline.
+pub struct Pipeline {
+    tx: Option<SyncSender<Item>>,
+    shared: Arc<Shared>,
+    writer: Option<JoinHandle<()>>,
+    uploader: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("blocked", &self.blocked())
+            .finish()
+    }
+}
+
+fn lock(spool: &Mutex<Spool>) -> MutexGuard<'_, Spool> {
+    // A panic while holding the lock leaves the spool consistent on disk (every mutation
+    // is an append or a whole-file replace), so a poisoned lock is still usable.
+    spool.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Pipeline {
+    /// Opens the spool (recovering after a crash) and starts the threads. The recovery
+    /// report is returned and, when it dropped anything, also written to the trail.
+    pub fn start(config: PipelineConfig) -> Result<(Pipeline, Option<Recovery>), AuditError> {
+        let events_path = config.events_file.clone();
+        let events = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&events_path)
+            .map_err(|source| AuditError::EventsFile {
+                path: events_path.clone(),
+                source,
+            })?;
+        let shared = Arc::new(Shared {
+            stats: PipelineStats::default(),
+            blocked: AtomicBool::new(false),
+            queue_refused: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+        });
+        let (tx, rx) = sync_channel(config.queue.max(1));
+        let mut recovery = None;
+        let mut spool = None;
+        let mut chain = Chain::default();
+        let mut next_seq = 1;
+        if let Some(s) = &config.spool {
+            let (sp, rec) = Spool::open(&s.dir, s.spool.clone())?;
+            if let Some((seq, bytes)) = sp.last_record()? {
+                match AuditRow::decode(&bytes) {
+                    Ok(row) => chain.last_hash = row.hash,
+                    Err(e) => tracing::error!(seq, "audit chain restarts: last spool record: {e}"),
+                }
+            }
+            next_seq = sp.next_seq();
+            shared
+                .stats
+                .written_seq
+                .store(next_seq.saturating_sub(1), Ordering::Relaxed);
+            shared.stats.acked_seq.store(sp.acked(), Ordering::Relaxed);
+            shared.stats.backlog.store(sp.backlog(), Ordering::Relaxed);
+            shared
+                .stats
+                .spool_bytes
+                .store(sp.bytes(), Ordering::Relaxed);
+            spool = Some(Arc::new(Mutex::new(sp)));
+            recovery = Some(rec);
+        }
+        let mut writer = Writer {
+            gateway: config.gateway.clone(),
+            events: BufWriter::with_capacity(1 << 16, events),
+            events_path,
+            spool: spool.clone(),
+            chain,
+            next_seq,
+            shared: shared.clone(),
+            degraded: None,
+            interval_refused: 0,
+            buf: Vec::with_capacity(1024),
+        };
+        if let Some(rec) = &recovery {
+            if let Some(reason) = recovery_report(rec) {
+                tracing::warn!("audit spool recovery: {reason}");
+                let now = Utc::now();
+                writer.write_batch(vec![(
+                    Event::AuditDegraded {
+                        since: now,
+                        until: now,
+                        events_refused: 0,
+                        reason,
+                    },
+                    now,
+                )]);
+            }
+        }
+        let writer = std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(AuditError::Thread)?;
+        let uploader = match (&config.spool, spool) {
+            (Some(s), Some(spool)) => {
+                let uploader = Uploader {
+                    gateway: config.gateway.clone(),
+                    config: s.upload.clone(),
+                    spool,
+                    shared: shared.clone(),
+                };
+                Some(
+                    std::thread::Builder::new()
+                        .name("audit-uploader".into())
+                        .spawn(move || uploader.run())
+                        .map_err(AuditError::Thread)?,
+                )
+            }
+            _ => None,
+        };
+        Ok((
+            Pipeline {
+                tx: Some(tx),
+                shared,
+                writer: Some(writer),
+                uploader,
+            },
+            recovery,
+        ))
+    }
+
+    /// Hands an event to the writer without blocking. `false`: refused (counted, and
+    /// reported later in an `audit_degraded` event).
+    pub fn submit(&self, event: Event, time: DateTime<Utc>) -> bool {
+        let Some(tx) = &self.tx else { return false };
+        match tx.try_send((event, time)) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.shared.queue_refused.fetch_add(1, Ordering::Relaxed);
+                self.shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+                self.shared.blocked.store(true, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    /// True while events cannot be written (the caller fails closed on new flows).
+    pub fn blocked(&self) -> bool {
+        self.shared.blocked.load(Ordering::Relaxed)
+    }
+
+    pub fn stats(&self) -> &PipelineStats {
+        &self.shared.stats
+    }
+
+    /// Writes every queued event, then gives the uploader up to `drain` to empty the
+    /// backlog, and stops. What is not uploaded stays in the spool for the next start.
+    pub fn shutdown(mut self, drain: Duration) {
+        self.tx = None;
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+        let deadline = Instant::now() + drain;
+        while self.shared.stats.backlog.load(Ordering::Relaxed) > 0
+            && self.uploader.is_some()
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some(u) = self.uploader.take() {
+            let _ = u.join();
+        }
+    }
+}
+
+fn recovery_report(rec: &Recovery) -> Option<String> {
+    let mut parts = Vec::new();
+    if let Some((seg, offset, bytes)) = &rec.torn_tail {
+        parts.push(format!(
+            "torn tail of {bytes} bytes dropped at {}:{offset}",
+            seg.display()
+        ));
+    }
+    for (seg, offset) in &rec.corrupt {
+        parts.push(format!(
+            "corrupt record skipped at {}:{offset}",
+            seg.display()
+        ));
+    }
+    (!parts.is_empty()).then(|| {
+        format!(
+            "spool recovery kept {} records; {}",
+            rec.records,
+            parts.join("; ")
+        )
+    })
+}
+
+struct Writer {
+    gateway: String,
+    events: BufWriter<File>,
+    events_path: PathBuf,
+    spool: Option<Arc<Mutex<Spool>>>,
+    chain: Chain,
+    next_seq: u64,
+    shared: Arc<Shared>,
+    /// Since when events are refused, with the reason of the first refusal.
+    degraded: Option<(DateTime<Utc>, String)>,
+    /// Events refused in the current degraded interval.
+    interval_refused: u64,
+    buf: Vec<u8>,
+}
+
+const WRITE_BATCH: usize = 8192;
+
+impl Writer {
+    fn run(mut self, rx: Receiver<Item>) {
+        let mut batch = Vec::with_capacity(WRITE_BATCH);
+        loop {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(item) => batch.push(item),
+                Err(RecvTimeoutError::Timeout) => {
+                    // Nothing to write: still report a degraded interval once writable.
+                    if self.degraded.is_some()
+                        || self.shared.queue_refused.load(Ordering::Relaxed) > 0
+                    {
+                        self.write_batch(Vec::new());
+                    }
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            while batch.len() < WRITE_BATCH {
+                match rx.try_recv() {
+                    Ok(item) => batch.push(item),
+                    Err(_) => break,
+                }
+            }
+            self.write_batch(std::mem::take(&mut batch));
+        }
+        let _ = self.events.flush();
+    }
+
+    fn write_batch(&mut self, batch: Vec<Item>) {
+        let queue_refused = self.shared.queue_refused.swap(0, Ordering::Relaxed);
+        if queue_refused > 0 && self.degraded.is_none() {
+            self.degraded = Some((
+                Utc::now(),
+                "the audit writer fell behind (queue full)".into(),
+            ));
+        }
+        self.interval_refused += queue_refused;
+        // Refusals found here (the queue's were counted by `submit`).
+        let mut refused = 0;
+        let mut written: Vec<Envelope> = Vec::with_capacity(batch.len() + 1);
+        let spool = self.spool.clone();
+        let mut guard = spool.as_deref().map(lock);
+        // The alarm for a degraded interval goes first, once the spool takes events again.
+        if let Some((since, reason)) = self.degraded.clone() {
+            let now = Utc::now();
+            let alarm = Event::AuditDegraded {
+                since,
+                until: now,
+                events_refused: self.interval_refused,
+                reason,
+            };
+            self.degraded = None;
+            match self.append(guard.as_deref_mut(), alarm, now) {
+                Some(env) => {
+                    written.push(env);
+                    self.interval_refused = 0;
+                }
+                None => self.degraded = Some((since, self.degraded_reason())),
+            }
+        }
+        for (event, time) in batch {
+            if self.degraded.is_some() {
+                refused += 1;
+                continue;
+            }
+            match self.append(guard.as_deref_mut(), event, time) {
+                Some(env) => written.push(env),
+                None => refused += 1,
+            }
+        }
+        self.interval_refused += refused;
+        let st = &self.shared.stats;
+        st.refused.fetch_add(refused, Ordering::Relaxed);
+        if let Some(sp) = guard.as_deref_mut() {
+            if let Err(e) = sp.commit() {
+                // Appended records stay pending and are written by the next commit;
+                // until then they do not count as written.
+                tracing::error!("audit spool commit failed: {e}");
+                self.degraded
+                    .get_or_insert_with(|| (Utc::now(), format!("spool commit failed: {e}")));
+                self.shared.blocked.store(true, Ordering::Relaxed);
+                return;
+            }
+            st.written_seq
+                .store(sp.next_seq().saturating_sub(1), Ordering::Relaxed);
+            st.backlog.store(sp.backlog(), Ordering::Relaxed);
+            st.spool_bytes.store(sp.bytes(), Ordering::Relaxed);
+        }
+        drop(guard);
+        st.written
+            .fetch_add(written.len() as u64, Ordering::Relaxed);
+        self.shared
+            .blocked
+            .store(self.degraded.is_some(), Ordering::Relaxed);
+        for env in &written {
+            tracing::debug!(kind = env.event.kind(), seq = env.seq, "event");
+            if serde_json::to_writer(&mut self.events, env).is_err()
+                || self.events.write_all(b"\n").is_err()
+            {
+                tracing::error!(path = %self.events_path.display(), "writing the events file failed");
+            }
+        }
+        if !written.is_empty() && self.events.flush().is_err() {
+            tracing::error!(path = %self.events_path.display(), "writing the events file failed");
+        }
+    }
+
+    fn degraded_reason(&self) -> String {
+        self.degraded
+            .as_ref()
+            .map(|d| d.1.clone())
+            .unwrap_or_else(|| "the audit spool refused events".into())
+    }
+
+    /// Stamps, chains and appends one event; `None` when the spool refused it (then the
+    /// pipeline is degraded).
+    fn append(
+        &mut self,
+        spool: Option<&mut Spool>,
+        event: Event,
+        time: DateTime<Utc>,
+    ) -> Option<Envelope> {
+        let seq = spool
+            .as_ref()
+            .map(|s| s.next_seq())
+            .unwrap_or(self.next_seq);
+        let env = Envelope {
+            v: EVENT_VERSION,
+            id: uuid::Uuid::new_v4(),
+            seq,
+            time,
+            gateway: self.gateway.clone(),
+            event,
+        };
+        let Some(spool) = spool else {
+            self.next_seq += 1;
+            return Some(env);
+        };
+        let mut row = AuditRow::from_envelope(&env);
+        let mut chain = self.chain.clone();
+        chain.seal(&mut row);
+        self.buf.clear();
+        row.encode(&mut self.buf, true);
+        match spool.append(&self.buf) {
+            Ok(_) => {
+                self.chain = chain;
+                Some(env)
+            }
+            Err(e) => {
+                if self.degraded.is_none() {
+                    tracing::error!("audit events refused: {e}");
+                    self.degraded = Some((Utc::now(), e.to_string()));
+                }
+                None
+            }
+        }
+    }
+}
+
+struct Uploader {
+    gateway: String,
+    config: UploadConfig,
+    spool: Arc<Mutex<Spool>>,
+    shared: Arc<Shared>,
+}
+
+const INSERT_TIMEOUT: Duration = Duration::from_secs(30);
+const METRICS_EVERY: Duration = Duration::from_secs(10);
+const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+
+impl Uploader {
+    fn run(self) {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!("audit uploader cannot start a runtime: {e}");
+                return;
+            }
+        };
+        rt.block_on(self.main());
+    }
+
+    async fn main(self) {
+        let st = &self.shared.stats;
+        let mut store: Option<Store> = None;
+        let mut backoff = Duration::from_millis(100);
+        let mut next = lock(&self.spool).acked() + 1;
+        let mut next_metrics = Instant::now();
+        let mut next_retention = Instant::now();
+        let mut last_error_log: Option<Instant> = None;
+        while !self.shared.stop.load(Ordering::Relaxed) {
+            let Some(s) = &store else {
+                match Store::connect(&self.config.store).await {
+                    Ok(s) => match s.check_schema().await {
+                        Ok(()) => {
+                            tracing::info!(version = ?s.version, database = %s.database, "audit uploader connected");
+                            store = Some(s);
+                        }
+                        Err(e) => self.failed(&e, &mut backoff, &mut last_error_log).await,
+                    },
+                    Err(e) => self.failed(&e, &mut backoff, &mut last_error_log).await,
+                }
+                continue;
+            };
+            let now = Instant::now();
+            if now >= next_metrics {
+                next_metrics = now + METRICS_EVERY;
+                let _ = s.insert_metrics(&self.metrics()).await;
+            }
+            if now >= next_retention {
+                next_retention = now + RETENTION_EVERY;
+                if let Some(age) = self.config.retention {
+                    match s.apply_retention(age).await {
+                        Ok(d) if !d.is_empty() => tracing::info!(dropped = ?d, "audit retention"),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!("audit retention: {e}"),
+                    }
+                }
+            }
+            let read = lock(&self.spool).read_from(next, self.config.batch_rows);
+            let records = match read {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!("audit spool read: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let Some((first_seq, first)) = records.first() else {
+                st.lag_ms.store(0, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            let age = age_ms(first);
+            st.lag_ms.store(age, Ordering::Relaxed);
+            if records.len() < self.config.batch_rows
+                && Duration::from_millis(age) < self.config.batch_interval
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+            let last_seq = records.last().map(|r| r.0).unwrap_or(*first_seq);
+            let mut rows = Vec::with_capacity(records.len());
+            for (seq, bytes) in &records {
+                match AuditRow::decode(bytes) {
+                    Ok(r) => rows.push(r),
+                    Err(e) => {
+                        st.undecodable.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(seq, "audit record skipped: {e}");
+                    }
+                }
+            }
+            let result = match tokio::time::timeout(INSERT_TIMEOUT, s.insert(&rows)).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("insert timed out after {INSERT_TIMEOUT:?}")),
+            };
+            match result {
+                Ok(()) => {
+                    let mut sp = lock(&self.spool);
+                    if let Err(e) = sp.ack(last_seq) {
+                        // ClickHouse has the rows; a retry after restart is deduplicated.
+                        tracing::error!("audit spool ack: {e}");
+                    }
+                    st.acked_seq.store(sp.acked(), Ordering::Relaxed);
+                    st.backlog.store(sp.backlog(), Ordering::Relaxed);
+                    st.spool_bytes.store(sp.bytes(), Ordering::Relaxed);
+                    drop(sp);
+                    next = last_seq + 1;
+                    st.uploaded.fetch_add(rows.len() as u64, Ordering::Relaxed);
+                    st.batches.fetch_add(1, Ordering::Relaxed);
+                    backoff = Duration::from_millis(100);
+                }
+                Err(e) => {
+                    self.failed(&e, &mut backoff, &mut last_error_log).await;
+                    store = None;
+                }
+            }
+        }
+    }
+
+    async fn failed(
+        &self,
+        e: &dyn std::fmt::Display,
+        backoff: &mut Duration,
+        last_log: &mut Option<Instant>,
+    ) {
+        self.shared
+            .stats
+            .upload_errors
+            .fetch_add(1, Ordering::Relaxed);
+        if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+            tracing::warn!(
+                backlog = self.shared.stats.backlog.load(Ordering::Relaxed),
+                retry_in = ?*backoff,
+                "audit upload failed, events stay in the spool: {e}"
+            );
+            *last_log = Some(Instant::now());
+        }
+        // Sleep in slices so a shutdown is not held up by a long backoff.
+        let until = Instant::now() + *backoff;
+        while Instant::now() < until && !self.shared.stop.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        *backoff = (*backoff * 2).min(Duration::from_secs(10));
+    }
+
+    fn metrics(&self) -> MetricsRow {
+        let st = &self.shared.stats;
+        MetricsRow {
+            gateway: self.gateway.clone(),
+            time: Utc::now().timestamp().max(0) as u32,
+            backlog: st.backlog.load(Ordering::Relaxed),
+            lag_ms: st.lag_ms.load(Ordering::Relaxed),
+            batches: st.batches.load(Ordering::Relaxed),
+            rows: st.uploaded.load(Ordering::Relaxed),
+            errors: st.upload_errors.load(Ordering::Relaxed),
+            spool_bytes: st.spool_bytes.load(Ordering::Relaxed),
+            refused: st.refused.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Age of a spooled record from its encoded time, without decoding the whole record.
+fn age_ms(record: &[u8]) -> u64 {
+    AuditRow::decode(record)
+        .map(|r| {
+            let now = Utc::now().timestamp_micros().max(0) as u64;
+            now.saturating_sub(r.time_us) / 1000
+        })
+        .unwrap_or(u64::MAX)
+}

@@ -1,0 +1,510 @@
+//! One audit event as one ClickHouse row, its canonical encoding and its hash chain.
+//!
+//! The row is flat: columns for what auditors filter and sum on (user, groups, device,
+//! 5-tuple, network, decision, policy ids, counters, latency), the rest of the event in
+//! `detail` (a JSON object). Every row carries `prev_hash` (the `hash` of the gateway's
+//! previous event) and `hash` = SHA-256(`prev_hash` bytes ‖ canonical encoding of every
+//! other column). The canonical encoding is also the spool record format.
+//!
+//! Canonical encoding (little endian): a version byte (1), then the columns in
+//! declaration order: integers fixed width; strings as `u32` length + UTF-8 bytes; string
+//! arrays as `u32` count + strings; the UUID and the 16-byte address raw. With hashes the
+//! two hex strings follow.
+
+use std::net::IpAddr;
+
+use portcullis_model::{Envelope, Event};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// `prev_hash` of a gateway's first event.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+const ENCODING_VERSION: u8 = 1;
+
+/// A row of the `events` table. Field order is the column order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, clickhouse::Row)]
+pub struct AuditRow {
+    #[serde(with = "clickhouse::serde::uuid")]
+    pub event_id: uuid::Uuid,
+    pub gateway: String,
+    pub seq: u64,
+    /// Seconds since the epoch (`DateTime`, the partition and order key).
+    pub time: u32,
+    /// Microseconds since the epoch (18.16 has no `DateTime64`).
+    pub time_us: u64,
+    pub v: u32,
+    pub kind: String,
+    pub user: String,
+    pub groups: Vec<String>,
+    pub device: String,
+    pub session_id: u64,
+    pub flow_id: u64,
+    pub protocol: String,
+    pub src_ip: String,
+    pub src_port: u16,
+    pub dst_ip: String,
+    /// The destination as 16 bytes (IPv4 mapped into IPv6), for CIDR range scans.
+    pub dst_addr: [u8; 16],
+    pub dst_port: u16,
+    pub network: String,
+    /// `allow`, `deny`, or empty for events that are not flow decisions.
+    pub decision: String,
+    pub policy_ids: Vec<String>,
+    pub policy_epoch: u64,
+    pub reason: String,
+    pub duration_ms: u64,
+    /// Client → network (for sessions: received from the client).
+    pub bytes_out: u64,
+    pub packets_out: u64,
+    /// Network → client.
+    pub bytes_in: u64,
+    pub packets_in: u64,
+    pub latency_us: u64,
+    /// The event's other fields, as a JSON object with sorted keys.
+    pub detail: String,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+/// Column names in order (for `SELECT` lists and the schema test).
+pub const COLUMNS: &[&str] = &[
+    "event_id",
+    "gateway",
+    "seq",
+    "time",
+    "time_us",
+    "v",
+    "kind",
+    "user",
+    "groups",
+    "device",
+    "session_id",
+    "flow_id",
+    "protocol",
+    "src_ip",
+    "src_port",
+    "dst_ip",
+    "dst_addr",
+    "dst_port",
+    "network",
+    "decision",
+    "policy_ids",
+    "policy_epoch",
+    "reason",
+    "duration_ms",
+    "bytes_out",
+    "packets_out",
+    "bytes_in",
+    "packets_in",
+    "latency_us",
+    "detail",
+    "prev_hash",
+    "hash",
+];
+
+/// A spool record that does not decode.
+#[derive(Debug, thiserror::Error)]
+#[error("undecodable audit record: {0}")]
+pub struct DecodeError(&'static str);
+
+/// The 16-byte form of an address (IPv4 mapped).
+pub fn addr16(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+impl AuditRow {
+    /// Maps an event to a row (hashes empty: see [`Chain::seal`]).
+    pub fn from_envelope(env: &Envelope) -> AuditRow {
+        let micros = env.time.timestamp_micros().max(0) as u64;
+        let mut row = AuditRow {
+            event_id: env.id,
+            gateway: env.gateway.clone(),
+            seq: env.seq,
+            time: (micros / 1_000_000).min(u64::from(u32::MAX)) as u32,
+            time_us: micros,
+            v: env.v,
+            kind: env.event.kind().to_string(),
+            user: String::new(),
+            groups: Vec::new(),
+            device: String::new(),
+            session_id: 0,
+            flow_id: 0,
+            protocol: String::new(),
+            src_ip: String::new(),
+            src_port: 0,
+            dst_ip: String::new(),
+            dst_addr: [0; 16],
+            dst_port: 0,
+            network: String::new(),
+            decision: match env.event {
+                Event::FlowOpened { .. } | Event::FlowClosed { .. } => "allow".into(),
+                Event::FlowDenied { .. } => "deny".into(),
+                _ => String::new(),
+            },
+            policy_ids: Vec::new(),
+            policy_epoch: 0,
+            reason: String::new(),
+            duration_ms: 0,
+            bytes_out: 0,
+            packets_out: 0,
+            bytes_in: 0,
+            packets_in: 0,
+            latency_us: 0,
+            detail: String::new(),
+            prev_hash: String::new(),
+            hash: String::new(),
+        };
+        // Generic mapping through the event's JSON: every field lands in a column or in
+        // `detail`, so new event kinds need no change here.
+        let serde_json::Value::Object(mut fields) =
+            serde_json::to_value(&env.event).unwrap_or_default()
+        else {
+            return row;
+        };
+        fields.remove("type");
+        let mut take = |k: &str| fields.remove(k);
+        let text = |v: Option<serde_json::Value>| match v {
+            Some(serde_json::Value::String(s)) => s,
+            Some(serde_json::Value::Null) | None => String::new(),
+            Some(other) => other.to_string(),
+        };
+        let num = |v: Option<serde_json::Value>| v.and_then(|v| v.as_u64()).unwrap_or(0);
+        let list = |v: Option<serde_json::Value>| -> Vec<String> {
+            match v {
+                Some(serde_json::Value::Array(a)) => a
+                    .into_iter()
+                    .map(|x| match x {
+                        serde_json::Value::String(s) => s,
+                        other => other.to_string(),
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            }
+        };
+        let counters = |v: Option<serde_json::Value>| {
+            let c = v.unwrap_or_default();
+            (
+                c.get("bytes").and_then(|b| b.as_u64()).unwrap_or(0),
+                c.get("packets").and_then(|b| b.as_u64()).unwrap_or(0),
+            )
+        };
+        row.user = text(take("user"));
+        row.groups = list(take("groups"));
+        row.device = text(take("device"));
+        row.session_id = num(take("session_id"));
+        row.flow_id = num(take("flow_id"));
+        row.protocol = text(take("protocol"));
+        row.src_ip = text(take("src_ip"));
+        row.src_port = num(take("src_port")).min(65535) as u16;
+        row.dst_ip = text(take("dst_ip"));
+        row.dst_addr = row.dst_ip.parse().map(addr16).unwrap_or([0; 16]);
+        row.dst_port = num(take("dst_port")).min(65535) as u16;
+        row.network = text(take("network"));
+        row.policy_ids = list(take("policy_ids"));
+        row.policy_epoch = num(take("policy_epoch"));
+        row.reason = text(take("reason"));
+        row.duration_ms = num(take("duration_ms"));
+        row.latency_us = num(take("latency_us"));
+        let (out_b, out_p) = counters(take("outbound").or_else(|| take("rx")));
+        let (in_b, in_p) = counters(take("inbound").or_else(|| take("tx")));
+        (row.bytes_out, row.packets_out, row.bytes_in, row.packets_in) = (out_b, out_p, in_b, in_p);
+        row.detail = if fields.is_empty() {
+            String::new()
+        } else {
+            serde_json::Value::Object(fields).to_string()
+        };
+        row
+    }
+
+    /// The canonical encoding (see the module docs).
+    pub fn encode(&self, out: &mut Vec<u8>, with_hashes: bool) {
+        out.push(ENCODING_VERSION);
+        out.extend_from_slice(self.event_id.as_bytes());
+        put_str(out, &self.gateway);
+        out.extend_from_slice(&self.seq.to_le_bytes());
+        out.extend_from_slice(&self.time.to_le_bytes());
+        out.extend_from_slice(&self.time_us.to_le_bytes());
+        out.extend_from_slice(&self.v.to_le_bytes());
+        put_str(out, &self.kind);
+        put_str(out, &self.user);
+        put_list(out, &self.groups);
+        put_str(out, &self.device);
+        out.extend_from_slice(&self.session_id.to_le_bytes());
+        out.extend_from_slice(&self.flow_id.to_le_bytes());
+        put_str(out, &self.protocol);
+        put_str(out, &self.src_ip);
+        out.extend_from_slice(&self.src_port.to_le_bytes());
+        put_str(out, &self.dst_ip);
+        out.extend_from_slice(&self.dst_addr);
+        out.extend_from_slice(&self.dst_port.to_le_bytes());
+        put_str(out, &self.network);
+        put_str(out, &self.decision);
+        put_list(out, &self.policy_ids);
+        out.extend_from_slice(&self.policy_epoch.to_le_bytes());
+        put_str(out, &self.reason);
+        for n in [
+            self.duration_ms,
+            self.bytes_out,
+            self.packets_out,
+            self.bytes_in,
+            self.packets_in,
+            self.latency_us,
+        ] {
+            out.extend_from_slice(&n.to_le_bytes());
+        }
+        put_str(out, &self.detail);
+        if with_hashes {
+            put_str(out, &self.prev_hash);
+            put_str(out, &self.hash);
+        }
+    }
+
+    /// Decodes a spool record written by `encode(.., true)`.
+    pub fn decode(bytes: &[u8]) -> Result<AuditRow, DecodeError> {
+        let mut r = Reader(bytes);
+        if r.u8()? != ENCODING_VERSION {
+            return Err(DecodeError("unknown encoding version"));
+        }
+        let row = AuditRow {
+            event_id: uuid::Uuid::from_bytes(r.array()?),
+            gateway: r.string()?,
+            seq: r.u64()?,
+            time: u32::from_le_bytes(r.array()?),
+            time_us: r.u64()?,
+            v: u32::from_le_bytes(r.array()?),
+            kind: r.string()?,
+            user: r.string()?,
+            groups: r.list()?,
+            device: r.string()?,
+            session_id: r.u64()?,
+            flow_id: r.u64()?,
+            protocol: r.string()?,
+            src_ip: r.string()?,
+            src_port: u16::from_le_bytes(r.array()?),
+            dst_ip: r.string()?,
+            dst_addr: r.array()?,
+            dst_port: u16::from_le_bytes(r.array()?),
+            network: r.string()?,
+            decision: r.string()?,
+            policy_ids: r.list()?,
+            policy_epoch: r.u64()?,
+            reason: r.string()?,
+            duration_ms: r.u64()?,
+            bytes_out: r.u64()?,
+            packets_out: r.u64()?,
+            bytes_in: r.u64()?,
+            packets_in: r.u64()?,
+            latency_us: r.u64()?,
+            detail: r.string()?,
+            prev_hash: r.string()?,
+            hash: r.string()?,
+        };
+        if !r.0.is_empty() {
+            return Err(DecodeError("trailing bytes"));
+        }
+        Ok(row)
+    }
+
+    /// The hash this row must carry given its `prev_hash` and other columns.
+    pub fn expected_hash(&self) -> String {
+        let mut buf = Vec::with_capacity(512);
+        self.encode(&mut buf, false);
+        let mut h = Sha256::new();
+        h.update(self.prev_hash.as_bytes());
+        h.update(&buf);
+        hex::encode(h.finalize())
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn put_list(out: &mut Vec<u8>, l: &[String]) {
+    out.extend_from_slice(&(l.len() as u32).to_le_bytes());
+    for s in l {
+        put_str(out, s);
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], DecodeError> {
+        if self.0.len() < n {
+            return Err(DecodeError("truncated"));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        self.take(N)?
+            .try_into()
+            .map_err(|_| DecodeError("truncated"))
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.array::<1>()?[0])
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+    fn string(&mut self) -> Result<String, DecodeError> {
+        let len = u32::from_le_bytes(self.array()?) as usize;
+        let bytes = self.take(len)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError("invalid utf-8"))
+    }
+    fn list(&mut self) -> Result<Vec<String>, DecodeError> {
+        let n = u32::from_le_bytes(self.array()?) as usize;
+        if n > self.0.len() / 4 {
+            return Err(DecodeError("list longer than the record"));
+        }
+        (0..n).map(|_| self.string()).collect()
+    }
+}
+
+/// A gateway's hash chain: the hash of its last event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chain {
+    pub last_hash: String,
+}
+
+impl Default for Chain {
+    fn default() -> Self {
+        Chain {
+            last_hash: GENESIS.to_string(),
+        }
+    }
+}
+
+impl Chain {
+    /// Links the row into the chain: sets `prev_hash` and `hash`.
+    pub fn seal(&mut self, row: &mut AuditRow) {
+        row.prev_hash = std::mem::take(&mut self.last_hash);
+        row.hash = row.expected_hash();
+        self.last_hash = row.hash.clone();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use portcullis_model::{Counters, FlowTuple, Protocol, EVENT_VERSION};
+    use proptest::prelude::*;
+
+    pub(crate) fn closed(seq: u64, user: &str, bytes: u64) -> Envelope {
+        Envelope {
+            v: EVENT_VERSION,
+            id: uuid::Uuid::new_v4(),
+            seq,
+            time: chrono::Utc::now(),
+            gateway: "gw-1".into(),
+            event: Event::FlowClosed {
+                flow_id: 9,
+                session_id: 4,
+                user: user.into(),
+                groups: vec!["sre".into()],
+                device: "key".into(),
+                tuple: FlowTuple {
+                    protocol: Protocol::TCP,
+                    src_ip: "100.64.0.2".parse().unwrap(),
+                    src_port: 40000,
+                    dst_ip: "10.8.0.2".parse().unwrap(),
+                    dst_port: 22,
+                },
+                network: "prod".into(),
+                policy_ids: vec!["sre-prod".into()],
+                policy_epoch: 3,
+                reason: portcullis_model::CloseReason::TcpClosed,
+                duration_ms: 1500,
+                outbound: Counters { packets: 10, bytes },
+                inbound: Counters {
+                    packets: 20,
+                    bytes: 2 * bytes,
+                },
+            },
+        }
+    }
+
+    #[test]
+    fn flow_closed_maps_to_columns_and_nothing_is_lost() {
+        let row = AuditRow::from_envelope(&closed(5, "alice", 1000));
+        assert_eq!(row.kind, "flow_closed");
+        assert_eq!(row.decision, "allow");
+        assert_eq!(row.user, "alice");
+        assert_eq!(row.groups, vec!["sre"]);
+        assert_eq!(row.protocol, "tcp");
+        assert_eq!((row.src_ip.as_str(), row.src_port), ("100.64.0.2", 40000));
+        assert_eq!((row.dst_ip.as_str(), row.dst_port), ("10.8.0.2", 22));
+        assert_eq!(row.dst_addr[10..], [0xff, 0xff, 10, 8, 0, 2]);
+        assert_eq!(row.reason, "tcp_closed");
+        assert_eq!((row.bytes_out, row.packets_out), (1000, 10));
+        assert_eq!((row.bytes_in, row.packets_in), (2000, 20));
+        assert_eq!(row.policy_ids, vec!["sre-prod"]);
+        assert_eq!(row.detail, "", "every flow_closed field has a column");
+    }
+
+    #[test]
+    fn other_fields_go_to_detail() {
+        let env = Envelope {
+            event: Event::PolicyRejected {
+                errors: vec!["a.cedar:1:2: bad".into()],
+            },
+            ..closed(1, "x", 0)
+        };
+        let row = AuditRow::from_envelope(&env);
+        assert_eq!(row.kind, "policy_rejected");
+        assert_eq!(row.decision, "");
+        assert_eq!(row.detail, r#"{"errors":["a.cedar:1:2: bad"]}"#);
+    }
+
+    #[test]
+    fn chain_links_and_detects_any_change() {
+        let mut chain = Chain::default();
+        let mut a = AuditRow::from_envelope(&closed(1, "alice", 10));
+        let mut b = AuditRow::from_envelope(&closed(2, "bob", 20));
+        chain.seal(&mut a);
+        chain.seal(&mut b);
+        assert_eq!(a.prev_hash, GENESIS);
+        assert_eq!(b.prev_hash, a.hash);
+        assert_eq!(b.expected_hash(), b.hash);
+        let mut edited = b.clone();
+        edited.bytes_in += 1;
+        assert_ne!(edited.expected_hash(), b.hash);
+        let mut edited = b.clone();
+        edited.policy_ids.push("x".into());
+        assert_ne!(edited.expected_hash(), b.hash);
+    }
+
+    proptest! {
+        #[test]
+        fn encoding_round_trips(user in ".{0,20}", bytes in 0..u64::MAX / 2, detail in ".{0,40}") {
+            let mut row = AuditRow::from_envelope(&closed(3, &user, bytes));
+            row.detail = detail;
+            Chain::default().seal(&mut row);
+            let mut buf = Vec::new();
+            row.encode(&mut buf, true);
+            prop_assert_eq!(AuditRow::decode(&buf).unwrap(), row);
+        }
+
+        #[test]
+        fn decode_never_panics(data in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = AuditRow::decode(&data);
+        }
+
+        #[test]
+        fn truncations_are_errors(cut in 0usize..300) {
+            let mut row = AuditRow::from_envelope(&closed(3, "alice", 5));
+            Chain::default().seal(&mut row);
+            let mut buf = Vec::new();
+            row.encode(&mut buf, true);
+            let cut = cut.min(buf.len() - 1);
+            prop_assert!(AuditRow::decode(&buf[..cut]).is_err());
+        }
+    }
+}

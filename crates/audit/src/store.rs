@@ -1,0 +1,345 @@
+//! The ClickHouse side: connecting (with the server version deciding compression and
+//! row validation), the schema and its migrations, retention, and inserts.
+//!
+//! Schema (database from the config, `portcullis` by default):
+//! - `events`: every event, one row ([`AuditRow`]). `ReplacingMergeTree` partitioned by
+//!   month, ordered by `(user, time, gateway, seq)`: per-user time ranges read a narrow
+//!   slice, and a retried batch collapses onto the rows it repeats (same key) when parts
+//!   merge; queries that count read `FINAL`.
+//! - `flows_by_dst`: flow events again, ordered by `(dst_addr, time, gateway, seq)` for
+//!   per-destination questions, filled by the materialized view `flows_by_dst_mv`.
+//! - `uploader_metrics`: each gateway's uploader state every 10 s (backlog, lag, errors).
+//! - `schema_migrations`: applied migration versions.
+//!
+//! The SQL keeps to what ClickHouse 18.16 (Debian's) and current releases both accept: no
+//! `DateTime64`, no `IPv4`/`IPv6` types, no `TTL`, no `LowCardinality`.
+
+use std::time::Duration;
+
+use crate::row::AuditRow;
+
+/// Connection settings.
+#[derive(Clone)]
+pub struct StoreConfig {
+    pub url: String,
+    pub database: String,
+    pub user: String,
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("url", &self.url)
+            .field("database", &self.database)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("clickhouse at {url}: {source}")]
+    Client {
+        url: String,
+        #[source]
+        source: clickhouse::error::Error,
+    },
+    #[error("clickhouse at {url} reports an unparseable version {version:?}")]
+    Version { url: String, version: String },
+    #[error("database {database} is at schema version {found}, this gateway needs {needed}: run `portcullis audit migrate`")]
+    SchemaBehind {
+        database: String,
+        found: u32,
+        needed: u32,
+    },
+}
+
+/// A connected store.
+#[derive(Clone)]
+pub struct Store {
+    client: clickhouse::Client,
+    url: String,
+    pub database: String,
+    /// (major, minor) of the server.
+    pub version: (u32, u32),
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("url", &self.url)
+            .field("database", &self.database)
+            .field("version", &self.version)
+            .finish()
+    }
+}
+
+/// Servers older than this get uncompressed RowBinary without schema validation (they lack
+/// `RowBinaryWithNamesAndTypes` and the crate's compressed inserts).
+const MODERN_MAJOR: u32 = 22;
+
+fn base_client(cfg: &StoreConfig) -> clickhouse::Client {
+    let mut c = clickhouse::Client::default()
+        .with_url(&cfg.url)
+        .with_user(&cfg.user);
+    if let Some(p) = &cfg.password {
+        c = c.with_password(p);
+    }
+    c
+}
+
+impl Store {
+    /// Connects and detects the server version.
+    pub async fn connect(cfg: &StoreConfig) -> Result<Store, StoreError> {
+        let err = |source| StoreError::Client {
+            url: cfg.url.clone(),
+            source,
+        };
+        let probe = base_client(cfg)
+            .with_validation(false)
+            .with_compression(clickhouse::Compression::None);
+        let version: String = probe
+            .query("SELECT version()")
+            .fetch_one()
+            .await
+            .map_err(err)?;
+        let mut parts = version.split('.').map(|p| p.parse::<u32>());
+        let (Some(Ok(major)), Some(Ok(minor))) = (parts.next(), parts.next()) else {
+            return Err(StoreError::Version {
+                url: cfg.url.clone(),
+                version,
+            });
+        };
+        let client = if major >= MODERN_MAJOR {
+            base_client(cfg).with_compression(clickhouse::Compression::Lz4)
+        } else {
+            probe
+        };
+        Ok(Store {
+            client,
+            url: cfg.url.clone(),
+            database: cfg.database.clone(),
+            version: (major, minor),
+        })
+    }
+
+    pub fn client(&self) -> &clickhouse::Client {
+        &self.client
+    }
+
+    fn err(&self) -> impl FnOnce(clickhouse::error::Error) -> StoreError + '_ {
+        |source| StoreError::Client {
+            url: self.url.clone(),
+            source,
+        }
+    }
+
+    /// Runs a statement (DDL or mutation).
+    pub async fn execute(&self, sql: &str) -> Result<(), StoreError> {
+        self.client.query(sql).execute().await.map_err(self.err())
+    }
+
+    /// Applies the migrations the database lacks; returns the versions applied.
+    pub async fn migrate(&self) -> Result<Vec<u32>, StoreError> {
+        let db = &self.database;
+        self.execute(&format!("CREATE DATABASE IF NOT EXISTS {db}"))
+            .await?;
+        self.execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {db}.schema_migrations \
+             (version UInt32, name String, applied DateTime) ENGINE = TinyLog"
+        ))
+        .await?;
+        let current = self.schema_version().await?;
+        let mut applied = Vec::new();
+        for m in MIGRATIONS.iter().filter(|m| m.version > current) {
+            for stmt in m.sql {
+                self.execute(&stmt.replace("{db}", db)).await?;
+            }
+            self.client
+                .query(&format!(
+                    "INSERT INTO {db}.schema_migrations (version, name, applied) \
+                     SELECT ?, ?, now()"
+                ))
+                .bind(m.version)
+                .bind(m.name)
+                .execute()
+                .await
+                .map_err(self.err())?;
+            tracing::info!(version = m.version, name = m.name, "audit schema migrated");
+            applied.push(m.version);
+        }
+        Ok(applied)
+    }
+
+    /// The highest applied migration (0: none, or no database).
+    pub async fn schema_version(&self) -> Result<u32, StoreError> {
+        let exists: u8 = self
+            .client
+            .query("SELECT toUInt8(count()) FROM system.tables WHERE database = ? AND name = 'schema_migrations'")
+            .bind(&self.database)
+            .fetch_one()
+            .await
+            .map_err(self.err())?;
+        if exists == 0 {
+            return Ok(0);
+        }
+        self.client
+            .query(&format!(
+                "SELECT toUInt32(max(version)) FROM {}.schema_migrations",
+                self.database
+            ))
+            .fetch_one()
+            .await
+            .map_err(self.err())
+    }
+
+    /// Fails unless the schema is at least what this build writes.
+    pub async fn check_schema(&self) -> Result<(), StoreError> {
+        let found = self.schema_version().await?;
+        if found < SCHEMA_VERSION {
+            return Err(StoreError::SchemaBehind {
+                database: self.database.clone(),
+                found,
+                needed: SCHEMA_VERSION,
+            });
+        }
+        Ok(())
+    }
+
+    /// Inserts rows in one statement. Retrying the same rows never doubles them (see the
+    /// module docs).
+    pub async fn insert(&self, rows: &[AuditRow]) -> Result<(), StoreError> {
+        let mut insert = self
+            .client
+            .insert::<AuditRow>(&format!("{}.events", self.database))
+            .await
+            .map_err(self.err())?;
+        for row in rows {
+            insert.write(row).await.map_err(self.err())?;
+        }
+        insert.end().await.map_err(self.err())
+    }
+
+    /// Writes one uploader metrics sample.
+    pub async fn insert_metrics(&self, m: &MetricsRow) -> Result<(), StoreError> {
+        let mut insert = self
+            .client
+            .insert::<MetricsRow>(&format!("{}.uploader_metrics", self.database))
+            .await
+            .map_err(self.err())?;
+        insert.write(m).await.map_err(self.err())?;
+        insert.end().await.map_err(self.err())
+    }
+
+    /// Drops monthly partitions whose newest row is older than `max_age`; returns
+    /// `table/partition` names dropped.
+    pub async fn apply_retention(&self, max_age: Duration) -> Result<Vec<String>, StoreError> {
+        #[derive(clickhouse::Row, serde::Deserialize)]
+        struct Part {
+            table: String,
+            partition: String,
+        }
+        let cutoff = chrono::Utc::now().timestamp() - max_age.as_secs() as i64;
+        let parts: Vec<Part> = self
+            .client
+            .query(
+                "SELECT table, partition FROM system.parts \
+                 WHERE database = ? AND active AND table IN ('events', 'flows_by_dst', 'uploader_metrics') \
+                 GROUP BY table, partition HAVING toInt64(max(max_time)) < ?",
+            )
+            .bind(&self.database)
+            .bind(cutoff)
+            .fetch_all()
+            .await
+            .map_err(self.err())?;
+        let mut dropped = Vec::new();
+        for p in parts {
+            // Partition ids of toYYYYMM are digits; anything else is not ours to drop.
+            if p.partition.is_empty() || !p.partition.bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            self.execute(&format!(
+                "ALTER TABLE {}.{} DROP PARTITION {}",
+                self.database, p.table, p.partition
+            ))
+            .await?;
+            dropped.push(format!("{}/{}", p.table, p.partition));
+        }
+        Ok(dropped)
+    }
+}
+
+/// A sample of the uploader's state.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clickhouse::Row)]
+pub struct MetricsRow {
+    pub gateway: String,
+    pub time: u32,
+    pub backlog: u64,
+    pub lag_ms: u64,
+    pub batches: u64,
+    pub rows: u64,
+    pub errors: u64,
+    pub spool_bytes: u64,
+    pub refused: u64,
+}
+
+struct Migration {
+    version: u32,
+    name: &'static str,
+    sql: &'static [&'static str],
+}
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: u32 = 3;
+
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "events",
+        sql: &["CREATE TABLE IF NOT EXISTS {db}.events (
+            event_id UUID, gateway String, seq UInt64, time DateTime, time_us UInt64, v UInt32,
+            kind String, user String, groups Array(String), device String,
+            session_id UInt64, flow_id UInt64, protocol String,
+            src_ip String, src_port UInt16, dst_ip String, dst_addr FixedString(16), dst_port UInt16,
+            network String, decision String, policy_ids Array(String), policy_epoch UInt64,
+            reason String, duration_ms UInt64,
+            bytes_out UInt64, packets_out UInt64, bytes_in UInt64, packets_in UInt64,
+            latency_us UInt64, detail String, prev_hash String, hash String
+        ) ENGINE = ReplacingMergeTree()
+        PARTITION BY toYYYYMM(time)
+        ORDER BY (user, time, gateway, seq)"],
+    },
+    Migration {
+        version: 2,
+        name: "flows_by_dst",
+        sql: &[
+            "CREATE TABLE IF NOT EXISTS {db}.flows_by_dst (
+            gateway String, seq UInt64, time DateTime, time_us UInt64, kind String,
+            user String, groups Array(String), device String, session_id UInt64,
+            protocol String, src_ip String, src_port UInt16,
+            dst_ip String, dst_addr FixedString(16), dst_port UInt16,
+            network String, decision String, policy_ids Array(String), reason String,
+            duration_ms UInt64, bytes_out UInt64, packets_out UInt64, bytes_in UInt64, packets_in UInt64
+        ) ENGINE = ReplacingMergeTree()
+        PARTITION BY toYYYYMM(time)
+        ORDER BY (dst_addr, time, gateway, seq)",
+            "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.flows_by_dst_mv TO {db}.flows_by_dst AS
+            SELECT gateway, seq, time, time_us, kind, user, groups, device, session_id,
+            protocol, src_ip, src_port, dst_ip, dst_addr, dst_port, network, decision,
+            policy_ids, reason, duration_ms, bytes_out, packets_out, bytes_in, packets_in
+            FROM {db}.events WHERE kind IN ('flow_opened', 'flow_denied', 'flow_closed')",
+        ],
+    },
+    Migration {
+        version: 3,
+        name: "uploader_metrics",
+        sql: &["CREATE TABLE IF NOT EXISTS {db}.uploader_metrics (
+            gateway String, time DateTime, backlog UInt64, lag_ms UInt64, batches UInt64,
+            rows UInt64, errors UInt64, spool_bytes UInt64, refused UInt64
+        ) ENGINE = MergeTree()
+        PARTITION BY toYYYYMM(time)
+        ORDER BY (gateway, time)"],
+    },
+];

@@ -1,0 +1,220 @@
+//! Test support: real servers for tests, started on free loopback ports in throwaway
+//! directories, and stopped by the PID this process started (on drop, also on a failed
+//! test).
+//!
+//! What it does: [`ClickHouse`] runs Debian's `clickhouse-server` as a plain process with
+//! its own config, data directory and ports; it can be stopped and started again on the
+//! same ports and data (to test an outage).
+//!
+//! What it deliberately does not: install anything (`scripts/install-deps.sh` does), or
+//! touch a system-wide server.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+/// The server binary Debian's `clickhouse-server` package installs.
+pub const CLICKHOUSE_SERVER: &str = "/usr/sbin/clickhouse-server";
+
+/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A ClickHouse server of our own.
+pub struct ClickHouse {
+    dir: tempfile::TempDir,
+    pub http_port: u16,
+    pub tcp_port: u16,
+    child: Option<Child>,
+}
+
+impl std::fmt::Debug for ClickHouse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClickHouse")
+            .field("http_port", &self.http_port)
+            .field("pid", &self.child.as_ref().map(|c| c.id()))
+            .finish()
+    }
+}
+
+impl ClickHouse {
+    /// Whether the server binary is installed.
+    pub fn available() -> bool {
+        Path::new(CLICKHOUSE_SERVER).exists()
+    }
+
+    /// Starts a server and waits until it answers.
+    pub fn start() -> anyhow::Result<ClickHouse> {
+        if !Self::available() {
+            bail!("{CLICKHOUSE_SERVER} is missing: run scripts/install-deps.sh");
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("portcullis-ch-")
+            .tempdir()?;
+        let mut ch = ClickHouse {
+            http_port: free_port()?,
+            tcp_port: free_port()?,
+            dir,
+            child: None,
+        };
+        ch.write_config()?;
+        ch.resume()?;
+        Ok(ch)
+    }
+
+    fn write_config(&self) -> anyhow::Result<()> {
+        let d = self.dir.path().display();
+        std::fs::write(
+            self.dir.path().join("config.xml"),
+            format!(
+                r#"<?xml version="1.0"?>
+<yandex>
+  <logger><level>warning</level><log>{d}/server.log</log><errorlog>{d}/server.err.log</errorlog><console>0</console></logger>
+  <http_port>{}</http_port>
+  <tcp_port>{}</tcp_port>
+  <listen_host>127.0.0.1</listen_host>
+  <path>{d}/data/</path>
+  <tmp_path>{d}/tmp/</tmp_path>
+  <users_config>{d}/users.xml</users_config>
+  <default_profile>default</default_profile>
+  <default_database>default</default_database>
+  <mark_cache_size>5368709120</mark_cache_size>
+</yandex>
+"#,
+                self.http_port, self.tcp_port
+            ),
+        )?;
+        std::fs::write(
+            self.dir.path().join("users.xml"),
+            r#"<?xml version="1.0"?>
+<yandex>
+  <profiles><default></default></profiles>
+  <users><default><password></password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default></users>
+  <quotas><default></default></quotas>
+</yandex>
+"#,
+        )?;
+        Ok(())
+    }
+
+    /// The HTTP URL for clients.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    pub fn dir(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Stops the server (SIGKILL to our child, then reap): an outage.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the server again on the same ports and data.
+    pub fn resume(&mut self) -> anyhow::Result<()> {
+        let d = self.dir.path();
+        let child = Command::new(CLICKHOUSE_SERVER)
+            .arg(format!("--config-file={}", d.join("config.xml").display()))
+            .current_dir(d)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(d.join("stderr.log"))?))
+            .spawn()
+            .context("starting clickhouse-server")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self
+                .query("SELECT 1")
+                .map(|r| r.trim() == "1")
+                .unwrap_or(false)
+            {
+                return Ok(());
+            }
+            if let Some(c) = &mut self.child {
+                if let Some(status) = c.try_wait()? {
+                    let log = std::fs::read_to_string(d.join("stderr.log")).unwrap_or_default();
+                    bail!("clickhouse-server exited ({status}): {log}");
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "clickhouse-server did not answer on {} within 30 s",
+                    self.url()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs a query over HTTP and returns the body (TabSeparated); a server error is an
+    /// error carrying the server's message.
+    pub fn query(&self, sql: &str) -> anyhow::Result<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.http_port))?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))?;
+        write!(
+            s,
+            "POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{sql}",
+            sql.len()
+        )?;
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp)?;
+        let text = String::from_utf8_lossy(&resp);
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let body = if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            dechunk(body)
+        } else {
+            body.to_string()
+        };
+        if !head.starts_with("HTTP/1.1 200") {
+            bail!("clickhouse: {sql}: {}", body.trim());
+        }
+        Ok(body)
+    }
+
+    /// A query returning one number.
+    pub fn count(&self, sql: &str) -> anyhow::Result<u64> {
+        let out = self.query(sql)?;
+        out.trim()
+            .parse()
+            .with_context(|| format!("{sql}: not a number: {out:?}"))
+    }
+}
+
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, tail)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || tail.len() < n {
+            break;
+        }
+        out.push_str(tail.get(..n).unwrap_or_default());
+        rest = tail.get(n + 2..).unwrap_or_default();
+    }
+    out
+}
+
+impl Drop for ClickHouse {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
