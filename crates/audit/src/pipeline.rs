@@ -182,6 +182,11 @@ impl Pipeline {
             shared: shared.clone(),
             degraded: None,
             interval_refused: 0,
+            resume_below: config
+                .spool
+                .as_ref()
+                .map(|s| s.spool.max_bytes / 10 * 9)
+                .unwrap_or(u64::MAX),
             buf: Vec::with_capacity(1024),
         };
         if let Some(rec) = &recovery {
@@ -311,6 +316,8 @@ struct Writer {
     degraded: Option<(DateTime<Utc>, String)>,
     /// Events refused in the current degraded interval.
     interval_refused: u64,
+    /// Spool size below which a degraded writer tries again.
+    resume_below: u64,
     buf: Vec<u8>,
 }
 
@@ -358,8 +365,12 @@ impl Writer {
         let mut written: Vec<Envelope> = Vec::with_capacity(batch.len() + 1);
         let spool = self.spool.clone();
         let mut guard = spool.as_deref().map(lock);
-        // The alarm for a degraded interval goes first, once the spool takes events again.
-        if let Some((since, reason)) = self.degraded.clone() {
+        // The alarm for a degraded interval goes first, once the spool takes events again
+        // (for a full spool: once it is below 90% of its cap, so it does not flap).
+        let room = guard
+            .as_deref()
+            .is_none_or(|sp| sp.bytes() <= self.resume_below);
+        if let Some((since, reason)) = self.degraded.clone().filter(|_| room) {
             let now = Utc::now();
             let alarm = Event::AuditDegraded {
                 since,

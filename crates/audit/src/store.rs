@@ -213,7 +213,9 @@ impl Store {
     pub async fn insert(&self, rows: &[AuditRow]) -> Result<(), StoreError> {
         let mut insert = self
             .client
-            .insert::<AuditRow>(&format!("{}.events", self.database))
+            .clone()
+            .with_database(&self.database)
+            .insert::<AuditRow>("events")
             .await
             .map_err(self.err())?;
         for row in rows {
@@ -226,7 +228,9 @@ impl Store {
     pub async fn insert_metrics(&self, m: &MetricsRow) -> Result<(), StoreError> {
         let mut insert = self
             .client
-            .insert::<MetricsRow>(&format!("{}.uploader_metrics", self.database))
+            .clone()
+            .with_database(&self.database)
+            .insert::<MetricsRow>("uploader_metrics")
             .await
             .map_err(self.err())?;
         insert.write(m).await.map_err(self.err())?;

@@ -1,0 +1,301 @@
+//! The audit pipeline against a real ClickHouse server (Debian's 18.16, started here).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use portcullis_audit::row::COLUMNS;
+use portcullis_audit::{
+    AuditRow, Chain, Pipeline, PipelineConfig, SpoolSettings, Store, StoreConfig, UploadConfig,
+    SCHEMA_VERSION,
+};
+use portcullis_model::{CloseReason, Counters, Envelope, Event, FlowTuple, Protocol};
+use portcullis_spool::{FsyncPolicy, SpoolConfig};
+use portcullis_testkit::ClickHouse;
+
+fn store_config(ch: &ClickHouse, db: &str) -> StoreConfig {
+    StoreConfig {
+        url: ch.url(),
+        database: db.into(),
+        user: "default".into(),
+        password: None,
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn migrated(ch: &ClickHouse, db: &str) -> Store {
+    rt().block_on(async {
+        let store = Store::connect(&store_config(ch, db)).await.unwrap();
+        store.migrate().await.unwrap();
+        store
+    })
+}
+
+fn flow_closed(i: u64, user: &str) -> Event {
+    Event::FlowClosed {
+        flow_id: i,
+        session_id: 7,
+        user: user.into(),
+        groups: vec!["sre".into()],
+        device: "dev".into(),
+        tuple: FlowTuple {
+            protocol: Protocol::TCP,
+            src_ip: "100.64.0.2".parse().unwrap(),
+            src_port: (i % 60000) as u16,
+            dst_ip: "10.8.0.2".parse().unwrap(),
+            dst_port: 22,
+        },
+        network: "prod".into(),
+        policy_ids: vec!["sre-prod".into()],
+        policy_epoch: 1,
+        reason: CloseReason::TcpClosed,
+        duration_ms: 5,
+        outbound: Counters {
+            packets: 1,
+            bytes: 100,
+        },
+        inbound: Counters {
+            packets: 2,
+            bytes: 200,
+        },
+    }
+}
+
+fn pipeline_config(dir: &Path, ch: &ClickHouse, db: &str, max_bytes: u64) -> PipelineConfig {
+    PipelineConfig {
+        gateway: "gw-test".into(),
+        events_file: dir.join("events.jsonl"),
+        spool: Some(SpoolSettings {
+            dir: dir.join("spool"),
+            spool: SpoolConfig {
+                segment_bytes: 1 << 20,
+                max_bytes,
+                fsync: FsyncPolicy::OnCommit,
+            },
+            upload: UploadConfig {
+                store: store_config(ch, db),
+                batch_rows: 5000,
+                batch_interval: Duration::from_millis(100),
+                retention: None,
+            },
+        }),
+        queue: 100_000,
+    }
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn final_count(ch: &ClickHouse, db: &str) -> u64 {
+    ch.count(&format!("SELECT count() FROM {db}.events FINAL"))
+        .unwrap_or(0)
+}
+
+#[test]
+fn migrate_is_idempotent_and_matches_the_row_type() {
+    let ch = ClickHouse::start().unwrap();
+    let store = migrated(&ch, "pc");
+    let again = rt().block_on(store.migrate()).unwrap();
+    assert!(again.is_empty(), "second migrate applied {again:?}");
+    assert_eq!(rt().block_on(store.schema_version()).unwrap(), SCHEMA_VERSION);
+    let cols = ch
+        .query("SELECT name FROM system.columns WHERE database = 'pc' AND table = 'events'")
+        .unwrap();
+    let cols: Vec<&str> = cols.lines().collect();
+    assert_eq!(cols, COLUMNS);
+    assert_eq!(store.version.0, 18, "the test server is Debian's 18.16");
+}
+
+#[test]
+fn events_land_once_each_with_a_contiguous_chain() {
+    let ch = ClickHouse::start().unwrap();
+    migrated(&ch, "pc");
+    let dir = tempfile::tempdir().unwrap();
+    let (p, _) = Pipeline::start(pipeline_config(dir.path(), &ch, "pc", 1 << 30)).unwrap();
+    let n = 20_000u64;
+    for i in 0..n {
+        assert!(p.submit(flow_closed(i, if i % 2 == 0 { "alice" } else { "bob" }), chrono::Utc::now()));
+    }
+    wait_for("all rows in clickhouse", Duration::from_secs(60), || final_count(&ch, "pc") == n);
+    assert_eq!(ch.count("SELECT uniqExact(event_id) FROM pc.events").unwrap(), n);
+    assert_eq!(ch.count("SELECT min(seq) FROM pc.events").unwrap(), 1);
+    assert_eq!(ch.count("SELECT max(seq) FROM pc.events").unwrap(), n);
+    assert_eq!(ch.count("SELECT sum(bytes_in) FROM pc.events WHERE user = 'bob'").unwrap(), 200 * n / 2);
+    // flows_by_dst got the same flows.
+    assert_eq!(ch.count("SELECT count() FROM pc.flows_by_dst FINAL").unwrap(), n);
+    wait_for("spool trimmed", Duration::from_secs(10), || p.stats().backlog.load(std::sync::atomic::Ordering::Relaxed) == 0);
+    p.shutdown(Duration::from_secs(5));
+    let lines = std::fs::read_to_string(dir.path().join("events.jsonl")).unwrap();
+    assert_eq!(lines.lines().count() as u64, n, "every written event has its line");
+}
+
+#[test]
+fn a_retried_batch_never_doubles_rows() {
+    let ch = ClickHouse::start().unwrap();
+    let store = migrated(&ch, "pc");
+    let mut chain = Chain::default();
+    let rows: Vec<AuditRow> = (1..=1000)
+        .map(|i| {
+            let mut r = AuditRow::from_envelope(&Envelope {
+                v: 1,
+                id: uuid::Uuid::new_v4(),
+                seq: i,
+                time: chrono::Utc::now(),
+                gateway: "gw".into(),
+                event: flow_closed(i, "alice"),
+            });
+            chain.seal(&mut r);
+            r
+        })
+        .collect();
+    rt().block_on(async {
+        store.insert(&rows).await.unwrap();
+        store.insert(&rows).await.unwrap();
+        store.insert(&rows[..500]).await.unwrap();
+    });
+    assert_eq!(final_count(&ch, "pc"), 1000);
+    assert_eq!(ch.count("SELECT uniqExact(event_id) FROM pc.events").unwrap(), 1000);
+    // What a later merge does, FINAL already shows; after OPTIMIZE the plain count agrees.
+    ch.query("OPTIMIZE TABLE pc.events FINAL").unwrap();
+    assert_eq!(ch.count("SELECT count() FROM pc.events").unwrap(), 1000);
+}
+
+#[test]
+fn clickhouse_outage_loses_nothing_and_the_backlog_drains() {
+    let mut ch = ClickHouse::start().unwrap();
+    migrated(&ch, "pc");
+    let dir = tempfile::tempdir().unwrap();
+    let (p, _) = Pipeline::start(pipeline_config(dir.path(), &ch, "pc", 1 << 30)).unwrap();
+    for i in 0..1000 {
+        assert!(p.submit(flow_closed(i, "alice"), chrono::Utc::now()));
+    }
+    wait_for("first rows", Duration::from_secs(30), || final_count(&ch, "pc") == 1000);
+    ch.stop();
+    for i in 1000..6000 {
+        assert!(p.submit(flow_closed(i, "alice"), chrono::Utc::now()));
+        if i % 1000 == 0 {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let st = p.stats();
+    use std::sync::atomic::Ordering::Relaxed;
+    wait_for("events spooled", Duration::from_secs(10), || st.written.load(Relaxed) == 6000);
+    assert!(!p.blocked(), "an outage of clickhouse must not block the gateway");
+    assert_eq!(st.backlog.load(Relaxed), 5000);
+    assert!(st.upload_errors.load(Relaxed) > 0);
+    ch.resume().unwrap();
+    wait_for("backlog drained", Duration::from_secs(60), || final_count(&ch, "pc") == 6000);
+    assert_eq!(ch.count("SELECT uniqExact(seq) FROM pc.events").unwrap(), 6000);
+    p.shutdown(Duration::from_secs(5));
+}
+
+#[test]
+fn a_crash_before_the_ack_re_uploads_without_doubles_and_the_chain_resumes() {
+    let ch = ClickHouse::start().unwrap();
+    migrated(&ch, "pc");
+    let dir = tempfile::tempdir().unwrap();
+    let (p, _) = Pipeline::start(pipeline_config(dir.path(), &ch, "pc", 1 << 30)).unwrap();
+    for i in 0..3000 {
+        p.submit(flow_closed(i, "alice"), chrono::Utc::now());
+    }
+    wait_for("uploaded", Duration::from_secs(30), || final_count(&ch, "pc") == 3000);
+    p.shutdown(Duration::from_secs(5));
+    // As if the gateway died after ClickHouse answered but before the ack was saved.
+    std::fs::write(dir.path().join("spool/acked"), "0").unwrap();
+    let (p, _) = Pipeline::start(pipeline_config(dir.path(), &ch, "pc", 1 << 30)).unwrap();
+    for i in 3000..4000 {
+        p.submit(flow_closed(i, "bob"), chrono::Utc::now());
+    }
+    wait_for("all uploaded", Duration::from_secs(30), || {
+        p.stats().acked_seq.load(std::sync::atomic::Ordering::Relaxed) == 4000
+    });
+    p.shutdown(Duration::from_secs(5));
+    assert_eq!(final_count(&ch, "pc"), 4000);
+    assert!(ch.count("SELECT count() FROM pc.events").unwrap() >= 4000);
+    // The chain continues across the restart: event 3001's prev_hash is event 3000's hash.
+    let link = ch
+        .query("SELECT (SELECT any(hash) FROM pc.events WHERE seq = 3000) = (SELECT any(prev_hash) FROM pc.events WHERE seq = 3001)")
+        .unwrap();
+    assert_eq!(link.trim(), "1");
+}
+
+#[test]
+fn a_full_spool_blocks_then_raises_an_alarm_with_the_count() {
+    let mut ch = ClickHouse::start().unwrap();
+    migrated(&ch, "pc");
+    ch.stop();
+    let dir = tempfile::tempdir().unwrap();
+    // 64 KiB cap: a few hundred events.
+    let mut cfg = pipeline_config(dir.path(), &ch, "pc", 64 << 10);
+    if let Some(s) = &mut cfg.spool {
+        s.spool.segment_bytes = 8 << 10;
+    }
+    let (p, _) = Pipeline::start(cfg).unwrap();
+    for i in 0..2000 {
+        p.submit(flow_closed(i, "alice"), chrono::Utc::now());
+    }
+    wait_for("blocked", Duration::from_secs(10), || p.blocked());
+    let st = p.stats();
+    use std::sync::atomic::Ordering::Relaxed;
+    wait_for("all events accounted", Duration::from_secs(10), || {
+        st.written.load(Relaxed) + st.refused.load(Relaxed) == 2000
+    });
+    let written = st.written.load(Relaxed);
+    assert!(written > 0 && written < 2000, "written {written}");
+    ch.resume().unwrap();
+    wait_for("unblocked", Duration::from_secs(60), || !p.blocked());
+    wait_for("alarm uploaded", Duration::from_secs(30), || {
+        ch.count("SELECT count() FROM pc.events WHERE kind = 'audit_degraded'").unwrap_or(0) == 1
+    });
+    let detail = ch.query("SELECT detail FROM pc.events WHERE kind = 'audit_degraded'").unwrap();
+    assert!(
+        detail.contains(&format!("\"events_refused\":{}", 2000 - written)),
+        "{detail}"
+    );
+    let reason = ch.query("SELECT reason FROM pc.events WHERE kind = 'audit_degraded'").unwrap();
+    assert!(reason.contains("is full"), "{reason}");
+    p.shutdown(Duration::from_secs(5));
+}
+
+#[test]
+fn retention_drops_only_old_partitions() {
+    let ch = ClickHouse::start().unwrap();
+    let store = migrated(&ch, "pc");
+    let old = chrono::DateTime::parse_from_rfc3339("2020-03-15T10:00:00Z").unwrap().to_utc();
+    let mut chain = Chain::default();
+    let rows: Vec<AuditRow> = [(1, old), (2, chrono::Utc::now())]
+        .into_iter()
+        .map(|(seq, time)| {
+            let mut r = AuditRow::from_envelope(&Envelope {
+                v: 1,
+                id: uuid::Uuid::new_v4(),
+                seq,
+                time,
+                gateway: "gw".into(),
+                event: flow_closed(seq, "alice"),
+            });
+            chain.seal(&mut r);
+            r
+        })
+        .collect();
+    let dropped = rt().block_on(async {
+        store.insert(&rows).await.unwrap();
+        store.apply_retention(Duration::from_secs(400 * 86_400)).await.unwrap()
+    });
+    assert!(dropped.contains(&"events/202003".to_string()), "{dropped:?}");
+    assert!(dropped.contains(&"flows_by_dst/202003".to_string()), "{dropped:?}");
+    assert_eq!(ch.count("SELECT count() FROM pc.events").unwrap(), 1);
+    assert_eq!(ch.count("SELECT max(seq) FROM pc.events").unwrap(), 2);
+}
