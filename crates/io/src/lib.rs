@@ -5,15 +5,14 @@
 //! `SO_SNDBUFFORCE` when allowed, plain `SO_RCVBUF` / `SO_SNDBUF` otherwise), creates and
 //! configures the TUN device, runs one event loop (UDP readable → core → TUN; TUN readable
 //! → core → UDP; timers; SIGHUP reloads the policy directory; SIGINT/SIGTERM shut down
-//! cleanly, closing every flow and session in the audit trail), and appends events as
-//! JSON lines ([`EventSink`]).
+//! cleanly, closing every flow and session in the audit trail), and hands events to the
+//! audit pipeline ([`portcullis_audit::Pipeline`]: spool, events file, ClickHouse), failing
+//! closed on new flows while the pipeline cannot write (unless configured otherwise).
 //!
-//! What it deliberately does not: no policy or flow logic; no durability beyond handing
-//! each batch of events to the OS (`write` + flush per loop iteration; the audit pipeline
-//! adds a fsynced spool).
+//! What it deliberately does not: no policy or flow logic; never waits on the audit
+//! pipeline (a full queue refuses, counts and blocks new flows).
 
 mod datapath;
-mod sink;
 
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
@@ -22,11 +21,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _};
 pub use datapath::{Datapath, DatapathStats};
-use portcullis_config::Loaded;
+use portcullis_audit::{Pipeline, PipelineConfig, SpoolSettings, StoreConfig, UploadConfig};
+use portcullis_config::{FsyncMode, Loaded, OnFull};
+use portcullis_spool::{FsyncPolicy, SpoolConfig};
 use portcullis_core::{FlowLimits, Gateway, GatewayConfig, PeerSpec, Timeouts};
 use portcullis_model::Principal;
 use portcullis_policy::PolicyBundle;
-pub use sink::EventSink;
 use tokio::net::UdpSocket;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -178,7 +178,16 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         tracing::warn!(group = %g, "policies name a group no configured user has (a typo, or provided by an identity source?)");
     }
     let mut gw = build_gateway(&loaded, Arc::new(bundle), Instant::now())?;
-    let mut sink = EventSink::open(&c.audit.events_file, &c.gateway.id)?;
+    let (audit, recovery) = Pipeline::start(pipeline_config(&loaded)?)?;
+    if let Some(r) = recovery {
+        tracing::info!(
+            records = r.records,
+            torn_tail = r.torn_tail.is_some(),
+            corrupt = r.corrupt.len(),
+            "audit spool opened"
+        );
+    }
+    let fail_closed = c.audit.on_full == OnFull::DenyNewFlows;
     let udp = bind_udp(c.gateway.listen, c.gateway.socket_buffer_bytes)?;
     let (tun, offload) = build_tun(&loaded)?;
     let mut dp = Datapath::new(udp, tun, offload)?;
@@ -217,20 +226,75 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
                 gw.handle_timeout(now);
                 if now >= next_stats {
                     next_stats = now + Duration::from_secs(60);
-                    log_stats(&gw, &dp.stats);
+                    log_stats(&gw, &dp.stats, &audit);
                 }
             }
             _ = hup.recv() => reload(&mut gw, &loaded),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
-        flush(&mut gw, &mut dp, &mut sink).await?;
+        flush(&mut gw, &mut dp, &audit, fail_closed).await;
     }
     tracing::info!("shutting down");
     gw.handle_shutdown(Instant::now());
-    flush(&mut gw, &mut dp, &mut sink).await?;
-    log_stats(&gw, &dp.stats);
+    flush(&mut gw, &mut dp, &audit, fail_closed).await;
+    log_stats(&gw, &dp.stats, &audit);
+    // Write what is queued; give the uploader a moment; the rest stays in the spool.
+    audit.shutdown(Duration::from_secs(5));
     Ok(())
+}
+
+/// The audit pipeline's settings from the configuration.
+pub fn pipeline_config(loaded: &Loaded) -> anyhow::Result<PipelineConfig> {
+    let c = &loaded.config;
+    let a = &c.audit;
+    let spool = match (&a.spool_dir, &a.clickhouse) {
+        (Some(dir), Some(ch)) => Some(SpoolSettings {
+                dir: dir.clone(),
+                spool: SpoolConfig {
+                    segment_bytes: a.segment_bytes,
+                    max_bytes: a.spool_max_bytes,
+                    fsync: match a.fsync {
+                        FsyncMode::Always => FsyncPolicy::Always,
+                        FsyncMode::OnCommit => FsyncPolicy::OnCommit,
+                        FsyncMode::Never => FsyncPolicy::Never,
+                    },
+                },
+                upload: UploadConfig {
+                    store: store_config(loaded)?.ok_or_else(|| anyhow!("no [audit.clickhouse]"))?,
+                    batch_rows: ch.batch_rows,
+                    batch_interval: Duration::from_millis(ch.batch_interval_ms),
+                    retention: (ch.retention_days > 0)
+                        .then(|| Duration::from_secs(u64::from(ch.retention_days) * 86_400)),
+                },
+            }),
+        _ => None,
+    };
+    Ok(PipelineConfig {
+        gateway: c.gateway.id.clone(),
+        events_file: a.events_file.clone(),
+        spool,
+        queue: 65_536,
+    })
+}
+
+/// ClickHouse connection settings from `[audit.clickhouse]` (password read from its file).
+pub fn store_config(loaded: &Loaded) -> anyhow::Result<Option<StoreConfig>> {
+    let Some(ch) = &loaded.config.audit.clickhouse else {
+        return Ok(None);
+    };
+    let password = match &ch.password_file {
+        Some(f) => Some(
+            portcullis_config::read_secret(&loaded.path, "audit.clickhouse.password_file", f)?.0,
+        ),
+        None => None,
+    };
+    Ok(Some(StoreConfig {
+        url: ch.url.clone(),
+        database: ch.database.clone(),
+        user: ch.user.clone(),
+        password,
+    }))
 }
 
 /// Reloads the policy directory; a rejected set leaves the running one in force.
@@ -251,27 +315,33 @@ fn reload(gw: &mut Gateway, loaded: &Loaded) {
     }
 }
 
-async fn flush(gw: &mut Gateway, dp: &mut Datapath, sink: &mut EventSink) -> anyhow::Result<()> {
+async fn flush(gw: &mut Gateway, dp: &mut Datapath, audit: &Pipeline, fail_closed: bool) {
     while let Some(t) = gw.poll_transmit() {
         dp.send_datagram(t.dst, &t.payload).await;
     }
     while let Some(p) = gw.poll_tun_packet() {
         dp.write_tun_packet(&p).await;
     }
-    let mut wrote = false;
+    let now = chrono::Utc::now();
     while let Some(e) = gw.poll_event() {
-        sink.write(e)?;
-        wrote = true;
+        audit.submit(e, now);
     }
-    if wrote {
-        sink.flush()?;
+    let blocked = fail_closed && audit.blocked();
+    if blocked != gw.enforcer().audit_blocked() {
+        if blocked {
+            tracing::error!("audit trail cannot take events: denying new flows until it can");
+        } else {
+            tracing::warn!("audit trail writable again: new flows are decided by policy");
+        }
+        gw.handle_audit_blocked(blocked);
     }
-    Ok(())
 }
 
-fn log_stats(gw: &Gateway, dp: &DatapathStats) {
+fn log_stats(gw: &Gateway, dp: &DatapathStats, audit: &Pipeline) {
     let e = gw.enforcer().stats;
     let w = gw.stats;
+    let a = audit.stats();
+    let r = std::sync::atomic::Ordering::Relaxed;
     tracing::info!(
         flows = gw.enforcer().flows().len(),
         forwarded_out = e.forwarded_out,
@@ -297,6 +367,14 @@ fn log_stats(gw: &Gateway, dp: &DatapathStats) {
         tun_reads = dp.tun_reads,
         tun_writes = dp.tun_writes,
         send_errors = dp.send_errors,
+        audit_written = a.written.load(r),
+        audit_refused = a.refused.load(r),
+        audit_uploaded = a.uploaded.load(r),
+        audit_batches = a.batches.load(r),
+        audit_upload_errors = a.upload_errors.load(r),
+        audit_backlog = a.backlog.load(r),
+        audit_lag_ms = a.lag_ms.load(r),
+        audit_spool_bytes = a.spool_bytes.load(r),
         "counters"
     );
 }

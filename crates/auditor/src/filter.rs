@@ -1,0 +1,290 @@
+//! Auditor filters and reports as SQL over the `events` / `flows_by_dst` tables.
+
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use chrono::{DateTime, Duration, Utc};
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// A filter or report argument that does not parse.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FilterError {
+    #[error("time {0:?}: expected RFC 3339 (2026-11-22T10:00:00Z) or a duration ago (90s, 15m, 24h, 7d)")]
+    Time(String),
+    #[error("--dst {0:?}: expected an address or a CIDR (10.8.0.0/16)")]
+    Cidr(String),
+    #[error("--decision {0:?}: expected allow or deny")]
+    Decision(String),
+    #[error("report {0:?}: expected sessions, who-reached, denied or top-talkers")]
+    Report(String),
+}
+
+/// Which rows an auditor asks about. Every field narrows.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Filter {
+    pub user: Option<String>,
+    pub group: Option<String>,
+    pub dst: Option<String>,
+    pub port: Option<u16>,
+    pub decision: Option<String>,
+    pub since: Option<String>,
+    pub until: Option<String>,
+    pub session: Option<u64>,
+    pub kind: Option<String>,
+    pub limit: Option<u64>,
+}
+
+/// Parses `2026-11-22T10:00:00Z` or a duration before `now` (`90s`, `15m`, `24h`, `7d`).
+pub fn parse_time(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, FilterError> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
+        return Ok(t.to_utc());
+    }
+    let err = || FilterError::Time(text.to_string());
+    let split = text.len().checked_sub(1).ok_or_else(err)?;
+    let (n, unit) = (text.get(..split).ok_or_else(err)?, text.get(split..).ok_or_else(err)?);
+    let n: i64 = n.parse().map_err(|_| err())?;
+    let d = match unit {
+        "s" => Duration::try_seconds(n),
+        "m" => Duration::try_minutes(n),
+        "h" => Duration::try_hours(n),
+        "d" => Duration::try_days(n),
+        _ => None,
+    }
+    .ok_or_else(err)?;
+    now.checked_sub_signed(d).ok_or_else(err)
+}
+
+/// The 16-byte (IPv4-mapped) bounds of a CIDR, as hex for `unhex`.
+pub fn cidr_bounds(text: &str) -> Result<(String, String), FilterError> {
+    let net = IpNet::from_str(text)
+        .or_else(|_| IpAddr::from_str(text).map(IpNet::from))
+        .map_err(|_| FilterError::Cidr(text.to_string()))?;
+    let sixteen = |ip: IpAddr| match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    };
+    Ok((
+        hex::encode(sixteen(net.network())),
+        hex::encode(sixteen(net.broadcast())),
+    ))
+}
+
+/// SQL string literal (ClickHouse escaping: backslash and quote).
+pub fn quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('\'');
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\'' => out.push_str("\\'"),
+            '\n' => out.push_str("\\n"),
+            '\0' => out.push_str("\\0"),
+            // The client library reads `?` as a bind placeholder; `??` is a literal `?`.
+            '?' => out.push_str("??"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+impl Filter {
+    /// The `WHERE` clause (always valid; `1` when nothing narrows).
+    pub fn where_clause(&self, now: DateTime<Utc>) -> Result<String, FilterError> {
+        let mut c = vec!["1".to_string()];
+        if let Some(u) = &self.user {
+            c.push(format!("user = {}", quote(u)));
+        }
+        if let Some(g) = &self.group {
+            c.push(format!("has(groups, {})", quote(g)));
+        }
+        if let Some(d) = &self.dst {
+            let (lo, hi) = cidr_bounds(d)?;
+            c.push(format!(
+                "dst_addr >= unhex('{lo}') AND dst_addr <= unhex('{hi}') AND dst_ip != ''"
+            ));
+        }
+        if let Some(p) = self.port {
+            c.push(format!("dst_port = {p}"));
+        }
+        if let Some(d) = &self.decision {
+            match d.as_str() {
+                "allow" | "deny" => c.push(format!("decision = '{d}'")),
+                _ => return Err(FilterError::Decision(d.clone())),
+            }
+        }
+        if let Some(s) = &self.since {
+            c.push(format!("time >= toDateTime({})", parse_time(s, now)?.timestamp()));
+        }
+        if let Some(u) = &self.until {
+            c.push(format!("time <= toDateTime({})", parse_time(u, now)?.timestamp()));
+        }
+        if let Some(s) = self.session {
+            c.push(format!("session_id = {s}"));
+        }
+        if let Some(k) = &self.kind {
+            c.push(format!("kind = {}", quote(k)));
+        }
+        Ok(c.join(" AND "))
+    }
+
+    fn limit(&self) -> u64 {
+        self.limit.unwrap_or(1000).min(1_000_000)
+    }
+}
+
+/// Canned reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Report {
+    /// One line per session: user, device, start, last event, bytes, flows, denies.
+    Sessions,
+    /// Who had allowed flows to the filtered destinations, with first/last time.
+    WhoReached,
+    /// Denied attempts grouped by user and destination, with the deciding policies.
+    Denied,
+    /// Users by bytes moved.
+    TopTalkers,
+}
+
+impl FromStr for Report {
+    type Err = FilterError;
+    fn from_str(s: &str) -> Result<Self, FilterError> {
+        match s {
+            "sessions" => Ok(Report::Sessions),
+            "who-reached" => Ok(Report::WhoReached),
+            "denied" => Ok(Report::Denied),
+            "top-talkers" => Ok(Report::TopTalkers),
+            _ => Err(FilterError::Report(s.to_string())),
+        }
+    }
+}
+
+/// The SQL for a listing of events (no report) or a report.
+pub fn sql(
+    db: &str,
+    filter: &Filter,
+    report: Option<Report>,
+    now: DateTime<Utc>,
+) -> Result<String, FilterError> {
+    let w = filter.where_clause(now)?;
+    let limit = filter.limit();
+    // Destination questions read the table ordered by destination.
+    let flows = if filter.dst.is_some() {
+        format!("{db}.flows_by_dst")
+    } else {
+        format!("{db}.events")
+    };
+    Ok(match report {
+        None if filter.dst.is_some() => format!(
+            "SELECT toString(time) AS time, kind, user, device, protocol, src_ip, src_port, dst_ip, dst_port, \
+             network, decision, policy_ids, reason, bytes_out, bytes_in, session_id \
+             FROM {flows} FINAL WHERE {w} ORDER BY time, gateway, seq LIMIT {limit}"
+        ),
+        None => format!(
+            "SELECT toString(time) AS time, kind, user, device, protocol, src_ip, src_port, dst_ip, dst_port, \
+             network, decision, policy_ids, reason, bytes_out, bytes_in, session_id, gateway, seq \
+             FROM {db}.events FINAL WHERE {w} ORDER BY time, gateway, seq LIMIT {limit}"
+        ),
+        Some(Report::Sessions) => format!(
+            "SELECT session_id, any(user) AS user, any(device) AS device, \
+             toString(min(time)) AS started, toString(max(time)) AS last_event, \
+             anyIf(reason, kind = 'session_ended') AS ended, \
+             sumIf(bytes_out, kind = 'session_ended') AS bytes_out, \
+             sumIf(bytes_in, kind = 'session_ended') AS bytes_in, \
+             countIf(kind = 'flow_opened') AS flows, countIf(kind = 'flow_denied') AS denied \
+             FROM {db}.events FINAL WHERE {w} AND session_id != 0 \
+             GROUP BY session_id ORDER BY started LIMIT {limit}"
+        ),
+        Some(Report::WhoReached) => format!(
+            "SELECT user, countIf(kind = 'flow_opened') AS flows, \
+             toString(min(time)) AS first_seen, toString(max(time)) AS last_seen, \
+             groupUniqArray(dst_ip) AS destinations, \
+             sumIf(bytes_out + bytes_in, kind = 'flow_closed') AS bytes \
+             FROM {flows} FINAL WHERE {w} AND decision = 'allow' \
+             GROUP BY user ORDER BY flows DESC LIMIT {limit}"
+        ),
+        Some(Report::Denied) => format!(
+            "SELECT user, network, dst_ip, dst_port, protocol, count() AS attempts, \
+             toString(max(time)) AS last_attempt, groupUniqArray(arrayStringConcat(policy_ids, ',')) AS policies, \
+             any(reason) AS reason \
+             FROM {flows} FINAL WHERE {w} AND kind = 'flow_denied' \
+             GROUP BY user, network, dst_ip, dst_port, protocol ORDER BY attempts DESC LIMIT {limit}"
+        ),
+        Some(Report::TopTalkers) => format!(
+            "SELECT user, sum(bytes_out) AS bytes_out, sum(bytes_in) AS bytes_in, \
+             sum(bytes_out + bytes_in) AS bytes, count() AS flows \
+             FROM {flows} FINAL WHERE {w} AND kind = 'flow_closed' \
+             GROUP BY user ORDER BY bytes DESC LIMIT {limit}"
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use proptest::prelude::*;
+
+    fn now() -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339("2026-11-22T12:00:00Z").unwrap().to_utc()
+    }
+
+    #[test]
+    fn times_parse_absolute_and_relative() {
+        assert_eq!(parse_time("24h", now()).unwrap().to_rfc3339(), "2026-11-21T12:00:00+00:00");
+        assert_eq!(parse_time("7d", now()).unwrap().to_rfc3339(), "2026-11-15T12:00:00+00:00");
+        assert_eq!(parse_time("90s", now()).unwrap().to_rfc3339(), "2026-11-22T11:58:30+00:00");
+        assert_eq!(
+            parse_time("2026-01-02T03:04:05Z", now()).unwrap().to_rfc3339(),
+            "2026-01-02T03:04:05+00:00"
+        );
+        for bad in ["", "h", "7w", "yesterday", "-", "99999999999999999d"] {
+            assert!(parse_time(bad, now()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cidrs_become_mapped_ranges() {
+        let (lo, hi) = cidr_bounds("10.8.0.0/16").unwrap();
+        assert_eq!(lo, "00000000000000000000ffff0a080000");
+        assert_eq!(hi, "00000000000000000000ffff0a08ffff");
+        let (lo, hi) = cidr_bounds("10.8.0.2").unwrap();
+        assert_eq!(lo, hi);
+        assert!(cidr_bounds("10.8.0.0/33").is_err());
+        assert_eq!(cidr_bounds("fd00::/8").unwrap().0, "fd000000000000000000000000000000");
+    }
+
+    #[test]
+    fn filters_quote_what_users_type() {
+        let f = Filter {
+            user: Some("o'brien\\".into()),
+            decision: Some("deny".into()),
+            ..Filter::default()
+        };
+        let w = f.where_clause(now()).unwrap();
+        assert!(w.contains(r"user = 'o\'brien\\'"), "{w}");
+        let bad = Filter {
+            decision: Some("maybe".into()),
+            ..Filter::default()
+        };
+        assert!(bad.where_clause(now()).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn quoting_keeps_any_text_inside_one_literal(s in ".*") {
+            let q = quote(&s);
+            // Unescaped quotes only at the ends.
+            let inner = &q[1..q.len() - 1];
+            let mut escaped = false;
+            for c in inner.chars() {
+                if escaped { escaped = false; continue; }
+                if c == '\\' { escaped = true; continue; }
+                prop_assert_ne!(c, '\'');
+            }
+            prop_assert!(!escaped);
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! The auditors' side of the trail: questions answered from ClickHouse, the hash chain
+//! checked, the same over a read-only HTTP API.
+//!
+//! What it does: [`filter`] turns auditor filters (`--user`, `--group`, `--dst CIDR`,
+//! `--port`, `--decision`, `--since/--until`, `--session`) and canned reports into SQL;
+//! [`run_query`] returns a [`Table`] (columns in order, rows as JSON values);
+//! [`verify`] recomputes every gateway's chain and reports gaps, edits, broken links and
+//! conflicts; [`http`] serves all of it to tools behind a bearer token.
+//!
+//! What it deliberately does not: write anything to ClickHouse (the gateway's
+//! `portcullis-audit` crate owns the schema and the inserts).
+
+pub mod filter;
+pub mod http;
+pub mod verify;
+
+use chrono::{DateTime, Utc};
+use portcullis_audit::{AuditRow, Store};
+use serde::Serialize;
+
+pub use filter::{Filter, FilterError, Report};
+pub use verify::{Finding, VerifyReport};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditorError {
+    #[error(transparent)]
+    Filter(#[from] FilterError),
+    #[error("clickhouse: {0}")]
+    Store(#[from] clickhouse::error::Error),
+    #[error("clickhouse answered something that is not JSONCompact: {0}")]
+    Format(#[from] serde_json::Error),
+}
+
+/// A query result: column names in order, one JSON array per row.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Table {
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<serde_json::Value>>,
+}
+
+impl Table {
+    /// Plain-text rendering with aligned columns.
+    pub fn render(&self) -> String {
+        let cell = |v: &serde_json::Value| match v {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Array(a) => a
+                .iter()
+                .map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string()))
+                .collect::<Vec<_>>()
+                .join(","),
+            other => other.to_string(),
+        };
+        let cells: Vec<Vec<String>> = self
+            .rows
+            .iter()
+            .map(|r| r.iter().map(cell).collect())
+            .collect();
+        let mut widths: Vec<usize> = self.columns.iter().map(|c| c.len()).collect();
+        for r in &cells {
+            for (w, c) in widths.iter_mut().zip(r) {
+                *w = (*w).max(c.chars().count());
+            }
+        }
+        let mut out = String::new();
+        let line = |out: &mut String, vals: &mut dyn Iterator<Item = &str>| {
+            let parts: Vec<String> = vals
+                .zip(&widths)
+                .map(|(v, w)| format!("{v:<w$}"))
+                .collect();
+            out.push_str(parts.join("  ").trim_end());
+            out.push('\n');
+        };
+        line(&mut out, &mut self.columns.iter().map(String::as_str));
+        for r in &cells {
+            line(&mut out, &mut r.iter().map(String::as_str));
+        }
+        out.push_str(&format!("({} rows)\n", self.rows.len()));
+        out
+    }
+}
+
+/// Runs a listing or a report.
+pub async fn run_query(
+    store: &Store,
+    filter: &Filter,
+    report: Option<Report>,
+    now: DateTime<Utc>,
+) -> Result<Table, AuditorError> {
+    let sql = filter::sql(&store.database, filter, report, now)?;
+    select_table(store, &sql).await
+}
+
+/// Runs any `SELECT` and returns it as a [`Table`].
+pub async fn select_table(store: &Store, sql: &str) -> Result<Table, AuditorError> {
+    #[derive(serde::Deserialize)]
+    struct Meta {
+        name: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Compact {
+        meta: Vec<Meta>,
+        data: Vec<Vec<serde_json::Value>>,
+    }
+    let bytes = store
+        .client()
+        .query(sql)
+        .fetch_bytes("JSONCompact")?
+        .collect()
+        .await?;
+    let c: Compact = serde_json::from_slice(&bytes)?;
+    Ok(Table {
+        columns: c.meta.into_iter().map(|m| m.name).collect(),
+        rows: c.data,
+    })
+}
+
+/// Reads the rows of every gateway (or one) since `since` and verifies the chains.
+pub async fn verify_trail(
+    store: &Store,
+    gateway: Option<&str>,
+    since: Option<DateTime<Utc>>,
+    until: Option<DateTime<Utc>>,
+) -> Result<VerifyReport, AuditorError> {
+    let mut w = vec!["1".to_string()];
+    if let Some(g) = gateway {
+        w.push(format!("gateway = {}", filter::quote(g)));
+    }
+    if let Some(s) = since {
+        w.push(format!("time >= toDateTime({})", s.timestamp()));
+    }
+    if let Some(u) = until {
+        w.push(format!("time <= toDateTime({})", u.timestamp()));
+    }
+    let cols = portcullis_audit::row::COLUMNS.join(", ");
+    // Without FINAL: a row edited into a second version must show up as a conflict.
+    let sql = format!(
+        "SELECT {cols} FROM {}.events WHERE {} ORDER BY gateway, seq",
+        store.database,
+        w.join(" AND ")
+    );
+    let rows: Vec<AuditRow> = store.client().query(&sql).fetch_all().await?;
+    Ok(verify::verify(&rows))
+}
