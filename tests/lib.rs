@@ -15,7 +15,7 @@
 //! Everything is torn down in `Drop`, also when a test fails: processes this lab started
 //! are stopped by PID, namespaces deleted, wireguard-go sockets removed.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -52,6 +52,8 @@ pub struct Lab {
     pub bob: Client,
     pub gateway_public_key: String,
     gateway: Option<Child>,
+    gateway_log_filter: String,
+    gateway_stderr_inherit: bool,
     gateway_ifname: Option<String>,
     wg_procs: Vec<Child>,
     namespaces: Vec<String>,
@@ -159,6 +161,8 @@ pub struct LabOptions {
     pub gateway: GatewayKind,
     /// Extra lines appended to the gateway config.
     pub extra_config: String,
+    /// Extra lines inside the gateway config's `[audit]` table.
+    pub audit_config: String,
     /// Log filter for the gateway.
     pub gateway_log: String,
     /// Where the gateway's stderr goes (None: a file in the lab dir).
@@ -170,6 +174,7 @@ impl Default for LabOptions {
         LabOptions {
             gateway: GatewayKind::Portcullis,
             extra_config: String::new(),
+            audit_config: String::new(),
             gateway_log: std::env::var("PORTCULLIS_LAB_LOG").unwrap_or_else(|_| "info".into()),
             gateway_stderr_inherit: false,
         }
@@ -211,6 +216,8 @@ impl Lab {
             id,
             gateway_public_key: String::new(),
             gateway: None,
+            gateway_log_filter: String::new(),
+            gateway_stderr_inherit: false,
             gateway_ifname: None,
             wg_procs: Vec::new(),
             namespaces: Vec::new(),
@@ -341,6 +348,7 @@ dir = "policies"
 
 [audit]
 events_file = "events.jsonl"
+{audit}
 
 [[user]]
 name = "alice"
@@ -370,22 +378,35 @@ address6 = "fd00:64::3"
             a = self.alice.public_key,
             b = self.bob.public_key,
             extra = opts.extra_config,
+            audit = opts.audit_config,
         );
         std::fs::write(self.config_path(), config)?;
         if opts.gateway == GatewayKind::WireguardGo {
             return self.start_wireguard_go_gateway();
         }
-        let stderr = if opts.gateway_stderr_inherit {
+        self.gateway_log_filter = opts.gateway_log.clone();
+        self.gateway_stderr_inherit = opts.gateway_stderr_inherit;
+        self.spawn_gateway()
+    }
+
+    /// Starts the portcullis gateway with the lab's config and waits for its TUN device.
+    pub fn spawn_gateway(&mut self) -> Result<()> {
+        let stderr = if self.gateway_stderr_inherit {
             Stdio::inherit()
         } else {
-            Stdio::from(File::create(self.dir.join("gateway.log"))?)
+            Stdio::from(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.dir.join("gateway.log"))?,
+            )
         };
         let child = Command::new("ip")
             .args(["netns", "exec", &self.ns_gw])
             .arg(portcullis_bin()?)
             .args(["gateway", "--config"])
             .arg(self.config_path())
-            .env("PORTCULLIS_LOG", &opts.gateway_log)
+            .env("PORTCULLIS_LOG", &self.gateway_log_filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -661,6 +682,79 @@ address6 = "fd00:64::3"
         let s = in_ns(ns, move || UdpSocket::bind(addr))??;
         s.set_read_timeout(Some(Duration::from_millis(1500)))?;
         Ok(s)
+    }
+
+    /// Makes `127.0.0.1:port` inside the gateway's namespace reach `127.0.0.1:port` of
+    /// the test's own namespace (where ClickHouse runs), so one URL works for both the
+    /// gateway and the CLI. The listening socket is created in the gateway namespace; the
+    /// outbound connections are made from this namespace.
+    pub fn forward_into_gateway_ns(&mut self, port: u16) -> Result<()> {
+        let listener = in_ns(&self.ns_gw, move || std::net::TcpListener::bind(("127.0.0.1", port)))??;
+        listener.set_nonblocking(true)?;
+        let stop = self.stop.clone();
+        self.servers.push(std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((inbound, _)) => {
+                        let _ = inbound.set_nonblocking(false);
+                        let Ok(outbound) = TcpStream::connect(("127.0.0.1", port)) else {
+                            continue;
+                        };
+                        for (mut from, mut to) in [
+                            (inbound.try_clone(), outbound.try_clone()),
+                            (outbound.try_clone(), inbound.try_clone()),
+                        ]
+                        .into_iter()
+                        .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                        {
+                            std::thread::spawn(move || {
+                                let _ = std::io::copy(&mut from, &mut to);
+                                let _ = to.shutdown(std::net::Shutdown::Write);
+                            });
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(_) => break,
+                }
+            }
+        }));
+        Ok(())
+    }
+
+    /// Makes a client start a fresh handshake on its next packet (after a gateway restart
+    /// lost the sessions; wireguard-go would otherwise wait ~15 s to notice).
+    pub fn rehandshake(&self, c: &Client) -> Result<()> {
+        sh_in(&c.ns, &["wg", "set", &c.ifname, "peer", &self.gateway_public_key, "remove"])?;
+        sh_in(
+            &c.ns,
+            &[
+                "wg",
+                "set",
+                &c.ifname,
+                "peer",
+                &self.gateway_public_key,
+                "endpoint",
+                if c.user == "alice" {
+                    "192.168.77.1:51820"
+                } else {
+                    "192.168.78.1:51820"
+                },
+                "allowed-ips",
+                "10.8.0.0/16,10.9.0.0/16,100.64.0.0/24,fd00:8::/32,fd00:9::/32,fd00:64::/64",
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Kills the gateway with SIGKILL (a crash: nothing is flushed) and reaps it.
+    pub fn kill_gateway(&mut self) -> Result<()> {
+        if let Some(mut g) = self.gateway.take() {
+            g.kill()?;
+            g.wait()?;
+        }
+        Ok(())
     }
 
     /// Stops the gateway with SIGTERM (it closes every flow and session in the audit

@@ -527,6 +527,8 @@ impl Uploader {
                         Ok(()) => {
                             tracing::info!(version = ?s.version, database = %s.database, "audit uploader connected");
                             store = Some(s);
+                            // Record the state right away (after an outage: its errors).
+                            next_metrics = Instant::now();
                         }
                         Err(e) => self.failed(&e, &mut backoff, &mut last_error_log).await,
                     },

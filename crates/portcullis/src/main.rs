@@ -2,6 +2,8 @@
 //!
 //! - `portcullis gateway --config FILE`: run the gateway.
 //! - `portcullis policy validate|test|explain|bench`: policy tooling (for a policy repo's CI).
+//! - `portcullis audit migrate|query|verify|serve --config FILE`: the audit trail in
+//!   ClickHouse (schema, auditor queries and reports, chain verification, HTTP API).
 //! - `portcullis check-config --config FILE`: check a configuration file.
 //! - `portcullis keygen` / `portcullis pubkey`: WireGuard keys, like `wg genkey` / `wg pubkey`.
 //!
@@ -16,6 +18,7 @@ use anyhow::Context as _;
 use base64::Engine as _;
 use clap::{Parser, Subcommand};
 
+mod audit_cmd;
 mod policy_cmd;
 
 #[derive(Parser)]
@@ -58,6 +61,11 @@ enum Command {
     Policy {
         #[command(subcommand)]
         command: policy_cmd::PolicyCommand,
+    },
+    /// The audit trail in ClickHouse: migrate, query, verify, serve.
+    Audit {
+        #[command(subcommand)]
+        command: audit_cmd::AuditCommand,
     },
     /// Print a new WireGuard private key (base64).
     Keygen,
@@ -125,6 +133,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Policy { command } => policy_cmd::run(command),
+        Command::Audit { command } => audit_cmd::run(command),
         Command::Keygen => {
             let secret = boringtun_secret();
             println!(

@@ -1,0 +1,212 @@
+//! `portcullis audit …`: schema migration, auditor queries, chain verification, and the
+//! auditor HTTP API. All read `[audit.clickhouse]` (and `[audit.api]`) from the config;
+//! none needs the gateway's private key.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{anyhow, Context as _};
+use clap::{Args, Subcommand};
+use portcullis_audit::Store;
+use portcullis_auditor::{Filter, Report};
+
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// Create or upgrade the ClickHouse database and tables.
+    Migrate {
+        #[arg(long, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+    },
+    /// List events, or run a canned report, from ClickHouse.
+    Query {
+        #[arg(long, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// sessions, who-reached, denied or top-talkers.
+        #[arg(long)]
+        report: Option<String>,
+        /// JSON ({"columns": [...], "rows": [[...]]}) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recompute every gateway's hash chain from ClickHouse; exit 1 on any finding.
+    Verify {
+        #[arg(long, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+        /// RFC 3339 time or a duration ago (24h, 7d).
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        until: Option<String>,
+        /// Only this gateway.
+        #[arg(long)]
+        gateway: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve the read-only auditor HTTP API ([audit.api]).
+    Serve {
+        #[arg(long, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Args)]
+pub struct FilterArgs {
+    #[arg(long)]
+    user: Option<String>,
+    #[arg(long)]
+    group: Option<String>,
+    /// Destination address or CIDR.
+    #[arg(long)]
+    dst: Option<String>,
+    #[arg(long)]
+    port: Option<u16>,
+    /// allow or deny.
+    #[arg(long)]
+    decision: Option<String>,
+    /// RFC 3339 time or a duration ago (90s, 15m, 24h, 7d).
+    #[arg(long)]
+    since: Option<String>,
+    #[arg(long)]
+    until: Option<String>,
+    #[arg(long)]
+    session: Option<u64>,
+    /// Event kind (flow_opened, flow_denied, session_started, user_revoked, …).
+    #[arg(long)]
+    kind: Option<String>,
+    /// Most rows to show (default 1000).
+    #[arg(long)]
+    limit: Option<u64>,
+}
+
+impl From<FilterArgs> for Filter {
+    fn from(a: FilterArgs) -> Filter {
+        Filter {
+            user: a.user,
+            group: a.group,
+            dst: a.dst,
+            port: a.port,
+            decision: a.decision,
+            since: a.since,
+            until: a.until,
+            session: a.session,
+            kind: a.kind,
+            limit: a.limit,
+        }
+    }
+}
+
+async fn connect(config: &Path) -> anyhow::Result<(Store, portcullis_config::Loaded)> {
+    let loaded = portcullis_config::load_unkeyed(config)?;
+    let sc = portcullis_io::store_config(&loaded)?.ok_or_else(|| {
+        anyhow!(
+            "{}: key `audit.clickhouse`: missing (the audit commands need ClickHouse)",
+            config.display()
+        )
+    })?;
+    let store = Store::connect(&sc).await?;
+    Ok((store, loaded))
+}
+
+pub fn run(command: AuditCommand) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run_async(command))
+}
+
+async fn run_async(command: AuditCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        AuditCommand::Migrate { config } => {
+            let (store, _) = connect(&config).await?;
+            let applied = store.migrate().await?;
+            println!(
+                "clickhouse {}.{} database {}: schema version {} ({})",
+                store.version.0,
+                store.version.1,
+                store.database,
+                portcullis_audit::SCHEMA_VERSION,
+                if applied.is_empty() {
+                    "already current".to_string()
+                } else {
+                    format!("applied {applied:?}")
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Query {
+            config,
+            filter,
+            report,
+            json,
+        } => {
+            let report: Option<Report> = report.as_deref().map(str::parse).transpose()?;
+            let (store, _) = connect(&config).await?;
+            let table =
+                portcullis_auditor::run_query(&store, &filter.into(), report, chrono::Utc::now())
+                    .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&table)?);
+            } else {
+                print!("{}", table.render());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Verify {
+            config,
+            since,
+            until,
+            gateway,
+            json,
+        } => {
+            let now = chrono::Utc::now();
+            let since = since
+                .as_deref()
+                .map(|t| portcullis_auditor::filter::parse_time(t, now))
+                .transpose()?;
+            let until = until
+                .as_deref()
+                .map(|t| portcullis_auditor::filter::parse_time(t, now))
+                .transpose()?;
+            let (store, _) = connect(&config).await?;
+            let report =
+                portcullis_auditor::verify_trail(&store, gateway.as_deref(), since, until).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for (g, (first, last)) in &report.gateways {
+                    println!("gateway {g}: seq {first}..={last}");
+                }
+                for f in &report.findings {
+                    println!("FINDING {}", serde_json::to_string(f)?);
+                }
+                println!(
+                    "{} rows checked, {} findings",
+                    report.rows,
+                    report.findings.len()
+                );
+            }
+            Ok(if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        AuditCommand::Serve { config } => {
+            let (store, loaded) = connect(&config).await?;
+            let api = loaded.config.audit.api.clone().ok_or_else(|| {
+                anyhow!("{}: key `audit.api`: missing", config.display())
+            })?;
+            let token =
+                portcullis_config::read_secret(&loaded.path, "audit.api.token_file", &api.token_file)?;
+            let listener = tokio::net::TcpListener::bind(api.listen)
+                .await
+                .with_context(|| format!("binding {}", api.listen))?;
+            tracing::info!(listen = %listener.local_addr()?, "auditor api up");
+            axum::serve(listener, portcullis_auditor::http::router(store, token.0)).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

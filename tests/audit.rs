@@ -1,0 +1,265 @@
+//! End to end: the audit trail from real tunnel traffic into a real ClickHouse (Debian's
+//! 18.16, started per test), through crashes and outages, and back out through the
+//! auditor CLI. Needs root (network namespaces).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::collections::HashSet;
+use std::net::{SocketAddr, UdpSocket};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use portcullis_e2e::{echo_round_trip, in_ns, portcullis_bin, Lab, LabOptions};
+use portcullis_testkit::ClickHouse;
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn audit_lab(ch: &ClickHouse) -> Lab {
+    Lab::start(LabOptions {
+        audit_config: "spool_dir = \"spool\"\n".into(),
+        extra_config: format!(
+            "[audit.clickhouse]\nurl = \"{}\"\nbatch_interval_ms = 200\n",
+            ch.url()
+        ),
+        ..LabOptions::default()
+    })
+    .map(|mut lab| {
+        lab.forward_into_gateway_ns(ch.http_port).unwrap();
+        lab
+    })
+    .expect("lab starts")
+}
+
+/// Runs `portcullis audit …` with the lab's config; returns (success, stdout).
+fn audit_cli(lab: &Lab, args: &[&str]) -> (bool, String) {
+    let out = Command::new(portcullis_bin().unwrap())
+        .arg("audit")
+        .args(args)
+        .arg("--config")
+        .arg(lab.config_path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() {
+        eprintln!("audit {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    (out.status.success(), stdout)
+}
+
+fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn count(ch: &ClickHouse, sql: &str) -> u64 {
+    ch.count(sql).unwrap_or(0)
+}
+
+/// Event ids and sequence numbers the gateway acknowledged as written (its events file).
+fn acknowledged(lab: &Lab) -> (HashSet<String>, u64) {
+    let text = std::fs::read_to_string(lab.events_path()).unwrap_or_default();
+    let mut ids = HashSet::new();
+    let mut max_seq = 0;
+    for line in text.lines() {
+        // A line torn by SIGKILL is not an acknowledgement.
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+            ids.insert(v["id"].as_str().unwrap().to_string());
+            max_seq = max_seq.max(v["seq"].as_u64().unwrap());
+        }
+    }
+    (ids, max_seq)
+}
+
+fn clickhouse_ids(ch: &ClickHouse) -> HashSet<String> {
+    ch.query("SELECT DISTINCT toString(event_id) FROM portcullis.events")
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn traffic_lands_as_rows_and_auditors_can_query_and_verify_it() {
+    let ch = ClickHouse::start().unwrap();
+    let mut lab = audit_lab(&ch);
+    let (ok, out) = audit_cli(&lab, &["migrate"]);
+    assert!(ok, "{out}");
+    // alice (sre) moves 4 MiB through prod; bob (developers) is denied prod.
+    let data: Vec<u8> = (0..4 * 1024 * 1024u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    let mut s = lab
+        .connect(&lab.alice, addr("10.8.0.2:8080"), Duration::from_secs(5))
+        .unwrap();
+    assert!(echo_round_trip(&mut s, &data).unwrap() == data);
+    drop(s);
+    assert!(lab
+        .connect(&lab.bob, addr("10.8.0.2:8080"), Duration::from_secs(2))
+        .is_err());
+    // SIGTERM closes flows and sessions into the trail and drains the uploader.
+    lab.stop_gateway().unwrap();
+    wait("alice's closed flow in clickhouse", Duration::from_secs(30), || {
+        count(&ch, "SELECT count() FROM portcullis.events FINAL WHERE kind = 'flow_closed' AND user = 'alice' AND dst_port = 8080") == 1
+    });
+    let row = ch
+        .query("SELECT bytes_out, bytes_in, decision, arrayStringConcat(policy_ids, ','), network, has(groups, 'sre') FROM portcullis.events FINAL WHERE kind = 'flow_closed' AND user = 'alice' AND dst_port = 8080")
+        .unwrap();
+    let f: Vec<&str> = row.trim().split('\t').collect();
+    let sent = data.len() as f64;
+    for bytes in [f[0], f[1]] {
+        let b: f64 = bytes.parse().unwrap();
+        // IP-level bytes: the payload plus TCP/IP headers (~4% at this MSS).
+        assert!(b >= sent && b <= sent * 1.08, "counted {b} for {sent} sent");
+    }
+    assert_eq!(&f[2..], ["allow", "sre-prod", "prod", "1"]);
+    wait("bob's denial", Duration::from_secs(10), || {
+        count(&ch, "SELECT count() FROM portcullis.events FINAL WHERE kind = 'flow_denied' AND user = 'bob' AND dst_ip = '10.8.0.2' AND decision = 'deny' AND network = 'prod'") >= 1
+    });
+    assert_eq!(
+        count(&ch, "SELECT count() FROM portcullis.events FINAL WHERE kind IN ('session_started', 'session_ended') AND user = 'alice'"),
+        2
+    );
+    // The canned reports and filters, as an auditor runs them.
+    let (ok, denied) = audit_cli(&lab, &["query", "--report", "denied", "--json"]);
+    assert!(ok);
+    let denied: serde_json::Value = serde_json::from_str(&denied).unwrap();
+    assert!(denied["rows"].as_array().unwrap().iter().any(|r| r[0] == "bob" && r[2] == "10.8.0.2"), "{denied}");
+    let (ok, reached) = audit_cli(&lab, &["query", "--report", "who-reached", "--dst", "10.8.0.0/16", "--since", "1h"]);
+    assert!(ok);
+    assert!(reached.contains("alice") && !reached.contains("bob"), "{reached}");
+    let (ok, listing) = audit_cli(&lab, &["query", "--group", "sre", "--port", "8080", "--decision", "allow"]);
+    assert!(ok);
+    assert!(listing.contains("flow_opened") && listing.contains("flow_closed"), "{listing}");
+    assert!(!listing.contains("bob"), "{listing}");
+    let (ok, talkers) = audit_cli(&lab, &["query", "--report", "top-talkers"]);
+    assert!(ok && talkers.lines().nth(1).unwrap_or("").starts_with("alice"), "{talkers}");
+    let (ok, sessions) = audit_cli(&lab, &["query", "--report", "sessions", "--user", "alice"]);
+    assert!(ok && sessions.contains("alice"), "{sessions}");
+
+    // The chain verifies, then detects an edited and a deleted row.
+    let (ok, out) = audit_cli(&lab, &["verify", "--since", "1h"]);
+    assert!(ok, "intact trail must verify: {out}");
+    ch.query("ALTER TABLE portcullis.events UPDATE bytes_in = 1 WHERE kind = 'flow_closed' AND user = 'alice'").unwrap();
+    wait("edit applied", Duration::from_secs(10), || {
+        count(&ch, "SELECT count() FROM portcullis.events WHERE bytes_in = 1") == 1
+    });
+    let (ok, out) = audit_cli(&lab, &["verify", "--json"]);
+    assert!(!ok, "an edited row must fail verification");
+    assert!(out.contains("\"altered\""), "{out}");
+    ch.query("ALTER TABLE portcullis.events UPDATE bytes_in = bytes_out WHERE bytes_in = 1").unwrap();
+    let victim = count(&ch, "SELECT min(seq) + 2 FROM portcullis.events");
+    ch.query(&format!("ALTER TABLE portcullis.events DELETE WHERE seq = {victim}")).unwrap();
+    wait("delete applied", Duration::from_secs(10), || {
+        count(&ch, &format!("SELECT count() FROM portcullis.events WHERE seq = {victim}")) == 0
+    });
+    let (ok, out) = audit_cli(&lab, &["verify", "--json"]);
+    assert!(!ok);
+    assert!(
+        out.contains(&format!("\"finding\": \"gap\"")) && out.contains(&format!("\"next\": {}", victim + 1)),
+        "{out}"
+    );
+}
+
+/// Sends UDP from bob to prod from a fresh source port every few ms: every datagram is a
+/// new tuple, so a new decision and a `flow_denied` event.
+fn event_stream(lab: &Lab, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    let ns = lab.bob.ns.clone();
+    std::thread::spawn(move || {
+        let _ = in_ns(&ns, move || {
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(s) = UdpSocket::bind("0.0.0.0:0") {
+                    let _ = s.send_to(b"x", "10.8.0.2:9000");
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+    })
+}
+
+#[test]
+fn kill_9_ten_times_loses_nothing_and_doubles_nothing() {
+    let ch = ClickHouse::start().unwrap();
+    let mut lab = audit_lab(&ch);
+    assert!(audit_cli(&lab, &["migrate"]).0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let stream = event_stream(&lab, stop.clone());
+    for i in 0..10u64 {
+        std::thread::sleep(Duration::from_millis(500 + 61 * i));
+        lab.kill_gateway().unwrap();
+        lab.spawn_gateway().unwrap();
+        lab.rehandshake(&lab.bob).unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    stream.join().unwrap();
+    lab.stop_gateway().unwrap();
+    // Drain whatever the last run left in the spool.
+    lab.spawn_gateway().unwrap();
+    let (ids, max_seq) = acknowledged(&lab);
+    assert!(ids.len() > 1000, "only {} events in the stream", ids.len());
+    wait("everything uploaded", Duration::from_secs(60), || {
+        count(&ch, "SELECT count() FROM portcullis.events FINAL") >= max_seq
+    });
+    lab.stop_gateway().unwrap();
+    let total = count(&ch, "SELECT count() FROM portcullis.events FINAL");
+    let top = count(&ch, "SELECT max(seq) FROM portcullis.events");
+    // No gap: every sequence number up to the highest exists once.
+    assert_eq!(count(&ch, "SELECT min(seq) FROM portcullis.events"), 1);
+    assert_eq!(total, top, "rows {total}, highest seq {top}");
+    assert_eq!(count(&ch, "SELECT uniqExact(event_id) FROM portcullis.events"), total);
+    assert_eq!(count(&ch, "SELECT uniqExact(seq) FROM portcullis.events"), total);
+    // Every event acknowledged as written is there.
+    let stored = clickhouse_ids(&ch);
+    let missing: Vec<_> = ids.difference(&stored).take(5).collect();
+    assert!(missing.is_empty(), "acknowledged but missing: {missing:?}");
+    // Across ten crashes the chain still verifies.
+    let (ok, out) = audit_cli(&lab, &["verify"]);
+    assert!(ok, "{out}");
+    let log = lab.gateway_log();
+    assert!(log.matches("gateway up").count() >= 12, "restarts: {log}");
+}
+
+#[test]
+fn clickhouse_outage_under_load_loses_nothing_and_never_stops_forwarding() {
+    let mut ch = ClickHouse::start().unwrap();
+    let mut lab = audit_lab(&ch);
+    assert!(audit_cli(&lab, &["migrate"]).0);
+    ch.stop();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stream = event_stream(&lab, stop.clone());
+    // The data plane keeps forwarding while ClickHouse is down.
+    let data = vec![0x5au8; 2 * 1024 * 1024];
+    for _ in 0..3 {
+        let mut s = lab
+            .connect(&lab.alice, addr("10.8.0.2:8080"), Duration::from_secs(5))
+            .expect("new flows are allowed while clickhouse is down");
+        assert!(echo_round_trip(&mut s, &data).unwrap() == data);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    stop.store(true, Ordering::Relaxed);
+    stream.join().unwrap();
+    let (ids, max_seq) = acknowledged(&lab);
+    assert!(ids.len() > 300, "{} events", ids.len());
+    ch.resume().unwrap();
+    wait("backlog drained", Duration::from_secs(60), || {
+        count(&ch, "SELECT count() FROM portcullis.events FINAL") >= max_seq
+    });
+    lab.stop_gateway().unwrap();
+    let total = count(&ch, "SELECT count() FROM portcullis.events FINAL");
+    assert_eq!(total, count(&ch, "SELECT max(seq) FROM portcullis.events"));
+    assert_eq!(count(&ch, "SELECT uniqExact(event_id) FROM portcullis.events"), total);
+    let stored = clickhouse_ids(&ch);
+    assert!(ids.is_subset(&stored));
+    // The uploader recorded its outage in its metrics once ClickHouse was back.
+    assert!(count(&ch, "SELECT max(errors) FROM portcullis.uploader_metrics") > 0);
+}
