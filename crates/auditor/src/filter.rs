@@ -178,24 +178,24 @@ pub fn sql(
     };
     Ok(match report {
         None if filter.dst.is_some() => format!(
-            "SELECT toString(time) AS time, kind, user, device, protocol, src_ip, src_port, dst_ip, dst_port, \
+            "SELECT toString(time) AS at, kind, user, device, protocol, src_ip, src_port, dst_ip, dst_port, \
              network, decision, policy_ids, reason, bytes_out, bytes_in, session_id \
              FROM {flows} FINAL WHERE {w} ORDER BY time, gateway, seq LIMIT {limit}"
         ),
         None => format!(
-            "SELECT toString(time) AS time, kind, user, device, protocol, src_ip, src_port, dst_ip, dst_port, \
+            "SELECT toString(time) AS at, kind, user, device, protocol, src_ip, src_port, dst_ip, dst_port, \
              network, decision, policy_ids, reason, bytes_out, bytes_in, session_id, gateway, seq \
              FROM {db}.events FINAL WHERE {w} ORDER BY time, gateway, seq LIMIT {limit}"
         ),
         Some(Report::Sessions) => format!(
-            "SELECT session_id, any(user) AS user, any(device) AS device, \
+            "SELECT session_id, user, device, \
              toString(min(time)) AS started, toString(max(time)) AS last_event, \
              anyIf(reason, kind = 'session_ended') AS ended, \
-             sumIf(bytes_out, kind = 'session_ended') AS bytes_out, \
-             sumIf(bytes_in, kind = 'session_ended') AS bytes_in, \
+             sumIf(bytes_out, kind = 'session_ended') AS received, \
+             sumIf(bytes_in, kind = 'session_ended') AS sent, \
              countIf(kind = 'flow_opened') AS flows, countIf(kind = 'flow_denied') AS denied \
              FROM {db}.events FINAL WHERE {w} AND session_id != 0 \
-             GROUP BY session_id ORDER BY started LIMIT {limit}"
+             GROUP BY session_id, user, device ORDER BY started LIMIT {limit}"
         ),
         Some(Report::WhoReached) => format!(
             "SELECT user, countIf(kind = 'flow_opened') AS flows, \
@@ -208,13 +208,13 @@ pub fn sql(
         Some(Report::Denied) => format!(
             "SELECT user, network, dst_ip, dst_port, protocol, count() AS attempts, \
              toString(max(time)) AS last_attempt, groupUniqArray(arrayStringConcat(policy_ids, ',')) AS policies, \
-             any(reason) AS reason \
+             any(reason) AS deny_reason \
              FROM {flows} FINAL WHERE {w} AND kind = 'flow_denied' \
              GROUP BY user, network, dst_ip, dst_port, protocol ORDER BY attempts DESC LIMIT {limit}"
         ),
         Some(Report::TopTalkers) => format!(
-            "SELECT user, sum(bytes_out) AS bytes_out, sum(bytes_in) AS bytes_in, \
-             sum(bytes_out + bytes_in) AS bytes, count() AS flows \
+            "SELECT user, sum(bytes_out + bytes_in) AS bytes, sum(bytes_out) AS uploaded, \
+             sum(bytes_in) AS downloaded, count() AS flows \
              FROM {flows} FINAL WHERE {w} AND kind = 'flow_closed' \
              GROUP BY user ORDER BY bytes DESC LIMIT {limit}"
         ),
