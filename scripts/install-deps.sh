@@ -11,6 +11,8 @@ packages=(
   iperf3            # throughput benchmark
   procps            # sysctl
   kmod
+  clickhouse-server # the audit store (Debian's 18.16), started by the lab and tests themselves
+  clickhouse-client
 )
 
 missing=()

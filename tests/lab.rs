@@ -46,11 +46,21 @@ fn tcp(lab: &Lab, who: &portcullis_e2e::Client, dst: &str) -> bool {
 fn run() -> Result<()> {
     let hold = std::env::args().any(|a| a == "--hold");
     println!("Portcullis lab: starting gateway, wireguard-go clients and private networks in network namespaces…");
+    // The audit store: a ClickHouse of the lab's own on a free loopback port.
+    let clickhouse = portcullis_testkit::ClickHouse::start()?;
     let opts = LabOptions {
         gateway_log: std::env::var("PORTCULLIS_LOG").unwrap_or_else(|_| "info".into()),
+        audit_config: "spool_dir = \"spool\"\n".into(),
+        extra_config: format!(
+            "[audit.clickhouse]\nurl = \"{}\"\nbatch_interval_ms = 200\n",
+            clickhouse.url()
+        ),
         ..LabOptions::default()
     };
     let mut lab = Lab::start(opts)?;
+    lab.forward_into_gateway_ns(clickhouse.http_port)?;
+    audit_cli(&lab, &["migrate"])?;
+    println!("  audit: ClickHouse {} (pid {:?}), spool in the lab dir", clickhouse.url(), clickhouse.pid());
     println!();
     println!(
         "  alice  (groups: sre, tags: oncall)   tunnel 100.64.0.2 / fd00:64::2   ns {}",
@@ -134,6 +144,38 @@ fn run() -> Result<()> {
     for e in lab.events() {
         println!("  {}", describe(&e));
     }
+    // The same trail, queried back from ClickHouse as an auditor would.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut drained = false;
+    while std::time::Instant::now() < deadline {
+        let written = lab.events().len() as u64;
+        let stored = clickhouse
+            .count("SELECT count() FROM portcullis.events FINAL")
+            .unwrap_or(0);
+        if stored >= written && written > 0 {
+            drained = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    if !drained {
+        // The gateway stopped with a backlog: start it again to drain the spool.
+        lab.spawn_gateway()?;
+        std::thread::sleep(Duration::from_secs(3));
+        lab.stop_gateway()?;
+    }
+    println!();
+    println!("Queried back from ClickHouse — `portcullis audit query --report denied`:");
+    print!("{}", indent(&audit_cli(&lab, &["query", "--report", "denied"])?));
+    println!("`portcullis audit query --report who-reached --dst 10.8.0.0/16`:");
+    print!(
+        "{}",
+        indent(&audit_cli(&lab, &["query", "--report", "who-reached", "--dst", "10.8.0.0/16"])?)
+    );
+    println!("`portcullis audit query --report sessions`:");
+    print!("{}", indent(&audit_cli(&lab, &["query", "--report", "sessions"])?));
+    println!("`portcullis audit verify` (hash chain):");
+    print!("{}", indent(&audit_cli(&lab, &["verify"])?));
     println!();
     if all {
         println!("Every decision matched the policies. Lab torn down.");
@@ -144,6 +186,27 @@ fn run() -> Result<()> {
             lab.gateway_log()
         )
     }
+}
+
+/// Runs `portcullis audit …` against the lab's config and returns its output.
+fn audit_cli(lab: &Lab, args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new(portcullis_e2e::portcullis_bin()?)
+        .arg("audit")
+        .args(args)
+        .arg("--config")
+        .arg(lab.config_path())
+        .output()?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "portcullis audit {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}\n")).collect()
 }
 
 fn describe(e: &Value) -> String {
