@@ -97,7 +97,9 @@ fn traffic_lands_as_rows_and_auditors_can_query_and_verify_it() {
     let (ok, out) = audit_cli(&lab, &["migrate"]);
     assert!(ok, "{out}");
     // alice (sre) moves 4 MiB through prod; bob (developers) is denied prod.
-    let data: Vec<u8> = (0..4 * 1024 * 1024u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    let data: Vec<u8> = (0..4 * 1024 * 1024u32)
+        .map(|i| (i * 7 + i / 251) as u8)
+        .collect();
     let mut s = lab
         .connect(&lab.alice, addr("10.8.0.2:8080"), Duration::from_secs(5))
         .unwrap();
@@ -108,9 +110,13 @@ fn traffic_lands_as_rows_and_auditors_can_query_and_verify_it() {
         .is_err());
     // SIGTERM closes flows and sessions into the trail and drains the uploader.
     lab.stop_gateway().unwrap();
-    wait("alice's closed flow in clickhouse", Duration::from_secs(30), || {
-        count(&ch, "SELECT count() FROM portcullis.events FINAL WHERE kind = 'flow_closed' AND user = 'alice' AND dst_port = 8080") == 1
-    });
+    wait(
+        "alice's closed flow in clickhouse",
+        Duration::from_secs(30),
+        || {
+            count(&ch, "SELECT count() FROM portcullis.events FINAL WHERE kind = 'flow_closed' AND user = 'alice' AND dst_port = 8080") == 1
+        },
+    );
     let row = ch
         .query("SELECT decision, arrayStringConcat(policy_ids, ','), network, has(groups, 'sre'), bytes_out, packets_out, bytes_in, packets_in FROM portcullis.events FINAL WHERE kind = 'flow_closed' AND user = 'alice' AND dst_port = 8080")
         .unwrap();
@@ -140,16 +146,54 @@ fn traffic_lands_as_rows_and_auditors_can_query_and_verify_it() {
     let (ok, denied) = audit_cli(&lab, &["query", "--report", "denied", "--json"]);
     assert!(ok);
     let denied: serde_json::Value = serde_json::from_str(&denied).unwrap();
-    assert!(denied["rows"].as_array().unwrap().iter().any(|r| r[0] == "bob" && r[2] == "10.8.0.2"), "{denied}");
-    let (ok, reached) = audit_cli(&lab, &["query", "--report", "who-reached", "--dst", "10.8.0.0/16", "--since", "1h"]);
+    assert!(
+        denied["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r[0] == "bob" && r[2] == "10.8.0.2"),
+        "{denied}"
+    );
+    let (ok, reached) = audit_cli(
+        &lab,
+        &[
+            "query",
+            "--report",
+            "who-reached",
+            "--dst",
+            "10.8.0.0/16",
+            "--since",
+            "1h",
+        ],
+    );
     assert!(ok);
-    assert!(reached.contains("alice") && !reached.contains("bob"), "{reached}");
-    let (ok, listing) = audit_cli(&lab, &["query", "--group", "sre", "--port", "8080", "--decision", "allow"]);
+    assert!(
+        reached.contains("alice") && !reached.contains("bob"),
+        "{reached}"
+    );
+    let (ok, listing) = audit_cli(
+        &lab,
+        &[
+            "query",
+            "--group",
+            "sre",
+            "--port",
+            "8080",
+            "--decision",
+            "allow",
+        ],
+    );
     assert!(ok);
-    assert!(listing.contains("flow_opened") && listing.contains("flow_closed"), "{listing}");
+    assert!(
+        listing.contains("flow_opened") && listing.contains("flow_closed"),
+        "{listing}"
+    );
     assert!(!listing.contains("bob"), "{listing}");
     let (ok, talkers) = audit_cli(&lab, &["query", "--report", "top-talkers"]);
-    assert!(ok && talkers.lines().nth(1).unwrap_or("").starts_with("alice"), "{talkers}");
+    assert!(
+        ok && talkers.lines().nth(1).unwrap_or("").starts_with("alice"),
+        "{talkers}"
+    );
     let (ok, sessions) = audit_cli(&lab, &["query", "--report", "sessions", "--user", "alice"]);
     assert!(ok && sessions.contains("alice"), "{sessions}");
 
@@ -158,21 +202,31 @@ fn traffic_lands_as_rows_and_auditors_can_query_and_verify_it() {
     assert!(ok, "intact trail must verify: {out}");
     ch.query("ALTER TABLE portcullis.events UPDATE bytes_in = 1 WHERE kind = 'flow_closed' AND user = 'alice'").unwrap();
     wait("edit applied", Duration::from_secs(10), || {
-        count(&ch, "SELECT count() FROM portcullis.events WHERE bytes_in = 1") == 1
+        count(
+            &ch,
+            "SELECT count() FROM portcullis.events WHERE bytes_in = 1",
+        ) == 1
     });
     let (ok, out) = audit_cli(&lab, &["verify", "--json"]);
     assert!(!ok, "an edited row must fail verification");
     assert!(out.contains("\"altered\""), "{out}");
-    ch.query("ALTER TABLE portcullis.events UPDATE bytes_in = bytes_out WHERE bytes_in = 1").unwrap();
+    ch.query("ALTER TABLE portcullis.events UPDATE bytes_in = bytes_out WHERE bytes_in = 1")
+        .unwrap();
     let victim = count(&ch, "SELECT min(seq) + 2 FROM portcullis.events");
-    ch.query(&format!("ALTER TABLE portcullis.events DELETE WHERE seq = {victim}")).unwrap();
+    ch.query(&format!(
+        "ALTER TABLE portcullis.events DELETE WHERE seq = {victim}"
+    ))
+    .unwrap();
     wait("delete applied", Duration::from_secs(10), || {
-        count(&ch, &format!("SELECT count() FROM portcullis.events WHERE seq = {victim}")) == 0
+        count(
+            &ch,
+            &format!("SELECT count() FROM portcullis.events WHERE seq = {victim}"),
+        ) == 0
     });
     let (ok, out) = audit_cli(&lab, &["verify", "--json"]);
     assert!(!ok);
     assert!(
-        out.contains(&format!("\"finding\": \"gap\"")) && out.contains(&format!("\"next\": {}", victim + 1)),
+        out.contains("\"finding\": \"gap\"") && out.contains(&format!("\"next\": {}", victim + 1)),
         "{out}"
     );
 }
@@ -223,8 +277,14 @@ fn kill_9_ten_times_loses_nothing_and_doubles_nothing() {
     // No gap: every sequence number up to the highest exists once.
     assert_eq!(count(&ch, "SELECT min(seq) FROM portcullis.events"), 1);
     assert_eq!(total, top, "rows {total}, highest seq {top}");
-    assert_eq!(count(&ch, "SELECT uniqExact(event_id) FROM portcullis.events"), total);
-    assert_eq!(count(&ch, "SELECT uniqExact(seq) FROM portcullis.events"), total);
+    assert_eq!(
+        count(&ch, "SELECT uniqExact(event_id) FROM portcullis.events"),
+        total
+    );
+    assert_eq!(
+        count(&ch, "SELECT uniqExact(seq) FROM portcullis.events"),
+        total
+    );
     // Every event acknowledged as written is there.
     let stored = clickhouse_ids(&ch);
     let missing: Vec<_> = ids.difference(&stored).take(5).collect();
@@ -264,7 +324,10 @@ fn clickhouse_outage_under_load_loses_nothing_and_never_stops_forwarding() {
     lab.stop_gateway().unwrap();
     let total = count(&ch, "SELECT count() FROM portcullis.events FINAL");
     assert_eq!(total, count(&ch, "SELECT max(seq) FROM portcullis.events"));
-    assert_eq!(count(&ch, "SELECT uniqExact(event_id) FROM portcullis.events"), total);
+    assert_eq!(
+        count(&ch, "SELECT uniqExact(event_id) FROM portcullis.events"),
+        total
+    );
     let stored = clickhouse_ids(&ch);
     assert!(ids.is_subset(&stored));
     // The uploader recorded its outage in its metrics once ClickHouse was back.

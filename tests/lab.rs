@@ -60,7 +60,11 @@ fn run() -> Result<()> {
     let mut lab = Lab::start(opts)?;
     lab.forward_into_gateway_ns(clickhouse.http_port)?;
     audit_cli(&lab, &["migrate"])?;
-    println!("  audit: ClickHouse {} (pid {:?}), spool in the lab dir", clickhouse.url(), clickhouse.pid());
+    println!(
+        "  audit: ClickHouse {} (pid {:?}), spool in the lab dir",
+        clickhouse.url(),
+        clickhouse.pid()
+    );
     println!();
     println!(
         "  alice  (groups: sre, tags: oncall)   tunnel 100.64.0.2 / fd00:64::2   ns {}",
@@ -166,14 +170,23 @@ fn run() -> Result<()> {
     }
     println!();
     println!("Queried back from ClickHouse — `portcullis audit query --report denied`:");
-    print!("{}", indent(&audit_cli(&lab, &["query", "--report", "denied"])?));
+    print!(
+        "{}",
+        indent(&audit_cli(&lab, &["query", "--report", "denied"])?)
+    );
     println!("`portcullis audit query --report who-reached --dst 10.8.0.0/16`:");
     print!(
         "{}",
-        indent(&audit_cli(&lab, &["query", "--report", "who-reached", "--dst", "10.8.0.0/16"])?)
+        indent(&audit_cli(
+            &lab,
+            &["query", "--report", "who-reached", "--dst", "10.8.0.0/16"]
+        )?)
     );
     println!("`portcullis audit query --report sessions`:");
-    print!("{}", indent(&audit_cli(&lab, &["query", "--report", "sessions"])?));
+    print!(
+        "{}",
+        indent(&audit_cli(&lab, &["query", "--report", "sessions"])?)
+    );
     println!("`portcullis audit verify` (hash chain):");
     print!("{}", indent(&audit_cli(&lab, &["verify"])?));
     println!();

@@ -689,7 +689,9 @@ address6 = "fd00:64::3"
     /// gateway and the CLI. The listening socket is created in the gateway namespace; the
     /// outbound connections are made from this namespace.
     pub fn forward_into_gateway_ns(&mut self, port: u16) -> Result<()> {
-        let listener = in_ns(&self.ns_gw, move || std::net::TcpListener::bind(("127.0.0.1", port)))??;
+        let listener = in_ns(&self.ns_gw, move || {
+            std::net::TcpListener::bind(("127.0.0.1", port))
+        })??;
         listener.set_nonblocking(true)?;
         let stop = self.stop.clone();
         self.servers.push(std::thread::spawn(move || {
@@ -726,7 +728,17 @@ address6 = "fd00:64::3"
     /// Makes a client start a fresh handshake on its next packet (after a gateway restart
     /// lost the sessions; wireguard-go would otherwise wait ~15 s to notice).
     pub fn rehandshake(&self, c: &Client) -> Result<()> {
-        sh_in(&c.ns, &["wg", "set", &c.ifname, "peer", &self.gateway_public_key, "remove"])?;
+        sh_in(
+            &c.ns,
+            &[
+                "wg",
+                "set",
+                &c.ifname,
+                "peer",
+                &self.gateway_public_key,
+                "remove",
+            ],
+        )?;
         sh_in(
             &c.ns,
             &[

@@ -1,6 +1,11 @@
 //! The audit pipeline against a real ClickHouse server (Debian's 18.16, started here).
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -109,7 +114,10 @@ fn migrate_is_idempotent_and_matches_the_row_type() {
     let store = migrated(&ch, "pc");
     let again = rt().block_on(store.migrate()).unwrap();
     assert!(again.is_empty(), "second migrate applied {again:?}");
-    assert_eq!(rt().block_on(store.schema_version()).unwrap(), SCHEMA_VERSION);
+    assert_eq!(
+        rt().block_on(store.schema_version()).unwrap(),
+        SCHEMA_VERSION
+    );
     let cols = ch
         .query("SELECT name FROM system.columns WHERE database = 'pc' AND table = 'events'")
         .unwrap();
@@ -126,19 +134,42 @@ fn events_land_once_each_with_a_contiguous_chain() {
     let (p, _) = Pipeline::start(pipeline_config(dir.path(), &ch, "pc", 1 << 30)).unwrap();
     let n = 20_000u64;
     for i in 0..n {
-        assert!(p.submit(flow_closed(i, if i % 2 == 0 { "alice" } else { "bob" }), chrono::Utc::now()));
+        assert!(p.submit(
+            flow_closed(i, if i % 2 == 0 { "alice" } else { "bob" }),
+            chrono::Utc::now()
+        ));
     }
-    wait_for("all rows in clickhouse", Duration::from_secs(60), || final_count(&ch, "pc") == n);
-    assert_eq!(ch.count("SELECT uniqExact(event_id) FROM pc.events").unwrap(), n);
+    wait_for("all rows in clickhouse", Duration::from_secs(60), || {
+        final_count(&ch, "pc") == n
+    });
+    assert_eq!(
+        ch.count("SELECT uniqExact(event_id) FROM pc.events")
+            .unwrap(),
+        n
+    );
     assert_eq!(ch.count("SELECT min(seq) FROM pc.events").unwrap(), 1);
     assert_eq!(ch.count("SELECT max(seq) FROM pc.events").unwrap(), n);
-    assert_eq!(ch.count("SELECT sum(bytes_in) FROM pc.events WHERE user = 'bob'").unwrap(), 200 * n / 2);
+    assert_eq!(
+        ch.count("SELECT sum(bytes_in) FROM pc.events WHERE user = 'bob'")
+            .unwrap(),
+        200 * n / 2
+    );
     // flows_by_dst got the same flows.
-    assert_eq!(ch.count("SELECT count() FROM pc.flows_by_dst FINAL").unwrap(), n);
-    wait_for("spool trimmed", Duration::from_secs(10), || p.stats().backlog.load(std::sync::atomic::Ordering::Relaxed) == 0);
+    assert_eq!(
+        ch.count("SELECT count() FROM pc.flows_by_dst FINAL")
+            .unwrap(),
+        n
+    );
+    wait_for("spool trimmed", Duration::from_secs(10), || {
+        p.stats().backlog.load(std::sync::atomic::Ordering::Relaxed) == 0
+    });
     p.shutdown(Duration::from_secs(5));
     let lines = std::fs::read_to_string(dir.path().join("events.jsonl")).unwrap();
-    assert_eq!(lines.lines().count() as u64, n, "every written event has its line");
+    assert_eq!(
+        lines.lines().count() as u64,
+        n,
+        "every written event has its line"
+    );
 }
 
 #[test]
@@ -166,7 +197,11 @@ fn a_retried_batch_never_doubles_rows() {
         store.insert(&rows[..500]).await.unwrap();
     });
     assert_eq!(final_count(&ch, "pc"), 1000);
-    assert_eq!(ch.count("SELECT uniqExact(event_id) FROM pc.events").unwrap(), 1000);
+    assert_eq!(
+        ch.count("SELECT uniqExact(event_id) FROM pc.events")
+            .unwrap(),
+        1000
+    );
     // What a later merge does, FINAL already shows; after OPTIMIZE the plain count agrees.
     ch.query("OPTIMIZE TABLE pc.events FINAL").unwrap();
     assert_eq!(ch.count("SELECT count() FROM pc.events").unwrap(), 1000);
@@ -181,7 +216,9 @@ fn clickhouse_outage_loses_nothing_and_the_backlog_drains() {
     for i in 0..1000 {
         assert!(p.submit(flow_closed(i, "alice"), chrono::Utc::now()));
     }
-    wait_for("first rows", Duration::from_secs(30), || final_count(&ch, "pc") == 1000);
+    wait_for("first rows", Duration::from_secs(30), || {
+        final_count(&ch, "pc") == 1000
+    });
     ch.stop();
     for i in 1000..6000 {
         assert!(p.submit(flow_closed(i, "alice"), chrono::Utc::now()));
@@ -191,13 +228,23 @@ fn clickhouse_outage_loses_nothing_and_the_backlog_drains() {
     }
     let st = p.stats();
     use std::sync::atomic::Ordering::Relaxed;
-    wait_for("events spooled", Duration::from_secs(10), || st.written.load(Relaxed) == 6000);
-    assert!(!p.blocked(), "an outage of clickhouse must not block the gateway");
+    wait_for("events spooled", Duration::from_secs(10), || {
+        st.written.load(Relaxed) == 6000
+    });
+    assert!(
+        !p.blocked(),
+        "an outage of clickhouse must not block the gateway"
+    );
     assert_eq!(st.backlog.load(Relaxed), 5000);
     assert!(st.upload_errors.load(Relaxed) > 0);
     ch.resume().unwrap();
-    wait_for("backlog drained", Duration::from_secs(60), || final_count(&ch, "pc") == 6000);
-    assert_eq!(ch.count("SELECT uniqExact(seq) FROM pc.events").unwrap(), 6000);
+    wait_for("backlog drained", Duration::from_secs(60), || {
+        final_count(&ch, "pc") == 6000
+    });
+    assert_eq!(
+        ch.count("SELECT uniqExact(seq) FROM pc.events").unwrap(),
+        6000
+    );
     p.shutdown(Duration::from_secs(5));
 }
 
@@ -210,7 +257,9 @@ fn a_crash_before_the_ack_re_uploads_without_doubles_and_the_chain_resumes() {
     for i in 0..3000 {
         p.submit(flow_closed(i, "alice"), chrono::Utc::now());
     }
-    wait_for("uploaded", Duration::from_secs(30), || final_count(&ch, "pc") == 3000);
+    wait_for("uploaded", Duration::from_secs(30), || {
+        final_count(&ch, "pc") == 3000
+    });
     p.shutdown(Duration::from_secs(5));
     // As if the gateway died after ClickHouse answered but before the ack was saved.
     std::fs::write(dir.path().join("spool/acked"), "0").unwrap();
@@ -219,7 +268,10 @@ fn a_crash_before_the_ack_re_uploads_without_doubles_and_the_chain_resumes() {
         p.submit(flow_closed(i, "bob"), chrono::Utc::now());
     }
     wait_for("all uploaded", Duration::from_secs(30), || {
-        p.stats().acked_seq.load(std::sync::atomic::Ordering::Relaxed) == 4000
+        p.stats()
+            .acked_seq
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 4000
     });
     p.shutdown(Duration::from_secs(5));
     assert_eq!(final_count(&ch, "pc"), 4000);
@@ -257,14 +309,20 @@ fn a_full_spool_blocks_then_raises_an_alarm_with_the_count() {
     ch.resume().unwrap();
     wait_for("unblocked", Duration::from_secs(60), || !p.blocked());
     wait_for("alarm uploaded", Duration::from_secs(30), || {
-        ch.count("SELECT count() FROM pc.events WHERE kind = 'audit_degraded'").unwrap_or(0) == 1
+        ch.count("SELECT count() FROM pc.events WHERE kind = 'audit_degraded'")
+            .unwrap_or(0)
+            == 1
     });
-    let detail = ch.query("SELECT detail FROM pc.events WHERE kind = 'audit_degraded'").unwrap();
+    let detail = ch
+        .query("SELECT detail FROM pc.events WHERE kind = 'audit_degraded'")
+        .unwrap();
     assert!(
         detail.contains(&format!("\"events_refused\":{}", 2000 - written)),
         "{detail}"
     );
-    let reason = ch.query("SELECT reason FROM pc.events WHERE kind = 'audit_degraded'").unwrap();
+    let reason = ch
+        .query("SELECT reason FROM pc.events WHERE kind = 'audit_degraded'")
+        .unwrap();
     assert!(reason.contains("is full"), "{reason}");
     p.shutdown(Duration::from_secs(5));
 }
@@ -273,7 +331,9 @@ fn a_full_spool_blocks_then_raises_an_alarm_with_the_count() {
 fn retention_drops_only_old_partitions() {
     let ch = ClickHouse::start().unwrap();
     let store = migrated(&ch, "pc");
-    let old = chrono::DateTime::parse_from_rfc3339("2020-03-15T10:00:00Z").unwrap().to_utc();
+    let old = chrono::DateTime::parse_from_rfc3339("2020-03-15T10:00:00Z")
+        .unwrap()
+        .to_utc();
     let mut chain = Chain::default();
     let rows: Vec<AuditRow> = [(1, old), (2, chrono::Utc::now())]
         .into_iter()
@@ -292,10 +352,19 @@ fn retention_drops_only_old_partitions() {
         .collect();
     let dropped = rt().block_on(async {
         store.insert(&rows).await.unwrap();
-        store.apply_retention(Duration::from_secs(400 * 86_400)).await.unwrap()
+        store
+            .apply_retention(Duration::from_secs(400 * 86_400))
+            .await
+            .unwrap()
     });
-    assert!(dropped.contains(&"events/202003".to_string()), "{dropped:?}");
-    assert!(dropped.contains(&"flows_by_dst/202003".to_string()), "{dropped:?}");
+    assert!(
+        dropped.contains(&"events/202003".to_string()),
+        "{dropped:?}"
+    );
+    assert!(
+        dropped.contains(&"flows_by_dst/202003".to_string()),
+        "{dropped:?}"
+    );
     assert_eq!(ch.count("SELECT count() FROM pc.events").unwrap(), 1);
     assert_eq!(ch.count("SELECT max(seq) FROM pc.events").unwrap(), 2);
 }

@@ -43,7 +43,10 @@ pub fn parse_time(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, Filte
     }
     let err = || FilterError::Time(text.to_string());
     let split = text.len().checked_sub(1).ok_or_else(err)?;
-    let (n, unit) = (text.get(..split).ok_or_else(err)?, text.get(split..).ok_or_else(err)?);
+    let (n, unit) = (
+        text.get(..split).ok_or_else(err)?,
+        text.get(split..).ok_or_else(err)?,
+    );
     let n: i64 = n.parse().map_err(|_| err())?;
     let d = match unit {
         "s" => Duration::try_seconds(n),
@@ -116,10 +119,16 @@ impl Filter {
             }
         }
         if let Some(s) = &self.since {
-            c.push(format!("time >= toDateTime({})", parse_time(s, now)?.timestamp()));
+            c.push(format!(
+                "time >= toDateTime({})",
+                parse_time(s, now)?.timestamp()
+            ));
         }
         if let Some(u) = &self.until {
-            c.push(format!("time <= toDateTime({})", parse_time(u, now)?.timestamp()));
+            c.push(format!(
+                "time <= toDateTime({})",
+                parse_time(u, now)?.timestamp()
+            ));
         }
         if let Some(s) = self.session {
             c.push(format!("session_id = {s}"));
@@ -228,16 +237,29 @@ mod tests {
     use proptest::prelude::*;
 
     fn now() -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339("2026-11-22T12:00:00Z").unwrap().to_utc()
+        DateTime::parse_from_rfc3339("2026-11-22T12:00:00Z")
+            .unwrap()
+            .to_utc()
     }
 
     #[test]
     fn times_parse_absolute_and_relative() {
-        assert_eq!(parse_time("24h", now()).unwrap().to_rfc3339(), "2026-11-21T12:00:00+00:00");
-        assert_eq!(parse_time("7d", now()).unwrap().to_rfc3339(), "2026-11-15T12:00:00+00:00");
-        assert_eq!(parse_time("90s", now()).unwrap().to_rfc3339(), "2026-11-22T11:58:30+00:00");
         assert_eq!(
-            parse_time("2026-01-02T03:04:05Z", now()).unwrap().to_rfc3339(),
+            parse_time("24h", now()).unwrap().to_rfc3339(),
+            "2026-11-21T12:00:00+00:00"
+        );
+        assert_eq!(
+            parse_time("7d", now()).unwrap().to_rfc3339(),
+            "2026-11-15T12:00:00+00:00"
+        );
+        assert_eq!(
+            parse_time("90s", now()).unwrap().to_rfc3339(),
+            "2026-11-22T11:58:30+00:00"
+        );
+        assert_eq!(
+            parse_time("2026-01-02T03:04:05Z", now())
+                .unwrap()
+                .to_rfc3339(),
             "2026-01-02T03:04:05+00:00"
         );
         for bad in ["", "h", "7w", "yesterday", "-", "99999999999999999d"] {
@@ -253,7 +275,10 @@ mod tests {
         let (lo, hi) = cidr_bounds("10.8.0.2").unwrap();
         assert_eq!(lo, hi);
         assert!(cidr_bounds("10.8.0.0/33").is_err());
-        assert_eq!(cidr_bounds("fd00::/8").unwrap().0, "fd000000000000000000000000000000");
+        assert_eq!(
+            cidr_bounds("fd00::/8").unwrap().0,
+            "fd000000000000000000000000000000"
+        );
     }
 
     #[test]

@@ -37,7 +37,11 @@ pub fn router(store: Store, token: String) -> Router {
 }
 
 fn error(status: StatusCode, msg: impl std::fmt::Display) -> Response {
-    (status, Json(serde_json::json!({ "error": msg.to_string() }))).into_response()
+    (
+        status,
+        Json(serde_json::json!({ "error": msg.to_string() })),
+    )
+        .into_response()
 }
 
 fn authorized(state: &ApiState, headers: &HeaderMap) -> bool {

@@ -45,7 +45,11 @@ impl Table {
             serde_json::Value::String(s) => s.clone(),
             serde_json::Value::Array(a) => a
                 .iter()
-                .map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string()))
+                .map(|x| {
+                    x.as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| x.to_string())
+                })
                 .collect::<Vec<_>>()
                 .join(","),
             other => other.to_string(),
@@ -63,10 +67,7 @@ impl Table {
         }
         let mut out = String::new();
         let line = |out: &mut String, vals: &mut dyn Iterator<Item = &str>| {
-            let parts: Vec<String> = vals
-                .zip(&widths)
-                .map(|(v, w)| format!("{v:<w$}"))
-                .collect();
+            let parts: Vec<String> = vals.zip(&widths).map(|(v, w)| format!("{v:<w$}")).collect();
             out.push_str(parts.join("  ").trim_end());
             out.push('\n');
         };

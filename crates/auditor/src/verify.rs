@@ -10,9 +10,17 @@ use serde::Serialize;
 #[serde(tag = "finding", rename_all = "snake_case")]
 pub enum Finding {
     /// Sequence numbers missing: rows deleted (or lost before upload).
-    Gap { gateway: String, after: u64, next: u64 },
+    Gap {
+        gateway: String,
+        after: u64,
+        next: u64,
+    },
     /// A row's content does not match its hash: edited.
-    Altered { gateway: String, seq: u64, event_id: String },
+    Altered {
+        gateway: String,
+        seq: u64,
+        event_id: String,
+    },
     /// A row's `prev_hash` is not the previous row's hash: rows replaced or reordered.
     BrokenLink { gateway: String, seq: u64 },
     /// Two different rows claim one sequence number.
@@ -149,29 +157,45 @@ mod tests {
         deleted.remove(4);
         assert_eq!(
             verify(&deleted).findings,
-            vec![Finding::Gap { gateway: "a".into(), after: 4, next: 6 }]
+            vec![Finding::Gap {
+                gateway: "a".into(),
+                after: 4,
+                next: 6
+            }]
         );
         let mut edited = rows.clone();
         edited[6].user = "mallory".into();
-        assert!(matches!(&verify(&edited).findings[..], [Finding::Altered { seq: 7, .. }]));
+        assert!(matches!(
+            &verify(&edited).findings[..],
+            [Finding::Altered { seq: 7, .. }]
+        ));
         let mut swapped = rows.clone();
         let (s3, s4) = (swapped[3].seq, swapped[4].seq);
         swapped.swap(3, 4);
         swapped[3].seq = s3;
         swapped[4].seq = s4;
-        assert!(verify(&swapped).findings.iter().any(|f| matches!(f, Finding::Altered { .. })));
+        assert!(verify(&swapped)
+            .findings
+            .iter()
+            .any(|f| matches!(f, Finding::Altered { .. })));
         let mut conflict = rows.clone();
         let mut other = conflict[2].clone();
         other.user = "eve".into();
         conflict.insert(3, other);
-        assert!(verify(&conflict).findings.contains(&Finding::Conflict { gateway: "a".into(), seq: 3 }));
+        assert!(verify(&conflict).findings.contains(&Finding::Conflict {
+            gateway: "a".into(),
+            seq: 3
+        }));
         // A forged row with a recomputed own hash still breaks the link to the next row.
         let mut forged = rows.clone();
         forged[5].user = "mallory".into();
         forged[5].hash = forged[5].expected_hash();
         assert_eq!(
             verify(&forged).findings,
-            vec![Finding::BrokenLink { gateway: "a".into(), seq: 7 }]
+            vec![Finding::BrokenLink {
+                gateway: "a".into(),
+                seq: 7
+            }]
         );
     }
 }

@@ -23,10 +23,10 @@ use anyhow::{anyhow, Context as _};
 pub use datapath::{Datapath, DatapathStats};
 use portcullis_audit::{Pipeline, PipelineConfig, SpoolSettings, StoreConfig, UploadConfig};
 use portcullis_config::{FsyncMode, Loaded, OnFull};
-use portcullis_spool::{FsyncPolicy, SpoolConfig};
 use portcullis_core::{FlowLimits, Gateway, GatewayConfig, PeerSpec, Timeouts};
 use portcullis_model::Principal;
 use portcullis_policy::PolicyBundle;
+use portcullis_spool::{FsyncPolicy, SpoolConfig};
 use tokio::net::UdpSocket;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -250,24 +250,24 @@ pub fn pipeline_config(loaded: &Loaded) -> anyhow::Result<PipelineConfig> {
     let a = &c.audit;
     let spool = match (&a.spool_dir, &a.clickhouse) {
         (Some(dir), Some(ch)) => Some(SpoolSettings {
-                dir: dir.clone(),
-                spool: SpoolConfig {
-                    segment_bytes: a.segment_bytes,
-                    max_bytes: a.spool_max_bytes,
-                    fsync: match a.fsync {
-                        FsyncMode::Always => FsyncPolicy::Always,
-                        FsyncMode::OnCommit => FsyncPolicy::OnCommit,
-                        FsyncMode::Never => FsyncPolicy::Never,
-                    },
+            dir: dir.clone(),
+            spool: SpoolConfig {
+                segment_bytes: a.segment_bytes,
+                max_bytes: a.spool_max_bytes,
+                fsync: match a.fsync {
+                    FsyncMode::Always => FsyncPolicy::Always,
+                    FsyncMode::OnCommit => FsyncPolicy::OnCommit,
+                    FsyncMode::Never => FsyncPolicy::Never,
                 },
-                upload: UploadConfig {
-                    store: store_config(loaded)?.ok_or_else(|| anyhow!("no [audit.clickhouse]"))?,
-                    batch_rows: ch.batch_rows,
-                    batch_interval: Duration::from_millis(ch.batch_interval_ms),
-                    retention: (ch.retention_days > 0)
-                        .then(|| Duration::from_secs(u64::from(ch.retention_days) * 86_400)),
-                },
-            }),
+            },
+            upload: UploadConfig {
+                store: store_config(loaded)?.ok_or_else(|| anyhow!("no [audit.clickhouse]"))?,
+                batch_rows: ch.batch_rows,
+                batch_interval: Duration::from_millis(ch.batch_interval_ms),
+                retention: (ch.retention_days > 0)
+                    .then(|| Duration::from_secs(u64::from(ch.retention_days) * 86_400)),
+            },
+        }),
         _ => None,
     };
     Ok(PipelineConfig {

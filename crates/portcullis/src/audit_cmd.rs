@@ -196,11 +196,17 @@ async fn run_async(command: AuditCommand) -> anyhow::Result<ExitCode> {
         }
         AuditCommand::Serve { config } => {
             let (store, loaded) = connect(&config).await?;
-            let api = loaded.config.audit.api.clone().ok_or_else(|| {
-                anyhow!("{}: key `audit.api`: missing", config.display())
-            })?;
-            let token =
-                portcullis_config::read_secret(&loaded.path, "audit.api.token_file", &api.token_file)?;
+            let api = loaded
+                .config
+                .audit
+                .api
+                .clone()
+                .ok_or_else(|| anyhow!("{}: key `audit.api`: missing", config.display()))?;
+            let token = portcullis_config::read_secret(
+                &loaded.path,
+                "audit.api.token_file",
+                &api.token_file,
+            )?;
             let listener = tokio::net::TcpListener::bind(api.listen)
                 .await
                 .with_context(|| format!("binding {}", api.listen))?;
