@@ -245,7 +245,7 @@ proptest! {
 #[test]
 fn last_record_survives_acknowledgement_and_reopen() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut s, _) = Spool::open(dir.path(), cfg(1024, 1 << 30)).unwrap();
+    let (mut s, _) = Spool::open(dir.path(), cfg(1 << 20, 1 << 30)).unwrap();
     assert_eq!(s.last_record().unwrap(), None);
     for i in 1..=100 {
         s.append(&payload(i)).unwrap();
@@ -260,7 +260,7 @@ fn last_record_survives_acknowledgement_and_reopen() {
     assert!(s.read_from(1, 10).unwrap().is_empty());
     assert_eq!(s.last_record().unwrap(), Some((100, payload(100))));
     drop(s);
-    let (s, _) = Spool::open(dir.path(), cfg(1024, 1 << 30)).unwrap();
+    let (s, _) = Spool::open(dir.path(), cfg(1 << 20, 1 << 30)).unwrap();
     assert_eq!(s.last_record().unwrap(), Some((100, payload(100))));
     assert_eq!(s.next_seq(), 101);
 }
