@@ -11,12 +11,11 @@
 
 use std::collections::HashSet;
 use std::net::{SocketAddr, UdpSocket};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use portcullis_e2e::{echo_round_trip, in_ns, portcullis_bin, Lab, LabOptions};
+use portcullis_e2e::{echo_round_trip, in_ns, wait_until, Lab, LabOptions};
 use portcullis_testkit::ClickHouse;
 
 fn addr(s: &str) -> SocketAddr {
@@ -24,30 +23,12 @@ fn addr(s: &str) -> SocketAddr {
 }
 
 fn audit_lab(ch: &ClickHouse) -> Lab {
-    Lab::start(LabOptions {
-        audit_config: "spool_dir = \"spool\"\n".into(),
-        extra_config: format!(
-            "[audit.clickhouse]\nurl = \"{}\"\nbatch_interval_ms = 200\n",
-            ch.url()
-        ),
-        ..LabOptions::default()
-    })
-    .map(|mut lab| {
-        lab.forward_into_gateway_ns(ch.http_port).unwrap();
-        lab
-    })
-    .expect("lab starts")
+    Lab::start_audited(LabOptions::default(), ch).expect("lab starts")
 }
 
 /// Runs `portcullis audit …` with the lab's config; returns (success, stdout).
 fn audit_cli(lab: &Lab, args: &[&str]) -> (bool, String) {
-    let out = Command::new(portcullis_bin().unwrap())
-        .arg("audit")
-        .args(args)
-        .arg("--config")
-        .arg(lab.config_path())
-        .output()
-        .unwrap();
+    let out = lab.audit(args).unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     if !out.status.success() {
         eprintln!("audit {args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -56,11 +37,7 @@ fn audit_cli(lab: &Lab, args: &[&str]) -> (bool, String) {
 }
 
 fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(timeout, || Ok(f())).unwrap_or_else(|e| panic!("waiting for {what}: {e}"));
 }
 
 fn count(ch: &ClickHouse, sql: &str) -> u64 {

@@ -50,15 +50,9 @@ fn run() -> Result<()> {
     let clickhouse = portcullis_testkit::ClickHouse::start()?;
     let opts = LabOptions {
         gateway_log: std::env::var("PORTCULLIS_LOG").unwrap_or_else(|_| "info".into()),
-        audit_config: "spool_dir = \"spool\"\n".into(),
-        extra_config: format!(
-            "[audit.clickhouse]\nurl = \"{}\"\nbatch_interval_ms = 200\n",
-            clickhouse.url()
-        ),
         ..LabOptions::default()
     };
-    let mut lab = Lab::start(opts)?;
-    lab.forward_into_gateway_ns(clickhouse.http_port)?;
+    let mut lab = Lab::start_audited(opts, &clickhouse)?;
     audit_cli(&lab, &["migrate"])?;
     println!(
         "  audit: ClickHouse {} (pid {:?}), spool in the lab dir",
@@ -203,12 +197,7 @@ fn run() -> Result<()> {
 
 /// Runs `portcullis audit …` against the lab's config and returns its output.
 fn audit_cli(lab: &Lab, args: &[&str]) -> Result<String> {
-    let out = std::process::Command::new(portcullis_e2e::portcullis_bin()?)
-        .arg("audit")
-        .args(args)
-        .arg("--config")
-        .arg(lab.config_path())
-        .output()?;
+    let out = lab.audit(args)?;
     if !out.status.success() {
         anyhow::bail!(
             "portcullis audit {args:?} failed: {}",

@@ -39,7 +39,13 @@ pub struct Client {
     pub addr: String,
     pub addr6: String,
     pub public_key: String,
+    /// The gateway's address as this client dials it.
+    pub endpoint: String,
 }
+
+/// What the clients route into the tunnel.
+const CLIENT_ALLOWED_IPS: &str =
+    "10.8.0.0/16,10.9.0.0/16,100.64.0.0/24,fd00:8::/32,fd00:9::/32,fd00:64::/64";
 
 /// A running lab.
 pub struct Lab {
@@ -204,6 +210,7 @@ impl Lab {
                 addr: "100.64.0.2".into(),
                 addr6: "fd00:64::2".into(),
                 public_key: String::new(),
+                endpoint: "192.168.77.1:51820".into(),
             },
             bob: Client {
                 user: "bob".into(),
@@ -212,6 +219,7 @@ impl Lab {
                 addr: "100.64.0.3".into(),
                 addr6: "fd00:64::3".into(),
                 public_key: String::new(),
+                endpoint: "192.168.78.1:51820".into(),
             },
             id,
             gateway_public_key: String::new(),
@@ -493,20 +501,18 @@ address6 = "fd00:64::3"
     }
 
     fn start_clients(&mut self) -> Result<()> {
-        for (who, endpoint, key) in [
-            ("alice", "192.168.77.1:51820", "alice.key"),
-            ("bob", "192.168.78.1:51820", "bob.key"),
-        ] {
+        for (who, key) in [("alice", "alice.key"), ("bob", "bob.key")] {
             let c = if who == "alice" {
                 &self.alice
             } else {
                 &self.bob
             };
-            let (ns, ifname, addr, addr6) = (
+            let (ns, ifname, addr, addr6, endpoint) = (
                 c.ns.clone(),
                 c.ifname.clone(),
                 c.addr.clone(),
                 c.addr6.clone(),
+                c.endpoint.clone(),
             );
             let _ = std::fs::remove_file(format!("/var/run/wireguard/{ifname}.sock"));
             let child = Command::new("ip")
@@ -537,9 +543,9 @@ address6 = "fd00:64::3"
                     "peer",
                     &self.gateway_public_key,
                     "endpoint",
-                    endpoint,
+                    &endpoint,
                     "allowed-ips",
-                    "10.8.0.0/16,10.9.0.0/16,100.64.0.0/24,fd00:8::/32,fd00:9::/32,fd00:64::/64",
+                    CLIENT_ALLOWED_IPS,
                 ],
             )?;
             sh(&[
@@ -684,6 +690,36 @@ address6 = "fd00:64::3"
         Ok(s)
     }
 
+    /// A lab whose gateway spools its audit trail and uploads it to `clickhouse` (reachable
+    /// from the gateway's namespace at the same URL as from here).
+    pub fn start_audited(
+        opts: LabOptions,
+        clickhouse: &portcullis_testkit::ClickHouse,
+    ) -> Result<Lab> {
+        let mut lab = Lab::start(LabOptions {
+            audit_config: format!("spool_dir = \"spool\"\n{}", opts.audit_config),
+            extra_config: format!(
+                "[audit.clickhouse]\nurl = \"{}\"\nbatch_interval_ms = 200\n{}",
+                clickhouse.url(),
+                opts.extra_config
+            ),
+            ..opts
+        })?;
+        lab.forward_into_gateway_ns(clickhouse.http_port)?;
+        Ok(lab)
+    }
+
+    /// Runs `portcullis audit <args> --config <the lab's config>`.
+    pub fn audit(&self, args: &[&str]) -> Result<std::process::Output> {
+        Command::new(portcullis_bin()?)
+            .arg("audit")
+            .args(args)
+            .arg("--config")
+            .arg(self.config_path())
+            .output()
+            .context("running portcullis audit")
+    }
+
     /// Makes `127.0.0.1:port` inside the gateway's namespace reach `127.0.0.1:port` of
     /// the test's own namespace (where ClickHouse runs), so one URL works for both the
     /// gateway and the CLI. The listening socket is created in the gateway namespace; the
@@ -748,13 +784,9 @@ address6 = "fd00:64::3"
                 "peer",
                 &self.gateway_public_key,
                 "endpoint",
-                if c.user == "alice" {
-                    "192.168.77.1:51820"
-                } else {
-                    "192.168.78.1:51820"
-                },
+                &c.endpoint,
                 "allowed-ips",
-                "10.8.0.0/16,10.9.0.0/16,100.64.0.0/24,fd00:8::/32,fd00:9::/32,fd00:64::/64",
+                CLIENT_ALLOWED_IPS,
             ],
         )?;
         Ok(())
