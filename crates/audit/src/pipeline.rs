@@ -517,6 +517,8 @@ impl Uploader {
         let mut store: Option<Store> = None;
         let mut backoff = Duration::from_millis(100);
         let mut next = lock(&self.spool).acked() + 1;
+        // (seq, time in µs) of the oldest event not yet uploaded.
+        let mut oldest: Option<(u64, u64)> = None;
         let mut next_metrics = Instant::now();
         let mut next_retention = Instant::now();
         let mut last_error_log: Option<Instant> = None;
@@ -551,6 +553,28 @@ impl Uploader {
                     }
                 }
             }
+            // Wait for a full batch or for the oldest event to reach the batch interval,
+            // without touching the spool while waiting: the writer publishes what is
+            // committed, and the oldest pending event's time is read once.
+            let available = (st.written_seq.load(Ordering::Relaxed) + 1).saturating_sub(next);
+            if available == 0 {
+                st.lag_ms.store(0, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+            if oldest.is_none_or(|(seq, _)| seq != next) {
+                oldest = self.first_time(next).map(|t| (next, t));
+            }
+            let age = oldest.map_or(u64::MAX, |(_, time_us)| {
+                (Utc::now().timestamp_micros().max(0) as u64).saturating_sub(time_us) / 1000
+            });
+            st.lag_ms.store(age, Ordering::Relaxed);
+            if (available as usize) < self.config.batch_rows
+                && Duration::from_millis(age) < self.config.batch_interval
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
             let read = lock(&self.spool).read_from(next, self.config.batch_rows);
             let records = match read {
                 Ok(r) => r,
@@ -560,20 +584,10 @@ impl Uploader {
                     continue;
                 }
             };
-            let Some((first_seq, first)) = records.first() else {
-                st.lag_ms.store(0, Ordering::Relaxed);
+            let Some(&(last_seq, _)) = records.last() else {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             };
-            let age = age_ms(first);
-            st.lag_ms.store(age, Ordering::Relaxed);
-            if records.len() < self.config.batch_rows
-                && Duration::from_millis(age) < self.config.batch_interval
-            {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-            let last_seq = records.last().map(|r| r.0).unwrap_or(*first_seq);
             let mut rows = Vec::with_capacity(records.len());
             for (seq, bytes) in &records {
                 match AuditRow::decode(bytes) {
@@ -638,6 +652,13 @@ impl Uploader {
         *backoff = (*backoff * 2).min(Duration::from_secs(10));
     }
 
+    /// The event time (µs) of the first committed record at or after `seq`.
+    fn first_time(&self, seq: u64) -> Option<u64> {
+        let read = lock(&self.spool).read_from(seq, 1);
+        let (_, bytes) = read.ok()?.into_iter().next()?;
+        AuditRow::decode(&bytes).ok().map(|r| r.time_us)
+    }
+
     fn metrics(&self) -> MetricsRow {
         let st = &self.shared.stats;
         MetricsRow {
@@ -652,14 +673,4 @@ impl Uploader {
             refused: st.refused.load(Ordering::Relaxed),
         }
     }
-}
-
-/// Age of a spooled record from its encoded time, without decoding the whole record.
-fn age_ms(record: &[u8]) -> u64 {
-    AuditRow::decode(record)
-        .map(|r| {
-            let now = Utc::now().timestamp_micros().max(0) as u64;
-            now.saturating_sub(r.time_us) / 1000
-        })
-        .unwrap_or(u64::MAX)
 }

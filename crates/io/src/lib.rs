@@ -322,9 +322,10 @@ async fn flush(gw: &mut Gateway, dp: &mut Datapath, audit: &Pipeline, fail_close
     while let Some(p) = gw.poll_tun_packet() {
         dp.write_tun_packet(&p).await;
     }
-    let now = chrono::Utc::now();
+    // Read the clock only in iterations that have events (most carry only packets).
+    let mut now = None;
     while let Some(e) = gw.poll_event() {
-        audit.submit(e, now);
+        audit.submit(e, *now.get_or_insert_with(chrono::Utc::now));
     }
     let blocked = fail_closed && audit.blocked();
     if blocked != gw.enforcer().audit_blocked() {
