@@ -1,5 +1,6 @@
-//! The writer's cost per event: mapping to a row, chaining (SHA-256), encoding, and the
-//! spool append with one commit (write + fsync) per batch the writer takes.
+//! The writer's cost per event before the spool: mapping to a row, chaining (SHA-256),
+//! encoding. The spool append itself, with one commit per writer batch, is
+//! `cargo bench -p portcullis-spool --bench append`.
 //!
 //! Run: `cargo bench -p portcullis-audit --bench audit`
 
@@ -8,7 +9,6 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use portcullis_audit::{AuditRow, Chain};
 use portcullis_model::{CloseReason, Counters, Envelope, Event, FlowTuple, Protocol};
-use portcullis_spool::{FsyncPolicy, Spool, SpoolConfig};
 
 fn event(seq: u64) -> Envelope {
     Envelope {
@@ -69,36 +69,6 @@ fn writer(c: &mut Criterion) {
             buf.len()
         })
     });
-    buf.clear();
-    row.encode(&mut buf, true);
-    for (name, commit_every) in [
-        ("append_commit1024_fsync", 1024u64),
-        ("append_commit8192_fsync", 8192),
-    ] {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut spool, _) = Spool::open(
-            dir.path(),
-            SpoolConfig {
-                segment_bytes: 64 << 20,
-                max_bytes: 1 << 40,
-                fsync: FsyncPolicy::OnCommit,
-            },
-        )
-        .unwrap();
-        let mut n = 0u64;
-        g.bench_function(name, |b| {
-            b.iter(|| {
-                let seq = spool.append(&buf).unwrap();
-                n += 1;
-                if n % commit_every == 0 {
-                    spool.commit().unwrap();
-                }
-                if n % 65_536 == 0 {
-                    spool.ack(seq).unwrap();
-                }
-            })
-        });
-    }
     g.finish();
 }
 
