@@ -1,5 +1,5 @@
 //! The writer's cost per event before the spool: mapping to a row, chaining (SHA-256),
-//! encoding. The spool append itself, with one commit per writer batch, is
+//! encoding, the events-file JSON line. The spool append itself, with one commit per writer batch, is
 //! `cargo bench -p portcullis-spool --bench append`.
 //!
 //! Run: `cargo bench -p portcullis-audit --bench audit`
@@ -67,6 +67,14 @@ fn writer(c: &mut Criterion) {
             buf.clear();
             row.encode(&mut buf, true);
             buf.len()
+        })
+    });
+    let mut line = Vec::new();
+    g.bench_function("events_file_line", |b| {
+        b.iter(|| {
+            line.clear();
+            serde_json::to_writer(&mut line, &env).unwrap();
+            line.len()
         })
     });
     g.finish();

@@ -188,6 +188,7 @@ impl Pipeline {
                 .map(|s| s.spool.max_bytes / 10 * 9)
                 .unwrap_or(u64::MAX),
             buf: Vec::with_capacity(1024),
+            ids: rand::SeedableRng::from_entropy(),
         };
         if let Some(rec) = &recovery {
             if let Some(reason) = recovery_report(rec) {
@@ -319,6 +320,9 @@ struct Writer {
     /// Spool size below which a degraded writer tries again.
     resume_below: u64,
     buf: Vec<u8>,
+    /// Event ids: random (v4) UUIDs from a CSPRNG seeded once by the OS, instead of a
+    /// `getrandom` syscall per event.
+    ids: rand::rngs::StdRng,
 }
 
 const WRITE_BATCH: usize = 8192;
@@ -455,7 +459,7 @@ impl Writer {
             .unwrap_or(self.next_seq);
         let env = Envelope {
             v: EVENT_VERSION,
-            id: uuid::Uuid::new_v4(),
+            id: uuid::Builder::from_random_bytes(rand::Rng::gen(&mut self.ids)).into_uuid(),
             seq,
             time,
             gateway: self.gateway.clone(),

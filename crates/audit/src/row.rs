@@ -13,7 +13,7 @@
 
 use std::net::IpAddr;
 
-use portcullis_model::{Envelope, Event};
+use portcullis_model::{Envelope, Event, FlowTuple};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -119,8 +119,102 @@ pub fn addr16(ip: IpAddr) -> [u8; 16] {
 impl AuditRow {
     /// Maps an event to a row (hashes empty: see [`Chain::seal`]).
     pub fn from_envelope(env: &Envelope) -> AuditRow {
+        let mut row = AuditRow::base(env);
+        // Flow events are nearly every event: mapped field by field (~20x cheaper than the
+        // JSON route of the other kinds, with the same result; a property test holds them equal).
+        match &env.event {
+            Event::FlowOpened {
+                flow_id,
+                session_id,
+                user,
+                groups,
+                device,
+                tuple,
+                network,
+                policy_ids,
+                policy_epoch,
+            } => {
+                row.flow_id = *flow_id;
+                row.set_flow(
+                    *session_id,
+                    user,
+                    groups,
+                    device,
+                    tuple,
+                    network,
+                    policy_ids,
+                    *policy_epoch,
+                );
+                return row;
+            }
+            Event::FlowDenied {
+                session_id,
+                user,
+                groups,
+                device,
+                tuple,
+                network,
+                policy_ids,
+                policy_epoch,
+                suppressed,
+                reason,
+            } => {
+                row.set_flow(
+                    *session_id,
+                    user,
+                    groups,
+                    device,
+                    tuple,
+                    network,
+                    policy_ids,
+                    *policy_epoch,
+                );
+                row.reason = reason.clone().unwrap_or_default();
+                row.detail = format!("{{\"suppressed\":{suppressed}}}");
+                return row;
+            }
+            Event::FlowClosed {
+                flow_id,
+                session_id,
+                user,
+                groups,
+                device,
+                tuple,
+                network,
+                policy_ids,
+                policy_epoch,
+                reason,
+                duration_ms,
+                outbound,
+                inbound,
+            } => {
+                row.flow_id = *flow_id;
+                row.set_flow(
+                    *session_id,
+                    user,
+                    groups,
+                    device,
+                    tuple,
+                    network,
+                    policy_ids,
+                    *policy_epoch,
+                );
+                row.reason = reason.as_str().into();
+                row.duration_ms = *duration_ms;
+                (row.bytes_out, row.packets_out) = (outbound.bytes, outbound.packets);
+                (row.bytes_in, row.packets_in) = (inbound.bytes, inbound.packets);
+                return row;
+            }
+            _ => {}
+        }
+        row.map_json(&env.event);
+        row
+    }
+
+    /// The columns every event has; the rest empty.
+    fn base(env: &Envelope) -> AuditRow {
         let micros = env.time.timestamp_micros().max(0) as u64;
-        let mut row = AuditRow {
+        AuditRow {
             event_id: env.id,
             gateway: env.gateway.clone(),
             seq: env.seq,
@@ -157,13 +251,43 @@ impl AuditRow {
             detail: String::new(),
             prev_hash: String::new(),
             hash: String::new(),
-        };
-        // Generic mapping through the event's JSON: every field lands in a column or in
-        // `detail`, so new event kinds need no change here.
-        let serde_json::Value::Object(mut fields) =
-            serde_json::to_value(&env.event).unwrap_or_default()
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn set_flow(
+        &mut self,
+        session_id: u64,
+        user: &str,
+        groups: &[String],
+        device: &str,
+        tuple: &FlowTuple,
+        network: &str,
+        policy_ids: &[String],
+        policy_epoch: u64,
+    ) {
+        self.session_id = session_id;
+        self.user = user.into();
+        self.groups = groups.to_vec();
+        self.device = device.into();
+        self.protocol = tuple.protocol.name().into_owned();
+        self.src_ip = tuple.src_ip.to_string();
+        self.src_port = tuple.src_port;
+        self.dst_ip = tuple.dst_ip.to_string();
+        self.dst_addr = addr16(tuple.dst_ip);
+        self.dst_port = tuple.dst_port;
+        self.network = network.into();
+        self.policy_ids = policy_ids.to_vec();
+        self.policy_epoch = policy_epoch;
+    }
+
+    /// Generic mapping through the event's JSON: every field lands in a column or in
+    /// `detail`, so new event kinds need no change here.
+    fn map_json(&mut self, event: &Event) {
+        let row = self;
+        let serde_json::Value::Object(mut fields) = serde_json::to_value(event).unwrap_or_default()
         else {
-            return row;
+            return;
         };
         fields.remove("type");
         let mut take = |k: &str| fields.remove(k);
@@ -217,7 +341,6 @@ impl AuditRow {
         } else {
             serde_json::Value::Object(fields).to_string()
         };
-        row
     }
 
     /// The canonical encoding (see the module docs).
@@ -481,7 +604,120 @@ mod tests {
         assert_ne!(edited.expected_hash(), b.hash);
     }
 
+    /// The JSON route every event kind can take (what the flow fast path must equal).
+    fn via_json(env: &Envelope) -> AuditRow {
+        let mut row = AuditRow::base(env);
+        row.map_json(&env.event);
+        row
+    }
+
+    fn arb_tuple() -> impl Strategy<Value = FlowTuple> {
+        (
+            any::<u8>(),
+            any::<std::net::IpAddr>(),
+            any::<u16>(),
+            any::<std::net::IpAddr>(),
+            any::<u16>(),
+        )
+            .prop_map(|(p, src_ip, src_port, dst_ip, dst_port)| FlowTuple {
+                protocol: Protocol(p),
+                src_ip,
+                src_port,
+                dst_ip,
+                dst_port,
+            })
+    }
+
+    fn arb_flow_event() -> impl Strategy<Value = Event> {
+        let common = (
+            any::<u64>(),
+            ".{0,8}",
+            proptest::collection::vec(".{0,6}", 0..3),
+            arb_tuple(),
+            proptest::collection::vec(".{0,6}", 0..3),
+            any::<u64>(),
+        );
+        (
+            common,
+            any::<u64>(),
+            0u8..3,
+            proptest::option::of(".{0,8}"),
+            0usize..6,
+        )
+            .prop_map(
+                |(
+                    (session_id, user, groups, tuple, policy_ids, policy_epoch),
+                    n,
+                    kind,
+                    reason,
+                    close,
+                )| {
+                    let (device, network) = ("dev".to_string(), "prod".to_string());
+                    match kind {
+                        0 => Event::FlowOpened {
+                            flow_id: n,
+                            session_id,
+                            user,
+                            groups,
+                            device,
+                            tuple,
+                            network,
+                            policy_ids,
+                            policy_epoch,
+                        },
+                        1 => Event::FlowDenied {
+                            session_id,
+                            user,
+                            groups,
+                            device,
+                            tuple,
+                            network,
+                            policy_ids,
+                            policy_epoch,
+                            suppressed: n,
+                            reason,
+                        },
+                        _ => Event::FlowClosed {
+                            flow_id: n,
+                            session_id,
+                            user,
+                            groups,
+                            device,
+                            tuple,
+                            network,
+                            policy_ids,
+                            policy_epoch,
+                            reason: [
+                                portcullis_model::CloseReason::IdleTimeout,
+                                portcullis_model::CloseReason::TcpClosed,
+                                portcullis_model::CloseReason::PolicyRevoked,
+                                portcullis_model::CloseReason::PeerRemoved,
+                                portcullis_model::CloseReason::Evicted,
+                                portcullis_model::CloseReason::Shutdown,
+                            ][close],
+                            duration_ms: n / 3,
+                            outbound: Counters {
+                                packets: n / 5,
+                                bytes: n / 2,
+                            },
+                            inbound: Counters {
+                                packets: n / 7,
+                                bytes: n / 11,
+                            },
+                        },
+                    }
+                },
+            )
+    }
+
     proptest! {
+        #[test]
+        fn flow_fast_path_equals_the_json_mapping(event in arb_flow_event()) {
+            let mut env = closed(7, "x", 1);
+            env.event = event;
+            prop_assert_eq!(AuditRow::from_envelope(&env), via_json(&env));
+        }
+
         #[test]
         fn encoding_round_trips(user in ".{0,20}", bytes in 0..u64::MAX / 2, detail in ".{0,40}") {
             let mut row = AuditRow::from_envelope(&closed(3, &user, bytes));

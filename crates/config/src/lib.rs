@@ -192,7 +192,7 @@ fn default_ch_user() -> String {
 }
 
 fn default_batch_rows() -> usize {
-    20_000
+    100_000
 }
 
 fn default_batch_interval_ms() -> u64 {

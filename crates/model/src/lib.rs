@@ -141,6 +141,20 @@ pub enum CloseReason {
     Shutdown,
 }
 
+impl CloseReason {
+    /// The serialized name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::TcpClosed => "tcp_closed",
+            CloseReason::PolicyRevoked => "policy_revoked",
+            CloseReason::PeerRemoved => "peer_removed",
+            CloseReason::Evicted => "evicted",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+}
+
 /// Which side a packet came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -373,6 +387,24 @@ pub struct Envelope {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn close_reason_names_are_the_serialized_ones() {
+        use CloseReason::*;
+        for r in [
+            IdleTimeout,
+            TcpClosed,
+            PolicyRevoked,
+            PeerRemoved,
+            Evicted,
+            Shutdown,
+        ] {
+            assert_eq!(
+                serde_json::to_value(r).ok(),
+                Some(serde_json::json!(r.as_str()))
+            );
+        }
+    }
 
     #[test]
     fn protocol_names_round_trip() {
