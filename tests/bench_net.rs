@@ -3,6 +3,11 @@
 //! with 1 and 4 streams in both directions, from a wireguard-go client. Reports median
 //! throughput and the gateway process's CPU-seconds per GB. Run it through
 //! `scripts/bench-throughput.sh` (release build).
+//!
+//! With `--audit`: portcullis without the audit pipeline vs portcullis with the spool and
+//! uploads to a local ClickHouse (started here), the same iperf3 runs while a churn of
+//! new UDP flows (`--flows-per-sec`, default 2,000; each one a flow_opened and, 2 s
+//! later, a flow_closed event) runs through the same tunnel, so the pipeline is busy.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -37,50 +42,111 @@ fn arg(name: &str, default: u64) -> u64 {
 fn main() -> Result<()> {
     let seconds = arg("--seconds", 5);
     let reps = arg("--reps", 3);
-    let mut rows = Vec::new();
-    for (kind, name) in [
-        (GatewayKind::WireguardGo, "wireguard-go"),
-        (GatewayKind::Portcullis, "portcullis"),
-    ] {
-        let lab = Lab::start(LabOptions {
-            gateway: kind,
+    let audit = std::env::args().any(|a| a == "--audit");
+    let flows_per_sec = arg("--flows-per-sec", 2_000);
+    let (base, other) = if audit {
+        ("audit off", "audit on")
+    } else {
+        ("wireguard-go", "portcullis")
+    };
+    let clickhouse = if audit {
+        Some(portcullis_testkit::ClickHouse::start()?)
+    } else {
+        None
+    };
+    // Short UDP flows and room for them: the churn's flows close (and are audited) after 2 s.
+    let flows =
+        "[flows]\nudp_timeout_secs = 2\nmax_flows = 1000000\nmax_flows_per_peer = 1000000\n";
+    // Both gateways run side by side; the runs alternate between them so that drift in
+    // the machine's load hits both alike.
+    let mut labs = Vec::new();
+    for name in [base, other] {
+        let opts = LabOptions {
+            gateway: if name == "wireguard-go" {
+                GatewayKind::WireguardGo
+            } else {
+                GatewayKind::Portcullis
+            },
+            extra_config: if audit { flows.into() } else { String::new() },
             ..LabOptions::default()
-        })?;
-        let mut server = IperfServer::start(&lab.ns_prod)?;
-        std::thread::sleep(Duration::from_millis(300));
-        for (streams, reverse) in [(1, false), (4, false), (1, true), (4, true)] {
-            let mut row = Row {
+        };
+        let lab = match (&clickhouse, name) {
+            (Some(ch), "audit on") => {
+                let lab = Lab::start_audited(opts, ch)?;
+                let out = lab.audit(&["migrate"])?;
+                anyhow::ensure!(
+                    out.status.success(),
+                    "audit migrate: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                lab
+            }
+            _ => Lab::start(opts)?,
+        };
+        let server = IperfServer::start(&lab.ns_prod)?;
+        labs.push((name, lab, server, 0u64));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let mut rows = Vec::new();
+    for (streams, reverse) in [(1, false), (4, false), (1, true), (4, true)] {
+        let mut pair: Vec<Row> = labs
+            .iter()
+            .map(|(name, _, _, _)| Row {
                 kind: name,
                 streams,
                 reverse,
                 gbps: vec![],
                 cpu_per_gb: vec![],
-            };
-            for _ in 0..reps {
+            })
+            .collect();
+        for _ in 0..reps {
+            for (i, (_, lab, _, churned)) in labs.iter_mut().enumerate() {
+                let churn = audit
+                    .then(|| Churn::start(&lab.alice.ns, flows_per_sec))
+                    .transpose()?;
                 let cpu0 = lab.gateway_cpu_seconds()?;
                 let (bytes, bps) = iperf(&lab.alice.ns, streams, reverse, seconds)?;
                 let cpu = lab.gateway_cpu_seconds()? - cpu0;
-                row.gbps.push(bps / 1e9);
-                row.cpu_per_gb.push(cpu / (bytes / 1e9));
+                if let Some(churn) = churn {
+                    *churned += churn.stop();
+                }
+                if let Some(row) = pair.get_mut(i) {
+                    row.gbps.push(bps / 1e9);
+                    row.cpu_per_gb.push(cpu / (bytes / 1e9));
+                }
             }
+        }
+        for row in &pair {
             eprintln!(
-                "{name:>12} P{streams} {}: {:.3} Gbit/s, {:.2} CPU-s/GB",
+                "{:>12} P{streams} {}: {:.3} Gbit/s, {:.2} CPU-s/GB",
+                row.kind,
                 if reverse { "download" } else { "upload  " },
                 median(&row.gbps),
                 median(&row.cpu_per_gb)
             );
-            rows.push(row);
         }
-        server.stop();
+        rows.extend(pair);
     }
-    println!("| direction | streams | wireguard-go Gbit/s | portcullis Gbit/s | ratio | wireguard-go CPU-s/GB | portcullis CPU-s/GB | ratio |");
+    for (name, _, server, churned) in labs.iter_mut() {
+        server.stop();
+        if audit {
+            eprintln!("{name:>12}: churn sent {churned} new flows");
+        }
+    }
+    if let Some(ch) = &clickhouse {
+        let rows = ch
+            .count("SELECT count() FROM portcullis.events")
+            .unwrap_or(0);
+        eprintln!("    audit on: {rows} audit rows in clickhouse at the end");
+    }
+    println!("| direction | streams | {base} Gbit/s | {other} Gbit/s | ratio | {base} CPU-s/GB | {other} CPU-s/GB | ratio |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     for (streams, reverse) in [(1, false), (4, false), (1, true), (4, true)] {
         let find = |k: &str| {
             rows.iter()
                 .find(|r| r.kind == k && r.streams == streams && r.reverse == reverse)
         };
-        let (Some(w), Some(p)) = (find("wireguard-go"), find("portcullis")) else {
+        let (Some(w), Some(p)) = (find(base), find(other)) else {
             continue;
         };
         let (wt, pt, wc, pc) = (
@@ -101,6 +167,42 @@ fn main() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// New UDP flows at a steady rate from the client's namespace: one socket, the
+/// destination port cycling over 1024..65535 on the iperf3 server's address.
+struct Churn {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl Churn {
+    fn start(ns: &str, per_sec: u64) -> Result<Churn> {
+        let socket = portcullis_e2e::in_ns(ns, || std::net::UdpSocket::bind("0.0.0.0:0"))??;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let t0 = std::time::Instant::now();
+            let mut sent = 0u64;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let due = t0 + Duration::from_nanos(sent * 1_000_000_000 / per_sec.max(1));
+                let now = std::time::Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+                let port = 1024 + (sent % 64_000) as u16;
+                let _ = socket.send_to(b"churn", ("10.8.0.2", port));
+                sent += 1;
+            }
+            sent
+        });
+        Ok(Churn { stop, thread })
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or(0)
+    }
 }
 
 struct IperfServer(Child);

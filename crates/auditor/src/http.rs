@@ -11,6 +11,7 @@
 
 use std::sync::Arc;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -29,11 +30,30 @@ struct ApiState {
 
 /// The API's routes.
 pub fn router(store: Store, token: String) -> Router {
+    let state = Arc::new(ApiState { store, token });
     Router::new()
         .route("/v1/events", get(events))
         .route("/v1/reports/{name}", get(report))
         .route("/v1/verify", get(verify))
-        .with_state(Arc::new(ApiState { store, token }))
+        // The token is checked before anything else looks at the request, so a caller
+        // without it learns nothing from parameter errors.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ))
+        .with_state(state)
+}
+
+async fn require_token(
+    State(st): State<Arc<ApiState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if authorized(&st, request.headers()) {
+        next.run(request).await
+    } else {
+        error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token")
+    }
 }
 
 fn error(status: StatusCode, msg: impl std::fmt::Display) -> Response {
@@ -67,12 +87,12 @@ fn failure(e: AuditorError) -> Response {
 
 async fn events(
     State(st): State<Arc<ApiState>>,
-    headers: HeaderMap,
-    Query(f): Query<Filter>,
+    f: Result<Query<Filter>, QueryRejection>,
 ) -> Response {
-    if !authorized(&st, &headers) {
-        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-    }
+    let f = match f {
+        Ok(Query(f)) => f,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
     match crate::run_query(&st.store, &f, None, chrono::Utc::now()).await {
         Ok(t) => Json(t).into_response(),
         Err(e) => failure(e),
@@ -81,13 +101,13 @@ async fn events(
 
 async fn report(
     State(st): State<Arc<ApiState>>,
-    headers: HeaderMap,
     Path(name): Path<String>,
-    Query(f): Query<Filter>,
+    f: Result<Query<Filter>, QueryRejection>,
 ) -> Response {
-    if !authorized(&st, &headers) {
-        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-    }
+    let f = match f {
+        Ok(Query(f)) => f,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
     let report: Report = match name.parse() {
         Ok(r) => r,
         Err(e) => return error(StatusCode::NOT_FOUND, e),
@@ -108,12 +128,12 @@ struct VerifyParams {
 
 async fn verify(
     State(st): State<Arc<ApiState>>,
-    headers: HeaderMap,
-    Query(p): Query<VerifyParams>,
+    p: Result<Query<VerifyParams>, QueryRejection>,
 ) -> Response {
-    if !authorized(&st, &headers) {
-        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-    }
+    let p = match p {
+        Ok(Query(p)) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
     let now = chrono::Utc::now();
     let parse = |t: &Option<String>| t.as_deref().map(|t| filter::parse_time(t, now)).transpose();
     let (since, until) = match (parse(&p.since), parse(&p.until)) {
