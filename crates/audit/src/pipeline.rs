@@ -5,7 +5,8 @@
 //!   the event, counts it and raises [`Pipeline::blocked`].
 //! - writer thread: stamps each event (UUID, per-gateway sequence number = spool sequence
 //!   number), links it into the hash chain, appends it to the spool, commits once per
-//!   batch (the fsync policy decides what commit means), then appends the batch to the
+//!   batch (group commit: what arrives within 10 ms of the first event; the fsync policy
+//!   decides what commit means), then appends the batch to the
 //!   events file: a line there is an event counted as written. When the spool refuses
 //!   (full, or an io error) the events are counted, the pipeline reports `blocked`, and
 //!   once writing works again an `audit_degraded` event records the interval and the count.
@@ -325,6 +326,8 @@ struct Writer {
     ids: rand::rngs::StdRng,
 }
 
+/// Longest an event waits for others to share its commit.
+const GROUP_COMMIT: Duration = Duration::from_millis(10);
 const WRITE_BATCH: usize = 8192;
 
 impl Writer {
@@ -344,13 +347,37 @@ impl Writer {
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
             }
+            // Group commit: gather what arrives within GROUP_COMMIT of the first event, so
+            // a trickle of events costs ~100 commits (fsyncs) a second, not one per event.
+            let deadline = Instant::now() + GROUP_COMMIT;
+            let mut disconnected = false;
             while batch.len() < WRITE_BATCH {
                 match rx.try_recv() {
                     Ok(item) => batch.push(item),
-                    Err(_) => break,
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                        disconnected = true;
+                        break;
+                    }
+                    Err(std::sync::mpsc::TryRecvError::Empty) => {
+                        let now = Instant::now();
+                        if now >= deadline {
+                            break;
+                        }
+                        match rx.recv_timeout(deadline - now) {
+                            Ok(item) => batch.push(item),
+                            Err(RecvTimeoutError::Timeout) => break,
+                            Err(RecvTimeoutError::Disconnected) => {
+                                disconnected = true;
+                                break;
+                            }
+                        }
+                    }
                 }
             }
             self.write_batch(std::mem::take(&mut batch));
+            if disconnected {
+                break;
+            }
         }
         let _ = self.events.flush();
     }

@@ -25,9 +25,9 @@
 //!
 //! Appends are buffered in memory; [`Spool::commit`] writes them to the segment and, with
 //! [`FsyncPolicy::OnCommit`] (the default), fsyncs. A record counts as written once the
-//! `commit` after its append returned: the gateway commits once per event-loop iteration,
-//! so a crash loses at most the records of the iteration in progress (microseconds to
-//! milliseconds of events, none of them reported as written). [`FsyncPolicy::Always`]
+//! `commit` after its append returned: the gateway's audit writer commits once per batch
+//! (group commit: what arrives within 10 ms of a batch's first event), so a crash loses at
+//! most the batch in progress (≤ 10 ms of events, none of them reported as written). [`FsyncPolicy::Always`]
 //! writes and fsyncs on every append (no loss window, slowest). [`FsyncPolicy::Never`]
 //! writes on commit and leaves flushing to the OS: a process crash loses nothing committed,
 //! a machine crash up to the kernel's writeback delay (~30 s). Readers see committed
