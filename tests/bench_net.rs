@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context as _, Result};
 use portcullis_e2e::{GatewayKind, Lab, LabOptions};
+use portcullis_testkit::numeric_arg as arg;
 use serde_json::Value;
 
 struct Row {
@@ -28,15 +29,6 @@ fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 fn main() -> Result<()> {

@@ -603,18 +603,9 @@ address6 = "fd00:64::3"
     /// CPU seconds (user + system) the gateway process has used so far.
     pub fn gateway_cpu_seconds(&self) -> Result<f64> {
         let pid = self.gateway_pid().ok_or_else(|| anyhow!("no gateway"))?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| -> f64 {
-            fields
-                .get(i)
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        // /proc reports clock ticks of USER_HZ, 100 on Linux.
-        Ok((ticks(11) + ticks(12)) / 100.0)
+        Ok(portcullis_testkit::cpu_seconds(&format!(
+            "/proc/{pid}/stat"
+        )))
     }
 
     /// Sends SIGHUP to the gateway: reload the policy directory.

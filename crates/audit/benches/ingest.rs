@@ -20,16 +20,7 @@ use std::time::{Duration, Instant};
 use portcullis_audit::{Pipeline, PipelineConfig, SpoolSettings, Store, StoreConfig, UploadConfig};
 use portcullis_model::{CloseReason, Counters, Event, FlowTuple, Protocol};
 use portcullis_spool::{FsyncPolicy, SpoolConfig};
-use portcullis_testkit::ClickHouse;
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use portcullis_testkit::{cpu_seconds, numeric_arg as arg, ClickHouse};
 
 fn flow_closed(i: u64) -> Event {
     Event::FlowClosed {
@@ -106,16 +97,6 @@ fn count(ch: &ClickHouse, db: &str) -> u64 {
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted.get(i).copied().unwrap_or(f64::NAN)
-}
-
-/// CPU seconds (user + system) from a `/proc/.../stat` file.
-fn cpu_seconds(stat_path: &str) -> f64 {
-    let stat = std::fs::read_to_string(stat_path).unwrap_or_default();
-    // After the command name (which may hold spaces): state is field 0, utime 11, stime 12.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let num = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
-    (num(11) + num(12)) / 100.0
 }
 
 /// CPU seconds per thread of this process, by thread name, plus the server's total.
