@@ -198,8 +198,14 @@ impl Enforcer {
 
     /// Wall-clock time at `now`.
     pub fn wall(&self, now: Instant) -> DateTime<Utc> {
-        let since = now.saturating_duration_since(self.mono_anchor);
-        self.wall_anchor + chrono::Duration::from_std(since).unwrap_or_default()
+        // Instants before the anchor (a session start, say) map backwards.
+        match now.checked_duration_since(self.mono_anchor) {
+            Some(after) => self.wall_anchor + chrono::Duration::from_std(after).unwrap_or_default(),
+            None => {
+                let before = self.mono_anchor.saturating_duration_since(now);
+                self.wall_anchor - chrono::Duration::from_std(before).unwrap_or_default()
+            }
+        }
     }
 
     pub fn poll_event(&mut self) -> Option<Event> {

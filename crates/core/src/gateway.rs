@@ -29,7 +29,7 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use chrono::{DateTime, Utc};
-use portcullis_model::{CloseReason, Counters, Event, Principal};
+use portcullis_model::{CloseReason, Counters, Event, IdentityChange, Principal};
 use portcullis_policy::{Engine, PolicyBundle};
 use rustc_hash::FxHashMap;
 
@@ -79,6 +79,29 @@ pub struct WgStats {
     pub handshakes: u64,
     pub tun_no_peer: u64,
     pub no_endpoint: u64,
+    /// Datagrams from a configured device whose user is unknown or revoked.
+    pub inactive_peer: u64,
+}
+
+/// A live session, as `sessions list` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub id: u64,
+    pub user: String,
+    pub device: String,
+    pub endpoint: SocketAddr,
+    pub started: DateTime<Utc>,
+    pub rx: Counters,
+    pub tx: Counters,
+}
+
+/// What applying an identity change cut.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IdentityOutcome {
+    pub sessions_cut: u64,
+    pub flows_cut: u64,
+    /// From the request arriving to every session and flow of the user being gone.
+    pub latency: Duration,
 }
 
 #[derive(Debug)]
@@ -98,6 +121,9 @@ struct Peer {
     tunn: Tunn,
     endpoint: Option<SocketAddr>,
     session: Option<Session>,
+    /// Whether the device's user is known and active. A disabled peer gets no handshake
+    /// answer (a configured device waiting for its user, or a revoked one).
+    enabled: bool,
 }
 
 /// The sans-IO gateway.
@@ -215,14 +241,7 @@ impl Gateway {
             .filter(|i| *i < (1 << 24))
             .ok_or(ControlError::TooManyPeers)?;
         let id = PeerId(index);
-        let tunn = Tunn::new(
-            self.secret.clone(),
-            PublicKey::from(spec.public_key),
-            None,
-            spec.persistent_keepalive,
-            index,
-            None,
-        );
+        let tunn = self.new_tunn(&spec, index);
         for a in &spec.addresses {
             self.by_addr.insert(*a, id);
         }
@@ -235,6 +254,7 @@ impl Gateway {
         let peer = Peer {
             user: spec.user.as_str().into(),
             device,
+            enabled: self.enforcer.engine().user(&spec.user).is_some(),
             spec,
             tunn,
             endpoint: None,
@@ -292,38 +312,137 @@ impl Gateway {
         self.events.push_back(Event::PolicyRejected { errors });
     }
 
-    /// Adds or changes a user; its live flows are re-decided now.
-    pub fn handle_user_upsert(
+    /// Applies what an identity source changed, in this one call: a user that exists
+    /// and is active gets its devices enabled and its live flows re-decided at once (a lost
+    /// group cuts the flows it no longer allows); a user without access any more loses
+    /// every session and flow, its devices are disabled (their WireGuard sessions dropped,
+    /// handshakes ignored), and a `user_revoked` event records the latency from
+    /// `requested` (when the request arrived) to now.
+    pub fn handle_identity_change(
         &mut self,
         now: Instant,
-        user: Principal,
-    ) -> Result<usize, ControlError> {
-        let cut = self.enforcer.handle_user_upsert(now, user)?;
-        self.flush_injected();
-        Ok(cut)
+        change: IdentityChange,
+        requested: Instant,
+        requested_at: DateTime<Utc>,
+    ) -> Result<IdentityOutcome, ControlError> {
+        self.drain_enforcer_events();
+        self.events.push_back(Event::IdentityChanged {
+            source: change.source.clone(),
+            user: change.user.clone(),
+            change: change.kind.as_str().into(),
+            groups: change
+                .principal
+                .as_ref()
+                .map(|p| p.groups.clone())
+                .unwrap_or_default(),
+        });
+        let mut outcome = IdentityOutcome::default();
+        match change.principal {
+            Some(principal) => {
+                let name = principal.name.clone();
+                outcome.flows_cut = self.enforcer.handle_user_upsert(now, principal)? as u64;
+                self.flush_injected();
+                for peer in self.peers.iter_mut().flatten() {
+                    if *peer.user == *name {
+                        peer.enabled = true;
+                    }
+                }
+            }
+            None => {
+                let slots: Vec<PeerId> = self
+                    .peers
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, p)| p.as_ref().is_some_and(|p| *p.user == *change.user))
+                    .map(|(i, _)| PeerId(i as u32))
+                    .collect();
+                for id in slots {
+                    let (sessions, flows) = self.disable_peer(now, id, "revoked");
+                    outcome.sessions_cut += sessions;
+                    outcome.flows_cut += flows;
+                }
+                outcome.flows_cut += self.enforcer.handle_user_removed(now, &change.user)? as u64;
+                self.flush_injected();
+                self.drain_enforcer_events();
+                outcome.latency = now.saturating_duration_since(requested);
+                self.events.push_back(Event::UserRevoked {
+                    user: change.user,
+                    source: change.source,
+                    requested_at,
+                    applied_at: self.enforcer.wall(now),
+                    latency_us: outcome.latency.as_micros() as u64,
+                    sessions_cut: outcome.sessions_cut,
+                    flows_cut: outcome.flows_cut,
+                });
+            }
+        }
+        Ok(outcome)
     }
 
-    /// Revokes a user: every peer of theirs is removed, every flow cut, every session
-    /// ended, in this one call. Returns the number of peers removed.
-    pub fn handle_revoke_user(
-        &mut self,
-        now: Instant,
-        name: &str,
-        reason: &str,
-    ) -> Result<usize, ControlError> {
-        let keys: Vec<[u8; 32]> = self
-            .peers
-            .iter()
-            .flatten()
-            .filter(|p| p.spec.user == name)
-            .map(|p| p.spec.public_key)
-            .collect();
-        for k in &keys {
-            self.handle_peer_remove(now, k, reason);
-        }
-        self.enforcer.handle_user_removed(now, name)?;
+    /// Ends one session: its flows are cut and its WireGuard keys dropped. The device may
+    /// connect again if its user still has access. Returns whether the session existed.
+    pub fn handle_session_kill(&mut self, now: Instant, session_id: u64, reason: &str) -> bool {
+        let Some(slot) = self.peers.iter().position(|p| {
+            p.as_ref()
+                .and_then(|p| p.session.as_ref())
+                .is_some_and(|s| s.id == session_id)
+        }) else {
+            return false;
+        };
+        let id = PeerId(slot as u32);
+        self.enforcer.handle_peer_removed(now, id);
         self.flush_injected();
-        Ok(keys.len())
+        self.end_session(id, now, reason);
+        self.reset_tunn(id);
+        true
+    }
+
+    /// Cuts a peer's flows and session and stops it from handshaking. Returns (sessions,
+    /// flows) cut.
+    fn disable_peer(&mut self, now: Instant, id: PeerId, reason: &str) -> (u64, u64) {
+        let flows = self.enforcer.handle_peer_removed(now, id) as u64;
+        // Resets go out through the tunnel before its keys are dropped.
+        self.flush_injected();
+        let had_session = self
+            .peers
+            .get(id.0 as usize)
+            .and_then(Option::as_ref)
+            .is_some_and(|p| p.session.is_some());
+        self.end_session(id, now, reason);
+        self.reset_tunn(id);
+        if let Some(peer) = self.peers.get_mut(id.0 as usize).and_then(Option::as_mut) {
+            peer.enabled = false;
+        }
+        (u64::from(had_session), flows)
+    }
+
+    /// Replaces a peer's WireGuard state with a fresh one: the session keys are gone, so
+    /// nothing sent under them is accepted any more.
+    fn reset_tunn(&mut self, id: PeerId) {
+        let Some(spec) = self
+            .peers
+            .get(id.0 as usize)
+            .and_then(Option::as_ref)
+            .map(|p| p.spec.clone())
+        else {
+            return;
+        };
+        let tunn = self.new_tunn(&spec, id.0);
+        if let Some(peer) = self.peers.get_mut(id.0 as usize).and_then(Option::as_mut) {
+            peer.tunn = tunn;
+            peer.endpoint = None;
+        }
+    }
+
+    fn new_tunn(&self, spec: &PeerSpec, index: u32) -> Tunn {
+        Tunn::new(
+            self.secret.clone(),
+            PublicKey::from(spec.public_key),
+            None,
+            spec.persistent_keepalive,
+            index,
+            None,
+        )
     }
 
     /// A UDP datagram from `from`. Returns a decrypted packet to write to the TUN device.
@@ -369,6 +488,10 @@ impl Gateway {
             self.stats.unknown_peer += 1;
             return None;
         };
+        if !peer.enabled {
+            self.stats.inactive_peer += 1;
+            return None;
+        }
         let result = peer.tunn.decapsulate(Some(from.ip()), datagram, out);
         if !matches!(result, TunnResult::Err(_)) {
             // Authenticated: endpoint roaming, session start, counters.
@@ -535,17 +658,31 @@ impl Gateway {
         }
     }
 
-    /// Sessions currently up: (user, device, endpoint).
-    pub fn sessions(&self) -> Vec<(String, String, SocketAddr)> {
+    /// Sessions currently up.
+    pub fn sessions(&self) -> Vec<SessionInfo> {
         self.peers
             .iter()
             .flatten()
             .filter_map(|p| {
-                p.session
-                    .as_ref()
-                    .map(|s| (p.spec.user.clone(), p.device.to_string(), s.endpoint))
+                p.session.as_ref().map(|s| SessionInfo {
+                    id: s.id,
+                    user: p.spec.user.clone(),
+                    device: p.device.to_string(),
+                    endpoint: s.endpoint,
+                    started: self.enforcer.wall(s.started),
+                    rx: s.rx,
+                    tx: s.tx,
+                })
             })
             .collect()
+    }
+
+    /// Configured devices: (user, device, enabled).
+    pub fn peers(&self) -> impl Iterator<Item = (&str, &str, bool)> {
+        self.peers
+            .iter()
+            .flatten()
+            .map(|p| (p.spec.user.as_str(), &*p.device, p.enabled))
     }
 
     /// Moves the enforcer's injected packets to the transmit and TUN queues, keeping

@@ -11,8 +11,8 @@
 //! file writes. The io layer (`portcullis-io`) drives it; tests drive it directly with a
 //! virtual clock and real boringtun clients.
 //!
-//! Seams for other subsystems: [`Gateway::poll_event`] (audit), [`Gateway::handle_user_upsert`]
-//! and [`Gateway::handle_revoke_user`] (identity), [`Gateway::handle_peer_add`] and
+//! Seams for other subsystems: [`Gateway::poll_event`] (audit), [`Gateway::handle_identity_change`]
+//! and [`Gateway::handle_session_kill`] (identity, offboarding), [`Gateway::handle_peer_add`] and
 //! [`Gateway::handle_peer_remove`] (enrollment), [`Gateway::handle_policy_bundle`] (reload).
 
 pub mod enforce;
@@ -22,5 +22,6 @@ pub mod gateway;
 pub use enforce::{Drop, EnforceStats, Enforcer, FlowLimits, Injected, PeerCtx};
 pub use flow::{FlowKey, FlowState, PeerId, Timeouts};
 pub use gateway::{
-    b64, ControlError, Gateway, GatewayConfig, PeerSpec, Transmit, WgStats, MAX_PACKET, TIMER_TICK,
+    b64, ControlError, Gateway, GatewayConfig, IdentityOutcome, PeerSpec, SessionInfo, Transmit,
+    WgStats, MAX_PACKET, TIMER_TICK,
 };

@@ -21,7 +21,7 @@ use portcullis_core::{
     Drop, Enforcer, FlowLimits, FlowState, Gateway, GatewayConfig, Injected, PeerCtx, PeerId,
     PeerSpec, Timeouts,
 };
-use portcullis_model::{CloseReason, Event, Principal, Protocol};
+use portcullis_model::{ChangeKind, CloseReason, Event, IdentityChange, Principal, Protocol};
 use portcullis_policy::{Engine, PolicyBundle};
 use proptest::prelude::*;
 
@@ -948,8 +948,22 @@ fn unknown_keys_get_nothing() {
     );
 }
 
+fn change(user: &str, kind: ChangeKind, groups: Option<&[&str]>) -> IdentityChange {
+    IdentityChange {
+        source: "scim".into(),
+        user: user.into(),
+        kind,
+        principal: groups.map(|g| Principal {
+            name: user.into(),
+            email: String::new(),
+            groups: g.iter().map(|s| s.to_string()).collect(),
+            tags: vec![],
+        }),
+    }
+}
+
 #[test]
-fn revoking_a_user_removes_peer_session_and_flows_in_one_call() {
+fn revoking_a_user_cuts_session_and_flows_in_one_call_and_audits_the_latency() {
     let t0 = Instant::now();
     let (mut gw, gw_pub) = gateway(t0);
     let mut alice = Client::new(1, &gw_pub);
@@ -960,15 +974,45 @@ fn revoking_a_user_removes_peer_session_and_flows_in_one_call() {
     gw.handle_tun_packet(t0, &tcp(PROD, 22, ALICE, 40000, "SA", 9, b""), &mut out)
         .expect("syn-ack");
     while gw.poll_event().is_some() {}
-    let removed = gw
-        .handle_revoke_user(t0 + Duration::from_millis(5), "alice", "admin")
+    let requested_at = wall() + chrono::Duration::milliseconds(3);
+    let outcome = gw
+        .handle_identity_change(
+            t0 + Duration::from_millis(5),
+            change("alice", ChangeKind::Deactivated, None),
+            t0 + Duration::from_millis(3),
+            requested_at,
+        )
         .expect("revoke");
-    assert_eq!(removed, 1);
-    let kinds: Vec<&'static str> = std::iter::from_fn(|| gw.poll_event())
-        .map(|e| e.kind())
-        .collect();
-    assert_eq!(kinds, ["flow_closed", "session_ended", "peer_removed"]);
-    // A reset went to alice through the tunnel before her peer was removed.
+    assert_eq!((outcome.sessions_cut, outcome.flows_cut), (1, 1));
+    assert_eq!(outcome.latency, Duration::from_millis(2));
+    let ev: Vec<Event> = std::iter::from_fn(|| gw.poll_event()).collect();
+    let kinds: Vec<&'static str> = ev.iter().map(Event::kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            "identity_changed",
+            "flow_closed",
+            "session_ended",
+            "user_revoked"
+        ]
+    );
+    match ev.last() {
+        Some(Event::UserRevoked {
+            user,
+            source,
+            latency_us,
+            requested_at: r,
+            applied_at,
+            ..
+        }) => {
+            assert_eq!((user.as_str(), source.as_str()), ("alice", "scim"));
+            assert_eq!(*latency_us, 2000);
+            assert_eq!(*r, requested_at);
+            assert_eq!(*applied_at, wall() + chrono::Duration::milliseconds(5));
+        }
+        other => panic!("{other:?}"),
+    }
+    // A reset went to alice through the tunnel before her keys were dropped.
     let rst = gw.poll_transmit().expect("rst to alice");
     let p = alice.receive(&rst.payload).expect("decrypts");
     let meta = portcullis_packet::parse(&p).expect("parses");
@@ -979,13 +1023,115 @@ fn revoking_a_user_removes_peer_session_and_flows_in_one_call() {
         gw.poll_tun_packet().is_some(),
         "a reset went to the server too"
     );
-    // Her tunnel carries nothing more.
-    assert!(alice
-        .send(&mut gw, t0, &tcp(ALICE, 40000, PROD, 22, "A", 2, b"x"))
-        .is_none());
+    // Her tunnel carries nothing more, and a new handshake gets no answer.
     assert!(gw
         .handle_tun_packet(t0, &tcp(PROD, 22, ALICE, 40000, "A", 10, b""), &mut out)
         .is_none());
+    let mut again = Client::new(1, &gw_pub);
+    assert!(again
+        .send(&mut gw, t0, &udp(ALICE, 5000, PROD, 53))
+        .is_none());
+    assert!(gw.stats.inactive_peer >= 1);
+    assert!(gw.poll_transmit().is_none(), "no handshake answer");
+    assert_eq!(gw.sessions(), vec![]);
+}
+
+#[test]
+fn a_device_of_a_user_no_source_provides_yet_waits_until_the_user_exists() {
+    let t0 = Instant::now();
+    let (mut gw, gw_pub) = gateway(t0);
+    let carol_key = client_key(3);
+    gw.handle_peer_add(PeerSpec {
+        user: "carol".into(),
+        public_key: PublicKey::from(&carol_key).to_bytes(),
+        addresses: vec![IpAddr::from([100, 64, 0, 4])],
+        persistent_keepalive: None,
+    })
+    .expect("peer");
+    let carol_addr = [100, 64, 0, 4];
+    let mut carol = Client::new(3, &gw_pub);
+    assert!(carol
+        .send(&mut gw, t0, &udp(carol_addr, 5000, PROD, 53))
+        .is_none());
+    assert!(gw.poll_transmit().is_none(), "no handshake answer");
+    assert_eq!(gw.stats.inactive_peer, 1);
+
+    // Created without groups: connected, but prod is denied.
+    gw.handle_identity_change(
+        t0,
+        change("carol", ChangeKind::Created, Some(&[])),
+        t0,
+        wall(),
+    )
+    .expect("create");
+    let mut carol = Client::new(3, &gw_pub);
+    assert!(carol
+        .send(&mut gw, t0, &tcp(carol_addr, 40000, PROD, 22, "S", 1, b""))
+        .is_none());
+    assert_eq!(gw.sessions().len(), 1);
+    // Added to sre: prod opens.
+    gw.handle_identity_change(
+        t0,
+        change("carol", ChangeKind::Updated, Some(&["sre"])),
+        t0,
+        wall(),
+    )
+    .expect("grant");
+    carol
+        .send(&mut gw, t0, &tcp(carol_addr, 40001, PROD, 22, "S", 1, b""))
+        .expect("syn passes");
+    assert_eq!(gw.enforcer().flows().len(), 1);
+    // Removed from sre: the live flow is cut at once, without waiting for a packet.
+    while gw.poll_event().is_some() {}
+    let outcome = gw
+        .handle_identity_change(
+            t0,
+            change("carol", ChangeKind::Updated, Some(&[])),
+            t0,
+            wall(),
+        )
+        .expect("ungrant");
+    assert_eq!(outcome.flows_cut, 1);
+    assert_eq!(gw.enforcer().flows().len(), 0);
+    let ev: Vec<Event> = std::iter::from_fn(|| gw.poll_event()).collect();
+    assert!(
+        ev.iter().any(|e| matches!(
+            e,
+            Event::FlowClosed {
+                reason: CloseReason::PolicyRevoked,
+                ..
+            }
+        )),
+        "{ev:?}"
+    );
+    assert!(
+        !ev.iter().any(|e| matches!(e, Event::UserRevoked { .. })),
+        "losing a group is not a revocation of the user"
+    );
+    // The session itself stays: the user still exists.
+    assert_eq!(gw.sessions().len(), 1);
+}
+
+#[test]
+fn killing_a_session_cuts_its_flows_but_the_device_may_reconnect() {
+    let t0 = Instant::now();
+    let (mut gw, gw_pub) = gateway(t0);
+    let mut alice = Client::new(1, &gw_pub);
+    alice
+        .send(&mut gw, t0, &udp(ALICE, 5000, PROD, 53))
+        .expect("udp");
+    let sessions = gw.sessions();
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(sessions[0].user, "alice");
+    assert_eq!(sessions[0].started, wall());
+    assert!(!gw.handle_session_kill(t0, sessions[0].id + 1000, "admin"));
+    assert!(gw.handle_session_kill(t0, sessions[0].id, "admin"));
+    assert_eq!(gw.enforcer().flows().len(), 0);
+    assert_eq!(gw.sessions(), vec![]);
+    let mut alice = Client::new(1, &gw_pub);
+    alice
+        .send(&mut gw, t0, &udp(ALICE, 5001, PROD, 53))
+        .expect("reconnects");
 }
 
 #[test]

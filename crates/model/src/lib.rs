@@ -86,6 +86,41 @@ pub struct Principal {
     pub tags: Vec<String>,
 }
 
+/// A change an identity source (SCIM, LDAP, an administrator) made to one user, as the
+/// core applies it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdentityChange {
+    /// `scim`, `ldap`, `admin:<actor>`, `expiry`.
+    pub source: String,
+    pub user: String,
+    pub kind: ChangeKind,
+    /// The user as policies see it after the change; `None` when the user has no access
+    /// any more (deactivated, deleted, disabled): every device, session and flow is cut.
+    pub principal: Option<Principal>,
+}
+
+/// What kind of change an [`IdentityChange`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeKind {
+    Created,
+    Updated,
+    Deactivated,
+    Deleted,
+}
+
+impl ChangeKind {
+    /// The name written into `identity_changed` events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeKind::Created => "created",
+            ChangeKind::Updated => "updated",
+            ChangeKind::Deactivated => "deactivated",
+            ChangeKind::Deleted => "deleted",
+        }
+    }
+}
+
 /// What a new flow asks the policy engine.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FlowRequest {
