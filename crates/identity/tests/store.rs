@@ -1,0 +1,143 @@
+//! The directory survives a restart: changes committed through [`Identity`] are in the
+//! SQLite file when it is opened again, and the core queue sees them in commit order.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use portcullis_identity::{Directory, Group, Identity, SqliteStore, User};
+use portcullis_model::ChangeKind;
+use uuid::Uuid;
+
+fn user(name: &str) -> User {
+    User {
+        id: Uuid::nil(),
+        user_name: name.into(),
+        external_id: Some(format!("ext-{name}")),
+        display_name: Some(name.to_uppercase()),
+        email: format!("{name}@example.com"),
+        active: true,
+        tags: vec!["oncall".into()],
+        source: "scim".into(),
+        created: DateTime::<Utc>::UNIX_EPOCH,
+        modified: DateTime::<Utc>::UNIX_EPOCH,
+        version: 0,
+    }
+}
+
+#[tokio::test]
+async fn committed_changes_survive_a_reopen_and_reach_the_core_in_order() {
+    let dir = std::env::temp_dir().join(format!("pcl-identity-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join("identity.db");
+    let (store, users, groups) = SqliteStore::open(&db).unwrap();
+    assert!(users.is_empty() && groups.is_empty());
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let identity = Identity::new(Directory::default(), store, tx);
+    // The core: applies and answers.
+    let core = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while let Some(apply) = rx.recv().await {
+            for c in &apply.changes {
+                seen.push((c.user.clone(), c.kind));
+            }
+            let _ = apply.done.send(());
+        }
+        seen
+    });
+    let now = Utc::now();
+    let alice = identity
+        .change("scim", Instant::now(), now, |d, now| {
+            d.plan_create_user(user("alice"), now)
+        })
+        .await
+        .unwrap()
+        .users[0];
+    identity
+        .change("scim", Instant::now(), now, |d, now| {
+            d.plan_create_user(user("bob"), now)
+        })
+        .await
+        .unwrap();
+    identity
+        .change("scim", Instant::now(), now, |d, now| {
+            d.plan_create_group(
+                Group {
+                    id: Uuid::nil(),
+                    display_name: "sre".into(),
+                    external_id: None,
+                    members: [alice].into_iter().collect(),
+                    source: "scim".into(),
+                    created: now,
+                    modified: now,
+                    version: 0,
+                },
+                now,
+            )
+        })
+        .await
+        .unwrap();
+    let bob = identity.read(|d| d.user_by_name("bob").unwrap().id);
+    identity
+        .change("scim", Instant::now(), now, |d, now| {
+            d.plan_delete_user(&bob, now)
+        })
+        .await
+        .unwrap();
+    identity.set_meta("ldap.cookie", "rid=001,csn=x").unwrap();
+    drop(identity);
+    let seen = core.await.unwrap();
+    assert_eq!(
+        seen,
+        [
+            ("alice".to_string(), ChangeKind::Created),
+            ("bob".to_string(), ChangeKind::Created),
+            ("alice".to_string(), ChangeKind::Updated),
+            ("bob".to_string(), ChangeKind::Deleted),
+        ]
+    );
+
+    let (store, users, groups) = SqliteStore::open(&db).unwrap();
+    let d = Directory::from_records(users, groups);
+    let a = d.user_by_name("alice").unwrap();
+    assert_eq!(a.id, alice);
+    assert_eq!(a.external_id.as_deref(), Some("ext-alice"));
+    assert!(d.user_by_name("bob").is_none());
+    let p = d.principal(a).unwrap();
+    assert_eq!(
+        (p.groups, p.tags),
+        (vec!["sre".to_string()], vec!["oncall".to_string()])
+    );
+    assert_eq!(
+        store.meta("ldap.cookie").unwrap().as_deref(),
+        Some("rid=001,csn=x")
+    );
+    drop(store);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_corrupt_record_is_reported_with_the_file_and_id() {
+    let dir = std::env::temp_dir().join(format!("pcl-identity-bad-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join("identity.db");
+    drop(SqliteStore::open(&db).unwrap());
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute(
+        "INSERT INTO users (id, user_name, record) VALUES ('x1', 'x', '{not json')",
+        [],
+    )
+    .unwrap();
+    drop(conn);
+    let err = SqliteStore::open(&db).err().unwrap().to_string();
+    assert!(err.contains("identity.db") && err.contains("x1"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
