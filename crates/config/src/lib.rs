@@ -55,6 +55,68 @@ pub struct Config {
     pub users: Vec<UserConfig>,
     #[serde(default, rename = "peer")]
     pub peers: Vec<PeerConfig>,
+    /// The one HTTP listener (SCIM, admin API, later the SSO pages).
+    #[serde(default)]
+    pub http: Option<HttpConfig>,
+    #[serde(default)]
+    pub identity: IdentityConfig,
+    #[serde(default)]
+    pub scim: Option<ScimConfig>,
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+}
+
+/// `[http]`: where SCIM (`/scim/v2`) and the admin API (`/admin/v1`) listen.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    /// Largest request body accepted (bytes); larger ones get 413.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+}
+
+fn default_max_body_bytes() -> usize {
+    1 << 20
+}
+
+/// `[identity]`: the directory the identity sources keep.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// The SQLite database (relative to the config file).
+    #[serde(default = "default_identity_database")]
+    pub database: PathBuf,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        IdentityConfig {
+            database: default_identity_database(),
+        }
+    }
+}
+
+fn default_identity_database() -> PathBuf {
+    PathBuf::from("identity.db")
+}
+
+/// `[scim]`: the SCIM 2.0 service provider for the IdP (Okta, Entra ID, ...).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScimConfig {
+    /// Bearer tokens the IdP may present, one per line: the token itself or
+    /// `sha256:<hex>` of it. Two lines during a rotation; re-read on SIGHUP.
+    pub token_file: PathBuf,
+}
+
+/// `[admin]`: the admin API the `portcullis users|sessions` commands use.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Bearer tokens, as for `[scim] token_file`. The CLI presents the first line (so it
+    /// must hold a token, not a hash, where the CLI runs).
+    pub token_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -235,6 +297,112 @@ pub fn read_secret(config: &Path, key: &str, file: &Path) -> Result<Secret, Conf
     Ok(Secret(secret))
 }
 
+/// Bearer tokens a service accepts, kept only as SHA-256 hashes and compared in constant
+/// time. A file holds one per line: the token, or `sha256:<64 hex digits>` of it; blank
+/// lines and `#` comments are skipped. Two lines let a token rotate without downtime.
+#[derive(Clone)]
+pub struct TokenSet {
+    hashes: Vec<[u8; 32]>,
+}
+
+impl fmt::Debug for TokenSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TokenSet({} tokens)", self.hashes.len())
+    }
+}
+
+impl TokenSet {
+    /// Reads a token file; errors name the config key and line, never a token.
+    pub fn load(config: &Path, key: &str, file: &Path) -> Result<TokenSet, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            ConfigError::new(config, key, format!("cannot read {}: {e}", file.display()))
+        })?;
+        let mut hashes = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let hash = match line.strip_prefix("sha256:") {
+                Some(h) => {
+                    let bytes = hex::decode(h)
+                        .ok()
+                        .and_then(|b| <[u8; 32]>::try_from(b).ok());
+                    bytes.ok_or_else(|| {
+                        ConfigError::new(
+                            config,
+                            key,
+                            format!(
+                                "{} line {}: sha256: must be followed by 64 hex digits",
+                                file.display(),
+                                i + 1
+                            ),
+                        )
+                    })?
+                }
+                None if line.len() < 16 => {
+                    return Err(ConfigError::new(
+                        config,
+                        key,
+                        format!(
+                            "{} line {}: a token must be at least 16 characters",
+                            file.display(),
+                            i + 1
+                        ),
+                    ))
+                }
+                None => sha256(line.as_bytes()),
+            };
+            hashes.push(hash);
+        }
+        if hashes.is_empty() {
+            return Err(ConfigError::new(
+                config,
+                key,
+                format!("{} holds no token", file.display()),
+            ));
+        }
+        Ok(TokenSet { hashes })
+    }
+
+    /// Whether `presented` is one of the tokens. Hashing first makes the comparison
+    /// independent of the token's length; every stored hash is compared.
+    pub fn verify(&self, presented: &str) -> bool {
+        use subtle::ConstantTimeEq as _;
+        let h = sha256(presented.as_bytes());
+        self.hashes
+            .iter()
+            .fold(subtle::Choice::from(0), |ok, stored| ok | stored.ct_eq(&h))
+            .into()
+    }
+
+    /// The first token in a file, as a client presents it (not a hash).
+    pub fn first_token(config: &Path, key: &str, file: &Path) -> Result<Secret, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            ConfigError::new(config, key, format!("cannot read {}: {e}", file.display()))
+        })?;
+        text.lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with("sha256:"))
+            .map(|l| Secret(l.to_string()))
+            .ok_or_else(|| {
+                ConfigError::new(
+                    config,
+                    key,
+                    format!(
+                        "{} holds no plain token a client could present",
+                        file.display()
+                    ),
+                )
+            })
+    }
+}
+
+fn sha256(data: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(data).into()
+}
+
 /// Flow table limits and idle timeouts (seconds).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -348,6 +516,13 @@ pub fn load_unkeyed(path: &Path) -> Result<Loaded, ConfigError> {
     }
     if let Some(api) = &mut c.audit.api {
         resolve(&mut api.token_file);
+    }
+    resolve(&mut c.identity.database);
+    if let Some(scim) = &mut c.scim {
+        resolve(&mut scim.token_file);
+    }
+    if let Some(admin) = &mut c.admin {
+        resolve(&mut admin.token_file);
     }
     Ok(loaded)
 }
@@ -494,6 +669,26 @@ pub fn parse(path: &Path, src: &str) -> Result<Loaded, ConfigError> {
             return Err(err(
                 format!("flows.{key}"),
                 "must be at least 1 second".into(),
+            ));
+        }
+    }
+
+    if (config.scim.is_some() || config.admin.is_some()) && config.http.is_none() {
+        let key = if config.scim.is_some() {
+            "scim"
+        } else {
+            "admin"
+        };
+        return Err(err(
+            key.into(),
+            "needs [http] listen: SCIM and the admin API are served there".into(),
+        ));
+    }
+    if let Some(h) = &config.http {
+        if h.max_body_bytes < 1024 {
+            return Err(err(
+                "http.max_body_bytes".into(),
+                format!("{} is below 1024", h.max_body_bytes),
             ));
         }
     }
@@ -754,6 +949,55 @@ address = "100.64.0.2"
         let e = load(&path).err().ok_or("accepted a bad key")?;
         assert_eq!(e.key, "gateway.private_key_file");
         assert!(!e.to_string().contains("garbage"), "{e}");
+        Ok(())
+    }
+
+    #[test]
+    fn token_sets_hold_hashes_accept_either_token_and_name_bad_lines(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let cfg = dir.path().join("portcullis.toml");
+        let f = dir.path().join("tokens");
+        let new_hash = hex::encode(sha256(b"new-token-0123456789"));
+        std::fs::write(
+            &f,
+            format!("# rotating\nold-token-0123456789\nsha256:{new_hash}\n"),
+        )?;
+        let t = TokenSet::load(&cfg, "scim.token_file", &f)?;
+        assert!(t.verify("old-token-0123456789"));
+        assert!(t.verify("new-token-0123456789"));
+        assert!(!t.verify("old-token-012345678"));
+        assert!(!t.verify(""));
+        assert!(!format!("{t:?}").contains("old-token"));
+        assert_eq!(
+            TokenSet::first_token(&cfg, "admin.token_file", &f)?.0,
+            "old-token-0123456789"
+        );
+        std::fs::write(&f, "short\n")?;
+        let e = TokenSet::load(&cfg, "scim.token_file", &f)
+            .err()
+            .ok_or("accepted")?;
+        assert_eq!(e.key, "scim.token_file");
+        assert!(
+            e.to_string().contains("line 1") && !e.to_string().contains("short"),
+            "{e}"
+        );
+        std::fs::write(&f, "sha256:abcd\n")?;
+        assert!(TokenSet::load(&cfg, "scim.token_file", &f).is_err());
+        std::fs::write(&f, "# nothing\n")?;
+        assert!(TokenSet::load(&cfg, "scim.token_file", &f).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn scim_needs_the_http_listener() -> Result<(), ConfigError> {
+        let e = check(&sample("[scim]\ntoken_file = \"t\"\n")).err();
+        assert_eq!(e.map(|e| e.key), Some("scim".to_string()));
+        let l = check(&sample(
+            "[http]\nlisten = \"127.0.0.1:8080\"\n[scim]\ntoken_file = \"t\"\n",
+        ))?;
+        assert_eq!(l.config.http.map(|h| h.max_body_bytes), Some(1 << 20));
+        assert_eq!(l.config.identity.database, PathBuf::from("identity.db"));
         Ok(())
     }
 }
