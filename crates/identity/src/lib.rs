@@ -101,20 +101,23 @@ impl Identity {
 
     /// Plans a change on the current directory, persists it, applies it and waits until
     /// the core has applied the resulting access changes.
-    pub async fn change(
+    ///
+    /// `plan` runs under the directory lock, so a read-modify-write (a SCIM PATCH) cannot
+    /// lose a concurrent change; its error type is the caller's.
+    pub async fn change<E: From<IdentityError>>(
         &self,
         source: &str,
         requested: Instant,
         requested_at: DateTime<Utc>,
-        plan: impl FnOnce(&Directory, DateTime<Utc>) -> Result<Mutation, DirectoryError>,
-    ) -> Result<Committed, IdentityError> {
+        plan: impl FnOnce(&Directory, DateTime<Utc>) -> Result<Mutation, E>,
+    ) -> Result<Committed, E> {
         let done = {
             let mut state = self.lock();
             let m = plan(&state.directory, requested_at)?;
             if m.is_empty() {
                 return Ok(Committed::default());
             }
-            state.store.commit(&m)?;
+            state.store.commit(&m).map_err(IdentityError::from)?;
             let mut committed = Committed {
                 users: m.users.iter().map(|u| u.id).collect(),
                 groups: m.groups.iter().map(|g| g.id).collect(),

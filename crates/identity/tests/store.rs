@@ -11,7 +11,9 @@
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
-use portcullis_identity::{Directory, Group, Identity, SqliteStore, User};
+use portcullis_identity::{
+    Directory, DirectoryError, Group, Identity, IdentityError, Mutation, SqliteStore, User,
+};
 use portcullis_model::ChangeKind;
 use uuid::Uuid;
 
@@ -29,6 +31,10 @@ fn user(name: &str) -> User {
         modified: DateTime::<Utc>::UNIX_EPOCH,
         version: 0,
     }
+}
+
+fn ok(m: Result<Mutation, DirectoryError>) -> Result<Mutation, IdentityError> {
+    Ok(m?)
 }
 
 #[tokio::test]
@@ -55,20 +61,20 @@ async fn committed_changes_survive_a_reopen_and_reach_the_core_in_order() {
     let now = Utc::now();
     let alice = identity
         .change("scim", Instant::now(), now, |d, now| {
-            d.plan_create_user(user("alice"), now)
+            ok(d.plan_create_user(user("alice"), now))
         })
         .await
         .unwrap()
         .users[0];
     identity
         .change("scim", Instant::now(), now, |d, now| {
-            d.plan_create_user(user("bob"), now)
+            ok(d.plan_create_user(user("bob"), now))
         })
         .await
         .unwrap();
     identity
         .change("scim", Instant::now(), now, |d, now| {
-            d.plan_create_group(
+            ok(d.plan_create_group(
                 Group {
                     id: Uuid::nil(),
                     display_name: "sre".into(),
@@ -80,14 +86,14 @@ async fn committed_changes_survive_a_reopen_and_reach_the_core_in_order() {
                     version: 0,
                 },
                 now,
-            )
+            ))
         })
         .await
         .unwrap();
     let bob = identity.read(|d| d.user_by_name("bob").unwrap().id);
     identity
         .change("scim", Instant::now(), now, |d, now| {
-            d.plan_delete_user(&bob, now)
+            ok(d.plan_delete_user(&bob, now))
         })
         .await
         .unwrap();
