@@ -13,6 +13,7 @@
 //! pipeline (a full queue refuses, counts and blocks new flows).
 
 mod datapath;
+pub mod http;
 
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
@@ -31,9 +32,12 @@ use tokio::net::UdpSocket;
 use tokio::signal::unix::{signal, SignalKind};
 
 /// Builds the gateway core from a loaded configuration.
+/// `directory_users` are the active users of the identity store (next to the
+/// configuration file's `[[user]]`s).
 pub fn build_gateway(
     loaded: &Loaded,
     bundle: Arc<PolicyBundle>,
+    directory_users: Vec<Principal>,
     now: Instant,
 ) -> anyhow::Result<Gateway> {
     let c = &loaded.config;
@@ -61,6 +65,7 @@ pub fn build_gateway(
             groups: u.groups.clone(),
             tags: u.tags.clone(),
         })
+        .chain(directory_users)
         .collect();
     let mut gw = Gateway::new(
         GatewayConfig {
@@ -177,7 +182,41 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     ) {
         tracing::warn!(group = %g, "policies name a group no configured user has (a typo, or provided by an identity source?)");
     }
-    let mut gw = build_gateway(&loaded, Arc::new(bundle), Instant::now())?;
+    let (identity, mut apply_rx) = open_identity(&loaded)?;
+    let directory_users = identity
+        .as_ref()
+        .map(|i| i.read(|d| d.principals()))
+        .unwrap_or_default();
+    let mut gw = build_gateway(&loaded, Arc::new(bundle), directory_users, Instant::now())?;
+    let (admin_tx, mut admin_rx) = tokio::sync::mpsc::unbounded_channel();
+    let tokens = load_tokens(&loaded)?;
+    if let Some(h) = &c.http {
+        let mut app = axum::Router::new();
+        if let (Some(identity), Some(t)) = (&identity, &tokens.scim) {
+            app = app.merge(portcullis_scim::router(portcullis_scim::ScimState {
+                identity: identity.clone(),
+                tokens: t.clone(),
+            }));
+        }
+        if let Some(t) = &tokens.admin {
+            app = app.merge(http::admin_router(
+                t.clone(),
+                identity.clone(),
+                admin_tx.clone(),
+            ));
+        }
+        let app = app.layer(axum::extract::DefaultBodyLimit::max(h.max_body_bytes));
+        let listener = tokio::net::TcpListener::bind(h.listen)
+            .await
+            .with_context(|| format!("binding [http] listen {}", h.listen))?;
+        tracing::info!(listen = %listener.local_addr()?, scim = tokens.scim.is_some(), admin = tokens.admin.is_some(), "http up");
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!("http listener stopped: {e}");
+            }
+        });
+    }
+    drop(admin_tx);
     let (audit, recovery) = Pipeline::start(pipeline_config(&loaded)?)?;
     if let Some(r) = recovery {
         tracing::info!(
@@ -229,7 +268,36 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
                     log_stats(&gw, &dp.stats, &audit);
                 }
             }
-            _ = hup.recv() => reload(&mut gw, &loaded),
+            Some(apply) = apply_rx.recv() => {
+                let now = Instant::now();
+                for change in apply.changes {
+                    let user = change.user.clone();
+                    match gw.handle_identity_change(now, change, apply.requested, apply.requested_at) {
+                        Ok(o) if o.sessions_cut + o.flows_cut > 0 || o.latency.as_nanos() > 0 => tracing::info!(
+                            %user, sessions_cut = o.sessions_cut, flows_cut = o.flows_cut,
+                            latency_us = o.latency.as_micros() as u64, "identity change applied"),
+                        Ok(_) => tracing::info!(%user, "identity change applied"),
+                        // Fail closed: a change the policy entities refuse revokes the user.
+                        Err(e) => {
+                            tracing::error!(%user, "identity change refused by the policy entities ({e}); revoking the user");
+                            let _ = gw.handle_identity_change(now, portcullis_model::IdentityChange {
+                                source: "gateway".into(),
+                                user,
+                                kind: portcullis_model::ChangeKind::Deactivated,
+                                principal: None,
+                            }, apply.requested, apply.requested_at);
+                        }
+                    }
+                }
+                // Resets and events out before the source hears "done".
+                flush(&mut gw, &mut dp, &audit, fail_closed).await;
+                let _ = apply.done.send(());
+            }
+            Some(cmd) = admin_rx.recv() => admin(&mut gw, &loaded, identity.as_deref(), cmd),
+            _ = hup.recv() => {
+                reload(&mut gw, &loaded);
+                reload_tokens(&loaded, &tokens);
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -242,6 +310,183 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     // Write what is queued; give the uploader a moment; the rest stays in the spool.
     audit.shutdown(Duration::from_secs(5));
     Ok(())
+}
+
+/// Opens the identity store when an identity source (SCIM, the admin API) is configured.
+fn open_identity(
+    loaded: &Loaded,
+) -> anyhow::Result<(
+    Option<Arc<portcullis_identity::Identity>>,
+    tokio::sync::mpsc::UnboundedReceiver<portcullis_identity::Apply>,
+)> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let c = &loaded.config;
+    if c.scim.is_none() && c.admin.is_none() {
+        return Ok((None, rx));
+    }
+    let (store, users, groups) = portcullis_identity::SqliteStore::open(&c.identity.database)?;
+    let mut directory = portcullis_identity::Directory::from_records(users, groups);
+    directory.set_reserved(c.users.iter().map(|u| u.name.clone()));
+    for u in directory.users() {
+        if c.users
+            .iter()
+            .any(|cu| cu.name.eq_ignore_ascii_case(&u.user_name))
+        {
+            tracing::warn!(user = %u.user_name, "a [[user]] in the configuration file shadows the identity store's user of the same name");
+        }
+    }
+    tracing::info!(
+        database = %c.identity.database.display(),
+        users = directory.users().count(),
+        groups = directory.groups().count(),
+        "identity store opened"
+    );
+    Ok((
+        Some(Arc::new(portcullis_identity::Identity::new(
+            directory, store, tx,
+        ))),
+        rx,
+    ))
+}
+
+#[derive(Default)]
+struct Tokens {
+    scim: Option<Arc<std::sync::RwLock<portcullis_config::TokenSet>>>,
+    admin: Option<Arc<std::sync::RwLock<portcullis_config::TokenSet>>>,
+}
+
+fn load_tokens(loaded: &Loaded) -> anyhow::Result<Tokens> {
+    let c = &loaded.config;
+    let load = |key: &str, file: &std::path::Path| -> anyhow::Result<_> {
+        Ok(Arc::new(std::sync::RwLock::new(
+            portcullis_config::TokenSet::load(&loaded.path, key, file)?,
+        )))
+    };
+    Ok(Tokens {
+        scim: c
+            .scim
+            .as_ref()
+            .map(|s| load("scim.token_file", &s.token_file))
+            .transpose()?,
+        admin: c
+            .admin
+            .as_ref()
+            .map(|a| load("admin.token_file", &a.token_file))
+            .transpose()?,
+    })
+}
+
+/// Re-reads the token files (rotation); a file that fails to load keeps the old tokens.
+fn reload_tokens(loaded: &Loaded, tokens: &Tokens) {
+    let c = &loaded.config;
+    let pairs = [
+        (
+            tokens.scim.as_ref(),
+            c.scim.as_ref().map(|s| &s.token_file),
+            "scim.token_file",
+        ),
+        (
+            tokens.admin.as_ref(),
+            c.admin.as_ref().map(|a| &a.token_file),
+            "admin.token_file",
+        ),
+    ];
+    for (slot, file, key) in pairs {
+        let (Some(slot), Some(file)) = (slot, file) else {
+            continue;
+        };
+        match portcullis_config::TokenSet::load(&loaded.path, key, file) {
+            Ok(set) => {
+                if let Ok(mut w) = slot.write() {
+                    *w = set;
+                }
+                tracing::info!(key, "tokens reloaded");
+            }
+            Err(e) => tracing::error!("tokens not reloaded, the previous ones stay valid: {e}"),
+        }
+    }
+}
+
+fn admin(
+    gw: &mut Gateway,
+    loaded: &Loaded,
+    identity: Option<&portcullis_identity::Identity>,
+    cmd: http::AdminCommand,
+) {
+    use http::AdminCommand;
+    match cmd {
+        AdminCommand::Sessions(tx) => {
+            let _ = tx.send(gw.sessions());
+        }
+        AdminCommand::KillSession(id, tx) => {
+            let killed = gw.handle_session_kill(Instant::now(), id, "killed by admin");
+            if killed {
+                tracing::info!(session = id, "admin: session killed");
+            }
+            let _ = tx.send(killed);
+        }
+        AdminCommand::Users(tx) => {
+            let sessions = gw.sessions();
+            let rows = gw
+                .enforcer()
+                .engine()
+                .users()
+                .map(|p| {
+                    let in_config = loaded.config.users.iter().any(|u| u.name == p.name);
+                    let source = if in_config {
+                        "config".to_string()
+                    } else {
+                        identity
+                            .and_then(|i| {
+                                i.read(|d| d.user_by_name(&p.name).map(|u| u.source.clone()))
+                            })
+                            .unwrap_or_default()
+                    };
+                    http::UserRow {
+                        name: p.name.clone(),
+                        source,
+                        active: true,
+                        groups: p.groups.clone(),
+                        tags: p.tags.clone(),
+                        devices: gw
+                            .peers()
+                            .filter(|(u, _, _)| *u == p.name)
+                            .map(|(_, d, _)| d.to_string())
+                            .collect(),
+                        sessions: sessions.iter().filter(|s| s.user == p.name).count(),
+                    }
+                })
+                .collect();
+            let _ = tx.send(rows);
+        }
+        AdminCommand::DisableConfigUser {
+            name,
+            actor,
+            requested,
+            requested_at,
+            done,
+        } => {
+            let known = gw.enforcer().engine().user(&name).is_some();
+            if known {
+                let r = gw.handle_identity_change(
+                    Instant::now(),
+                    portcullis_model::IdentityChange {
+                        source: actor,
+                        user: name.clone(),
+                        kind: portcullis_model::ChangeKind::Deactivated,
+                        principal: None,
+                    },
+                    requested,
+                    requested_at,
+                );
+                if let Err(e) = r {
+                    tracing::error!(user = %name, "admin disable: {e}");
+                }
+                tracing::info!(user = %name, "admin: user disabled");
+            }
+            let _ = done.send(known);
+        }
+    }
 }
 
 /// The audit pipeline's settings from the configuration.

@@ -4,6 +4,8 @@
 //! - `portcullis policy validate|test|explain|bench`: policy tooling (for a policy repo's CI).
 //! - `portcullis audit migrate|query|verify|serve --config FILE`: the audit trail in
 //!   ClickHouse (schema, auditor queries and reports, chain verification, HTTP API).
+//! - `portcullis users list|disable NAME` / `portcullis sessions list|kill ID`: offboarding,
+//!   through the running gateway's admin API.
 //! - `portcullis check-config --config FILE`: check a configuration file.
 //! - `portcullis keygen` / `portcullis pubkey`: WireGuard keys, like `wg genkey` / `wg pubkey`.
 //!
@@ -18,6 +20,7 @@ use anyhow::Context as _;
 use base64::Engine as _;
 use clap::{Parser, Subcommand};
 
+mod admin_cmd;
 mod audit_cmd;
 mod policy_cmd;
 
@@ -66,6 +69,16 @@ enum Command {
     Audit {
         #[command(subcommand)]
         command: audit_cmd::AuditCommand,
+    },
+    /// Users of the running gateway: list, disable (revokes at once).
+    Users {
+        #[command(subcommand)]
+        command: admin_cmd::UsersCommand,
+    },
+    /// Sessions of the running gateway: list, kill.
+    Sessions {
+        #[command(subcommand)]
+        command: admin_cmd::SessionsCommand,
     },
     /// Print a new WireGuard private key (base64).
     Keygen,
@@ -134,6 +147,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Policy { command } => policy_cmd::run(command),
         Command::Audit { command } => audit_cmd::run(command),
+        Command::Users { command } => admin_cmd::users(command),
+        Command::Sessions { command } => admin_cmd::sessions(command),
         Command::Keygen => {
             let secret = boringtun_secret();
             println!(

@@ -1,0 +1,199 @@
+//! `portcullis users ...` and `portcullis sessions ...`: offboarding commands that talk to
+//! the running gateway's admin API (`[http] listen`, token from `[admin] token_file`).
+
+// Indexing a serde_json Value by key yields Null for a missing key; it never panics.
+#![allow(clippy::indexing_slicing)]
+
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context as _};
+use clap::Subcommand;
+use serde_json::Value;
+
+#[derive(Subcommand)]
+pub enum UsersCommand {
+    /// Every user the gateway knows: source, groups, devices, live sessions.
+    List {
+        #[arg(long, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revokes a user at once: every session and flow is cut before this returns.
+    Disable {
+        name: String,
+        #[arg(long, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum SessionsCommand {
+    /// Live sessions.
+    List {
+        #[arg(long, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ends one session and cuts its flows (the device may connect again if allowed).
+    Kill {
+        id: u64,
+        #[arg(long, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+pub fn users(cmd: UsersCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        UsersCommand::List { config, json } => {
+            let v = call(&config, "GET", "/admin/v1/users")?;
+            if json {
+                println!("{v}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "{:<24} {:<8} {:<7} {:<30} {:>7} {:>8}",
+                "USER", "SOURCE", "ACTIVE", "GROUPS", "DEVICES", "SESSIONS"
+            );
+            for u in v.as_array().into_iter().flatten() {
+                let list = |k: &str| {
+                    u[k].as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(Value::as_str)
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        })
+                        .unwrap_or_default()
+                };
+                println!(
+                    "{:<24} {:<8} {:<7} {:<30} {:>7} {:>8}",
+                    u["name"].as_str().unwrap_or(""),
+                    u["source"].as_str().unwrap_or(""),
+                    u["active"].as_bool().unwrap_or(false),
+                    list("groups"),
+                    u["devices"].as_array().map_or(0, Vec::len),
+                    u["sessions"].as_u64().unwrap_or(0),
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        UsersCommand::Disable { name, config } => {
+            let v = call(
+                &config,
+                "POST",
+                &format!("/admin/v1/users/{}/disable", encode(&name)),
+            )?;
+            println!("{name}: disabled");
+            if let Some(note) = v["note"].as_str() {
+                eprintln!("note: {note}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+pub fn sessions(cmd: SessionsCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        SessionsCommand::List { config, json } => {
+            let v = call(&config, "GET", "/admin/v1/sessions")?;
+            if json {
+                println!("{v}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "{:<18} {:<20} {:<22} {:<25} {:>12} {:>12}",
+                "ID", "USER", "ENDPOINT", "STARTED", "RX_BYTES", "TX_BYTES"
+            );
+            for s in v.as_array().into_iter().flatten() {
+                println!(
+                    "{:<18} {:<20} {:<22} {:<25} {:>12} {:>12}",
+                    s["id"].as_u64().unwrap_or(0),
+                    s["user"].as_str().unwrap_or(""),
+                    s["endpoint"].as_str().unwrap_or(""),
+                    s["started"].as_str().unwrap_or(""),
+                    s["rx_bytes"].as_u64().unwrap_or(0),
+                    s["tx_bytes"].as_u64().unwrap_or(0),
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        SessionsCommand::Kill { id, config } => {
+            call(&config, "POST", &format!("/admin/v1/sessions/{id}/kill"))?;
+            println!("session {id}: killed");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Percent-encodes a path segment.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'@' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// One request to the admin API over plain HTTP/1.1; errors carry the API's message.
+fn call(config: &Path, method: &str, path: &str) -> anyhow::Result<Value> {
+    let loaded = portcullis_config::load_unkeyed(config)?;
+    let c = &loaded.config;
+    let http = c.http.as_ref().ok_or_else(|| {
+        anyhow!(
+            "{}: no [http] listen: the admin API is not enabled",
+            config.display()
+        )
+    })?;
+    let admin = c.admin.as_ref().ok_or_else(|| {
+        anyhow!(
+            "{}: no [admin] token_file: the admin API is not enabled",
+            config.display()
+        )
+    })?;
+    let token = portcullis_config::TokenSet::first_token(
+        &loaded.path,
+        "admin.token_file",
+        &admin.token_file,
+    )?;
+    let mut addr = http.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let mut stream =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5)).with_context(|| {
+            format!("connecting to the gateway's admin API at {addr} (is the gateway running?)")
+        })?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        token.0
+    )?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("malformed answer from {addr}"))?;
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("malformed status line from {addr}"))?;
+    let value: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    if !(200..300).contains(&status) {
+        let msg = value["error"].as_str().unwrap_or(body.trim());
+        return Err(anyhow!("{method} {path}: {status}: {msg}"));
+    }
+    Ok(value)
+}
