@@ -272,3 +272,261 @@ fn ipv6_flows_are_decided_and_forwarded_like_ipv4() {
     })
     .unwrap();
 }
+
+const SCIM_TOKEN: &str = "scim-token-0123456789abcdef";
+const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef";
+
+/// One HTTP request to the gateway's listener, made from inside its namespace.
+fn http(lab: &Lab, method: &str, path: &str, token: &str, body: &str) -> (u16, Value) {
+    let (method, path, token, body) = (
+        method.to_string(),
+        path.to_string(),
+        token.to_string(),
+        body.to_string(),
+    );
+    portcullis_e2e::in_ns(&lab.ns_gw, move || {
+        let mut s = std::net::TcpStream::connect("127.0.0.1:18080").unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\nContent-Type: application/scim+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let (head, body) = out.split_once("\r\n\r\n").unwrap();
+        let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+        (status, serde_json::from_str(body).unwrap_or(Value::Null))
+    })
+    .unwrap()
+}
+
+fn identity_lab() -> Lab {
+    Lab::start(LabOptions {
+        alice_from_identity_source: true,
+        extra_config: "[http]\nlisten = \"127.0.0.1:18080\"\n[scim]\ntoken_file = \"scim.token\"\n[admin]\ntoken_file = \"admin.token\"\n".into(),
+        files: vec![
+            ("scim.token".into(), format!("{SCIM_TOKEN}\n")),
+            ("admin.token".into(), format!("{ADMIN_TOKEN}\n")),
+        ],
+        ..LabOptions::default()
+    })
+    .unwrap()
+}
+
+/// What Okta and Entra ID do, end to end through a real wireguard-go tunnel: create a user,
+/// add it to sre (reaches prod), deactivate it (the established connection dies, the
+/// tunnel carries nothing more), delete it, re-create the same userName (no access).
+#[test]
+fn scim_grants_and_deactivation_cuts_a_live_connection() {
+    let lab = identity_lab();
+    // No user yet: the device gets no handshake answer.
+    assert!(!lab.ping(&lab.alice, "10.8.0.2"));
+    let (status, _) = http(&lab, "GET", "/scim/v2/Users", "wrong-token-0123456789", "");
+    assert_eq!(status, 401);
+    let (status, e) = http(
+        &lab,
+        "POST",
+        "/scim/v2/Users",
+        SCIM_TOKEN,
+        "{\"userName\": ",
+    );
+    assert_eq!(
+        (status, e["scimType"].as_str()),
+        (400, Some("invalidSyntax"))
+    );
+    let (status, e) = http(
+        &lab,
+        "POST",
+        "/scim/v2/Users",
+        SCIM_TOKEN,
+        r#"{"userName": "x", "colour": 1}"#,
+    );
+    assert_eq!(status, 400);
+    assert!(e["detail"].as_str().unwrap().contains("colour"));
+
+    let (status, user) = http(
+        &lab,
+        "POST",
+        "/scim/v2/Users",
+        SCIM_TOKEN,
+        r#"{"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": "alice", "externalId": "00u1",
+            "name": {"givenName": "Alice"}, "emails": [{"value": "alice@example.com", "primary": true}], "active": true}"#,
+    );
+    assert_eq!(status, 201, "{user}");
+    let id = user["id"].as_str().unwrap().to_string();
+    let (status, found) = http(
+        &lab,
+        "GET",
+        "/scim/v2/Users?filter=userName%20eq%20%22ALICE%22",
+        SCIM_TOKEN,
+        "",
+    );
+    assert_eq!((status, found["totalResults"].as_u64()), (200, Some(1)));
+    let (status, group) = http(
+        &lab,
+        "POST",
+        "/scim/v2/Groups",
+        SCIM_TOKEN,
+        &format!(r#"{{"displayName": "sre", "members": [{{"value": "{id}"}}]}}"#),
+    );
+    assert_eq!(status, 201, "{group}");
+    let group_id = group["id"].as_str().unwrap().to_string();
+
+    // wireguard-go retries its handshake every 5 s.
+    portcullis_e2e::wait_until(Duration::from_secs(20), || {
+        Ok(lab.ping(&lab.alice, "10.8.0.2"))
+    })
+    .unwrap();
+    let mut s = lab
+        .connect(&lab.alice, addr("10.8.0.2:22"), Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(echo_round_trip(&mut s, b"granted").unwrap(), b"granted");
+
+    // Entra ID deactivates with a string boolean and no path.
+    let (status, off) = http(
+        &lab,
+        "PATCH",
+        &format!("/scim/v2/Users/{id}"),
+        SCIM_TOKEN,
+        r#"{"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"], "Operations": [{"op": "Replace", "value": {"active": "False"}}]}"#,
+    );
+    assert_eq!(
+        (status, off["active"].as_bool()),
+        (200, Some(false)),
+        "{off}"
+    );
+    // Applied before the answer: the reset is already on its way.
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = [0u8; 16];
+    match s.read(&mut buf) {
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        other => panic!("expected a reset, got {other:?}"),
+    }
+    assert!(!lab.ping(&lab.alice, "10.8.0.2"));
+    let revoked = lab
+        .wait_event(Duration::from_secs(2), |e| is(e, "user_revoked"))
+        .unwrap();
+    assert_eq!(
+        (revoked["user"].as_str(), revoked["source"].as_str()),
+        (Some("alice"), Some("scim"))
+    );
+    assert_eq!(revoked["sessions_cut"], 1);
+    assert!(revoked["latency_us"].as_u64().unwrap() < 1_000_000);
+
+    // The admin CLI sees her as inactive.
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.ns_gw])
+        .arg(portcullis_e2e::portcullis_bin().unwrap())
+        .args(["users", "list", "--json", "--config"])
+        .arg(lab.config_path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let users: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let alice = users
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["name"] == "alice")
+        .unwrap();
+    assert_eq!(alice["active"], false);
+
+    // Deleted, then created again under the same name: a new user without the old grants.
+    let (status, _) = http(
+        &lab,
+        "DELETE",
+        &format!("/scim/v2/Users/{id}"),
+        SCIM_TOKEN,
+        "",
+    );
+    assert_eq!(status, 204);
+    let (status, again) = http(
+        &lab,
+        "POST",
+        "/scim/v2/Users",
+        SCIM_TOKEN,
+        r#"{"userName": "alice"}"#,
+    );
+    assert_eq!(status, 201);
+    assert_ne!(again["id"].as_str().unwrap(), id);
+    let (_, group) = http(
+        &lab,
+        "GET",
+        &format!("/scim/v2/Groups/{group_id}"),
+        SCIM_TOKEN,
+        "",
+    );
+    assert_eq!(group["members"], serde_json::json!([]));
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(
+        !lab.ping(&lab.alice, "10.8.0.2"),
+        "re-created alice reached prod"
+    );
+}
+
+/// `portcullis users disable` revokes a user of the configuration file at once;
+/// `sessions list` and `sessions kill` see and end live sessions.
+#[test]
+fn admin_cli_disables_a_user_and_kills_a_session() {
+    let lab = identity_lab();
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &lab.ns_gw])
+            .arg(portcullis_e2e::portcullis_bin().unwrap())
+            .args(args)
+            .arg("--config")
+            .arg(lab.config_path())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let mut first = lab
+        .connect(&lab.bob, addr("10.9.0.2:443"), Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(echo_round_trip(&mut first, b"one").unwrap(), b"one");
+    let (ok, out, err) = cli(&["sessions", "list", "--json"]);
+    assert!(ok, "{err}");
+    let sessions: Value = serde_json::from_str(&out).unwrap();
+    let bob = sessions
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["user"] == "bob")
+        .unwrap();
+    let (ok, _, err) = cli(&["sessions", "kill", &bob["id"].to_string()]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(&["sessions", "kill", "12345"]);
+    assert!(!ok && err.contains("no live session 12345"), "{err}");
+    first
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut buf = [0u8; 8];
+    assert!(matches!(first.read(&mut buf), Err(e) if e.kind() == ErrorKind::ConnectionReset));
+    // The device may come back: its keys were dropped, so it handshakes anew.
+    lab.rehandshake(&lab.bob).unwrap();
+    let mut s = lab
+        .connect(&lab.bob, addr("10.9.0.2:443"), Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(echo_round_trip(&mut s, b"bob").unwrap(), b"bob");
+    let (ok, _, err) = cli(&["users", "disable", "bob"]);
+    assert!(ok, "{err}");
+    assert!(err.contains("configuration file"), "{err}");
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = [0u8; 8];
+    assert!(matches!(s.read(&mut buf), Err(e) if e.kind() == ErrorKind::ConnectionReset));
+    let e = lab
+        .wait_event(Duration::from_secs(2), |e| is(e, "user_revoked"))
+        .unwrap();
+    assert_eq!(e["source"], "admin:cli");
+    let (ok, _, err) = cli(&["users", "disable", "nobody"]);
+    assert!(!ok && err.contains("no user"), "{err}");
+}

@@ -173,6 +173,11 @@ pub struct LabOptions {
     pub gateway_log: String,
     /// Where the gateway's stderr goes (None: a file in the lab dir).
     pub gateway_stderr_inherit: bool,
+    /// Leave alice out of the config's `[[user]]`s: her device waits until an identity
+    /// source (SCIM) provides her.
+    pub alice_from_identity_source: bool,
+    /// Files written into the lab directory before the gateway starts (name, content).
+    pub files: Vec<(String, String)>,
 }
 
 impl Default for LabOptions {
@@ -183,6 +188,8 @@ impl Default for LabOptions {
             audit_config: String::new(),
             gateway_log: std::env::var("PORTCULLIS_LAB_LOG").unwrap_or_else(|_| "info".into()),
             gateway_stderr_inherit: false,
+            alice_from_identity_source: false,
+            files: Vec::new(),
         }
     }
 }
@@ -388,6 +395,17 @@ address6 = "fd00:64::3"
             extra = opts.extra_config,
             audit = opts.audit_config,
         );
+        let config = if opts.alice_from_identity_source {
+            config.replace(
+                "[[user]]\nname = \"alice\"\nemail = \"alice@example.com\"\ngroups = [\"sre\"]\ntags = [\"oncall\"]\n",
+                "",
+            )
+        } else {
+            config
+        };
+        for (name, content) in &opts.files {
+            std::fs::write(self.dir.join(name), content)?;
+        }
         std::fs::write(self.config_path(), config)?;
         if opts.gateway == GatewayKind::WireguardGo {
             return self.start_wireguard_go_gateway();
