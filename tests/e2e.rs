@@ -415,13 +415,7 @@ fn scim_grants_and_deactivation_cuts_a_live_connection() {
     assert!(revoked["latency_us"].as_u64().unwrap() < 1_000_000);
 
     // The admin CLI sees her as inactive.
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &lab.ns_gw])
-        .arg(portcullis_e2e::portcullis_bin().unwrap())
-        .args(["users", "list", "--json", "--config"])
-        .arg(lab.config_path())
-        .output()
-        .unwrap();
+    let out = lab.cli_in_gateway_ns(&["users", "list", "--json"]).unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -475,14 +469,7 @@ fn scim_grants_and_deactivation_cuts_a_live_connection() {
 fn admin_cli_disables_a_user_and_kills_a_session() {
     let lab = identity_lab();
     let cli = |args: &[&str]| {
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &lab.ns_gw])
-            .arg(portcullis_e2e::portcullis_bin().unwrap())
-            .args(args)
-            .arg("--config")
-            .arg(lab.config_path())
-            .output()
-            .unwrap();
+        let out = lab.cli_in_gateway_ns(args).unwrap();
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).to_string(),

@@ -720,13 +720,26 @@ address6 = "fd00:64::3"
 
     /// Runs `portcullis audit <args> --config <the lab's config>`.
     pub fn audit(&self, args: &[&str]) -> Result<std::process::Output> {
-        Command::new(portcullis_bin()?)
-            .arg("audit")
-            .args(args)
+        let mut cmd = Command::new(portcullis_bin()?);
+        cmd.arg("audit");
+        self.portcullis(cmd, args)
+    }
+
+    /// Runs `portcullis <args> --config <the lab's config>` inside the gateway's namespace,
+    /// where its `[http] listen` address is (the `users` and `sessions` commands).
+    pub fn cli_in_gateway_ns(&self, args: &[&str]) -> Result<std::process::Output> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns_gw])
+            .arg(portcullis_bin()?);
+        self.portcullis(cmd, args)
+    }
+
+    fn portcullis(&self, mut cmd: Command, args: &[&str]) -> Result<std::process::Output> {
+        cmd.args(args)
             .arg("--config")
             .arg(self.config_path())
             .output()
-            .context("running portcullis audit")
+            .with_context(|| format!("running portcullis {}", args.join(" ")))
     }
 
     /// Makes `127.0.0.1:port` inside the gateway's namespace reach `127.0.0.1:port` of

@@ -389,17 +389,23 @@ impl Gateway {
         }) else {
             return false;
         };
-        let id = PeerId(slot as u32);
-        self.enforcer.handle_peer_removed(now, id);
-        self.flush_injected();
-        self.end_session(id, now, reason);
-        self.reset_tunn(id);
+        self.cut_peer(now, PeerId(slot as u32), reason);
         true
     }
 
     /// Cuts a peer's flows and session and stops it from handshaking. Returns (sessions,
     /// flows) cut.
     fn disable_peer(&mut self, now: Instant, id: PeerId, reason: &str) -> (u64, u64) {
+        let cut = self.cut_peer(now, id, reason);
+        if let Some(peer) = self.peers.get_mut(id.0 as usize).and_then(Option::as_mut) {
+            peer.enabled = false;
+        }
+        cut
+    }
+
+    /// Cuts a peer's flows (resets first, through the tunnel), ends its session and drops
+    /// its WireGuard keys. Returns (sessions, flows) cut.
+    fn cut_peer(&mut self, now: Instant, id: PeerId, reason: &str) -> (u64, u64) {
         let flows = self.enforcer.handle_peer_removed(now, id) as u64;
         // Resets go out through the tunnel before its keys are dropped.
         self.flush_injected();
@@ -410,9 +416,6 @@ impl Gateway {
             .is_some_and(|p| p.session.is_some());
         self.end_session(id, now, reason);
         self.reset_tunn(id);
-        if let Some(peer) = self.peers.get_mut(id.0 as usize).and_then(Option::as_mut) {
-            peer.enabled = false;
-        }
         (u64::from(had_session), flows)
     }
 

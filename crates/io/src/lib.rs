@@ -280,12 +280,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
                         // Fail closed: a change the policy entities refuse revokes the user.
                         Err(e) => {
                             tracing::error!(%user, "identity change refused by the policy entities ({e}); revoking the user");
-                            let _ = gw.handle_identity_change(now, portcullis_model::IdentityChange {
-                                source: "gateway".into(),
-                                user,
-                                kind: portcullis_model::ChangeKind::Deactivated,
-                                principal: None,
-                            }, apply.requested, apply.requested_at);
+                            let _ = gw.handle_identity_change(now, portcullis_model::IdentityChange::revoked("gateway", user), apply.requested, apply.requested_at);
                         }
                     }
                 }
@@ -470,12 +465,7 @@ fn admin(
             if known {
                 let r = gw.handle_identity_change(
                     Instant::now(),
-                    portcullis_model::IdentityChange {
-                        source: actor,
-                        user: name.clone(),
-                        kind: portcullis_model::ChangeKind::Deactivated,
-                        principal: None,
-                    },
+                    portcullis_model::IdentityChange::revoked(actor, name.clone()),
                     requested,
                     requested_at,
                 );

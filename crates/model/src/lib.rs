@@ -99,6 +99,18 @@ pub struct IdentityChange {
     pub principal: Option<Principal>,
 }
 
+impl IdentityChange {
+    /// Takes all access from `user` (a disable, or fail-closed handling of a refused change).
+    pub fn revoked(source: impl Into<String>, user: impl Into<String>) -> IdentityChange {
+        IdentityChange {
+            source: source.into(),
+            user: user.into(),
+            kind: ChangeKind::Deactivated,
+            principal: None,
+        }
+    }
+}
+
 /// What kind of change an [`IdentityChange`] is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -129,7 +129,8 @@ fn parse_id(id: &str, kind: &str) -> Result<Uuid, ScimError> {
     Uuid::parse_str(id).map_err(|_| ScimError::new(404, None, format!("no {kind} with id {id:?}")))
 }
 
-fn blank_user() -> User {
+/// A user before a resource's attributes are read into it.
+pub(crate) fn blank_user() -> User {
     User {
         id: Uuid::nil(),
         user_name: String::new(),
@@ -145,7 +146,7 @@ fn blank_user() -> User {
     }
 }
 
-fn blank_group() -> Group {
+pub(crate) fn blank_group() -> Group {
     Group {
         id: Uuid::nil(),
         display_name: String::new(),
@@ -190,6 +191,15 @@ fn param<'a>(params: &'a HashMap<String, String>, name: &str) -> Option<&'a str>
         .iter()
         .find(|(k, _)| k.eq_ignore_ascii_case(name))
         .map(|(_, v)| v.as_str())
+}
+
+/// Whether a group's `members` belong in the answer (Entra ID asks without them, with
+/// `excludedAttributes=members`).
+fn wants_members(params: &HashMap<String, String>) -> bool {
+    !param(params, "excludedAttributes").is_some_and(|x| {
+        x.split(',')
+            .any(|a| a.trim().eq_ignore_ascii_case("members"))
+    })
 }
 
 fn user_matches(d: &Directory, u: &User, t: &filter::Term) -> Result<bool, ScimError> {
@@ -271,21 +281,46 @@ async fn get_user(
         .ok_or_else(|| DirectoryError::NoSuchUser(id.to_string()).into())
 }
 
+/// The resource as stored after a change, with its `Location`. `kind` is `User` or
+/// `Group`; `render` reads it from the directory.
+fn respond(
+    s: &ScimState,
+    kind: &str,
+    id: Option<&Uuid>,
+    status: StatusCode,
+    render: impl FnOnce(&Directory, &Uuid) -> Option<Value>,
+) -> Result<Response, ScimError> {
+    let lower = kind.to_ascii_lowercase();
+    let id = id.ok_or_else(|| ScimError::internal(format!("no {lower} written")))?;
+    let v = s
+        .identity
+        .read(|d| render(d, id))
+        .ok_or_else(|| ScimError::internal(format!("the {lower} vanished")))?;
+    let mut r = scim_json(status, &v);
+    if let Ok(loc) = HeaderValue::from_str(&format!("/scim/v2/{kind}s/{id}")) {
+        r.headers_mut().insert(header::LOCATION, loc);
+    }
+    Ok(r)
+}
+
 fn respond_user(
     s: &ScimState,
     id: Option<&Uuid>,
     status: StatusCode,
 ) -> Result<Response, ScimError> {
-    let id = id.ok_or_else(|| ScimError::internal("no user written".into()))?;
-    let v = s
-        .identity
-        .read(|d| d.user(id).map(|u| user_json(d, u)))
-        .ok_or_else(|| ScimError::internal("the user vanished".into()))?;
-    let mut r = scim_json(status, &v);
-    if let Ok(loc) = HeaderValue::from_str(&format!("/scim/v2/Users/{id}")) {
-        r.headers_mut().insert(header::LOCATION, loc);
-    }
-    Ok(r)
+    respond(s, "User", id, status, |d, id| {
+        d.user(id).map(|u| user_json(d, u))
+    })
+}
+
+fn respond_group(
+    s: &ScimState,
+    id: Option<&Uuid>,
+    status: StatusCode,
+) -> Result<Response, ScimError> {
+    respond(s, "Group", id, status, |d, id| {
+        d.group(id).map(|g| group_json(d, g, true))
+    })
 }
 
 async fn create_user(
@@ -371,10 +406,7 @@ async fn list_groups(
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ScimError> {
     let terms = terms(&params)?;
-    let with_members = !param(&params, "excludedAttributes").is_some_and(|x| {
-        x.split(',')
-            .any(|a| a.trim().eq_ignore_ascii_case("members"))
-    });
+    let with_members = wants_members(&params);
     let found = s.identity.read(|d| -> Result<Vec<Value>, ScimError> {
         let mut out = Vec::new();
         for g in d.groups() {
@@ -397,31 +429,11 @@ async fn get_group(
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ScimError> {
     let id = parse_id(&id, "group")?;
-    let with_members = !param(&params, "excludedAttributes").is_some_and(|x| {
-        x.split(',')
-            .any(|a| a.trim().eq_ignore_ascii_case("members"))
-    });
+    let with_members = wants_members(&params);
     s.identity
         .read(|d| d.group(&id).map(|g| group_json(d, g, with_members)))
         .map(|v| scim_json(StatusCode::OK, &v))
         .ok_or_else(|| DirectoryError::NoSuchGroup(id.to_string()).into())
-}
-
-fn respond_group(
-    s: &ScimState,
-    id: Option<&Uuid>,
-    status: StatusCode,
-) -> Result<Response, ScimError> {
-    let id = id.ok_or_else(|| ScimError::internal("no group written".into()))?;
-    let v = s
-        .identity
-        .read(|d| d.group(id).map(|g| group_json(d, g, true)))
-        .ok_or_else(|| ScimError::internal("the group vanished".into()))?;
-    let mut r = scim_json(status, &v);
-    if let Ok(loc) = HeaderValue::from_str(&format!("/scim/v2/Groups/{id}")) {
-        r.headers_mut().insert(header::LOCATION, loc);
-    }
-    Ok(r)
 }
 
 async fn create_group(

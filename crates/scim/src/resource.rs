@@ -543,20 +543,7 @@ mod tests {
         .unwrap();
         assert_eq!(r["active"], "False");
         r.as_object_mut().unwrap().remove("members");
-        let base = portcullis_identity::User {
-            id: Uuid::nil(),
-            user_name: String::new(),
-            external_id: None,
-            display_name: None,
-            email: String::new(),
-            active: true,
-            tags: vec![],
-            source: "scim".into(),
-            created: DateTime::<Utc>::UNIX_EPOCH,
-            modified: DateTime::<Utc>::UNIX_EPOCH,
-            version: 0,
-        };
-        let u = user_from_json(&r, base).unwrap();
+        let u = user_from_json(&r, crate::blank_user()).unwrap();
         assert!(!u.active);
         assert_eq!(u.email, "a@x");
     }
@@ -620,16 +607,7 @@ mod tests {
     fn unknown_attributes_are_refused_by_name() {
         let e = group_from_json(
             &json!({"displayName": "sre", "colour": "red"}),
-            Group {
-                id: Uuid::nil(),
-                display_name: String::new(),
-                external_id: None,
-                members: BTreeSet::new(),
-                source: "scim".into(),
-                created: DateTime::<Utc>::UNIX_EPOCH,
-                modified: DateTime::<Utc>::UNIX_EPOCH,
-                version: 0,
-            },
+            crate::blank_group(),
         )
         .unwrap_err();
         assert!(e.detail.contains("colour"), "{}", e.detail);
