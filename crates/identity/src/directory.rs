@@ -98,7 +98,7 @@ pub struct Directory {
     reserved: BTreeSet<String>,
 }
 
-fn fold(name: &str) -> String {
+pub(crate) fn fold(name: &str) -> String {
     name.to_lowercase()
 }
 
@@ -141,6 +141,11 @@ impl Directory {
     /// Names of users the configuration file defines (case-folded on compare).
     pub fn set_reserved(&mut self, names: impl IntoIterator<Item = String>) {
         self.reserved = names.into_iter().map(|n| fold(&n)).collect();
+    }
+
+    /// Whether the configuration file defines this user name.
+    pub fn is_reserved(&self, name: &str) -> bool {
+        self.reserved.contains(&fold(name))
     }
 
     pub fn user(&self, id: &Uuid) -> Option<&User> {
@@ -401,32 +406,46 @@ impl Directory {
             })
             .collect();
 
+        // A name index entry is dropped only while it still points at the record: in one
+        // mutation a name may move from one record to another (a rename, a re-creation).
+        fn unindex(index: &mut HashMap<String, Uuid>, name: &str, id: &Uuid) {
+            let key = fold(name);
+            if index.get(&key) == Some(id) {
+                index.remove(&key);
+            }
+        }
+        let removed_names: Vec<(Uuid, String)> = m
+            .removed_users
+            .iter()
+            .filter_map(|id| self.users.get(id).map(|u| (*id, u.user_name.clone())))
+            .collect();
+        for (id, name) in &removed_names {
+            unindex(&mut self.user_by_name, name, id);
+        }
         for u in m.users {
             if let Some(old) = self.users.get(&u.id) {
-                self.user_by_name.remove(&fold(&old.user_name));
+                unindex(&mut self.user_by_name, &old.user_name, &u.id);
             }
             self.user_by_name.insert(fold(&u.user_name), u.id);
             self.users.insert(u.id, u);
         }
         for id in &m.removed_users {
-            if let Some(old) = self.users.remove(id) {
-                self.user_by_name.remove(&fold(&old.user_name));
-            }
+            self.users.remove(id);
             for g in self.groups.values_mut() {
                 g.members.remove(id);
             }
         }
+        for id in &m.removed_groups {
+            if let Some(old) = self.groups.remove(id) {
+                unindex(&mut self.group_by_name, &old.display_name, id);
+            }
+        }
         for g in m.groups {
             if let Some(old) = self.groups.get(&g.id) {
-                self.group_by_name.remove(&fold(&old.display_name));
+                unindex(&mut self.group_by_name, &old.display_name, &g.id);
             }
             self.group_by_name.insert(fold(&g.display_name), g.id);
             self.groups.insert(g.id, g);
-        }
-        for id in &m.removed_groups {
-            if let Some(old) = self.groups.remove(id) {
-                self.group_by_name.remove(&fold(&old.display_name));
-            }
         }
 
         let mut changes = Vec::new();

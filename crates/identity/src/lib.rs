@@ -18,6 +18,7 @@
 
 pub mod directory;
 pub mod store;
+pub mod sync;
 
 use std::sync::Mutex;
 use std::time::Instant;
@@ -26,6 +27,7 @@ use chrono::{DateTime, Utc};
 pub use directory::{check_name, Directory, DirectoryError, Group, Mutation, User};
 use portcullis_model::IdentityChange;
 pub use store::{SqliteStore, StoreError};
+pub use sync::{SyncPlan, SyncScope, SyncedGroup, SyncedUser};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
