@@ -64,6 +64,103 @@ pub struct Config {
     pub scim: Option<ScimConfig>,
     #[serde(default)]
     pub admin: Option<AdminConfig>,
+    #[serde(default)]
+    pub ldap: Option<LdapConfig>,
+}
+
+/// `[ldap]`: users and groups pushed from an LDAP directory (RFC 4533 refreshAndPersist,
+/// as OpenLDAP's syncprov serves it).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LdapConfig {
+    /// `ldap://host:port`.
+    pub url: String,
+    /// Simple bind; anonymous when absent.
+    #[serde(default)]
+    pub bind_dn: Option<String>,
+    /// Holds the bind password (first line).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    pub user_base: String,
+    #[serde(default = "default_user_filter")]
+    pub user_filter: String,
+    pub group_base: String,
+    #[serde(default = "default_group_filter")]
+    pub group_filter: String,
+    #[serde(default)]
+    pub attributes: LdapAttributes,
+    /// How a disabled account is recognised; without it every listed user is active.
+    #[serde(default)]
+    pub disabled: Option<LdapDisabled>,
+    /// A full re-read of the directory, as a safety net under the push, every this many
+    /// seconds.
+    #[serde(default = "default_reconcile_secs")]
+    pub reconcile_interval_secs: u64,
+    /// A full pass that would take access from more than this share of the directory's
+    /// users (0.0..=1.0) is refused until an administrator approves it
+    /// (`portcullis ldap approve-removal`). A pass that would leave no user is always refused.
+    #[serde(default = "default_max_removal_share")]
+    pub max_removal_share: f64,
+    /// Connect and bind timeout.
+    #[serde(default = "default_ldap_timeout")]
+    pub timeout_secs: u64,
+}
+
+fn default_user_filter() -> String {
+    "(objectClass=inetOrgPerson)".into()
+}
+fn default_group_filter() -> String {
+    "(|(objectClass=groupOfNames)(objectClass=groupOfUniqueNames))".into()
+}
+fn default_reconcile_secs() -> u64 {
+    900
+}
+fn default_max_removal_share() -> f64 {
+    0.2
+}
+fn default_ldap_timeout() -> u64 {
+    10
+}
+
+/// `[ldap.attributes]`: which LDAP attribute holds what.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LdapAttributes {
+    /// The login name policies see (`User::"<value>"`).
+    pub user_name: String,
+    pub email: String,
+    pub display_name: String,
+    /// Multi-valued attribute whose values become the user's tags.
+    pub tags: Option<String>,
+    pub group_name: String,
+    /// The groups' member attribute (DNs of users).
+    pub member: String,
+}
+
+impl Default for LdapAttributes {
+    fn default() -> Self {
+        LdapAttributes {
+            user_name: "uid".into(),
+            email: "mail".into(),
+            display_name: "cn".into(),
+            tags: None,
+            group_name: "cn".into(),
+            member: "member".into(),
+        }
+    }
+}
+
+/// `[ldap.disabled]`: a user is disabled when `attribute` is present and, if `values` is
+/// given, holds one of them (case-insensitive), or, if `bitmask` is given, its integer
+/// value has one of those bits (Active Directory: `userAccountControl`, bitmask 2).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LdapDisabled {
+    pub attribute: String,
+    #[serde(default)]
+    pub values: Vec<String>,
+    #[serde(default)]
+    pub bitmask: Option<u64>,
 }
 
 /// `[http]`: where SCIM (`/scim/v2`) and the admin API (`/admin/v1`) listen.
@@ -524,6 +621,9 @@ pub fn load_unkeyed(path: &Path) -> Result<Loaded, ConfigError> {
     if let Some(admin) = &mut c.admin {
         resolve(&mut admin.token_file);
     }
+    if let Some(f) = c.ldap.as_mut().and_then(|l| l.password_file.as_mut()) {
+        resolve(f);
+    }
     Ok(loaded)
 }
 
@@ -690,6 +790,46 @@ pub fn parse(path: &Path, src: &str) -> Result<Loaded, ConfigError> {
                 "http.max_body_bytes".into(),
                 format!("{} is below 1024", h.max_body_bytes),
             ));
+        }
+    }
+
+    if let Some(l) = &config.ldap {
+        if !l.url.starts_with("ldap://") {
+            let reason = if l.url.starts_with("ldaps://") {
+                format!("{:?}: ldaps:// is not supported yet; use ldap:// on a trusted network or through a local TLS tunnel", l.url)
+            } else {
+                format!("{:?} is not an ldap:// URL", l.url)
+            };
+            return Err(err("ldap.url".into(), reason));
+        }
+        if !(0.0..=1.0).contains(&l.max_removal_share) {
+            return Err(err(
+                "ldap.max_removal_share".into(),
+                format!("{} is outside 0.0..=1.0", l.max_removal_share),
+            ));
+        }
+        if l.bind_dn.is_some() != l.password_file.is_some() {
+            return Err(err(
+                "ldap.password_file".into(),
+                "bind_dn and password_file go together (neither: anonymous bind)".into(),
+            ));
+        }
+        if l.reconcile_interval_secs < 10 {
+            return Err(err(
+                "ldap.reconcile_interval_secs".into(),
+                format!("{} is below 10", l.reconcile_interval_secs),
+            ));
+        }
+        for (key, v) in [
+            ("user_filter", &l.user_filter),
+            ("group_filter", &l.group_filter),
+        ] {
+            if !(v.starts_with('(') && v.ends_with(')')) {
+                return Err(err(
+                    format!("ldap.{key}"),
+                    format!("{v:?} is not an LDAP filter in parentheses (RFC 4515)"),
+                ));
+            }
         }
     }
 

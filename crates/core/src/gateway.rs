@@ -379,6 +379,12 @@ impl Gateway {
         Ok(outcome)
     }
 
+    /// Records an event reported by something outside the core (an identity source's
+    /// refusal, an administrator's action), in order with the core's own events.
+    pub fn handle_report(&mut self, event: Event) {
+        self.events.push_back(event);
+    }
+
     /// Ends one session: its flows are cut and its WireGuard keys dropped. The device may
     /// connect again if its user still has access. Returns whether the session existed.
     pub fn handle_session_kill(&mut self, now: Instant, session_id: u64, reason: &str) -> bool {

@@ -107,10 +107,7 @@ impl Directory {
         let leaving: BTreeSet<Uuid> = owned_users
             .iter()
             .filter(|(x, u)| {
-                scope.has_user(x)
-                    && wanted_name
-                        .get(*x)
-                        .is_none_or(|n| *n != fold(&u.user_name))
+                scope.has_user(x) && wanted_name.get(*x).is_none_or(|n| *n != fold(&u.user_name))
             })
             .map(|(_, u)| u.id)
             .collect();
@@ -132,9 +129,9 @@ impl Directory {
             }
             let holder = self.user_by_name(&want.user_name).map(|u| u.id);
             let taken_here = names_in_pass.get(&folded).is_some_and(|o| *o != id);
-            if holder.is_some_and(|h| h != id && !leaving.contains(&h)) || taken_here
-            {
-                plan.conflicts.push(refuse("the name is already taken".into()));
+            if holder.is_some_and(|h| h != id && !leaving.contains(&h)) || taken_here {
+                plan.conflicts
+                    .push(refuse("the name is already taken".into()));
                 id_of.remove(want.external_id.as_str());
                 continue;
             }
@@ -194,9 +191,11 @@ impl Directory {
                 continue;
             }
             let holder = self.group_by_name(&want.display_name).map(|g| g.id);
-            if holder.is_some_and(|h| h != id) || !group_names_in_pass.insert(fold(&want.display_name))
+            if holder.is_some_and(|h| h != id)
+                || !group_names_in_pass.insert(fold(&want.display_name))
             {
-                plan.conflicts.push(refuse("the name is already taken".into()));
+                plan.conflicts
+                    .push(refuse("the name is already taken".into()));
                 continue;
             }
             let members = want
@@ -295,7 +294,12 @@ mod tests {
         DateTime::from_timestamp(1_800_000_000, 0).unwrap()
     }
 
-    fn synced(d: &mut Directory, users: &[SyncedUser], groups: &[SyncedGroup], scope: &SyncScope) -> (SyncPlan, Vec<portcullis_model::IdentityChange>) {
+    fn synced(
+        d: &mut Directory,
+        users: &[SyncedUser],
+        groups: &[SyncedGroup],
+        scope: &SyncScope,
+    ) -> (SyncPlan, Vec<portcullis_model::IdentityChange>) {
         let plan = d.plan_sync("ldap", users, groups, scope, now());
         let changes = d.apply(plan.mutation.clone(), "ldap");
         (plan, changes)
@@ -358,7 +362,12 @@ mod tests {
     fn a_partial_pass_touches_only_its_scope() {
         let mut d = Directory::default();
         let users = [user("u1", "carol", true), user("u2", "erin", true)];
-        synced(&mut d, &users, &[group("g1", "sre", &["u1", "u2"])], &SyncScope::Full);
+        synced(
+            &mut d,
+            &users,
+            &[group("g1", "sre", &["u1", "u2"])],
+            &SyncScope::Full,
+        );
         // Only u1 is in scope: u2 missing from the list is not a deletion.
         let scope = SyncScope::Only {
             users: ["u1".to_string()].into(),

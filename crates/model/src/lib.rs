@@ -357,6 +357,19 @@ pub enum Event {
         change: String,
         groups: Vec<String>,
     },
+    /// A sync source's pass was not applied because it would take access from too many
+    /// users at once (an empty or partial directory answer looks like mass offboarding).
+    /// Nothing was removed; an administrator may approve the pass.
+    SyncRefused {
+        source: String,
+        /// Users the source owned before the pass.
+        known: u64,
+        /// Users who would have lost access (removed, deactivated, dropped from a group).
+        would_remove: u64,
+        /// Up to 20 of them, for the operator.
+        sample: Vec<String>,
+        reason: String,
+    },
     /// An administrator changed something through the admin API.
     AdminAction {
         actor: String,
@@ -410,6 +423,7 @@ impl Event {
             Event::PeerRemoved { .. } => "peer_removed",
             Event::UserRevoked { .. } => "user_revoked",
             Event::IdentityChanged { .. } => "identity_changed",
+            Event::SyncRefused { .. } => "sync_refused",
             Event::AdminAction { .. } => "admin_action",
             Event::LoginSucceeded { .. } => "login_succeeded",
             Event::LoginFailed { .. } => "login_failed",
