@@ -6,6 +6,10 @@
 //! - `POST /admin/v1/users/{name}/disable`: revokes at once (answers after the cut).
 //! - `GET /admin/v1/sessions`: live sessions.
 //! - `POST /admin/v1/sessions/{id}/kill`: ends one session (the device may reconnect).
+//! - `GET /admin/v1/ldap`: the LDAP sync's state (connected, counts, a refused pass).
+//! - `POST /admin/v1/ldap/approve-removal`: applies the directory as it is now, past the
+//!   mass-removal guard.
+//! - `GET /admin/v1/ldap/users/{name}`: looks a user up in the directory itself.
 
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
@@ -24,6 +28,8 @@ use serde::Serialize;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::ldap::{LdapControl, LdapHandle};
+
 /// What the admin API asks the event loop (which owns the core).
 #[derive(Debug)]
 pub enum AdminCommand {
@@ -38,6 +44,8 @@ pub enum AdminCommand {
         requested_at: DateTime<Utc>,
         done: oneshot::Sender<bool>,
     },
+    /// An event to record in the audit stream (an identity source's report).
+    Report(portcullis_model::Event),
 }
 
 /// A user as `users list` shows it.
@@ -57,6 +65,7 @@ struct AdminState {
     tokens: Arc<RwLock<TokenSet>>,
     identity: Option<Arc<Identity>>,
     commands: mpsc::UnboundedSender<AdminCommand>,
+    ldap: Option<LdapHandle>,
 }
 
 /// The admin routes.
@@ -64,17 +73,22 @@ pub fn admin_router(
     tokens: Arc<RwLock<TokenSet>>,
     identity: Option<Arc<Identity>>,
     commands: mpsc::UnboundedSender<AdminCommand>,
+    ldap: Option<LdapHandle>,
 ) -> Router {
     let state = AdminState {
         tokens,
         identity,
         commands,
+        ldap,
     };
     Router::new()
         .route("/admin/v1/users", get(users))
         .route("/admin/v1/users/{name}/disable", post(disable_user))
         .route("/admin/v1/sessions", get(sessions))
         .route("/admin/v1/sessions/{id}/kill", post(kill_session))
+        .route("/admin/v1/ldap", get(ldap_status))
+        .route("/admin/v1/ldap/approve-removal", post(ldap_approve))
+        .route("/admin/v1/ldap/users/{name}", get(ldap_lookup))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_admin,
@@ -237,5 +251,57 @@ async fn kill_session(State(s): State<AdminState>, Path(id): Path<String>) -> Re
         Ok(true) => Json(json!({"session": id, "killed": true})).into_response(),
         Ok(false) => error(StatusCode::NOT_FOUND, format!("no live session {id}")),
         Err(r) => r,
+    }
+}
+
+fn ldap_of(s: &AdminState) -> Result<&LdapHandle, Response> {
+    s.ldap
+        .as_ref()
+        .ok_or_else(|| error(StatusCode::NOT_FOUND, "no [ldap] section is configured"))
+}
+
+async fn ldap_status(State(s): State<AdminState>) -> Response {
+    match ldap_of(&s) {
+        Ok(l) => {
+            let st = l.status.lock().map(|g| g.clone()).unwrap_or_default();
+            Json(st).into_response()
+        }
+        Err(r) => r,
+    }
+}
+
+async fn ldap_approve(State(s): State<AdminState>) -> Response {
+    let l = match ldap_of(&s) {
+        Ok(l) => l,
+        Err(r) => return r,
+    };
+    let (tx, rx) = oneshot::channel();
+    if l.control.send(LdapControl::ApproveRemoval(tx)).is_err() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the ldap sync is not running",
+        );
+    }
+    match rx.await {
+        Ok(Ok(msg)) => {
+            tracing::warn!("admin: ldap removal approved: {msg}");
+            Json(json!({"outcome": msg})).into_response()
+        }
+        Ok(Err(e)) => error(StatusCode::CONFLICT, e),
+        Err(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the ldap sync is not running",
+        ),
+    }
+}
+
+async fn ldap_lookup(State(s): State<AdminState>, Path(name): Path<String>) -> Response {
+    let l = match ldap_of(&s) {
+        Ok(l) => l,
+        Err(r) => return r,
+    };
+    match l.lookup(&name).await {
+        Ok(rows) => Json(json!({"matches": rows})).into_response(),
+        Err(e) => error(StatusCode::BAD_GATEWAY, e),
     }
 }

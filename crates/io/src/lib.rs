@@ -14,6 +14,7 @@
 
 mod datapath;
 pub mod http;
+pub mod ldap;
 
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
@@ -190,6 +191,15 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     let mut gw = build_gateway(&loaded, Arc::new(bundle), directory_users, Instant::now())?;
     let (admin_tx, mut admin_rx) = tokio::sync::mpsc::unbounded_channel();
     let tokens = load_tokens(&loaded)?;
+    let ldap = match (&c.ldap, &identity) {
+        (Some(l), Some(identity)) => Some(ldap::spawn(
+            l.clone(),
+            ldap::read_password(l)?,
+            identity.clone(),
+            admin_tx.clone(),
+        )),
+        _ => None,
+    };
     if let Some(h) = &c.http {
         let mut app = axum::Router::new();
         if let (Some(identity), Some(t)) = (&identity, &tokens.scim) {
@@ -203,6 +213,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
                 t.clone(),
                 identity.clone(),
                 admin_tx.clone(),
+                ldap.clone(),
             ));
         }
         let app = app.layer(axum::extract::DefaultBodyLimit::max(h.max_body_bytes));
@@ -316,7 +327,7 @@ fn open_identity(
 )> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let c = &loaded.config;
-    if c.scim.is_none() && c.admin.is_none() {
+    if c.scim.is_none() && c.admin.is_none() && c.ldap.is_none() {
         return Ok((None, rx));
     }
     let (store, users, groups) = portcullis_identity::SqliteStore::open(&c.identity.database)?;
@@ -476,6 +487,7 @@ fn admin(
             }
             let _ = done.send(known);
         }
+        AdminCommand::Report(event) => gw.handle_report(event),
     }
 }
 

@@ -1,4 +1,4 @@
-//! `portcullis users ...` and `portcullis sessions ...`: offboarding commands that talk to
+//! `portcullis users ...`, `portcullis sessions ...` and `portcullis ldap ...`: commands that talk to
 //! the running gateway's admin API (`[http] listen`, token from `[admin] token_file`).
 
 // Indexing a serde_json Value by key yields Null for a missing key; it never panics.
@@ -47,6 +47,101 @@ pub enum SessionsCommand {
         #[arg(long, env = "PORTCULLIS_CONFIG")]
         config: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+pub enum LdapCommand {
+    /// The LDAP sync: connected, live, counts, the last pass, a refused pass.
+    Status {
+        #[arg(long, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Applies the directory as it is now, past the mass-removal guard. Check first
+    /// (`ldap status`, `ldap lookup`) that the directory really is right.
+    ApproveRemoval {
+        #[arg(long, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+    },
+    /// Looks a user up in the directory itself, as the sync maps it.
+    Lookup {
+        name: String,
+        #[arg(long, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+pub fn ldap(cmd: LdapCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        LdapCommand::Status { config, json } => {
+            let v = call(&config, "GET", "/admin/v1/ldap")?;
+            if json {
+                println!("{v}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            for k in [
+                "url",
+                "connected",
+                "live",
+                "users",
+                "groups",
+                "last_pass_at",
+                "last_error",
+                "refused",
+            ] {
+                let shown = match &v[k] {
+                    Value::String(s) => s.clone(),
+                    Value::Null => "-".into(),
+                    other => other.to_string(),
+                };
+                println!("{k:<13} {shown}");
+            }
+            for s in v["skipped"].as_array().into_iter().flatten() {
+                println!("skipped       {}", s.as_str().unwrap_or(""));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        LdapCommand::ApproveRemoval { config } => {
+            let v = call(&config, "POST", "/admin/v1/ldap/approve-removal")?;
+            println!("{}", v["outcome"].as_str().unwrap_or("approved"));
+            Ok(ExitCode::SUCCESS)
+        }
+        LdapCommand::Lookup { name, config } => {
+            let v = call(
+                &config,
+                "GET",
+                &format!("/admin/v1/ldap/users/{}", encode(&name)),
+            )?;
+            let matches = v["matches"].as_array().cloned().unwrap_or_default();
+            if matches.is_empty() {
+                println!("no user named {name:?} in the directory");
+                return Ok(ExitCode::from(1));
+            }
+            for m in matches {
+                println!(
+                    "{}\n  user_name {}\n  email     {}\n  active    {}\n  tags      {}{}",
+                    m["dn"].as_str().unwrap_or(""),
+                    m["user_name"].as_str().unwrap_or("-"),
+                    m["email"].as_str().unwrap_or(""),
+                    m["active"].as_bool().unwrap_or(false),
+                    m["tags"]
+                        .as_array()
+                        .map(|a| a
+                            .iter()
+                            .filter_map(Value::as_str)
+                            .collect::<Vec<_>>()
+                            .join(","))
+                        .unwrap_or_default(),
+                    m["problem"]
+                        .as_str()
+                        .map(|p| format!("\n  problem   {p}"))
+                        .unwrap_or_default(),
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 pub fn users(cmd: UsersCommand) -> anyhow::Result<ExitCode> {

@@ -80,6 +80,11 @@ enum Command {
         #[command(subcommand)]
         command: admin_cmd::SessionsCommand,
     },
+    /// The running gateway's LDAP sync: status, approve-removal, lookup.
+    Ldap {
+        #[command(subcommand)]
+        command: admin_cmd::LdapCommand,
+    },
     /// Print a new WireGuard private key (base64).
     Keygen,
     /// Read a private key on stdin, print its public key.
@@ -149,6 +154,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Audit { command } => audit_cmd::run(command),
         Command::Users { command } => admin_cmd::users(command),
         Command::Sessions { command } => admin_cmd::sessions(command),
+        Command::Ldap { command } => admin_cmd::ldap(command),
         Command::Keygen => {
             let secret = boringtun_secret();
             println!(

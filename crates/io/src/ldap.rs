@@ -1,0 +1,439 @@
+//! The LDAP sync driver: connects with ldap3, runs the two refreshAndPersist searches
+//! (users, groups), feeds their messages to [`LdapSync`] and applies its passes to the
+//! identity store. Reconnects with backoff (resuming from the cookies), re-reads the
+//! whole directory every `reconcile_interval_secs`, and answers the admin API's LDAP
+//! calls (status, approving a refused pass, looking a user up).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use ldap3::controls::{RefreshMode, SyncRequest};
+use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, Scope, SearchStream};
+use portcullis_config::LdapConfig;
+use portcullis_identity::{Identity, IdentityError, Mutation, SyncScope};
+use portcullis_ldap::{guard, proto, user_lookup_filter, Kind, LdapSync, Pass, Refusal};
+use portcullis_model::Event;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::http::AdminCommand;
+
+/// What `portcullis ldap status` shows.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LdapStatus {
+    pub url: String,
+    pub connected: bool,
+    /// Both searches have refreshed and are receiving pushed changes.
+    pub live: bool,
+    pub users: usize,
+    pub groups: usize,
+    pub last_pass_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    /// The last full pass the mass-removal guard refused, until one is applied.
+    pub refused: Option<String>,
+    /// Entries the last pass skipped (a name held elsewhere, a missing attribute).
+    pub skipped: Vec<String>,
+}
+
+/// Requests from the admin API.
+#[derive(Debug)]
+pub enum LdapControl {
+    /// Apply the current directory as a full pass, past the mass-removal guard.
+    ApproveRemoval(oneshot::Sender<Result<String, String>>),
+}
+
+/// The admin API's handle on the sync task.
+#[derive(Clone, Debug)]
+pub struct LdapHandle {
+    pub status: Arc<Mutex<LdapStatus>>,
+    pub control: mpsc::UnboundedSender<LdapControl>,
+    config: Arc<LdapConfig>,
+    password: Option<Arc<str>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum PassError {
+    #[error(transparent)]
+    Refused(Refusal),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+}
+
+/// Reads `[ldap] password_file` (first line).
+pub fn read_password(cfg: &LdapConfig) -> anyhow::Result<Option<Arc<str>>> {
+    let Some(f) = &cfg.password_file else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(f)
+        .map_err(|e| anyhow::anyhow!("ldap.password_file {}: {e}", f.display()))?;
+    Ok(Some(Arc::from(
+        text.lines().next().unwrap_or("").trim_end(),
+    )))
+}
+
+/// Starts the sync task.
+pub fn spawn(
+    config: LdapConfig,
+    password: Option<Arc<str>>,
+    identity: Arc<Identity>,
+    reports: mpsc::UnboundedSender<AdminCommand>,
+) -> LdapHandle {
+    let status = Arc::new(Mutex::new(LdapStatus {
+        url: config.url.clone(),
+        ..LdapStatus::default()
+    }));
+    let (control, control_rx) = mpsc::unbounded_channel();
+    let handle = LdapHandle {
+        status: status.clone(),
+        control,
+        config: Arc::new(config),
+        password,
+    };
+    let driver = Driver {
+        cfg: handle.config.clone(),
+        password: handle.password.clone(),
+        identity,
+        status,
+        reports,
+        sync: LdapSync::new(
+            handle.config.attributes.clone(),
+            handle.config.disabled.clone(),
+        ),
+        first_received: None,
+    };
+    tokio::spawn(driver.run(control_rx));
+    handle
+}
+
+enum Restart {
+    Reconcile,
+    RefreshRequired,
+}
+
+struct Driver {
+    cfg: Arc<LdapConfig>,
+    password: Option<Arc<str>>,
+    identity: Arc<Identity>,
+    status: Arc<Mutex<LdapStatus>>,
+    reports: mpsc::UnboundedSender<AdminCommand>,
+    sync: LdapSync,
+    /// When the first message of the pending pass arrived (the revocation clock starts).
+    first_received: Option<(Instant, DateTime<Utc>)>,
+}
+
+async fn connect(cfg: &LdapConfig, password: Option<&str>) -> Result<Ldap, String> {
+    let timeout = Duration::from_secs(cfg.timeout_secs);
+    let settings = LdapConnSettings::new().set_conn_timeout(timeout);
+    let (conn, mut ldap) = LdapConnAsync::with_settings(settings, &cfg.url)
+        .await
+        .map_err(|e| format!("connecting to {}: {e}", cfg.url))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.drive().await {
+            tracing::debug!("ldap connection ended: {e}");
+        }
+    });
+    if let Some(dn) = &cfg.bind_dn {
+        ldap.with_timeout(timeout)
+            .simple_bind(dn, password.unwrap_or(""))
+            .await
+            .and_then(|r| r.success())
+            .map_err(|e| format!("binding as {dn:?}: {e}"))?;
+    }
+    Ok(ldap)
+}
+
+impl Driver {
+    fn status(&self) -> std::sync::MutexGuard<'_, LdapStatus> {
+        self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn run(mut self, mut control: mpsc::UnboundedReceiver<LdapControl>) {
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            let outcome = self.session(&mut control, &mut backoff).await;
+            self.sync.handle_search_lost(Kind::Users);
+            self.sync.handle_search_lost(Kind::Groups);
+            {
+                let mut st = self.status();
+                st.connected = false;
+                st.live = false;
+            }
+            match outcome {
+                Ok(Restart::Reconcile) => {
+                    tracing::info!("ldap: periodic reconciliation, re-reading the directory");
+                    self.sync.request_full_refresh();
+                }
+                Ok(Restart::RefreshRequired) => {
+                    tracing::warn!("ldap: the server asked for a full refresh");
+                    self.sync.request_full_refresh();
+                }
+                Err(e) => {
+                    // Nobody is deprovisioned while the directory is away.
+                    tracing::warn!(
+                        "ldap: {e}; retrying in {backoff:?}, access unchanged meanwhile"
+                    );
+                    self.status().last_error = Some(e);
+                    let wake = tokio::time::sleep(backoff);
+                    tokio::pin!(wake);
+                    loop {
+                        tokio::select! {
+                            _ = &mut wake => break,
+                            c = control.recv() => match c {
+                                Some(LdapControl::ApproveRemoval(tx)) => {
+                                    let _ = tx.send(Err("the directory is not connected; nothing to approve".into()));
+                                }
+                                None => return,
+                            },
+                        }
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    async fn start(
+        &mut self,
+        ldap: &mut Ldap,
+        kind: Kind,
+    ) -> Result<SearchStream<'static, String, Vec<String>>, String> {
+        let cookie = self.sync.handle_search_started(kind);
+        let (base, filter) = match kind {
+            Kind::Users => (&self.cfg.user_base, &self.cfg.user_filter),
+            Kind::Groups => (&self.cfg.group_base, &self.cfg.group_filter),
+        };
+        let attrs = self.sync.wanted_attributes(kind);
+        ldap.with_controls(SyncRequest {
+            mode: RefreshMode::RefreshAndPersist,
+            cookie,
+            reload_hint: false,
+        })
+        .streaming_search(base, Scope::Subtree, filter, attrs)
+        .await
+        .map_err(|e| format!("starting the {kind:?} sync search under {base:?}: {e}"))
+    }
+
+    async fn session(
+        &mut self,
+        control: &mut mpsc::UnboundedReceiver<LdapControl>,
+        backoff: &mut Duration,
+    ) -> Result<Restart, String> {
+        let mut ldap = connect(&self.cfg, self.password.as_deref()).await?;
+        let mut users = self.start(&mut ldap, Kind::Users).await?;
+        let mut groups = self.start(&mut ldap, Kind::Groups).await?;
+        {
+            let mut st = self.status();
+            st.connected = true;
+            st.last_error = None;
+        }
+        *backoff = Duration::from_millis(250);
+        tracing::info!(url = %self.cfg.url, "ldap: connected, sync searches started");
+        let reconcile = tokio::time::sleep(Duration::from_secs(self.cfg.reconcile_interval_secs));
+        tokio::pin!(reconcile);
+        loop {
+            tokio::select! {
+                r = users.next() => {
+                    if let Some(restart) = self.on_message(Kind::Users, r, &mut users).await? {
+                        return Ok(restart);
+                    }
+                }
+                r = groups.next() => {
+                    if let Some(restart) = self.on_message(Kind::Groups, r, &mut groups).await? {
+                        return Ok(restart);
+                    }
+                }
+                _ = &mut reconcile => {
+                    let _ = ldap.unbind().await;
+                    return Ok(Restart::Reconcile);
+                }
+                c = control.recv() => match c {
+                    Some(LdapControl::ApproveRemoval(tx)) => {
+                        let answer = if self.sync.is_live() {
+                            self.apply(Pass::Full, true).await
+                        } else {
+                            Err("the directory is still refreshing; try again in a moment".into())
+                        };
+                        let _ = tx.send(answer);
+                    }
+                    None => return Err("the gateway is stopping".into()),
+                },
+            }
+            while let Some(pass) = self.sync.poll_pass() {
+                // A refusal is reported and kept in the status; the session goes on.
+                let _ = self.apply(pass, false).await;
+            }
+            let (u, g) = self.sync.counts();
+            let mut st = self.status();
+            st.users = u;
+            st.groups = g;
+            st.live = self.sync.is_live();
+        }
+    }
+
+    async fn on_message(
+        &mut self,
+        kind: Kind,
+        r: ldap3::result::Result<Option<ldap3::ResultEntry>>,
+        stream: &mut SearchStream<'static, String, Vec<String>>,
+    ) -> Result<Option<Restart>, String> {
+        let received = (Instant::now(), Utc::now());
+        let re = match r {
+            Ok(Some(re)) => re,
+            Ok(None) => {
+                let res = stream.finish().await;
+                // e-syncRefreshRequired (RFC 4533 §3.5): start again without a cookie.
+                if res.rc == 4096 {
+                    return Ok(Some(Restart::RefreshRequired));
+                }
+                return Err(format!(
+                    "the {kind:?} sync search ended: result {} {}",
+                    res.rc, res.text
+                ));
+            }
+            Err(e) => return Err(format!("the {kind:?} sync search failed: {e}")),
+        };
+        if re.is_ref() {
+            return Ok(None);
+        }
+        self.first_received.get_or_insert(received);
+        if re.is_intermediate() {
+            let info = proto::sync_info(re.0).map_err(|e| e.to_string())?;
+            self.sync.handle_info(kind, info);
+            return Ok(None);
+        }
+        let state =
+            re.1.iter()
+                .find(|c| c.1.ctype == proto::SYNC_STATE_OID)
+                .and_then(|c| c.1.val.as_deref())
+                .ok_or_else(|| format!("a {kind:?} entry came without a sync state control"))?;
+        let state = proto::sync_state(state).map_err(|e| e.to_string())?;
+        let entry = proto::entry(re.0).map_err(|e| e.to_string())?;
+        self.sync
+            .handle_entry(kind, state.state, state.uuid, entry, state.cookie);
+        Ok(None)
+    }
+
+    async fn apply(&mut self, pass: Pass, approved: bool) -> Result<String, String> {
+        let (received, received_at) = self
+            .first_received
+            .take()
+            .unwrap_or_else(|| (Instant::now(), Utc::now()));
+        let (users, groups, problems) = self.sync.desired();
+        let scope = match pass {
+            Pass::Full => SyncScope::Full,
+            Pass::Scoped(s) => s,
+        };
+        let full = scope == SyncScope::Full;
+        let share = self.cfg.max_removal_share;
+        let mut skipped = problems;
+        let users_after = users.len();
+        let result = self
+            .identity
+            .change::<PassError>("ldap", received, received_at, |dir, now| {
+                let plan = dir.plan_sync("ldap", &users, &groups, &scope, now);
+                skipped.extend(plan.conflicts.iter().cloned());
+                if full && !approved {
+                    guard(&plan, users_after, share).map_err(PassError::Refused)?;
+                }
+                Ok::<Mutation, PassError>(plan.mutation)
+            })
+            .await;
+        for s in &skipped {
+            tracing::warn!("ldap: entry skipped: {s}");
+        }
+        let mut st = self.status();
+        st.skipped = skipped;
+        match result {
+            Ok(c) => {
+                st.last_pass_at = Some(Utc::now());
+                if full {
+                    st.refused = None;
+                }
+                let msg = format!(
+                    "{} pass applied: {} users and {} groups written, {} users' access changed",
+                    if full { "full" } else { "pushed" },
+                    c.users.len(),
+                    c.groups.len(),
+                    c.changes
+                );
+                if c.changes > 0 || full {
+                    tracing::info!("ldap: {msg}");
+                }
+                Ok(msg)
+            }
+            Err(PassError::Refused(r)) => {
+                tracing::error!("ldap: full pass {r}");
+                st.refused = Some(r.to_string());
+                let _ = self.reports.send(AdminCommand::Report(Event::SyncRefused {
+                    source: "ldap".into(),
+                    known: r.known as u64,
+                    would_remove: r.would_remove as u64,
+                    sample: r.sample.clone(),
+                    reason: r.reason.clone(),
+                }));
+                Err(r.to_string())
+            }
+            Err(PassError::Identity(e)) => {
+                tracing::error!("ldap: pass not applied: {e}");
+                st.last_error = Some(e.to_string());
+                Err(e.to_string())
+            }
+        }
+    }
+}
+
+/// A user as `portcullis ldap lookup` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct LookupRow {
+    pub dn: String,
+    pub user_name: Option<String>,
+    pub email: String,
+    pub active: bool,
+    pub tags: Vec<String>,
+    pub problem: Option<String>,
+}
+
+impl LdapHandle {
+    /// Looks users up by name in the directory itself (not the mirror), with the name
+    /// escaped into the filter: `*` or `)(` in a name match only themselves.
+    pub async fn lookup(&self, name: &str) -> Result<Vec<LookupRow>, String> {
+        let cfg = &self.config;
+        let mut ldap = connect(cfg, self.password.as_deref()).await?;
+        let filter = user_lookup_filter(&cfg.user_filter, &cfg.attributes.user_name, name);
+        let mapper = LdapSync::new(cfg.attributes.clone(), cfg.disabled.clone());
+        let attrs = mapper.wanted_attributes(Kind::Users);
+        let result = ldap
+            .with_timeout(Duration::from_secs(cfg.timeout_secs))
+            .search(&cfg.user_base, Scope::Subtree, &filter, attrs)
+            .await
+            .and_then(|r| r.success())
+            .map_err(|e| format!("searching {:?} with {filter:?}: {e}", cfg.user_base));
+        let _ = ldap.unbind().await;
+        let (entries, _) = result?;
+        entries
+            .into_iter()
+            .map(|re| {
+                let e = proto::entry(re.0).map_err(|e| e.to_string())?;
+                Ok(match mapper.user("", &e) {
+                    Ok(u) => LookupRow {
+                        dn: e.dn,
+                        user_name: Some(u.user_name),
+                        email: u.email,
+                        active: u.active,
+                        tags: u.tags,
+                        problem: None,
+                    },
+                    Err(p) => LookupRow {
+                        dn: e.dn,
+                        user_name: None,
+                        email: String::new(),
+                        active: false,
+                        tags: vec![],
+                        problem: Some(p),
+                    },
+                })
+            })
+            .collect()
+    }
+}
