@@ -13,6 +13,8 @@ packages=(
   kmod
   clickhouse-server # the audit store (Debian's 18.16), started by the lab and tests themselves
   clickhouse-client
+  slapd             # OpenLDAP (syncprov, memberof) for the LDAP sync tests, started by the tests
+  ldap-utils        # ldapmodify, ldapsearch
 )
 
 missing=()
@@ -23,6 +25,8 @@ done
 if ((${#missing[@]})); then
   echo "installing: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
+  # slapd: no system directory is configured; the tests run their own servers.
+  echo "slapd slapd/no_configuration boolean true" | { [[ $(id -u) -eq 0 ]] && debconf-set-selections || sudo debconf-set-selections; }
   sudo_cmd=()
   [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)
   "${sudo_cmd[@]}" apt-get update -qq -o DPkg::Lock::Timeout=300

@@ -517,3 +517,239 @@ fn admin_cli_disables_a_user_and_kills_a_session() {
     let (ok, _, err) = cli(&["users", "disable", "nobody"]);
     assert!(!ok && err.contains("no user"), "{err}");
 }
+
+fn ldap_lab() -> Lab {
+    Lab::start(LabOptions {
+        alice_from_identity_source: true,
+        slapd: true,
+        extra_config: format!(
+            "[http]\nlisten = \"127.0.0.1:18080\"\n[admin]\ntoken_file = \"admin.token\"\n\
+             [ldap]\nurl = \"{{ldap_url}}\"\nbind_dn = \"{dn}\"\npassword_file = \"ldap.pw\"\n\
+             user_base = \"ou=people,dc=example,dc=org\"\ngroup_base = \"ou=groups,dc=example,dc=org\"\n\
+             max_removal_share = 0.7\n\
+             [ldap.attributes]\ntags = \"businessCategory\"\n\
+             [ldap.disabled]\nattribute = \"employeeType\"\nvalues = [\"disabled\"]\n",
+            dn = portcullis_testkit::Slapd::ADMIN_DN
+        ),
+        files: vec![
+            ("admin.token".into(), format!("{ADMIN_TOKEN}\n")),
+            (
+                "ldap.pw".into(),
+                format!("{}\n", portcullis_testkit::Slapd::ADMIN_PASSWORD),
+            ),
+        ],
+        ..LabOptions::default()
+    })
+    .unwrap()
+}
+
+fn person(uid: &str) -> String {
+    format!(
+        "dn: uid={uid},ou=people,dc=example,dc=org\nchangetype: add\nobjectClass: inetOrgPerson\n\
+         uid: {uid}\ncn: {uid}\nsn: {uid}\nmail: {uid}@example.org\nbusinessCategory: staff\n\n"
+    )
+}
+
+fn ldap_status(lab: &Lab) -> Value {
+    let out = lab
+        .cli_in_gateway_ns(&["ldap", "status", "--json"])
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn sre_member(lab: &Lab, op: &str, uid: &str) {
+    lab.slapd
+        .as_ref()
+        .unwrap()
+        .modify(&format!(
+            "dn: cn=sre,ou=groups,dc=example,dc=org\nchangetype: modify\n{op}: member\nmember: uid={uid},ou=people,dc=example,dc=org\n"
+        ))
+        .unwrap();
+}
+
+/// LDAP sync with a real slapd (syncprov, memberof): a group change pushed by the
+/// directory grants and cuts live connections; a directory outage deprovisions nobody;
+/// changes made while the gateway could not reach it apply on reconnect; a pass that
+/// would remove everyone is refused until an administrator approves it; lookups escape
+/// the name.
+#[test]
+fn ldap_push_grants_cuts_and_survives_outages() {
+    let mut lab = ldap_lab();
+    let slapd = lab.slapd.as_ref().unwrap();
+    slapd
+        .modify(&format!(
+            "{}{}{}dn: cn=sre,ou=groups,dc=example,dc=org\nchangetype: add\nobjectClass: groupOfNames\ncn: sre\nmember: uid=erin,ou=people,dc=example,dc=org\n",
+            person("alice"),
+            person("erin"),
+            person("frank")
+        ))
+        .unwrap();
+    portcullis_e2e::wait_until(Duration::from_secs(15), || {
+        let s = ldap_status(&lab);
+        Ok(s["live"] == true && s["users"] == 3 && s["groups"] == 1)
+    })
+    .unwrap();
+    // alice exists but is in no group: her tunnel comes up, prod stays closed.
+    portcullis_e2e::wait_until(Duration::from_secs(10), || {
+        Ok(lab
+            .events()
+            .iter()
+            .any(|e| is(e, "identity_changed") && e["user"] == "alice" && e["source"] == "ldap"))
+    })
+    .unwrap();
+    assert!(!lab.ping(&lab.alice, "10.8.0.2"));
+
+    // Added to sre in the directory: pushed, she reaches prod.
+    sre_member(&lab, "add", "alice");
+    portcullis_e2e::wait_until(Duration::from_secs(20), || {
+        Ok(lab.ping(&lab.alice, "10.8.0.2"))
+    })
+    .unwrap();
+    let mut s = lab
+        .connect(&lab.alice, addr("10.8.0.2:22"), Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(echo_round_trip(&mut s, b"via ldap").unwrap(), b"via ldap");
+
+    // Removed from sre: the established connection is cut at once, not at its next packet.
+    let removed = Instant::now();
+    sre_member(&lab, "delete", "alice");
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut buf = [0u8; 16];
+    match s.read(&mut buf) {
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        other => panic!("expected a reset, got {other:?}"),
+    }
+    let cut_after = removed.elapsed();
+    assert!(
+        cut_after < Duration::from_secs(2),
+        "cut after {cut_after:?}"
+    );
+    assert!(!lab.ping(&lab.alice, "10.8.0.2"));
+
+    // Lookups go to the directory with the name escaped.
+    let lookup = |name: &str| lab.cli_in_gateway_ns(&["ldap", "lookup", name]).unwrap();
+    let out = lookup("erin");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("uid=erin,ou=people"));
+    for hostile in [
+        "*",
+        "erin)(uid=*",
+        "*)(|(uid=*",
+        "e\\2a",
+        "(uid=erin)",
+        "erin\\",
+    ] {
+        let out = lookup(hostile);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{hostile:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("no user named"));
+    }
+
+    // Back in sre, then the directory goes away: nobody loses access.
+    sre_member(&lab, "add", "alice");
+    portcullis_e2e::wait_until(Duration::from_secs(10), || {
+        Ok(lab.ping(&lab.alice, "10.8.0.2"))
+    })
+    .unwrap();
+    lab.slapd.as_mut().unwrap().stop();
+    portcullis_e2e::wait_until(Duration::from_secs(10), || {
+        Ok(ldap_status(&lab)["connected"] == false)
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        lab.ping(&lab.alice, "10.8.0.2"),
+        "an outage deprovisioned alice"
+    );
+    assert!(!lab.events().iter().any(|e| is(e, "user_revoked")));
+
+    // Changed while the gateway cannot reach the directory: alice disabled, frank deleted.
+    let slapd = lab.slapd.as_mut().unwrap();
+    slapd.resume_unreachable().unwrap();
+    slapd
+        .modify(
+            "dn: uid=alice,ou=people,dc=example,dc=org\nchangetype: modify\nadd: employeeType\nemployeeType: disabled\n\n\
+             dn: uid=frank,ou=people,dc=example,dc=org\nchangetype: delete\n",
+        )
+        .unwrap();
+    slapd.stop();
+    slapd.resume().unwrap();
+    let revoked = lab
+        .wait_event(Duration::from_secs(40), |e| {
+            is(e, "user_revoked") && e["user"] == "alice"
+        })
+        .unwrap();
+    assert_eq!(revoked["source"], "ldap");
+    assert_eq!(revoked["sessions_cut"], 1);
+    let frank = lab
+        .wait_event(Duration::from_secs(2), |e| {
+            is(e, "user_revoked") && e["user"] == "frank"
+        })
+        .unwrap();
+    assert_eq!(
+        (frank["source"].as_str(), frank["sessions_cut"].as_u64()),
+        (Some("ldap"), Some(0))
+    );
+    assert!(!lab.ping(&lab.alice, "10.8.0.2"));
+    let users = |lab: &Lab| {
+        let out = lab.cli_in_gateway_ns(&["users", "list", "--json"]).unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["name"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    portcullis_e2e::wait_until(Duration::from_secs(5), || {
+        Ok(!users(&lab).contains(&"frank".to_string()))
+    })
+    .unwrap();
+    assert!(users(&lab).contains(&"erin".to_string()));
+
+    // An answer without people (wiped while unreachable) is refused, not applied.
+    let slapd = lab.slapd.as_mut().unwrap();
+    slapd.stop();
+    slapd.resume_unreachable().unwrap();
+    slapd
+        .modify(
+            "dn: cn=sre,ou=groups,dc=example,dc=org\nchangetype: delete\n\n\
+             dn: uid=alice,ou=people,dc=example,dc=org\nchangetype: delete\n\n\
+             dn: uid=erin,ou=people,dc=example,dc=org\nchangetype: delete\n",
+        )
+        .unwrap();
+    slapd.stop();
+    slapd.resume().unwrap();
+    let refused = lab
+        .wait_event(Duration::from_secs(40), |e| is(e, "sync_refused"))
+        .unwrap();
+    assert_eq!(
+        (refused["known"].as_u64(), refused["would_remove"].as_u64()),
+        (Some(2), Some(2))
+    );
+    assert!(ldap_status(&lab)["refused"]
+        .as_str()
+        .unwrap()
+        .contains("no users"));
+    assert!(
+        users(&lab).contains(&"erin".to_string()),
+        "a refused pass removed erin"
+    );
+    let out = lab.cli_in_gateway_ns(&["ldap", "approve-removal"]).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!users(&lab).contains(&"erin".to_string()));
+    assert_eq!(ldap_status(&lab)["refused"], Value::Null);
+}

@@ -65,6 +65,8 @@ pub struct Lab {
     namespaces: Vec<String>,
     stop: Arc<AtomicBool>,
     servers: Vec<JoinHandle<()>>,
+    /// The lab's OpenLDAP server (`LabOptions::slapd`), in the gateway's namespace.
+    pub slapd: Option<portcullis_testkit::Slapd>,
 }
 
 /// Runs a command, failing with its stderr.
@@ -178,6 +180,9 @@ pub struct LabOptions {
     pub alice_from_identity_source: bool,
     /// Files written into the lab directory before the gateway starts (name, content).
     pub files: Vec<(String, String)>,
+    /// Start an OpenLDAP server in the gateway's namespace first; `{ldap_url}` in
+    /// `extra_config` becomes its URL.
+    pub slapd: bool,
 }
 
 impl Default for LabOptions {
@@ -190,6 +195,7 @@ impl Default for LabOptions {
             gateway_stderr_inherit: false,
             alice_from_identity_source: false,
             files: Vec::new(),
+            slapd: false,
         }
     }
 }
@@ -238,10 +244,14 @@ impl Lab {
             namespaces: Vec::new(),
             stop: Arc::new(AtomicBool::new(false)),
             servers: Vec::new(),
+            slapd: None,
         };
         // From here on, Drop cleans up whatever was created.
         lab.build_topology()?;
         lab.start_servers()?;
+        if opts.slapd {
+            lab.slapd = Some(portcullis_testkit::Slapd::start(Some(&lab.ns_gw))?);
+        }
         lab.start_gateway(&opts)?;
         lab.start_clients()?;
         Ok(lab)
@@ -392,7 +402,10 @@ address6 = "fd00:64::3"
             id = self.id,
             a = self.alice.public_key,
             b = self.bob.public_key,
-            extra = opts.extra_config,
+            extra = opts.extra_config.replace(
+                "{ldap_url}",
+                &self.slapd.as_ref().map(|s| s.url()).unwrap_or_default()
+            ),
             audit = opts.audit_config,
         );
         let config = if opts.alice_from_identity_source {

@@ -254,26 +254,23 @@ async fn kill_session(State(s): State<AdminState>, Path(id): Path<String>) -> Re
     }
 }
 
-fn ldap_of(s: &AdminState) -> Result<&LdapHandle, Response> {
-    s.ldap
-        .as_ref()
-        .ok_or_else(|| error(StatusCode::NOT_FOUND, "no [ldap] section is configured"))
+fn no_ldap() -> Response {
+    error(StatusCode::NOT_FOUND, "no [ldap] section is configured")
 }
 
 async fn ldap_status(State(s): State<AdminState>) -> Response {
-    match ldap_of(&s) {
-        Ok(l) => {
+    match &s.ldap {
+        Some(l) => {
             let st = l.status.lock().map(|g| g.clone()).unwrap_or_default();
             Json(st).into_response()
         }
-        Err(r) => r,
+        None => no_ldap(),
     }
 }
 
 async fn ldap_approve(State(s): State<AdminState>) -> Response {
-    let l = match ldap_of(&s) {
-        Ok(l) => l,
-        Err(r) => return r,
+    let Some(l) = &s.ldap else {
+        return no_ldap();
     };
     let (tx, rx) = oneshot::channel();
     if l.control.send(LdapControl::ApproveRemoval(tx)).is_err() {
@@ -296,9 +293,8 @@ async fn ldap_approve(State(s): State<AdminState>) -> Response {
 }
 
 async fn ldap_lookup(State(s): State<AdminState>, Path(name): Path<String>) -> Response {
-    let l = match ldap_of(&s) {
-        Ok(l) => l,
-        Err(r) => return r,
+    let Some(l) = &s.ldap else {
+        return no_ldap();
     };
     match l.lookup(&name).await {
         Ok(rows) => Json(json!({"matches": rows})).into_response(),

@@ -2,7 +2,7 @@
 //! directories, and stopped by the PID this process started (on drop, also on a failed
 //! test).
 //!
-//! What it does: [`ClickHouse`] runs Debian's `clickhouse-server` as a plain process with
+//! What it does: [`Slapd`] runs an OpenLDAP server with syncprov and memberof; [`ClickHouse`] runs Debian's `clickhouse-server` as a plain process with
 //! its own config, data directory and ports; it can be stopped and started again on the
 //! same ports and data (to test an outage).
 //!
@@ -241,6 +241,218 @@ fn dechunk(body: &str) -> String {
 }
 
 impl Drop for ClickHouse {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The server binary Debian's `slapd` package installs.
+pub const SLAPD: &str = "/usr/sbin/slapd";
+
+/// An OpenLDAP server of our own: `back_mdb` with the `memberof` and `syncprov` overlays
+/// (what refreshAndPersist needs), suffix [`Slapd::SUFFIX`], `ou=people` and `ou=groups`.
+/// Listens on 127.0.0.1 (in `netns` when given) and on a unix socket (ldapi), which the
+/// test's own changes use: it reaches the server from any namespace, and also while the
+/// TCP listener is off ([`Slapd::resume_unreachable`]).
+pub struct Slapd {
+    dir: tempfile::TempDir,
+    pub port: u16,
+    netns: Option<String>,
+    child: Option<Child>,
+}
+
+impl std::fmt::Debug for Slapd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slapd")
+            .field("port", &self.port)
+            .field("pid", &self.child.as_ref().map(|c| c.id()))
+            .finish()
+    }
+}
+
+impl Slapd {
+    pub const SUFFIX: &'static str = "dc=example,dc=org";
+    pub const ADMIN_DN: &'static str = "cn=admin,dc=example,dc=org";
+    pub const ADMIN_PASSWORD: &'static str = "admin-secret";
+
+    /// Whether slapd and the ldap-utils are installed.
+    pub fn available() -> bool {
+        Path::new(SLAPD).exists() && Path::new("/usr/bin/ldapmodify").exists()
+    }
+
+    /// Starts a server (in `netns` when given), waits until it answers, adds the base
+    /// entries.
+    pub fn start(netns: Option<&str>) -> anyhow::Result<Slapd> {
+        if !Self::available() {
+            bail!("{SLAPD} or ldapmodify is missing: run scripts/install-deps.sh");
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("portcullis-slapd-")
+            .tempdir()?;
+        let d = dir.path().display().to_string();
+        std::fs::create_dir_all(dir.path().join("db"))?;
+        std::fs::write(
+            dir.path().join("slapd.conf"),
+            format!(
+                "include /etc/ldap/schema/core.schema
+include /etc/ldap/schema/cosine.schema
+include /etc/ldap/schema/inetorgperson.schema
+include /etc/ldap/schema/nis.schema
+modulepath /usr/lib/ldap
+moduleload back_mdb
+moduleload memberof
+moduleload syncprov
+pidfile {d}/slapd.pid
+database mdb
+suffix \"{suffix}\"
+rootdn \"{admin}\"
+rootpw {pw}
+directory {d}/db
+maxsize 104857600
+index objectClass,entryUUID,entryCSN eq
+overlay memberof
+overlay syncprov
+syncprov-checkpoint 100 10
+",
+                suffix = Self::SUFFIX,
+                admin = Self::ADMIN_DN,
+                pw = Self::ADMIN_PASSWORD,
+            ),
+        )?;
+        let mut s = Slapd {
+            dir,
+            port: free_port()?,
+            netns: netns.map(str::to_string),
+            child: None,
+        };
+        s.launch(true)?;
+        s.modify(&format!(
+            "dn: {suffix}\nchangetype: add\nobjectClass: dcObject\nobjectClass: organization\no: Example\ndc: example\n\n\
+             dn: ou=people,{suffix}\nchangetype: add\nobjectClass: organizationalUnit\nou: people\n\n\
+             dn: ou=groups,{suffix}\nchangetype: add\nobjectClass: organizationalUnit\nou: groups\n",
+            suffix = Self::SUFFIX
+        ))?;
+        Ok(s)
+    }
+
+    /// `ldap://127.0.0.1:<port>/`.
+    pub fn url(&self) -> String {
+        format!("ldap://127.0.0.1:{}/", self.port)
+    }
+
+    fn ldapi(&self) -> String {
+        let path = self.dir.path().join("ldapi");
+        format!("ldapi://{}", path.display().to_string().replace('/', "%2F"))
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    fn launch(&mut self, tcp: bool) -> anyhow::Result<()> {
+        let d = self.dir.path();
+        let listeners = if tcp {
+            format!("{} {}", self.url(), self.ldapi())
+        } else {
+            self.ldapi()
+        };
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, SLAPD]);
+                c
+            }
+            None => Command::new(SLAPD),
+        };
+        // -d 0: stay in the foreground (our child, stopped by its PID).
+        let child = cmd
+            .arg("-f")
+            .arg(d.join("slapd.conf"))
+            .args(["-h", &listeners, "-d", "0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(d.join("stderr.log"))?))
+            .spawn()
+            .context("starting slapd")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let ok = Command::new("ldapsearch")
+                .args(["-x", "-H", &self.ldapi(), "-s", "base", "-b", ""])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                return Ok(());
+            }
+            if let Some(c) = &mut self.child {
+                if let Some(status) = c.try_wait()? {
+                    let log = std::fs::read_to_string(d.join("stderr.log")).unwrap_or_default();
+                    bail!("slapd exited ({status}): {log}");
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("slapd did not answer within 15 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the server (SIGKILL to our child, then reap): an outage.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port and data.
+    pub fn resume(&mut self) -> anyhow::Result<()> {
+        self.launch(true)
+    }
+
+    /// Starts it again on its unix socket only: the gateway cannot reach it, the test can
+    /// still change the directory.
+    pub fn resume_unreachable(&mut self) -> anyhow::Result<()> {
+        self.launch(false)
+    }
+
+    /// Runs `ldapmodify` (as the admin, over ldapi) with this LDIF; `changetype: add`
+    /// entries are added.
+    pub fn modify(&self, ldif: &str) -> anyhow::Result<()> {
+        let mut child = Command::new("ldapmodify")
+            .args([
+                "-x",
+                "-H",
+                &self.ldapi(),
+                "-D",
+                Self::ADMIN_DN,
+                "-w",
+                Self::ADMIN_PASSWORD,
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running ldapmodify")?;
+        child
+            .stdin
+            .take()
+            .context("ldapmodify stdin")?
+            .write_all(ldif.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "ldapmodify failed: {}\n{ldif}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Slapd {
     fn drop(&mut self) {
         self.stop();
     }
