@@ -278,27 +278,7 @@ const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef";
 
 /// One HTTP request to the gateway's listener, made from inside its namespace.
 fn http(lab: &Lab, method: &str, path: &str, token: &str, body: &str) -> (u16, Value) {
-    let (method, path, token, body) = (
-        method.to_string(),
-        path.to_string(),
-        token.to_string(),
-        body.to_string(),
-    );
-    portcullis_e2e::in_ns(&lab.ns_gw, move || {
-        let mut s = std::net::TcpStream::connect("127.0.0.1:18080").unwrap();
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\nContent-Type: application/scim+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        let (head, body) = out.split_once("\r\n\r\n").unwrap();
-        let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-        (status, serde_json::from_str(body).unwrap_or(Value::Null))
-    })
-    .unwrap()
+    lab.http(method, path, token, body).unwrap()
 }
 
 fn identity_lab() -> Lab {

@@ -740,6 +740,28 @@ address6 = "fd00:64::3"
 
     /// Runs `portcullis <args> --config <the lab's config>` inside the gateway's namespace,
     /// where its `[http] listen` address is (the `users` and `sessions` commands).
+    /// One HTTP request to the gateway's `[http]` listener at 127.0.0.1:18080, made from
+    /// inside its namespace: (status, JSON body or Null).
+    pub fn http(&self, method: &str, path: &str, token: &str, body: &str) -> Result<(u16, Value)> {
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\nContent-Type: application/scim+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        in_ns(&self.ns_gw, move || -> Result<(u16, Value)> {
+            let mut s = TcpStream::connect("127.0.0.1:18080")?;
+            s.write_all(request.as_bytes())?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+            let status = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| anyhow!("not an HTTP answer: {head:?}"))?;
+            Ok((status, serde_json::from_str(body).unwrap_or(Value::Null)))
+        })?
+    }
+
     pub fn cli_in_gateway_ns(&self, args: &[&str]) -> Result<std::process::Output> {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.ns_gw])
