@@ -284,7 +284,7 @@ fn http(lab: &Lab, method: &str, path: &str, token: &str, body: &str) -> (u16, V
 fn identity_lab() -> Lab {
     Lab::start(LabOptions {
         alice_from_identity_source: true,
-        extra_config: "[http]\nlisten = \"127.0.0.1:18080\"\n[scim]\ntoken_file = \"scim.token\"\n[admin]\ntoken_file = \"admin.token\"\n".into(),
+        extra_config: "[http]\nlisten = \"127.0.0.1:18080\"\nmax_body_bytes = 4096\n[scim]\ntoken_file = \"scim.token\"\n[admin]\ntoken_file = \"admin.token\"\n".into(),
         files: vec![
             ("scim.token".into(), format!("{SCIM_TOKEN}\n")),
             ("admin.token".into(), format!("{ADMIN_TOKEN}\n")),
@@ -324,6 +324,10 @@ fn scim_grants_and_deactivation_cuts_a_live_connection() {
     );
     assert_eq!(status, 400);
     assert!(e["detail"].as_str().unwrap().contains("colour"));
+    // A body over [http] max_body_bytes is refused whole, and the listener keeps serving.
+    let huge = format!(r#"{{"userName": "big", "displayName": "{}"}}"#, "x".repeat(8192));
+    let (status, _) = http(&lab, "POST", "/scim/v2/Users", SCIM_TOKEN, &huge);
+    assert_eq!(status, 413);
 
     let (status, user) = http(
         &lab,
