@@ -325,7 +325,10 @@ fn scim_grants_and_deactivation_cuts_a_live_connection() {
     assert_eq!(status, 400);
     assert!(e["detail"].as_str().unwrap().contains("colour"));
     // A body over [http] max_body_bytes is refused whole, and the listener keeps serving.
-    let huge = format!(r#"{{"userName": "big", "displayName": "{}"}}"#, "x".repeat(8192));
+    let huge = format!(
+        r#"{{"userName": "big", "displayName": "{}"}}"#,
+        "x".repeat(8192)
+    );
     let (status, _) = http(&lab, "POST", "/scim/v2/Users", SCIM_TOKEN, &huge);
     assert_eq!(status, 413);
 

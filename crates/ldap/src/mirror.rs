@@ -466,21 +466,27 @@ mod tests {
         assert_eq!(s.handle_search_started(Kind::Groups), Some(b"c".to_vec()));
     }
 
-    #[test]
-    fn a_pushed_user_change_scopes_the_groups_naming_it() {
+    /// Both searches refreshed with these entries, the first full pass taken.
+    fn live(users: Vec<(&str, Entry)>, groups: Vec<(&str, Entry)>) -> LdapSync {
         let mut s = sync();
         s.handle_search_started(Kind::Users);
         s.handle_search_started(Kind::Groups);
-        s.handle_entry(Kind::Users, EntryState::Add, "u1".into(), carol(), None);
-        s.handle_entry(
-            Kind::Groups,
-            EntryState::Add,
-            "g1".into(),
-            sre(&["uid=carol,ou=people,dc=x"]),
-            None,
-        );
+        for (kind, list) in [(Kind::Users, users), (Kind::Groups, groups)] {
+            for (uuid, e) in list {
+                s.handle_entry(kind, EntryState::Add, uuid.into(), e, None);
+            }
+        }
         refreshed(&mut s);
         assert_eq!(s.poll_pass(), Some(Pass::Full));
+        s
+    }
+
+    #[test]
+    fn a_pushed_user_change_scopes_the_groups_naming_it() {
+        let mut s = live(
+            vec![("u1", carol())],
+            vec![("g1", sre(&["uid=carol,ou=people,dc=x"]))],
+        );
         let mut disabled = carol();
         disabled
             .attrs
@@ -505,19 +511,13 @@ mod tests {
 
     #[test]
     fn a_resumed_refresh_in_present_mode_drops_what_it_did_not_name() {
-        let mut s = sync();
-        s.handle_search_started(Kind::Users);
-        s.handle_search_started(Kind::Groups);
-        s.handle_entry(Kind::Users, EntryState::Add, "u1".into(), carol(), None);
-        s.handle_entry(
-            Kind::Users,
-            EntryState::Add,
-            "u2".into(),
-            entry("uid=erin,dc=x", &[("uid", &["erin"])]),
-            None,
+        let mut s = live(
+            vec![
+                ("u1", carol()),
+                ("u2", entry("uid=erin,dc=x", &[("uid", &["erin"])])),
+            ],
+            vec![],
         );
-        refreshed(&mut s);
-        s.poll_pass();
         // Reconnect with the cookie: only u1 is named present; u2 was deleted meanwhile.
         assert!(s.handle_search_started(Kind::Users).is_some());
         s.handle_search_started(Kind::Groups);
@@ -559,11 +559,7 @@ mod tests {
 
     #[test]
     fn a_lost_search_holds_every_pass() {
-        let mut s = sync();
-        s.handle_search_started(Kind::Users);
-        s.handle_search_started(Kind::Groups);
-        refreshed(&mut s);
-        s.poll_pass();
+        let mut s = live(vec![("u1", carol())], vec![]);
         s.handle_search_lost(Kind::Groups);
         s.handle_entry(Kind::Users, EntryState::Delete, "u1".into(), carol(), None);
         assert_eq!(s.poll_pass(), None);
