@@ -201,14 +201,8 @@ fn reload_that_removes_access_cuts_an_established_connection_within_a_second() {
     let t0 = Instant::now();
     lab.reload().unwrap();
     // The gateway resets both ends: alice's blocked read fails with a reset.
-    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    let mut buf = [0u8; 16];
-    let r = s.read(&mut buf);
+    expect_reset(&mut s, Duration::from_secs(3));
     let elapsed = t0.elapsed();
-    match r {
-        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
-        other => panic!("expected a connection reset, got {other:?} after {elapsed:?}"),
-    }
     assert!(elapsed < Duration::from_secs(1), "cut took {elapsed:?}");
     let e = lab
         .wait_event(Duration::from_secs(2), |e| {
@@ -271,6 +265,25 @@ fn ipv6_flows_are_decided_and_forwarded_like_ipv4() {
         is(e, "flow_denied") && e["dst_ip"] == "fd00:8::2" && e["user"] == "bob"
     })
     .unwrap();
+}
+
+/// Reads from `s` until the gateway's reset arrives (or `within` passes: a failure).
+fn expect_reset(s: &mut std::net::TcpStream, within: Duration) {
+    let t0 = Instant::now();
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 16];
+    match s.read(&mut buf) {
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        other => panic!(
+            "expected a connection reset, got {other:?} after {:?}",
+            t0.elapsed()
+        ),
+    }
+}
+
+/// Waits until alice pings prod (wireguard-go retries its handshake every 5 s).
+fn wait_alice_reaches_prod(lab: &Lab, timeout: Duration) {
+    portcullis_e2e::wait_until(timeout, || Ok(lab.ping(&lab.alice, "10.8.0.2"))).unwrap();
 }
 
 const SCIM_TOKEN: &str = "scim-token-0123456789abcdef";
@@ -360,11 +373,7 @@ fn scim_grants_and_deactivation_cuts_a_live_connection() {
     assert_eq!(status, 201, "{group}");
     let group_id = group["id"].as_str().unwrap().to_string();
 
-    // wireguard-go retries its handshake every 5 s.
-    portcullis_e2e::wait_until(Duration::from_secs(20), || {
-        Ok(lab.ping(&lab.alice, "10.8.0.2"))
-    })
-    .unwrap();
+    wait_alice_reaches_prod(&lab, Duration::from_secs(20));
     let mut s = lab
         .connect(&lab.alice, addr("10.8.0.2:22"), Duration::from_secs(5))
         .unwrap();
@@ -384,12 +393,7 @@ fn scim_grants_and_deactivation_cuts_a_live_connection() {
         "{off}"
     );
     // Applied before the answer: the reset is already on its way.
-    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    let mut buf = [0u8; 16];
-    match s.read(&mut buf) {
-        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
-        other => panic!("expected a reset, got {other:?}"),
-    }
+    expect_reset(&mut s, Duration::from_secs(2));
     assert!(!lab.ping(&lab.alice, "10.8.0.2"));
     let revoked = lab
         .wait_event(Duration::from_secs(2), |e| is(e, "user_revoked"))
@@ -593,10 +597,7 @@ fn ldap_push_grants_cuts_and_survives_outages() {
 
     // Added to sre in the directory: pushed, she reaches prod.
     sre_member(&lab, "add", "alice");
-    portcullis_e2e::wait_until(Duration::from_secs(20), || {
-        Ok(lab.ping(&lab.alice, "10.8.0.2"))
-    })
-    .unwrap();
+    wait_alice_reaches_prod(&lab, Duration::from_secs(20));
     let mut s = lab
         .connect(&lab.alice, addr("10.8.0.2:22"), Duration::from_secs(5))
         .unwrap();
@@ -605,12 +606,7 @@ fn ldap_push_grants_cuts_and_survives_outages() {
     // Removed from sre: the established connection is cut at once, not at its next packet.
     let removed = Instant::now();
     sre_member(&lab, "delete", "alice");
-    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    let mut buf = [0u8; 16];
-    match s.read(&mut buf) {
-        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
-        other => panic!("expected a reset, got {other:?}"),
-    }
+    expect_reset(&mut s, Duration::from_secs(3));
     let cut_after = removed.elapsed();
     assert!(
         cut_after < Duration::from_secs(2),
@@ -644,10 +640,7 @@ fn ldap_push_grants_cuts_and_survives_outages() {
 
     // Back in sre, then the directory goes away: nobody loses access.
     sre_member(&lab, "add", "alice");
-    portcullis_e2e::wait_until(Duration::from_secs(10), || {
-        Ok(lab.ping(&lab.alice, "10.8.0.2"))
-    })
-    .unwrap();
+    wait_alice_reaches_prod(&lab, Duration::from_secs(10));
     lab.slapd.as_mut().unwrap().stop();
     portcullis_e2e::wait_until(Duration::from_secs(10), || {
         Ok(ldap_status(&lab)["connected"] == false)
