@@ -66,6 +66,9 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     #[serde(default)]
     pub ldap: Option<LdapConfig>,
+    /// Devices registered at run time (admin API, enrollment), with expiring keys.
+    #[serde(default)]
+    pub devices: Option<DevicesConfig>,
 }
 
 /// `[ldap]`: users and groups pushed from an LDAP directory (RFC 4533 refreshAndPersist,
@@ -161,6 +164,43 @@ pub struct LdapDisabled {
     pub values: Vec<String>,
     #[serde(default)]
     pub bitmask: Option<u64>,
+}
+
+/// `[devices]`: WireGuard keys registered at run time (the admin API, later the SSO
+/// enrollment), each with a tunnel address from `pool` and an expiry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevicesConfig {
+    /// IPv4 addresses for devices, inside `gateway.tunnel_address`'s network; static
+    /// `[[peer]]` addresses and the gateway's own are skipped.
+    pub pool: ipnet::Ipv4Net,
+    /// `host:port` the profiles tell clients to connect to.
+    pub endpoint: String,
+    /// How long a key is valid (the default and the most an administrator may give).
+    #[serde(default = "default_key_lifetime")]
+    pub key_lifetime_secs: u64,
+    /// How long the old key keeps working after a rotation.
+    #[serde(default = "default_rotation_grace")]
+    pub rotation_grace_secs: u64,
+    /// AllowedIPs in the profiles; empty: the tunnel network and every network in
+    /// `networks.toml`.
+    #[serde(default)]
+    pub allowed_ips: Vec<IpNet>,
+    /// DNS servers in the profiles.
+    #[serde(default)]
+    pub dns: Vec<IpAddr>,
+    #[serde(default = "default_device_keepalive")]
+    pub persistent_keepalive: Option<u16>,
+}
+
+fn default_key_lifetime() -> u64 {
+    12 * 3600
+}
+fn default_rotation_grace() -> u64 {
+    300
+}
+fn default_device_keepalive() -> Option<u16> {
+    Some(25)
 }
 
 /// `[http]`: where SCIM (`/scim/v2`) and the admin API (`/admin/v1`) listen.
@@ -833,6 +873,54 @@ pub fn parse(path: &Path, src: &str) -> Result<Loaded, ConfigError> {
         }
     }
 
+    if let Some(d) = &config.devices {
+        let net = match g.tunnel_address {
+            IpNet::V4(n) => n.trunc(),
+            IpNet::V6(_) => {
+                return Err(err(
+                    "gateway.tunnel_address".into(),
+                    "must be IPv4 for [devices]".into(),
+                ))
+            }
+        };
+        if !net.contains(&d.pool) {
+            return Err(err(
+                "devices.pool".into(),
+                format!("{} is not inside the tunnel network {net}", d.pool),
+            ));
+        }
+        if d.key_lifetime_secs == 0 {
+            return Err(err(
+                "devices.key_lifetime_secs".into(),
+                "must be at least 1 second".into(),
+            ));
+        }
+        if d.rotation_grace_secs > d.key_lifetime_secs {
+            return Err(err(
+                "devices.rotation_grace_secs".into(),
+                format!(
+                    "{} is longer than key_lifetime_secs ({})",
+                    d.rotation_grace_secs, d.key_lifetime_secs
+                ),
+            ));
+        }
+        let endpoint_ok = d.endpoint.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+        if !endpoint_ok {
+            return Err(err(
+                "devices.endpoint".into(),
+                format!("{:?} is not host:port", d.endpoint),
+            ));
+        }
+        if config.admin.is_none() {
+            warnings.push(format!(
+                "{}: [devices] is set without [admin]: nothing can register a device yet",
+                path.display()
+            ));
+        }
+    }
+
     let mut user_names = HashSet::new();
     for (i, u) in config.users.iter().enumerate() {
         if u.name.is_empty() {
@@ -983,6 +1071,33 @@ address = "100.64.0.2"
         assert_eq!(l.config.peers[0].address, IpAddr::from([100, 64, 0, 2]));
         assert_eq!(l.config.flows, FlowsConfig::default());
         assert!(l.warnings.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn devices_section_defaults_and_checks() -> Result<(), ConfigError> {
+        let base = "[admin]\ntoken_file = \"t\"\n[http]\nlisten = \"127.0.0.1:8080\"\n[devices]\n";
+        let l = check(&sample(&format!(
+            "{base}pool = \"100.64.0.128/25\"\nendpoint = \"vpn.example.com:51820\"\n"
+        )))?;
+        let d = l
+            .config
+            .devices
+            .ok_or_else(|| ConfigError::new(Path::new("-"), "devices", "missing"))?;
+        assert_eq!(d.key_lifetime_secs, 12 * 3600);
+        assert_eq!(d.rotation_grace_secs, 300);
+        assert_eq!(d.persistent_keepalive, Some(25));
+        for (body, key, reason) in [
+            ("pool = \"10.0.0.0/24\"\nendpoint = \"h:1\"", "devices.pool", "not inside the tunnel network 100.64.0.0/24"),
+            ("pool = \"100.64.0.0/25\"\nendpoint = \"h\"", "devices.endpoint", "not host:port"),
+            ("pool = \"100.64.0.0/25\"\nendpoint = \"h:1\"\nkey_lifetime_secs = 0", "devices.key_lifetime_secs", "at least 1"),
+            ("pool = \"100.64.0.0/25\"\nendpoint = \"h:1\"\nkey_lifetime_secs = 60\nrotation_grace_secs = 61", "devices.rotation_grace_secs", "longer than"),
+            ("pool = \"100.64.0.0/25\"\nendpoint = \"h:1\"\nlifetime = 3", "devices", "unknown field `lifetime`"),
+        ] {
+            let e = check(&sample(&format!("{base}{body}\n"))).err();
+            let e = e.ok_or_else(|| ConfigError::new(Path::new("-"), key, "accepted"))?;
+            assert!(e.key.starts_with(key) && e.reason.contains(reason), "{e}");
+        }
         Ok(())
     }
 

@@ -29,7 +29,7 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use chrono::{DateTime, Utc};
-use portcullis_model::{CloseReason, Counters, Event, IdentityChange, Principal};
+use portcullis_model::{CloseReason, Counters, DeviceChange, Event, IdentityChange, Principal};
 use portcullis_policy::{Engine, PolicyBundle};
 use rustc_hash::FxHashMap;
 
@@ -377,6 +377,44 @@ impl Gateway {
             }
         }
         Ok(outcome)
+    }
+
+    /// Adds or removes a registered device's peer. A new key is recorded as
+    /// `key_rotated` (with the key it replaces, if any) before its `peer_added`; a removed
+    /// one cuts its flows and session (`peer_removed` with the reason: `expired`,
+    /// `rotated`, `removed`, `user deleted`). Removing an unknown key does nothing.
+    pub fn handle_device_change(
+        &mut self,
+        now: Instant,
+        change: DeviceChange,
+    ) -> Result<(), ControlError> {
+        match change {
+            DeviceChange::Added {
+                user,
+                public_key,
+                addresses,
+                persistent_keepalive,
+                expires_at,
+                previous,
+            } => {
+                self.events.push_back(Event::KeyRotated {
+                    user: user.clone(),
+                    device: b64(&public_key),
+                    previous: previous.as_ref().map(b64),
+                    expires_at: Some(expires_at),
+                });
+                self.handle_peer_add(PeerSpec {
+                    user,
+                    public_key,
+                    addresses,
+                    persistent_keepalive,
+                })?;
+            }
+            DeviceChange::Removed { public_key, reason } => {
+                self.handle_peer_remove(now, &public_key, &reason);
+            }
+        }
+        Ok(())
     }
 
     /// Records an event reported by something outside the core (an identity source's

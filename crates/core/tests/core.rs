@@ -21,7 +21,9 @@ use portcullis_core::{
     Drop, Enforcer, FlowLimits, FlowState, Gateway, GatewayConfig, Injected, PeerCtx, PeerId,
     PeerSpec, Timeouts,
 };
-use portcullis_model::{ChangeKind, CloseReason, Event, IdentityChange, Principal, Protocol};
+use portcullis_model::{
+    ChangeKind, CloseReason, DeviceChange, Event, IdentityChange, Principal, Protocol,
+};
 use portcullis_policy::{Engine, PolicyBundle};
 use proptest::prelude::*;
 
@@ -1226,4 +1228,91 @@ fn multicast_from_the_private_side_is_dropped_and_counted_apart() {
     );
     assert_eq!(e.stats.inbound_multicast, 2);
     assert_eq!(e.stats.inbound_no_flow, 0);
+}
+
+#[test]
+fn a_registered_device_connects_and_its_removal_cuts_it_with_the_reason() {
+    let t0 = Instant::now();
+    let (mut gw, gw_pub) = gateway(t0);
+    while gw.poll_event().is_some() {}
+    let key = PublicKey::from(&client_key(3)).to_bytes();
+    let expires_at = wall() + chrono::Duration::hours(12);
+    gw.handle_device_change(
+        t0,
+        DeviceChange::Added {
+            user: "alice".into(),
+            public_key: key,
+            addresses: vec![IpAddr::from([100, 64, 0, 9])],
+            persistent_keepalive: None,
+            expires_at,
+            previous: Some(PublicKey::from(&client_key(1)).to_bytes()),
+        },
+    )
+    .expect("add");
+    let mut laptop = Client::new(3, &gw_pub);
+    let syn = tcp([100, 64, 0, 9], 40000, PROD, 22, "S", 1, b"");
+    assert_eq!(laptop.send(&mut gw, t0, &syn), Some(syn.clone()));
+    let mut out = vec![0u8; portcullis_core::MAX_PACKET];
+    gw.handle_tun_packet(
+        t0,
+        &tcp(PROD, 22, [100, 64, 0, 9], 40000, "SA", 9, b""),
+        &mut out,
+    )
+    .expect("syn-ack to the laptop");
+    gw.handle_device_change(
+        t0 + Duration::from_secs(1),
+        DeviceChange::Removed {
+            public_key: key,
+            reason: "expired".into(),
+        },
+    )
+    .expect("remove");
+    // The reset for the open flow went out through the tunnel before the keys were dropped.
+    let mut resets = 0;
+    while let Some(t) = gw.poll_transmit() {
+        if laptop.receive(&t.payload).is_some() {
+            resets += 1;
+        }
+    }
+    assert_eq!(resets, 1);
+    let ev: Vec<Event> = std::iter::from_fn(|| gw.poll_event()).collect();
+    let kinds: Vec<&str> = ev.iter().map(Event::kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            "key_rotated",
+            "peer_added",
+            "session_started",
+            "flow_opened",
+            "flow_closed",
+            "session_ended",
+            "peer_removed"
+        ]
+    );
+    match (&ev[0], ev.last()) {
+        (
+            Event::KeyRotated {
+                device,
+                previous,
+                expires_at: e,
+                ..
+            },
+            Some(Event::PeerRemoved { reason, .. }),
+        ) => {
+            assert_eq!(device, &portcullis_core::b64(&key));
+            assert_eq!(
+                previous.as_deref(),
+                Some(portcullis_core::b64(&PublicKey::from(&client_key(1)).to_bytes()).as_str())
+            );
+            assert_eq!(*e, Some(expires_at));
+            assert_eq!(reason, "expired");
+        }
+        other => panic!("unexpected events {other:?}"),
+    }
+    // The removed key gets no handshake answer any more.
+    let mut again = Client::new(3, &gw_pub);
+    assert!(again
+        .send(&mut gw, t0 + Duration::from_secs(2), &syn)
+        .is_none());
+    assert_eq!(gw.stats.unknown_peer, 1);
 }

@@ -1,8 +1,11 @@
 //! The directory on disk: one SQLite database.
 //!
-//! Format (schema version 1, in `PRAGMA user_version`):
+//! Format (schema version 2, in `PRAGMA user_version`; version 1 lacked `devices`):
 //! - `users(id TEXT PRIMARY KEY, user_name TEXT NOT NULL, record TEXT NOT NULL)`
 //! - `groups(id TEXT PRIMARY KEY, display_name TEXT NOT NULL, record TEXT NOT NULL)`
+//! - `devices(id TEXT PRIMARY KEY, user_name TEXT NOT NULL, public_key TEXT NOT NULL
+//!   UNIQUE, expires TEXT NOT NULL, record TEXT NOT NULL)`: registered WireGuard keys
+//!   ([`Device`]; `expires` is RFC 3339)
 //! - `meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)` (a sync source's state, e.g. the
 //!   LDAP sync cookie)
 //!
@@ -15,9 +18,10 @@ use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension as _};
 
+use crate::devices::{Device, DeviceMutation};
 use crate::directory::{Group, Mutation, User};
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// Errors of the SQLite store; they name the database file.
 #[derive(Debug, thiserror::Error)]
@@ -95,7 +99,8 @@ impl SqliteStore {
                  CREATE TABLE IF NOT EXISTS users (id TEXT PRIMARY KEY, user_name TEXT NOT NULL, record TEXT NOT NULL);
                  CREATE TABLE IF NOT EXISTS groups (id TEXT PRIMARY KEY, display_name TEXT NOT NULL, record TEXT NOT NULL);
                  CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-                 PRAGMA user_version = 1;",
+                 CREATE TABLE IF NOT EXISTS devices (id TEXT PRIMARY KEY, user_name TEXT NOT NULL, public_key TEXT NOT NULL UNIQUE, expires TEXT NOT NULL, record TEXT NOT NULL);
+                 PRAGMA user_version = 2;",
             )
             .map_err(|e| store.err(e))?;
         let users = store.load::<User>("SELECT id, record FROM users")?;
@@ -129,8 +134,23 @@ impl SqliteStore {
         Ok(out)
     }
 
+    /// Every registered device.
+    pub fn devices(&self) -> Result<Vec<Device>, StoreError> {
+        self.load::<Device>("SELECT id, record FROM devices")
+    }
+
     /// Writes a mutation as one transaction.
     pub fn commit(&mut self, m: &Mutation) -> Result<(), StoreError> {
+        self.commit_with_devices(m, &DeviceMutation::default())
+    }
+
+    /// Writes a directory and a device mutation as one transaction (a deleted user's
+    /// devices go in the same commit).
+    pub fn commit_with_devices(
+        &mut self,
+        m: &Mutation,
+        dm: &DeviceMutation,
+    ) -> Result<(), StoreError> {
         let path = self.path.clone();
         let err = |source| StoreError::Sqlite {
             path: path.clone(),
@@ -169,6 +189,23 @@ impl SqliteStore {
         for id in &m.removed_groups {
             tx.execute("DELETE FROM groups WHERE id = ?1", params![id.to_string()])
                 .map_err(err)?;
+        }
+        for (id, _) in &dm.removed {
+            tx.execute("DELETE FROM devices WHERE id = ?1", params![id.to_string()])
+                .map_err(err)?;
+        }
+        for d in &dm.upsert {
+            tx.execute(
+                "INSERT OR REPLACE INTO devices (id, user_name, public_key, expires, record) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    d.id.to_string(),
+                    d.user_name,
+                    d.key_b64(),
+                    d.expires.to_rfc3339(),
+                    json(serde_json::to_string(d))?
+                ],
+            )
+            .map_err(err)?;
         }
         tx.commit().map_err(err)
     }

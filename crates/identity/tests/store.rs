@@ -12,9 +12,10 @@ use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use portcullis_identity::{
-    Directory, DirectoryError, Group, Identity, IdentityError, Mutation, SqliteStore, User,
+    DeviceError, DevicePolicy, Directory, DirectoryError, Group, Identity, IdentityError, Mutation,
+    SqliteStore, User,
 };
-use portcullis_model::ChangeKind;
+use portcullis_model::{ChangeKind, DeviceChange};
 use uuid::Uuid;
 
 fn user(name: &str) -> User {
@@ -145,5 +146,108 @@ fn a_corrupt_record_is_reported_with_the_file_and_id() {
     drop(conn);
     let err = SqliteStore::open(&db).err().unwrap().to_string();
     assert!(err.contains("identity.db") && err.contains("x1"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn device_policy() -> DevicePolicy {
+    DevicePolicy {
+        pool: "100.64.0.128/30".parse().unwrap(),
+        reserved_addresses: Default::default(),
+        reserved_keys: Default::default(),
+        lifetime: chrono::TimeDelta::hours(12),
+        grace: chrono::TimeDelta::minutes(5),
+        persistent_keepalive: None,
+        config_users: vec!["carol".into()],
+    }
+}
+
+#[tokio::test]
+async fn devices_persist_and_leave_with_their_user() {
+    let dir = std::env::temp_dir().join(format!("pcl-identity-dev-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join("identity.db");
+    // A version 1 database (before devices) is upgraded in place.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE users (id TEXT PRIMARY KEY, user_name TEXT NOT NULL, record TEXT NOT NULL);
+         CREATE TABLE groups (id TEXT PRIMARY KEY, display_name TEXT NOT NULL, record TEXT NOT NULL);
+         CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+         PRAGMA user_version = 1;",
+    )
+    .unwrap();
+    drop(conn);
+    let (store, _, _) = SqliteStore::open(&db).unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let identity = Identity::new(Directory::default(), store, tx)
+        .with_devices(device_policy())
+        .unwrap();
+    let core = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while let Some(apply) = rx.recv().await {
+            seen.extend(apply.devices);
+            let _ = apply.done.send(());
+        }
+        seen
+    });
+    let now = Utc::now();
+    identity
+        .change("scim", Instant::now(), now, |d, now| {
+            ok(d.plan_create_user(user("erin"), now))
+        })
+        .await
+        .unwrap();
+    let erins = identity
+        .register_device("Erin", [1; 32], "laptop", None, Instant::now(), now)
+        .await
+        .unwrap();
+    assert_eq!(erins.user_name, "erin", "the owner's own spelling");
+    let carols = identity
+        .register_device("carol", [2; 32], "", None, Instant::now(), now)
+        .await
+        .unwrap();
+    assert_eq!(carols.user_id, None, "a user of the configuration file");
+    let err = identity
+        .register_device("mallory", [3; 32], "", None, Instant::now(), now)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, IdentityError::Device(DeviceError::NoSuchUser(_))),
+        "{err}"
+    );
+    let err = identity
+        .register_device("carol", [1; 32], "", None, Instant::now(), now)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, IdentityError::Device(DeviceError::DuplicateKey(_))),
+        "{err}"
+    );
+
+    // Deleting erin removes her device in the same commit.
+    let erin = identity.read(|d| d.user_by_name("erin").unwrap().id);
+    identity
+        .change("scim", Instant::now(), now, |d, now| {
+            ok(d.plan_delete_user(&erin, now))
+        })
+        .await
+        .unwrap();
+    drop(identity);
+    let seen = core.await.unwrap();
+    assert!(matches!(&seen[..], [
+        DeviceChange::Added { public_key: a, .. },
+        DeviceChange::Added { public_key: b, .. },
+        DeviceChange::Removed { public_key: c, reason },
+    ] if *a == [1; 32] && *b == [2; 32] && *c == [1; 32] && reason == "user deleted"));
+
+    let (store, _, _) = SqliteStore::open(&db).unwrap();
+    let devices = store.devices().unwrap();
+    assert_eq!(devices, vec![carols]);
+    let version: i64 = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 2);
+    drop(store);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -10,6 +10,7 @@
 //! - `POST /admin/v1/ldap/approve-removal`: applies the directory as it is now, past the
 //!   mass-removal guard.
 //! - `GET /admin/v1/ldap/users/{name}`: looks a user up in the directory itself.
+//! - `/admin/v1/devices`: registered devices (see [`crate::devices`]).
 
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
@@ -61,11 +62,13 @@ pub struct UserRow {
 }
 
 #[derive(Clone)]
-struct AdminState {
+pub(crate) struct AdminState {
     tokens: Arc<RwLock<TokenSet>>,
-    identity: Option<Arc<Identity>>,
-    commands: mpsc::UnboundedSender<AdminCommand>,
+    pub(crate) identity: Option<Arc<Identity>>,
+    pub(crate) commands: mpsc::UnboundedSender<AdminCommand>,
     ldap: Option<LdapHandle>,
+    /// What device profiles carry (`[devices]` configured).
+    pub(crate) profile: Option<Arc<portcullis_identity::ProfileSettings>>,
 }
 
 /// The admin routes.
@@ -74,12 +77,14 @@ pub fn admin_router(
     identity: Option<Arc<Identity>>,
     commands: mpsc::UnboundedSender<AdminCommand>,
     ldap: Option<LdapHandle>,
+    profile: Option<Arc<portcullis_identity::ProfileSettings>>,
 ) -> Router {
     let state = AdminState {
         tokens,
         identity,
         commands,
         ldap,
+        profile,
     };
     Router::new()
         .route("/admin/v1/users", get(users))
@@ -89,6 +94,7 @@ pub fn admin_router(
         .route("/admin/v1/ldap", get(ldap_status))
         .route("/admin/v1/ldap/approve-removal", post(ldap_approve))
         .route("/admin/v1/ldap/users/{name}", get(ldap_lookup))
+        .merge(crate::devices::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_admin,
@@ -96,7 +102,7 @@ pub fn admin_router(
         .with_state(state)
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
+pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({"error": message.into()}))).into_response()
 }
 

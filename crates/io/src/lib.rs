@@ -13,6 +13,7 @@
 //! pipeline (a full queue refuses, counts and blocks new flows).
 
 mod datapath;
+pub mod devices;
 pub mod http;
 pub mod ldap;
 
@@ -188,7 +189,14 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         .as_ref()
         .map(|i| i.read(|d| d.principals()))
         .unwrap_or_default();
+    let profile = c
+        .devices
+        .as_ref()
+        .map(|d| devices::profile_settings(&loaded, d, &bundle));
     let mut gw = build_gateway(&loaded, Arc::new(bundle), directory_users, Instant::now())?;
+    if let Some(identity) = &identity {
+        devices::add_stored(&mut gw, identity)?;
+    }
     let (admin_tx, mut admin_rx) = tokio::sync::mpsc::unbounded_channel();
     let tokens = load_tokens(&loaded)?;
     let ldap = match (&c.ldap, &identity) {
@@ -214,6 +222,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
                 identity.clone(),
                 admin_tx.clone(),
                 ldap.clone(),
+                profile.map(Arc::new),
             ));
         }
         let app = app.layer(axum::extract::DefaultBodyLimit::max(h.max_body_bytes));
@@ -228,6 +237,9 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         });
     }
     drop(admin_tx);
+    if let Some(identity) = identity.as_ref().filter(|i| i.device_policy().is_some()) {
+        devices::spawn_expiry(identity.clone());
+    }
     let (audit, recovery) = Pipeline::start(pipeline_config(&loaded)?)?;
     if let Some(r) = recovery {
         tracing::info!(
@@ -295,6 +307,11 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
                         }
                     }
                 }
+                for change in apply.devices {
+                    if let Err(e) = gw.handle_device_change(now, change) {
+                        tracing::error!("device change not applied: {e}");
+                    }
+                }
                 // Resets and events out before the source hears "done".
                 flush(&mut gw, &mut dp, &audit, fail_closed).await;
                 let _ = apply.done.send(());
@@ -327,7 +344,7 @@ fn open_identity(
 )> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let c = &loaded.config;
-    if c.scim.is_none() && c.admin.is_none() && c.ldap.is_none() {
+    if c.scim.is_none() && c.admin.is_none() && c.ldap.is_none() && c.devices.is_none() {
         return Ok((None, rx));
     }
     let (store, users, groups) = portcullis_identity::SqliteStore::open(&c.identity.database)?;
@@ -347,12 +364,11 @@ fn open_identity(
         groups = directory.groups().count(),
         "identity store opened"
     );
-    Ok((
-        Some(Arc::new(portcullis_identity::Identity::new(
-            directory, store, tx,
-        ))),
-        rx,
-    ))
+    let mut identity = portcullis_identity::Identity::new(directory, store, tx);
+    if let Some(d) = &c.devices {
+        identity = identity.with_devices(devices::policy(loaded, d))?;
+    }
+    Ok((Some(Arc::new(identity)), rx))
 }
 
 #[derive(Default)]

@@ -111,6 +111,27 @@ impl IdentityChange {
     }
 }
 
+/// A device (a WireGuard key of a user) registered, rotated or removed, as the core
+/// applies it: a peer added or removed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceChange {
+    Added {
+        user: String,
+        public_key: [u8; 32],
+        addresses: Vec<IpAddr>,
+        persistent_keepalive: Option<u16>,
+        expires_at: DateTime<Utc>,
+        /// The key this one replaces (a rotation); it stays valid for the grace period.
+        previous: Option<[u8; 32]>,
+    },
+    Removed {
+        public_key: [u8; 32],
+        /// `expired`, `rotated` (the grace period of a replaced key ended), `removed`,
+        /// `user deleted`.
+        reason: String,
+    },
+}
+
 /// What kind of change an [`IdentityChange`] is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

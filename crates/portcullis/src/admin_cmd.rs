@@ -1,4 +1,4 @@
-//! `portcullis users ...`, `portcullis sessions ...` and `portcullis ldap ...`: commands that talk to
+//! `portcullis users ...`, `sessions ...`, `devices ...` and `ldap ...`: commands that talk to
 //! the running gateway's admin API (`[http] listen`, token from `[admin] token_file`).
 
 // Indexing a serde_json Value by key yields Null for a missing key; it never panics.
@@ -70,6 +70,167 @@ pub enum LdapCommand {
         #[arg(long, env = "PORTCULLIS_CONFIG")]
         config: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+pub enum DevicesCommand {
+    /// Registered devices: owner, address, expiry, rotation.
+    List {
+        /// Only this user's devices.
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Registers a device for USER and prints its WireGuard profile. Without
+    /// --public-key the gateway generates the key pair: the profile then holds the
+    /// private key, shown this once.
+    Add {
+        user: String,
+        /// The device's own public key (`wg pubkey`), so its private key never leaves it.
+        #[arg(long)]
+        public_key: Option<String>,
+        /// A label ("alice's laptop").
+        #[arg(long)]
+        name: Option<String>,
+        /// Shorter than `[devices] key_lifetime_secs` (never longer).
+        #[arg(long)]
+        lifetime_secs: Option<u64>,
+        /// Write the profile to this file (mode 0600) instead of standard output.
+        #[arg(long)]
+        profile: Option<PathBuf>,
+        #[arg(long, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+    },
+    /// Replaces a device's key (and tunnel address); the old key keeps working for the
+    /// grace period. Prints the new profile.
+    Rotate {
+        id: String,
+        #[arg(long)]
+        public_key: Option<String>,
+        /// How long the old key stays valid (default `[devices] rotation_grace_secs`).
+        #[arg(long)]
+        grace_secs: Option<u64>,
+        #[arg(long)]
+        profile: Option<PathBuf>,
+        #[arg(long, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+    },
+    /// Removes a device: its session and flows are cut before this returns.
+    Remove {
+        id: String,
+        #[arg(long, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+/// Writes a profile (it may hold a private key: owner-only permissions) or prints it.
+fn emit_profile(v: &Value, file: Option<&Path>) -> anyhow::Result<()> {
+    let text = v["profile"].as_str().unwrap_or_default();
+    match file {
+        Some(f) => {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let mut out = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(f)
+                .with_context(|| format!("writing the profile to {}", f.display()))?;
+            out.write_all(text.as_bytes())?;
+            eprintln!(
+                "device {} ({}): profile written to {}",
+                v["device"]["id"].as_str().unwrap_or(""),
+                v["device"]["address"].as_str().unwrap_or(""),
+                f.display()
+            );
+        }
+        None => print!("{text}"),
+    }
+    Ok(())
+}
+
+pub fn devices(cmd: DevicesCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        DevicesCommand::List { user, config, json } => {
+            let path = match &user {
+                Some(u) => format!("/admin/v1/devices?user={}", encode(u)),
+                None => "/admin/v1/devices".into(),
+            };
+            let v = call(&config, "GET", &path)?;
+            if json {
+                println!("{v}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "{:<36} {:<16} {:<15} {:<20} {:<44} STATE",
+                "ID", "USER", "ADDRESS", "EXPIRES", "PUBLIC_KEY"
+            );
+            for d in v.as_array().into_iter().flatten() {
+                let state = match d["replaced_by"].as_str() {
+                    Some(next) => format!("rotated to {next}, valid until expiry"),
+                    None => "active".into(),
+                };
+                println!(
+                    "{:<36} {:<16} {:<15} {:<20} {:<44} {state}",
+                    d["id"].as_str().unwrap_or(""),
+                    d["user"].as_str().unwrap_or(""),
+                    d["address"].as_str().unwrap_or(""),
+                    d["expires"].as_str().unwrap_or("").get(..19).unwrap_or(""),
+                    d["public_key"].as_str().unwrap_or(""),
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DevicesCommand::Add {
+            user,
+            public_key,
+            name,
+            lifetime_secs,
+            profile,
+            config,
+        } => {
+            let body = serde_json::json!({
+                "user": user, "public_key": public_key, "name": name, "lifetime_secs": lifetime_secs,
+            });
+            let v = call_with(&config, "POST", "/admin/v1/devices", Some(&body))?;
+            emit_profile(&v, profile.as_deref())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        DevicesCommand::Rotate {
+            id,
+            public_key,
+            grace_secs,
+            profile,
+            config,
+        } => {
+            let body = serde_json::json!({"public_key": public_key, "grace_secs": grace_secs});
+            let v = call_with(
+                &config,
+                "POST",
+                &format!("/admin/v1/devices/{}/rotate", encode(&id)),
+                Some(&body),
+            )?;
+            eprintln!(
+                "device {id}: rotated to {}; the old key works until {}",
+                v["device"]["id"].as_str().unwrap_or(""),
+                v["previous"]["expires"].as_str().unwrap_or("-"),
+            );
+            emit_profile(&v, profile.as_deref())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        DevicesCommand::Remove { id, config } => {
+            call(
+                &config,
+                "DELETE",
+                &format!("/admin/v1/devices/{}", encode(&id)),
+            )?;
+            println!("device {id}: removed");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 pub fn ldap(cmd: LdapCommand) -> anyhow::Result<ExitCode> {
@@ -239,8 +400,18 @@ fn encode(s: &str) -> String {
         .collect()
 }
 
-/// One request to the admin API over plain HTTP/1.1; errors carry the API's message.
 fn call(config: &Path, method: &str, path: &str) -> anyhow::Result<Value> {
+    call_with(config, method, path, None)
+}
+
+/// One request to the admin API over plain HTTP/1.1, with an optional JSON body; errors
+/// carry the API's message.
+fn call_with(
+    config: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> anyhow::Result<Value> {
     let loaded = portcullis_config::load_unkeyed(config)?;
     let c = &loaded.config;
     let http = c.http.as_ref().ok_or_else(|| {
@@ -269,10 +440,17 @@ fn call(config: &Path, method: &str, path: &str) -> anyhow::Result<Value> {
             format!("connecting to the gateway's admin API at {addr} (is the gateway running?)")
         })?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let payload = body.map(Value::to_string).unwrap_or_default();
+    let content_type = if body.is_some() {
+        "Content-Type: application/json\r\n"
+    } else {
+        ""
+    };
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-        token.0
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n{content_type}Content-Length: {}\r\nConnection: close\r\n\r\n{payload}",
+        token.0,
+        payload.len()
     )?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response)?;

@@ -80,6 +80,12 @@ enum Command {
         #[command(subcommand)]
         command: admin_cmd::SessionsCommand,
     },
+    /// Devices of the running gateway: list, add (prints a WireGuard profile), rotate,
+    /// remove.
+    Devices {
+        #[command(subcommand)]
+        command: admin_cmd::DevicesCommand,
+    },
     /// The running gateway's LDAP sync: status, approve-removal, lookup.
     Ldap {
         #[command(subcommand)]
@@ -155,6 +161,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Users { command } => admin_cmd::users(command),
         Command::Sessions { command } => admin_cmd::sessions(command),
         Command::Ldap { command } => admin_cmd::ldap(command),
+        Command::Devices { command } => admin_cmd::devices(command),
         Command::Keygen => {
             let secret = boringtun_secret();
             println!(

@@ -47,6 +47,10 @@ impl From<IdentityError> for ScimError {
                 ScimError::internal("the identity database could not store the change".into())
             }
             IdentityError::CoreGone => ScimError::new(503, None, e.to_string()),
+            // SCIM never changes devices itself.
+            IdentityError::Device(_) | IdentityError::NoDevices => {
+                ScimError::internal(e.to_string())
+            }
         }
     }
 }

@@ -1,0 +1,681 @@
+//! Devices: the WireGuard keys users register, each with a tunnel address from the pool
+//! and an expiry. Sans-IO like the directory: changes are planned ([`DeviceMutation`]),
+//! persisted by the caller, then applied, which yields the [`DeviceChange`]s (peers added
+//! and removed) for the core.
+//!
+//! Lifecycle:
+//! - registered: a new key gets the lowest free pool address and expires after the
+//!   configured lifetime (default 12 h);
+//! - rotated: a new key (and a new address, so both keys can carry traffic during the
+//!   grace period) replaces the old one, whose expiry is brought forward to the end of
+//!   the grace period;
+//! - expired: at its expiry the device is removed (reason `expired`, or `rotated` for
+//!   the old key of a rotation);
+//! - removed: by an administrator, or with its user (a deleted directory user's devices
+//!   go with it, so a user re-created under the same name gets none of them).
+//!
+//! The WireGuard profile a device's owner installs ([`profile`]) is the `wg-quick` format
+//! every stock client imports.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr};
+
+use base64::Engine as _;
+use chrono::{DateTime, TimeDelta, Utc};
+use ipnet::{IpNet, Ipv4Net};
+use portcullis_model::DeviceChange;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// A registered device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Device {
+    pub id: Uuid,
+    /// The owner's name, as policies see it.
+    pub user_name: String,
+    /// The owner's directory id; `None` for a user the configuration file defines.
+    pub user_id: Option<Uuid>,
+    /// A label for people ("alice's laptop").
+    pub name: String,
+    #[serde(with = "key_b64")]
+    pub public_key: [u8; 32],
+    pub address: Ipv4Addr,
+    pub created: DateTime<Utc>,
+    pub expires: DateTime<Utc>,
+    /// The device this one replaced (a rotation).
+    #[serde(default)]
+    pub replaces: Option<Uuid>,
+    /// Set on the old key of a rotation: valid until `expires`, the end of the grace.
+    #[serde(default)]
+    pub replaced_by: Option<Uuid>,
+}
+
+impl Device {
+    /// The public key as WireGuard tools print it.
+    pub fn key_b64(&self) -> String {
+        base64::engine::general_purpose::STANDARD.encode(self.public_key)
+    }
+}
+
+mod key_b64 {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(key: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(key))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let text = String::deserialize(d)?;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(text.as_bytes())
+            .map_err(serde::de::Error::custom)?;
+        <[u8; 32]>::try_from(bytes.as_slice())
+            .map_err(|_| serde::de::Error::custom("a public key is 32 bytes"))
+    }
+}
+
+/// How devices are handed out (from `[devices]`).
+#[derive(Clone, Debug)]
+pub struct DevicePolicy {
+    /// Tunnel addresses for devices.
+    pub pool: Ipv4Net,
+    /// Addresses and keys taken outside the registry (the gateway, static `[[peer]]`s).
+    pub reserved_addresses: BTreeSet<IpAddr>,
+    pub reserved_keys: BTreeSet<[u8; 32]>,
+    /// Longest and default lifetime of a key.
+    pub lifetime: TimeDelta,
+    /// How long the old key stays valid after a rotation.
+    pub grace: TimeDelta,
+    pub persistent_keepalive: Option<u16>,
+    /// Users of the configuration file (they may own devices too).
+    pub config_users: Vec<String>,
+}
+
+/// Who owns a device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub user_name: String,
+    pub user_id: Option<Uuid>,
+}
+
+/// Records to write and to delete (with why), as one transaction.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeviceMutation {
+    pub upsert: Vec<Device>,
+    pub removed: Vec<(Uuid, String)>,
+}
+
+impl DeviceMutation {
+    pub fn is_empty(&self) -> bool {
+        self.upsert.is_empty() && self.removed.is_empty()
+    }
+}
+
+/// Why a device change was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceError {
+    #[error("no active user {0:?}")]
+    NoSuchUser(String),
+    #[error("no device {0}")]
+    NoSuchDevice(String),
+    #[error("public key {0} is already registered")]
+    DuplicateKey(String),
+    #[error("no free address left in the device pool {0}")]
+    PoolExhausted(Ipv4Net),
+    #[error("device {0} was already rotated; rotate its replacement {1}")]
+    AlreadyRotated(Uuid, Uuid),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The registered devices, by id and by key.
+#[derive(Clone, Debug, Default)]
+pub struct Devices {
+    by_id: BTreeMap<Uuid, Device>,
+    by_key: HashMap<[u8; 32], Uuid>,
+}
+
+impl Devices {
+    pub fn from_records(records: impl IntoIterator<Item = Device>) -> Devices {
+        let mut d = Devices::default();
+        for r in records {
+            d.by_key.insert(r.public_key, r.id);
+            d.by_id.insert(r.id, r);
+        }
+        d
+    }
+
+    pub fn get(&self, id: &Uuid) -> Option<&Device> {
+        self.by_id.get(id)
+    }
+
+    pub fn by_key(&self, key: &[u8; 32]) -> Option<&Device> {
+        self.by_key.get(key).and_then(|id| self.by_id.get(id))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Device> {
+        self.by_id.values()
+    }
+
+    /// The earliest expiry, when the next [`Devices::plan_expire`] has work.
+    pub fn next_expiry(&self) -> Option<DateTime<Utc>> {
+        self.by_id.values().map(|d| d.expires).min()
+    }
+
+    /// The lowest pool address no device, static peer or the gateway holds (the pool's
+    /// network and broadcast addresses are never handed out).
+    fn allocate(&self, policy: &DevicePolicy) -> Result<Ipv4Addr, DeviceError> {
+        let taken: BTreeSet<Ipv4Addr> = self.by_id.values().map(|d| d.address).collect();
+        let pool = policy.pool;
+        pool.hosts()
+            .filter(|a| pool.prefix_len() >= 31 || (*a != pool.network() && *a != pool.broadcast()))
+            .find(|a| !taken.contains(a) && !policy.reserved_addresses.contains(&IpAddr::V4(*a)))
+            .ok_or(DeviceError::PoolExhausted(pool))
+    }
+
+    fn check_key(&self, policy: &DevicePolicy, key: &[u8; 32]) -> Result<(), DeviceError> {
+        if self.by_key.contains_key(key) || policy.reserved_keys.contains(key) {
+            return Err(DeviceError::DuplicateKey(
+                base64::engine::general_purpose::STANDARD.encode(key),
+            ));
+        }
+        if key == &[0; 32] {
+            return Err(DeviceError::Invalid(
+                "the all-zero key is not a public key".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn lifetime(policy: &DevicePolicy, asked: Option<TimeDelta>) -> Result<TimeDelta, DeviceError> {
+        match asked {
+            None => Ok(policy.lifetime),
+            Some(l) if l <= TimeDelta::zero() => {
+                Err(DeviceError::Invalid("a lifetime must be positive".into()))
+            }
+            // Never longer than the configured lifetime: that is the policy's promise.
+            Some(l) => Ok(l.min(policy.lifetime)),
+        }
+    }
+
+    /// Plans registering `public_key` for `owner`.
+    pub fn plan_register(
+        &self,
+        policy: &DevicePolicy,
+        owner: Owner,
+        public_key: [u8; 32],
+        name: &str,
+        lifetime: Option<TimeDelta>,
+        now: DateTime<Utc>,
+    ) -> Result<(DeviceMutation, Device), DeviceError> {
+        check_label(name)?;
+        self.check_key(policy, &public_key)?;
+        let device = Device {
+            id: Uuid::new_v4(),
+            user_name: owner.user_name,
+            user_id: owner.user_id,
+            name: name.to_string(),
+            public_key,
+            address: self.allocate(policy)?,
+            created: now,
+            expires: now + Self::lifetime(policy, lifetime)?,
+            replaces: None,
+            replaced_by: None,
+        };
+        Ok((
+            DeviceMutation {
+                upsert: vec![device.clone()],
+                removed: Vec::new(),
+            },
+            device,
+        ))
+    }
+
+    /// Plans replacing device `id`'s key with `public_key`: the new key gets a new
+    /// address and a full lifetime; the old key stays valid for `grace` (the configured
+    /// grace when `None`), never beyond its own expiry.
+    pub fn plan_rotate(
+        &self,
+        policy: &DevicePolicy,
+        id: &Uuid,
+        public_key: [u8; 32],
+        grace: Option<TimeDelta>,
+        now: DateTime<Utc>,
+    ) -> Result<(DeviceMutation, Device), DeviceError> {
+        let old = self
+            .by_id
+            .get(id)
+            .ok_or_else(|| DeviceError::NoSuchDevice(id.to_string()))?;
+        if let Some(next) = old.replaced_by {
+            return Err(DeviceError::AlreadyRotated(*id, next));
+        }
+        self.check_key(policy, &public_key)?;
+        let grace = grace.unwrap_or(policy.grace);
+        if grace < TimeDelta::zero() {
+            return Err(DeviceError::Invalid(
+                "a grace period cannot be negative".into(),
+            ));
+        }
+        let new = Device {
+            id: Uuid::new_v4(),
+            user_name: old.user_name.clone(),
+            user_id: old.user_id,
+            name: old.name.clone(),
+            public_key,
+            address: self.allocate(policy)?,
+            created: now,
+            expires: now + policy.lifetime,
+            replaces: Some(old.id),
+            replaced_by: None,
+        };
+        let mut retiring = old.clone();
+        retiring.replaced_by = Some(new.id);
+        retiring.expires = retiring.expires.min(now + grace);
+        Ok((
+            DeviceMutation {
+                upsert: vec![retiring, new.clone()],
+                removed: Vec::new(),
+            },
+            new,
+        ))
+    }
+
+    /// Plans removing device `id`.
+    pub fn plan_remove(&self, id: &Uuid, reason: &str) -> Result<DeviceMutation, DeviceError> {
+        if !self.by_id.contains_key(id) {
+            return Err(DeviceError::NoSuchDevice(id.to_string()));
+        }
+        Ok(DeviceMutation {
+            upsert: Vec::new(),
+            removed: vec![(*id, reason.to_string())],
+        })
+    }
+
+    /// Plans removing every device whose expiry is at or before `now`.
+    pub fn plan_expire(&self, now: DateTime<Utc>) -> DeviceMutation {
+        DeviceMutation {
+            upsert: Vec::new(),
+            removed: self
+                .by_id
+                .values()
+                .filter(|d| d.expires <= now)
+                .map(|d| {
+                    let reason = if d.replaced_by.is_some() {
+                        "rotated"
+                    } else {
+                        "expired"
+                    };
+                    (d.id, reason.to_string())
+                })
+                .collect(),
+        }
+    }
+
+    /// Plans removing the devices of directory users that are gone.
+    pub fn plan_users_removed(&self, users: &[Uuid]) -> DeviceMutation {
+        DeviceMutation {
+            upsert: Vec::new(),
+            removed: self
+                .by_id
+                .values()
+                .filter(|d| d.user_id.is_some_and(|u| users.contains(&u)))
+                .map(|d| (d.id, "user deleted".to_string()))
+                .collect(),
+        }
+    }
+
+    /// Applies a persisted mutation; returns the peers to add and remove.
+    pub fn apply(&mut self, m: DeviceMutation, policy: Option<&DevicePolicy>) -> Vec<DeviceChange> {
+        let mut changes = Vec::new();
+        for (id, reason) in m.removed {
+            if let Some(d) = self.by_id.remove(&id) {
+                self.by_key.remove(&d.public_key);
+                changes.push(DeviceChange::Removed {
+                    public_key: d.public_key,
+                    reason,
+                });
+            }
+        }
+        for d in m.upsert {
+            let known = self.by_id.contains_key(&d.id);
+            if !known {
+                let previous = d
+                    .replaces
+                    .and_then(|p| self.by_id.get(&p))
+                    .map(|p| p.public_key);
+                changes.push(added(&d, previous, policy));
+            }
+            self.by_key.insert(d.public_key, d.id);
+            self.by_id.insert(d.id, d);
+        }
+        changes
+    }
+
+    /// The peers to add for every stored device (at start).
+    pub fn peers(&self, policy: Option<&DevicePolicy>) -> Vec<DeviceChange> {
+        self.by_id
+            .values()
+            .map(|d| added(d, None, policy))
+            .collect()
+    }
+}
+
+fn added(d: &Device, previous: Option<[u8; 32]>, policy: Option<&DevicePolicy>) -> DeviceChange {
+    DeviceChange::Added {
+        user: d.user_name.clone(),
+        public_key: d.public_key,
+        addresses: vec![IpAddr::V4(d.address)],
+        persistent_keepalive: policy.and_then(|p| p.persistent_keepalive),
+        expires_at: d.expires,
+        previous,
+    }
+}
+
+fn check_label(name: &str) -> Result<(), DeviceError> {
+    if name.len() > 128 || name.chars().any(char::is_control) {
+        return Err(DeviceError::Invalid(
+            "a device name is at most 128 bytes without control characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// What a WireGuard profile for a device says besides the device itself.
+#[derive(Clone, Debug)]
+pub struct ProfileSettings {
+    pub gateway_public_key: [u8; 32],
+    /// `host:port` clients connect to.
+    pub endpoint: String,
+    pub allowed_ips: Vec<IpNet>,
+    pub dns: Vec<IpAddr>,
+    pub persistent_keepalive: Option<u16>,
+}
+
+/// The device's `wg-quick` profile. Without the private key (the device generated its
+/// own), the `PrivateKey` line says where to put it.
+pub fn profile(device: &Device, private_key: Option<&str>, s: &ProfileSettings) -> String {
+    use std::fmt::Write as _;
+    let b64 = |k: &[u8; 32]| base64::engine::general_purpose::STANDARD.encode(k);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# Portcullis device {} of {} ({}), valid until {}",
+        device.id,
+        device.user_name,
+        if device.name.is_empty() {
+            "unnamed"
+        } else {
+            &device.name
+        },
+        device
+            .expires
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    );
+    out.push_str("[Interface]\n");
+    match private_key {
+        Some(k) => {
+            let _ = writeln!(out, "PrivateKey = {k}");
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "# PrivateKey = <the private key this device generated for {}>",
+                device.key_b64()
+            );
+        }
+    }
+    let _ = writeln!(out, "Address = {}/32", device.address);
+    if !s.dns.is_empty() {
+        let dns: Vec<String> = s.dns.iter().map(ToString::to_string).collect();
+        let _ = writeln!(out, "DNS = {}", dns.join(", "));
+    }
+    out.push_str("\n[Peer]\n");
+    let _ = writeln!(out, "PublicKey = {}", b64(&s.gateway_public_key));
+    let _ = writeln!(out, "Endpoint = {}", s.endpoint);
+    let allowed: Vec<String> = s.allowed_ips.iter().map(ToString::to_string).collect();
+    let _ = writeln!(out, "AllowedIPs = {}", allowed.join(", "));
+    if let Some(k) = s.persistent_keepalive {
+        let _ = writeln!(out, "PersistentKeepalive = {k}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )]
+    use super::*;
+
+    fn policy() -> DevicePolicy {
+        DevicePolicy {
+            pool: "100.64.0.0/29".parse().unwrap(),
+            reserved_addresses: ["100.64.0.1".parse().unwrap(), "100.64.0.2".parse().unwrap()]
+                .into(),
+            reserved_keys: [[9; 32]].into(),
+            lifetime: TimeDelta::hours(12),
+            grace: TimeDelta::minutes(5),
+            persistent_keepalive: Some(25),
+            config_users: vec!["alice".into()],
+        }
+    }
+
+    fn owner() -> Owner {
+        Owner {
+            user_name: "alice".into(),
+            user_id: None,
+        }
+    }
+
+    fn t(secs: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap()
+    }
+
+    fn register(d: &mut Devices, key: u8, now: DateTime<Utc>) -> Result<Device, DeviceError> {
+        let (m, dev) = d.plan_register(&policy(), owner(), [key; 32], "laptop", None, now)?;
+        d.apply(m, Some(&policy()));
+        Ok(dev)
+    }
+
+    #[test]
+    fn addresses_come_from_the_pool_skipping_reserved_and_taken_ones() {
+        let mut d = Devices::default();
+        let got: Vec<Ipv4Addr> = (1..=4)
+            .map(|k| register(&mut d, k, t(0)).unwrap().address)
+            .collect();
+        // .0 network, .1 .2 reserved, .7 broadcast.
+        assert_eq!(
+            got,
+            ["100.64.0.3", "100.64.0.4", "100.64.0.5", "100.64.0.6"]
+                .map(|a| a.parse::<Ipv4Addr>().unwrap())
+        );
+        assert_eq!(
+            register(&mut d, 5, t(0)),
+            Err(DeviceError::PoolExhausted(policy().pool))
+        );
+        // A freed address is handed out again.
+        let first = d.iter().find(|x| x.address == got[0]).unwrap().id;
+        let m = d.plan_remove(&first, "removed").unwrap();
+        d.apply(m, None);
+        assert_eq!(register(&mut d, 6, t(0)).unwrap().address, got[0]);
+    }
+
+    #[test]
+    fn keys_must_be_new_and_not_static_peers() {
+        let mut d = Devices::default();
+        register(&mut d, 1, t(0)).unwrap();
+        assert!(matches!(
+            register(&mut d, 1, t(0)),
+            Err(DeviceError::DuplicateKey(_))
+        ));
+        assert!(matches!(
+            register(&mut d, 9, t(0)),
+            Err(DeviceError::DuplicateKey(_))
+        ));
+        assert!(matches!(
+            register(&mut d, 0, t(0)),
+            Err(DeviceError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn lifetime_is_capped_by_the_policy() {
+        let d = Devices::default();
+        let p = policy();
+        let (_, dev) = d
+            .plan_register(&p, owner(), [1; 32], "", Some(TimeDelta::days(30)), t(0))
+            .unwrap();
+        assert_eq!(dev.expires, t(12 * 3600));
+        let (_, dev) = d
+            .plan_register(&p, owner(), [1; 32], "", Some(TimeDelta::seconds(3)), t(0))
+            .unwrap();
+        assert_eq!(dev.expires, t(3));
+        assert!(d
+            .plan_register(&p, owner(), [1; 32], "", Some(TimeDelta::zero()), t(0))
+            .is_err());
+        assert!(d
+            .plan_register(&p, owner(), [1; 32], "a\nb", None, t(0))
+            .is_err());
+    }
+
+    #[test]
+    fn expiry_removes_due_devices_only() {
+        let mut d = Devices::default();
+        let a = register(&mut d, 1, t(0)).unwrap();
+        let b = register(&mut d, 2, t(100)).unwrap();
+        assert_eq!(d.next_expiry(), Some(a.expires));
+        assert!(d.plan_expire(a.expires - TimeDelta::seconds(1)).is_empty());
+        let m = d.plan_expire(a.expires);
+        assert_eq!(m.removed, vec![(a.id, "expired".to_string())]);
+        let changes = d.apply(m, None);
+        assert_eq!(
+            changes,
+            vec![DeviceChange::Removed {
+                public_key: [1; 32],
+                reason: "expired".into()
+            }]
+        );
+        assert_eq!(d.next_expiry(), Some(b.expires));
+    }
+
+    #[test]
+    fn rotation_keeps_the_old_key_for_the_grace_then_removes_it_as_rotated() {
+        let mut d = Devices::default();
+        let old = register(&mut d, 1, t(0)).unwrap();
+        let (m, new) = d
+            .plan_rotate(&policy(), &old.id, [2; 32], None, t(60))
+            .unwrap();
+        let changes = d.apply(m, Some(&policy()));
+        assert_eq!(
+            changes,
+            vec![DeviceChange::Added {
+                user: "alice".into(),
+                public_key: [2; 32],
+                addresses: vec![IpAddr::V4(new.address)],
+                persistent_keepalive: Some(25),
+                expires_at: t(60 + 12 * 3600),
+                previous: Some([1; 32]),
+            }]
+        );
+        assert_ne!(
+            new.address, old.address,
+            "both keys carry traffic during the grace"
+        );
+        let retiring = d.get(&old.id).unwrap();
+        assert_eq!(retiring.expires, t(60 + 300));
+        assert_eq!(retiring.replaced_by, Some(new.id));
+        // Rotating the retiring key again is refused; the replacement is named.
+        assert_eq!(
+            d.plan_rotate(&policy(), &old.id, [3; 32], None, t(61))
+                .err(),
+            Some(DeviceError::AlreadyRotated(old.id, new.id))
+        );
+        let m = d.plan_expire(t(360));
+        assert_eq!(m.removed, vec![(old.id, "rotated".to_string())]);
+        d.apply(m, None);
+        assert!(d.get(&new.id).is_some());
+        // A grace longer than the old key's remaining life does not extend it.
+        let (m, _) = d
+            .plan_rotate(
+                &policy(),
+                &new.id,
+                [4; 32],
+                Some(TimeDelta::days(2)),
+                t(400),
+            )
+            .unwrap();
+        assert_eq!(m.upsert[0].expires, new.expires);
+    }
+
+    #[test]
+    fn a_deleted_directory_users_devices_go_with_it() {
+        let mut d = Devices::default();
+        let uid = Uuid::new_v4();
+        let p = policy();
+        let (m, dev) = d
+            .plan_register(
+                &p,
+                Owner {
+                    user_name: "erin".into(),
+                    user_id: Some(uid),
+                },
+                [1; 32],
+                "",
+                None,
+                t(0),
+            )
+            .unwrap();
+        d.apply(m, None);
+        register(&mut d, 2, t(0)).unwrap();
+        let m = d.plan_users_removed(&[uid]);
+        assert_eq!(m.removed, vec![(dev.id, "user deleted".to_string())]);
+        assert!(d.plan_users_removed(&[Uuid::new_v4()]).is_empty());
+    }
+
+    #[test]
+    fn records_round_trip_through_json() {
+        let mut d = Devices::default();
+        let dev = register(&mut d, 7, t(0)).unwrap();
+        let json = serde_json::to_string(&dev).unwrap();
+        assert!(json.contains(&dev.key_b64()));
+        let back: Device = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, dev);
+        assert!(serde_json::from_str::<Device>(&json.replace(&dev.key_b64(), "AAAA")).is_err());
+    }
+
+    #[test]
+    fn profile_is_wg_quick() {
+        let mut d = Devices::default();
+        let dev = register(&mut d, 7, t(0)).unwrap();
+        let s = ProfileSettings {
+            gateway_public_key: [1; 32],
+            endpoint: "gw.example.com:51820".into(),
+            allowed_ips: vec![
+                "10.8.0.0/16".parse().unwrap(),
+                "100.64.0.0/24".parse().unwrap(),
+            ],
+            dns: vec!["10.8.0.53".parse().unwrap()],
+            persistent_keepalive: Some(25),
+        };
+        let p = profile(&dev, Some("cHJpdmF0ZQ=="), &s);
+        for line in [
+            "[Interface]",
+            "PrivateKey = cHJpdmF0ZQ==",
+            "Address = 100.64.0.3/32",
+            "DNS = 10.8.0.53",
+            "[Peer]",
+            "PublicKey = AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=",
+            "Endpoint = gw.example.com:51820",
+            "AllowedIPs = 10.8.0.0/16, 100.64.0.0/24",
+            "PersistentKeepalive = 25",
+        ] {
+            assert!(p.lines().any(|l| l == line), "{line:?} missing from\n{p}");
+        }
+        let p = profile(&dev, None, &s);
+        assert!(!p.lines().any(|l| l.starts_with("PrivateKey")));
+    }
+}

@@ -1,0 +1,413 @@
+//! Registered devices at run time: the stored ones added as peers at start, the expiry
+//! timer, and the admin API routes that register, rotate and remove them.
+//!
+//! Admin API (same bearer token as the rest of `/admin/v1`):
+//! - `GET /admin/v1/devices[?user=NAME]`: registered devices.
+//! - `POST /admin/v1/devices` `{"user", "public_key"?, "name"?, "lifetime_secs"?}`:
+//!   registers a key (the device's own public key; without one the gateway generates a
+//!   key pair and returns the private key once, inside the profile). Answers 201 with the
+//!   device and its `wg-quick` profile once the peer is live.
+//! - `POST /admin/v1/devices/{id}/rotate` `{"public_key"?, "grace_secs"?}`: a new key and
+//!   address replace the device's; the old key keeps working for the grace period.
+//! - `DELETE /admin/v1/devices/{id}`: removes the device, cutting its session and flows.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use chrono::{DateTime, TimeDelta, Utc};
+use ipnet::IpNet;
+use portcullis_config::{DevicesConfig, Loaded};
+use portcullis_core::{Gateway, PeerSpec};
+use portcullis_identity::{
+    Device, DeviceError, DevicePolicy, Identity, IdentityError, ProfileSettings,
+};
+use portcullis_model::{DeviceChange, Event};
+use portcullis_policy::PolicyBundle;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::http::{AdminCommand, AdminState};
+
+/// An API error: status and message, answered as `{"error": message}`.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        crate::http::error(self.0, self.1)
+    }
+}
+
+impl From<IdentityError> for ApiError {
+    fn from(e: IdentityError) -> ApiError {
+        let status = match &e {
+            IdentityError::Device(DeviceError::NoSuchUser(_) | DeviceError::NoSuchDevice(_)) => {
+                StatusCode::NOT_FOUND
+            }
+            IdentityError::Device(
+                DeviceError::DuplicateKey(_)
+                | DeviceError::AlreadyRotated(..)
+                | DeviceError::PoolExhausted(_),
+            ) => StatusCode::CONFLICT,
+            IdentityError::Device(DeviceError::Invalid(_)) => StatusCode::BAD_REQUEST,
+            IdentityError::CoreGone => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+/// The device policy from `[devices]`: the static peers' addresses and keys and the
+/// gateway's address are never handed out.
+pub fn policy(loaded: &Loaded, d: &DevicesConfig) -> DevicePolicy {
+    let c = &loaded.config;
+    let mut reserved_addresses: BTreeSet<IpAddr> = c
+        .peers
+        .iter()
+        .flat_map(|p| std::iter::once(p.address).chain(p.address6))
+        .collect();
+    reserved_addresses.insert(c.gateway.tunnel_address.addr());
+    DevicePolicy {
+        pool: d.pool,
+        reserved_addresses,
+        reserved_keys: loaded.peer_keys.iter().copied().collect(),
+        lifetime: TimeDelta::seconds(i64::try_from(d.key_lifetime_secs).unwrap_or(i64::MAX / 1000)),
+        grace: TimeDelta::seconds(i64::try_from(d.rotation_grace_secs).unwrap_or(i64::MAX / 1000)),
+        persistent_keepalive: d.persistent_keepalive,
+        config_users: c.users.iter().map(|u| u.name.clone()).collect(),
+    }
+}
+
+/// What every profile carries: the gateway's key and endpoint, and AllowedIPs (the
+/// configured ones, or the tunnel network and every declared network).
+pub fn profile_settings(
+    loaded: &Loaded,
+    d: &DevicesConfig,
+    bundle: &PolicyBundle,
+) -> ProfileSettings {
+    let g = &loaded.config.gateway;
+    let allowed_ips = if d.allowed_ips.is_empty() {
+        let mut nets: Vec<IpNet> = vec![g.tunnel_address.trunc()];
+        nets.extend(g.tunnel_address6.map(|n| n.trunc()));
+        nets.extend(
+            bundle
+                .networks()
+                .iter()
+                .flat_map(|n| n.cidrs.iter().copied()),
+        );
+        IpNet::aggregate(&nets)
+    } else {
+        d.allowed_ips.clone()
+    };
+    let public = boringtun::x25519::PublicKey::from(&boringtun::x25519::StaticSecret::from(
+        loaded.private_key.0,
+    ));
+    ProfileSettings {
+        gateway_public_key: public.to_bytes(),
+        endpoint: d.endpoint.clone(),
+        allowed_ips,
+        dns: d.dns.clone(),
+        persistent_keepalive: d.persistent_keepalive,
+    }
+}
+
+/// At start: drops the devices that expired while the gateway was down (recording it),
+/// then adds every stored device as a peer.
+pub fn add_stored(gw: &mut Gateway, identity: &Identity) -> anyhow::Result<()> {
+    let Some(policy) = identity.device_policy() else {
+        return Ok(());
+    };
+    for (d, reason) in identity.take_expired(Utc::now())? {
+        tracing::info!(device = %d.id, user = %d.user_name, %reason, "device expired while the gateway was down");
+        gw.handle_report(Event::PeerRemoved {
+            user: d.user_name.clone(),
+            device: d.key_b64(),
+            reason,
+        });
+    }
+    for change in identity.read_devices(|d| d.peers(Some(policy))) {
+        if let DeviceChange::Added {
+            user,
+            public_key,
+            addresses,
+            persistent_keepalive,
+            ..
+        } = change
+        {
+            gw.handle_peer_add(PeerSpec {
+                user,
+                public_key,
+                addresses,
+                persistent_keepalive,
+            })
+            .context("adding a stored device")?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes devices at their expiry: sleeps until the earliest one (at most a minute, so
+/// a wall-clock jump is caught up), or until a device changes.
+pub fn spawn_expiry(identity: Arc<Identity>) {
+    tokio::spawn(async move {
+        loop {
+            let next = identity.read_devices(|d| d.next_expiry());
+            let wait = next
+                .map(|t| (t - Utc::now()).to_std().unwrap_or(Duration::ZERO))
+                .unwrap_or(Duration::from_secs(60))
+                .min(Duration::from_secs(60));
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = identity.devices_changed().notified() => continue,
+            }
+            let now = Utc::now();
+            match identity.expire_devices(Instant::now(), now).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    let late = next.map(|t| (now - t).num_milliseconds()).unwrap_or(0);
+                    tracing::info!(devices = n, late_ms = late, "expired devices removed");
+                }
+                Err(e) => {
+                    // The key stays until the removal is stored; retry shortly.
+                    tracing::error!("expiring devices failed: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    });
+}
+
+/// The device routes (the caller adds authentication).
+pub(crate) fn routes() -> Router<AdminState> {
+    Router::new()
+        .route("/admin/v1/devices", get(list).post(register))
+        .route("/admin/v1/devices/{id}/rotate", post(rotate))
+        .route("/admin/v1/devices/{id}", axum::routing::delete(remove))
+}
+
+/// A device as the API shows it.
+#[derive(Serialize)]
+struct DeviceRow {
+    id: Uuid,
+    user: String,
+    name: String,
+    public_key: String,
+    address: String,
+    created: DateTime<Utc>,
+    expires: DateTime<Utc>,
+    replaces: Option<Uuid>,
+    replaced_by: Option<Uuid>,
+}
+
+impl From<&Device> for DeviceRow {
+    fn from(d: &Device) -> Self {
+        DeviceRow {
+            id: d.id,
+            user: d.user_name.clone(),
+            name: d.name.clone(),
+            public_key: d.key_b64(),
+            address: d.address.to_string(),
+            created: d.created,
+            expires: d.expires,
+            replaces: d.replaces,
+            replaced_by: d.replaced_by,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    user: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterBody {
+    user: String,
+    #[serde(default)]
+    public_key: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    lifetime_secs: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RotateBody {
+    #[serde(default)]
+    public_key: Option<String>,
+    #[serde(default)]
+    grace_secs: Option<u64>,
+}
+
+fn devices_of(s: &AdminState) -> Result<(&Arc<Identity>, &ProfileSettings), ApiError> {
+    match (&s.identity, &s.profile) {
+        (Some(i), Some(p)) if i.device_policy().is_some() => Ok((i, p)),
+        _ => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "no [devices] section is configured".into(),
+        )),
+    }
+}
+
+fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    b.map(|Json(v)| v).map_err(|r| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("request body: {}", r.body_text()),
+        )
+    })
+}
+
+fn parse_id(id: &str) -> Result<Uuid, ApiError> {
+    id.parse().map_err(|_| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("device id {id:?} is not a UUID"),
+        )
+    })
+}
+
+/// The device's public key, or a fresh key pair (private key base64) when none is given.
+fn key_or_generate(given: Option<&str>) -> Result<([u8; 32], Option<String>), ApiError> {
+    match given {
+        Some(k) => portcullis_config::decode_key(k)
+            .map(|k| (k, None))
+            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("public_key: {e}"))),
+        None => {
+            use rand::RngCore as _;
+            let mut secret = [0u8; 32];
+            rand::rngs::OsRng.fill_bytes(&mut secret);
+            let secret = boringtun::x25519::StaticSecret::from(secret);
+            let public = boringtun::x25519::PublicKey::from(&secret).to_bytes();
+            let private = base64::engine::general_purpose::STANDARD.encode(secret.to_bytes());
+            Ok((public, Some(private)))
+        }
+    }
+}
+
+fn secs(v: Option<u64>) -> Option<TimeDelta> {
+    v.map(|s| TimeDelta::seconds(i64::try_from(s).unwrap_or(i64::MAX / 1000)))
+}
+
+async fn list(
+    State(s): State<AdminState>,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let (identity, _) = devices_of(&s)?;
+    let Query(q) = q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let rows: Vec<DeviceRow> = identity.read_devices(|d| {
+        d.iter()
+            .filter(|d| {
+                q.user
+                    .as_deref()
+                    .is_none_or(|u| d.user_name.eq_ignore_ascii_case(u))
+            })
+            .map(DeviceRow::from)
+            .collect()
+    });
+    Ok(Json(rows).into_response())
+}
+
+/// Records the outcome of a mutating call as an `admin_action` event.
+fn audited<T>(
+    s: &AdminState,
+    action: &str,
+    target: String,
+    r: Result<T, IdentityError>,
+) -> Result<T, ApiError> {
+    let outcome = match &r {
+        Ok(_) => "ok".to_string(),
+        Err(e) => e.to_string(),
+    };
+    let _ = s.commands.send(AdminCommand::Report(Event::AdminAction {
+        actor: "admin:cli".into(),
+        action: action.into(),
+        target,
+        outcome,
+    }));
+    Ok(r?)
+}
+
+async fn register(
+    State(s): State<AdminState>,
+    b: Result<Json<RegisterBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let (identity, profile) = devices_of(&s)?;
+    let b = body(b)?;
+    let (key, private) = key_or_generate(b.public_key.as_deref())?;
+    let r = identity
+        .register_device(
+            &b.user,
+            key,
+            b.name.as_deref().unwrap_or(""),
+            secs(b.lifetime_secs),
+            Instant::now(),
+            Utc::now(),
+        )
+        .await;
+    let d = audited(&s, "device.register", b.user.clone(), r)?;
+    tracing::info!(device = %d.id, user = %d.user_name, address = %d.address, expires = %d.expires, "admin: device registered");
+    let text = portcullis_identity::profile(&d, private.as_deref(), profile);
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "device": DeviceRow::from(&d),
+            "profile": text,
+            "private_key_included": private.is_some(),
+        })),
+    )
+        .into_response())
+}
+
+async fn rotate(
+    State(s): State<AdminState>,
+    Path(id): Path<String>,
+    b: Result<Json<RotateBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let (identity, profile) = devices_of(&s)?;
+    let id = parse_id(&id)?;
+    // No body at all means "generate a key, default grace".
+    let b = match b {
+        Err(JsonRejection::MissingJsonContentType(_)) => RotateBody::default(),
+        other => body(other)?,
+    };
+    let (key, private) = key_or_generate(b.public_key.as_deref())?;
+    let r = identity
+        .rotate_device(&id, key, secs(b.grace_secs), Instant::now(), Utc::now())
+        .await;
+    let d = audited(&s, "device.rotate", id.to_string(), r)?;
+    let previous = identity.read_devices(|all| all.get(&id).map(DeviceRow::from));
+    tracing::info!(device = %d.id, previous = %id, user = %d.user_name, "admin: device rotated");
+    let text = portcullis_identity::profile(&d, private.as_deref(), profile);
+    Ok(Json(json!({
+        "device": DeviceRow::from(&d),
+        "previous": previous,
+        "profile": text,
+        "private_key_included": private.is_some(),
+    }))
+    .into_response())
+}
+
+async fn remove(State(s): State<AdminState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let (identity, _) = devices_of(&s)?;
+    let id = parse_id(&id)?;
+    let r = identity
+        .remove_device(&id, Instant::now(), Utc::now())
+        .await;
+    let d = audited(&s, "device.remove", id.to_string(), r)?;
+    tracing::info!(device = %id, user = %d.user_name, "admin: device removed");
+    Ok(Json(json!({"device": DeviceRow::from(&d), "removed": true})).into_response())
+}
