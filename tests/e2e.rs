@@ -733,3 +733,266 @@ fn ldap_push_grants_cuts_and_survives_outages() {
     assert!(!users(&lab).contains(&"erin".to_string()));
     assert_eq!(ldap_status(&lab)["refused"], Value::Null);
 }
+
+fn devices_lab() -> Lab {
+    Lab::start(LabOptions {
+        extra_config:
+            "[http]\nlisten = \"127.0.0.1:18080\"\n[admin]\ntoken_file = \"admin.token\"\n\
+            [devices]\npool = \"100.64.0.128/26\"\nendpoint = \"192.168.77.1:51820\"\n"
+                .into(),
+        files: vec![("admin.token".into(), format!("{ADMIN_TOKEN}\n"))],
+        ..LabOptions::default()
+    })
+    .unwrap()
+}
+
+/// Runs the CLI in the gateway's namespace: (success, stdout, stderr).
+fn cli(lab: &Lab, args: &[&str]) -> (bool, String, String) {
+    let out = lab.cli_in_gateway_ns(args).unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+fn reaches_prod(lab: &Lab, c: &portcullis_e2e::Client, timeout: Duration) -> bool {
+    portcullis_e2e::wait_until(timeout, || Ok(lab.ping(c, "10.8.0.2"))).is_ok()
+}
+
+fn device_list(lab: &Lab) -> Vec<Value> {
+    let (ok, out, err) = cli(lab, &["devices", "list", "--json"]);
+    assert!(ok, "{err}");
+    serde_json::from_str::<Value>(&out)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// A device's life through the admin CLI with real wireguard-go clients: registered with
+/// a gateway-made key (the profile works as is), rotated (both keys work during the
+/// grace, then the old one's connection is cut), kept across a restart, expired (also
+/// while the gateway was down), removed; bad requests get clear errors.
+#[test]
+fn devices_register_rotate_expire_and_survive_a_restart() {
+    let mut lab = devices_lab();
+    let profile1 = lab.dir.join("laptop1.conf");
+    let (ok, _, err) = cli(
+        &lab,
+        &[
+            "devices",
+            "add",
+            "alice",
+            "--name",
+            "laptop",
+            "--profile",
+            profile1.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{err}");
+    let text = std::fs::read_to_string(&profile1).unwrap();
+    assert!(
+        text.contains("PrivateKey = ") && text.contains("Address = 100.64.0.129/32"),
+        "{text}"
+    );
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(&profile1).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let listed = device_list(&lab);
+    assert_eq!(listed.len(), 1);
+    let id1 = listed[0]["id"].as_str().unwrap().to_string();
+    let key1 = listed[0]["public_key"].as_str().unwrap().to_string();
+    let e = lab
+        .wait_event(Duration::from_secs(2), |e| is(e, "key_rotated"))
+        .unwrap();
+    assert_eq!(
+        (e["device"].as_str(), e["previous"].as_str()),
+        (Some(key1.as_str()), None)
+    );
+
+    // alice's namespace now runs the profile exactly as handed out.
+    lab.use_profile(&lab.alice, &text, None, None).unwrap();
+    assert!(reaches_prod(&lab, &lab.alice, Duration::from_secs(10)));
+    let mut old_conn = lab
+        .connect(&lab.alice, addr("10.8.0.2:8080"), Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(echo_round_trip(&mut old_conn, b"old").unwrap(), b"old");
+
+    // Rotation: the new key (in bob's namespace, acting as alice's new laptop) works at
+    // once; the old one keeps working for the 4 s grace, then its connection is reset.
+    let profile2 = lab.dir.join("laptop2.conf");
+    let (ok, _, err) = cli(
+        &lab,
+        &[
+            "devices",
+            "rotate",
+            &id1,
+            "--grace-secs",
+            "4",
+            "--profile",
+            profile2.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{err}");
+    let rotated_at = Instant::now();
+    let text2 = std::fs::read_to_string(&profile2).unwrap();
+    assert!(text2.contains("Address = 100.64.0.130/32"), "{text2}");
+    lab.use_profile(&lab.bob, &text2, None, Some(&lab.bob.endpoint))
+        .unwrap();
+    assert!(
+        reaches_prod(&lab, &lab.bob, Duration::from_secs(10)),
+        "the new key reaches what alice may"
+    );
+    assert!(
+        rotated_at.elapsed() < Duration::from_secs(4),
+        "setup too slow to test the grace"
+    );
+    assert_eq!(echo_round_trip(&mut old_conn, b"grace").unwrap(), b"grace");
+    let (ok, _, err) = cli(&lab, &["devices", "rotate", &id1]);
+    assert!(!ok && err.contains("already rotated"), "{err}");
+    expect_reset(&mut old_conn, Duration::from_secs(8));
+    let cut_after = rotated_at.elapsed();
+    assert!(
+        cut_after >= Duration::from_millis(3900),
+        "cut before the grace ended: {cut_after:?}"
+    );
+    let e = lab
+        .wait_event(Duration::from_secs(2), |e| {
+            is(e, "peer_removed") && e["device"] == key1
+        })
+        .unwrap();
+    assert_eq!(e["reason"], "rotated");
+    let rotated = lab
+        .events()
+        .into_iter()
+        .filter(|e| is(e, "key_rotated"))
+        .nth(1)
+        .unwrap();
+    assert_eq!(rotated["previous"].as_str(), Some(key1.as_str()));
+    lab.rehandshake(&lab.alice).unwrap();
+    assert!(!lab.ping(&lab.alice, "10.8.0.2"), "the old key is dead");
+    let listed = device_list(&lab);
+    assert_eq!(listed.len(), 1);
+    let id2 = listed[0]["id"].as_str().unwrap().to_string();
+    let key2 = listed[0]["public_key"].as_str().unwrap().to_string();
+    assert_eq!(listed[0]["replaces"].as_str(), Some(id1.as_str()));
+
+    // A key the device made itself: the profile has no private key; 3 s lifetime.
+    let (own_private, own_public) = portcullis_e2e::wg_genkey().unwrap();
+    let (ok, text3, err) = cli(
+        &lab,
+        &[
+            "devices",
+            "add",
+            "alice",
+            "--public-key",
+            &own_public,
+            "--lifetime-secs",
+            "3",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        !text3.lines().any(|l| l.starts_with("PrivateKey")),
+        "{text3}"
+    );
+    let added_at = Instant::now();
+    lab.use_profile(&lab.alice, &text3, Some(&own_private), None)
+        .unwrap();
+    assert!(reaches_prod(&lab, &lab.alice, Duration::from_secs(2)));
+    let e = lab
+        .wait_event(Duration::from_secs(6), |e| {
+            is(e, "peer_removed") && e["device"] == own_public
+        })
+        .unwrap();
+    assert_eq!(e["reason"], "expired");
+    let expired_after = added_at.elapsed();
+    assert!(
+        (Duration::from_millis(2500)..Duration::from_millis(4500)).contains(&expired_after),
+        "expired after {expired_after:?}"
+    );
+    lab.rehandshake(&lab.alice).unwrap();
+    assert!(!lab.ping(&lab.alice, "10.8.0.2"), "the expired key is dead");
+
+    // Bad requests.
+    for (args, expect) in [
+        (
+            vec!["devices", "add", "mallory"],
+            "no active user \"mallory\"",
+        ),
+        (
+            vec!["devices", "add", "alice", "--public-key", "not-a-key"],
+            "public_key: not valid base64",
+        ),
+        (
+            vec!["devices", "add", "alice", "--public-key", &key2],
+            "already registered",
+        ),
+        (
+            vec![
+                "devices",
+                "add",
+                "alice",
+                "--public-key",
+                &lab.bob.public_key,
+            ],
+            "already registered",
+        ),
+        (vec!["devices", "rotate", "nope"], "not a UUID"),
+        (
+            vec!["devices", "remove", "00000000-0000-0000-0000-000000000000"],
+            "no device",
+        ),
+    ] {
+        let (ok, _, err) = cli(&lab, &args);
+        assert!(!ok && err.contains(expect), "{args:?}: {err}");
+    }
+
+    // A device that expires while the gateway is down is removed (and recorded) at start,
+    // before any handshake could use it; the rotated device survives the restart.
+    let (ok, _, err) = cli(&lab, &["devices", "add", "bob", "--lifetime-secs", "1"]);
+    assert!(ok, "{err}");
+    let short = device_list(&lab)
+        .into_iter()
+        .find(|d| d["user"] == "bob")
+        .unwrap();
+    lab.stop_gateway().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    lab.spawn_gateway().unwrap();
+    let e = lab
+        .wait_event(Duration::from_secs(5), |e| {
+            is(e, "peer_removed") && e["device"] == short["public_key"]
+        })
+        .unwrap();
+    assert_eq!(e["reason"], "expired");
+    lab.rehandshake(&lab.bob).unwrap();
+    assert!(
+        reaches_prod(&lab, &lab.bob, Duration::from_secs(10)),
+        "the stored device works after a restart"
+    );
+    let listed = device_list(&lab);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["id"].as_str(), Some(id2.as_str()));
+
+    // Removal cuts the live connection before the command returns.
+    let mut conn = lab
+        .connect(&lab.bob, addr("10.8.0.2:8080"), Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(echo_round_trip(&mut conn, b"new").unwrap(), b"new");
+    let (ok, _, err) = cli(&lab, &["devices", "remove", &id2]);
+    assert!(ok, "{err}");
+    expect_reset(&mut conn, Duration::from_secs(1));
+    lab.wait_event(Duration::from_secs(2), |e| {
+        is(e, "admin_action") && e["action"] == "device.remove" && e["outcome"] == "ok"
+    })
+    .unwrap();
+    let refused = lab
+        .events()
+        .into_iter()
+        .find(|e| is(e, "admin_action") && e["action"] == "device.register" && e["outcome"] != "ok")
+        .unwrap();
+    assert_eq!(refused["outcome"], "no active user \"mallory\"");
+}

@@ -135,7 +135,8 @@ pub fn check_prerequisites() -> Result<()> {
     Ok(())
 }
 
-fn wg_genkey() -> Result<(String, String)> {
+/// A WireGuard key pair (private, public), base64, from `wg`.
+pub fn wg_genkey() -> Result<(String, String)> {
     let private = sh(&["wg", "genkey"])?.trim().to_string();
     let mut child = Command::new("wg")
         .arg("pubkey")
@@ -846,6 +847,88 @@ address6 = "fd00:64::3"
                 CLIENT_ALLOWED_IPS,
             ],
         )?;
+        Ok(())
+    }
+
+    /// Reconfigures a client's WireGuard interface from a `wg-quick` profile the gateway
+    /// handed out, as a stock client importing it would: its private key (or
+    /// `private_key` when the device generated its own), its address, and the gateway
+    /// peer with the profile's endpoint and AllowedIPs. `endpoint` overrides the
+    /// profile's (the lab's client namespaces reach the gateway on different links).
+    pub fn use_profile(
+        &self,
+        c: &Client,
+        profile: &str,
+        private_key: Option<&str>,
+        endpoint: Option<&str>,
+    ) -> Result<()> {
+        let mut section = "";
+        let mut fields: Vec<(String, String, String)> = Vec::new();
+        for line in profile.lines().map(str::trim) {
+            if line.starts_with('#') || line.is_empty() {
+                continue;
+            }
+            if line.starts_with('[') {
+                section = if line == "[Interface]" { "i" } else { "p" };
+                continue;
+            }
+            let (k, v) = line
+                .split_once('=')
+                .ok_or_else(|| anyhow!("profile line {line:?} is not key = value"))?;
+            fields.push((section.into(), k.trim().into(), v.trim().into()));
+        }
+        let get = |sec: &str, key: &str| {
+            fields
+                .iter()
+                .find(|(s, k, _)| s == sec && k == key)
+                .map(|(_, _, v)| v.clone())
+                .ok_or_else(|| anyhow!("profile has no {key}:\n{profile}"))
+        };
+        let private = match private_key {
+            Some(k) => k.to_string(),
+            None => get("i", "PrivateKey")?,
+        };
+        let address = get("i", "Address")?;
+        let peer = get("p", "PublicKey")?;
+        let endpoint = match endpoint {
+            Some(e) => e.to_string(),
+            None => get("p", "Endpoint")?,
+        };
+        let allowed = get("p", "AllowedIPs")?.replace(' ', "");
+        let key_file = self.dir.join(format!("{}-profile.key", c.ifname));
+        std::fs::write(&key_file, format!("{private}\n"))?;
+        let key_file = key_file.to_string_lossy().to_string();
+        let _ = sh_in(&c.ns, &["wg", "set", &c.ifname, "peer", &peer, "remove"]);
+        sh_in(
+            &c.ns,
+            &[
+                "wg",
+                "set",
+                &c.ifname,
+                "private-key",
+                &key_file,
+                "peer",
+                &peer,
+                "endpoint",
+                &endpoint,
+                "allowed-ips",
+                &allowed,
+            ],
+        )?;
+        // The new address first: removing an interface's last IPv4 address would take
+        // its routes with it.
+        let old = sh(&[
+            "ip", "-n", &c.ns, "-o", "-4", "addr", "show", "dev", &c.ifname,
+        ])?;
+        if !old.contains(&format!("inet {address} ")) {
+            sh(&["ip", "-n", &c.ns, "addr", "add", &address, "dev", &c.ifname])?;
+        }
+        for line in old.lines() {
+            let a = line.split_whitespace().skip_while(|w| *w != "inet").nth(1);
+            if let Some(a) = a.filter(|a| *a != address) {
+                sh(&["ip", "-n", &c.ns, "addr", "del", a, "dev", &c.ifname])?;
+            }
+        }
         Ok(())
     }
 
