@@ -184,6 +184,9 @@ pub struct LabOptions {
     /// Start an OpenLDAP server in the gateway's namespace first; `{ldap_url}` in
     /// `extra_config` becomes its URL.
     pub slapd: bool,
+    /// With `slapd`: also serve ldaps://; `{ldaps_url}` and `{ldap_ca_file}` in
+    /// `extra_config` become its URL and certificate.
+    pub slapd_tls: bool,
 }
 
 impl Default for LabOptions {
@@ -197,6 +200,7 @@ impl Default for LabOptions {
             alice_from_identity_source: false,
             files: Vec::new(),
             slapd: false,
+            slapd_tls: false,
         }
     }
 }
@@ -251,7 +255,11 @@ impl Lab {
         lab.build_topology()?;
         lab.start_servers()?;
         if opts.slapd {
-            lab.slapd = Some(portcullis_testkit::Slapd::start(Some(&lab.ns_gw))?);
+            lab.slapd = Some(if opts.slapd_tls {
+                portcullis_testkit::Slapd::start_tls(Some(&lab.ns_gw))?
+            } else {
+                portcullis_testkit::Slapd::start(Some(&lab.ns_gw))?
+            });
         }
         lab.start_gateway(&opts)?;
         lab.start_clients()?;
@@ -403,10 +411,28 @@ address6 = "fd00:64::3"
             id = self.id,
             a = self.alice.public_key,
             b = self.bob.public_key,
-            extra = opts.extra_config.replace(
-                "{ldap_url}",
-                &self.slapd.as_ref().map(|s| s.url()).unwrap_or_default()
-            ),
+            extra = opts
+                .extra_config
+                .replace(
+                    "{ldap_url}",
+                    &self.slapd.as_ref().map(|s| s.url()).unwrap_or_default()
+                )
+                .replace(
+                    "{ldaps_url}",
+                    &self
+                        .slapd
+                        .as_ref()
+                        .and_then(|s| s.ldaps_url())
+                        .unwrap_or_default()
+                )
+                .replace(
+                    "{ldap_ca_file}",
+                    &self
+                        .slapd
+                        .as_ref()
+                        .map(|s| s.ca_file().display().to_string())
+                        .unwrap_or_default()
+                ),
             audit = opts.audit_config,
         );
         let config = if opts.alice_from_identity_source {

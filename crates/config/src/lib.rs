@@ -76,8 +76,12 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LdapConfig {
-    /// `ldap://host:port`.
+    /// `ldap://host:port`, or `ldaps://host:port` (TLS, the server's certificate checked
+    /// against `ca_file` or the system's CAs, and its name against the URL's host).
     pub url: String,
+    /// PEM CA certificates to trust for ldaps:// instead of the system's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     /// Simple bind; anonymous when absent.
     #[serde(default)]
     pub bind_dn: Option<String>,
@@ -211,6 +215,12 @@ pub struct HttpConfig {
     /// Largest request body accepted (bytes); larger ones get 413.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
+    /// HTTPS: the PEM certificate chain (leaf first) and its private key. Re-read on
+    /// SIGHUP. Without them the listener speaks plain HTTP (keep it on loopback).
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
 }
 
 fn default_max_body_bytes() -> usize {
@@ -661,8 +671,21 @@ pub fn load_unkeyed(path: &Path) -> Result<Loaded, ConfigError> {
     if let Some(admin) = &mut c.admin {
         resolve(&mut admin.token_file);
     }
-    if let Some(f) = c.ldap.as_mut().and_then(|l| l.password_file.as_mut()) {
-        resolve(f);
+    if let Some(l) = c.ldap.as_mut() {
+        for f in [l.password_file.as_mut(), l.ca_file.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            resolve(f);
+        }
+    }
+    if let Some(h) = c.http.as_mut() {
+        for f in [h.cert_file.as_mut(), h.key_file.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            resolve(f);
+        }
     }
     Ok(loaded)
 }
@@ -825,6 +848,12 @@ pub fn parse(path: &Path, src: &str) -> Result<Loaded, ConfigError> {
         ));
     }
     if let Some(h) = &config.http {
+        if h.cert_file.is_some() != h.key_file.is_some() {
+            return Err(err(
+                "http.key_file".into(),
+                "cert_file and key_file go together (neither: plain HTTP)".into(),
+            ));
+        }
         if h.max_body_bytes < 1024 {
             return Err(err(
                 "http.max_body_bytes".into(),
@@ -834,13 +863,17 @@ pub fn parse(path: &Path, src: &str) -> Result<Loaded, ConfigError> {
     }
 
     if let Some(l) = &config.ldap {
-        if !l.url.starts_with("ldap://") {
-            let reason = if l.url.starts_with("ldaps://") {
-                format!("{:?}: ldaps:// is not supported yet; use ldap:// on a trusted network or through a local TLS tunnel", l.url)
-            } else {
-                format!("{:?} is not an ldap:// URL", l.url)
-            };
-            return Err(err("ldap.url".into(), reason));
+        if !(l.url.starts_with("ldap://") || l.url.starts_with("ldaps://")) {
+            return Err(err(
+                "ldap.url".into(),
+                format!("{:?} is not an ldap:// or ldaps:// URL", l.url),
+            ));
+        }
+        if l.ca_file.is_some() && !l.url.starts_with("ldaps://") {
+            return Err(err(
+                "ldap.ca_file".into(),
+                "only used with an ldaps:// url".into(),
+            ));
         }
         if !(0.0..=1.0).contains(&l.max_removal_share) {
             return Err(err(

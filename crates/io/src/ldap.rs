@@ -50,6 +50,7 @@ pub struct LdapHandle {
     pub control: mpsc::UnboundedSender<LdapControl>,
     config: Arc<LdapConfig>,
     password: Option<Arc<str>>,
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +77,7 @@ pub fn read_password(cfg: &LdapConfig) -> anyhow::Result<Option<Arc<str>>> {
 pub fn spawn(
     config: LdapConfig,
     password: Option<Arc<str>>,
+    tls: Option<Arc<rustls::ClientConfig>>,
     identity: Arc<Identity>,
     reports: mpsc::UnboundedSender<AdminCommand>,
 ) -> LdapHandle {
@@ -89,10 +91,12 @@ pub fn spawn(
         control,
         config: Arc::new(config),
         password,
+        tls,
     };
     let driver = Driver {
         cfg: handle.config.clone(),
         password: handle.password.clone(),
+        tls: handle.tls.clone(),
         identity,
         status,
         reports,
@@ -114,6 +118,7 @@ enum Restart {
 struct Driver {
     cfg: Arc<LdapConfig>,
     password: Option<Arc<str>>,
+    tls: Option<Arc<rustls::ClientConfig>>,
     identity: Arc<Identity>,
     status: Arc<Mutex<LdapStatus>>,
     reports: mpsc::UnboundedSender<AdminCommand>,
@@ -122,9 +127,16 @@ struct Driver {
     first_received: Option<(Instant, DateTime<Utc>)>,
 }
 
-async fn connect(cfg: &LdapConfig, password: Option<&str>) -> Result<Ldap, String> {
+async fn connect(
+    cfg: &LdapConfig,
+    password: Option<&str>,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<Ldap, String> {
     let timeout = Duration::from_secs(cfg.timeout_secs);
-    let settings = LdapConnSettings::new().set_conn_timeout(timeout);
+    let mut settings = LdapConnSettings::new().set_conn_timeout(timeout);
+    if let Some(tls) = tls {
+        settings = settings.set_config(tls.clone());
+    }
     let (conn, mut ldap) = LdapConnAsync::with_settings(settings, &cfg.url)
         .await
         .map_err(|e| format!("connecting to {}: {e}", cfg.url))?;
@@ -219,7 +231,7 @@ impl Driver {
         control: &mut mpsc::UnboundedReceiver<LdapControl>,
         backoff: &mut Duration,
     ) -> Result<Restart, String> {
-        let mut ldap = connect(&self.cfg, self.password.as_deref()).await?;
+        let mut ldap = connect(&self.cfg, self.password.as_deref(), self.tls.as_ref()).await?;
         let mut users = self.start(&mut ldap, Kind::Users).await?;
         let mut groups = self.start(&mut ldap, Kind::Groups).await?;
         {
@@ -399,7 +411,7 @@ impl LdapHandle {
     /// escaped into the filter: `*` or `)(` in a name match only themselves.
     pub async fn lookup(&self, name: &str) -> Result<Vec<LookupRow>, String> {
         let cfg = &self.config;
-        let mut ldap = connect(cfg, self.password.as_deref()).await?;
+        let mut ldap = connect(cfg, self.password.as_deref(), self.tls.as_ref()).await?;
         let filter = user_lookup_filter(&cfg.user_filter, &cfg.attributes.user_name, name);
         let mapper = LdapSync::new(cfg.attributes.clone(), cfg.disabled.clone());
         let attrs = mapper.wanted_attributes(Kind::Users);

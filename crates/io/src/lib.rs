@@ -16,6 +16,7 @@ mod datapath;
 pub mod devices;
 pub mod http;
 pub mod ldap;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
@@ -203,10 +204,25 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         (Some(l), Some(identity)) => Some(ldap::spawn(
             l.clone(),
             ldap::read_password(l)?,
+            l.url
+                .starts_with("ldaps://")
+                .then(|| tls::client_config(l.ca_file.as_deref()))
+                .transpose()
+                .context("[ldap] tls")?,
             identity.clone(),
             admin_tx.clone(),
         )),
         _ => None,
+    };
+    let https = match c
+        .http
+        .as_ref()
+        .and_then(|h| h.cert_file.as_ref().zip(h.key_file.as_ref()))
+    {
+        Some((cert, key)) => Some(Arc::new(std::sync::RwLock::new(
+            tls::server_config(cert, key).context("[http] cert_file/key_file")?,
+        ))),
+        None => None,
     };
     if let Some(h) = &c.http {
         let mut app = axum::Router::new();
@@ -229,12 +245,25 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(h.listen)
             .await
             .with_context(|| format!("binding [http] listen {}", h.listen))?;
-        tracing::info!(listen = %listener.local_addr()?, scim = tokens.scim.is_some(), admin = tokens.admin.is_some(), "http up");
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!("http listener stopped: {e}");
+        let local = listener.local_addr()?;
+        match &https {
+            Some(config) => {
+                let listener = tls::TlsListener::spawn(listener, config.clone())?;
+                tokio::spawn(async move {
+                    if let Err(e) = axum::serve(listener, app).await {
+                        tracing::error!("https listener stopped: {e}");
+                    }
+                });
             }
-        });
+            None => {
+                tokio::spawn(async move {
+                    if let Err(e) = axum::serve(listener, app).await {
+                        tracing::error!("http listener stopped: {e}");
+                    }
+                });
+            }
+        }
+        tracing::info!(listen = %local, tls = https.is_some(), scim = tokens.scim.is_some(), admin = tokens.admin.is_some(), "http up");
     }
     drop(admin_tx);
     if let Some(identity) = identity.as_ref().filter(|i| i.device_policy().is_some()) {
@@ -320,6 +349,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
             _ = hup.recv() => {
                 reload(&mut gw, &loaded);
                 reload_tokens(&loaded, &tokens);
+                reload_certificate(&loaded, https.as_deref());
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -396,6 +426,29 @@ fn load_tokens(loaded: &Loaded) -> anyhow::Result<Tokens> {
             .map(|a| load("admin.token_file", &a.token_file))
             .transpose()?,
     })
+}
+
+/// Re-reads the HTTPS certificate and key (renewal); a pair that fails to load keeps
+/// the old one.
+fn reload_certificate(
+    loaded: &Loaded,
+    slot: Option<&std::sync::RwLock<Arc<rustls::ServerConfig>>>,
+) {
+    let (Some(slot), Some(h)) = (slot, loaded.config.http.as_ref()) else {
+        return;
+    };
+    let (Some(cert), Some(key)) = (&h.cert_file, &h.key_file) else {
+        return;
+    };
+    match tls::server_config(cert, key) {
+        Ok(config) => {
+            if let Ok(mut w) = slot.write() {
+                *w = config;
+            }
+            tracing::info!(cert = %cert.display(), "https certificate reloaded");
+        }
+        Err(e) => tracing::error!("https certificate not reloaded, the previous one stays: {e:#}"),
+    }
 }
 
 /// Re-reads the token files (rotation); a file that fails to load keeps the old tokens.

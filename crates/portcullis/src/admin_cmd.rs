@@ -388,6 +388,84 @@ pub fn sessions(cmd: SessionsCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
+trait ReadWrite: std::io::Read + std::io::Write {}
+impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
+
+/// TLS to the gateway's own listener, trusting exactly the certificate in its
+/// `[http] cert_file` (the CLI runs where the configuration is): no CA or host name is
+/// involved, and any other certificate is refused.
+fn pinned_tls(
+    tcp: TcpStream,
+    cert_file: &Path,
+) -> anyhow::Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>> {
+    use rustls_pki_types::pem::PemObject as _;
+    let leaf = rustls_pki_types::CertificateDer::pem_file_iter(cert_file)
+        .with_context(|| format!("reading {}", cert_file.display()))?
+        .next()
+        .ok_or_else(|| anyhow!("{} holds no certificate", cert_file.display()))?
+        .with_context(|| format!("{}: not a PEM certificate", cert_file.display()))?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Pinned {
+        leaf: leaf.into_owned(),
+        algorithms: provider.signature_verification_algorithms,
+    };
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(verifier))
+        .with_no_client_auth();
+    let name = rustls_pki_types::ServerName::try_from("portcullis.invalid")?;
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name)?;
+    Ok(rustls::StreamOwned::new(conn, tcp))
+}
+
+#[derive(Debug)]
+struct Pinned {
+    leaf: rustls_pki_types::CertificateDer<'static>,
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl rustls::client::danger::ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls_pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if end_entity.as_ref() == self.leaf.as_ref() {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(
+                "the gateway presented a certificate other than [http] cert_file".into(),
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
 /// Percent-encodes a path segment.
 fn encode(s: &str) -> String {
     s.bytes()
@@ -435,11 +513,14 @@ fn call_with(
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
-    let mut stream =
-        TcpStream::connect_timeout(&addr, Duration::from_secs(5)).with_context(|| {
-            format!("connecting to the gateway's admin API at {addr} (is the gateway running?)")
-        })?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).with_context(|| {
+        format!("connecting to the gateway's admin API at {addr} (is the gateway running?)")
+    })?;
+    tcp.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut stream: Box<dyn ReadWrite> = match &http.cert_file {
+        Some(cert) => Box::new(pinned_tls(tcp, cert)?),
+        None => Box::new(tcp),
+    };
     let payload = body.map(Value::to_string).unwrap_or_default();
     let content_type = if body.is_some() {
         "Content-Type: application/json\r\n"
@@ -453,7 +534,12 @@ fn call_with(
         payload.len()
     )?;
     let mut response = Vec::new();
-    stream.read_to_end(&mut response)?;
+    match stream.read_to_end(&mut response) {
+        Ok(_) => {}
+        // Servers may close without close_notify after `Connection: close`.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !response.is_empty() => {}
+        Err(e) => return Err(e).context(format!("reading the answer from {addr}")),
+    }
     let text = String::from_utf8_lossy(&response);
     let (head, body) = text
         .split_once("\r\n\r\n")

@@ -246,6 +246,87 @@ impl Drop for ClickHouse {
     }
 }
 
+/// A test CA and a certificate it signed for `host` (an IP address or a DNS name), ECDSA
+/// P-256, valid for a day, made with `openssl`: `<dir>/<name>-ca.crt`, `<dir>/<name>.crt`
+/// and `<dir>/<name>.key`. Returns (ca, cert, key). (A lone self-signed certificate is
+/// not enough: webpki refuses a CA certificate used as the server's own.)
+pub fn test_certificate(
+    dir: &Path,
+    name: &str,
+    host: &str,
+) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
+    let ca = dir.join(format!("{name}-ca.crt"));
+    let ca_key = dir.join(format!("{name}-ca.key"));
+    let cert = dir.join(format!("{name}.crt"));
+    let key = dir.join(format!("{name}.key"));
+    let san = if host.parse::<std::net::IpAddr>().is_ok() {
+        format!("subjectAltName=IP:{host}")
+    } else {
+        format!("subjectAltName=DNS:{host}")
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-days",
+        "1",
+    ];
+    let run = |args: Vec<std::ffi::OsString>| -> anyhow::Result<()> {
+        let out = Command::new("openssl")
+            .args(&args)
+            .output()
+            .context("running openssl (apt install openssl)")?;
+        if !out.status.success() {
+            bail!("openssl failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    };
+    let os = |v: &[&str]| {
+        v.iter()
+            .map(Into::into)
+            .collect::<Vec<std::ffi::OsString>>()
+    };
+    let mut a = os(&["req", "-x509"]);
+    a.extend(os(&ec));
+    a.extend(os(&[
+        "-subj",
+        &format!("/CN={name} test CA"),
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign",
+        "-keyout",
+    ]));
+    a.extend([ca_key.clone().into(), "-out".into(), ca.clone().into()]);
+    run(a)?;
+    let mut a = os(&["req", "-x509"]);
+    a.extend(os(&ec));
+    a.extend(os(&[
+        "-subj",
+        &format!("/CN={host}"),
+        "-addext",
+        &san,
+        "-addext",
+        "basicConstraints=critical,CA:FALSE",
+        "-addext",
+        "extendedKeyUsage=serverAuth",
+        "-CA",
+    ]));
+    a.extend([
+        ca.clone().into(),
+        "-CAkey".into(),
+        ca_key.into(),
+        "-keyout".into(),
+        key.clone().into(),
+        "-out".into(),
+        cert.clone().into(),
+    ]);
+    run(a)?;
+    Ok((ca, cert, key))
+}
+
 /// The server binary Debian's `slapd` package installs.
 pub const SLAPD: &str = "/usr/sbin/slapd";
 
@@ -257,6 +338,8 @@ pub const SLAPD: &str = "/usr/sbin/slapd";
 pub struct Slapd {
     dir: tempfile::TempDir,
     pub port: u16,
+    /// The ldaps:// port, when started with TLS.
+    pub tls_port: Option<u16>,
     netns: Option<String>,
     child: Option<Child>,
 }
@@ -283,6 +366,16 @@ impl Slapd {
     /// Starts a server (in `netns` when given), waits until it answers, adds the base
     /// entries.
     pub fn start(netns: Option<&str>) -> anyhow::Result<Slapd> {
+        Self::start_with(netns, false)
+    }
+
+    /// Like [`Slapd::start`], also listening on ldaps:// with a self-signed certificate
+    /// for 127.0.0.1 ([`Slapd::ca_file`]).
+    pub fn start_tls(netns: Option<&str>) -> anyhow::Result<Slapd> {
+        Self::start_with(netns, true)
+    }
+
+    fn start_with(netns: Option<&str>, tls: bool) -> anyhow::Result<Slapd> {
         if !Self::available() {
             bail!("{SLAPD} or ldapmodify is missing: run scripts/install-deps.sh");
         }
@@ -291,6 +384,16 @@ impl Slapd {
             .tempdir()?;
         let d = dir.path().display().to_string();
         std::fs::create_dir_all(dir.path().join("db"))?;
+        let tls_lines = if tls {
+            let (_, cert, key) = test_certificate(dir.path(), "slapd", "127.0.0.1")?;
+            format!(
+                "TLSCertificateFile {}\nTLSCertificateKeyFile {}\n",
+                cert.display(),
+                key.display()
+            )
+        } else {
+            String::new()
+        };
         std::fs::write(
             dir.path().join("slapd.conf"),
             format!(
@@ -303,7 +406,7 @@ moduleload back_mdb
 moduleload memberof
 moduleload syncprov
 pidfile {d}/slapd.pid
-database mdb
+{tls_lines}database mdb
 suffix \"{suffix}\"
 rootdn \"{admin}\"
 rootpw {pw}
@@ -322,6 +425,7 @@ syncprov-checkpoint 100 10
         let mut s = Slapd {
             dir,
             port: free_port()?,
+            tls_port: if tls { Some(free_port()?) } else { None },
             netns: netns.map(str::to_string),
             child: None,
         };
@@ -340,6 +444,16 @@ syncprov-checkpoint 100 10
         format!("ldap://127.0.0.1:{}/", self.port)
     }
 
+    /// `ldaps://127.0.0.1:<tls_port>/`, when started with TLS.
+    pub fn ldaps_url(&self) -> Option<String> {
+        self.tls_port.map(|p| format!("ldaps://127.0.0.1:{p}/"))
+    }
+
+    /// The certificate ldaps:// presents (self-signed: also its CA).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("slapd-ca.crt")
+    }
+
     fn ldapi(&self) -> String {
         let path = self.dir.path().join("ldapi");
         format!("ldapi://{}", path.display().to_string().replace('/', "%2F"))
@@ -352,7 +466,8 @@ syncprov-checkpoint 100 10
     fn launch(&mut self, tcp: bool) -> anyhow::Result<()> {
         let d = self.dir.path();
         let listeners = if tcp {
-            format!("{} {}", self.url(), self.ldapi())
+            let tls = self.ldaps_url().unwrap_or_default();
+            format!("{} {tls} {}", self.url(), self.ldapi())
         } else {
             self.ldapi()
         };
