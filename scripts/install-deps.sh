@@ -15,6 +15,9 @@ packages=(
   clickhouse-client
   slapd             # OpenLDAP (syncprov, memberof) for the LDAP sync tests, started by the tests
   ldap-utils        # ldapmodify, ldapsearch
+  openssl           # test certificates for HTTPS and ldaps://
+  curl              # an independent HTTPS client in the TLS tests
+  ca-certificates
 )
 
 missing=()
