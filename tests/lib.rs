@@ -770,8 +770,33 @@ address6 = "fd00:64::3"
     /// One HTTP request to the gateway's `[http]` listener at 127.0.0.1:18080, made from
     /// inside its namespace: (status, JSON body or Null).
     pub fn http(&self, method: &str, path: &str, token: &str, body: &str) -> Result<(u16, Value)> {
+        let auth = format!("Bearer {token}");
+        self.http_with(
+            method,
+            path,
+            &[
+                ("Authorization", auth.as_str()),
+                ("Content-Type", "application/scim+json"),
+            ],
+            body,
+        )
+    }
+
+    /// One HTTP request to the gateway's listener (127.0.0.1:18080 in its namespace) with
+    /// these headers: (status, JSON body or null).
+    pub fn http_with(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Result<(u16, Value)> {
+        let headers: String = headers
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}\r\n"))
+            .collect();
         let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\nContent-Type: application/scim+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: gw\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         );
         in_ns(&self.ns_gw, move || -> Result<(u16, Value)> {

@@ -66,6 +66,9 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     #[serde(default)]
     pub ldap: Option<LdapConfig>,
+    /// The signed admin API under `/api/v1` (automation).
+    #[serde(default)]
+    pub api: Option<ApiConfig>,
     /// Devices registered at run time (admin API, enrollment), with expiring keys.
     #[serde(default)]
     pub devices: Option<DevicesConfig>,
@@ -168,6 +171,24 @@ pub struct LdapDisabled {
     pub values: Vec<String>,
     #[serde(default)]
     pub bitmask: Option<u64>,
+}
+
+/// `[api]`: the admin API for automation under `/api/v1`, authenticated by HMAC-SHA256
+/// request signing (Pritunl's header names; the recipe is in the README).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// TOML with `[[token]] id, secret, scope ("admin" | "auditor"), expires`; re-read on
+    /// SIGHUP.
+    pub tokens_file: PathBuf,
+    /// Requests are accepted within ± this many seconds of their timestamp; nonces are
+    /// remembered twice as long.
+    #[serde(default = "default_api_window")]
+    pub window_secs: u64,
+}
+
+fn default_api_window() -> u64 {
+    300
 }
 
 /// `[devices]`: WireGuard keys registered at run time (the admin API, later the SSO
@@ -671,6 +692,9 @@ pub fn load_unkeyed(path: &Path) -> Result<Loaded, ConfigError> {
     if let Some(admin) = &mut c.admin {
         resolve(&mut admin.token_file);
     }
+    if let Some(api) = &mut c.api {
+        resolve(&mut api.tokens_file);
+    }
     if let Some(l) = c.ldap.as_mut() {
         for f in [l.password_file.as_mut(), l.ca_file.as_mut()]
             .into_iter()
@@ -836,16 +860,28 @@ pub fn parse(path: &Path, src: &str) -> Result<Loaded, ConfigError> {
         }
     }
 
-    if (config.scim.is_some() || config.admin.is_some()) && config.http.is_none() {
+    if (config.scim.is_some() || config.admin.is_some() || config.api.is_some())
+        && config.http.is_none()
+    {
         let key = if config.scim.is_some() {
             "scim"
-        } else {
+        } else if config.admin.is_some() {
             "admin"
+        } else {
+            "api"
         };
         return Err(err(
             key.into(),
             "needs [http] listen: SCIM and the admin API are served there".into(),
         ));
+    }
+    if let Some(a) = &config.api {
+        if !(10..=3600).contains(&a.window_secs) {
+            return Err(err(
+                "api.window_secs".into(),
+                format!("{} is outside 10..=3600", a.window_secs),
+            ));
+        }
     }
     if let Some(h) = &config.http {
         if h.cert_file.is_some() != h.key_file.is_some() {

@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::http::{AdminCommand, AdminState};
+use crate::http::AdminState;
 
 /// An API error: status and message, answered as `{"error": message}`.
 struct ApiError(StatusCode, String);
@@ -190,9 +190,9 @@ pub fn spawn_expiry(identity: Arc<Identity>) {
 /// The device routes (the caller adds authentication).
 pub(crate) fn routes() -> Router<AdminState> {
     Router::new()
-        .route("/admin/v1/devices", get(list).post(register))
-        .route("/admin/v1/devices/{id}/rotate", post(rotate))
-        .route("/admin/v1/devices/{id}", axum::routing::delete(remove))
+        .route("/devices", get(list).post(register))
+        .route("/devices/{id}/rotate", post(rotate))
+        .route("/devices/{id}", axum::routing::delete(remove))
 }
 
 /// A device as the API shows it.
@@ -321,26 +321,6 @@ async fn list(
     Ok(Json(rows).into_response())
 }
 
-/// Records the outcome of a mutating call as an `admin_action` event.
-fn audited<T>(
-    s: &AdminState,
-    action: &str,
-    target: String,
-    r: Result<T, IdentityError>,
-) -> Result<T, ApiError> {
-    let outcome = match &r {
-        Ok(_) => "ok".to_string(),
-        Err(e) => e.to_string(),
-    };
-    let _ = s.commands.send(AdminCommand::Report(Event::AdminAction {
-        actor: "admin:cli".into(),
-        action: action.into(),
-        target,
-        outcome,
-    }));
-    Ok(r?)
-}
-
 async fn register(
     State(s): State<AdminState>,
     b: Result<Json<RegisterBody>, JsonRejection>,
@@ -358,7 +338,7 @@ async fn register(
             Utc::now(),
         )
         .await;
-    let d = audited(&s, "device.register", b.user.clone(), r)?;
+    let d = r?;
     tracing::info!(device = %d.id, user = %d.user_name, address = %d.address, expires = %d.expires, "admin: device registered");
     let text = portcullis_identity::profile(&d, private.as_deref(), profile);
     Ok((
@@ -388,7 +368,7 @@ async fn rotate(
     let r = identity
         .rotate_device(&id, key, secs(b.grace_secs), Instant::now(), Utc::now())
         .await;
-    let d = audited(&s, "device.rotate", id.to_string(), r)?;
+    let d = r?;
     let previous = identity.read_devices(|all| all.get(&id).map(DeviceRow::from));
     tracing::info!(device = %d.id, previous = %id, user = %d.user_name, "admin: device rotated");
     let text = portcullis_identity::profile(&d, private.as_deref(), profile);
@@ -407,7 +387,7 @@ async fn remove(State(s): State<AdminState>, Path(id): Path<String>) -> Result<R
     let r = identity
         .remove_device(&id, Instant::now(), Utc::now())
         .await;
-    let d = audited(&s, "device.remove", id.to_string(), r)?;
+    let d = r?;
     tracing::info!(device = %id, user = %d.user_name, "admin: device removed");
     Ok(Json(json!({"device": DeviceRow::from(&d), "removed": true})).into_response())
 }

@@ -1,7 +1,15 @@
-//! The one HTTP listener (`[http] listen`): SCIM under `/scim/v2` and the admin API under
-//! `/admin/v1`, which the `portcullis users|sessions` commands use.
+//! The one HTTP listener (`[http] listen`): SCIM under `/scim/v2` and the admin API,
+//! mounted twice with the same routes:
+//! - `/admin/v1`: a bearer token from `[admin] token_file` (what the `portcullis users|
+//!   sessions|devices|ldap` commands on the gateway host use);
+//! - `/api/v1`: HMAC-SHA256 signed requests with scoped, expiring tokens from
+//!   `[api] tokens_file` (automation; the recipe is in `portcullis_apiauth`). An auditor
+//!   token may only read.
 //!
-//! Admin API (bearer token from `[admin] token_file`, JSON, errors as `{"error": "..."}`):
+//! Every mutating call (not GET/HEAD) is recorded as an `admin_action` event: the actor
+//! (`admin:cli` or `api:<token id>`), the route, the path and the outcome.
+//!
+//! Routes (JSON, errors as `{"error": "..."}`), shown under `/admin/v1`:
 //! - `GET /admin/v1/users`: every user the policies know, with source and devices.
 //! - `POST /admin/v1/users/{name}/disable`: revokes at once (answers after the cut).
 //! - `GET /admin/v1/sessions`: live sessions.
@@ -15,7 +23,7 @@
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, OriginalUri, Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -61,9 +69,16 @@ pub struct UserRow {
     pub sessions: usize,
 }
 
+/// Who made an admin call, for the audit trail: `admin:cli` or `api:<token id>`.
+#[derive(Clone, Debug)]
+pub(crate) struct Actor(pub String);
+
 #[derive(Clone)]
 pub(crate) struct AdminState {
-    tokens: Arc<RwLock<TokenSet>>,
+    tokens: Option<Arc<RwLock<TokenSet>>>,
+    /// The `/api/v1` request verifier (`[api]` configured).
+    api: Option<Arc<std::sync::Mutex<portcullis_apiauth::Verifier>>>,
+    max_body_bytes: usize,
     pub(crate) identity: Option<Arc<Identity>>,
     pub(crate) commands: mpsc::UnboundedSender<AdminCommand>,
     ldap: Option<LdapHandle>,
@@ -71,39 +86,189 @@ pub(crate) struct AdminState {
     pub(crate) profile: Option<Arc<portcullis_identity::ProfileSettings>>,
 }
 
-/// The admin routes.
-pub fn admin_router(
-    tokens: Arc<RwLock<TokenSet>>,
-    identity: Option<Arc<Identity>>,
-    commands: mpsc::UnboundedSender<AdminCommand>,
-    ldap: Option<LdapHandle>,
-    profile: Option<Arc<portcullis_identity::ProfileSettings>>,
-) -> Router {
+/// What the admin API needs.
+pub struct AdminApi {
+    /// `[admin] token_file` (the `/admin/v1` bearer tokens).
+    pub tokens: Option<Arc<RwLock<TokenSet>>>,
+    /// `[api]`: the `/api/v1` verifier.
+    pub api: Option<Arc<std::sync::Mutex<portcullis_apiauth::Verifier>>>,
+    pub identity: Option<Arc<Identity>>,
+    pub commands: mpsc::UnboundedSender<AdminCommand>,
+    pub ldap: Option<LdapHandle>,
+    pub profile: Option<Arc<portcullis_identity::ProfileSettings>>,
+    pub max_body_bytes: usize,
+}
+
+/// The admin routes under `/admin/v1` (bearer) and, with `[api]`, `/api/v1` (signed).
+pub fn admin_router(a: AdminApi) -> Router {
     let state = AdminState {
-        tokens,
-        identity,
-        commands,
-        ldap,
-        profile,
+        tokens: a.tokens,
+        api: a.api,
+        max_body_bytes: a.max_body_bytes,
+        identity: a.identity,
+        commands: a.commands,
+        ldap: a.ldap,
+        profile: a.profile,
     };
-    Router::new()
-        .route("/admin/v1/users", get(users))
-        .route("/admin/v1/users/{name}/disable", post(disable_user))
-        .route("/admin/v1/sessions", get(sessions))
-        .route("/admin/v1/sessions/{id}/kill", post(kill_session))
-        .route("/admin/v1/ldap", get(ldap_status))
-        .route("/admin/v1/ldap/approve-removal", post(ldap_approve))
-        .route("/admin/v1/ldap/users/{name}", get(ldap_lookup))
-        .merge(crate::devices::routes())
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            require_admin,
-        ))
-        .with_state(state)
+    let routes = || {
+        Router::new()
+            .route("/users", get(users))
+            .route("/users/{name}/disable", post(disable_user))
+            .route("/sessions", get(sessions))
+            .route("/sessions/{id}/kill", post(kill_session))
+            .route("/ldap", get(ldap_status))
+            .route("/ldap/approve-removal", post(ldap_approve))
+            .route("/ldap/users/{name}", get(ldap_lookup))
+            .merge(crate::devices::routes())
+            // Inner layer: runs after authentication, sees the actor.
+            .route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                audit_mutations,
+            ))
+    };
+    let mut router = Router::new();
+    if state.tokens.is_some() {
+        router = router.nest(
+            "/admin/v1",
+            routes().route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                require_admin,
+            )),
+        );
+    }
+    if state.api.is_some() {
+        router = router.nest(
+            "/api/v1",
+            routes().route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                require_signature,
+            )),
+        );
+    }
+    router.with_state(state)
 }
 
 pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({"error": message.into()}))).into_response()
+}
+
+/// Checks an `/api/v1` request's HMAC signature (the body is read first, within
+/// `max_body_bytes`, since it is signed).
+async fn require_signature(State(s): State<AdminState>, req: Request, next: Next) -> Response {
+    let Some(api) = &s.api else {
+        return error(StatusCode::NOT_FOUND, "no [api] section is configured");
+    };
+    let remote = req
+        .extensions()
+        .get::<ConnectInfo<crate::tls::Peer>>()
+        .map(|c| c.0 .0.ip())
+        .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+    let uri = req
+        .extensions()
+        .get::<OriginalUri>()
+        .map(|u| u.0.clone())
+        .unwrap_or_else(|| req.uri().clone());
+    let (mut parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, s.max_body_bytes).await {
+        Ok(b) => b,
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body over {} bytes", s.max_body_bytes),
+            )
+        }
+    };
+    let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
+    let headers = portcullis_apiauth::Headers {
+        token: header(portcullis_apiauth::HEADER_TOKEN),
+        timestamp: header(portcullis_apiauth::HEADER_TIMESTAMP),
+        nonce: header(portcullis_apiauth::HEADER_NONCE),
+        signature: header(portcullis_apiauth::HEADER_SIGNATURE),
+    };
+    let verdict = match api.lock() {
+        Ok(mut v) => v.handle_request(
+            &headers,
+            &portcullis_apiauth::Request {
+                method: parts.method.as_str(),
+                path: uri.path(),
+                query: uri.query(),
+                body: &bytes,
+            },
+            remote,
+            Utc::now(),
+        ),
+        Err(_) => Err(portcullis_apiauth::AuthError::Busy),
+    };
+    match verdict {
+        Ok(who) => {
+            parts.extensions.insert(Actor(format!("api:{}", who.token)));
+            next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+                .await
+        }
+        Err(e) => {
+            tracing::warn!(path = %uri.path(), %remote, token = headers.token.unwrap_or("-"), "api: request refused: {e}");
+            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
+            error(status, e.to_string())
+        }
+    }
+}
+
+/// Records every mutating call as an `admin_action` event: actor, route, path, outcome
+/// (`ok`, or the status and the error message).
+async fn audit_mutations(State(s): State<AdminState>, req: Request, next: Next) -> Response {
+    if matches!(req.method().as_str(), "GET" | "HEAD") {
+        return next.run(req).await;
+    }
+    let actor = req
+        .extensions()
+        .get::<Actor>()
+        .map(|a| a.0.clone())
+        .unwrap_or_else(|| "unknown".into());
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str())
+        .unwrap_or_default();
+    // The same action whichever mount it came through; the actor says which.
+    let route = ["/admin/v1", "/api/v1"]
+        .iter()
+        .find_map(|p| route.strip_prefix(p))
+        .unwrap_or(route)
+        .to_string();
+    let action = format!("{} {route}", req.method());
+    let target = req
+        .extensions()
+        .get::<OriginalUri>()
+        .map(|u| u.0.path().to_string())
+        .unwrap_or_else(|| req.uri().path().to_string());
+    let response = next.run(req).await;
+    let status = response.status();
+    let (response, outcome) = if status.is_success() {
+        (response, "ok".to_string())
+    } else {
+        // Error bodies are small JSON; keep the message for the audit trail.
+        let (parts, body) = response.into_parts();
+        let bytes = axum::body::to_bytes(body, 64 * 1024)
+            .await
+            .unwrap_or_default();
+        let message = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+            .unwrap_or_default();
+        (
+            Response::from_parts(parts, axum::body::Body::from(bytes)),
+            format!("{}: {message}", status.as_u16()),
+        )
+    };
+    let _ = s
+        .commands
+        .send(AdminCommand::Report(portcullis_model::Event::AdminAction {
+            actor,
+            action,
+            target,
+            outcome,
+        }));
+    response
 }
 
 async fn require_admin(State(s): State<AdminState>, req: Request, next: Next) -> Response {
@@ -114,14 +279,16 @@ async fn require_admin(State(s): State<AdminState>, req: Request, next: Next) ->
         .and_then(|v| v.strip_prefix("Bearer "))
         .is_some_and(|t| {
             s.tokens
-                .read()
-                .map(|set| set.verify(t.trim()))
+                .as_ref()
+                .and_then(|tokens| tokens.read().ok().map(|set| set.verify(t.trim())))
                 .unwrap_or(false)
         });
     if !ok {
         tracing::warn!(path = %req.uri().path(), "admin: request without a valid bearer token refused");
         return error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token");
     }
+    let mut req = req;
+    req.extensions_mut().insert(Actor("admin:cli".into()));
     next.run(req).await
 }
 
@@ -170,9 +337,13 @@ async fn users(State(s): State<AdminState>) -> Response {
     }
 }
 
-async fn disable_user(State(s): State<AdminState>, Path(name): Path<String>) -> Response {
+async fn disable_user(
+    State(s): State<AdminState>,
+    actor: Option<axum::Extension<Actor>>,
+    Path(name): Path<String>,
+) -> Response {
     let (requested, requested_at) = (Instant::now(), Utc::now());
-    let actor = "admin:cli".to_string();
+    let actor = actor.map_or_else(|| "admin".to_string(), |a| a.0 .0.clone());
     if let Some(identity) = &s.identity {
         let in_directory = identity.read(|d| d.user_by_name(&name).map(|u| u.id));
         if let Some(id) = in_directory {

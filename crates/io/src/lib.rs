@@ -232,14 +232,16 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
                 tokens: t.clone(),
             }));
         }
-        if let Some(t) = &tokens.admin {
-            app = app.merge(http::admin_router(
-                t.clone(),
-                identity.clone(),
-                admin_tx.clone(),
-                ldap.clone(),
-                profile.map(Arc::new),
-            ));
+        if tokens.admin.is_some() || tokens.api.is_some() {
+            app = app.merge(http::admin_router(http::AdminApi {
+                tokens: tokens.admin.clone(),
+                api: tokens.api.clone(),
+                identity: identity.clone(),
+                commands: admin_tx.clone(),
+                ldap: ldap.clone(),
+                profile: profile.map(Arc::new),
+                max_body_bytes: h.max_body_bytes,
+            }));
         }
         let app = app.layer(axum::extract::DefaultBodyLimit::max(h.max_body_bytes));
         let listener = tokio::net::TcpListener::bind(h.listen)
@@ -250,6 +252,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
             Some(config) => {
                 let listener = tls::TlsListener::spawn(listener, config.clone())?;
                 tokio::spawn(async move {
+                    let app = app.into_make_service_with_connect_info::<tls::Peer>();
                     if let Err(e) = axum::serve(listener, app).await {
                         tracing::error!("https listener stopped: {e}");
                     }
@@ -257,13 +260,14 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
             }
             None => {
                 tokio::spawn(async move {
+                    let app = app.into_make_service_with_connect_info::<tls::Peer>();
                     if let Err(e) = axum::serve(listener, app).await {
                         tracing::error!("http listener stopped: {e}");
                     }
                 });
             }
         }
-        tracing::info!(listen = %local, tls = https.is_some(), scim = tokens.scim.is_some(), admin = tokens.admin.is_some(), "http up");
+        tracing::info!(listen = %local, tls = https.is_some(), scim = tokens.scim.is_some(), admin = tokens.admin.is_some(), api = tokens.api.is_some(), "http up");
     }
     drop(admin_tx);
     if let Some(identity) = identity.as_ref().filter(|i| i.device_policy().is_some()) {
@@ -374,7 +378,12 @@ fn open_identity(
 )> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let c = &loaded.config;
-    if c.scim.is_none() && c.admin.is_none() && c.ldap.is_none() && c.devices.is_none() {
+    if c.scim.is_none()
+        && c.admin.is_none()
+        && c.api.is_none()
+        && c.ldap.is_none()
+        && c.devices.is_none()
+    {
         return Ok((None, rx));
     }
     let (store, users, groups) = portcullis_identity::SqliteStore::open(&c.identity.database)?;
@@ -405,6 +414,22 @@ fn open_identity(
 struct Tokens {
     scim: Option<Arc<std::sync::RwLock<portcullis_config::TokenSet>>>,
     admin: Option<Arc<std::sync::RwLock<portcullis_config::TokenSet>>>,
+    api: Option<Arc<std::sync::Mutex<portcullis_apiauth::Verifier>>>,
+}
+
+/// Reads `[api] tokens_file`; errors name the file and where, never a secret.
+fn load_api_tokens(loaded: &Loaded) -> anyhow::Result<Option<Vec<portcullis_apiauth::ApiToken>>> {
+    let Some(api) = &loaded.config.api else {
+        return Ok(None);
+    };
+    let file = api.tokens_file.display().to_string();
+    let src = std::fs::read_to_string(&api.tokens_file).map_err(|e| {
+        anyhow!(
+            "{}: key `api.tokens_file`: cannot read {file}: {e}",
+            loaded.path.display()
+        )
+    })?;
+    Ok(Some(portcullis_apiauth::parse_tokens(&file, &src)?))
 }
 
 fn load_tokens(loaded: &Loaded) -> anyhow::Result<Tokens> {
@@ -425,6 +450,14 @@ fn load_tokens(loaded: &Loaded) -> anyhow::Result<Tokens> {
             .as_ref()
             .map(|a| load("admin.token_file", &a.token_file))
             .transpose()?,
+        api: load_api_tokens(loaded)?.map(|t| {
+            let window = chrono::TimeDelta::seconds(
+                loaded.config.api.as_ref().map_or(300, |a| a.window_secs) as i64,
+            );
+            Arc::new(std::sync::Mutex::new(portcullis_apiauth::Verifier::new(
+                t, window,
+            )))
+        }),
     })
 }
 
@@ -466,6 +499,18 @@ fn reload_tokens(loaded: &Loaded, tokens: &Tokens) {
             "admin.token_file",
         ),
     ];
+    if let Some(v) = &tokens.api {
+        match load_api_tokens(loaded) {
+            Ok(Some(t)) => {
+                if let Ok(mut v) = v.lock() {
+                    v.set_tokens(t);
+                }
+                tracing::info!(key = "api.tokens_file", "tokens reloaded");
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!("api tokens not reloaded, the previous ones stay valid: {e}"),
+        }
+    }
     for (slot, file, key) in pairs {
         let (Some(slot), Some(file)) = (slot, file) else {
             continue;
