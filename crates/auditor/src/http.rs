@@ -1,13 +1,16 @@
 //! The read-only HTTP API for auditors' tools.
 //!
-//! Every request needs `Authorization: Bearer <token>` (compared in constant time);
-//! nothing here writes. Routes (query parameters are the CLI's filter names):
+//! [`router`] is what `portcullis audit serve` runs: every request needs
+//! `Authorization: Bearer <token>` (compared in constant time); nothing here writes.
+//! [`routes`] are the same routes without authentication, for the gateway to mount
+//! under its signed `/api/v1/audit`. Routes (query parameters are the CLI's filter names):
 //! - `GET /v1/events?user=&group=&dst=&port=&decision=&since=&until=&session=&kind=&limit=`
 //! - `GET /v1/reports/{sessions|who-reached|denied|top-talkers}?…same filters…`
 //! - `GET /v1/verify?gateway=&since=&until=`
 //!
-//! Answers are JSON: a [`Table`] (`columns`, `rows`) or a [`VerifyReport`]; errors are
-//! `{"error": "..."}` with 400 (bad filter), 401 (token) or 502 (ClickHouse).
+//! Answers are JSON: a [`Table`](crate::Table) (`columns`, `rows`) or a
+//! [`VerifyReport`](crate::VerifyReport); errors are `{"error": "..."}` with 400 (bad
+//! filter), 401 (token) or 502 (ClickHouse).
 
 use std::sync::Arc;
 
@@ -17,31 +20,82 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use portcullis_audit::Store;
+use portcullis_audit::{Store, StoreConfig};
 use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::{filter, AuditorError, Filter, Report};
 
-struct ApiState {
-    store: Store,
-    token: String,
+/// A store connected on first use and kept: the gateway starts while ClickHouse may be
+/// down, and a query then answers 502 instead of the gateway refusing to start.
+pub struct StoreHandle {
+    config: Option<StoreConfig>,
+    store: tokio::sync::Mutex<Option<Store>>,
 }
 
-/// The API's routes.
+impl StoreHandle {
+    /// Connects on the first query.
+    pub fn lazy(config: StoreConfig) -> StoreHandle {
+        StoreHandle {
+            config: Some(config),
+            store: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Already connected.
+    pub fn connected(store: Store) -> StoreHandle {
+        StoreHandle {
+            config: None,
+            store: tokio::sync::Mutex::new(Some(store)),
+        }
+    }
+
+    async fn get(&self) -> Result<Store, Response> {
+        let mut slot = self.store.lock().await;
+        if let Some(s) = slot.as_ref() {
+            return Ok(s.clone());
+        }
+        let Some(cfg) = &self.config else {
+            return Err(error(StatusCode::BAD_GATEWAY, "no clickhouse connection"));
+        };
+        match Store::connect(cfg).await {
+            Ok(s) => {
+                *slot = Some(s.clone());
+                Ok(s)
+            }
+            Err(e) => {
+                tracing::warn!("auditor api: {e}");
+                Err(error(StatusCode::BAD_GATEWAY, e))
+            }
+        }
+    }
+}
+
+struct ApiState {
+    token_digest: [u8; 32],
+}
+
+/// The API with bearer-token authentication (`portcullis audit serve`).
 pub fn router(store: Store, token: String) -> Router {
-    let state = Arc::new(ApiState { store, token });
+    let state = Arc::new(ApiState {
+        token_digest: Sha256::digest(token.as_bytes()).into(),
+    });
     Router::new()
-        .route("/v1/events", get(events))
-        .route("/v1/reports/{name}", get(report))
-        .route("/v1/verify", get(verify))
+        .nest("/v1", routes(Arc::new(StoreHandle::connected(store))))
         // The token is checked before anything else looks at the request, so a caller
         // without it learns nothing from parameter errors.
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            require_token,
-        ))
-        .with_state(state)
+        .route_layer(axum::middleware::from_fn_with_state(state, require_token))
+}
+
+/// The routes (`/events`, `/reports/{name}`, `/verify`) without authentication: the
+/// caller mounts them behind its own.
+pub fn routes<S: Clone + Send + Sync + 'static>(store: Arc<StoreHandle>) -> Router<S> {
+    Router::new()
+        .route("/events", get(events))
+        .route("/reports/{name}", get(report))
+        .route("/verify", get(verify))
+        .with_state(store)
 }
 
 async fn require_token(
@@ -70,9 +124,9 @@ fn authorized(state: &ApiState, headers: &HeaderMap) -> bool {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    // Lengths may differ; ct_eq on slices of different length is false without leaking
-    // where they differ.
-    bool::from(presented.as_bytes().ct_eq(state.token.as_bytes()))
+    // Digests have one length: the comparison leaks neither where nor how long.
+    let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+    bool::from(digest.ct_eq(&state.token_digest))
 }
 
 fn failure(e: AuditorError) -> Response {
@@ -86,21 +140,25 @@ fn failure(e: AuditorError) -> Response {
 }
 
 async fn events(
-    State(st): State<Arc<ApiState>>,
+    State(st): State<Arc<StoreHandle>>,
     f: Result<Query<Filter>, QueryRejection>,
 ) -> Response {
     let f = match f {
         Ok(Query(f)) => f,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
     };
-    match crate::run_query(&st.store, &f, None, chrono::Utc::now()).await {
+    let store = match st.get().await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    match crate::run_query(&store, &f, None, chrono::Utc::now()).await {
         Ok(t) => Json(t).into_response(),
         Err(e) => failure(e),
     }
 }
 
 async fn report(
-    State(st): State<Arc<ApiState>>,
+    State(st): State<Arc<StoreHandle>>,
     Path(name): Path<String>,
     f: Result<Query<Filter>, QueryRejection>,
 ) -> Response {
@@ -112,7 +170,11 @@ async fn report(
         Ok(r) => r,
         Err(e) => return error(StatusCode::NOT_FOUND, e),
     };
-    match crate::run_query(&st.store, &f, Some(report), chrono::Utc::now()).await {
+    let store = match st.get().await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    match crate::run_query(&store, &f, Some(report), chrono::Utc::now()).await {
         Ok(t) => Json(t).into_response(),
         Err(e) => failure(e),
     }
@@ -127,7 +189,7 @@ struct VerifyParams {
 }
 
 async fn verify(
-    State(st): State<Arc<ApiState>>,
+    State(st): State<Arc<StoreHandle>>,
     p: Result<Query<VerifyParams>, QueryRejection>,
 ) -> Response {
     let p = match p {
@@ -140,7 +202,11 @@ async fn verify(
         (Ok(s), Ok(u)) => (s, u),
         (Err(e), _) | (_, Err(e)) => return error(StatusCode::BAD_REQUEST, e),
     };
-    match crate::verify_trail(&st.store, p.gateway.as_deref(), since, until).await {
+    let store = match st.get().await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    match crate::verify_trail(&store, p.gateway.as_deref(), since, until).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => failure(e),
     }

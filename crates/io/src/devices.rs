@@ -37,16 +37,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::http::AdminState;
-
-/// An API error: status and message, answered as `{"error": message}`.
-struct ApiError(StatusCode, String);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        crate::http::error(self.0, self.1)
-    }
-}
+use crate::http::{body, AdminState, ApiError};
 
 impl From<IdentityError> for ApiError {
     fn from(e: IdentityError) -> ApiError {
@@ -260,15 +251,6 @@ fn devices_of(s: &AdminState) -> Result<(&Arc<Identity>, &ProfileSettings), ApiE
             "no [devices] section is configured".into(),
         )),
     }
-}
-
-fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    b.map(|Json(v)| v).map_err(|r| {
-        ApiError(
-            StatusCode::BAD_REQUEST,
-            format!("request body: {}", r.body_text()),
-        )
-    })
 }
 
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {

@@ -55,6 +55,14 @@ pub enum AdminCommand {
     },
     /// An event to record in the audit stream (an identity source's report).
     Report(portcullis_model::Event),
+    /// The running policy bundle.
+    Policy(oneshot::Sender<Arc<portcullis_policy::PolicyBundle>>),
+    /// Applies a validated bundle (the API wrote its files); flows cut, or why the core
+    /// refused it.
+    ApplyPolicy(
+        Arc<portcullis_policy::PolicyBundle>,
+        oneshot::Sender<Result<usize, String>>,
+    ),
 }
 
 /// A user as `users list` shows it.
@@ -84,6 +92,9 @@ pub(crate) struct AdminState {
     ldap: Option<LdapHandle>,
     /// What device profiles carry (`[devices]` configured).
     pub(crate) profile: Option<Arc<portcullis_identity::ProfileSettings>>,
+    pub(crate) policy_dir: Arc<std::path::Path>,
+    /// Serialises policy replacements.
+    pub(crate) policy_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// What the admin API needs.
@@ -97,6 +108,10 @@ pub struct AdminApi {
     pub ldap: Option<LdapHandle>,
     pub profile: Option<Arc<portcullis_identity::ProfileSettings>>,
     pub max_body_bytes: usize,
+    /// `[policy] dir`.
+    pub policy_dir: std::path::PathBuf,
+    /// `[audit.clickhouse]`: the audit queries under `/audit`.
+    pub store: Option<Arc<portcullis_auditor::http::StoreHandle>>,
 }
 
 /// The admin routes under `/admin/v1` (bearer) and, with `[api]`, `/api/v1` (signed).
@@ -109,7 +124,10 @@ pub fn admin_router(a: AdminApi) -> Router {
         commands: a.commands,
         ldap: a.ldap,
         profile: a.profile,
+        policy_dir: Arc::from(a.policy_dir.as_path()),
+        policy_lock: Arc::new(tokio::sync::Mutex::new(())),
     };
+    let audit = a.store;
     let routes = || {
         Router::new()
             .route("/users", get(users))
@@ -120,6 +138,8 @@ pub fn admin_router(a: AdminApi) -> Router {
             .route("/ldap/approve-removal", post(ldap_approve))
             .route("/ldap/users/{name}", get(ldap_lookup))
             .merge(crate::devices::routes())
+            .merge(crate::policy_api::routes())
+            .nest("/audit", audit_routes(audit.clone()))
             // Inner layer: runs after authentication, sees the actor.
             .route_layer(axum::middleware::from_fn_with_state(
                 state.clone(),
@@ -148,8 +168,46 @@ pub fn admin_router(a: AdminApi) -> Router {
     router.with_state(state)
 }
 
+/// The auditor's queries (`portcullis_auditor::http`), or a clear 404 without ClickHouse.
+fn audit_routes(store: Option<Arc<portcullis_auditor::http::StoreHandle>>) -> Router<AdminState> {
+    match store {
+        Some(store) => portcullis_auditor::http::routes(store),
+        None => Router::new().route(
+            "/{*rest}",
+            get(|| async {
+                error(
+                    StatusCode::NOT_FOUND,
+                    "no [audit.clickhouse] section is configured",
+                )
+            }),
+        ),
+    }
+}
+
 pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({"error": message.into()}))).into_response()
+}
+
+/// An API error: status and message, answered as `{"error": message}`.
+pub(crate) struct ApiError(pub StatusCode, pub String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        error(self.0, self.1)
+    }
+}
+
+/// A JSON body into its typed struct (`deny_unknown_fields` on each); a refusal names
+/// what is wrong with it.
+pub(crate) fn body<T>(
+    b: Result<Json<T>, axum::extract::rejection::JsonRejection>,
+) -> Result<T, ApiError> {
+    b.map(|Json(v)| v).map_err(|r| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("request body: {}", r.body_text()),
+        )
+    })
 }
 
 /// Checks an `/api/v1` request's HMAC signature (the body is read first, within
@@ -292,7 +350,7 @@ async fn require_admin(State(s): State<AdminState>, req: Request, next: Next) ->
     next.run(req).await
 }
 
-async fn ask<T>(
+pub(crate) async fn ask<T>(
     s: &AdminState,
     make: impl FnOnce(oneshot::Sender<T>) -> AdminCommand,
 ) -> Result<T, Response> {

@@ -16,6 +16,7 @@ mod datapath;
 pub mod devices;
 pub mod http;
 pub mod ldap;
+mod policy_api;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -241,6 +242,9 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
                 ldap: ldap.clone(),
                 profile: profile.map(Arc::new),
                 max_body_bytes: h.max_body_bytes,
+                policy_dir: c.policy.dir.clone(),
+                store: store_config(&loaded)?
+                    .map(|s| Arc::new(portcullis_auditor::http::StoreHandle::lazy(s))),
             }));
         }
         let app = app.layer(axum::extract::DefaultBodyLimit::max(h.max_body_bytes));
@@ -602,6 +606,24 @@ fn admin(
             let _ = done.send(known);
         }
         AdminCommand::Report(event) => gw.handle_report(event),
+        AdminCommand::Policy(tx) => {
+            let _ = tx.send(gw.enforcer().engine().bundle().clone());
+        }
+        AdminCommand::ApplyPolicy(bundle, done) => {
+            let dir = bundle.dir.clone();
+            let r = match gw.handle_policy_bundle(Instant::now(), bundle) {
+                Ok(cut) => {
+                    tracing::info!(dir = %dir.display(), flows_cut = cut, "policy replaced through the api");
+                    Ok(cut)
+                }
+                Err(e) => {
+                    tracing::error!("policy replacement refused: {e}");
+                    gw.handle_policy_rejected(vec![e.to_string()]);
+                    Err(e.to_string())
+                }
+            };
+            let _ = done.send(r);
+        }
     }
 }
 

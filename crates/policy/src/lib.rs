@@ -72,39 +72,18 @@ pub struct Sources {
     pub policies: Vec<(PathBuf, String)>,
 }
 
-/// Where a policy came from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PolicyInfo {
-    pub id: String,
-    pub file: PathBuf,
-    pub line: usize,
-    pub col: usize,
-    /// "permit" or "forbid".
-    pub effect: String,
-}
+impl Sources {
+    /// Reads a policy directory's files (the schema, `networks.toml` if present, every
+    /// `*.cedar` sorted by name) without parsing them; any unreadable file is an error.
+    pub fn read(dir: &Path) -> Result<Sources, LoadError> {
+        match Sources::read_lenient(dir)? {
+            (sources, errors) if errors.is_empty() => Ok(sources),
+            (_, errors) => Err(LoadError { errors }),
+        }
+    }
 
-/// A loaded, validated policy directory. Immutable; a reload builds a new one.
-#[derive(Debug)]
-pub struct PolicyBundle {
-    pub dir: PathBuf,
-    schema: Schema,
-    policies: PolicySet,
-    info: Vec<PolicyInfo>,
-    /// What each policy can match and reads, in `info` order.
-    pub(crate) metas: Vec<PolicyMeta>,
-    /// One single-policy set per policy, built once: slices evaluate these instead of
-    /// building a set per slice (building costs ~0.8 µs per policy).
-    pub(crate) singles: Vec<PolicySet>,
-    /// Conditions compiled to native evaluation, where the policy's shape allows.
-    pub(crate) compiled: Vec<Option<compile::Compiled>>,
-    networks: Networks,
-    /// Non-fatal findings (Cedar validation warnings).
-    pub warnings: Vec<SourceError>,
-}
-
-impl PolicyBundle {
-    /// Loads and validates a policy directory. All errors are collected before failing.
-    pub fn load(dir: &Path) -> Result<PolicyBundle, LoadError> {
+    /// What could be read, and the files that could not (the schema is required).
+    fn read_lenient(dir: &Path) -> Result<(Sources, Vec<SourceError>), LoadError> {
         let schema_path = dir.join(SCHEMA_FILE);
         let schema_src = read_capped(&schema_path).map_err(|e| LoadError { errors: vec![e] })?;
         let networks_path = dir.join(NETWORKS_FILE);
@@ -148,6 +127,44 @@ impl PolicyBundle {
             networks: networks_src.map(|s| (networks_path, s)),
             policies: files,
         };
+        Ok((sources, errors))
+    }
+}
+
+/// Where a policy came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyInfo {
+    pub id: String,
+    pub file: PathBuf,
+    pub line: usize,
+    pub col: usize,
+    /// "permit" or "forbid".
+    pub effect: String,
+}
+
+/// A loaded, validated policy directory. Immutable; a reload builds a new one.
+#[derive(Debug)]
+pub struct PolicyBundle {
+    pub dir: PathBuf,
+    schema: Schema,
+    policies: PolicySet,
+    info: Vec<PolicyInfo>,
+    /// What each policy can match and reads, in `info` order.
+    pub(crate) metas: Vec<PolicyMeta>,
+    /// One single-policy set per policy, built once: slices evaluate these instead of
+    /// building a set per slice (building costs ~0.8 µs per policy).
+    pub(crate) singles: Vec<PolicySet>,
+    /// Conditions compiled to native evaluation, where the policy's shape allows.
+    pub(crate) compiled: Vec<Option<compile::Compiled>>,
+    networks: Networks,
+    /// Non-fatal findings (Cedar validation warnings).
+    pub warnings: Vec<SourceError>,
+}
+
+impl PolicyBundle {
+    /// Loads and validates a policy directory. All errors are collected before failing.
+    pub fn load(dir: &Path) -> Result<PolicyBundle, LoadError> {
+        let (sources, mut errors) = Sources::read_lenient(dir)?;
         match PolicyBundle::from_sources(sources) {
             Ok(b) if errors.is_empty() => Ok(b),
             Ok(_) => Err(LoadError { errors }),
