@@ -1256,7 +1256,7 @@ fn signed_api_accepts_the_recipe_and_refuses_tampering() {
         let (status, body) = text.split_once('\n').unwrap();
         (status.trim().parse().unwrap(), body.to_string())
     };
-    let (status, body) = python("GET", "/api/v1/users?b=2&a=x%20y", None);
+    let (status, body) = python("GET", "/api/v1/users?b=2&a=x%20y&%7Bk=1&z=%2B", None);
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"alice\""), "{body}");
 

@@ -20,10 +20,9 @@ import requests
 def signed(method, url, token, secret, body=b""):
     u = urllib.parse.urlsplit(url)
     pairs = urllib.parse.parse_qsl(u.query, keep_blank_values=True)
-    query = "&".join(
-        f"{urllib.parse.quote(k, safe='-._~')}={urllib.parse.quote(v, safe='-._~')}"
-        for k, v in sorted(pairs)
-    )
+    enc = lambda s: urllib.parse.quote(s, safe="-._~")
+    # Sorted after encoding, by key then value.
+    query = "&".join(f"{k}={v}" for k, v in sorted((enc(k), enc(v)) for k, v in pairs))
     ts, nonce = str(int(time.time())), uuid.uuid4().hex
     message = "&".join(
         [token, ts, nonce, method.upper(), u.path, query, hashlib.sha256(body).hexdigest()]

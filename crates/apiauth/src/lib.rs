@@ -25,7 +25,8 @@
 //!   without the query).
 //! - The canonical query: split the query on `&`, split each pair at the first `=`,
 //!   percent-decode both sides (`+` is a space), percent-encode them again keeping only
-//!   `A-Z a-z 0-9 - . _ ~` (upper-case hex), sort the pairs by key then value, and join
+//!   `A-Z a-z 0-9 - . _ ~` (upper-case hex), sort the encoded pairs by key then value
+//!   (bytewise), and join
 //!   them as `k=v` with `&`. No query: the empty string.
 //! - The body hash is of the raw body bytes (for no body, of the empty string).
 //!
@@ -40,8 +41,8 @@
 //! def signed(method, url, token, secret, body=b""):
 //!     u = urllib.parse.urlsplit(url)
 //!     pairs = urllib.parse.parse_qsl(u.query, keep_blank_values=True)
-//!     q = "&".join(f"{urllib.parse.quote(k, safe='-._~')}={urllib.parse.quote(v, safe='-._~')}"
-//!                  for k, v in sorted(pairs))
+//!     enc = lambda s: urllib.parse.quote(s, safe="-._~")
+//!     q = "&".join(f"{k}={v}" for k, v in sorted((enc(k), enc(v)) for k, v in pairs))
 //!     ts, nonce = str(int(time.time())), uuid.uuid4().hex
 //!     msg = "&".join([token, ts, nonce, method.upper(), u.path, q, hashlib.sha256(body).hexdigest()])
 //!     sig = base64.b64encode(hmac.new(secret.encode(), msg.encode(), hashlib.sha256).digest()).decode()

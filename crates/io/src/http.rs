@@ -9,6 +9,9 @@
 //! Every mutating call (not GET/HEAD) is recorded as an `admin_action` event: the actor
 //! (`admin:cli` or `api:<token id>`), the route, the path and the outcome.
 //!
+//! The OpenAPI document is `docs/openapi.json`, served at `/api/v1/openapi.json` (and
+//! `/admin/v1/openapi.json`) without credentials.
+//!
 //! Routes (JSON, errors as `{"error": "..."}`), shown under `/admin/v1`:
 //! - `GET /admin/v1/users`: every user the policies know, with source and devices.
 //! - `POST /admin/v1/users/{name}/disable`: revokes at once (answers after the cut).
@@ -19,6 +22,10 @@
 //!   mass-removal guard.
 //! - `GET /admin/v1/ldap/users/{name}`: looks a user up in the directory itself.
 //! - `/admin/v1/devices`: registered devices (see [`crate::devices`]).
+//! - `/admin/v1/policies`, `/networks`, `/groups`: the policy set, read, validated and
+//!   replaced (see `policy_api`).
+//! - `/admin/v1/audit/events|reports/{name}|verify`: the auditor's queries
+//!   (`portcullis_auditor::http`), with `[audit.clickhouse]`.
 
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
@@ -150,19 +157,24 @@ pub fn admin_router(a: AdminApi) -> Router {
     if state.tokens.is_some() {
         router = router.nest(
             "/admin/v1",
-            routes().route_layer(axum::middleware::from_fn_with_state(
-                state.clone(),
-                require_admin,
-            )),
+            routes()
+                .route_layer(axum::middleware::from_fn_with_state(
+                    state.clone(),
+                    require_admin,
+                ))
+                // Added after the layer: the document needs no credentials.
+                .route("/openapi.json", get(openapi)),
         );
     }
     if state.api.is_some() {
         router = router.nest(
             "/api/v1",
-            routes().route_layer(axum::middleware::from_fn_with_state(
-                state.clone(),
-                require_signature,
-            )),
+            routes()
+                .route_layer(axum::middleware::from_fn_with_state(
+                    state.clone(),
+                    require_signature,
+                ))
+                .route("/openapi.json", get(openapi)),
         );
     }
     router.with_state(state)
@@ -182,6 +194,14 @@ fn audit_routes(store: Option<Arc<portcullis_auditor::http::StoreHandle>>) -> Ro
             }),
         ),
     }
+}
+
+/// The API's OpenAPI document, kept in the repository (`docs/openapi.json`); a test
+/// checks it against the routes both ways.
+pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
 pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -536,3 +556,6 @@ async fn ldap_lookup(State(s): State<AdminState>, Path(name): Path<String>) -> R
         Err(e) => error(StatusCode::BAD_GATEWAY, e),
     }
 }
+
+#[cfg(test)]
+mod tests;
