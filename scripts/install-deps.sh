@@ -18,6 +18,20 @@ packages=(
   openssl           # test certificates for HTTPS and ldaps://
   curl              # an independent HTTPS client in the TLS tests
   ca-certificates
+  python3-requests  # the other-language API client and the SAML browser in the tests
+  # SAML: samael's xmlsec bindings are generated at build time (bindgen, libclang)
+  pkg-config
+  libclang-dev
+  libxml2-dev
+  libxslt1-dev
+  libxmlsec1-dev
+  libssl-dev
+  libtool
+  # the SAML IdP the tests start (SimpleSAMLphp under php -S)
+  simplesamlphp
+  php-cli
+  php-xml
+  php-mbstring
 )
 
 missing=()

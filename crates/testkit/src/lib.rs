@@ -2,7 +2,8 @@
 //! directories, and stopped by the PID this process started (on drop, also on a failed
 //! test).
 //!
-//! What it does: [`Slapd`] runs an OpenLDAP server with syncprov and memberof; [`ClickHouse`] runs Debian's `clickhouse-server` as a plain process with
+//! What it does: [`Slapd`] runs an OpenLDAP server with syncprov and memberof; [`SamlIdp`]
+//! runs SimpleSAMLphp as a SAML 2.0 IdP; [`ClickHouse`] runs Debian's `clickhouse-server` as a plain process with
 //! its own config, data directory and ports; it can be stopped and started again on the
 //! same ports and data (to test an outage).
 //!
@@ -16,6 +17,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+
+mod saml_idp;
+pub use saml_idp::{generate_key, IdpUser, SamlIdp, SpEntry};
 
 /// The server binary Debian's `clickhouse-server` package installs.
 pub const CLICKHOUSE_SERVER: &str = "/usr/sbin/clickhouse-server";

@@ -1,0 +1,282 @@
+//! The service provider against a real IdP (SimpleSAMLphp under `php -S`), driven
+//! without a browser by `tests/clients/saml_login.py`: a login is accepted; every forged,
+//! altered, misaddressed, replayed or late response is refused.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use chrono::{TimeDelta, Utc};
+use portcullis_saml::{SamlError, Sp, SpConfig};
+use portcullis_testkit::{IdpUser, SamlIdp, SpEntry};
+
+const SP: &str = "https://gw.test/saml/metadata";
+const ACS: &str = "https://gw.test/saml/acs";
+/// Known to the IdP with the right ACS, but not this SP (the audience is wrong).
+const OTHER_SP: &str = "https://other.test/saml/metadata";
+/// Known to the IdP with another ACS (the destination is wrong).
+const ELSEWHERE_SP: &str = "https://elsewhere.test/saml/metadata";
+
+fn config() -> SpConfig {
+    SpConfig {
+        entity_id: SP.into(),
+        metadata_url: SP.into(),
+        acs_url: ACS.into(),
+        logout_url: "https://gw.test/saml/logout".into(),
+        user_attribute: Some("uid".into()),
+        groups_attribute: "groups".into(),
+        max_clock_skew: TimeDelta::seconds(1),
+        request_lifetime: TimeDelta::minutes(10),
+        allow_idp_initiated: false,
+    }
+}
+
+fn idp(lifetime: Duration) -> SamlIdp {
+    SamlIdp::start(
+        None,
+        &[
+            SpEntry {
+                entity_id: SP.into(),
+                acs_url: ACS.into(),
+            },
+            SpEntry {
+                entity_id: OTHER_SP.into(),
+                acs_url: ACS.into(),
+            },
+            SpEntry {
+                entity_id: ELSEWHERE_SP.into(),
+                acs_url: "https://elsewhere.test/saml/acs".into(),
+            },
+        ],
+        &[IdpUser {
+            name: "alice".into(),
+            password: "alice-password".into(),
+            groups: vec!["sre".into(), "staff".into()],
+        }],
+        lifetime,
+    )
+    .unwrap()
+}
+
+/// Logs alice in at the IdP from `url`; the SAMLResponse as posted.
+fn login(url: &str, issuer: Option<&str>) -> String {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/clients/saml_login.py"
+    );
+    let mut cmd = std::process::Command::new("python3");
+    cmd.args([script, url, "alice", "alice-password"]);
+    if let Some(i) = issuer {
+        cmd.args(["--issuer", i]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["SAMLResponse"].as_str().unwrap().to_string()
+}
+
+fn decode(b64: &str) -> String {
+    String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+fn encode(xml: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(xml)
+}
+
+/// The `<prefix:name ...>...</prefix:name>` element starting at the first `<prefix:name`.
+fn element<'a>(xml: &'a str, qname: &str) -> &'a str {
+    let start = xml.find(&format!("<{qname}")).unwrap();
+    let close = format!("</{qname}>");
+    let end = xml[start..].find(&close).unwrap() + start + close.len();
+    &xml[start..end]
+}
+
+fn strip_signatures(xml: &str) -> String {
+    let mut out = xml.to_string();
+    while let Some(start) = out.find("<ds:Signature") {
+        let end = out[start..].find("</ds:Signature>").unwrap() + start + "</ds:Signature>".len();
+        out.replace_range(start..end, "");
+    }
+    out
+}
+
+fn refused(r: Result<portcullis_saml::Login, SamlError>, what: &str) -> SamlError {
+    match r {
+        Ok(l) => panic!("{what}: accepted as {l:?}"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn a_real_idp_login_is_accepted_and_every_forgery_refused() {
+    if !SamlIdp::available() {
+        panic!("SimpleSAMLphp is missing: run scripts/install-deps.sh");
+    }
+    let idp = idp(Duration::from_secs(300));
+    let metadata = idp.metadata().unwrap();
+    let mut sp = Sp::new(config(), &metadata).unwrap();
+
+    // The happy path: user and groups from the attributes, the relay state back.
+    let url = sp
+        .handle_login_start("/devices", rand16(1), Utc::now())
+        .unwrap();
+    assert!(url.starts_with(&idp.url()), "{url}");
+    let response = login(&url, None);
+    let good = sp.handle_acs(&response, Utc::now()).unwrap();
+    assert_eq!(good.user, "alice");
+    assert_eq!(good.groups, ["sre", "staff"]);
+    assert_eq!(good.relay_state.as_deref(), Some("/devices"));
+    assert!(good.session_not_on_or_after.is_some_and(|t| t > Utc::now()));
+
+    // The same response again: refused (its request id is used up, its id remembered).
+    refused(sp.handle_acs(&response, Utc::now()), "replayed response");
+    assert_eq!(sp.pending(), 0);
+
+    // Each forgery is built from a fresh, genuine response to a pending request.
+    let fresh = |sp: &mut Sp| -> String {
+        let url = sp.handle_login_start("/", rand16(2), Utc::now()).unwrap();
+        decode(&login(&url, None))
+    };
+
+    let xml = fresh(&mut sp);
+    let tampered = xml.replacen(">sre<", ">admins<", 1);
+    assert_ne!(tampered, xml);
+    let e = refused(
+        sp.handle_acs(&encode(&tampered), Utc::now()),
+        "tampered attribute",
+    );
+    assert!(e.to_string().contains("sign"), "{e}");
+
+    let xml = fresh(&mut sp);
+    let e = refused(
+        sp.handle_acs(&encode(&strip_signatures(&xml)), Utc::now()),
+        "stripped signature",
+    );
+    assert!(e.to_string().contains("sign"), "{e}");
+
+    // An XML comment inside the NameID / an attribute: the truncation attack; exc-c14n
+    // drops comments, so the signature alone would still verify.
+    let xml = fresh(&mut sp);
+    let commented = xml.replacen(">alice<", ">alice<!-- -->.evil<", 1);
+    let e = refused(sp.handle_acs(&encode(&commented), Utc::now()), "comment");
+    assert!(matches!(e, SamlError::Forbidden("XML comment")), "{e}");
+
+    // Signature wrapping 1: a second, unsigned assertion for another user beside the
+    // signed one.
+    let xml = fresh(&mut sp);
+    let signed = element(&xml, "saml:Assertion").to_string();
+    let forged = strip_signatures(&signed)
+        .replace(">alice<", ">mallory<")
+        .replacen(" ID=\"", " ID=\"forged", 1);
+    let wrapped = xml.replacen(&signed, &format!("{forged}{signed}"), 1);
+    let e = refused(
+        sp.handle_acs(&encode(&wrapped), Utc::now()),
+        "second assertion",
+    );
+    assert!(e.to_string().contains("assertion"), "{e}");
+    // Signature wrapping 2: the signed assertion moved into the response's signature
+    // (an Object), a forged one with its id in its place.
+    let xml = fresh(&mut sp);
+    let signed = element(&xml, "saml:Assertion").to_string();
+    let forged = strip_signatures(&signed).replace(">alice<", ">mallory<");
+    let moved = xml.replacen(&signed, &forged, 1).replacen(
+        "</ds:Signature>",
+        &format!("<ds:Object>{signed}</ds:Object></ds:Signature>"),
+        1,
+    );
+    refused(
+        sp.handle_acs(&encode(&moved), Utc::now()),
+        "moved signed element",
+    );
+
+    // A response to a request this SP never made.
+    let xml = fresh(&mut sp);
+    let mut stranger = Sp::new(config(), &metadata).unwrap();
+    let e = refused(
+        stranger.handle_acs(&encode(&xml), Utc::now()),
+        "unknown InResponseTo",
+    );
+    assert!(e.to_string().contains("InResponseTo"), "{e}");
+
+    // Wrong audience: the IdP answered a request that named another SP.
+    let url = sp.handle_login_start("/", rand16(3), Utc::now()).unwrap();
+    let other = login(&url, Some(OTHER_SP));
+    let e = refused(sp.handle_acs(&other, Utc::now()), "wrong audience");
+    assert!(e.to_string().to_lowercase().contains("audience"), "{e}");
+
+    // Wrong destination: addressed to another SP's ACS.
+    let url = sp.handle_login_start("/", rand16(4), Utc::now()).unwrap();
+    let elsewhere = login(&url, Some(ELSEWHERE_SP));
+    let e = refused(sp.handle_acs(&elsewhere, Utc::now()), "wrong destination");
+    assert!(e.to_string().to_lowercase().contains("destination"), "{e}");
+
+    // Signed by another key: a second IdP, its own key, same users.
+    let impostor = self::idp(Duration::from_secs(300));
+    let url = sp.handle_login_start("/", rand16(5), Utc::now()).unwrap();
+    let url = url.replace(&idp.url(), &impostor.url());
+    let e = refused(sp.handle_acs(&login(&url, None), Utc::now()), "another key");
+    assert!(e.to_string().contains("sign"), "{e}");
+
+    // A DOCTYPE is refused before any parsing.
+    let xml = fresh(&mut sp);
+    let doctype = format!("<!DOCTYPE r [<!ENTITY x \"y\">]>{xml}");
+    let e = refused(sp.handle_acs(&encode(&doctype), Utc::now()), "doctype");
+    assert!(matches!(e, SamlError::Forbidden("DOCTYPE")), "{e}");
+}
+
+#[test]
+fn an_expired_assertion_is_refused() {
+    let idp = idp(Duration::from_secs(1));
+    let mut sp = Sp::new(config(), &idp.metadata().unwrap()).unwrap();
+    let url = sp.handle_login_start("/", rand16(7), Utc::now()).unwrap();
+    let response = login(&url, None);
+    // Lifetime 1 s, skew 1 s: 3 s later nothing may accept it.
+    std::thread::sleep(Duration::from_secs(3));
+    let e = refused(sp.handle_acs(&response, Utc::now()), "expired");
+    assert!(e.to_string().contains("expired"), "{e}");
+}
+
+#[test]
+fn metadata_without_a_signing_certificate_is_refused() {
+    let idp = idp(Duration::from_secs(300));
+    let metadata = idp.metadata().unwrap();
+    // Drop every KeyDescriptor.
+    let mut bare = metadata.clone();
+    while let Some(start) = bare.find("<md:KeyDescriptor") {
+        let end = bare[start..].find("</md:KeyDescriptor>").unwrap()
+            + start
+            + "</md:KeyDescriptor>".len();
+        bare.replace_range(start..end, "");
+    }
+    let e = Sp::new(config(), &bare).unwrap_err();
+    assert!(matches!(e, SamlError::NoSigningCertificate), "{e}");
+    // The SP's own metadata names its ACS and entity id.
+    let sp = Sp::new(config(), &metadata).unwrap();
+    let md = sp.metadata_xml().unwrap();
+    assert!(md.contains(SP) && md.contains(ACS), "{md}");
+}
+
+fn rand16(seed: u8) -> [u8; 16] {
+    let mut r = [0u8; 16];
+    let t = Utc::now()
+        .timestamp_nanos_opt()
+        .unwrap_or_default()
+        .to_le_bytes();
+    r[..8].copy_from_slice(&t);
+    r[8] = seed;
+    r
+}
