@@ -1289,25 +1289,20 @@ fn signed_api_accepts_the_recipe_and_refuses_tampering() {
             }),
         );
     }
-    let (status, e) = signed(
-        &lab,
-        "ops",
-        API_SECRET,
-        "GET",
-        "/api/v1/sessions",
-        "",
-        fixed_nonce,
-    );
+    let send_fixed = || {
+        signed(
+            &lab,
+            "ops",
+            API_SECRET,
+            "GET",
+            "/api/v1/sessions",
+            "",
+            fixed_nonce,
+        )
+    };
+    let (status, e) = send_fixed();
     assert_eq!(status, 200, "{e}");
-    let (status, e) = signed(
-        &lab,
-        "ops",
-        API_SECRET,
-        "GET",
-        "/api/v1/sessions",
-        "",
-        fixed_nonce,
-    );
+    let (status, e) = send_fixed();
     assert_eq!(
         (status, e["error"].as_str()),
         (401, Some("nonce already used"))

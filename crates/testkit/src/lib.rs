@@ -24,6 +24,19 @@ pub use saml_idp::{generate_key, IdpUser, SamlIdp, SpEntry};
 /// The server binary Debian's `clickhouse-server` package installs.
 pub const CLICKHOUSE_SERVER: &str = "/usr/sbin/clickhouse-server";
 
+/// `program`, run inside network namespace `netns` when given (`ip netns exec` execs it,
+/// so the child's PID is the program's).
+pub fn command_in(netns: Option<&str>, program: &str) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, program]);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
 /// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -475,14 +488,7 @@ syncprov-checkpoint 100 10
         } else {
             self.ldapi()
         };
-        let mut cmd = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, SLAPD]);
-                c
-            }
-            None => Command::new(SLAPD),
-        };
+        let mut cmd = command_in(self.netns.as_deref(), SLAPD);
         // -d 0: stay in the foreground (our child, stopped by its PID).
         let child = cmd
             .arg("-f")

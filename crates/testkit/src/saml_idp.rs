@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
-use crate::free_port;
+use crate::{command_in, free_port};
 
 const WWW: &str = "/usr/share/simplesamlphp/www";
 const PHP: &str = "/usr/bin/php";
@@ -185,14 +185,7 @@ impl SamlIdp {
 
     /// The metadata document, fetched from the running IdP.
     pub fn metadata(&self) -> anyhow::Result<String> {
-        let mut cmd = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, "curl"]);
-                c
-            }
-            None => Command::new("curl"),
-        };
+        let mut cmd = command_in(self.netns.as_deref(), "curl");
         let out = cmd
             .args(["-s", "--max-time", "5", &self.metadata_url()])
             .output()
@@ -212,14 +205,7 @@ impl SamlIdp {
 
     fn launch(&mut self) -> anyhow::Result<()> {
         let d = self.dir.path();
-        let mut cmd = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, PHP]);
-                c
-            }
-            None => Command::new(PHP),
-        };
+        let mut cmd = command_in(self.netns.as_deref(), PHP);
         let child = cmd
             .args(["-S", &format!("127.0.0.1:{}", self.port), "-t", WWW])
             .env("SIMPLESAMLPHP_CONFIG_DIR", d.join("config"))
