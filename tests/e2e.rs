@@ -1602,3 +1602,107 @@ fn api_manages_policies_and_answers_audit_queries() {
     let (status, t) = auditor("GET", "/api/v1/audit/events?port=notaport", "");
     assert_eq!(status, 400, "{t}");
 }
+
+/// Runs `tests/clients/saml_enroll.py` in the gateway's namespace (where the gateway's
+/// listener and the IdP are): the browser's side of a login and an enrollment.
+fn saml_enroll(lab: &Lab, user: &str, name: &str, public_key: &str, tamper: bool) -> Value {
+    let script = portcullis_e2e::repo_root().join("tests/clients/saml_enroll.py");
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", &lab.ns_gw, "python3"])
+        .arg(script)
+        .args([
+            "http://127.0.0.1:18080",
+            user,
+            &format!("{user}-password"),
+            name,
+            public_key,
+        ]);
+    if tamper {
+        cmd.arg("--tamper");
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// SAML sign-on against a real SimpleSAMLphp IdP, driven without a browser: a tampered
+/// response is refused and audited; alice (unknown to the gateway until she signs in,
+/// group sre from the IdP) enrolls her device's own key; the profile she gets works with
+/// wireguard-go and reaches exactly what her groups allow; the device expires with her
+/// sign-in.
+#[test]
+fn saml_login_enrolls_a_device_that_reaches_what_the_groups_allow() {
+    let lab = Lab::start(LabOptions {
+        extra_config: "[http]\nlisten = \"127.0.0.1:18080\"\n\
+            [devices]\npool = \"100.64.0.128/26\"\nendpoint = \"192.168.77.1:51820\"\n\
+            [saml]\nidp_metadata = \"idp-metadata.xml\"\nbase_url = \"http://127.0.0.1:18080\"\n\
+            user_attribute = \"uid\"\nlogin_max_secs = 3600\n"
+            .into(),
+        alice_from_identity_source: true,
+        saml_idp: true,
+        ..LabOptions::default()
+    })
+    .unwrap();
+    // The SP's metadata names its ACS.
+    let (status, _) = lab.http("GET", "/saml/metadata", "", "").unwrap();
+    assert_eq!(status, 200);
+
+    // A tampered response (her group changed after signing): refused, audited, no session.
+    let v = saml_enroll(&lab, "alice", "x", "", true);
+    assert_eq!(v["acs_status"], 403, "{}", v["page"]);
+    assert!(v["page"].as_str().unwrap().contains("Sign-in refused"));
+    assert!(v.get("enroll_status").is_none());
+    let e = lab
+        .wait_event(Duration::from_secs(2), |e| is(e, "login_failed"))
+        .unwrap();
+    assert_eq!(e["method"], "saml");
+
+    // alice signs in and enrolls the key her device made.
+    let (private, public) = portcullis_e2e::wg_genkey().unwrap();
+    let v = saml_enroll(&lab, "alice", "laptop", &public, false);
+    assert_eq!(v["acs_status"], 303, "{}", v["page"]);
+    assert_eq!(v["enroll_status"], 201, "{}", v["enroll_page"]);
+    assert_eq!(v["forged_csrf_status"], 400);
+    let profile = v["profile"].as_str().unwrap();
+    assert!(profile.contains("Address = 100.64.0.129/32"), "{profile}");
+    assert!(profile.contains(&lab.gateway_public_key), "{profile}");
+    assert!(!profile.contains(&private));
+    let enroll_page = v["enroll_page"].as_str().unwrap();
+    assert!(enroll_page.contains("<svg"), "no QR code");
+    assert!(v["devices_page"].as_str().unwrap().contains(&public));
+    let e = lab
+        .wait_event(Duration::from_secs(2), |e| is(e, "login_succeeded"))
+        .unwrap();
+    assert_eq!(
+        (e["user"].as_str(), e["method"].as_str()),
+        (Some("alice"), Some("saml"))
+    );
+    // The device lasts as long as the sign-in (login_max_secs = 1 h here), not 12 h.
+    let d = lab
+        .wait_event(Duration::from_secs(2), |e| {
+            is(e, "key_rotated") && e["device"] == public.as_str()
+        })
+        .unwrap();
+    let expires: chrono::DateTime<chrono::Utc> = d["expires_at"].as_str().unwrap().parse().unwrap();
+    let left = expires - chrono::Utc::now();
+    assert!(
+        left <= chrono::TimeDelta::hours(1) && left > chrono::TimeDelta::minutes(55),
+        "expires in {left}"
+    );
+
+    // The profile as handed out, with her private key: prod (sre) yes, dev no.
+    lab.use_profile(&lab.alice, profile, Some(&private), None)
+        .unwrap();
+    assert!(reaches_prod(&lab, &lab.alice, Duration::from_secs(10)));
+    let mut conn = lab
+        .connect(&lab.alice, addr("10.8.0.2:8080"), Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(echo_round_trip(&mut conn, b"via sso").unwrap(), b"via sso");
+    assert!(lab
+        .connect(&lab.alice, addr("10.9.0.2:443"), Duration::from_secs(2))
+        .is_err());
+}

@@ -67,6 +67,8 @@ pub struct Lab {
     servers: Vec<JoinHandle<()>>,
     /// The lab's OpenLDAP server (`LabOptions::slapd`), in the gateway's namespace.
     pub slapd: Option<portcullis_testkit::Slapd>,
+    /// The lab's SAML IdP (`LabOptions::saml_idp`), in the gateway's namespace.
+    pub saml_idp: Option<portcullis_testkit::SamlIdp>,
 }
 
 /// Runs a command, failing with its stderr.
@@ -187,6 +189,10 @@ pub struct LabOptions {
     /// With `slapd`: also serve ldaps://; `{ldaps_url}` and `{ldap_ca_file}` in
     /// `extra_config` become its URL and certificate.
     pub slapd_tls: bool,
+    /// Start a SimpleSAMLphp IdP in the gateway's namespace that trusts the SP at
+    /// `http://127.0.0.1:18080` and knows alice (group sre) and bob (developers),
+    /// password `<name>-password`; its metadata is `idp-metadata.xml` in the lab dir.
+    pub saml_idp: bool,
 }
 
 impl Default for LabOptions {
@@ -201,6 +207,7 @@ impl Default for LabOptions {
             files: Vec::new(),
             slapd: false,
             slapd_tls: false,
+            saml_idp: false,
         }
     }
 }
@@ -250,6 +257,7 @@ impl Lab {
             stop: Arc::new(AtomicBool::new(false)),
             servers: Vec::new(),
             slapd: None,
+            saml_idp: None,
         };
         // From here on, Drop cleans up whatever was created.
         lab.build_topology()?;
@@ -260,6 +268,25 @@ impl Lab {
             } else {
                 portcullis_testkit::Slapd::start(Some(&lab.ns_gw))?
             });
+        }
+        if opts.saml_idp {
+            let idp = portcullis_testkit::SamlIdp::start(
+                Some(&lab.ns_gw),
+                &[portcullis_testkit::SpEntry {
+                    entity_id: "http://127.0.0.1:18080/saml/metadata".into(),
+                    acs_url: "http://127.0.0.1:18080/saml/acs".into(),
+                }],
+                &[("alice", "sre"), ("bob", "developers")].map(|(name, group)| {
+                    portcullis_testkit::IdpUser {
+                        name: name.into(),
+                        password: format!("{name}-password"),
+                        groups: vec![group.into()],
+                    }
+                }),
+                Duration::from_secs(300),
+            )?;
+            std::fs::write(lab.dir.join("idp-metadata.xml"), idp.metadata()?)?;
+            lab.saml_idp = Some(idp);
         }
         lab.start_gateway(&opts)?;
         lab.start_clients()?;

@@ -39,13 +39,8 @@ def rewrite_issuer(url, issuer):
     return urllib.parse.urlunsplit(u._replace(query=urllib.parse.urlencode(out)))
 
 
-def main():
-    url, user, password = sys.argv[1:4]
-    issuer = None
-    if "--issuer" in sys.argv:
-        issuer = sys.argv[sys.argv.index("--issuer") + 1]
-    s = requests.Session()
-    s.trust_env = False
+def idp_login(s, url, user, password, issuer=None):
+    """Follows `url` to the IdP's login form, signs in; (ACS URL, SAMLResponse, RelayState)."""
     if issuer:
         # Follow the SP's redirect by hand to rewrite the request on the way.
         if "SAMLRequest=" not in url:
@@ -66,11 +61,19 @@ def main():
     if not resp or not action:
         sys.exit(f"no SAMLResponse after the login ({r.status_code}): {r.text[:2000]}")
     relay = re.search(r'name="RelayState" value="([^"]*)"', r.text)
-    print(json.dumps({
-        "action": html.unescape(action.group(1)),
-        "SAMLResponse": html.unescape(resp.group(1)),
-        "RelayState": html.unescape(relay.group(1)) if relay else None,
-    }))
+    return (html.unescape(action.group(1)), html.unescape(resp.group(1)),
+            html.unescape(relay.group(1)) if relay else None)
+
+
+def main():
+    url, user, password = sys.argv[1:4]
+    issuer = None
+    if "--issuer" in sys.argv:
+        issuer = sys.argv[sys.argv.index("--issuer") + 1]
+    s = requests.Session()
+    s.trust_env = False
+    action, response, relay = idp_login(s, url, user, password, issuer)
+    print(json.dumps({"action": action, "SAMLResponse": response, "RelayState": relay}))
 
 
 if __name__ == "__main__":

@@ -72,6 +72,78 @@ pub struct Config {
     /// Devices registered at run time (admin API, enrollment), with expiring keys.
     #[serde(default)]
     pub devices: Option<DevicesConfig>,
+    /// SAML single sign-on and the enrollment pages.
+    #[serde(default)]
+    pub saml: Option<SamlConfig>,
+}
+
+/// `[saml]`: users log in through the company IdP (SP-initiated, HTTP-Redirect then
+/// HTTP-POST) and enroll devices on the pages under `/enroll`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamlConfig {
+    /// The IdP's metadata: a file, or an `https://` (or `http://`) URL fetched at start
+    /// and every `metadata_refresh_secs`.
+    pub idp_metadata: String,
+    /// How browsers reach `[http] listen`, e.g. `https://vpn.example.com`; the SP's
+    /// URLs are `<base_url>/saml/metadata`, `/saml/acs`, `/saml/logout`.
+    pub base_url: String,
+    /// This SP's entity id; default `<base_url>/saml/metadata`.
+    #[serde(default)]
+    pub entity_id: Option<String>,
+    /// The attribute holding the user name; absent: the NameID.
+    #[serde(default)]
+    pub user_attribute: Option<String>,
+    /// The attribute holding the user's groups.
+    #[serde(default = "default_groups_attribute")]
+    pub groups_attribute: String,
+    /// Tolerated clock difference with the IdP.
+    #[serde(default = "default_saml_skew")]
+    pub max_clock_skew_secs: u64,
+    /// A login lasts until the IdP's SessionNotOnOrAfter, at most this long; devices
+    /// enrolled or renewed by it expire then (also capped by `[devices]`).
+    #[serde(default = "default_login_max")]
+    pub login_max_secs: u64,
+    #[serde(default = "default_metadata_refresh")]
+    pub metadata_refresh_secs: u64,
+    /// Accept logins the IdP starts (no InResponseTo). Off: only logins started here.
+    #[serde(default)]
+    pub allow_idp_initiated: bool,
+}
+
+fn default_groups_attribute() -> String {
+    "groups".into()
+}
+fn default_saml_skew() -> u64 {
+    60
+}
+fn default_login_max() -> u64 {
+    12 * 3600
+}
+fn default_metadata_refresh() -> u64 {
+    3600
+}
+
+impl SamlConfig {
+    /// `base_url` without a trailing slash.
+    pub fn base(&self) -> &str {
+        self.base_url.trim_end_matches('/')
+    }
+
+    pub fn metadata_url(&self) -> String {
+        format!("{}/saml/metadata", self.base())
+    }
+
+    pub fn entity_id(&self) -> String {
+        self.entity_id
+            .clone()
+            .unwrap_or_else(|| self.metadata_url())
+    }
+
+    /// Whether `idp_metadata` is a URL (else a file).
+    pub fn idp_metadata_is_url(&self) -> bool {
+        self.idp_metadata.starts_with("https://") || self.idp_metadata.starts_with("http://")
+    }
 }
 
 /// `[ldap]`: users and groups pushed from an LDAP directory (RFC 4533 refreshAndPersist,
@@ -703,6 +775,13 @@ pub fn load_unkeyed(path: &Path) -> Result<Loaded, ConfigError> {
             resolve(f);
         }
     }
+    if let Some(saml) = c.saml.as_mut() {
+        if !saml.idp_metadata_is_url() {
+            let mut p = PathBuf::from(&saml.idp_metadata);
+            resolve(&mut p);
+            saml.idp_metadata = p.display().to_string();
+        }
+    }
     if let Some(h) = c.http.as_mut() {
         for f in [h.cert_file.as_mut(), h.key_file.as_mut()]
             .into_iter()
@@ -874,6 +953,46 @@ pub fn parse(path: &Path, src: &str) -> Result<Loaded, ConfigError> {
             key.into(),
             "needs [http] listen: SCIM and the admin API are served there".into(),
         ));
+    }
+    if let Some(saml) = &config.saml {
+        if config.http.is_none() {
+            return Err(err(
+                "saml".into(),
+                "needs [http] listen: the login and enrollment pages are served there".into(),
+            ));
+        }
+        if config.devices.is_none() {
+            return Err(err(
+                "saml".into(),
+                "needs [devices]: a login enrolls devices".into(),
+            ));
+        }
+        let base = saml.base();
+        let scheme_ok = base.starts_with("https://") || base.starts_with("http://");
+        if !scheme_ok || base.contains(['?', '#']) || base.len() <= "https://".len() {
+            return Err(err(
+                "saml.base_url".into(),
+                format!("{base:?} must be an http(s):// URL without query or fragment"),
+            ));
+        }
+        if saml.groups_attribute.trim().is_empty() {
+            return Err(err(
+                "saml.groups_attribute".into(),
+                "must not be empty".into(),
+            ));
+        }
+        if !(1..=3600).contains(&saml.max_clock_skew_secs) {
+            return Err(err(
+                "saml.max_clock_skew_secs".into(),
+                format!("{} is outside 1..=3600", saml.max_clock_skew_secs),
+            ));
+        }
+        if saml.login_max_secs < 60 || saml.metadata_refresh_secs < 60 {
+            return Err(err(
+                "saml.login_max_secs".into(),
+                "login_max_secs and metadata_refresh_secs are at least 60".into(),
+            ));
+        }
     }
     if let Some(a) = &config.api {
         if !(10..=3600).contains(&a.window_secs) {

@@ -232,6 +232,37 @@ impl Devices {
         ))
     }
 
+    /// Plans extending `user_name`'s devices to `until` (a new login's end), never
+    /// beyond the configured lifetime from `now` and never shortening one. Keys being
+    /// rotated out keep their grace.
+    pub fn plan_renew(
+        &self,
+        policy: &DevicePolicy,
+        user_name: &str,
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> DeviceMutation {
+        let until = until.min(now + policy.lifetime);
+        let upsert = self
+            .by_id
+            .values()
+            .filter(|d| {
+                d.user_name.eq_ignore_ascii_case(user_name)
+                    && d.replaced_by.is_none()
+                    && d.expires > now
+                    && d.expires < until
+            })
+            .map(|d| Device {
+                expires: until,
+                ..d.clone()
+            })
+            .collect();
+        DeviceMutation {
+            upsert,
+            removed: Vec::new(),
+        }
+    }
+
     /// Plans replacing device `id`'s key with `public_key`: the new key gets a new
     /// address and a full lifetime; the old key stays valid for `grace` (the configured
     /// grace when `None`), never beyond its own expiry.
@@ -502,6 +533,34 @@ mod tests {
         let m = d.plan_remove(&first, "removed").unwrap();
         d.apply(m, None);
         assert_eq!(register(&mut d, 6, t(0)).unwrap().address, got[0]);
+    }
+
+    #[test]
+    fn a_login_renews_the_users_devices_up_to_the_lifetime_never_shortening() {
+        let mut d = Devices::default();
+        let a = register(&mut d, 1, t(0)).unwrap(); // expires t(0) + 12 h
+                                                    // Renewed one hour later to the login's end, capped at 12 h from then.
+        let m = d.plan_renew(&policy(), "ALICE", t(3600) + TimeDelta::days(2), t(3600));
+        assert_eq!(m.upsert.len(), 1);
+        assert_eq!(m.upsert[0].expires, t(3600) + TimeDelta::hours(12));
+        d.apply(m, None);
+        // A login ending sooner does not shorten it; another user's login does nothing.
+        assert!(d
+            .plan_renew(&policy(), "alice", t(7200), t(3600))
+            .is_empty());
+        assert!(d
+            .plan_renew(&policy(), "bob", t(90_000), t(3600))
+            .is_empty());
+        // A key in its rotation grace keeps its grace.
+        let (m, _) = d
+            .plan_rotate(&policy(), &a.id, [2; 32], None, t(4000))
+            .unwrap();
+        d.apply(m, None);
+        let renewed = d.plan_renew(&policy(), "alice", t(80_000), t(5000));
+        assert!(
+            renewed.upsert.iter().all(|x| x.public_key == [2; 32]),
+            "{renewed:?}"
+        );
     }
 
     #[test]

@@ -83,6 +83,8 @@ pub enum DirectoryError {
     NoSuchUser(String),
     #[error("no group with id {0}")]
     NoSuchGroup(String),
+    #[error("user {0:?} is disabled")]
+    Disabled(String),
     #[error("{0}")]
     Invalid(String),
 }
@@ -300,6 +302,90 @@ impl Directory {
             groups,
             ..Mutation::default()
         })
+    }
+
+    /// Plans what a single sign-on login means for the directory:
+    /// - a user the configuration file defines, or one another source (SCIM, LDAP, an
+    ///   administrator) owns: nothing changes (that source owns the groups); a disabled
+    ///   user is refused;
+    /// - a user `source` owns (or a new one, created with `source`): group membership
+    ///   becomes exactly `groups`: added to the groups of those names (created with
+    ///   `source` when missing), removed from the others.
+    pub fn plan_login(
+        &self,
+        user_name: &str,
+        groups: &[String],
+        source: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Mutation, DirectoryError> {
+        if self.is_reserved(user_name) {
+            return Ok(Mutation::default());
+        }
+        let mut m = Mutation::default();
+        let id = match self.user_by_name(user_name) {
+            Some(u) if !u.active => return Err(DirectoryError::Disabled(u.user_name.clone())),
+            Some(u) if u.source != source => return Ok(Mutation::default()),
+            Some(u) => u.id,
+            None => {
+                let created = self.plan_create_user(
+                    User {
+                        id: Uuid::nil(),
+                        user_name: user_name.to_string(),
+                        external_id: None,
+                        display_name: None,
+                        email: String::new(),
+                        active: true,
+                        tags: Vec::new(),
+                        source: source.to_string(),
+                        created: now,
+                        modified: now,
+                        version: 0,
+                    },
+                    now,
+                )?;
+                let id = created.users.first().map(|u| u.id).unwrap_or_default();
+                m.users = created.users;
+                id
+            }
+        };
+        let wanted: BTreeSet<String> = groups.iter().map(|g| fold(g)).collect();
+        for name in groups {
+            check_name("group", name)?;
+        }
+        // Existing groups: add or remove the member as asserted.
+        for g in self.groups.values() {
+            let should = wanted.contains(&fold(&g.display_name));
+            if should != g.members.contains(&id) {
+                let mut g = g.clone();
+                if should {
+                    g.members.insert(id);
+                } else {
+                    g.members.remove(&id);
+                }
+                g.version += 1;
+                g.modified = now;
+                m.groups.push(g);
+            }
+        }
+        // Missing groups: created, with the user as their member.
+        let mut created = BTreeSet::new();
+        for name in groups {
+            let folded = fold(name);
+            if self.group_by_name.contains_key(&folded) || !created.insert(folded) {
+                continue;
+            }
+            m.groups.push(Group {
+                id: Uuid::new_v4(),
+                display_name: name.clone(),
+                external_id: None,
+                members: BTreeSet::from([id]),
+                source: source.to_string(),
+                created: now,
+                modified: now,
+                version: 1,
+            });
+        }
+        Ok(m)
     }
 
     /// Plans a new group. Unknown member ids are refused.
@@ -534,6 +620,61 @@ mod tests {
     ) -> Vec<IdentityChange> {
         let m = plan(d).unwrap();
         d.apply(m, "scim")
+    }
+
+    #[test]
+    fn a_login_creates_its_user_and_follows_the_asserted_groups() {
+        let mut d = Directory::default();
+        d.set_reserved(["carol".to_string()]);
+        let sso = |d: &mut Directory, name: &str, groups: &[&str]| {
+            let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+            let m = d.plan_login(name, &groups, "saml", now())?;
+            Ok::<_, DirectoryError>(d.apply(m, "saml"))
+        };
+        // A new user, two new groups.
+        let c = sso(&mut d, "alice", &["sre", "staff"]).unwrap();
+        assert_eq!(c[0].kind, ChangeKind::Created);
+        assert_eq!(c[0].principal.as_ref().unwrap().groups, ["sre", "staff"]);
+        let alice = d.user_by_name("alice").unwrap().id;
+        assert_eq!(d.user_by_name("alice").unwrap().source, "saml");
+        // Next login: out of staff, into an existing group of another source.
+        run(&mut d, |d| d.plan_create_group(group("ops", &[]), now()));
+        sso(&mut d, "Alice", &["SRE", "ops"]).unwrap();
+        let mut groups: Vec<String> = d
+            .groups_of(&alice)
+            .map(|g| g.display_name.clone())
+            .collect();
+        groups.sort();
+        assert_eq!(groups, ["ops", "sre"]);
+        assert_eq!(d.group_by_name("staff").unwrap().members.len(), 0);
+        // The same login again changes nothing.
+        assert!(d
+            .plan_login("alice", &["sre".into(), "ops".into()], "saml", now())
+            .unwrap()
+            .is_empty());
+        // Another source's user: authenticated, its groups left to that source.
+        run(&mut d, |d| d.plan_create_user(user("bob"), now()));
+        assert!(d
+            .plan_login("bob", &["sre".into()], "saml", now())
+            .unwrap()
+            .is_empty());
+        // A configuration user: nothing to do.
+        assert!(d
+            .plan_login("carol", &["sre".into()], "saml", now())
+            .unwrap()
+            .is_empty());
+        // A disabled user may not log in.
+        let mut off = d.user_by_name("alice").unwrap().clone();
+        off.active = false;
+        run(&mut d, |d| d.plan_update_user(off, now()));
+        assert_eq!(
+            d.plan_login("alice", &[], "saml", now()),
+            Err(DirectoryError::Disabled("alice".into()))
+        );
+        // Group names are checked like any other.
+        assert!(d
+            .plan_login("dave", &["bad\u{7}".into()], "saml", now())
+            .is_err());
     }
 
     #[test]

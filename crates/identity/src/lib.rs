@@ -274,6 +274,33 @@ impl Identity {
             .ok_or_else(|| DeviceError::NoSuchUser(name.to_string()))
     }
 
+    /// A single sign-on login by `user` with the asserted `groups`, valid until `until`:
+    /// the directory follows the login (see [`Directory::plan_login`]), then the user's
+    /// devices are renewed up to `until` (capped by the configured lifetime). Returns
+    /// the owner the user's new devices get; a disabled or unknown user is refused.
+    pub async fn login(
+        &self,
+        source: &str,
+        user: &str,
+        groups: &[String],
+        until: DateTime<Utc>,
+        requested: Instant,
+        requested_at: DateTime<Utc>,
+    ) -> Result<Owner, IdentityError> {
+        self.change(source, requested, requested_at, |d, now| {
+            Ok::<_, IdentityError>(d.plan_login(user, groups, source, now)?)
+        })
+        .await?;
+        self.change_devices(requested, requested_at, |dir, devices, policy, now| {
+            let owner = Self::owner(dir, policy, user)?;
+            Ok((
+                devices.plan_renew(policy, &owner.user_name, until, now),
+                owner,
+            ))
+        })
+        .await
+    }
+
     /// Registers `public_key` for user `user` (see [`Devices::plan_register`]).
     pub async fn register_device(
         &self,

@@ -263,7 +263,7 @@ fn parse_id(id: &str) -> Result<Uuid, ApiError> {
 }
 
 /// The device's public key, or a fresh key pair (private key base64) when none is given.
-fn key_or_generate(given: Option<&str>) -> Result<([u8; 32], Option<String>), ApiError> {
+pub(crate) fn key_or_generate(given: Option<&str>) -> Result<([u8; 32], Option<String>), ApiError> {
     match given {
         Some(k) => portcullis_config::decode_key(k)
             .map(|k| (k, None))

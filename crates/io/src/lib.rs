@@ -17,6 +17,7 @@ pub mod devices;
 pub mod http;
 pub mod ldap;
 mod policy_api;
+pub mod sso;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -225,8 +226,20 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         ))),
         None => None,
     };
+    let profile = profile.map(Arc::new);
     if let Some(h) = &c.http {
         let mut app = axum::Router::new();
+        if let (Some(saml), Some(identity), Some(profile)) = (&c.saml, &identity, &profile) {
+            let sso = sso::Sso::start(
+                &loaded,
+                saml,
+                identity.clone(),
+                profile.clone(),
+                admin_tx.clone(),
+            )
+            .await?;
+            app = app.merge(sso::routes(sso));
+        }
         if let (Some(identity), Some(t)) = (&identity, &tokens.scim) {
             app = app.merge(portcullis_scim::router(portcullis_scim::ScimState {
                 identity: identity.clone(),
@@ -240,7 +253,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
                 identity: identity.clone(),
                 commands: admin_tx.clone(),
                 ldap: ldap.clone(),
-                profile: profile.map(Arc::new),
+                profile: profile.clone(),
                 max_body_bytes: h.max_body_bytes,
                 policy_dir: c.policy.dir.clone(),
                 store: store_config(&loaded)?

@@ -66,6 +66,8 @@ impl From<DirectoryError> for ScimError {
                 ScimError::new(404, None, detail)
             }
             DirectoryError::Invalid(_) => ScimError::value(detail),
+            // Only a sign-on login reports this; SCIM never plans one.
+            DirectoryError::Disabled(_) => ScimError::new(409, None, detail),
         }
     }
 }

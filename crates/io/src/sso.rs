@@ -1,0 +1,706 @@
+//! Single sign-on and device enrollment: the `[saml]` pages on the `[http]` listener.
+//!
+//! - `GET /saml/metadata`: this SP's metadata.
+//! - `GET /saml/login?return=/enroll`: starts an SP-initiated login (303 to the IdP).
+//! - `POST /saml/acs`: the IdP's answer; on success a login session (cookie) and 303 back.
+//! - `GET /saml/logout`: ends the login session here.
+//! - `GET /enroll`: the user's devices and the enrollment form (login first otherwise).
+//! - `POST /enroll`: registers a device (the device's own public key, or a key pair the
+//!   gateway generates and shows once) and answers its WireGuard profile as text, as a
+//!   download and as a QR code.
+//!
+//! Plain server-rendered HTML, no JavaScript, every value escaped. A login lasts until
+//! the IdP's SessionNotOnOrAfter capped by `login_max_secs`; devices enrolled in it
+//! expire then, and a new login renews the user's devices. Sessions live in memory (a
+//! restart logs everyone out; devices stay). Logins and ACS posts are rate-limited per
+//! address; every login, refused or not, is an audit event.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context as _};
+use axum::extract::{ConnectInfo, Form, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use base64::Engine as _;
+use chrono::{DateTime, TimeDelta, Utc};
+use portcullis_config::{Loaded, SamlConfig};
+use portcullis_identity::{Identity, ProfileSettings};
+use portcullis_model::Event;
+use portcullis_saml::{RateLimit, Sp, SpConfig};
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq as _;
+use tokio::sync::mpsc;
+
+use crate::http::AdminCommand;
+use crate::tls::Peer;
+
+const COOKIE: &str = "portcullis_session";
+/// Logins started or answers posted per address per minute.
+const ATTEMPTS_PER_MINUTE: u32 = 30;
+/// Login sessions kept at most (the oldest go first).
+const MAX_SESSIONS: usize = 100_000;
+/// Largest IdP metadata document fetched.
+const MAX_METADATA_BYTES: usize = 1 << 20;
+
+/// A browser's login.
+#[derive(Clone, Debug)]
+struct WebSession {
+    user: String,
+    until: DateTime<Utc>,
+    /// Sent with every form, compared in constant time.
+    csrf: String,
+}
+
+pub struct Sso {
+    config: SamlConfig,
+    sp: Mutex<Sp>,
+    limit: Mutex<RateLimit>,
+    /// SHA-256 of the cookie value → session (the cookie itself is not kept).
+    sessions: Mutex<HashMap<[u8; 32], WebSession>>,
+    identity: Arc<Identity>,
+    profile: Arc<ProfileSettings>,
+    commands: mpsc::UnboundedSender<AdminCommand>,
+    secure_cookie: bool,
+}
+
+/// The SP's settings from `[saml]`.
+fn sp_config(c: &SamlConfig) -> SpConfig {
+    SpConfig {
+        entity_id: c.entity_id(),
+        metadata_url: c.metadata_url(),
+        acs_url: format!("{}/saml/acs", c.base()),
+        logout_url: format!("{}/saml/logout", c.base()),
+        user_attribute: c.user_attribute.clone(),
+        groups_attribute: c.groups_attribute.clone(),
+        max_clock_skew: TimeDelta::seconds(i64::try_from(c.max_clock_skew_secs).unwrap_or(60)),
+        request_lifetime: TimeDelta::minutes(10),
+        allow_idp_initiated: c.allow_idp_initiated,
+    }
+}
+
+/// Reads the IdP metadata: the file, or the URL.
+async fn read_metadata(c: &SamlConfig) -> anyhow::Result<String> {
+    if c.idp_metadata_is_url() {
+        fetch(&c.idp_metadata)
+            .await
+            .with_context(|| format!("fetching saml.idp_metadata {}", c.idp_metadata))
+    } else {
+        tokio::fs::read_to_string(&c.idp_metadata)
+            .await
+            .with_context(|| format!("reading saml.idp_metadata {}", c.idp_metadata))
+    }
+}
+
+/// One GET with hyper's client (HTTPS with the system CAs); the body, capped.
+async fn fetch(url: &str) -> anyhow::Result<String> {
+    use http_body_util::BodyExt as _;
+    let uri: axum::http::Uri = url.parse().context("not a URL")?;
+    let host = uri.host().ok_or_else(|| anyhow!("no host"))?.to_string();
+    let https = uri.scheme_str() == Some("https");
+    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    let request = axum::http::Request::get(path)
+        .header(header::HOST, &host)
+        .header(header::USER_AGENT, "portcullis")
+        .body(http_body_util::Empty::<axum::body::Bytes>::new())?;
+    let work = async {
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+        let response = if https {
+            let name = rustls_pki_types::ServerName::try_from(host.clone())?;
+            let tls = tokio_rustls::TlsConnector::from(crate::tls::client_config(None)?)
+                .connect(name, tcp)
+                .await?;
+            let (mut send, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
+            tokio::spawn(conn);
+            send.send_request(request).await?
+        } else {
+            let (mut send, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+            tokio::spawn(conn);
+            send.send_request(request).await?
+        };
+        if !response.status().is_success() {
+            return Err(anyhow!("answered {}", response.status()));
+        }
+        let body = http_body_util::Limited::new(response.into_body(), MAX_METADATA_BYTES)
+            .collect()
+            .await
+            .map_err(|e| anyhow!("reading the body: {e}"))?
+            .to_bytes();
+        Ok(String::from_utf8(body.to_vec())?)
+    };
+    tokio::time::timeout(Duration::from_secs(10), work)
+        .await
+        .map_err(|_| anyhow!("no answer within 10 s"))?
+}
+
+impl Sso {
+    /// Reads the IdP metadata (refusing one without a signing certificate) and starts its
+    /// refresh.
+    pub async fn start(
+        loaded: &Loaded,
+        c: &SamlConfig,
+        identity: Arc<Identity>,
+        profile: Arc<ProfileSettings>,
+        commands: mpsc::UnboundedSender<AdminCommand>,
+    ) -> anyhow::Result<Arc<Sso>> {
+        let metadata = read_metadata(c).await?;
+        let sp = Sp::new(sp_config(c), &metadata).with_context(|| {
+            format!(
+                "{}: key `saml.idp_metadata`: {}",
+                loaded.path.display(),
+                c.idp_metadata
+            )
+        })?;
+        let sso = Arc::new(Sso {
+            config: c.clone(),
+            sp: Mutex::new(sp),
+            limit: Mutex::new(RateLimit::new(ATTEMPTS_PER_MINUTE)),
+            sessions: Mutex::new(HashMap::new()),
+            identity,
+            profile,
+            commands,
+            secure_cookie: c.base().starts_with("https://"),
+        });
+        let refresh = sso.clone();
+        tokio::spawn(async move {
+            let every = Duration::from_secs(refresh.config.metadata_refresh_secs);
+            loop {
+                tokio::time::sleep(every).await;
+                match read_metadata(&refresh.config).await {
+                    Ok(md) => {
+                        let r = match refresh.sp.lock() {
+                            Ok(mut sp) => sp.handle_idp_metadata(&md),
+                            Err(_) => continue,
+                        };
+                        match r {
+                            Ok(()) => tracing::info!("saml: idp metadata refreshed"),
+                            Err(e) => tracing::error!(
+                                "saml: refreshed idp metadata refused, the previous one stays: {e}"
+                            ),
+                        }
+                    }
+                    Err(e) => tracing::warn!(
+                        "saml: idp metadata not refreshed, the previous one stays: {e:#}"
+                    ),
+                }
+            }
+        });
+        tracing::info!(entity_id = %c.entity_id(), "saml sign-on up");
+        Ok(sso)
+    }
+
+    fn report(&self, event: Event) {
+        let _ = self.commands.send(AdminCommand::Report(event));
+    }
+
+    fn allowed(&self, ip: IpAddr) -> bool {
+        self.limit
+            .lock()
+            .map(|mut l| l.handle_attempt(ip, Utc::now()))
+            .unwrap_or(false)
+    }
+
+    fn session(&self, headers: &HeaderMap) -> Option<WebSession> {
+        let value = cookie(headers, COOKIE)?;
+        let key: [u8; 32] = Sha256::digest(value.as_bytes()).into();
+        let sessions = self.sessions.lock().ok()?;
+        sessions.get(&key).filter(|s| s.until > Utc::now()).cloned()
+    }
+
+    /// A new session; the cookie value to set.
+    fn open_session(&self, user: &str, until: DateTime<Utc>) -> Option<String> {
+        let token = random_b64::<32>();
+        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let mut sessions = self.sessions.lock().ok()?;
+        let now = Utc::now();
+        sessions.retain(|_, s| s.until > now);
+        if sessions.len() >= MAX_SESSIONS {
+            let oldest = sessions
+                .iter()
+                .min_by_key(|(_, s)| s.until)
+                .map(|(k, _)| *k);
+            if let Some(k) = oldest {
+                sessions.remove(&k);
+            }
+        }
+        sessions.insert(
+            key,
+            WebSession {
+                user: user.to_string(),
+                until,
+                csrf: random_b64::<24>(),
+            },
+        );
+        Some(token)
+    }
+}
+
+fn random_b64<const N: usize>() -> String {
+    use rand::RngCore as _;
+    let mut b = [0u8; N];
+    rand::thread_rng().fill_bytes(&mut b);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// HTML-escapes text for element content and quoted attributes.
+fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn page(status: StatusCode, title: &str, body: &str) -> Response {
+    let html = format!(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <title>{t} · Portcullis</title>\
+         <style>body{{font-family:system-ui,sans-serif;max-width:46rem;margin:2rem auto;padding:0 1rem;line-height:1.5}}\
+         pre{{background:#f4f4f4;padding:1rem;overflow-x:auto}}table{{border-collapse:collapse}}\
+         td,th{{padding:.25rem .75rem;border-bottom:1px solid #ddd;text-align:left}}\
+         label{{display:block;margin-top:.75rem}}input[type=text]{{width:100%;max-width:34rem}}\
+         .error{{color:#a00}}</style></head>\
+         <body><main><h1>{t}</h1>\n{body}\n</main></body></html>\n",
+        t = esc(title)
+    );
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; style-src 'unsafe-inline'; img-src data:; form-action 'self'",
+            ),
+        ],
+        html,
+    )
+        .into_response()
+}
+
+fn see_other(location: &str) -> Response {
+    (
+        StatusCode::SEE_OTHER,
+        [(header::LOCATION, location.to_string())],
+    )
+        .into_response()
+}
+
+/// A return path is local: starts with one `/`, no scheme, no backslash.
+fn local_path(p: &str) -> Option<&str> {
+    let ok = p.starts_with('/')
+        && !p.starts_with("//")
+        && !p.contains('\\')
+        && p.len() <= 512
+        && p.chars().all(|c| !c.is_control());
+    ok.then_some(p)
+}
+
+fn remote(ci: ConnectInfo<Peer>) -> IpAddr {
+    ci.0 .0.ip()
+}
+
+/// The routes, without authentication (the pages need a login session instead).
+pub fn routes(sso: Arc<Sso>) -> Router {
+    Router::new()
+        .route("/saml/metadata", get(metadata))
+        .route("/saml/login", get(login))
+        .route("/saml/acs", axum::routing::post(acs))
+        .route("/saml/logout", get(logout))
+        .route("/enroll", get(enroll_page).post(enroll))
+        .with_state(sso)
+}
+
+async fn metadata(State(sso): State<Arc<Sso>>) -> Response {
+    let xml = match sso.sp.lock() {
+        Ok(sp) => sp.metadata_xml(),
+        Err(_) => return StatusCode::SERVICE_UNAVAILABLE.into_response(),
+    };
+    match xml {
+        Ok(x) => ([(header::CONTENT_TYPE, "application/samlmetadata+xml")], x).into_response(),
+        Err(e) => page(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Metadata unavailable",
+            &esc(&e.to_string()),
+        ),
+    }
+}
+
+#[derive(Deserialize)]
+struct LoginQuery {
+    #[serde(rename = "return")]
+    return_to: Option<String>,
+}
+
+async fn login(
+    State(sso): State<Arc<Sso>>,
+    ci: ConnectInfo<Peer>,
+    Query(q): Query<LoginQuery>,
+) -> Response {
+    if !sso.allowed(remote(ci)) {
+        return page(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many attempts",
+            "<p>Too many sign-in attempts from this address. Try again in a minute.</p>",
+        );
+    }
+    let back = q
+        .return_to
+        .and_then(|r| local_path(&r).map(str::to_string))
+        .unwrap_or_else(|| "/enroll".into());
+    let mut random = [0u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut random);
+    let url = match sso.sp.lock() {
+        Ok(mut sp) => sp.handle_login_start(&back, random, Utc::now()),
+        Err(_) => return StatusCode::SERVICE_UNAVAILABLE.into_response(),
+    };
+    match url {
+        Ok(u) => see_other(&u),
+        Err(e) => page(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Sign-in unavailable",
+            &esc(&e.to_string()),
+        ),
+    }
+}
+
+#[derive(Deserialize)]
+struct AcsForm {
+    #[serde(rename = "SAMLResponse")]
+    saml_response: String,
+    #[serde(rename = "RelayState", default)]
+    _relay_state: Option<String>,
+}
+
+async fn acs(
+    State(sso): State<Arc<Sso>>,
+    ci: ConnectInfo<Peer>,
+    form: Result<Form<AcsForm>, axum::extract::rejection::FormRejection>,
+) -> Response {
+    let ip = remote(ci);
+    if !sso.allowed(ip) {
+        return page(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many attempts",
+            "<p>Too many sign-in attempts from this address. Try again in a minute.</p>",
+        );
+    }
+    let refuse = |user: &str, reason: String| {
+        tracing::warn!(%ip, user, "saml login refused: {reason}");
+        sso.report(Event::LoginFailed {
+            user: user.to_string(),
+            method: "saml".into(),
+            reason: reason.clone(),
+            remote: Some(ip.to_string()),
+        });
+        page(
+            StatusCode::FORBIDDEN,
+            "Sign-in refused",
+            &format!(
+                "<p class=\"error\">{}</p><p><a href=\"/saml/login\">Sign in again</a></p>",
+                esc(&reason)
+            ),
+        )
+    };
+    let form = match form {
+        Ok(Form(f)) => f,
+        Err(e) => {
+            return refuse(
+                "",
+                format!("the form is not a SAML POST: {}", e.body_text()),
+            )
+        }
+    };
+    let now = Utc::now();
+    let verdict = match sso.sp.lock() {
+        Ok(mut sp) => sp.handle_acs(&form.saml_response, now),
+        Err(_) => return StatusCode::SERVICE_UNAVAILABLE.into_response(),
+    };
+    let login = match verdict {
+        Ok(l) => l,
+        Err(e) => return refuse("", e.to_string()),
+    };
+    let cap = now + TimeDelta::seconds(i64::try_from(sso.config.login_max_secs).unwrap_or(43_200));
+    let until = login.session_not_on_or_after.map_or(cap, |t| t.min(cap));
+    if until <= now {
+        return refuse(&login.user, "the IdP's session has already ended".into());
+    }
+    let owner = match sso
+        .identity
+        .login(
+            "saml",
+            &login.user,
+            &login.groups,
+            until,
+            Instant::now(),
+            now,
+        )
+        .await
+    {
+        Ok(o) => o,
+        Err(e) => return refuse(&login.user, e.to_string()),
+    };
+    let Some(token) = sso.open_session(&owner.user_name, until) else {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    };
+    sso.report(Event::LoginSucceeded {
+        user: owner.user_name.clone(),
+        method: "saml".into(),
+        remote: Some(ip.to_string()),
+    });
+    tracing::info!(user = %owner.user_name, %ip, until = %until, "saml login");
+    let max_age = (until - now).num_seconds().max(1);
+    let secure = if sso.secure_cookie { "; Secure" } else { "" };
+    let back = login
+        .relay_state
+        .as_deref()
+        .and_then(local_path)
+        .unwrap_or("/enroll")
+        .to_string();
+    (
+        StatusCode::SEE_OTHER,
+        [
+            (header::LOCATION, back),
+            (
+                header::SET_COOKIE,
+                format!(
+                    "{COOKIE}={token}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age}{secure}"
+                ),
+            ),
+        ],
+    )
+        .into_response()
+}
+
+async fn logout(State(sso): State<Arc<Sso>>, headers: HeaderMap) -> Response {
+    if let Some(value) = cookie(&headers, COOKIE) {
+        let key: [u8; 32] = Sha256::digest(value.as_bytes()).into();
+        if let Ok(mut s) = sso.sessions.lock() {
+            s.remove(&key);
+        }
+    }
+    let mut r = page(
+        StatusCode::OK,
+        "Signed out",
+        "<p>You are signed out of this gateway. Your devices keep working until they expire.</p><p><a href=\"/saml/login\">Sign in</a></p>",
+    );
+    if let Ok(v) = format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0").parse() {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
+}
+
+fn when(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M UTC").to_string()
+}
+
+async fn enroll_page(State(sso): State<Arc<Sso>>, headers: HeaderMap) -> Response {
+    let Some(s) = sso.session(&headers) else {
+        return see_other("/saml/login?return=/enroll");
+    };
+    let now = Utc::now();
+    let rows: String = sso.identity.read_devices(|d| {
+        d.iter()
+            .filter(|d| d.user_name.eq_ignore_ascii_case(&s.user) && d.expires > now)
+            .map(|d| {
+                format!(
+                    "<tr><td>{}</td><td>{}</td><td><code>{}</code></td><td>{}</td></tr>",
+                    esc(&d.name),
+                    d.address,
+                    esc(&d.key_b64()),
+                    when(d.expires)
+                )
+            })
+            .collect()
+    });
+    let devices = if rows.is_empty() {
+        "<p>No devices yet.</p>".to_string()
+    } else {
+        format!("<table><thead><tr><th>Name</th><th>Address</th><th>Public key</th><th>Expires</th></tr></thead><tbody>{rows}</tbody></table>")
+    };
+    page(
+        StatusCode::OK,
+        "Your devices",
+        &format!(
+            "<p>Signed in as <strong>{user}</strong> until {until}. <a href=\"/saml/logout\">Sign out</a></p>\
+             <h2>Devices</h2>{devices}\
+             <h2>Add a device</h2>\
+             <form method=\"post\" action=\"/enroll\">\
+             <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+             <label for=\"name\">Name (for you: “work laptop”)</label>\
+             <input type=\"text\" id=\"name\" name=\"name\" maxlength=\"64\" required>\
+             <label for=\"public_key\">The device's public key (from <code>wg genkey | wg pubkey</code> or the WireGuard app). \
+             Leave it empty to have a key pair generated here: its private key is shown once.</label>\
+             <input type=\"text\" id=\"public_key\" name=\"public_key\" maxlength=\"64\" autocomplete=\"off\" spellcheck=\"false\">\
+             <p><button type=\"submit\">Add the device</button></p></form>\
+             <p>A device works until your sign-in ends ({until}); signing in again renews your devices.</p>",
+            user = esc(&s.user),
+            until = when(s.until),
+            csrf = esc(&s.csrf),
+        ),
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnrollForm {
+    csrf: String,
+    name: String,
+    #[serde(default)]
+    public_key: String,
+}
+
+async fn enroll(
+    State(sso): State<Arc<Sso>>,
+    headers: HeaderMap,
+    form: Result<Form<EnrollForm>, axum::extract::rejection::FormRejection>,
+) -> Response {
+    let Some(s) = sso.session(&headers) else {
+        return see_other("/saml/login?return=/enroll");
+    };
+    let bad = |msg: &str| {
+        page(
+            StatusCode::BAD_REQUEST,
+            "Device not added",
+            &format!(
+                "<p class=\"error\">{}</p><p><a href=\"/enroll\">Back</a></p>",
+                esc(msg)
+            ),
+        )
+    };
+    let f = match form {
+        Ok(Form(f)) => f,
+        Err(e) => return bad(&format!("the form: {}", e.body_text())),
+    };
+    if !bool::from(f.csrf.as_bytes().ct_eq(s.csrf.as_bytes())) {
+        return bad("the form is stale or was not sent from this page; reload it and try again");
+    }
+    let given = f.public_key.trim();
+    let (public, private) =
+        match crate::devices::key_or_generate((!given.is_empty()).then_some(given)) {
+            Ok(k) => k,
+            Err(e) => return bad(&e.1),
+        };
+    let now = Utc::now();
+    let lifetime = s.until - now;
+    let device = match sso
+        .identity
+        .register_device(
+            &s.user,
+            public,
+            f.name.trim(),
+            Some(lifetime),
+            Instant::now(),
+            now,
+        )
+        .await
+    {
+        Ok(d) => d,
+        Err(e) => return bad(&e.to_string()),
+    };
+    sso.report(Event::AdminAction {
+        actor: format!("saml:{}", s.user),
+        action: "POST /enroll".into(),
+        target: device.id.to_string(),
+        outcome: "ok".into(),
+    });
+    let profile = portcullis_identity::profile(&device, private.as_deref(), &sso.profile);
+    let qr = qrcode::QrCode::new(profile.as_bytes())
+        .map(|code| {
+            code.render::<qrcode::render::svg::Color<'_>>()
+                .min_dimensions(240, 240)
+                .build()
+        })
+        .unwrap_or_default();
+    let download = base64::engine::general_purpose::STANDARD.encode(profile.as_bytes());
+    let file = format!("portcullis-{}.conf", device.address);
+    let key_note = if private.is_some() {
+        "<p><strong>The private key below is shown only now.</strong> Import the profile, then close this page.</p>"
+    } else {
+        "<p>Put your device's private key where the profile says.</p>"
+    };
+    // The QR code is our own SVG (no user text in it but the escaped profile data).
+    page(
+        StatusCode::CREATED,
+        "Device added",
+        &format!(
+            "<p><strong>{name}</strong> has the address {addr} and works until {until}.</p>{key_note}\
+             <p><a download=\"{file}\" href=\"data:text/plain;base64,{download}\">Download {file}</a></p>\
+             <h2>Scan with the WireGuard app</h2><div>{qr}</div>\
+             <h2>The profile</h2><pre id=\"profile\">{profile}</pre>\
+             <p><a href=\"/enroll\">Back to your devices</a></p>",
+            name = esc(&device.name),
+            addr = device.address,
+            until = when(device.expires),
+            file = esc(&file),
+            profile = esc(&profile),
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn return_paths_stay_on_this_site() {
+        for ok in ["/enroll", "/enroll?x=1", "/"] {
+            assert_eq!(local_path(ok), Some(ok));
+        }
+        for bad in [
+            "//evil.example/",
+            "https://evil.example/",
+            "/\\evil",
+            "enroll",
+            "/a\nb",
+            "",
+        ] {
+            assert_eq!(local_path(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn html_is_escaped() {
+        assert_eq!(esc("<b a=\"x\">&'"), "&lt;b a=&quot;x&quot;&gt;&amp;&#39;");
+    }
+
+    #[test]
+    fn the_session_cookie_is_found_among_others() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            "a=1; portcullis_session=abc; b=2".parse().unwrap(),
+        );
+        assert_eq!(cookie(&h, COOKIE), Some("abc"));
+        assert_eq!(cookie(&h, "c"), None);
+    }
+}
