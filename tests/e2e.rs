@@ -1629,7 +1629,8 @@ fn saml_enroll(lab: &Lab, user: &str, name: &str, public_key: &str, tamper: bool
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// SAML sign-on against a real SimpleSAMLphp IdP, driven without a browser: a tampered
+/// SAML sign-on against a real SimpleSAMLphp IdP (metadata fetched from its URL), driven
+/// without a browser: a tampered
 /// response is refused and audited; alice (unknown to the gateway until she signs in,
 /// group sre from the IdP) enrolls her device's own key; the profile she gets works with
 /// wireguard-go and reaches exactly what her groups allow; the device expires with her
@@ -1639,7 +1640,7 @@ fn saml_login_enrolls_a_device_that_reaches_what_the_groups_allow() {
     let lab = Lab::start(LabOptions {
         extra_config: "[http]\nlisten = \"127.0.0.1:18080\"\n\
             [devices]\npool = \"100.64.0.128/26\"\nendpoint = \"192.168.77.1:51820\"\n\
-            [saml]\nidp_metadata = \"idp-metadata.xml\"\nbase_url = \"http://127.0.0.1:18080\"\n\
+            [saml]\nidp_metadata = \"{idp_metadata_url}\"\nbase_url = \"http://127.0.0.1:18080\"\n\
             user_attribute = \"uid\"\nlogin_max_secs = 3600\n"
             .into(),
         alice_from_identity_source: true,

@@ -191,7 +191,8 @@ pub struct LabOptions {
     pub slapd_tls: bool,
     /// Start a SimpleSAMLphp IdP in the gateway's namespace that trusts the SP at
     /// `http://127.0.0.1:18080` and knows alice (group sre) and bob (developers),
-    /// password `<name>-password`; its metadata is `idp-metadata.xml` in the lab dir.
+    /// password `<name>-password`; its metadata is `idp-metadata.xml` in the lab dir, and
+    /// `{idp_metadata_url}` in `extra_config` becomes its metadata URL.
     pub saml_idp: bool,
 }
 
@@ -283,7 +284,7 @@ impl Lab {
                         groups: vec![group.into()],
                     }
                 }),
-                Duration::from_secs(300),
+                &portcullis_testkit::IdpOptions::default(),
             )?;
             std::fs::write(lab.dir.join("idp-metadata.xml"), idp.metadata()?)?;
             lab.saml_idp = Some(idp);
@@ -443,6 +444,14 @@ address6 = "fd00:64::3"
                 .replace(
                     "{ldap_url}",
                     &self.slapd.as_ref().map(|s| s.url()).unwrap_or_default()
+                )
+                .replace(
+                    "{idp_metadata_url}",
+                    &self
+                        .saml_idp
+                        .as_ref()
+                        .map(|i| i.metadata_url())
+                        .unwrap_or_default()
                 )
                 .replace(
                     "{ldaps_url}",

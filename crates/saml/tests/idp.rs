@@ -13,7 +13,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use chrono::{TimeDelta, Utc};
 use portcullis_saml::{SamlError, Sp, SpConfig};
-use portcullis_testkit::{IdpUser, SamlIdp, SpEntry};
+use portcullis_testkit::{IdpOptions, IdpUser, SamlIdp, SpEntry};
 
 const SP: &str = "https://gw.test/saml/metadata";
 const ACS: &str = "https://gw.test/saml/acs";
@@ -36,7 +36,7 @@ fn config() -> SpConfig {
     }
 }
 
-fn idp(lifetime: Duration) -> SamlIdp {
+fn idp(options: IdpOptions) -> SamlIdp {
     SamlIdp::start(
         None,
         &[
@@ -58,7 +58,7 @@ fn idp(lifetime: Duration) -> SamlIdp {
             password: "alice-password".into(),
             groups: vec!["sre".into(), "staff".into()],
         }],
-        lifetime,
+        &options,
     )
     .unwrap()
 }
@@ -126,7 +126,7 @@ fn a_real_idp_login_is_accepted_and_every_forgery_refused() {
     if !SamlIdp::available() {
         panic!("SimpleSAMLphp is missing: run scripts/install-deps.sh");
     }
-    let idp = idp(Duration::from_secs(300));
+    let idp = idp(IdpOptions::default());
     let metadata = idp.metadata().unwrap();
     let mut sp = Sp::new(config(), &metadata).unwrap();
 
@@ -168,10 +168,14 @@ fn a_real_idp_login_is_accepted_and_every_forgery_refused() {
     );
     assert!(e.to_string().contains("sign"), "{e}");
 
-    // An XML comment inside the NameID / an attribute: the truncation attack; exc-c14n
-    // drops comments, so the signature alone would still verify.
+    // An XML comment inside the NameID: the truncation attack; exc-c14n drops comments,
+    // so the signature alone would still verify.
     let xml = fresh(&mut sp);
-    let commented = xml.replacen(">alice<", ">alice<!-- -->.evil<", 1);
+    let name_id = element(&xml, "saml:NameID");
+    let value_at = name_id.find('>').unwrap() + 1;
+    let commented_id = format!("{}<!---->{}", &name_id[..value_at], &name_id[value_at..]);
+    let commented = xml.replacen(name_id, &commented_id, 1);
+    assert_ne!(commented, xml);
     let e = refused(sp.handle_acs(&encode(&commented), Utc::now()), "comment");
     assert!(matches!(e, SamlError::Forbidden("XML comment")), "{e}");
 
@@ -225,7 +229,7 @@ fn a_real_idp_login_is_accepted_and_every_forgery_refused() {
     assert!(e.to_string().to_lowercase().contains("destination"), "{e}");
 
     // Signed by another key: a second IdP, its own key, same users.
-    let impostor = self::idp(Duration::from_secs(300));
+    let impostor = self::idp(IdpOptions::default());
     let url = sp.handle_login_start("/", rand16(5), Utc::now()).unwrap();
     let url = url.replace(&idp.url(), &impostor.url());
     let e = refused(sp.handle_acs(&login(&url, None), Utc::now()), "another key");
@@ -240,7 +244,10 @@ fn a_real_idp_login_is_accepted_and_every_forgery_refused() {
 
 #[test]
 fn an_expired_assertion_is_refused() {
-    let idp = idp(Duration::from_secs(1));
+    let idp = idp(IdpOptions {
+        assertion_lifetime: Duration::from_secs(1),
+        ..IdpOptions::default()
+    });
     let mut sp = Sp::new(config(), &idp.metadata().unwrap()).unwrap();
     let url = sp.handle_login_start("/", rand16(7), Utc::now()).unwrap();
     let response = login(&url, None);
@@ -252,7 +259,7 @@ fn an_expired_assertion_is_refused() {
 
 #[test]
 fn metadata_without_a_signing_certificate_is_refused() {
-    let idp = idp(Duration::from_secs(300));
+    let idp = idp(IdpOptions::default());
     let metadata = idp.metadata().unwrap();
     // Drop every KeyDescriptor.
     let mut bare = metadata.clone();
@@ -279,4 +286,45 @@ fn rand16(seed: u8) -> [u8; 16] {
     r[..8].copy_from_slice(&t);
     r[8] = seed;
     r
+}
+
+/// An IdP key rollover: the metadata lists the next key and the current one; responses
+/// signed with the current key are accepted.
+#[test]
+fn during_a_key_rollover_either_listed_key_is_accepted() {
+    let idp = idp(IdpOptions::default());
+    let metadata = idp.metadata().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (_, cert) = portcullis_testkit::generate_key(dir.path(), "next").unwrap();
+    let next = std::fs::read_to_string(cert).unwrap();
+    let next_b64: String = next.lines().filter(|l| !l.starts_with("-----")).collect();
+    let descriptor = format!(
+        "<md:KeyDescriptor use=\"signing\"><ds:KeyInfo xmlns:ds=\"http://www.w3.org/2000/09/xmldsig#\"><ds:X509Data><ds:X509Certificate>{next_b64}</ds:X509Certificate></ds:X509Data></ds:KeyInfo></md:KeyDescriptor>"
+    );
+    let rolled = metadata.replacen(
+        "<md:KeyDescriptor",
+        &format!("{descriptor}<md:KeyDescriptor"),
+        1,
+    );
+    assert_eq!(rolled.matches("use=\"signing\"").count(), 2);
+    let mut sp = Sp::new(config(), &rolled).unwrap();
+    let url = sp.handle_login_start("/", rand16(9), Utc::now()).unwrap();
+    let login = sp.handle_acs(&self::login(&url, None), Utc::now()).unwrap();
+    assert_eq!(login.user, "alice");
+}
+
+/// A response signed with RSA-SHA1 (by the trusted key) is refused: the algorithm is
+/// not on the allowed list.
+#[test]
+fn a_sha1_signature_is_refused() {
+    let idp = idp(IdpOptions {
+        signature_algorithm: "http://www.w3.org/2000/09/xmldsig#rsa-sha1".into(),
+        ..IdpOptions::default()
+    });
+    let mut sp = Sp::new(config(), &idp.metadata().unwrap()).unwrap();
+    let url = sp.handle_login_start("/", rand16(10), Utc::now()).unwrap();
+    let response = login(&url, None);
+    assert!(decode(&response).contains("xmldsig#rsa-sha1"));
+    let e = refused(sp.handle_acs(&response, Utc::now()), "rsa-sha1");
+    assert!(e.to_string().contains("sign"), "{e}");
 }

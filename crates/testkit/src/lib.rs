@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 
 mod saml_idp;
-pub use saml_idp::{generate_key, IdpUser, SamlIdp, SpEntry};
+pub use saml_idp::{generate_key, IdpOptions, IdpUser, SamlIdp, SpEntry};
 
 /// The server binary Debian's `clickhouse-server` package installs.
 pub const CLICKHOUSE_SERVER: &str = "/usr/sbin/clickhouse-server";

@@ -28,6 +28,23 @@ pub struct SpEntry {
     pub acs_url: String,
 }
 
+/// How the IdP signs and how long its assertions last.
+#[derive(Clone, Debug)]
+pub struct IdpOptions {
+    pub assertion_lifetime: Duration,
+    /// An XML-DSig signature method URI.
+    pub signature_algorithm: String,
+}
+
+impl Default for IdpOptions {
+    fn default() -> Self {
+        IdpOptions {
+            assertion_lifetime: Duration::from_secs(300),
+            signature_algorithm: "http://www.w3.org/2001/04/xmldsig-more#rsa-sha256".into(),
+        }
+    }
+}
+
 pub struct SamlIdp {
     dir: tempfile::TempDir,
     pub port: u16,
@@ -55,13 +72,12 @@ impl SamlIdp {
     }
 
     /// Starts the IdP on a free port (in `netns` when given) and waits until its metadata
-    /// is served; it trusts the `sps`. `assertion_lifetime` is how long its assertions are
-    /// valid.
+    /// is served; it trusts the `sps`.
     pub fn start(
         netns: Option<&str>,
         sps: &[SpEntry],
         users: &[IdpUser],
-        assertion_lifetime: Duration,
+        options: &IdpOptions,
     ) -> anyhow::Result<SamlIdp> {
         if !Self::available() {
             bail!("{WWW} or {PHP} is missing: run scripts/install-deps.sh");
@@ -130,12 +146,13 @@ impl SamlIdp {
                  'host' => '__DEFAULT__',\n\
                  'privatekey' => 'idp.key',\n'certificate' => 'idp.crt',\n\
                  'auth' => 'users',\n\
-                 'signature.algorithm' => 'http://www.w3.org/2001/04/xmldsig-more#rsa-sha256',\n\
+                 'signature.algorithm' => {algorithm},\n\
                  'saml20.sign.response' => true,\n'saml20.sign.assertion' => true,\n\
                  'assertion.lifetime' => {lifetime},\n\
                  'attributes.NameFormat' => 'urn:oasis:names:tc:SAML:2.0:attrname-format:basic',\n\
                  ];\n",
-                lifetime = assertion_lifetime.as_secs().max(1),
+                lifetime = options.assertion_lifetime.as_secs().max(1),
+                algorithm = php_str(&options.signature_algorithm),
             ),
         )?;
         let sp_lines: String = sps
