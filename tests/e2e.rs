@@ -1672,6 +1672,16 @@ fn saml_login_enrolls_a_device_that_reaches_what_the_groups_allow() {
     assert!(profile.contains("Address = 100.64.0.129/32"), "{profile}");
     assert!(profile.contains(&lab.gateway_public_key), "{profile}");
     assert!(!profile.contains(&private));
+    // AllowedIPs: the tunnel and what sre may reach (prod, the resolver), not dev.
+    let allowed = profile
+        .lines()
+        .find(|l| l.starts_with("AllowedIPs"))
+        .unwrap();
+    assert!(
+        allowed.contains("10.8.0.0/16") && allowed.contains("10.53.0.53/32"),
+        "{allowed}"
+    );
+    assert!(!allowed.contains("10.9.0.0/16"), "{allowed}");
     let enroll_page = v["enroll_page"].as_str().unwrap();
     assert!(enroll_page.contains("<svg"), "no QR code");
     assert!(v["devices_page"].as_str().unwrap().contains(&public));

@@ -357,6 +357,33 @@ impl PolicyBundle {
         &self.policies
     }
 
+    /// The declared networks some `permit` could let `user` (in `groups`) reach, with
+    /// conditions ignored: a superset of what the policies allow, for the AllowedIPs of
+    /// the user's WireGuard profile (what the tunnel should carry). A `forbid` never
+    /// removes a network here: its conditions may not hold.
+    pub fn reachable_networks(&self, user: &str, groups: &[String]) -> Vec<&Network> {
+        let principal_ancestors = || groups.iter().map(|g| ("Group", g.as_str()));
+        let permits: Vec<&PolicyMeta> = self
+            .metas
+            .iter()
+            .filter(|m| {
+                !m.forbid && m.connect && m.principal.matches("User", user, principal_ancestors())
+            })
+            .collect();
+        self.networks
+            .iter()
+            .filter(|n| {
+                permits.iter().any(|m| {
+                    m.resource.matches(
+                        "Network",
+                        &n.name,
+                        self.networks.ancestors(&n.name).map(|a| ("Network", a)),
+                    )
+                })
+            })
+            .collect()
+    }
+
     /// Groups the policies name (scopes and conditions), for "no identity has this group"
     /// warnings.
     pub fn referenced_groups(&self) -> BTreeSet<String> {

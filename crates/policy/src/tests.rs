@@ -330,3 +330,32 @@ fn oversized_and_missing_files_are_errors() -> Result<(), Box<dyn std::error::Er
     assert!(err.to_string().contains(SCHEMA_FILE), "{err}");
     Ok(())
 }
+
+#[test]
+fn reachable_networks_cover_what_the_permits_could_allow() -> Result<(), Box<dyn std::error::Error>>
+{
+    let bundle = PolicyBundle::load(&example_dir())?;
+    let names = |user: &str, groups: &[&str]| -> Vec<String> {
+        let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+        let mut n: Vec<String> = bundle
+            .reachable_networks(user, &groups)
+            .into_iter()
+            .map(|n| n.name.clone())
+            .collect();
+        n.sort();
+        n
+    };
+    // sre: prod and everything nested in it; everyone: the resolver.
+    assert_eq!(
+        names("alice", &["sre"]),
+        ["pci", "prod", "prod-db", "resolver"]
+    );
+    // developers: their permit names dev and staging in a condition, not in its scope;
+    // conditions are not evaluated, so every network is covered.
+    assert_eq!(
+        names("bob", &["developers"]),
+        ["dev", "pci", "prod", "prod-db", "resolver", "staging"]
+    );
+    assert_eq!(names("nobody", &[]), ["resolver"]);
+    Ok(())
+}
