@@ -263,7 +263,7 @@ fn default_api_window() -> u64 {
     300
 }
 
-/// `[devices]`: WireGuard keys registered at run time (the admin API, later the SSO
+/// `[devices]`: WireGuard keys registered at run time (the admin API, the SSO
 /// enrollment), each with a tunnel address from `pool` and an expiry.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1101,9 +1101,9 @@ pub fn parse(path: &Path, src: &str) -> Result<Loaded, ConfigError> {
                 format!("{:?} is not host:port", d.endpoint),
             ));
         }
-        if config.admin.is_none() {
+        if config.admin.is_none() && config.api.is_none() && config.saml.is_none() {
             warnings.push(format!(
-                "{}: [devices] is set without [admin]: nothing can register a device yet",
+                "{}: [devices] is set without [admin], [api] or [saml]: nothing can register a device yet",
                 path.display()
             ));
         }
@@ -1290,6 +1290,64 @@ address = "100.64.0.2"
     }
 
     #[test]
+    fn saml_section_defaults_and_checks() -> Result<(), ConfigError> {
+        let base = "[http]\nlisten = \"127.0.0.1:8080\"\n\
+                    [devices]\npool = \"100.64.0.128/25\"\nendpoint = \"h:51820\"\n";
+        let saml = "[saml]\nidp_metadata = \"idp.xml\"\nbase_url = \"https://vpn.example.com/\"\n";
+        let l = check(&sample(&format!("{base}{saml}")))?;
+        let s = l
+            .config
+            .saml
+            .ok_or_else(|| ConfigError::new(Path::new("-"), "saml", "missing"))?;
+        assert_eq!(s.entity_id(), "https://vpn.example.com/saml/metadata");
+        assert_eq!(
+            (s.groups_attribute.as_str(), s.login_max_secs),
+            ("groups", 12 * 3600)
+        );
+        assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+        let url =
+            "[saml]\nidp_metadata = \"https://idp.example.com/md\"\nbase_url = \"https://v\"\n";
+        let l = check(&sample(&format!("{base}{url}")))?;
+        assert_eq!(
+            l.config.saml.map(|s| s.idp_metadata),
+            Some("https://idp.example.com/md".to_string())
+        );
+        for (extra, key, reason) in [
+            (saml.to_string(), "saml", "needs [http]"),
+            (
+                format!("[http]\nlisten = \"127.0.0.1:8080\"\n{saml}"),
+                "saml",
+                "needs [devices]",
+            ),
+            (
+                format!("{base}[saml]\nidp_metadata = \"x\"\nbase_url = \"vpn.example.com\"\n"),
+                "saml.base_url",
+                "http(s)://",
+            ),
+            (
+                format!("{base}{saml}max_clock_skew_secs = 0\n"),
+                "saml.max_clock_skew_secs",
+                "outside",
+            ),
+            (
+                format!("{base}{saml}login_max_secs = 5\n"),
+                "saml.login_max_secs",
+                "at least 60",
+            ),
+            (
+                format!("{base}{saml}acs = \"x\"\n"),
+                "saml",
+                "unknown field `acs`",
+            ),
+        ] {
+            let e = check(&sample(&extra)).err();
+            let e = e.ok_or_else(|| ConfigError::new(Path::new("-"), key, "accepted"))?;
+            assert!(e.key.starts_with(key) && e.reason.contains(reason), "{e}");
+        }
+        Ok(())
+    }
+
+    #[test]
     fn the_shipped_example_file_parses() -> Result<(), ConfigError> {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../portcullis.example.toml");
         let src = std::fs::read_to_string(&path)
@@ -1376,6 +1434,31 @@ address = "100.64.0.2"
         )?;
         assert_eq!(l.warnings.len(), 1);
         assert!(l.warnings[0].contains("zed"));
+        Ok(())
+    }
+
+    #[test]
+    fn a_saml_metadata_file_is_relative_to_the_config_and_a_url_is_kept(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("portcullis.toml");
+        let base = "[http]\nlisten = \"127.0.0.1:8080\"\n[devices]\npool = \"100.64.0.128/25\"\nendpoint = \"h:1\"\n";
+        for (given, want) in [
+            ("idp.xml", dir.path().join("idp.xml").display().to_string()),
+            (
+                "https://idp.example.com/md",
+                "https://idp.example.com/md".to_string(),
+            ),
+        ] {
+            std::fs::write(
+                &path,
+                sample(&format!(
+                    "{base}[saml]\nidp_metadata = \"{given}\"\nbase_url = \"https://v.example\"\n"
+                )),
+            )?;
+            let l = load_unkeyed(&path)?;
+            assert_eq!(l.config.saml.map(|s| s.idp_metadata), Some(want));
+        }
         Ok(())
     }
 
