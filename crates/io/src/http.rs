@@ -163,7 +163,9 @@ pub fn admin_router(a: AdminApi) -> Router {
                     require_admin,
                 ))
                 // Added after the layer: the document needs no credentials.
-                .route("/openapi.json", get(openapi)),
+                .route("/openapi.json", get(openapi))
+                .fallback(no_route)
+                .method_not_allowed_fallback(no_method),
         );
     }
     if state.api.is_some() {
@@ -174,7 +176,9 @@ pub fn admin_router(a: AdminApi) -> Router {
                     state.clone(),
                     require_signature,
                 ))
-                .route("/openapi.json", get(openapi)),
+                .route("/openapi.json", get(openapi))
+                .fallback(no_route)
+                .method_not_allowed_fallback(no_method),
         );
     }
     router.with_state(state)
@@ -194,6 +198,21 @@ fn audit_routes(store: Option<Arc<portcullis_auditor::http::StoreHandle>>) -> Ro
             }),
         ),
     }
+}
+
+/// Unknown routes answer JSON too (before any authentication: they hold nothing).
+async fn no_route(OriginalUri(uri): OriginalUri) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        format!("no route {} (see /api/v1/openapi.json)", uri.path()),
+    )
+}
+
+async fn no_method(method: axum::http::Method, OriginalUri(uri): OriginalUri) -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{} does not take {method}", uri.path()),
+    )
 }
 
 /// The API's OpenAPI document, kept in the repository (`docs/openapi.json`); a test

@@ -133,22 +133,41 @@ async fn every_documented_operation_is_served() {
         let body = axum::body::to_bytes(response.into_body(), 1 << 20)
             .await
             .unwrap();
-        // axum answers an unknown route with an empty 404 and a known path with another
-        // method with 405; every handler of ours answers with a JSON body.
+        // An unknown route or method gets the fallbacks' answers; every handler of ours
+        // answers with another JSON body.
         assert_ne!(
             status,
             StatusCode::METHOD_NOT_ALLOWED,
             "{method} {template}"
         );
-        assert!(
-            !body.is_empty(),
-            "{method} {template}: {status} without a body (not routed)"
-        );
         let json: serde_json::Value = serde_json::from_slice(&body)
             .unwrap_or_else(|e| panic!("{method} {template}: {status}, not JSON: {e}"));
+        let message = json["error"].as_str().unwrap_or_default();
+        assert!(
+            !message.starts_with("no route"),
+            "{method} {template}: not routed"
+        );
         if template == "/openapi.json" {
             assert_eq!(json["openapi"], "3.0.3");
         }
+    }
+    // Unknown routes and methods answer JSON, without needing a token.
+    for (method, path, status) in [
+        ("GET", "/admin/v1/nope", StatusCode::NOT_FOUND),
+        ("DELETE", "/admin/v1/users", StatusCode::METHOD_NOT_ALLOWED),
+    ] {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .body(Body::empty())
+            .unwrap();
+        let response = router.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.status(), status, "{method} {path}");
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert!(json["error"].as_str().unwrap().contains(path), "{json}");
     }
     // Without the bearer token nothing but the document answers.
     let request = Request::builder()
