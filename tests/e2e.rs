@@ -1431,6 +1431,15 @@ fn base64_of_zeros() -> String {
     "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into()
 }
 
+/// The element of a JSON array whose `name` is `name`.
+fn named<'a>(list: &'a Value, name: &str) -> &'a Value {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == name)
+        .unwrap_or_else(|| panic!("no {name:?} in {list}"))
+}
+
 /// The policy set managed through the signed API: read (auditor), validate, a refused
 /// set changes nothing, a stale `If-Match` is refused, a replacement applies at once and
 /// cuts the flows it no longer allows, and is on disk; networks and groups read back;
@@ -1477,21 +1486,11 @@ fn api_manages_policies_and_answers_audit_queries() {
     );
     let (status, nets) = auditor("GET", "/api/v1/networks", "");
     assert_eq!(status, 200);
-    let prod = nets
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["name"] == "prod")
-        .unwrap();
+    let prod = named(&nets, "prod");
     assert_eq!(prod["cidrs"][0], "10.8.0.0/16");
     let (status, groups) = auditor("GET", "/api/v1/groups", "");
     assert_eq!(status, 200);
-    let sre = groups
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|g| g["name"] == "sre")
-        .unwrap();
+    let sre = named(&groups, "sre");
     assert_eq!(sre["members"], serde_json::json!(["alice"]));
     assert_eq!(sre["in_policies"], true);
 

@@ -364,6 +364,14 @@ fn page(status: StatusCode, title: &str, body: &str) -> Response {
         .into_response()
 }
 
+fn too_many() -> Response {
+    page(
+        StatusCode::TOO_MANY_REQUESTS,
+        "Too many attempts",
+        "<p>Too many sign-in attempts from this address. Try again in a minute.</p>",
+    )
+}
+
 fn see_other(location: &str) -> Response {
     (
         StatusCode::SEE_OTHER,
@@ -424,11 +432,7 @@ async fn login(
     Query(q): Query<LoginQuery>,
 ) -> Response {
     if !sso.allowed(remote(ci)) {
-        return page(
-            StatusCode::TOO_MANY_REQUESTS,
-            "Too many attempts",
-            "<p>Too many sign-in attempts from this address. Try again in a minute.</p>",
-        );
+        return too_many();
     }
     let back = q
         .return_to
@@ -465,11 +469,7 @@ async fn acs(
 ) -> Response {
     let ip = remote(ci);
     if !sso.allowed(ip) {
-        return page(
-            StatusCode::TOO_MANY_REQUESTS,
-            "Too many attempts",
-            "<p>Too many sign-in attempts from this address. Try again in a minute.</p>",
-        );
+        return too_many();
     }
     let refuse = |user: &str, reason: String| {
         tracing::warn!(%ip, user, "saml login refused: {reason}");
