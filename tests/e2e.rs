@@ -1716,3 +1716,25 @@ fn saml_login_enrolls_a_device_that_reaches_what_the_groups_allow() {
         .connect(&lab.alice, addr("10.9.0.2:443"), Duration::from_secs(2))
         .is_err());
 }
+
+/// An IdP whose metadata URL does not answer at start: the gateway starts and forwards as
+/// usual; only sign-on answers 503 until the IdP is back.
+#[test]
+fn an_unreachable_idp_at_start_keeps_the_gateway_up() {
+    let closed = portcullis_testkit::free_port().unwrap();
+    let lab = Lab::start(LabOptions {
+        extra_config: format!(
+            "[http]\nlisten = \"127.0.0.1:18080\"\n\
+            [devices]\npool = \"100.64.0.128/26\"\nendpoint = \"192.168.77.1:51820\"\n\
+            [saml]\nidp_metadata = \"http://127.0.0.1:{closed}/metadata\"\n\
+            base_url = \"http://127.0.0.1:18080\"\n"
+        ),
+        ..LabOptions::default()
+    })
+    .unwrap();
+    assert!(reaches_prod(&lab, &lab.alice, Duration::from_secs(10)));
+    let (status, _) = lab.http("GET", "/saml/login", "", "").unwrap();
+    assert_eq!(status, 503);
+    let (status, _) = lab.http("GET", "/enroll", "", "").unwrap();
+    assert_eq!(status, 303, "no session: sent to sign in");
+}

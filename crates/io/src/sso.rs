@@ -62,7 +62,8 @@ struct WebSession {
 
 pub struct Sso {
     config: SamlConfig,
-    sp: Mutex<Sp>,
+    /// `None` while an IdP metadata URL has not answered yet (the pages answer 503).
+    sp: Mutex<Option<Sp>>,
     limit: Mutex<RateLimit>,
     /// SHA-256 of the cookie value → session (the cookie itself is not kept).
     sessions: Mutex<HashMap<[u8; 32], WebSession>>,
@@ -160,14 +161,24 @@ impl Sso {
         profile: Arc<ProfileSettings>,
         commands: mpsc::UnboundedSender<AdminCommand>,
     ) -> anyhow::Result<Arc<Sso>> {
-        let metadata = read_metadata(c).await?;
-        let sp = Sp::new(sp_config(c), &metadata).with_context(|| {
+        let context = || {
             format!(
                 "{}: key `saml.idp_metadata`: {}",
                 loaded.path.display(),
                 c.idp_metadata
             )
-        })?;
+        };
+        // A file that cannot be read, or a document without a signing certificate, is a
+        // configuration error; an IdP that does not answer yet must not keep the gateway
+        // (and its tunnels) down: sign-on waits for it.
+        let sp = match read_metadata(c).await {
+            Ok(md) => Some(Sp::new(sp_config(c), &md).with_context(context)?),
+            Err(e) if c.idp_metadata_is_url() => {
+                tracing::error!("saml: {e:#}; sign-on is unavailable until the IdP answers");
+                None
+            }
+            Err(e) => return Err(e.context(context())),
+        };
         let sso = Arc::new(Sso {
             config: c.clone(),
             sp: Mutex::new(sp),
@@ -196,11 +207,23 @@ impl Sso {
         tokio::spawn(async move {
             let every = Duration::from_secs(refresh.config.metadata_refresh_secs);
             loop {
-                tokio::time::sleep(every).await;
+                let loaded = refresh.sp.lock().map(|sp| sp.is_some()).unwrap_or(true);
+                // Until the first document arrives, ask again soon.
+                tokio::time::sleep(if loaded {
+                    every
+                } else {
+                    Duration::from_secs(15)
+                })
+                .await;
                 match read_metadata(&refresh.config).await {
                     Ok(md) => {
                         let r = match refresh.sp.lock() {
-                            Ok(mut sp) => sp.handle_idp_metadata(&md),
+                            Ok(mut slot) => match slot.as_mut() {
+                                Some(sp) => sp.handle_idp_metadata(&md),
+                                None => Sp::new(sp_config(&refresh.config), &md).map(|sp| {
+                                    *slot = Some(sp);
+                                }),
+                            },
                             Err(_) => continue,
                         };
                         match r {
@@ -364,6 +387,14 @@ fn page(status: StatusCode, title: &str, body: &str) -> Response {
         .into_response()
 }
 
+fn unavailable() -> Response {
+    page(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Sign-in unavailable",
+        "<p>The identity provider has not answered this gateway yet. Try again in a minute.</p>",
+    )
+}
+
 fn too_many() -> Response {
     page(
         StatusCode::TOO_MANY_REQUESTS,
@@ -406,9 +437,9 @@ pub fn routes(sso: Arc<Sso>) -> Router {
 }
 
 async fn metadata(State(sso): State<Arc<Sso>>) -> Response {
-    let xml = match sso.sp.lock() {
-        Ok(sp) => sp.metadata_xml(),
-        Err(_) => return StatusCode::SERVICE_UNAVAILABLE.into_response(),
+    let xml = match sso.sp.lock().as_deref() {
+        Ok(Some(sp)) => sp.metadata_xml(),
+        _ => return unavailable(),
     };
     match xml {
         Ok(x) => ([(header::CONTENT_TYPE, "application/samlmetadata+xml")], x).into_response(),
@@ -440,9 +471,9 @@ async fn login(
         .unwrap_or_else(|| "/enroll".into());
     let mut random = [0u8; 16];
     rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut random);
-    let url = match sso.sp.lock() {
-        Ok(mut sp) => sp.handle_login_start(&back, random, Utc::now()),
-        Err(_) => return StatusCode::SERVICE_UNAVAILABLE.into_response(),
+    let url = match sso.sp.lock().as_deref_mut() {
+        Ok(Some(sp)) => sp.handle_login_start(&back, random, Utc::now()),
+        _ => return unavailable(),
     };
     match url {
         Ok(u) => see_other(&u),
@@ -498,9 +529,9 @@ async fn acs(
         }
     };
     let now = Utc::now();
-    let verdict = match sso.sp.lock() {
-        Ok(mut sp) => sp.handle_acs(&form.saml_response, now),
-        Err(_) => return StatusCode::SERVICE_UNAVAILABLE.into_response(),
+    let verdict = match sso.sp.lock().as_deref_mut() {
+        Ok(Some(sp)) => sp.handle_acs(&form.saml_response, now),
+        _ => return unavailable(),
     };
     let login = match verdict {
         Ok(l) => l,
