@@ -328,3 +328,43 @@ fn a_sha1_signature_is_refused() {
     let e = refused(sp.handle_acs(&response, Utc::now()), "rsa-sha1");
     assert!(e.to_string().contains("sign"), "{e}");
 }
+
+/// A metadata refresh: a document without a signing certificate is refused and the
+/// current one stays; a new IdP's document replaces it, with started logins kept.
+#[test]
+fn a_metadata_refresh_replaces_the_trusted_idp_and_a_bad_one_is_refused() {
+    let old = idp(IdpOptions::default());
+    let new = idp(IdpOptions::default());
+    let mut sp = Sp::new(config(), &old.metadata().unwrap()).unwrap();
+    let started_before = sp.handle_login_start("/", rand16(11), Utc::now()).unwrap();
+    let bare = {
+        let mut md = new.metadata().unwrap();
+        while let Some(start) = md.find("<md:KeyDescriptor") {
+            let end = md[start..].find("</md:KeyDescriptor>").unwrap()
+                + start
+                + "</md:KeyDescriptor>".len();
+            md.replace_range(start..end, "");
+        }
+        md
+    };
+    assert!(matches!(
+        sp.handle_idp_metadata(&bare),
+        Err(SamlError::NoSigningCertificate)
+    ));
+    sp.handle_idp_metadata(&new.metadata().unwrap()).unwrap();
+    // The old IdP is no longer trusted, even for a login started before the refresh.
+    let e = refused(
+        sp.handle_acs(&login(&started_before, None), Utc::now()),
+        "the replaced IdP",
+    );
+    assert!(
+        e.to_string().contains("sign") || e.to_string().contains("ssuer"),
+        "{e}"
+    );
+    let url = sp.handle_login_start("/", rand16(12), Utc::now()).unwrap();
+    assert!(url.starts_with(&new.url()), "{url}");
+    assert_eq!(
+        sp.handle_acs(&login(&url, None), Utc::now()).unwrap().user,
+        "alice"
+    );
+}
