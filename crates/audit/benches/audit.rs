@@ -1,6 +1,7 @@
 //! The writer's cost per event before the spool: mapping to a row, chaining (SHA-256),
-//! encoding, the events-file JSON line. The spool append itself, with one commit per writer batch, is
-//! `cargo bench -p portcullis-spool --bench append`.
+//! encoding, the events-file JSON line; and the spool append of that encoded record with
+//! one commit per writer batch (`cargo bench -p portcullis-spool --bench append` has the
+//! spool alone with a 560-byte JSON payload).
 //!
 //! Run: `cargo bench -p portcullis-audit --bench audit`
 
@@ -80,5 +81,42 @@ fn writer(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, writer);
+/// The spool append of the record the writer really appends (the encoded, sealed row of
+/// a `flow_closed`), committed once per writer batch (8,192), fsync on commit; the
+/// uploader's acknowledgements every 65,536 keep the disk footprint bounded.
+fn spool_real_record(c: &mut Criterion) {
+    let mut row = AuditRow::from_envelope(&event(1));
+    Chain::default().seal(&mut row);
+    let mut record = Vec::new();
+    row.encode(&mut record, true);
+    eprintln!("spool record: {} bytes", record.len());
+    let mut g = c.benchmark_group("audit_spool");
+    g.throughput(Throughput::Elements(1));
+    let dir = tempfile::tempdir().unwrap();
+    let (mut spool, _) = portcullis_spool::Spool::open(
+        dir.path(),
+        portcullis_spool::SpoolConfig {
+            segment_bytes: 64 << 20,
+            max_bytes: 1 << 40,
+            fsync: portcullis_spool::FsyncPolicy::OnCommit,
+        },
+    )
+    .unwrap();
+    let mut n = 0u64;
+    g.bench_function("append_real_record_commit8192", |b| {
+        b.iter(|| {
+            let seq = spool.append(&record).unwrap();
+            n += 1;
+            if n % 8192 == 0 {
+                spool.commit().unwrap();
+            }
+            if n % 65_536 == 0 {
+                spool.ack(seq).unwrap();
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, writer, spool_real_record);
 criterion_main!(benches);

@@ -52,7 +52,13 @@ fn flow_closed(i: u64) -> Event {
     }
 }
 
-fn start(ch: &ClickHouse, db: &str, dir: &std::path::Path, batch_rows: usize) -> Pipeline {
+fn start(
+    ch: &ClickHouse,
+    db: &str,
+    dir: &std::path::Path,
+    batch_rows: usize,
+    events_file: bool,
+) -> Pipeline {
     let store = StoreConfig {
         url: ch.url(),
         database: db.into(),
@@ -69,7 +75,7 @@ fn start(ch: &ClickHouse, db: &str, dir: &std::path::Path, batch_rows: usize) ->
         });
     let (p, _) = Pipeline::start(PipelineConfig {
         gateway: "gw-bench".into(),
-        events_file: dir.join("events.jsonl"),
+        events_file: events_file.then(|| dir.join("events.jsonl")),
         spool: Some(SpoolSettings {
             dir: dir.join("spool"),
             spool: SpoolConfig {
@@ -132,10 +138,10 @@ struct Sustained {
     cpu_us: Vec<(String, f64)>,
 }
 
-fn sustained(ch: &ClickHouse, events: u64, batch_rows: usize) -> Sustained {
+fn sustained(ch: &ClickHouse, events: u64, batch_rows: usize, events_file: bool) -> Sustained {
     let dir = tempfile::tempdir().unwrap();
-    let db = format!("bench_sustained_{batch_rows}");
-    let p = start(ch, &db, dir.path(), batch_rows);
+    let db = format!("bench_sustained_{batch_rows}_{events_file}");
+    let p = start(ch, &db, dir.path(), batch_rows, events_file);
     let server = ch.pid().unwrap_or(0);
     let cpu_before = cpu_snapshot(server);
     let t0 = Instant::now();
@@ -177,7 +183,7 @@ fn sustained(ch: &ClickHouse, events: u64, batch_rows: usize) -> Sustained {
 fn latency(ch: &ClickHouse, rate: u64, seconds: u64) -> Vec<f64> {
     let dir = tempfile::tempdir().unwrap();
     let db = &format!("bench_latency_{rate}");
-    let p = start(ch, db, dir.path(), 100_000);
+    let p = start(ch, db, dir.path(), 100_000, true);
     let total = rate * seconds;
     // Submit instants of every 100th event; the poller's (instant, count) observations.
     let sample = 100;
@@ -237,10 +243,11 @@ fn main() {
     let ch = ClickHouse::start().expect("clickhouse-server (scripts/install-deps.sh)");
     let version = ch.query("SELECT version()").unwrap();
     println!("clickhouse {}", version.trim());
-    for batch_rows in [20_000, 100_000] {
-        let r = sustained(&ch, events, batch_rows);
+    for (batch_rows, events_file) in [(20_000, true), (100_000, true), (100_000, false)] {
+        let r = sustained(&ch, events, batch_rows, events_file);
+        let trail = if events_file { "with" } else { "without" };
         println!(
-            "sustained, {events} flow events, batch_rows {batch_rows}: into clickhouse {:.0} events/s (spooled {:.0}/s); CPU µs per event: {}",
+            "sustained, {events} flow events, batch_rows {batch_rows}, {trail} the events file: into clickhouse {:.0} events/s (spooled {:.0}/s); CPU µs per event: {}",
             r.rate,
             r.writer_rate,
             r.cpu_us

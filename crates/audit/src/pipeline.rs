@@ -36,7 +36,9 @@ use crate::store::{MetricsRow, Store, StoreConfig};
 #[derive(Clone, Debug)]
 pub struct PipelineConfig {
     pub gateway: String,
-    pub events_file: PathBuf,
+    /// The local JSON-lines trail; optional with a spool (it costs the writer about 1 µs
+    /// of CPU per event), required without one.
+    pub events_file: Option<PathBuf>,
     /// The durable spool and the uploader; without it events only reach the events file.
     pub spool: Option<SpoolSettings>,
     /// Events the queue between the data plane and the writer holds.
@@ -63,6 +65,8 @@ pub struct UploadConfig {
 pub enum AuditError {
     #[error(transparent)]
     Spool(#[from] SpoolError),
+    #[error("no events file and no spool: the events would go nowhere")]
+    Nowhere,
     #[error("events file {path}: {source}")]
     EventsFile {
         path: PathBuf,
@@ -131,15 +135,24 @@ impl Pipeline {
     /// Opens the spool (recovering after a crash) and starts the threads. The recovery
     /// report is returned and, when it dropped anything, also written to the trail.
     pub fn start(config: PipelineConfig) -> Result<(Pipeline, Option<Recovery>), AuditError> {
-        let events_path = config.events_file.clone();
-        let events = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&events_path)
-            .map_err(|source| AuditError::EventsFile {
-                path: events_path.clone(),
-                source,
-            })?;
+        let events = match &config.events_file {
+            Some(path) => Some((
+                BufWriter::with_capacity(
+                    1 << 16,
+                    OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)
+                        .map_err(|source| AuditError::EventsFile {
+                            path: path.clone(),
+                            source,
+                        })?,
+                ),
+                path.clone(),
+            )),
+            None if config.spool.is_none() => return Err(AuditError::Nowhere),
+            None => None,
+        };
         let shared = Arc::new(Shared {
             stats: PipelineStats::default(),
             blocked: AtomicBool::new(false),
@@ -175,8 +188,7 @@ impl Pipeline {
         }
         let mut writer = Writer {
             gateway: config.gateway.clone(),
-            events: BufWriter::with_capacity(1 << 16, events),
-            events_path,
+            events,
             spool: spool.clone(),
             chain,
             next_seq,
@@ -308,8 +320,8 @@ fn recovery_report(rec: &Recovery) -> Option<String> {
 
 struct Writer {
     gateway: String,
-    events: BufWriter<File>,
-    events_path: PathBuf,
+    /// The events file and its path.
+    events: Option<(BufWriter<File>, PathBuf)>,
     spool: Option<Arc<Mutex<Spool>>>,
     chain: Chain,
     next_seq: u64,
@@ -379,7 +391,9 @@ impl Writer {
                 break;
             }
         }
-        let _ = self.events.flush();
+        if let Some((f, _)) = &mut self.events {
+            let _ = f.flush();
+        }
     }
 
     fn write_batch(&mut self, batch: Vec<Item>) {
@@ -452,16 +466,17 @@ impl Writer {
         self.shared
             .blocked
             .store(self.degraded.is_some(), Ordering::Relaxed);
+        let Some((file, path)) = &mut self.events else {
+            return;
+        };
         for env in &written {
             tracing::debug!(kind = env.event.kind(), seq = env.seq, "event");
-            if serde_json::to_writer(&mut self.events, env).is_err()
-                || self.events.write_all(b"\n").is_err()
-            {
-                tracing::error!(path = %self.events_path.display(), "writing the events file failed");
+            if serde_json::to_writer(&mut *file, env).is_err() || file.write_all(b"\n").is_err() {
+                tracing::error!(path = %path.display(), "writing the events file failed");
             }
         }
-        if !written.is_empty() && self.events.flush().is_err() {
-            tracing::error!(path = %self.events_path.display(), "writing the events file failed");
+        if !written.is_empty() && file.flush().is_err() {
+            tracing::error!(path = %path.display(), "writing the events file failed");
         }
     }
 

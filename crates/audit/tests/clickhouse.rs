@@ -76,7 +76,7 @@ fn flow_closed(i: u64, user: &str) -> Event {
 fn pipeline_config(dir: &Path, ch: &ClickHouse, db: &str, max_bytes: u64) -> PipelineConfig {
     PipelineConfig {
         gateway: "gw-test".into(),
-        events_file: dir.join("events.jsonl"),
+        events_file: Some(dir.join("events.jsonl")),
         spool: Some(SpoolSettings {
             dir: dir.join("spool"),
             spool: SpoolConfig {
@@ -176,6 +176,31 @@ fn events_land_once_each_with_a_contiguous_chain() {
         n,
         "every written event has its line"
     );
+}
+
+/// Without the events file (optional with a spool) events still land, and no file is
+/// made; without either the pipeline refuses to start.
+#[test]
+fn the_events_file_is_optional_with_a_spool_and_required_without() {
+    let ch = ClickHouse::start().unwrap();
+    migrated(&ch, "nofile");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = pipeline_config(dir.path(), &ch, "nofile", 1 << 30);
+    cfg.events_file = None;
+    let (p, _) = Pipeline::start(cfg.clone()).unwrap();
+    for i in 0..500 {
+        assert!(p.submit(flow_closed(i, "alice"), chrono::Utc::now()));
+    }
+    wait_for("rows in clickhouse", Duration::from_secs(30), || {
+        final_count(&ch, "nofile") == 500
+    });
+    p.shutdown(Duration::from_secs(5));
+    assert!(!dir.path().join("events.jsonl").exists());
+    cfg.spool = None;
+    assert!(matches!(
+        Pipeline::start(cfg).err(),
+        Some(portcullis_audit::pipeline::AuditError::Nowhere)
+    ));
 }
 
 #[test]

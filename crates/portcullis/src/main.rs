@@ -131,7 +131,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 loaded.config.gateway.listen = l;
             }
             if let Some(e) = events_file {
-                loaded.config.audit.events_file = e;
+                loaded.config.audit.events_file = Some(e);
             }
             if let Some(d) = policy_dir {
                 loaded.config.policy.dir = d;
