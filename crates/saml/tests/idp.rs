@@ -121,80 +121,110 @@ fn refused(r: Result<portcullis_saml::Login, SamlError>, what: &str) -> SamlErro
     }
 }
 
-#[test]
-fn a_real_idp_login_is_accepted_and_every_forgery_refused() {
-    if !SamlIdp::available() {
-        panic!("SimpleSAMLphp is missing: run scripts/install-deps.sh");
-    }
-    let idp = idp(IdpOptions::default());
-    let metadata = idp.metadata().unwrap();
-    let mut sp = Sp::new(config(), &metadata).unwrap();
+/// A running IdP and an SP that trusts it.
+struct Fixture {
+    idp: SamlIdp,
+    sp: Sp,
+}
 
-    // The happy path: user and groups from the attributes, the relay state back.
-    let url = sp
-        .handle_login_start("/devices", rand16(1), Utc::now())
-        .unwrap();
-    assert!(url.starts_with(&idp.url()), "{url}");
+impl Fixture {
+    fn new() -> Fixture {
+        assert!(
+            SamlIdp::available(),
+            "SimpleSAMLphp is missing: run scripts/install-deps.sh"
+        );
+        let idp = idp(IdpOptions::default());
+        let sp = Sp::new(config(), &idp.metadata().unwrap()).unwrap();
+        Fixture { idp, sp }
+    }
+
+    /// A genuine response (decoded XML) to a login this SP started.
+    fn fresh(&mut self) -> String {
+        let url = self
+            .sp
+            .handle_login_start("/", rand16(2), Utc::now())
+            .unwrap();
+        decode(&login(&url, None))
+    }
+
+    fn post(&mut self, xml: &str) -> Result<portcullis_saml::Login, SamlError> {
+        self.sp.handle_acs(&encode(xml), Utc::now())
+    }
+}
+
+#[test]
+fn a_real_idp_login_is_accepted_once() {
+    let mut f = Fixture::new();
+    // User and groups from the attributes, the relay state back.
+    let url =
+        f.sp.handle_login_start("/devices", rand16(1), Utc::now())
+            .unwrap();
+    assert!(url.starts_with(&f.idp.url()), "{url}");
     let response = login(&url, None);
-    let good = sp.handle_acs(&response, Utc::now()).unwrap();
+    let good = f.sp.handle_acs(&response, Utc::now()).unwrap();
     assert_eq!(good.user, "alice");
     assert_eq!(good.groups, ["sre", "staff"]);
     assert_eq!(good.relay_state.as_deref(), Some("/devices"));
     assert!(good.session_not_on_or_after.is_some_and(|t| t > Utc::now()));
-
     // The same response again: refused (its request id is used up, its id remembered).
-    refused(sp.handle_acs(&response, Utc::now()), "replayed response");
-    assert_eq!(sp.pending(), 0);
+    refused(f.sp.handle_acs(&response, Utc::now()), "replayed response");
+    assert_eq!(f.sp.pending(), 0);
+}
 
-    // Each forgery is built from a fresh, genuine response to a pending request.
-    let fresh = |sp: &mut Sp| -> String {
-        let url = sp.handle_login_start("/", rand16(2), Utc::now()).unwrap();
-        decode(&login(&url, None))
-    };
-
-    let xml = fresh(&mut sp);
+#[test]
+fn a_tampered_attribute_is_refused() {
+    let mut f = Fixture::new();
+    let xml = f.fresh();
     let tampered = xml.replacen(">sre<", ">admins<", 1);
     assert_ne!(tampered, xml);
-    let e = refused(
-        sp.handle_acs(&encode(&tampered), Utc::now()),
-        "tampered attribute",
-    );
+    let e = refused(f.post(&tampered), "tampered attribute");
     assert!(e.to_string().contains("sign"), "{e}");
+}
 
-    let xml = fresh(&mut sp);
-    let e = refused(
-        sp.handle_acs(&encode(&strip_signatures(&xml)), Utc::now()),
-        "stripped signature",
-    );
+#[test]
+fn a_stripped_signature_is_refused() {
+    let mut f = Fixture::new();
+    let xml = f.fresh();
+    let e = refused(f.post(&strip_signatures(&xml)), "stripped signature");
     assert!(e.to_string().contains("sign"), "{e}");
+}
 
-    // An XML comment inside the NameID: the truncation attack; exc-c14n drops comments,
-    // so the signature alone would still verify.
-    let xml = fresh(&mut sp);
+/// The truncation attack: exc-c14n drops comments, so the signature alone would still
+/// verify.
+#[test]
+fn a_comment_inside_the_name_id_is_refused() {
+    let mut f = Fixture::new();
+    let xml = f.fresh();
     let name_id = element(&xml, "saml:NameID");
     let value_at = name_id.find('>').unwrap() + 1;
     let commented_id = format!("{}<!---->{}", &name_id[..value_at], &name_id[value_at..]);
     let commented = xml.replacen(name_id, &commented_id, 1);
     assert_ne!(commented, xml);
-    let e = refused(sp.handle_acs(&encode(&commented), Utc::now()), "comment");
+    let e = refused(f.post(&commented), "comment");
     assert!(matches!(e, SamlError::Forbidden("XML comment")), "{e}");
+}
 
-    // Signature wrapping 1: a second, unsigned assertion for another user beside the
-    // signed one.
-    let xml = fresh(&mut sp);
+/// Signature wrapping: a second, unsigned assertion for another user beside the signed
+/// one.
+#[test]
+fn a_second_unsigned_assertion_is_refused() {
+    let mut f = Fixture::new();
+    let xml = f.fresh();
     let signed = element(&xml, "saml:Assertion").to_string();
     let forged = strip_signatures(&signed)
         .replace(">alice<", ">mallory<")
         .replacen(" ID=\"", " ID=\"forged", 1);
     let wrapped = xml.replacen(&signed, &format!("{forged}{signed}"), 1);
-    let e = refused(
-        sp.handle_acs(&encode(&wrapped), Utc::now()),
-        "second assertion",
-    );
+    let e = refused(f.post(&wrapped), "second assertion");
     assert!(e.to_string().contains("assertion"), "{e}");
-    // Signature wrapping 2: the signed assertion moved into the response's signature
-    // (an Object), a forged one with its id in its place.
-    let xml = fresh(&mut sp);
+}
+
+/// Signature wrapping: the signed assertion moved into the response's signature (an
+/// Object), a forged one with its id in its place.
+#[test]
+fn a_moved_signed_assertion_is_refused() {
+    let mut f = Fixture::new();
+    let xml = f.fresh();
     let signed = element(&xml, "saml:Assertion").to_string();
     let forged = strip_signatures(&signed).replace(">alice<", ">mallory<");
     let moved = xml.replacen(&signed, &forged, 1).replacen(
@@ -202,43 +232,62 @@ fn a_real_idp_login_is_accepted_and_every_forgery_refused() {
         &format!("<ds:Object>{signed}</ds:Object></ds:Signature>"),
         1,
     );
-    refused(
-        sp.handle_acs(&encode(&moved), Utc::now()),
-        "moved signed element",
-    );
+    refused(f.post(&moved), "moved signed element");
+}
 
-    // A response to a request this SP never made.
-    let xml = fresh(&mut sp);
-    let mut stranger = Sp::new(config(), &metadata).unwrap();
+#[test]
+fn an_unknown_in_response_to_is_refused() {
+    let mut f = Fixture::new();
+    let xml = f.fresh();
+    // Another SP instance never started that login.
+    let mut stranger = Sp::new(config(), &f.idp.metadata().unwrap()).unwrap();
     let e = refused(
         stranger.handle_acs(&encode(&xml), Utc::now()),
         "unknown InResponseTo",
     );
     assert!(e.to_string().contains("InResponseTo"), "{e}");
+}
 
-    // Wrong audience: the IdP answered a request that named another SP.
-    let url = sp.handle_login_start("/", rand16(3), Utc::now()).unwrap();
+/// The IdP answered a request that named another SP (the same ACS).
+#[test]
+fn a_wrong_audience_is_refused() {
+    let mut f = Fixture::new();
+    let url = f.sp.handle_login_start("/", rand16(3), Utc::now()).unwrap();
     let other = login(&url, Some(OTHER_SP));
-    let e = refused(sp.handle_acs(&other, Utc::now()), "wrong audience");
+    let e = refused(f.sp.handle_acs(&other, Utc::now()), "wrong audience");
     assert!(e.to_string().to_lowercase().contains("audience"), "{e}");
+}
 
-    // Wrong destination: addressed to another SP's ACS.
-    let url = sp.handle_login_start("/", rand16(4), Utc::now()).unwrap();
+/// Addressed to another SP's ACS.
+#[test]
+fn a_wrong_destination_is_refused() {
+    let mut f = Fixture::new();
+    let url = f.sp.handle_login_start("/", rand16(4), Utc::now()).unwrap();
     let elsewhere = login(&url, Some(ELSEWHERE_SP));
-    let e = refused(sp.handle_acs(&elsewhere, Utc::now()), "wrong destination");
+    let e = refused(f.sp.handle_acs(&elsewhere, Utc::now()), "wrong destination");
     assert!(e.to_string().to_lowercase().contains("destination"), "{e}");
+}
 
-    // Signed by another key: a second IdP, its own key, same users.
-    let impostor = self::idp(IdpOptions::default());
-    let url = sp.handle_login_start("/", rand16(5), Utc::now()).unwrap();
-    let url = url.replace(&idp.url(), &impostor.url());
-    let e = refused(sp.handle_acs(&login(&url, None), Utc::now()), "another key");
+/// A second IdP with its own key and the same users.
+#[test]
+fn a_response_signed_by_another_key_is_refused() {
+    let mut f = Fixture::new();
+    let impostor = idp(IdpOptions::default());
+    let url = f.sp.handle_login_start("/", rand16(5), Utc::now()).unwrap();
+    let url = url.replace(&f.idp.url(), &impostor.url());
+    let e = refused(
+        f.sp.handle_acs(&login(&url, None), Utc::now()),
+        "another key",
+    );
     assert!(e.to_string().contains("sign"), "{e}");
+}
 
-    // A DOCTYPE is refused before any parsing.
-    let xml = fresh(&mut sp);
+#[test]
+fn a_doctype_is_refused_before_parsing() {
+    let mut f = Fixture::new();
+    let xml = f.fresh();
     let doctype = format!("<!DOCTYPE r [<!ENTITY x \"y\">]>{xml}");
-    let e = refused(sp.handle_acs(&encode(&doctype), Utc::now()), "doctype");
+    let e = refused(f.post(&doctype), "doctype");
     assert!(matches!(e, SamlError::Forbidden("DOCTYPE")), "{e}");
 }
 
