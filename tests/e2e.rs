@@ -796,6 +796,12 @@ fn devices_register_rotate_expire_and_survive_a_restart() {
         text.contains("PrivateKey = ") && text.contains("Address = 100.64.0.129/32"),
         "{text}"
     );
+    // AllowedIPs follow alice's permits (sre: prod, the resolver), not every network.
+    let allowed = text.lines().find(|l| l.starts_with("AllowedIPs")).unwrap();
+    assert!(
+        allowed.contains("10.8.0.0/16") && !allowed.contains("10.9.0.0/16"),
+        "{allowed}"
+    );
     use std::os::unix::fs::PermissionsExt as _;
     assert_eq!(
         std::fs::metadata(&profile1).unwrap().permissions().mode() & 0o777,

@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::http::{body, AdminState, ApiError};
+use crate::http::{body, AdminCommand, AdminState, ApiError};
 
 impl From<IdentityError> for ApiError {
     fn from(e: IdentityError) -> ApiError {
@@ -80,7 +80,8 @@ pub fn policy(loaded: &Loaded, d: &DevicesConfig) -> DevicePolicy {
 }
 
 /// What every profile carries: the gateway's key and endpoint, and AllowedIPs (the
-/// configured ones, or the tunnel network and every declared network).
+/// configured ones, or the tunnel network and every declared network; narrowed per user
+/// by [`ProfileScope`] when a device is registered).
 pub fn profile_settings(
     loaded: &Loaded,
     d: &DevicesConfig,
@@ -109,6 +110,79 @@ pub fn profile_settings(
         allowed_ips,
         dns: d.dns.clone(),
         persistent_keepalive: d.persistent_keepalive,
+    }
+}
+
+/// How a profile's AllowedIPs are chosen: `[devices] allowed_ips` when set, else the
+/// tunnel networks and the networks the policies could let the user reach.
+#[derive(Clone, Debug)]
+pub struct ProfileScope {
+    fixed: bool,
+    tunnel: Vec<IpNet>,
+}
+
+impl ProfileScope {
+    pub fn new(loaded: &Loaded) -> ProfileScope {
+        let g = &loaded.config.gateway;
+        ProfileScope {
+            fixed: loaded
+                .config
+                .devices
+                .as_ref()
+                .is_some_and(|d| !d.allowed_ips.is_empty()),
+            tunnel: std::iter::once(g.tunnel_address.trunc())
+                .chain(g.tunnel_address6.map(|n| n.trunc()))
+                .collect(),
+        }
+    }
+
+    /// AllowedIPs as the base settings say (tests).
+    #[cfg(test)]
+    pub(crate) fn new_fixed() -> ProfileScope {
+        ProfileScope {
+            fixed: true,
+            tunnel: Vec::new(),
+        }
+    }
+
+    /// `base` with AllowedIPs for `user` (groups as the policies see them now): the
+    /// tunnel and every network a `permit` whose scope matches could reach, conditions
+    /// aside. `base` as is when the AllowedIPs are fixed or the event loop is gone.
+    pub(crate) async fn settings_for(
+        &self,
+        base: &ProfileSettings,
+        commands: &tokio::sync::mpsc::UnboundedSender<AdminCommand>,
+        user: &str,
+    ) -> ProfileSettings {
+        if self.fixed {
+            return base.clone();
+        }
+        let (bundle_tx, bundle_rx) = tokio::sync::oneshot::channel();
+        let (users_tx, users_rx) = tokio::sync::oneshot::channel();
+        if commands.send(AdminCommand::Policy(bundle_tx)).is_err()
+            || commands.send(AdminCommand::Users(users_tx)).is_err()
+        {
+            return base.clone();
+        }
+        let (Ok(bundle), Ok(users)) = (bundle_rx.await, users_rx.await) else {
+            return base.clone();
+        };
+        let groups = users
+            .into_iter()
+            .find(|u| u.name.eq_ignore_ascii_case(user))
+            .map(|u| u.groups)
+            .unwrap_or_default();
+        let mut nets = self.tunnel.clone();
+        nets.extend(
+            bundle
+                .reachable_networks(user, &groups)
+                .into_iter()
+                .flat_map(|n| n.cidrs.iter().copied()),
+        );
+        ProfileSettings {
+            allowed_ips: IpNet::aggregate(&nets),
+            ..base.clone()
+        }
     }
 }
 
@@ -322,7 +396,11 @@ async fn register(
         .await;
     let d = r?;
     tracing::info!(device = %d.id, user = %d.user_name, address = %d.address, expires = %d.expires, "admin: device registered");
-    let text = portcullis_identity::profile(&d, private.as_deref(), profile);
+    let settings = s
+        .scope
+        .settings_for(profile, &s.commands, &d.user_name)
+        .await;
+    let text = portcullis_identity::profile(&d, private.as_deref(), &settings);
     Ok((
         StatusCode::CREATED,
         Json(json!({
@@ -353,7 +431,11 @@ async fn rotate(
     let d = r?;
     let previous = identity.read_devices(|all| all.get(&id).map(DeviceRow::from));
     tracing::info!(device = %d.id, previous = %id, user = %d.user_name, "admin: device rotated");
-    let text = portcullis_identity::profile(&d, private.as_deref(), profile);
+    let settings = s
+        .scope
+        .settings_for(profile, &s.commands, &d.user_name)
+        .await;
+    let text = portcullis_identity::profile(&d, private.as_deref(), &settings);
     Ok(Json(json!({
         "device": DeviceRow::from(&d),
         "previous": previous,

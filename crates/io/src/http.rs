@@ -100,6 +100,8 @@ pub(crate) struct AdminState {
     /// What device profiles carry (`[devices]` configured).
     pub(crate) profile: Option<Arc<portcullis_identity::ProfileSettings>>,
     pub(crate) policy_dir: Arc<std::path::Path>,
+    /// How profiles' AllowedIPs are chosen.
+    pub(crate) scope: Arc<crate::devices::ProfileScope>,
     /// Serialises policy replacements.
     pub(crate) policy_lock: Arc<tokio::sync::Mutex<()>>,
 }
@@ -117,6 +119,7 @@ pub struct AdminApi {
     pub max_body_bytes: usize,
     /// `[policy] dir`.
     pub policy_dir: std::path::PathBuf,
+    pub profile_scope: crate::devices::ProfileScope,
     /// `[audit.clickhouse]`: the audit queries under `/audit`.
     pub store: Option<Arc<portcullis_auditor::http::StoreHandle>>,
 }
@@ -132,6 +135,7 @@ pub fn admin_router(a: AdminApi) -> Router {
         ldap: a.ldap,
         profile: a.profile,
         policy_dir: Arc::from(a.policy_dir.as_path()),
+        scope: Arc::new(a.profile_scope),
         policy_lock: Arc::new(tokio::sync::Mutex::new(())),
     };
     let audit = a.store;

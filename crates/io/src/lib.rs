@@ -256,6 +256,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
                 profile: profile.clone(),
                 max_body_bytes: h.max_body_bytes,
                 policy_dir: c.policy.dir.clone(),
+                profile_scope: devices::ProfileScope::new(&loaded),
                 store: store_config(&loaded)?
                     .map(|s| Arc::new(portcullis_auditor::http::StoreHandle::lazy(s))),
             }));

@@ -71,12 +71,7 @@ pub struct Sso {
     profile: Arc<ProfileSettings>,
     commands: mpsc::UnboundedSender<AdminCommand>,
     secure_cookie: bool,
-    /// `[devices] allowed_ips` was set: every profile carries it as is.
-    allowed_ips_fixed: bool,
-    /// The tunnel networks, always in AllowedIPs.
-    tunnel_nets: Vec<ipnet::IpNet>,
-    /// Groups of the users the configuration file defines.
-    config_groups: HashMap<String, Vec<String>>,
+    scope: crate::devices::ProfileScope,
 }
 
 /// The SP's settings from `[saml]`.
@@ -188,20 +183,7 @@ impl Sso {
             profile,
             commands,
             secure_cookie: c.base().starts_with("https://"),
-            allowed_ips_fixed: loaded
-                .config
-                .devices
-                .as_ref()
-                .is_some_and(|d| !d.allowed_ips.is_empty()),
-            tunnel_nets: std::iter::once(loaded.config.gateway.tunnel_address.trunc())
-                .chain(loaded.config.gateway.tunnel_address6.map(|n| n.trunc()))
-                .collect(),
-            config_groups: loaded
-                .config
-                .users
-                .iter()
-                .map(|u| (u.name.to_lowercase(), u.groups.clone()))
-                .collect(),
+            scope: crate::devices::ProfileScope::new(loaded),
         });
         let refresh = sso.clone();
         tokio::spawn(async move {
@@ -241,41 +223,6 @@ impl Sso {
         });
         tracing::info!(entity_id = %c.entity_id(), "saml sign-on up");
         Ok(sso)
-    }
-
-    /// The profile settings for `user`: AllowedIPs cover the tunnel and the networks the
-    /// policies could let the user reach (not every declared network).
-    async fn settings_for(&self, user: &str) -> ProfileSettings {
-        if self.allowed_ips_fixed {
-            return (*self.profile).clone();
-        }
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let bundle = match self.commands.send(AdminCommand::Policy(tx)) {
-            Ok(()) => rx.await.ok(),
-            Err(_) => None,
-        };
-        let Some(bundle) = bundle else {
-            return (*self.profile).clone();
-        };
-        let groups: Vec<String> = match self.config_groups.get(&user.to_lowercase()) {
-            Some(g) => g.clone(),
-            None => self.identity.read(|d| {
-                d.user_by_name(user)
-                    .map(|u| d.groups_of(&u.id).map(|g| g.display_name.clone()).collect())
-                    .unwrap_or_default()
-            }),
-        };
-        let mut nets = self.tunnel_nets.clone();
-        nets.extend(
-            bundle
-                .reachable_networks(user, &groups)
-                .into_iter()
-                .flat_map(|n| n.cidrs.iter().copied()),
-        );
-        ProfileSettings {
-            allowed_ips: ipnet::IpNet::aggregate(&nets),
-            ..(*self.profile).clone()
-        }
     }
 
     fn report(&self, event: Event) {
@@ -721,7 +668,10 @@ async fn enroll(
         target: device.id.to_string(),
         outcome: "ok".into(),
     });
-    let settings = sso.settings_for(&device.user_name).await;
+    let settings = sso
+        .scope
+        .settings_for(&sso.profile, &sso.commands, &device.user_name)
+        .await;
     let profile = portcullis_identity::profile(&device, private.as_deref(), &settings);
     let qr = qrcode::QrCode::new(profile.as_bytes())
         .map(|code| {

@@ -115,6 +115,7 @@ async fn every_documented_operation_is_served() {
         profile: None,
         max_body_bytes: 1 << 20,
         policy_dir: dir.path().to_path_buf(),
+        profile_scope: crate::devices::ProfileScope::new_fixed(),
         store: None,
     });
     for (method, template) in documented() {
