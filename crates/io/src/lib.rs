@@ -624,19 +624,7 @@ fn admin(
             let _ = tx.send(gw.enforcer().engine().bundle().clone());
         }
         AdminCommand::ApplyPolicy(bundle, done) => {
-            let dir = bundle.dir.clone();
-            let r = match gw.handle_policy_bundle(Instant::now(), bundle) {
-                Ok(cut) => {
-                    tracing::info!(dir = %dir.display(), flows_cut = cut, "policy replaced through the api");
-                    Ok(cut)
-                }
-                Err(e) => {
-                    tracing::error!("policy replacement refused: {e}");
-                    gw.handle_policy_rejected(vec![e.to_string()]);
-                    Err(e.to_string())
-                }
-            };
-            let _ = done.send(r);
+            let _ = done.send(apply_bundle(gw, bundle, "replaced through the api"));
         }
     }
 }
@@ -694,17 +682,30 @@ pub fn store_config(loaded: &Loaded) -> anyhow::Result<Option<StoreConfig>> {
     }))
 }
 
+/// Applies a validated bundle (`how` it came, for the log); a set the core refuses is
+/// recorded and the running one stays. Flows cut, or why it was refused.
+fn apply_bundle(gw: &mut Gateway, bundle: Arc<PolicyBundle>, how: &str) -> Result<usize, String> {
+    let dir = bundle.dir.clone();
+    match gw.handle_policy_bundle(Instant::now(), bundle) {
+        Ok(cut) => {
+            tracing::info!(dir = %dir.display(), flows_cut = cut, "policy {how}");
+            Ok(cut)
+        }
+        Err(e) => {
+            tracing::error!("policy not {how}, the running one stays: {e}");
+            gw.handle_policy_rejected(vec![e.to_string()]);
+            Err(e.to_string())
+        }
+    }
+}
+
 /// Reloads the policy directory; a rejected set leaves the running one in force.
 fn reload(gw: &mut Gateway, loaded: &Loaded) {
     let dir = &loaded.config.policy.dir;
     match PolicyBundle::load(dir) {
-        Ok(bundle) => match gw.handle_policy_bundle(Instant::now(), Arc::new(bundle)) {
-            Ok(cut) => tracing::info!(dir = %dir.display(), flows_cut = cut, "policy reloaded"),
-            Err(e) => {
-                tracing::error!("policy reload rejected: {e}");
-                gw.handle_policy_rejected(vec![e.to_string()]);
-            }
-        },
+        Ok(bundle) => {
+            let _ = apply_bundle(gw, Arc::new(bundle), "reloaded");
+        }
         Err(e) => {
             tracing::error!("policy reload rejected, previous policy stays in force:\n{e}");
             gw.handle_policy_rejected(e.errors.iter().map(|e| e.to_string()).collect());
