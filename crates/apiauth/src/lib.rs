@@ -2,7 +2,7 @@
 //!
 //! What it does: parses the API tokens file, builds and checks request signatures, keeps
 //! the nonces seen within the replay window, limits failed authentications per client
-//! address, and says whether a token's scope allows the call. The caller (the HTTP
+//! address ([`RateLimit`], which the sign-on pages use too), and says whether a token's scope allows the call. The caller (the HTTP
 //! layer) passes the request's parts and `now`; nothing here reads a clock or a socket.
 //!
 //! What it deliberately does not: no HTTP types (the io layer maps requests and
@@ -381,10 +381,52 @@ pub struct Headers<'a> {
     pub signature: Option<&'a str>,
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Failures {
-    since: DateTime<Utc>,
-    count: u32,
+/// Events per client address per minute (a fixed window); past the limit the address is
+/// refused until its minute is over. Sans-IO: `now` is passed in. Used for failed API
+/// authentications here and for sign-on attempts in the io layer.
+#[derive(Debug)]
+pub struct RateLimit {
+    per_minute: u32,
+    /// Past this many tracked addresses, those whose minute is over are forgotten.
+    max_tracked: usize,
+    windows: HashMap<IpAddr, (DateTime<Utc>, u32)>,
+}
+
+impl RateLimit {
+    pub fn new(per_minute: u32, max_tracked: usize) -> RateLimit {
+        RateLimit {
+            per_minute,
+            max_tracked,
+            windows: HashMap::new(),
+        }
+    }
+
+    /// Whether `ip` has used up its minute.
+    pub fn exhausted(&self, ip: IpAddr, now: DateTime<Utc>) -> bool {
+        self.windows
+            .get(&ip)
+            .is_some_and(|(since, n)| now - *since < TimeDelta::minutes(1) && *n >= self.per_minute)
+    }
+
+    /// Counts one event from `ip`.
+    pub fn record(&mut self, ip: IpAddr, now: DateTime<Utc>) {
+        if self.windows.len() > self.max_tracked {
+            self.windows
+                .retain(|_, (since, _)| now - *since < TimeDelta::minutes(1));
+        }
+        let w = self.windows.entry(ip).or_insert((now, 0));
+        if now - w.0 >= TimeDelta::minutes(1) {
+            *w = (now, 0);
+        }
+        w.1 = w.1.saturating_add(1);
+    }
+
+    /// Counts an attempt from `ip`; false when it is over the limit.
+    pub fn handle_attempt(&mut self, ip: IpAddr, now: DateTime<Utc>) -> bool {
+        let allowed = !self.exhausted(ip, now);
+        self.record(ip, now);
+        allowed
+    }
 }
 
 /// Checks signed requests; remembers nonces and failures.
@@ -396,7 +438,7 @@ pub struct Verifier {
     /// (forget at, key), in insertion order.
     seen_order: VecDeque<(DateTime<Utc>, (String, String))>,
     max_nonces: usize,
-    failures: HashMap<IpAddr, Failures>,
+    failures: RateLimit,
 }
 
 impl Verifier {
@@ -407,7 +449,7 @@ impl Verifier {
             seen: HashMap::new(),
             seen_order: VecDeque::new(),
             max_nonces: MAX_NONCES,
-            failures: HashMap::new(),
+            failures: RateLimit::new(FAILURES_PER_MINUTE, 10_000),
         };
         v.set_tokens(tokens);
         v
@@ -439,36 +481,16 @@ impl Verifier {
             query,
             body,
         } = *request;
-        if let Some(f) = self.failures.get(&remote) {
-            if now - f.since < TimeDelta::minutes(1) && f.count >= FAILURES_PER_MINUTE {
-                return Err(AuthError::RateLimited);
-            }
+        if self.failures.exhausted(remote, now) {
+            return Err(AuthError::RateLimited);
         }
         let r = self.check(headers, method, path, query, body, now);
         if let Err(e) = &r {
             if !matches!(e, AuthError::Forbidden(_) | AuthError::Busy) {
-                self.count_failure(remote, now);
+                self.failures.record(remote, now);
             }
         }
         r
-    }
-
-    fn count_failure(&mut self, remote: IpAddr, now: DateTime<Utc>) {
-        if self.failures.len() > 10_000 {
-            self.failures
-                .retain(|_, f| now - f.since < TimeDelta::minutes(1));
-        }
-        let f = self.failures.entry(remote).or_insert(Failures {
-            since: now,
-            count: 0,
-        });
-        if now - f.since >= TimeDelta::minutes(1) {
-            *f = Failures {
-                since: now,
-                count: 0,
-            };
-        }
-        f.count = f.count.saturating_add(1);
     }
 
     fn check(

@@ -354,3 +354,13 @@ proptest! {
         prop_assert_eq!(canonical_query(Some(&forward.join("&"))), canonical_query(Some(&backward.join("&"))));
     }
 }
+
+#[test]
+fn the_rate_limit_counts_per_address_per_minute() {
+    let mut l = RateLimit::new(3, 100);
+    let (a, b) = (IpAddr::from([192, 0, 2, 1]), IpAddr::from([192, 0, 2, 2]));
+    assert!((0..3).all(|_| l.handle_attempt(a, t0())));
+    assert!(!l.handle_attempt(a, t0() + TimeDelta::seconds(59)));
+    assert!(l.handle_attempt(b, t0()));
+    assert!(l.handle_attempt(a, t0() + TimeDelta::seconds(60)));
+}

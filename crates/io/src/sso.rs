@@ -31,10 +31,11 @@ use axum::routing::get;
 use axum::Router;
 use base64::Engine as _;
 use chrono::{DateTime, TimeDelta, Utc};
+use portcullis_apiauth::RateLimit;
 use portcullis_config::{Loaded, SamlConfig};
 use portcullis_identity::{Identity, ProfileSettings};
 use portcullis_model::Event;
-use portcullis_saml::{RateLimit, Sp, SpConfig};
+use portcullis_saml::{Sp, SpConfig};
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
@@ -177,7 +178,7 @@ impl Sso {
         let sso = Arc::new(Sso {
             config: c.clone(),
             sp: Mutex::new(sp),
-            limit: Mutex::new(RateLimit::new(ATTEMPTS_PER_MINUTE)),
+            limit: Mutex::new(RateLimit::new(ATTEMPTS_PER_MINUTE, 100_000)),
             sessions: Mutex::new(HashMap::new()),
             identity,
             profile,

@@ -414,17 +414,6 @@ mod tests {
     use super::count_elements;
 
     #[test]
-    fn the_rate_limit_counts_per_address_per_minute() {
-        let mut l = super::RateLimit::new(3);
-        let t0: chrono::DateTime<chrono::Utc> = "2026-11-29T10:00:00Z".parse().unwrap();
-        let (a, b) = ([192, 0, 2, 1].into(), [192, 0, 2, 2].into());
-        assert!((0..3).all(|_| l.handle_attempt(a, t0)));
-        assert!(!l.handle_attempt(a, t0 + chrono::TimeDelta::seconds(59)));
-        assert!(l.handle_attempt(b, t0));
-        assert!(l.handle_attempt(a, t0 + chrono::TimeDelta::seconds(60)));
-    }
-
-    #[test]
     fn assertions_are_counted_under_any_prefix_and_only_as_start_tags() {
         let xml = r#"<samlp:Response><saml:Assertion ID="a"><x/></saml:Assertion><Assertion>
             </Assertion><saml2:Assertion/><saml:AssertionX/><saml:EncryptedAssertion/></samlp:Response>"#;
@@ -432,36 +421,5 @@ mod tests {
         assert_eq!(count_elements(xml, "EncryptedAssertion"), 1);
         assert_eq!(count_elements("<a><b", "b"), 1);
         assert_eq!(count_elements("", "b"), 0);
-    }
-}
-
-/// Attempts per client address per minute (logins started, responses posted); past it,
-/// refused until the minute is over. Sans-IO: `now` is passed in.
-#[derive(Debug)]
-pub struct RateLimit {
-    per_minute: u32,
-    windows: HashMap<std::net::IpAddr, (DateTime<Utc>, u32)>,
-}
-
-impl RateLimit {
-    pub fn new(per_minute: u32) -> RateLimit {
-        RateLimit {
-            per_minute,
-            windows: HashMap::new(),
-        }
-    }
-
-    /// Counts an attempt from `ip`; false when it is over the limit.
-    pub fn handle_attempt(&mut self, ip: std::net::IpAddr, now: DateTime<Utc>) -> bool {
-        if self.windows.len() > 100_000 {
-            self.windows
-                .retain(|_, (since, _)| now - *since < TimeDelta::minutes(1));
-        }
-        let w = self.windows.entry(ip).or_insert((now, 0));
-        if now - w.0 >= TimeDelta::minutes(1) {
-            *w = (now, 0);
-        }
-        w.1 = w.1.saturating_add(1);
-        w.1 <= self.per_minute
     }
 }
