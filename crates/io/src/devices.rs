@@ -157,21 +157,16 @@ impl ProfileScope {
         if self.fixed {
             return base.clone();
         }
-        let (bundle_tx, bundle_rx) = tokio::sync::oneshot::channel();
-        let (users_tx, users_rx) = tokio::sync::oneshot::channel();
-        if commands.send(AdminCommand::Policy(bundle_tx)).is_err()
-            || commands.send(AdminCommand::Users(users_tx)).is_err()
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if commands
+            .send(AdminCommand::Access(user.to_string(), tx))
+            .is_err()
         {
             return base.clone();
         }
-        let (Ok(bundle), Ok(users)) = (bundle_rx.await, users_rx.await) else {
+        let Ok((bundle, groups)) = rx.await else {
             return base.clone();
         };
-        let groups = users
-            .into_iter()
-            .find(|u| u.name.eq_ignore_ascii_case(user))
-            .map(|u| u.groups)
-            .unwrap_or_default();
         let mut nets = self.tunnel.clone();
         nets.extend(
             bundle

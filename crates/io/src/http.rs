@@ -64,6 +64,12 @@ pub enum AdminCommand {
     Report(portcullis_model::Event),
     /// The running policy bundle.
     Policy(oneshot::Sender<Arc<portcullis_policy::PolicyBundle>>),
+    /// The running policy bundle and a user's groups as the policies see them (empty for
+    /// a user they do not know): what a profile's AllowedIPs are made of.
+    Access(
+        String,
+        oneshot::Sender<(Arc<portcullis_policy::PolicyBundle>, Vec<String>)>,
+    ),
     /// Applies a validated bundle (the API wrote its files); flows cut, or why the core
     /// refused it.
     ApplyPolicy(

@@ -623,6 +623,14 @@ fn admin(
         AdminCommand::Policy(tx) => {
             let _ = tx.send(gw.enforcer().engine().bundle().clone());
         }
+        AdminCommand::Access(user, tx) => {
+            let engine = gw.enforcer().engine();
+            let groups = engine
+                .user(&user)
+                .map(|p| p.groups.clone())
+                .unwrap_or_default();
+            let _ = tx.send((engine.bundle().clone(), groups));
+        }
         AdminCommand::ApplyPolicy(bundle, done) => {
             let _ = done.send(apply_bundle(gw, bundle, "replaced through the api"));
         }
