@@ -29,6 +29,7 @@ use chrono::{DateTime, Utc};
 use portcullis_model::{Envelope, Event, EVENT_VERSION};
 use portcullis_spool::{Recovery, Spool, SpoolConfig, SpoolError};
 
+use crate::native::NativeBlock;
 use crate::row::{AuditRow, Chain};
 use crate::store::{MetricsRow, Store, StoreConfig};
 
@@ -512,16 +513,13 @@ impl Writer {
             return Some(env);
         };
         let mut row = AuditRow::from_envelope(&env);
-        let mut chain = self.chain.clone();
-        chain.seal(&mut row);
-        self.buf.clear();
-        row.encode(&mut self.buf, true);
+        let before = self.chain.last_hash;
+        self.chain.seal_record(&mut row, &mut self.buf);
         match spool.append(&self.buf) {
-            Ok(_) => {
-                self.chain = chain;
-                Some(env)
-            }
+            Ok(_) => Some(env),
             Err(e) => {
+                // The event is not in the chain: the next one links to the last written.
+                self.chain.last_hash = before;
                 if self.degraded.is_none() {
                     tracing::error!("audit events refused: {e}");
                     self.degraded = Some((Utc::now(), e.to_string()));
@@ -621,7 +619,7 @@ impl Uploader {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
-            let read = lock(&self.spool).read_from(next, self.config.batch_rows);
+            let read = lock(&self.spool).read_batch(next, self.config.batch_rows);
             let records = match read {
                 Ok(r) => r,
                 Err(e) => {
@@ -630,23 +628,27 @@ impl Uploader {
                     continue;
                 }
             };
-            let Some(&(last_seq, _)) = records.last() else {
+            let Some(last_seq) = records.last_seq() else {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             };
-            let mut rows = Vec::with_capacity(records.len());
-            for (seq, bytes) in &records {
-                match AuditRow::decode(bytes) {
-                    Ok(r) => rows.push(r),
-                    Err(e) => {
-                        st.undecodable.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(seq, "audit record skipped: {e}");
-                    }
+            let mut block = NativeBlock::default();
+            for (seq, bytes) in records.iter() {
+                if let Err(e) = block.push_record(bytes) {
+                    st.undecodable.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(seq, "audit record skipped: {e}");
                 }
             }
-            let result = match tokio::time::timeout(INSERT_TIMEOUT, s.insert(&rows)).await {
-                Ok(r) => r.map_err(|e| e.to_string()),
-                Err(_) => Err(format!("insert timed out after {INSERT_TIMEOUT:?}")),
+            drop(records);
+            let rows = block.rows();
+            // Nothing decodable (reported above): nothing to send, the records are done.
+            let result = if rows == 0 {
+                Ok(())
+            } else {
+                match tokio::time::timeout(INSERT_TIMEOUT, s.insert_block(block)).await {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(_) => Err(format!("insert timed out after {INSERT_TIMEOUT:?}")),
+                }
             };
             match result {
                 Ok(()) => {
@@ -660,7 +662,7 @@ impl Uploader {
                     st.spool_bytes.store(sp.bytes(), Ordering::Relaxed);
                     drop(sp);
                     next = last_seq + 1;
-                    st.uploaded.fetch_add(rows.len() as u64, Ordering::Relaxed);
+                    st.uploaded.fetch_add(rows, Ordering::Relaxed);
                     st.batches.fetch_add(1, Ordering::Relaxed);
                     backoff = Duration::from_millis(100);
                 }

@@ -3,13 +3,17 @@
 //! The row is flat: columns for what auditors filter and sum on (user, groups, device,
 //! 5-tuple, network, decision, policy ids, counters, latency), the rest of the event in
 //! `detail` (a JSON object). Every row carries `prev_hash` (the `hash` of the gateway's
-//! previous event) and `hash` = SHA-256(`prev_hash` bytes ‖ canonical encoding of every
-//! other column). The canonical encoding is also the spool record format.
+//! previous event) and `hash` = SHA-256(lowercase hex of `prev_hash` ‖ canonical encoding
+//! of every other column); both are 32 raw bytes (`FixedString(32)`).
 //!
-//! Canonical encoding (little endian): a version byte (1), then the columns in
-//! declaration order: integers fixed width; strings as `u32` length + UTF-8 bytes; string
-//! arrays as `u32` count + strings; the UUID and the 16-byte address raw. With hashes the
-//! two hex strings follow.
+//! Canonical encoding (little endian), the hash input, fixed forever: a version byte (1),
+//! then the columns in declaration order: integers fixed width; strings as `u32` length +
+//! UTF-8 bytes; string arrays as `u32` count + strings; the UUID (RFC 4122 byte order) and
+//! the 16-byte address raw.
+//!
+//! Spool record: the canonical encoding with the version byte set to 2, followed by
+//! `prev_hash` and `hash` raw (32 bytes each). Version 1 records (written before schema 4:
+//! the two hashes as `u32` length + 64 hex characters) still decode.
 
 use std::net::IpAddr;
 
@@ -17,10 +21,16 @@ use portcullis_model::{Envelope, Event, FlowTuple};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// `prev_hash` of a gateway's first event.
-pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+/// A SHA-256 link of the chain.
+pub type Hash = [u8; 32];
 
-const ENCODING_VERSION: u8 = 1;
+/// `prev_hash` of a gateway's first event.
+pub const GENESIS: Hash = [0; 32];
+
+/// First byte of the canonical encoding (the hash input).
+const CANONICAL_VERSION: u8 = 1;
+/// First byte of a spool record with raw hashes.
+const RECORD_VERSION: u8 = 2;
 
 /// A row of the `events` table. Field order is the column order.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, clickhouse::Row)]
@@ -63,50 +73,60 @@ pub struct AuditRow {
     pub latency_us: u64,
     /// The event's other fields, as a JSON object with sorted keys.
     pub detail: String,
-    pub prev_hash: String,
-    pub hash: String,
+    pub prev_hash: Hash,
+    pub hash: Hash,
 }
 
-/// Column names in order (for `SELECT` lists and the schema test).
-pub const COLUMNS: &[&str] = &[
-    "event_id",
-    "gateway",
-    "seq",
-    "time",
-    "time_us",
-    "v",
-    "kind",
-    "user",
-    "groups",
-    "device",
-    "session_id",
-    "flow_id",
-    "protocol",
-    "src_ip",
-    "src_port",
-    "dst_ip",
-    "dst_addr",
-    "dst_port",
-    "network",
-    "decision",
-    "policy_ids",
-    "policy_epoch",
-    "reason",
-    "duration_ms",
-    "bytes_out",
-    "packets_out",
-    "bytes_in",
-    "packets_in",
-    "latency_us",
-    "detail",
-    "prev_hash",
-    "hash",
+/// Columns of `events` in order, with their ClickHouse types (the insert names them,
+/// the uploader checks them against the server at connect).
+pub const COLUMNS: &[(&str, &str)] = &[
+    ("event_id", "UUID"),
+    ("gateway", "String"),
+    ("seq", "UInt64"),
+    ("time", "DateTime"),
+    ("time_us", "UInt64"),
+    ("v", "UInt32"),
+    ("kind", "String"),
+    ("user", "String"),
+    ("groups", "Array(String)"),
+    ("device", "String"),
+    ("session_id", "UInt64"),
+    ("flow_id", "UInt64"),
+    ("protocol", "String"),
+    ("src_ip", "String"),
+    ("src_port", "UInt16"),
+    ("dst_ip", "String"),
+    ("dst_addr", "FixedString(16)"),
+    ("dst_port", "UInt16"),
+    ("network", "String"),
+    ("decision", "String"),
+    ("policy_ids", "Array(String)"),
+    ("policy_epoch", "UInt64"),
+    ("reason", "String"),
+    ("duration_ms", "UInt64"),
+    ("bytes_out", "UInt64"),
+    ("packets_out", "UInt64"),
+    ("bytes_in", "UInt64"),
+    ("packets_in", "UInt64"),
+    ("latency_us", "UInt64"),
+    ("detail", "String"),
+    ("prev_hash", "FixedString(32)"),
+    ("hash", "FixedString(32)"),
 ];
+
+/// The column names, comma separated (for `SELECT` lists).
+pub fn column_list() -> String {
+    COLUMNS
+        .iter()
+        .map(|(name, _)| *name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// A spool record that does not decode.
 #[derive(Debug, thiserror::Error)]
 #[error("undecodable audit record: {0}")]
-pub struct DecodeError(&'static str);
+pub struct DecodeError(pub(crate) &'static str);
 
 /// The 16-byte form of an address (IPv4 mapped).
 pub fn addr16(ip: IpAddr) -> [u8; 16] {
@@ -249,8 +269,8 @@ impl AuditRow {
             packets_in: 0,
             latency_us: 0,
             detail: String::new(),
-            prev_hash: String::new(),
-            hash: String::new(),
+            prev_hash: GENESIS,
+            hash: GENESIS,
         }
     }
 
@@ -343,9 +363,9 @@ impl AuditRow {
         };
     }
 
-    /// The canonical encoding (see the module docs).
-    pub fn encode(&self, out: &mut Vec<u8>, with_hashes: bool) {
-        out.push(ENCODING_VERSION);
+    /// The canonical encoding (see the module docs): the hash input.
+    pub fn encode_canonical(&self, out: &mut Vec<u8>) {
+        out.push(CANONICAL_VERSION);
         out.extend_from_slice(self.event_id.as_bytes());
         put_str(out, &self.gateway);
         out.extend_from_slice(&self.seq.to_le_bytes());
@@ -380,19 +400,23 @@ impl AuditRow {
             out.extend_from_slice(&n.to_le_bytes());
         }
         put_str(out, &self.detail);
-        if with_hashes {
-            put_str(out, &self.prev_hash);
-            put_str(out, &self.hash);
-        }
     }
 
-    /// Decodes a spool record written by `encode(.., true)`.
+    /// The spool record (see the module docs), appended to `out`.
+    pub fn encode_record(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        self.encode_canonical(out);
+        finish_record(out, start, &self.prev_hash, &self.hash);
+    }
+
+    /// Decodes a spool record (version 2, or version 1 from before schema 4).
     pub fn decode(bytes: &[u8]) -> Result<AuditRow, DecodeError> {
         let mut r = Reader(bytes);
-        if r.u8()? != ENCODING_VERSION {
+        let version = r.u8()?;
+        if version != CANONICAL_VERSION && version != RECORD_VERSION {
             return Err(DecodeError("unknown encoding version"));
         }
-        let row = AuditRow {
+        let mut row = AuditRow {
             event_id: uuid::Uuid::from_bytes(r.array()?),
             gateway: r.string()?,
             seq: r.u64()?,
@@ -423,8 +447,13 @@ impl AuditRow {
             packets_in: r.u64()?,
             latency_us: r.u64()?,
             detail: r.string()?,
-            prev_hash: r.string()?,
-            hash: r.string()?,
+            prev_hash: GENESIS,
+            hash: GENESIS,
+        };
+        (row.prev_hash, row.hash) = if version == RECORD_VERSION {
+            (r.array()?, r.array()?)
+        } else {
+            (r.hex_hash()?, r.hex_hash()?)
         };
         if !r.0.is_empty() {
             return Err(DecodeError("trailing bytes"));
@@ -433,14 +462,31 @@ impl AuditRow {
     }
 
     /// The hash this row must carry given its `prev_hash` and other columns.
-    pub fn expected_hash(&self) -> String {
+    pub fn expected_hash(&self) -> Hash {
         let mut buf = Vec::with_capacity(512);
-        self.encode(&mut buf, false);
-        let mut h = Sha256::new();
-        h.update(self.prev_hash.as_bytes());
-        h.update(&buf);
-        hex::encode(h.finalize())
+        self.encode_canonical(&mut buf);
+        link(&self.prev_hash, &buf)
     }
+}
+
+/// SHA-256(hex(prev) ‖ canonical encoding).
+fn link(prev: &Hash, canonical: &[u8]) -> Hash {
+    let mut hex_prev = [0u8; 64];
+    // Cannot fail: the buffer is exactly twice the hash.
+    let _ = hex::encode_to_slice(prev, &mut hex_prev);
+    let mut h = Sha256::new();
+    h.update(hex_prev);
+    h.update(canonical);
+    h.finalize().into()
+}
+
+/// Turns the canonical encoding at `out[start..]` into a spool record.
+fn finish_record(out: &mut Vec<u8>, start: usize, prev: &Hash, hash: &Hash) {
+    if let Some(version) = out.get_mut(start) {
+        *version = RECORD_VERSION;
+    }
+    out.extend_from_slice(prev);
+    out.extend_from_slice(hash);
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
@@ -482,6 +528,14 @@ impl Reader<'_> {
         let bytes = self.take(len)?;
         String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError("invalid utf-8"))
     }
+    /// A version 1 record's hash: `u32` length 64 + lowercase hex.
+    fn hex_hash(&mut self) -> Result<Hash, DecodeError> {
+        let len = u32::from_le_bytes(self.array()?) as usize;
+        let mut hash = GENESIS;
+        hex::decode_to_slice(self.take(len)?, &mut hash)
+            .map_err(|_| DecodeError("hash is not 64 hex characters"))?;
+        Ok(hash)
+    }
     fn list(&mut self) -> Result<Vec<String>, DecodeError> {
         let n = u32::from_le_bytes(self.array()?) as usize;
         if n > self.0.len() / 4 {
@@ -494,28 +548,37 @@ impl Reader<'_> {
 /// A gateway's hash chain: the hash of its last event.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Chain {
-    pub last_hash: String,
+    pub last_hash: Hash,
 }
 
 impl Default for Chain {
     fn default() -> Self {
-        Chain {
-            last_hash: GENESIS.to_string(),
-        }
+        Chain { last_hash: GENESIS }
     }
 }
 
 impl Chain {
     /// Links the row into the chain: sets `prev_hash` and `hash`.
     pub fn seal(&mut self, row: &mut AuditRow) {
-        row.prev_hash = std::mem::take(&mut self.last_hash);
+        row.prev_hash = self.last_hash;
         row.hash = row.expected_hash();
-        self.last_hash = row.hash.clone();
+        self.last_hash = row.hash;
+    }
+
+    /// Links the row into the chain and writes its spool record into `out` (cleared
+    /// first), encoding the row once for both.
+    pub fn seal_record(&mut self, row: &mut AuditRow, out: &mut Vec<u8>) {
+        out.clear();
+        row.encode_canonical(out);
+        row.prev_hash = self.last_hash;
+        row.hash = link(&row.prev_hash, out);
+        self.last_hash = row.hash;
+        finish_record(out, 0, &row.prev_hash, &row.hash);
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use portcullis_model::{Counters, FlowTuple, Protocol, EVENT_VERSION};
     use proptest::prelude::*;
@@ -602,6 +665,62 @@ mod tests {
         let mut edited = b.clone();
         edited.policy_ids.push("x".into());
         assert_ne!(edited.expected_hash(), b.hash);
+    }
+
+    /// A record as builds before schema 4 wrote it (hashes as hex strings).
+    fn record_v1(row: &AuditRow) -> Vec<u8> {
+        let mut out = Vec::new();
+        row.encode_canonical(&mut out);
+        put_str(&mut out, &hex::encode(row.prev_hash));
+        put_str(&mut out, &hex::encode(row.hash));
+        out
+    }
+
+    #[test]
+    fn version_1_records_decode_to_the_same_row() {
+        let mut chain = Chain::default();
+        for seq in 1..4 {
+            let mut row = AuditRow::from_envelope(&closed(seq, "alice", seq * 10));
+            chain.seal(&mut row);
+            assert_eq!(AuditRow::decode(&record_v1(&row)).unwrap(), row);
+        }
+        let mut bad = record_v1(&AuditRow::from_envelope(&closed(1, "a", 1)));
+        let at = bad.len() - 3;
+        bad[at] = b'g';
+        assert!(AuditRow::decode(&bad).is_err(), "a non-hex hash is refused");
+    }
+
+    #[test]
+    fn seal_record_equals_seal_then_encode() {
+        let (mut a, mut b) = (Chain::default(), Chain::default());
+        let mut buf = Vec::new();
+        for seq in 1..4 {
+            let env = closed(seq, "bob", seq);
+            let mut sealed = AuditRow::from_envelope(&env);
+            a.seal(&mut sealed);
+            let mut recorded = AuditRow::from_envelope(&env);
+            b.seal_record(&mut recorded, &mut buf);
+            assert_eq!(sealed, recorded);
+            let mut expected = Vec::new();
+            sealed.encode_record(&mut expected);
+            assert_eq!(buf, expected);
+        }
+        assert_eq!(a, b);
+    }
+
+    /// The chain formula is part of the audit trail's format: rows written by any earlier
+    /// build must keep verifying. This pins it on a fixed row.
+    #[test]
+    fn the_hash_formula_does_not_change() {
+        let mut env = closed(42, "alice", 1000);
+        env.id = uuid::Uuid::from_u64_pair(1, 2);
+        env.time = chrono::DateTime::from_timestamp(1_800_000_000, 5_000).unwrap();
+        let mut row = AuditRow::from_envelope(&env);
+        row.prev_hash = [7; 32];
+        assert_eq!(
+            hex::encode(row.expected_hash()),
+            "c1df6f1c11d46525ec84b1e70801dd97382314c3457b44f271790b6ffb53463c"
+        );
     }
 
     /// The JSON route every event kind can take (what the flow fast path must equal).
@@ -724,7 +843,7 @@ mod tests {
             row.detail = detail;
             Chain::default().seal(&mut row);
             let mut buf = Vec::new();
-            row.encode(&mut buf, true);
+            row.encode_record(&mut buf);
             prop_assert_eq!(AuditRow::decode(&buf).unwrap(), row);
         }
 
@@ -738,7 +857,7 @@ mod tests {
             let mut row = AuditRow::from_envelope(&closed(3, "alice", 5));
             Chain::default().seal(&mut row);
             let mut buf = Vec::new();
-            row.encode(&mut buf, true);
+            row.encode_record(&mut buf);
             let cut = cut.min(buf.len() - 1);
             prop_assert!(AuditRow::decode(&buf[..cut]).is_err());
         }

@@ -2,7 +2,8 @@
 //! row validation), the schema and its migrations, retention, and inserts.
 //!
 //! Schema (database from the config, `portcullis` by default):
-//! - `events`: every event, one row ([`AuditRow`]). `ReplacingMergeTree` partitioned by
+//! - `events`: every event, one row ([`AuditRow`]; the two chain hashes as
+//!   `FixedString(32)` since schema 4). `ReplacingMergeTree` partitioned by
 //!   month, ordered by `(user, time, gateway, seq)`: per-user time ranges read a narrow
 //!   slice, and a retried batch collapses onto the rows it repeats (same key) when parts
 //!   merge; queries that count read `FINAL`.
@@ -16,7 +17,8 @@
 
 use std::time::Duration;
 
-use crate::row::AuditRow;
+use crate::native::NativeBlock;
+use crate::row::{AuditRow, COLUMNS};
 
 /// Connection settings.
 #[derive(Clone)]
@@ -48,6 +50,15 @@ pub enum StoreError {
     },
     #[error("clickhouse at {url} reports an unparseable version {version:?}")]
     Version { url: String, version: String },
+    #[error("cannot encode a row for clickhouse: {0}")]
+    Encode(String),
+    #[error("column {database}.events.{column} is {found}, this gateway writes {expected}: run `portcullis audit migrate`")]
+    Column {
+        database: String,
+        column: String,
+        expected: String,
+        found: String,
+    },
     #[error("database {database} is at schema version {found}, this gateway needs {needed}: run `portcullis audit migrate`")]
     SchemaBehind {
         database: String,
@@ -143,6 +154,12 @@ impl Store {
 
     /// Applies the migrations the database lacks; returns the versions applied.
     pub async fn migrate(&self) -> Result<Vec<u32>, StoreError> {
+        self.migrate_to(SCHEMA_VERSION).await
+    }
+
+    /// Applies the migrations the database lacks up to `target` (an older schema, for
+    /// upgrade tests); returns the versions applied.
+    pub async fn migrate_to(&self, target: u32) -> Result<Vec<u32>, StoreError> {
         let db = &self.database;
         self.execute(&format!("CREATE DATABASE IF NOT EXISTS {db}"))
             .await?;
@@ -153,9 +170,15 @@ impl Store {
         .await?;
         let current = self.schema_version().await?;
         let mut applied = Vec::new();
-        for m in MIGRATIONS.iter().filter(|m| m.version > current) {
+        for m in MIGRATIONS
+            .iter()
+            .filter(|m| m.version > current && m.version <= target)
+        {
             for stmt in m.sql {
                 self.execute(&stmt.replace("{db}", db)).await?;
+            }
+            if m.version == 4 {
+                self.raw_hashes().await?;
             }
             self.client
                 .query(&format!(
@@ -195,7 +218,9 @@ impl Store {
             .map_err(self.err())
     }
 
-    /// Fails unless the schema is at least what this build writes.
+    /// Fails unless the schema is at least what this build writes and every column the
+    /// uploader inserts has the type it encodes (the Native insert names its columns, so
+    /// order and extra columns do not matter).
     pub async fn check_schema(&self) -> Result<(), StoreError> {
         let found = self.schema_version().await?;
         if found < SCHEMA_VERSION {
@@ -205,22 +230,97 @@ impl Store {
                 needed: SCHEMA_VERSION,
             });
         }
+        let columns: Vec<(String, String)> = self
+            .client
+            .query("SELECT name, type FROM system.columns WHERE database = ? AND table = 'events'")
+            .bind(&self.database)
+            .fetch_all()
+            .await
+            .map_err(self.err())?;
+        for (name, expected) in COLUMNS {
+            let found = columns
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or("missing", |(_, t)| t.as_str());
+            if found != *expected {
+                return Err(StoreError::Column {
+                    database: self.database.clone(),
+                    column: (*name).to_string(),
+                    expected: (*expected).to_string(),
+                    found: found.to_string(),
+                });
+            }
+        }
         Ok(())
+    }
+
+    async fn table_exists(&self, table: &str) -> Result<bool, StoreError> {
+        let n: u64 = self
+            .client
+            .query("SELECT count() FROM system.tables WHERE database = ? AND name = ?")
+            .bind(&self.database)
+            .bind(table)
+            .fetch_one()
+            .await
+            .map_err(self.err())?;
+        Ok(n > 0)
+    }
+
+    /// Schema 4: `prev_hash` and `hash` from 64 hex characters to 32 raw bytes. 18.16
+    /// cannot convert a column with an expression, so the table is rebuilt: the old one is
+    /// renamed aside (inserts fail and stay in the gateways' spools meanwhile), the new one
+    /// created with the view, the rows copied, the old table dropped. Every step can run
+    /// again after an interruption; rows copied twice collapse like retried uploads.
+    async fn raw_hashes(&self) -> Result<(), StoreError> {
+        let db = &self.database;
+        if !self.table_exists("events_v3").await? {
+            self.execute(&format!("DROP TABLE IF EXISTS {db}.flows_by_dst_mv"))
+                .await?;
+            self.execute(&format!("RENAME TABLE {db}.events TO {db}.events_v3"))
+                .await?;
+        }
+        self.execute(&EVENTS_V4.replace("{db}", db)).await?;
+        self.execute(&FLOWS_BY_DST_MV.replace("{db}", db)).await?;
+        let copy: Vec<String> = COLUMNS
+            .iter()
+            .map(|(name, _)| match *name {
+                "prev_hash" | "hash" => format!("toFixedString(unhex({name}), 32) AS {name}"),
+                _ => (*name).to_string(),
+            })
+            .collect();
+        self.execute(&format!(
+            "INSERT INTO {db}.events ({}) SELECT {} FROM {db}.events_v3",
+            crate::row::column_list(),
+            copy.join(", ")
+        ))
+        .await?;
+        self.execute(&format!("DROP TABLE {db}.events_v3")).await
     }
 
     /// Inserts rows in one statement. Retrying the same rows never doubles them (see the
     /// module docs).
     pub async fn insert(&self, rows: &[AuditRow]) -> Result<(), StoreError> {
+        let mut block = NativeBlock::default();
+        let mut record = Vec::with_capacity(512);
+        for row in rows {
+            record.clear();
+            row.encode_record(&mut record);
+            block
+                .push_record(&record)
+                .map_err(|e| StoreError::Encode(e.to_string()))?;
+        }
+        self.insert_block(block).await
+    }
+
+    /// Inserts a block of rows in one statement (`FORMAT Native`, see [`crate::native`]).
+    pub async fn insert_block(&self, block: NativeBlock) -> Result<(), StoreError> {
         let mut insert = self
             .client
-            .clone()
-            .with_database(&self.database)
-            .insert::<AuditRow>("events")
+            .insert_formatted_with(NativeBlock::insert_sql(&self.database));
+        insert
+            .send(bytes::Bytes::from(block.finish()))
             .await
             .map_err(self.err())?;
-        for row in rows {
-            insert.write(row).await.map_err(self.err())?;
-        }
         insert.end().await.map_err(self.err())
     }
 
@@ -296,7 +396,7 @@ struct Migration {
 }
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 
 const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -329,11 +429,7 @@ const MIGRATIONS: &[Migration] = &[
         ) ENGINE = ReplacingMergeTree()
         PARTITION BY toYYYYMM(time)
         ORDER BY (dst_addr, time, gateway, seq)",
-            "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.flows_by_dst_mv TO {db}.flows_by_dst AS
-            SELECT gateway, seq, time, time_us, kind, user, groups, device, session_id,
-            protocol, src_ip, src_port, dst_ip, dst_addr, dst_port, network, decision,
-            policy_ids, reason, duration_ms, bytes_out, packets_out, bytes_in, packets_in
-            FROM {db}.events WHERE kind IN ('flow_opened', 'flow_denied', 'flow_closed')",
+            FLOWS_BY_DST_MV,
         ],
     },
     Migration {
@@ -346,4 +442,31 @@ const MIGRATIONS: &[Migration] = &[
         PARTITION BY toYYYYMM(time)
         ORDER BY (gateway, time)"],
     },
+    // The table rebuild is code: `Store::raw_hashes`.
+    Migration {
+        version: 4,
+        name: "raw_hashes",
+        sql: &[],
+    },
 ];
+
+const FLOWS_BY_DST_MV: &str =
+    "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.flows_by_dst_mv TO {db}.flows_by_dst AS
+            SELECT gateway, seq, time, time_us, kind, user, groups, device, session_id,
+            protocol, src_ip, src_port, dst_ip, dst_addr, dst_port, network, decision,
+            policy_ids, reason, duration_ms, bytes_out, packets_out, bytes_in, packets_in
+            FROM {db}.events WHERE kind IN ('flow_opened', 'flow_denied', 'flow_closed')";
+
+/// `events` from schema 4 on: the hashes as 32 raw bytes.
+const EVENTS_V4: &str = "CREATE TABLE IF NOT EXISTS {db}.events (
+            event_id UUID, gateway String, seq UInt64, time DateTime, time_us UInt64, v UInt32,
+            kind String, user String, groups Array(String), device String,
+            session_id UInt64, flow_id UInt64, protocol String,
+            src_ip String, src_port UInt16, dst_ip String, dst_addr FixedString(16), dst_port UInt16,
+            network String, decision String, policy_ids Array(String), policy_epoch UInt64,
+            reason String, duration_ms UInt64,
+            bytes_out UInt64, packets_out UInt64, bytes_in UInt64, packets_in UInt64,
+            latency_us UInt64, detail String, prev_hash FixedString(32), hash FixedString(32)
+        ) ENGINE = ReplacingMergeTree()
+        PARTITION BY toYYYYMM(time)
+        ORDER BY (user, time, gateway, seq)";

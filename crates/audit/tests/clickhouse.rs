@@ -119,11 +119,107 @@ fn migrate_is_idempotent_and_matches_the_row_type() {
         SCHEMA_VERSION
     );
     let cols = ch
-        .query("SELECT name FROM system.columns WHERE database = 'pc' AND table = 'events'")
+        .query("SELECT name, type FROM system.columns WHERE database = 'pc' AND table = 'events'")
         .unwrap();
-    let cols: Vec<&str> = cols.lines().collect();
+    let cols: Vec<(&str, &str)> = cols.lines().filter_map(|l| l.split_once('\t')).collect();
     assert_eq!(cols, COLUMNS);
+    rt().block_on(store.check_schema()).unwrap();
+    // A column of another type is named, with the remedy.
+    ch.query("ALTER TABLE pc.events MODIFY COLUMN reason FixedString(40)")
+        .unwrap();
+    let err = rt().block_on(store.check_schema()).unwrap_err().to_string();
+    assert!(
+        err.contains("pc.events.reason is FixedString(40)") && err.contains("writes String"),
+        "{err}"
+    );
     assert_eq!(store.version.0, 18, "the test server is Debian's 18.16");
+}
+
+/// Schema 3 kept the chain hashes as hex text; schema 4 rebuilds `events` with raw ones.
+#[test]
+fn schema_4_rebuilds_events_with_raw_hashes_keeping_every_row_and_the_view() {
+    let ch = ClickHouse::start().unwrap();
+    let store = rt()
+        .block_on(Store::connect(&store_config(&ch, "pc")))
+        .unwrap();
+    assert_eq!(rt().block_on(store.migrate_to(3)).unwrap(), vec![1, 2, 3]);
+    let err = rt().block_on(store.check_schema()).unwrap_err().to_string();
+    assert!(err.contains("schema version 3"), "{err}");
+    // Rows as a schema-3 gateway wrote them: staged in a schema-4 table, copied as hex.
+    let mut chain = Chain::default();
+    let rows: Vec<AuditRow> = (1..=40u64)
+        .map(|seq| {
+            let mut row = AuditRow::from_envelope(&Envelope {
+                v: 1,
+                id: uuid::Uuid::new_v4(),
+                seq,
+                time: chrono::Utc::now(),
+                gateway: "gw-old".into(),
+                event: flow_closed(seq, if seq % 2 == 0 { "alice" } else { "bob" }),
+            });
+            chain.seal(&mut row);
+            row
+        })
+        .collect();
+    let staging = migrated(&ch, "staging");
+    rt().block_on(staging.insert(&rows)).unwrap();
+    let cols = portcullis_audit::row::column_list();
+    let hex_cols = cols
+        .replace("prev_hash", "lower(hex(prev_hash))")
+        .replace(", hash", ", lower(hex(hash))");
+    ch.query(&format!(
+        "INSERT INTO pc.events ({cols}) SELECT {hex_cols} FROM staging.events"
+    ))
+    .unwrap();
+    assert_eq!(
+        ch.query("SELECT length(any(hash)) FROM pc.events")
+            .unwrap()
+            .trim(),
+        "64"
+    );
+
+    assert_eq!(rt().block_on(store.migrate()).unwrap(), vec![4]);
+    rt().block_on(store.check_schema()).unwrap();
+    assert_eq!(
+        ch.count("SELECT count() FROM system.tables WHERE database = 'pc' AND name = 'events_v3'")
+            .unwrap(),
+        0
+    );
+    let back: Vec<AuditRow> = rt()
+        .block_on(
+            store
+                .client()
+                .query(&format!("SELECT {cols} FROM pc.events FINAL ORDER BY seq"))
+                .fetch_all(),
+        )
+        .unwrap();
+    assert_eq!(back, rows, "every row, hashes now raw and equal");
+    assert!(back.iter().all(|r| r.expected_hash() == r.hash));
+    // The view feeds flows_by_dst again (its 40 rows were there before the rebuild).
+    let next = {
+        let mut row = AuditRow::from_envelope(&Envelope {
+            v: 1,
+            id: uuid::Uuid::new_v4(),
+            seq: 41,
+            time: chrono::Utc::now(),
+            gateway: "gw-old".into(),
+            event: flow_closed(41, "carol"),
+        });
+        chain.seal(&mut row);
+        row
+    };
+    rt().block_on(store.insert(&[next])).unwrap();
+    assert_eq!(
+        ch.count("SELECT count() FROM pc.flows_by_dst FINAL")
+            .unwrap(),
+        41
+    );
+    assert_eq!(
+        ch.count("SELECT count() FROM pc.flows_by_dst FINAL WHERE user = 'carol'")
+            .unwrap(),
+        1
+    );
+    assert!(rt().block_on(store.migrate()).unwrap().is_empty());
 }
 
 #[test]

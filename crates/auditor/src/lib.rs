@@ -132,7 +132,7 @@ pub async fn verify_trail(
     if let Some(u) = until {
         w.push(format!("time <= toDateTime({})", u.timestamp()));
     }
-    let cols = portcullis_audit::row::COLUMNS.join(", ");
+    let cols = portcullis_audit::row::column_list();
     // Without FINAL: a row edited into a second version must show up as a conflict.
     let sql = format!(
         "SELECT {cols} FROM {}.events WHERE {} ORDER BY gateway, seq",

@@ -137,6 +137,31 @@ pub struct Spool {
     committed_seq: u64,
 }
 
+/// Committed records read in one go (see [`Spool::read_batch`]).
+#[derive(Debug, Default)]
+pub struct Batch {
+    buf: Vec<u8>,
+    records: Vec<(u64, std::ops::Range<usize>)>,
+}
+
+impl Batch {
+    /// `(sequence number, payload)` in order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &[u8])> + '_ {
+        self.records
+            .iter()
+            .map(|(seq, r)| (*seq, self.buf.get(r.clone()).unwrap_or_default()))
+    }
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+    pub fn last_seq(&self) -> Option<u64> {
+        self.records.last().map(|(seq, _)| *seq)
+    }
+}
+
 impl Spool {
     /// Opens (or creates) the spool in `dir`, recovering after a crash.
     pub fn open(dir: &Path, config: SpoolConfig) -> Result<(Spool, Recovery), SpoolError> {
@@ -316,14 +341,26 @@ impl Spool {
     }
 
     /// Reads up to `max` committed records with sequence numbers ≥ `from` (skipping
-    /// acknowledged ones).
+    /// acknowledged ones), each as its own buffer.
     pub fn read_from(&self, from: u64, max: usize) -> Result<Vec<(u64, Vec<u8>)>, SpoolError> {
+        Ok(self
+            .read_batch(from, max)?
+            .iter()
+            .map(|(seq, payload)| (seq, payload.to_vec()))
+            .collect())
+    }
+
+    /// Reads up to `max` committed records with sequence numbers ≥ `from` (skipping
+    /// acknowledged ones) into one buffer: one read per segment, no allocation per record.
+    pub fn read_batch(&self, from: u64, max: usize) -> Result<Batch, SpoolError> {
         let from = from.max(self.acked + 1);
         let max = max.min(self.committed_seq.saturating_sub(from) as usize);
-        let mut out = Vec::with_capacity(max);
-        let mut buf = Vec::new();
+        let mut batch = Batch {
+            buf: Vec::new(),
+            records: Vec::with_capacity(max),
+        };
         for seg in &self.segments {
-            if out.len() >= max {
+            if batch.records.len() >= max {
                 break;
             }
             if seg.last_seq.is_none_or(|l| l < from) {
@@ -335,7 +372,7 @@ impl Spool {
             let first = seg.index.partition_point(|&(seq, _)| seq < from);
             let wanted = seg.index.get(first..).unwrap_or_default();
             let wanted = wanted
-                .get(..wanted.len().min(max - out.len()))
+                .get(..wanted.len().min(max - batch.records.len()))
                 .unwrap_or_default();
             let (Some(&(_, start)), Some(&(_, last))) = (wanted.first(), wanted.last()) else {
                 continue;
@@ -348,30 +385,29 @@ impl Spool {
                 .map_or(seg.bytes.max(last + FRAME as u64), |&(_, next)| next);
             let mut file = File::open(&seg.path).map_err(io(&seg.path))?;
             file.seek(SeekFrom::Start(start)).map_err(io(&seg.path))?;
-            buf.clear();
+            let base = batch.buf.len();
             (&mut file)
                 .take(end - start)
-                .read_to_end(&mut buf)
+                .read_to_end(&mut batch.buf)
                 .map_err(io(&seg.path))?;
             for &(seq, offset) in wanted {
-                let at = (offset - start) as usize;
-                let payload = buf
+                let at = base + (offset - start) as usize;
+                let range = batch
+                    .buf
                     .get(at..)
                     .and_then(|rest| rest.first_chunk::<4>())
-                    .and_then(|len| {
-                        let len = u32::from_le_bytes(*len) as usize;
-                        buf.get(at + FRAME..at + FRAME + len)
-                    })
+                    .map(|len| at + FRAME..at + FRAME + u32::from_le_bytes(*len) as usize)
+                    .filter(|r| r.end <= batch.buf.len())
                     .ok_or_else(|| {
                         io(&seg.path)(std::io::Error::new(
                             std::io::ErrorKind::UnexpectedEof,
                             format!("record {seq} at offset {offset} runs past the end"),
                         ))
                     })?;
-                out.push((seq, payload.to_vec()));
+                batch.records.push((seq, range));
             }
         }
-        Ok(out)
+        Ok(batch)
     }
 
     /// The newest committed record, acknowledged or not (the audit chain resumes from it
