@@ -72,12 +72,14 @@ fn writer(c: &mut Criterion) {
         })
     });
     // What the uploader does per event: the spool record into the Native block.
-    let record = buf.clone();
-    let mut block = portcullis_audit::NativeBlock::default();
+    let mut record = Vec::new();
+    r.encode_record(&mut record);
+    let fresh = || portcullis_audit::NativeBlock::with_capacity(100_000, &record);
+    let mut block = fresh();
     g.bench_function("native_transcode", |b| {
         b.iter(|| {
             if block.rows() >= 100_000 {
-                block = portcullis_audit::NativeBlock::default();
+                block = fresh();
             }
             block.push_record(&record).unwrap();
         })

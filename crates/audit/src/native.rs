@@ -57,11 +57,14 @@ struct Column {
 pub struct NativeBlock {
     columns: Vec<Column>,
     rows: u64,
+    /// Column lengths before the record being added (to undo a bad one), kept to reuse.
+    marks: Vec<(usize, usize, u64)>,
 }
 
 impl Default for NativeBlock {
     fn default() -> Self {
         NativeBlock {
+            marks: Vec::with_capacity(COLUMNS.len()),
             columns: COLUMNS
                 .iter()
                 .map(|&(name, ch_type)| Column {
@@ -126,20 +129,38 @@ fn put_string(out: &mut Vec<u8>, s: &[u8]) {
 }
 
 impl NativeBlock {
+    /// An empty block with room for `rows` rows like `sample` (a spool record), so the
+    /// column buffers do not grow while records are added.
+    pub fn with_capacity(rows: usize, sample: &[u8]) -> NativeBlock {
+        let mut block = NativeBlock::default();
+        if block.push_record(sample).is_ok() {
+            for c in &mut block.columns {
+                // Room for longer strings than the sample's.
+                let room = rows.saturating_mul(c.data.len() + c.data.len() / 4);
+                c.data = Vec::with_capacity(room);
+                c.offsets = Vec::with_capacity(if c.field == Field::Strs { rows * 8 } else { 0 });
+                c.elements = 0;
+            }
+            block.rows = 0;
+        }
+        block
+    }
+
     pub fn rows(&self) -> u64 {
         self.rows
     }
 
     /// Adds one spool record as a row. A record that does not decode adds nothing.
     pub fn push_record(&mut self, record: &[u8]) -> Result<(), DecodeError> {
-        let marks: Vec<(usize, usize, u64)> = self
-            .columns
-            .iter()
-            .map(|c| (c.data.len(), c.offsets.len(), c.elements))
-            .collect();
+        self.marks.clear();
+        self.marks.extend(
+            self.columns
+                .iter()
+                .map(|c| (c.data.len(), c.offsets.len(), c.elements)),
+        );
         let result = self.transcode(record);
         if result.is_err() {
-            for (c, (data, offsets, elements)) in self.columns.iter_mut().zip(marks) {
+            for (c, &(data, offsets, elements)) in self.columns.iter_mut().zip(&self.marks) {
                 c.data.truncate(data);
                 c.offsets.truncate(offsets);
                 c.elements = elements;

@@ -632,7 +632,11 @@ impl Uploader {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             };
-            let mut block = NativeBlock::default();
+            let mut block = records
+                .iter()
+                .next()
+                .map(|(_, sample)| NativeBlock::with_capacity(records.len(), sample))
+                .unwrap_or_default();
             for (seq, bytes) in records.iter() {
                 if let Err(e) = block.push_record(bytes) {
                     st.undecodable.fetch_add(1, Ordering::Relaxed);
