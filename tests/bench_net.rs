@@ -60,6 +60,8 @@ fn main() -> Result<()> {
                 GatewayKind::Portcullis
             },
             extra_config: if audit { flows.into() } else { String::new() },
+            // What an operator gets: the uploader's default batch interval.
+            upload_interval_ms: None,
             ..LabOptions::default()
         };
         let lab = match (&clickhouse, name) {
@@ -79,6 +81,39 @@ fn main() -> Result<()> {
         labs.push((name, lab, server, 0u64));
     }
     std::thread::sleep(Duration::from_millis(300));
+    if audit {
+        // Where the audit's CPU goes with the churn alone (no iperf3): each gateway's
+        // threads and, for the audited one, the ClickHouse server, over the same interval.
+        let idle = arg("--churn-seconds", 10);
+        for (name, lab, _, churned) in labs.iter_mut() {
+            let pid = lab.gateway_pid().ok_or_else(|| anyhow!("no gateway"))?;
+            let ch_pid = clickhouse.as_ref().and_then(|c| c.pid());
+            let ch_cpu = || {
+                ch_pid.map_or(0.0, |p| {
+                    portcullis_testkit::cpu_seconds(&format!("/proc/{p}/stat"))
+                })
+            };
+            let (threads0, ch0) = (portcullis_testkit::thread_cpu_seconds(pid), ch_cpu());
+            let churn = Churn::start(&lab.alice.ns, flows_per_sec)?;
+            std::thread::sleep(Duration::from_secs(idle));
+            *churned += churn.stop();
+            // The last flows close (and are uploaded) after the churn stops.
+            std::thread::sleep(Duration::from_secs(3));
+            let (threads1, ch1) = (portcullis_testkit::thread_cpu_seconds(pid), ch_cpu());
+            let per_sec = |v: f64| v / idle as f64 * 100.0;
+            let mut parts: Vec<String> = threads1
+                .iter()
+                .map(|(t, v)| (t, v - threads0.get(t).copied().unwrap_or(0.0)))
+                .filter(|(_, v)| *v > 0.0)
+                .map(|(t, v)| format!("{t} {:.1}%", per_sec(v)))
+                .collect();
+            parts.push(format!("clickhouse-server {:.1}%", per_sec(ch1 - ch0)));
+            eprintln!(
+                "{name:>12}: churn alone ({flows_per_sec} new flows/s for {idle} s), CPU of one core: {}",
+                parts.join(", ")
+            );
+        }
+    }
     let mut rows = Vec::new();
     for (streams, reverse) in [(1, false), (4, false), (1, true), (4, true)] {
         let mut pair: Vec<Row> = labs

@@ -194,6 +194,9 @@ pub struct LabOptions {
     /// password `<name>-password`; its metadata is `idp-metadata.xml` in the lab dir, and
     /// `{idp_metadata_url}` in `extra_config` becomes its metadata URL.
     pub saml_idp: bool,
+    /// With `start_audited`: `[audit.clickhouse] batch_interval_ms` (200, so tests see
+    /// rows quickly); `None` keeps the product's default.
+    pub upload_interval_ms: Option<u64>,
 }
 
 impl Default for LabOptions {
@@ -209,6 +212,7 @@ impl Default for LabOptions {
             slapd: false,
             slapd_tls: false,
             saml_idp: false,
+            upload_interval_ms: Some(200),
         }
     }
 }
@@ -784,8 +788,11 @@ address6 = "fd00:64::3"
         let mut lab = Lab::start(LabOptions {
             audit_config: format!("spool_dir = \"spool\"\n{}", opts.audit_config),
             extra_config: format!(
-                "[audit.clickhouse]\nurl = \"{}\"\nbatch_interval_ms = 200\n{}",
+                "[audit.clickhouse]\nurl = \"{}\"\n{}{}",
                 clickhouse.url(),
+                opts.upload_interval_ms
+                    .map(|ms| format!("batch_interval_ms = {ms}\n"))
+                    .unwrap_or_default(),
                 opts.extra_config
             ),
             ..opts

@@ -5,8 +5,9 @@
 //!   the event, counts it and raises [`Pipeline::blocked`].
 //! - writer thread: stamps each event (UUID, per-gateway sequence number = spool sequence
 //!   number), links it into the hash chain, appends it to the spool, commits once per
-//!   batch (group commit: what arrives within 10 ms of the first event; the fsync policy
-//!   decides what commit means), then appends the batch to the
+//!   batch (group commit: it polls the queue every 10 ms and takes what is there, up to
+//!   8,192 events, so the data plane never wakes it; the fsync policy decides what commit
+//!   means), then appends the batch to the
 //!   events file: a line there is an event counted as written. When the spool refuses
 //!   (full, or an io error) the events are counted, the pipeline reports `blocked`, and
 //!   once writing works again an `audit_degraded` event records the interval and the count.
@@ -20,7 +21,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -339,57 +340,50 @@ struct Writer {
     ids: rand::rngs::StdRng,
 }
 
-/// Longest an event waits for others to share its commit.
+/// How long the writer sleeps when the queue is drained: an event waits at most this long
+/// for others to share its commit.
 const GROUP_COMMIT: Duration = Duration::from_millis(10);
+/// How often an idle writer retries to report a degraded interval.
+const DEGRADED_RETRY: Duration = Duration::from_millis(200);
 const WRITE_BATCH: usize = 8192;
 
 impl Writer {
+    /// Group commit by polling: drain the queue, write and commit what was there, sleep
+    /// [`GROUP_COMMIT`] unless the batch was full. The writer never blocks on the queue, so
+    /// `submit` never has a sleeping thread to wake: the data plane makes no syscall per
+    /// event, and a trickle of events costs ~100 wake-ups (and commits) a second, not one
+    /// per event.
     fn run(mut self, rx: Receiver<Item>) {
         let mut batch = Vec::with_capacity(WRITE_BATCH);
+        let mut last_degraded_try = Instant::now();
         loop {
-            match rx.recv_timeout(Duration::from_millis(200)) {
-                Ok(item) => batch.push(item),
-                Err(RecvTimeoutError::Timeout) => {
-                    // Nothing to write: still report a degraded interval once writable.
-                    if self.degraded.is_some()
-                        || self.shared.queue_refused.load(Ordering::Relaxed) > 0
-                    {
-                        self.write_batch(Vec::new());
-                    }
-                    continue;
-                }
-                Err(RecvTimeoutError::Disconnected) => break,
-            }
-            // Group commit: gather what arrives within GROUP_COMMIT of the first event, so
-            // a trickle of events costs ~100 commits (fsyncs) a second, not one per event.
-            let deadline = Instant::now() + GROUP_COMMIT;
             let mut disconnected = false;
             while batch.len() < WRITE_BATCH {
                 match rx.try_recv() {
                     Ok(item) => batch.push(item),
-                    Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
                         disconnected = true;
                         break;
                     }
-                    Err(std::sync::mpsc::TryRecvError::Empty) => {
-                        let now = Instant::now();
-                        if now >= deadline {
-                            break;
-                        }
-                        match rx.recv_timeout(deadline - now) {
-                            Ok(item) => batch.push(item),
-                            Err(RecvTimeoutError::Timeout) => break,
-                            Err(RecvTimeoutError::Disconnected) => {
-                                disconnected = true;
-                                break;
-                            }
-                        }
-                    }
                 }
             }
-            self.write_batch(std::mem::take(&mut batch));
+            let full = batch.len() == WRITE_BATCH;
+            if !batch.is_empty() {
+                self.write_batch(std::mem::take(&mut batch));
+            } else if (self.degraded.is_some()
+                || self.shared.queue_refused.load(Ordering::Relaxed) > 0)
+                && last_degraded_try.elapsed() >= DEGRADED_RETRY
+            {
+                // Nothing to write: still report a degraded interval once writable.
+                last_degraded_try = Instant::now();
+                self.write_batch(Vec::new());
+            }
             if disconnected {
                 break;
+            }
+            if !full {
+                std::thread::sleep(GROUP_COMMIT);
             }
         }
         if let Some((f, _)) = &mut self.events {
@@ -537,6 +531,8 @@ struct Uploader {
     shared: Arc<Shared>,
 }
 
+/// How often an idle uploader looks for committed events (or for a full batch).
+const UPLOAD_POLL: Duration = Duration::from_millis(50);
 const INSERT_TIMEOUT: Duration = Duration::from_secs(30);
 const METRICS_EVERY: Duration = Duration::from_secs(10);
 const RETENTION_EVERY: Duration = Duration::from_secs(3600);
@@ -603,7 +599,7 @@ impl Uploader {
             let available = (st.written_seq.load(Ordering::Relaxed) + 1).saturating_sub(next);
             if available == 0 {
                 st.lag_ms.store(0, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                tokio::time::sleep(UPLOAD_POLL).await;
                 continue;
             }
             if oldest.is_none_or(|(seq, _)| seq != next) {
@@ -613,10 +609,10 @@ impl Uploader {
                 (Utc::now().timestamp_micros().max(0) as u64).saturating_sub(time_us) / 1000
             });
             st.lag_ms.store(age, Ordering::Relaxed);
-            if (available as usize) < self.config.batch_rows
-                && Duration::from_millis(age) < self.config.batch_interval
-            {
-                tokio::time::sleep(Duration::from_millis(10)).await;
+            let age = Duration::from_millis(age);
+            if (available as usize) < self.config.batch_rows && age < self.config.batch_interval {
+                // Until the oldest event is due, looking for a full batch meanwhile.
+                tokio::time::sleep((self.config.batch_interval - age).min(UPLOAD_POLL)).await;
                 continue;
             }
             let read = lock(&self.spool).read_batch(next, self.config.batch_rows);

@@ -59,6 +59,21 @@ pub fn cpu_seconds(stat_path: &str) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// CPU seconds (user + system) of each thread of a process, summed by thread name.
+pub fn thread_cpu_seconds(pid: u32) -> std::collections::BTreeMap<String, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let path = task.path();
+        let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        *out.entry(name.trim().to_string()).or_insert(0.0) +=
+            cpu_seconds(&path.join("stat").to_string_lossy());
+    }
+    out
+}
+
 /// The number after `--name` on the command line of a bench binary, or `default`.
 pub fn numeric_arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
