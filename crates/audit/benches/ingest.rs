@@ -85,11 +85,13 @@ fn start(
             upload: UploadConfig {
                 store,
                 batch_rows,
-                batch_interval: Duration::from_millis(500),
+                // The product's defaults: `batch_interval_ms` 1000, `commit_interval_ms` 50.
+                batch_interval: Duration::from_millis(1000),
                 retention: None,
             },
         }),
         queue: 65_536,
+        commit_interval: Duration::from_millis(50),
     })
     .unwrap();
     p

@@ -5,9 +5,9 @@
 //!   the event, counts it and raises [`Pipeline::blocked`].
 //! - writer thread: stamps each event (UUID, per-gateway sequence number = spool sequence
 //!   number), links it into the hash chain, appends it to the spool, commits once per
-//!   batch (group commit: it polls the queue every 10 ms and takes what is there, up to
-//!   8,192 events, so the data plane never wakes it; the fsync policy decides what commit
-//!   means), then appends the batch to the
+//!   batch (group commit: it polls the queue every commit interval, 50 ms by default, and
+//!   takes what is there, up to 8,192 events, so the data plane never wakes it; the fsync
+//!   policy decides what commit means), then appends the batch to the
 //!   events file: a line there is an event counted as written. When the spool refuses
 //!   (full, or an io error) the events are counted, the pipeline reports `blocked`, and
 //!   once writing works again an `audit_degraded` event records the interval and the count.
@@ -45,6 +45,9 @@ pub struct PipelineConfig {
     pub spool: Option<SpoolSettings>,
     /// Events the queue between the data plane and the writer holds.
     pub queue: usize,
+    /// Group commit: how often the writer takes what the queue holds (at once when a
+    /// full batch waits). Events reach the spool at most this long after `submit`.
+    pub commit_interval: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -162,6 +165,7 @@ impl Pipeline {
             stop: AtomicBool::new(false),
         });
         let (tx, rx) = sync_channel(config.queue.max(1));
+        let commit_interval = config.commit_interval.max(Duration::from_millis(1));
         let mut recovery = None;
         let mut spool = None;
         let mut chain = Chain::default();
@@ -222,7 +226,7 @@ impl Pipeline {
         }
         let writer = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || writer.run(rx, commit_interval))
             .map_err(AuditError::Thread)?;
         let uploader = match (&config.spool, spool) {
             (Some(s), Some(spool)) => {
@@ -340,20 +344,17 @@ struct Writer {
     ids: rand::rngs::StdRng,
 }
 
-/// How long the writer sleeps when the queue is drained: an event waits at most this long
-/// for others to share its commit.
-const GROUP_COMMIT: Duration = Duration::from_millis(10);
 /// How often an idle writer retries to report a degraded interval.
 const DEGRADED_RETRY: Duration = Duration::from_millis(200);
 const WRITE_BATCH: usize = 8192;
 
 impl Writer {
     /// Group commit by polling: drain the queue, write and commit what was there, sleep
-    /// [`GROUP_COMMIT`] unless the batch was full. The writer never blocks on the queue, so
+    /// the commit interval unless the batch was full. The writer never blocks on the queue, so
     /// `submit` never has a sleeping thread to wake: the data plane makes no syscall per
-    /// event, and a trickle of events costs ~100 wake-ups (and commits) a second, not one
+    /// event, and a trickle of events costs one wake-up (and commit) per interval, not one
     /// per event.
-    fn run(mut self, rx: Receiver<Item>) {
+    fn run(mut self, rx: Receiver<Item>, interval: Duration) {
         let mut batch = Vec::with_capacity(WRITE_BATCH);
         let mut last_degraded_try = Instant::now();
         loop {
@@ -383,7 +384,7 @@ impl Writer {
                 break;
             }
             if !full {
-                std::thread::sleep(GROUP_COMMIT);
+                std::thread::sleep(interval);
             }
         }
         if let Some((f, _)) = &mut self.events {

@@ -92,6 +92,7 @@ fn pipeline_config(dir: &Path, ch: &ClickHouse, db: &str, max_bytes: u64) -> Pip
             },
         }),
         queue: 100_000,
+        commit_interval: Duration::from_millis(10),
     }
 }
 

@@ -423,6 +423,11 @@ pub struct AuditConfig {
     /// batch the writer takes, before the batch counts as written), `never` (the OS decides).
     #[serde(default)]
     pub fsync: FsyncMode,
+    /// Group commit: the writer takes what the queue holds this often (or at once when
+    /// 8,192 events wait) and commits it together. Events reach the disk at most this
+    /// long after they happen; a trickle costs at most 1000 / this commits (fsyncs) a second.
+    #[serde(default = "default_commit_interval_ms")]
+    pub commit_interval_ms: u64,
     #[serde(default = "default_spool_max_bytes")]
     pub spool_max_bytes: u64,
     #[serde(default = "default_segment_bytes")]
@@ -436,6 +441,10 @@ pub struct AuditConfig {
     pub clickhouse: Option<ClickHouseConfig>,
     #[serde(default)]
     pub api: Option<AuditApiConfig>,
+}
+
+fn default_commit_interval_ms() -> u64 {
+    50
 }
 
 fn default_spool_max_bytes() -> u64 {
@@ -500,7 +509,7 @@ fn default_batch_rows() -> usize {
 }
 
 fn default_batch_interval_ms() -> u64 {
-    500
+    1000
 }
 
 /// The read-only auditor HTTP API (`portcullis audit serve`).
@@ -883,6 +892,15 @@ pub fn parse(path: &Path, src: &str) -> Result<Loaded, ConfigError> {
         return Err(err(
             "audit.spool_dir".into(),
             "set without [audit.clickhouse]: nothing would drain the spool".into(),
+        ));
+    }
+    if a.commit_interval_ms == 0 || a.commit_interval_ms > 1000 {
+        return Err(err(
+            "audit.commit_interval_ms".into(),
+            format!(
+                "{} ms: must be between 1 and 1000 (events wait this long for the disk)",
+                a.commit_interval_ms
+            ),
         ));
     }
     if a.segment_bytes < 4096 || a.spool_max_bytes < 2 * a.segment_bytes {
@@ -1424,6 +1442,11 @@ address = "100.64.0.2"
                 sample("").replace("events_file = \"events.jsonl\"", "events_file = \"e\"\nfsync = \"sometimes\""),
                 "audit.fsync",
                 "unknown variant",
+            ),
+            (
+                sample("").replace("events_file = \"events.jsonl\"", "events_file = \"e\"\ncommit_interval_ms = 0"),
+                "audit.commit_interval_ms",
+                "between 1 and 1000",
             ),
         ];
         for (src, key, reason) in cases {

@@ -668,6 +668,7 @@ pub fn pipeline_config(loaded: &Loaded) -> anyhow::Result<PipelineConfig> {
         events_file: a.events_file.clone(),
         spool,
         queue: 65_536,
+        commit_interval: Duration::from_millis(a.commit_interval_ms),
     })
 }
 
