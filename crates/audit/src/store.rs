@@ -87,8 +87,11 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// Servers older than this get uncompressed RowBinary without schema validation (they lack
-/// `RowBinaryWithNamesAndTypes` and the crate's compressed inserts).
+/// Servers older than this get uncompressed requests and queries without the crate's row
+/// validation (they lack `RowBinaryWithNamesAndTypes` and the crate's compressed inserts);
+/// newer ones get LZ4 and validated queries. Inserts are `Native` on both: the block names
+/// every column with its type, which the server checks, and [`Store::check_schema`]
+/// compares the table's column types with what the uploader encodes before any insert.
 const MODERN_MAJOR: u32 = 22;
 
 fn base_client(cfg: &StoreConfig) -> clickhouse::Client {
