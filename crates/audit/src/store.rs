@@ -460,7 +460,9 @@ const FLOWS_BY_DST_MV: &str =
             policy_ids, reason, duration_ms, bytes_out, packets_out, bytes_in, packets_in
             FROM {db}.events WHERE kind IN ('flow_opened', 'flow_denied', 'flow_closed')";
 
-/// `events` from schema 4 on: the hashes as 32 raw bytes.
+/// `events` from schema 4 on: the hashes as 32 raw bytes. Spelled out like migration 1's
+/// table rather than built from [`COLUMNS`]: a migration is history and must create the
+/// same table after later schemas change the columns.
 const EVENTS_V4: &str = "CREATE TABLE IF NOT EXISTS {db}.events (
             event_id UUID, gateway String, seq UInt64, time DateTime, time_us UInt64, v UInt32,
             kind String, user String, groups Array(String), device String,
