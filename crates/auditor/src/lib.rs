@@ -29,6 +29,8 @@ pub enum AuditorError {
     Store(#[from] clickhouse::error::Error),
     #[error("clickhouse answered something that is not JSONCompact: {0}")]
     Format(#[from] serde_json::Error),
+    #[error(transparent)]
+    Schema(#[from] portcullis_audit::StoreError),
 }
 
 /// A query result: column names in order, one JSON array per row.
@@ -132,6 +134,9 @@ pub async fn verify_trail(
     if let Some(u) = until {
         w.push(format!("time <= toDateTime({})", u.timestamp()));
     }
+    // Rows are read in the types this build knows (schema 4 hashes): an older schema is
+    // named, with the remedy, instead of misread.
+    store.check_schema().await?;
     let cols = portcullis_audit::row::column_list();
     // Without FINAL: a row edited into a second version must show up as a conflict.
     let sql = format!(

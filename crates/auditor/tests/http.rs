@@ -220,3 +220,37 @@ fn the_api_answers_only_with_the_token_and_serves_queries_reports_and_verify() {
         );
     });
 }
+
+/// A trail still at schema 3 (hex hashes) is not misread: verify names the migration.
+#[test]
+fn verify_on_an_older_schema_asks_for_the_migration() {
+    let ch = ClickHouse::start().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let store = Store::connect(&StoreConfig {
+            url: ch.url(),
+            database: "portcullis".into(),
+            user: "default".into(),
+            password: None,
+        })
+        .await
+        .unwrap();
+        store.migrate_to(3).await.unwrap();
+        let err = portcullis_auditor::verify_trail(&store, None, None, None)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("schema version 3") && err.contains("portcullis audit migrate"),
+            "{err}"
+        );
+        store.migrate().await.unwrap();
+        let report = portcullis_auditor::verify_trail(&store, None, None, None)
+            .await
+            .unwrap();
+        assert!(report.ok() && report.rows == 0, "{report:?}");
+    });
+}
