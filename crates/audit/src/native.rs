@@ -6,7 +6,9 @@
 //! Records are transcoded field by field into the column buffers, without building an
 //! [`AuditRow`](crate::AuditRow) per record.
 //!
-//! Wire format (what `clickhouse-server` reads over HTTP, 18.16 and current): varint
+//! Wire format (what `clickhouse-server` reads over HTTP, 18.16 and current; the block
+//! info and per-column serialization flags of the TCP protocol are only sent to a peer
+//! that announced a protocol revision, which HTTP clients do not): varint
 //! column count, varint row count, then per column its name and type (varint length +
 //! bytes) and its data: fixed-width values little endian back to back; `String` as varint
 //! length + bytes per row; `Array(String)` as the cumulative element counts (`UInt64`
