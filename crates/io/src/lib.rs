@@ -227,6 +227,9 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         None => None,
     };
     let profile = profile.map(Arc::new);
+    // Read once (the ClickHouse password file among it) for the pipeline and the
+    // auditor routes.
+    let audit_config = pipeline_config(&loaded)?;
     if let Some(h) = &c.http {
         let mut app = axum::Router::new();
         if let (Some(saml), Some(identity), Some(profile)) = (&c.saml, &identity, &profile) {
@@ -257,8 +260,11 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
                 max_body_bytes: h.max_body_bytes,
                 policy_dir: c.policy.dir.clone(),
                 profile_scope: devices::ProfileScope::new(&loaded),
-                store: store_config(&loaded)?
-                    .map(|s| Arc::new(portcullis_auditor::http::StoreHandle::lazy(s))),
+                store: audit_config.spool.as_ref().map(|s| {
+                    Arc::new(portcullis_auditor::http::StoreHandle::lazy(
+                        s.upload.store.clone(),
+                    ))
+                }),
             }));
         }
         let app = app.layer(axum::extract::DefaultBodyLimit::max(h.max_body_bytes));
@@ -291,7 +297,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     if let Some(identity) = identity.as_ref().filter(|i| i.device_policy().is_some()) {
         devices::spawn_expiry(identity.clone());
     }
-    let (audit, recovery) = Pipeline::start(pipeline_config(&loaded)?)?;
+    let (audit, recovery) = Pipeline::start(audit_config)?;
     if let Some(r) = recovery {
         tracing::info!(
             records = r.records,

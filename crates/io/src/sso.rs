@@ -238,8 +238,7 @@ impl Sso {
     }
 
     fn session(&self, headers: &HeaderMap) -> Option<WebSession> {
-        let value = cookie(headers, COOKIE)?;
-        let key: [u8; 32] = Sha256::digest(value.as_bytes()).into();
+        let key = session_key(cookie(headers, COOKIE)?);
         let sessions = self.sessions.lock().ok()?;
         sessions.get(&key).filter(|s| s.until > Utc::now()).cloned()
     }
@@ -247,7 +246,7 @@ impl Sso {
     /// A new session; the cookie value to set.
     fn open_session(&self, user: &str, until: DateTime<Utc>) -> Option<String> {
         let token = random_b64::<32>();
-        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let key = session_key(&token);
         let mut sessions = self.sessions.lock().ok()?;
         let now = Utc::now();
         sessions.retain(|_, s| s.until > now);
@@ -537,11 +536,15 @@ async fn acs(
         .into_response()
 }
 
+/// Sessions are kept under the SHA-256 of their cookie, never the cookie itself.
+fn session_key(cookie_value: &str) -> [u8; 32] {
+    Sha256::digest(cookie_value.as_bytes()).into()
+}
+
 async fn logout(State(sso): State<Arc<Sso>>, headers: HeaderMap) -> Response {
     if let Some(value) = cookie(&headers, COOKIE) {
-        let key: [u8; 32] = Sha256::digest(value.as_bytes()).into();
         if let Ok(mut s) = sso.sessions.lock() {
-            s.remove(&key);
+            s.remove(&session_key(value));
         }
     }
     let mut r = page(
