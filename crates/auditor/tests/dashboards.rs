@@ -7,9 +7,11 @@
     clippy::indexing_slicing
 )]
 
+mod common;
+
 use std::path::Path;
 
-use portcullis_audit::{AuditRow, Chain, Store, StoreConfig};
+use portcullis_audit::{AuditRow, Chain, SCHEMA_VERSION};
 use portcullis_model::{Envelope, Event};
 use portcullis_testkit::ClickHouse;
 
@@ -32,22 +34,8 @@ fn substitute(sql: &str, from: i64, to: i64) -> String {
 #[test]
 fn every_panel_query_runs_on_the_real_server() {
     let ch = ClickHouse::start().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let store = rt.block_on(async {
-        let s = Store::connect(&StoreConfig {
-            url: ch.url(),
-            database: "portcullis".into(),
-            user: "default".into(),
-            password: None,
-        })
-        .await
-        .unwrap();
-        s.migrate().await.unwrap();
-        s
-    });
+    let rt = common::runtime();
+    let store = rt.block_on(common::store(&ch, SCHEMA_VERSION));
     let now = chrono::Utc::now();
     let mut chain = Chain::default();
     let events = vec![

@@ -9,7 +9,9 @@
     clippy::indexing_slicing
 )]
 
-use portcullis_audit::{AuditRow, Chain, Store, StoreConfig};
+mod common;
+
+use portcullis_audit::{AuditRow, Chain, SCHEMA_VERSION};
 use portcullis_model::{CloseReason, Counters, Envelope, Event, FlowTuple, Protocol};
 use portcullis_testkit::ClickHouse;
 use serde_json::Value;
@@ -103,20 +105,9 @@ fn column(table: &Value, name: &str) -> Vec<Value> {
 #[test]
 fn the_api_answers_only_with_the_token_and_serves_queries_reports_and_verify() {
     let ch = ClickHouse::start().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::runtime();
     rt.block_on(async {
-        let store = Store::connect(&StoreConfig {
-            url: ch.url(),
-            database: "portcullis".into(),
-            user: "default".into(),
-            password: None,
-        })
-        .await
-        .unwrap();
-        store.migrate().await.unwrap();
+        let store = common::store(&ch, SCHEMA_VERSION).await;
         let events = [
             flow("alice", true, "10.8.0.2", 22),
             flow("alice", true, "10.8.0.3", 443),
@@ -225,20 +216,9 @@ fn the_api_answers_only_with_the_token_and_serves_queries_reports_and_verify() {
 #[test]
 fn verify_on_an_older_schema_asks_for_the_migration() {
     let ch = ClickHouse::start().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::runtime();
     rt.block_on(async {
-        let store = Store::connect(&StoreConfig {
-            url: ch.url(),
-            database: "portcullis".into(),
-            user: "default".into(),
-            password: None,
-        })
-        .await
-        .unwrap();
-        store.migrate_to(3).await.unwrap();
+        let store = common::store(&ch, 3).await;
         let err = portcullis_auditor::verify_trail(&store, None, None, None)
             .await
             .unwrap_err()
