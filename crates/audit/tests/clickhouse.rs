@@ -136,19 +136,15 @@ fn migrate_is_idempotent_and_matches_the_row_type() {
     assert_eq!(store.version.0, 18, "the test server is Debian's 18.16");
 }
 
-/// Schema 3 kept the chain hashes as hex text; schema 4 rebuilds `events` with raw ones.
-#[test]
-fn schema_4_rebuilds_events_with_raw_hashes_keeping_every_row_and_the_view() {
-    let ch = ClickHouse::start().unwrap();
+/// A database `db` at schema 3 holding `n` chained flow rows as a schema-3 gateway wrote
+/// them (hashes as hex text): staged in a schema-4 database `<db>_staging`, copied as hex.
+fn schema_3_with_rows(ch: &ClickHouse, db: &str, n: u64) -> (Store, Vec<AuditRow>, Chain) {
     let store = rt()
-        .block_on(Store::connect(&store_config(&ch, "pc")))
+        .block_on(Store::connect(&store_config(ch, db)))
         .unwrap();
     assert_eq!(rt().block_on(store.migrate_to(3)).unwrap(), vec![1, 2, 3]);
-    let err = rt().block_on(store.check_schema()).unwrap_err().to_string();
-    assert!(err.contains("schema version 3"), "{err}");
-    // Rows as a schema-3 gateway wrote them: staged in a schema-4 table, copied as hex.
     let mut chain = Chain::default();
-    let rows: Vec<AuditRow> = (1..=40u64)
+    let rows: Vec<AuditRow> = (1..=n)
         .map(|seq| {
             let mut row = AuditRow::from_envelope(&Envelope {
                 v: 1,
@@ -162,22 +158,45 @@ fn schema_4_rebuilds_events_with_raw_hashes_keeping_every_row_and_the_view() {
             row
         })
         .collect();
-    let staging = migrated(&ch, "staging");
+    let staging = migrated(ch, &format!("{db}_staging"));
     rt().block_on(staging.insert(&rows)).unwrap();
     let cols = portcullis_audit::row::column_list();
     let hex_cols = cols
         .replace("prev_hash", "lower(hex(prev_hash))")
         .replace(", hash", ", lower(hex(hash))");
     ch.query(&format!(
-        "INSERT INTO pc.events ({cols}) SELECT {hex_cols} FROM staging.events"
+        "INSERT INTO {db}.events ({cols}) SELECT {hex_cols} FROM {db}_staging.events"
     ))
     .unwrap();
     assert_eq!(
-        ch.query("SELECT length(any(hash)) FROM pc.events")
+        ch.query(&format!("SELECT length(any(hash)) FROM {db}.events"))
             .unwrap()
             .trim(),
         "64"
     );
+    (store, rows, chain)
+}
+
+fn rows_back(store: &Store, db: &str) -> Vec<AuditRow> {
+    let cols = portcullis_audit::row::column_list();
+    rt().block_on(
+        store
+            .client()
+            .query(&format!(
+                "SELECT {cols} FROM {db}.events FINAL ORDER BY seq"
+            ))
+            .fetch_all(),
+    )
+    .unwrap()
+}
+
+/// Schema 3 kept the chain hashes as hex text; schema 4 rebuilds `events` with raw ones.
+#[test]
+fn schema_4_rebuilds_events_with_raw_hashes_keeping_every_row_and_the_view() {
+    let ch = ClickHouse::start().unwrap();
+    let (store, rows, mut chain) = schema_3_with_rows(&ch, "pc", 40);
+    let err = rt().block_on(store.check_schema()).unwrap_err().to_string();
+    assert!(err.contains("schema version 3"), "{err}");
 
     assert_eq!(rt().block_on(store.migrate()).unwrap(), vec![4]);
     rt().block_on(store.check_schema()).unwrap();
@@ -186,14 +205,7 @@ fn schema_4_rebuilds_events_with_raw_hashes_keeping_every_row_and_the_view() {
             .unwrap(),
         0
     );
-    let back: Vec<AuditRow> = rt()
-        .block_on(
-            store
-                .client()
-                .query(&format!("SELECT {cols} FROM pc.events FINAL ORDER BY seq"))
-                .fetch_all(),
-        )
-        .unwrap();
+    let back = rows_back(&store, "pc");
     assert_eq!(back, rows, "every row, hashes now raw and equal");
     assert!(back.iter().all(|r| r.expected_hash() == r.hash));
     // The view feeds flows_by_dst again (its 40 rows were there before the rebuild).
@@ -219,6 +231,56 @@ fn schema_4_rebuilds_events_with_raw_hashes_keeping_every_row_and_the_view() {
         ch.count("SELECT count() FROM pc.flows_by_dst FINAL WHERE user = 'carol'")
             .unwrap(),
         1
+    );
+    assert!(rt().block_on(store.migrate()).unwrap().is_empty());
+}
+
+/// `audit migrate` interrupted during the rebuild picks up where it stopped.
+#[test]
+fn the_schema_4_rebuild_resumes_after_an_interruption() {
+    let ch = ClickHouse::start().unwrap();
+    // Stopped right after moving the old table aside: no `events`, no view.
+    let (store, rows, _) = schema_3_with_rows(&ch, "pc", 30);
+    ch.query("DROP TABLE pc.flows_by_dst_mv").unwrap();
+    ch.query("RENAME TABLE pc.events TO pc.events_v3").unwrap();
+    assert_eq!(rt().block_on(store.migrate()).unwrap(), vec![4]);
+    assert_eq!(rows_back(&store, "pc"), rows);
+
+    // Stopped after the copy, before the old table was dropped and the version recorded:
+    // the old table still holds the same rows in hex; the copy runs again and its rows
+    // collapse onto the first copy's.
+    schema_3_with_rows(&ch, "old", 1);
+    ch.query("CREATE TABLE pc.events_v3 AS old.events").unwrap();
+    let cols = portcullis_audit::row::column_list();
+    let hex_cols = cols
+        .replace("prev_hash", "lower(hex(prev_hash))")
+        .replace(", hash", ", lower(hex(hash))");
+    ch.query(&format!(
+        "INSERT INTO pc.events_v3 ({cols}) SELECT {hex_cols} FROM pc.events"
+    ))
+    .unwrap();
+    ch.query("DROP TABLE pc.schema_migrations").unwrap();
+    ch.query(
+        "CREATE TABLE pc.schema_migrations (version UInt32, name String, applied DateTime) \
+         ENGINE = TinyLog",
+    )
+    .unwrap();
+    ch.query(
+        "INSERT INTO pc.schema_migrations VALUES \
+         (1, 'events', now()), (2, 'flows_by_dst', now()), (3, 'uploader_metrics', now())",
+    )
+    .unwrap();
+    assert_eq!(rt().block_on(store.migrate()).unwrap(), vec![4]);
+    assert_eq!(rows_back(&store, "pc"), rows, "each row once after FINAL");
+    assert_eq!(
+        ch.count("SELECT count() FROM pc.flows_by_dst FINAL")
+            .unwrap(),
+        30
+    );
+    assert_eq!(
+        ch.count("SELECT count() FROM system.tables WHERE database = 'pc' AND name = 'events_v3'")
+            .unwrap(),
+        0
     );
     assert!(rt().block_on(store.migrate()).unwrap().is_empty());
 }
