@@ -145,10 +145,23 @@ impl ProfileScope {
         }
     }
 
+    /// The WireGuard profile of `device` (with its private key when the gateway made
+    /// it), its AllowedIPs chosen by [`Self::settings_for`].
+    pub(crate) async fn profile(
+        &self,
+        base: &ProfileSettings,
+        commands: &tokio::sync::mpsc::UnboundedSender<AdminCommand>,
+        device: &Device,
+        private_key: Option<&str>,
+    ) -> String {
+        let settings = self.settings_for(base, commands, &device.user_name).await;
+        portcullis_identity::profile(device, private_key, &settings)
+    }
+
     /// `base` with AllowedIPs for `user` (groups as the policies see them now): the
     /// tunnel and every network a `permit` whose scope matches could reach, conditions
     /// aside. `base` as is when the AllowedIPs are fixed or the event loop is gone.
-    pub(crate) async fn settings_for(
+    async fn settings_for(
         &self,
         base: &ProfileSettings,
         commands: &tokio::sync::mpsc::UnboundedSender<AdminCommand>,
@@ -391,11 +404,10 @@ async fn register(
         .await;
     let d = r?;
     tracing::info!(device = %d.id, user = %d.user_name, address = %d.address, expires = %d.expires, "admin: device registered");
-    let settings = s
+    let text = s
         .scope
-        .settings_for(profile, &s.commands, &d.user_name)
+        .profile(profile, &s.commands, &d, private.as_deref())
         .await;
-    let text = portcullis_identity::profile(&d, private.as_deref(), &settings);
     Ok((
         StatusCode::CREATED,
         Json(json!({
@@ -426,11 +438,10 @@ async fn rotate(
     let d = r?;
     let previous = identity.read_devices(|all| all.get(&id).map(DeviceRow::from));
     tracing::info!(device = %d.id, previous = %id, user = %d.user_name, "admin: device rotated");
-    let settings = s
+    let text = s
         .scope
-        .settings_for(profile, &s.commands, &d.user_name)
+        .profile(profile, &s.commands, &d, private.as_deref())
         .await;
-    let text = portcullis_identity::profile(&d, private.as_deref(), &settings);
     Ok(Json(json!({
         "device": DeviceRow::from(&d),
         "previous": previous,

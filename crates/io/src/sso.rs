@@ -672,11 +672,10 @@ async fn enroll(
         target: device.id.to_string(),
         outcome: "ok".into(),
     });
-    let settings = sso
+    let profile = sso
         .scope
-        .settings_for(&sso.profile, &sso.commands, &device.user_name)
+        .profile(&sso.profile, &sso.commands, &device, private.as_deref())
         .await;
-    let profile = portcullis_identity::profile(&device, private.as_deref(), &settings);
     let qr = qrcode::QrCode::new(profile.as_bytes())
         .map(|code| {
             code.render::<qrcode::render::svg::Color<'_>>()
