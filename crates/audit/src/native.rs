@@ -15,7 +15,7 @@
 //! per row) followed by every element as a `String`; `UUID` as two little-endian `u64`
 //! (high half first); `FixedString(N)` raw.
 
-use crate::row::{DecodeError, Hash, COLUMNS};
+use crate::row::{DecodeError, Reader, COLUMNS};
 
 /// How a column is laid out in a record and in the block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,32 +91,6 @@ impl std::fmt::Debug for NativeBlock {
     }
 }
 
-/// Record versions (see [`crate::row`]): 1 with hex hashes, 2 with raw ones.
-const V1: u8 = 1;
-const V2: u8 = 2;
-
-struct Cursor<'a>(&'a [u8]);
-
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
-        if self.0.len() < n {
-            return Err(DecodeError("truncated"));
-        }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Ok(head)
-    }
-    fn len(&mut self) -> Result<usize, DecodeError> {
-        let b = self.take(4)?;
-        let b: [u8; 4] = b.try_into().map_err(|_| DecodeError("truncated"))?;
-        Ok(u32::from_le_bytes(b) as usize)
-    }
-    fn string(&mut self) -> Result<&'a [u8], DecodeError> {
-        let n = self.len()?;
-        self.take(n)
-    }
-}
-
 fn put_varint(out: &mut Vec<u8>, mut n: u64) {
     while n >= 0x80 {
         out.push((n as u8) | 0x80);
@@ -174,11 +148,8 @@ impl NativeBlock {
     }
 
     fn transcode(&mut self, record: &[u8]) -> Result<(), DecodeError> {
-        let mut r = Cursor(record);
-        let version = *r.take(1)?.first().ok_or(DecodeError("truncated"))?;
-        if version != V1 && version != V2 {
-            return Err(DecodeError("unknown encoding version"));
-        }
+        let mut r = Reader(record);
+        let version = r.version()?;
         for c in &mut self.columns {
             match c.field {
                 Field::Uuid => {
@@ -186,35 +157,23 @@ impl NativeBlock {
                     c.data.extend(b.iter().take(8).rev());
                     c.data.extend(b.iter().skip(8).rev());
                 }
-                Field::Str => put_string(&mut c.data, r.string()?),
+                Field::Str => put_string(&mut c.data, r.bytes()?),
                 Field::U16 => c.data.extend_from_slice(r.take(2)?),
                 Field::U32 => c.data.extend_from_slice(r.take(4)?),
                 Field::U64 => c.data.extend_from_slice(r.take(8)?),
                 Field::Fixed16 => c.data.extend_from_slice(r.take(16)?),
                 Field::Strs => {
-                    let n = r.len()?;
-                    if n > r.0.len() / 4 {
-                        return Err(DecodeError("list longer than the record"));
-                    }
+                    let n = r.count()?;
                     for _ in 0..n {
-                        put_string(&mut c.data, r.string()?);
+                        put_string(&mut c.data, r.bytes()?);
                     }
                     c.elements += n as u64;
                     c.offsets.extend_from_slice(&c.elements.to_le_bytes());
                 }
-                Field::Hash if version == V2 => c.data.extend_from_slice(r.take(32)?),
-                Field::Hash => {
-                    let mut hash: Hash = [0; 32];
-                    hex::decode_to_slice(r.string()?, &mut hash)
-                        .map_err(|_| DecodeError("hash is not 64 hex characters"))?;
-                    c.data.extend_from_slice(&hash);
-                }
+                Field::Hash => c.data.extend_from_slice(&r.hash(version)?),
             }
         }
-        if !r.0.is_empty() {
-            return Err(DecodeError("trailing bytes"));
-        }
-        Ok(())
+        r.end()
     }
 
     /// The block in the Native format.

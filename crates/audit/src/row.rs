@@ -412,10 +412,7 @@ impl AuditRow {
     /// Decodes a spool record (version 2, or version 1 from before schema 4).
     pub fn decode(bytes: &[u8]) -> Result<AuditRow, DecodeError> {
         let mut r = Reader(bytes);
-        let version = r.u8()?;
-        if version != CANONICAL_VERSION && version != RECORD_VERSION {
-            return Err(DecodeError("unknown encoding version"));
-        }
+        let version = r.version()?;
         let mut row = AuditRow {
             event_id: uuid::Uuid::from_bytes(r.array()?),
             gateway: r.string()?,
@@ -450,14 +447,9 @@ impl AuditRow {
             prev_hash: GENESIS,
             hash: GENESIS,
         };
-        (row.prev_hash, row.hash) = if version == RECORD_VERSION {
-            (r.array()?, r.array()?)
-        } else {
-            (r.hex_hash()?, r.hex_hash()?)
-        };
-        if !r.0.is_empty() {
-            return Err(DecodeError("trailing bytes"));
-        }
+        row.prev_hash = r.hash(version)?;
+        row.hash = r.hash(version)?;
+        r.end()?;
         Ok(row)
     }
 
@@ -501,10 +493,12 @@ fn put_list(out: &mut Vec<u8>, l: &[String]) {
     }
 }
 
-struct Reader<'a>(&'a [u8]);
+/// Reads the fields of a record (canonical encoding or spool record) in order; shared by
+/// [`AuditRow::decode`] and the uploader's Native transcoder.
+pub(crate) struct Reader<'a>(pub(crate) &'a [u8]);
 
-impl Reader<'_> {
-    fn take(&mut self, n: usize) -> Result<&[u8], DecodeError> {
+impl<'a> Reader<'a> {
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         if self.0.len() < n {
             return Err(DecodeError("truncated"));
         }
@@ -517,31 +511,54 @@ impl Reader<'_> {
             .try_into()
             .map_err(|_| DecodeError("truncated"))
     }
-    fn u8(&mut self) -> Result<u8, DecodeError> {
-        Ok(self.array::<1>()?[0])
+    /// The version byte: canonical (1) or spool record (2), anything else refused.
+    pub(crate) fn version(&mut self) -> Result<u8, DecodeError> {
+        match self.array::<1>()? {
+            [v @ (CANONICAL_VERSION | RECORD_VERSION)] => Ok(v),
+            _ => Err(DecodeError("unknown encoding version")),
+        }
     }
     fn u64(&mut self) -> Result<u64, DecodeError> {
         Ok(u64::from_le_bytes(self.array()?))
     }
-    fn string(&mut self) -> Result<String, DecodeError> {
+    /// A `u32` length and that many bytes.
+    pub(crate) fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
         let len = u32::from_le_bytes(self.array()?) as usize;
-        let bytes = self.take(len)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError("invalid utf-8"))
+        self.take(len)
     }
-    /// A version 1 record's hash: `u32` length 64 + lowercase hex.
-    fn hex_hash(&mut self) -> Result<Hash, DecodeError> {
-        let len = u32::from_le_bytes(self.array()?) as usize;
+    fn string(&mut self) -> Result<String, DecodeError> {
+        String::from_utf8(self.bytes()?.to_vec()).map_err(|_| DecodeError("invalid utf-8"))
+    }
+    /// The two hashes ending a spool record of `version`: raw (2), or as `u32` length 64 +
+    /// lowercase hex (1).
+    pub(crate) fn hash(&mut self, version: u8) -> Result<Hash, DecodeError> {
+        if version == RECORD_VERSION {
+            return self.array();
+        }
         let mut hash = GENESIS;
-        hex::decode_to_slice(self.take(len)?, &mut hash)
+        hex::decode_to_slice(self.bytes()?, &mut hash)
             .map_err(|_| DecodeError("hash is not 64 hex characters"))?;
         Ok(hash)
     }
-    fn list(&mut self) -> Result<Vec<String>, DecodeError> {
+    /// A list's element count, refused when the rest of the record cannot hold it.
+    pub(crate) fn count(&mut self) -> Result<usize, DecodeError> {
         let n = u32::from_le_bytes(self.array()?) as usize;
         if n > self.0.len() / 4 {
             return Err(DecodeError("list longer than the record"));
         }
+        Ok(n)
+    }
+    fn list(&mut self) -> Result<Vec<String>, DecodeError> {
+        let n = self.count()?;
         (0..n).map(|_| self.string()).collect()
+    }
+    /// Nothing may follow the last field.
+    pub(crate) fn end(&self) -> Result<(), DecodeError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(DecodeError("trailing bytes"))
+        }
     }
 }
 
@@ -560,9 +577,7 @@ impl Default for Chain {
 impl Chain {
     /// Links the row into the chain: sets `prev_hash` and `hash`.
     pub fn seal(&mut self, row: &mut AuditRow) {
-        row.prev_hash = self.last_hash;
-        row.hash = row.expected_hash();
-        self.last_hash = row.hash;
+        self.seal_record(row, &mut Vec::with_capacity(512));
     }
 
     /// Links the row into the chain and writes its spool record into `out` (cleared
