@@ -201,14 +201,7 @@ impl Store {
 
     /// The highest applied migration (0: none, or no database).
     pub async fn schema_version(&self) -> Result<u32, StoreError> {
-        let exists: u8 = self
-            .client
-            .query("SELECT toUInt8(count()) FROM system.tables WHERE database = ? AND name = 'schema_migrations'")
-            .bind(&self.database)
-            .fetch_one()
-            .await
-            .map_err(self.err())?;
-        if exists == 0 {
+        if !self.table_exists("schema_migrations").await? {
             return Ok(0);
         }
         self.client
@@ -284,16 +277,24 @@ impl Store {
         }
         self.execute(&EVENTS_V4.replace("{db}", db)).await?;
         self.execute(&FLOWS_BY_DST_MV.replace("{db}", db)).await?;
-        let copy: Vec<String> = COLUMNS
+        // The old table's own columns (not this build's list, which later schemas extend).
+        let names: Vec<String> = self
+            .client
+            .query("SELECT name FROM system.columns WHERE database = ? AND table = 'events_v3'")
+            .bind(db)
+            .fetch_all()
+            .await
+            .map_err(self.err())?;
+        let copy: Vec<String> = names
             .iter()
-            .map(|(name, _)| match *name {
+            .map(|name| match name.as_str() {
                 "prev_hash" | "hash" => format!("toFixedString(unhex({name}), 32) AS {name}"),
-                _ => (*name).to_string(),
+                _ => name.clone(),
             })
             .collect();
         self.execute(&format!(
             "INSERT INTO {db}.events ({}) SELECT {} FROM {db}.events_v3",
-            crate::row::column_list(),
+            names.join(", "),
             copy.join(", ")
         ))
         .await?;
