@@ -160,14 +160,7 @@ fn schema_3_with_rows(ch: &ClickHouse, db: &str, n: u64) -> (Store, Vec<AuditRow
         .collect();
     let staging = migrated(ch, &format!("{db}_staging"));
     rt().block_on(staging.insert(&rows)).unwrap();
-    let cols = portcullis_audit::row::column_list();
-    let hex_cols = cols
-        .replace("prev_hash", "lower(hex(prev_hash))")
-        .replace(", hash", ", lower(hex(hash))");
-    ch.query(&format!(
-        "INSERT INTO {db}.events ({cols}) SELECT {hex_cols} FROM {db}_staging.events"
-    ))
-    .unwrap();
+    copy_as_hex(ch, &format!("{db}_staging.events"), &format!("{db}.events"));
     assert_eq!(
         ch.query(&format!("SELECT length(any(hash)) FROM {db}.events"))
             .unwrap()
@@ -175,6 +168,30 @@ fn schema_3_with_rows(ch: &ClickHouse, db: &str, n: u64) -> (Store, Vec<AuditRow
         "64"
     );
     (store, rows, chain)
+}
+
+/// Copies schema-4 rows into a schema-3 table, the hashes as schema 3 held them.
+fn copy_as_hex(ch: &ClickHouse, from: &str, to: &str) {
+    let cols = portcullis_audit::row::column_list();
+    let hex_cols = cols
+        .replace("prev_hash", "lower(hex(prev_hash))")
+        .replace(", hash", ", lower(hex(hash))");
+    ch.query(&format!(
+        "INSERT INTO {to} ({cols}) SELECT {hex_cols} FROM {from}"
+    ))
+    .unwrap();
+}
+
+/// The rebuild left no old table behind and is recorded: migrating again does nothing.
+fn assert_rebuild_finished(ch: &ClickHouse, store: &Store, db: &str) {
+    assert_eq!(
+        ch.count(&format!(
+            "SELECT count() FROM system.tables WHERE database = '{db}' AND name = 'events_v3'"
+        ))
+        .unwrap(),
+        0
+    );
+    assert!(rt().block_on(store.migrate()).unwrap().is_empty());
 }
 
 fn rows_back(store: &Store, db: &str) -> Vec<AuditRow> {
@@ -200,11 +217,7 @@ fn schema_4_rebuilds_events_with_raw_hashes_keeping_every_row_and_the_view() {
 
     assert_eq!(rt().block_on(store.migrate()).unwrap(), vec![4]);
     rt().block_on(store.check_schema()).unwrap();
-    assert_eq!(
-        ch.count("SELECT count() FROM system.tables WHERE database = 'pc' AND name = 'events_v3'")
-            .unwrap(),
-        0
-    );
+    assert_rebuild_finished(&ch, &store, "pc");
     let back = rows_back(&store, "pc");
     assert_eq!(back, rows, "every row, hashes now raw and equal");
     assert!(back.iter().all(|r| r.expected_hash() == r.hash));
@@ -251,14 +264,7 @@ fn the_schema_4_rebuild_resumes_after_an_interruption() {
     // collapse onto the first copy's.
     schema_3_with_rows(&ch, "old", 1);
     ch.query("CREATE TABLE pc.events_v3 AS old.events").unwrap();
-    let cols = portcullis_audit::row::column_list();
-    let hex_cols = cols
-        .replace("prev_hash", "lower(hex(prev_hash))")
-        .replace(", hash", ", lower(hex(hash))");
-    ch.query(&format!(
-        "INSERT INTO pc.events_v3 ({cols}) SELECT {hex_cols} FROM pc.events"
-    ))
-    .unwrap();
+    copy_as_hex(&ch, "pc.events", "pc.events_v3");
     ch.query("DROP TABLE pc.schema_migrations").unwrap();
     ch.query(
         "CREATE TABLE pc.schema_migrations (version UInt32, name String, applied DateTime) \
@@ -277,12 +283,7 @@ fn the_schema_4_rebuild_resumes_after_an_interruption() {
             .unwrap(),
         30
     );
-    assert_eq!(
-        ch.count("SELECT count() FROM system.tables WHERE database = 'pc' AND name = 'events_v3'")
-            .unwrap(),
-        0
-    );
-    assert!(rt().block_on(store.migrate()).unwrap().is_empty());
+    assert_rebuild_finished(&ch, &store, "pc");
 }
 
 #[test]
