@@ -161,6 +161,28 @@ pub struct TokensError {
 /// scope = "admin"                    # or "auditor" (GET and HEAD only)
 /// expires = "2027-06-30T00:00:00Z"   # optional
 /// ```
+/// `message` without the parts a parser quoted (`` `…` `` and `"…"`): in a secrets file
+/// those may be the secret.
+pub fn redact_quoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut quote: Option<char> = None;
+    for c in message.chars() {
+        match quote {
+            Some(q) if c == q => {
+                quote = None;
+                out.push_str("<redacted>");
+            }
+            Some(_) => {}
+            None if c == '`' || c == '"' => quote = Some(c),
+            None => out.push(c),
+        }
+    }
+    if quote.is_some() {
+        out.push_str("<redacted>");
+    }
+    out.trim().to_string()
+}
+
 pub fn parse_tokens(file: &str, src: &str) -> Result<Vec<ApiToken>, TokensError> {
     let parsed: TokensFile = toml::from_str(src).map_err(|e| {
         let line = e.span().map(|s| {
@@ -172,8 +194,8 @@ pub fn parse_tokens(file: &str, src: &str) -> Result<Vec<ApiToken>, TokensError>
         TokensError {
             file: file.to_string(),
             line,
-            // toml's message may quote the offending line, which may hold a secret.
-            reason: e.message().to_string(),
+            // toml's message may quote the offending value, which may be a secret.
+            reason: redact_quoted(e.message()),
         }
     })?;
     let err = |reason: String| TokensError {

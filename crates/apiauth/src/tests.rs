@@ -329,6 +329,18 @@ fn tokens_file_errors_name_the_file_and_never_the_secret() {
     assert!(e.reason.contains("token[0].id"), "{e}");
     assert!(parse_tokens("api.tokens", "").is_err());
     assert!(!format!("{:?}", t[0]).contains("0123456789abcdef"));
+    // An unquoted secret: toml's message would echo the number.
+    let bare = ok.replace(
+        "\"0123456789abcdef0123456789abcdef\"",
+        "1234567890123456789",
+    );
+    let e = parse_tokens("api.tokens", &bare).unwrap_err();
+    assert!(!e.to_string().contains("1234567890"), "{e}");
+    assert!(e.line.is_some(), "{e}");
+    assert_eq!(
+        redact_quoted("invalid type: integer `42`, expected \"x\""),
+        "invalid type: integer <redacted>, expected <redacted>"
+    );
 }
 
 proptest! {

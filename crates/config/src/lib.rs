@@ -714,6 +714,10 @@ pub struct PeerConfig {
 #[derive(Clone)]
 pub struct PrivateKey(pub [u8; 32]);
 
+/// The longest duration any setting or request may give (10 years): larger numbers are
+/// refused rather than overflowing a time calculation.
+pub const MAX_DURATION_SECS: u64 = 10 * 365 * 86_400;
+
 impl fmt::Debug for PrivateKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("PrivateKey(<redacted>)")
@@ -730,6 +734,29 @@ pub struct Loaded {
     pub peer_keys: Vec<[u8; 32]>,
     /// Findings that do not stop the gateway.
     pub warnings: Vec<String>,
+}
+
+/// `scheme://user:password@host…`: the authority has a user-info part.
+pub fn url_has_credentials(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    authority.contains('@')
+}
+
+/// The URL with any user-info replaced by `***`, for messages.
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    let host = match authority.rfind('@') {
+        Some(i) => format!("***@{}", authority.get(i + 1..).unwrap_or("")),
+        None => authority.to_string(),
+    };
+    if scheme.is_empty() {
+        format!("{host}{path}")
+    } else {
+        format!("{scheme}://{host}{path}")
+    }
 }
 
 /// Decodes a base64 WireGuard key (32 bytes).
@@ -903,6 +930,59 @@ pub fn parse(path: &Path, src: &str) -> Result<Loaded, ConfigError> {
             ),
         ));
     }
+    // Every duration: at most MAX_DURATION_SECS (an `Instant + Duration` past the end of
+    // time panics), and the ones that must pass at least 1.
+    let f = &config.flows;
+    let mut durations: Vec<(String, u64)> = vec![
+        (
+            "gateway.session_idle_timeout_secs".into(),
+            g.session_idle_timeout_secs,
+        ),
+        ("flows.tcp_syn_timeout_secs".into(), f.tcp_syn_timeout_secs),
+        (
+            "flows.tcp_established_timeout_secs".into(),
+            f.tcp_established_timeout_secs,
+        ),
+        (
+            "flows.tcp_closing_timeout_secs".into(),
+            f.tcp_closing_timeout_secs,
+        ),
+        ("flows.udp_timeout_secs".into(), f.udp_timeout_secs),
+        ("flows.icmp_timeout_secs".into(), f.icmp_timeout_secs),
+        ("flows.other_timeout_secs".into(), f.other_timeout_secs),
+        (
+            "flows.fragment_timeout_secs".into(),
+            f.fragment_timeout_secs,
+        ),
+    ];
+    if let Some(ch) = &a.clickhouse {
+        durations.push((
+            "audit.clickhouse.batch_interval_ms".into(),
+            ch.batch_interval_ms / 1000,
+        ));
+    }
+    if let Some(s) = &config.saml {
+        durations.push(("saml.login_max_secs".into(), s.login_max_secs));
+        durations.push(("saml.metadata_refresh_secs".into(), s.metadata_refresh_secs));
+    }
+    if let Some(l) = &config.ldap {
+        durations.push((
+            "ldap.reconcile_interval_secs".into(),
+            l.reconcile_interval_secs,
+        ));
+        durations.push(("ldap.timeout_secs".into(), l.timeout_secs));
+    }
+    if let Some(d) = &config.devices {
+        durations.push(("devices.rotation_grace_secs".into(), d.rotation_grace_secs));
+    }
+    for (key, v) in durations {
+        if v > MAX_DURATION_SECS {
+            return Err(err(
+                key,
+                format!("{v} is out of range (at most {MAX_DURATION_SECS} seconds, 10 years)"),
+            ));
+        }
+    }
     if a.segment_bytes < 4096 || a.spool_max_bytes < 2 * a.segment_bytes {
         return Err(err(
             "audit.spool_max_bytes".into(),
@@ -913,12 +993,21 @@ pub fn parse(path: &Path, src: &str) -> Result<Loaded, ConfigError> {
         ));
     }
     if let Some(ch) = &a.clickhouse {
+        if url_has_credentials(&ch.url) {
+            return Err(err(
+                "audit.clickhouse.url".into(),
+                format!(
+                    "{} carries credentials: put the user in audit.clickhouse.user and the password in audit.clickhouse.password_file",
+                    redact_url(&ch.url)
+                ),
+            ));
+        }
         if !(ch.url.starts_with("http://") || ch.url.starts_with("https://")) {
             return Err(err(
                 "audit.clickhouse.url".into(),
                 format!(
                     "{:?} is not an http(s) URL of ClickHouse's HTTP interface",
-                    ch.url
+                    redact_url(&ch.url)
                 ),
             ));
         }
@@ -1105,10 +1194,13 @@ pub fn parse(path: &Path, src: &str) -> Result<Loaded, ConfigError> {
                 format!("{} is not inside the tunnel network {net}", d.pool),
             ));
         }
-        if d.key_lifetime_secs == 0 {
+        if d.key_lifetime_secs == 0 || d.key_lifetime_secs > MAX_DURATION_SECS {
             return Err(err(
                 "devices.key_lifetime_secs".into(),
-                "must be at least 1 second".into(),
+                format!(
+                    "{} is out of range: must be at least 1 second and at most {MAX_DURATION_SECS} (10 years)",
+                    d.key_lifetime_secs
+                ),
             ));
         }
         if d.rotation_grace_secs > d.key_lifetime_secs {
@@ -1211,26 +1303,46 @@ fn toml_error(path: &Path, src: &str, e: &toml::de::Error) -> ConfigError {
             let before = src.get(..span.start).unwrap_or_default();
             let line = before.matches('\n').count() + 1;
             let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
-            let table = before
-                .lines()
-                .rev()
-                .map(str::trim)
-                .find(|l| l.starts_with('['))
-                .map(|l| l.trim_matches(|c| c == '[' || c == ']').to_string());
-            let this_line = src.lines().nth(line - 1).unwrap_or_default();
-            let key_name = this_line
-                .split_once('=')
-                .map(|(k, _)| k.trim().to_string())
-                .filter(|k| !k.starts_with('['));
-            let key = match (table, key_name) {
-                (Some(t), Some(k)) => format!("{t}.{k}"),
-                (Some(t), None) => t,
-                (None, Some(k)) => k,
-                (None, None) => "-".into(),
+            let this_line = src.lines().nth(line - 1).unwrap_or_default().trim();
+            let header = |l: &str| -> Option<String> {
+                l.strip_prefix('[').map(|h| {
+                    h.split(']')
+                        .next()
+                        .unwrap_or_default()
+                        .trim_matches(|c| c == '[' || c == ']')
+                        .trim()
+                        .to_string()
+                })
+            };
+            // An error on a table header (a missing field, an unknown table) is about
+            // that table; otherwise about the key on the line, in the table above it.
+            let key = match header(this_line) {
+                Some(table) => table,
+                None => {
+                    let table = before.lines().rev().skip(1).map(str::trim).find_map(header);
+                    let key_name = this_line.split_once('=').map(|(k, _)| k.trim().to_string());
+                    match (table, key_name) {
+                        (Some(t), Some(k)) => format!("{t}.{k}"),
+                        (Some(t), None) => t,
+                        (None, Some(k)) => k,
+                        (None, None) => String::new(),
+                    }
+                }
             };
             (line, col, key)
         }
-        None => (1, 1, "-".into()),
+        None => (1, 1, String::new()),
+    };
+    // `unknown field `x`` at the top level or in a table: name the field itself.
+    let unknown = e
+        .message()
+        .strip_prefix("unknown field `")
+        .and_then(|m| m.split('`').next());
+    let key = match unknown {
+        Some(field) if !key.ends_with(field) && !key.is_empty() => format!("{key}.{field}"),
+        Some(field) if key.is_empty() => field.to_string(),
+        _ if key.is_empty() => "-".into(),
+        _ => key,
     };
     ConfigError {
         file: path.to_path_buf(),
@@ -1559,5 +1671,58 @@ address = "100.64.0.2"
         assert_eq!(l.config.http.map(|h| h.max_body_bytes), Some(1 << 20));
         assert_eq!(l.config.identity.database, PathBuf::from("identity.db"));
         Ok(())
+    }
+
+    #[test]
+    fn errors_name_the_right_table_and_never_echo_url_credentials() {
+        // A missing field inside [saml] names saml, not the table above it.
+        let src =
+            sample("[http]\nlisten = \"127.0.0.1:8080\"\n[saml]\nidp_metadata = \"idp.xml\"\n");
+        let e = check(&src).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("key `saml`") && e.contains("base_url"), "{e}");
+        // An unknown top-level table is named.
+        let e = check(&sample("[console]\nlisten = 1\n"))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("key `console`") && e.contains("unknown field"),
+            "{e}"
+        );
+        // Credentials in the ClickHouse URL: refused, and not printed.
+        let src = sample("").replace(
+            "[audit]\nevents_file = \"events.jsonl\"\n",
+            "[audit]\nspool_dir = \"spool\"\n[audit.clickhouse]\nurl = \"http://admin:hunter2@127.0.0.1:8123\"\n",
+        );
+        let e = check(&src).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            e.contains("audit.clickhouse.url") && e.contains("password_file"),
+            "{e}"
+        );
+        assert!(!e.contains("hunter2") && !e.contains("admin:"), "{e}");
+        assert_eq!(redact_url("https://u:p@h:1/x?y"), "https://***@h:1/x?y");
+        assert!(!url_has_credentials("http://h:1/a@b"));
+    }
+
+    #[test]
+    fn durations_past_ten_years_are_refused_by_name() {
+        for (table, key) in [
+            ("gateway", "session_idle_timeout_secs"),
+            ("flows", "udp_timeout_secs"),
+        ] {
+            let src = if table == "gateway" {
+                sample("").replace(
+                    "mtu = 1420",
+                    &format!("mtu = 1420\n{key} = 9223372036854775807"),
+                )
+            } else {
+                format!("{}\n[flows]\n{key} = 9223372036854775807\n", sample(""))
+            };
+            let e = check(&src).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(
+                e.contains(&format!("{table}.{key}")) && e.contains("out of range"),
+                "{e}"
+            );
+        }
     }
 }

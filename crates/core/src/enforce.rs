@@ -65,6 +65,8 @@ pub enum Injected {
 /// Counters, monotonically increasing.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EnforceStats {
+    /// Decisions in which a policy errored (logged; a forbid that errors denies).
+    pub policy_errors: u64,
     pub forwarded_out: u64,
     pub forwarded_in: u64,
     pub malformed: u64,
@@ -504,8 +506,13 @@ impl Enforcer {
             )
         };
         let tuple = tuple_of(&key);
+        if !decision.errors.is_empty() {
+            self.stats.policy_errors += 1;
+            tracing::warn!(user = %peer.user, network = %decision.network, errors = ?decision.errors, allowed = decision.allowed, "policy evaluation error (a forbid that errors denies)");
+        }
         if !decision.allowed {
             let decision = Arc::unwrap_or_clone(decision);
+            let reason = reason.or_else(|| policy_error_reason(&decision.errors));
             let suppressed = self.denied.remove(&key).map(|d| d.suppressed).unwrap_or(0);
             if self.denied.len() >= MAX_DENY_MEMORY {
                 self.denied.clear();
@@ -883,4 +890,19 @@ fn tuple_of(key: &FlowKey) -> FlowTuple {
         dst_ip: key.server,
         dst_port: key.server_port,
     }
+}
+
+/// The `reason` of a deny that a policy error took part in: `policy_error: <first error>`
+/// (cut to 300 characters; the log has them all).
+fn policy_error_reason(errors: &[String]) -> Option<String> {
+    let first = errors.first()?;
+    let mut reason = format!("policy_error: {first}");
+    if reason.len() > 300 {
+        let cut = (0..=300)
+            .rev()
+            .find(|i| reason.is_char_boundary(*i))
+            .unwrap_or(0);
+        reason.truncate(cut);
+    }
+    Some(reason)
 }

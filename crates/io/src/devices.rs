@@ -71,9 +71,23 @@ pub fn policy(loaded: &Loaded, d: &DevicesConfig) -> DevicePolicy {
     DevicePolicy {
         pool: d.pool,
         reserved_addresses,
-        reserved_keys: loaded.peer_keys.iter().copied().collect(),
-        lifetime: TimeDelta::seconds(i64::try_from(d.key_lifetime_secs).unwrap_or(i64::MAX / 1000)),
-        grace: TimeDelta::seconds(i64::try_from(d.rotation_grace_secs).unwrap_or(i64::MAX / 1000)),
+        // The gateway's own key too: a device with it would make the gateway its own peer.
+        reserved_keys: loaded
+            .peer_keys
+            .iter()
+            .copied()
+            .chain(std::iter::once(
+                boringtun::x25519::PublicKey::from(&boringtun::x25519::StaticSecret::from(
+                    loaded.private_key.0,
+                ))
+                .to_bytes(),
+            ))
+            .collect(),
+        // Both are range-checked by the configuration (at most MAX_DURATION_SECS).
+        lifetime: TimeDelta::try_seconds(i64::try_from(d.key_lifetime_secs).unwrap_or(0))
+            .unwrap_or(TimeDelta::zero()),
+        grace: TimeDelta::try_seconds(i64::try_from(d.rotation_grace_secs).unwrap_or(0))
+            .unwrap_or(TimeDelta::zero()),
         persistent_keepalive: d.persistent_keepalive,
         config_users: c.users.iter().map(|u| u.name.clone()).collect(),
     }
@@ -362,8 +376,18 @@ pub(crate) fn key_or_generate(given: Option<&str>) -> Result<([u8; 32], Option<S
     }
 }
 
-fn secs(v: Option<u64>) -> Option<TimeDelta> {
-    v.map(|s| TimeDelta::seconds(i64::try_from(s).unwrap_or(i64::MAX / 1000)))
+/// A duration from a request body: 1 second to [`portcullis_config::MAX_DURATION_SECS`],
+/// else a 400 naming the field.
+fn secs(field: &str, v: Option<u64>) -> Result<Option<TimeDelta>, ApiError> {
+    let Some(s) = v else { return Ok(None) };
+    let max = portcullis_config::MAX_DURATION_SECS;
+    match i64::try_from(s).ok().filter(|_| (1..=max).contains(&s)) {
+        Some(s) => Ok(TimeDelta::try_seconds(s)),
+        None => Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("{field}: {s} is out of range (1-{max} seconds)"),
+        )),
+    }
 }
 
 async fn list(
@@ -397,7 +421,7 @@ async fn register(
             &b.user,
             key,
             b.name.as_deref().unwrap_or(""),
-            secs(b.lifetime_secs),
+            secs("lifetime_secs", b.lifetime_secs)?,
             Instant::now(),
             Utc::now(),
         )
@@ -433,7 +457,13 @@ async fn rotate(
     };
     let (key, private) = key_or_generate(b.public_key.as_deref())?;
     let r = identity
-        .rotate_device(&id, key, secs(b.grace_secs), Instant::now(), Utc::now())
+        .rotate_device(
+            &id,
+            key,
+            secs("grace_secs", b.grace_secs)?,
+            Instant::now(),
+            Utc::now(),
+        )
         .await;
     let d = r?;
     let previous = identity.read_devices(|all| all.get(&id).map(DeviceRow::from));

@@ -319,6 +319,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         "gateway up"
     );
 
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel(2);
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -375,10 +376,16 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
             }
             Some(cmd) = admin_rx.recv() => admin(&mut gw, &loaded, identity.as_deref(), cmd),
             _ = hup.recv() => {
-                reload(&mut gw, &loaded);
+                // Read and validate off the packet loop; the result comes back below.
+                let dir = loaded.config.policy.dir.clone();
+                let tx = reload_tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let _ = tx.blocking_send(PolicyBundle::load(&dir));
+                });
                 reload_tokens(&loaded, &tokens);
                 reload_certificate(&loaded, https.as_deref());
             }
+            Some(loaded_bundle) = reload_rx.recv() => reload(&mut gw, loaded_bundle),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -714,10 +721,9 @@ fn apply_bundle(gw: &mut Gateway, bundle: Arc<PolicyBundle>, how: &str) -> Resul
     }
 }
 
-/// Reloads the policy directory; a rejected set leaves the running one in force.
-fn reload(gw: &mut Gateway, loaded: &Loaded) {
-    let dir = &loaded.config.policy.dir;
-    match PolicyBundle::load(dir) {
+/// Applies a reloaded policy directory; a rejected set leaves the running one in force.
+fn reload(gw: &mut Gateway, loaded: Result<PolicyBundle, portcullis_policy::LoadError>) {
+    match loaded {
         Ok(bundle) => {
             let _ = apply_bundle(gw, Arc::new(bundle), "reloaded");
         }
@@ -761,6 +767,7 @@ fn log_stats(gw: &Gateway, dp: &DatapathStats, audit: &Pipeline) {
         forwarded_out = e.forwarded_out,
         forwarded_in = e.forwarded_in,
         denied = e.denied,
+        policy_errors = e.policy_errors,
         spoofed = e.spoofed,
         malformed = e.malformed,
         fragments_dropped = e.fragments_dropped,

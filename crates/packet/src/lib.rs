@@ -28,6 +28,11 @@ pub enum ParseError {
     Ip(String),
     #[error("truncated {0} header")]
     TruncatedTransport(&'static str),
+    /// An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) as source or destination: never
+    /// valid on the wire (RFC 4291 2.5.5.2), and a way to dress an IPv4 destination up
+    /// as an IPv6 one.
+    #[error("ipv4-mapped ipv6 address {0} in a packet")]
+    MappedAddress(IpAddr),
 }
 
 /// TCP flag bits as in the header's byte 13.
@@ -126,6 +131,13 @@ pub fn parse(packet: &[u8]) -> Result<PacketMeta, ParseError> {
         return Err(ParseError::Empty);
     }
     let ip = IpSlice::from_slice(packet).map_err(|e| ParseError::Ip(e.to_string()))?;
+    for addr in [ip.source_addr(), ip.destination_addr()] {
+        if let IpAddr::V6(v6) = addr {
+            if v6.to_ipv4_mapped().is_some() {
+                return Err(ParseError::MappedAddress(addr));
+            }
+        }
+    }
     let payload = ip.payload();
     let protocol = Protocol(payload.ip_number.0);
     let fragment = fragment_of(&ip);
@@ -502,5 +514,24 @@ mod tests {
                 prop_assert!(ok, "unexpected transport {:?}", m.transport);
             }
         }
+    }
+
+    #[test]
+    fn ipv4_mapped_addresses_are_malformed() {
+        use etherparse::PacketBuilder;
+        let mapped = std::net::Ipv4Addr::new(10, 8, 200, 9)
+            .to_ipv6_mapped()
+            .octets();
+        let mut src = [0u8; 16];
+        src[0] = 0xfd;
+        src[15] = 2;
+        let b = PacketBuilder::ipv6(src, mapped, 64).tcp(40000, 443, 1, 1000);
+        let mut out = Vec::new();
+        assert!(b.write(&mut out, &[]).is_ok());
+        assert!(matches!(parse(&out), Err(ParseError::MappedAddress(_))));
+        let b = PacketBuilder::ipv6(mapped, src, 64).udp(53, 40000);
+        let mut out = Vec::new();
+        assert!(b.write(&mut out, &[]).is_ok());
+        assert!(matches!(parse(&out), Err(ParseError::MappedAddress(_))));
     }
 }

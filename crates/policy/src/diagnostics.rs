@@ -78,14 +78,29 @@ impl fmt::Display for SourceError {
             self.message
         )?;
         let gutter = self.line.to_string().len();
+        // A long line (a generated policy on one line) shows a window around the column.
+        const WINDOW: usize = 120;
+        let chars: Vec<char> = self.excerpt.chars().collect();
+        let at = self.col.saturating_sub(1);
+        let (start, end) = if chars.len() > WINDOW {
+            let start = at.saturating_sub(WINDOW / 2).min(chars.len() - WINDOW);
+            (start, start + WINDOW)
+        } else {
+            (0, chars.len())
+        };
+        let shown: String = chars.get(start..end).unwrap_or_default().iter().collect();
+        let (before, after) = (
+            if start > 0 { "…" } else { "" },
+            if end < chars.len() { "…" } else { "" },
+        );
         writeln!(f, "{:gutter$} |", "")?;
-        writeln!(f, "{} | {}", self.line, self.excerpt)?;
+        writeln!(f, "{} | {before}{shown}{after}", self.line)?;
         write!(
             f,
             "{:gutter$} | {:pad$}^",
             "",
             "",
-            pad = self.col.saturating_sub(1)
+            pad = at - start + usize::from(start > 0)
         )
     }
 }

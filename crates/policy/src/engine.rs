@@ -50,6 +50,8 @@ pub struct EngineStats {
     pub evaluations: u64,
     pub empty_slices: u64,
     pub slice_builds: u64,
+    /// Decisions in which a policy errored (a forbid that errors denies).
+    pub policy_errors: u64,
 }
 
 #[derive(Debug)]
@@ -292,7 +294,12 @@ impl Engine {
     }
 
     /// Decides one new flow of `user` (fast path). Unknown users are denied.
+    /// IPv4-mapped IPv6 addresses (`::ffff:10.8.0.9`) are decided as the IPv4 address
+    /// they carry, on both paths (Cedar refuses them as `ipaddr`).
     pub fn decide(&mut self, user: &str, req: &FlowRequest, now: DateTime<Utc>) -> Arc<Decision> {
+        if let Some(req) = canonical(req) {
+            return self.decide(user, &req, now);
+        }
         let net = self.bundle.networks().resolve_index(req.dst_ip);
         let net_key = net.map(|i| i as u32).unwrap_or(u32::MAX);
         let Some(entry) = self.users.get(user) else {
@@ -322,6 +329,9 @@ impl Engine {
                 self.stats.evaluations += 1;
                 self.evaluate_slice(user, net, req, now, &slice)
             };
+        if !decision.errors.is_empty() {
+            self.stats.policy_errors += 1;
+        }
         let decision = Arc::new(decision);
         if slice.reads.cacheable() {
             if self.decisions.len() >= MAX_CACHED_DECISIONS {
@@ -334,6 +344,9 @@ impl Engine {
 
     /// The reference decision: plain Cedar over the whole policy set, full context.
     pub fn decide_plain(&self, user: &str, req: &FlowRequest, now: DateTime<Utc>) -> Decision {
+        if let Some(req) = canonical(req) {
+            return self.decide_plain(user, &req, now);
+        }
         let net = self.bundle.networks().resolve_index(req.dst_ip);
         if !self.users.contains_key(user) {
             return unknown_user(self.network_name(net), user);
@@ -492,8 +505,12 @@ impl Engine {
                     };
                     let response = self.authorizer.is_authorized(request, set, &self.entities);
                     let diagnostics = response.diagnostics();
+                    let before = errors.len();
                     errors.extend(diagnostics.errors().map(|e| e.to_string()));
-                    let satisfied = diagnostics.reason().next().is_some();
+                    // Fail closed: a forbid that errors counts as satisfied (plain Cedar
+                    // skips it, which would let through what it exists to block).
+                    let satisfied = diagnostics.reason().next().is_some()
+                        || (meta.forbid && errors.len() > before);
                     satisfied
                 }
             };
@@ -609,6 +626,30 @@ impl Engine {
         let diagnostics = response.diagnostics();
         let mut errors: Vec<String> = diagnostics.errors().map(|e| e.to_string()).collect();
         errors.sort();
+        // The one deliberate difference from plain Cedar: a forbid that errored denies,
+        // and is named among the deciding policies.
+        let failed_forbids: BTreeSet<String> = diagnostics
+            .errors()
+            .map(|e| match e {
+                cedar_policy::AuthorizationError::PolicyEvaluationError(e) => {
+                    e.policy_id().to_string()
+                }
+            })
+            .filter(|id| self.bundle.policy(id).is_some_and(|p| p.effect == "forbid"))
+            .collect();
+        if !failed_forbids.is_empty() {
+            let forbids: BTreeSet<String> = if response.decision() == cedar_policy::Decision::Deny {
+                diagnostics.reason().map(|id| id.to_string()).collect()
+            } else {
+                BTreeSet::new()
+            };
+            return Decision {
+                allowed: false,
+                policy_ids: forbids.union(&failed_forbids).cloned().collect(),
+                network,
+                errors,
+            };
+        }
         Decision {
             allowed: response.decision() == cedar_policy::Decision::Allow,
             policy_ids: diagnostics
@@ -637,6 +678,16 @@ fn user_entity(u: &Principal) -> Result<Entity, EntitiesError> {
         parents,
     )
     .map_err(|e| EntitiesError(format!("user {:?}: {e}", u.name)))
+}
+
+/// The request with IPv4-mapped addresses unmapped, when it has any.
+fn canonical(req: &FlowRequest) -> Option<FlowRequest> {
+    let (dst, src) = (req.dst_ip.to_canonical(), req.src_ip.to_canonical());
+    (dst != req.dst_ip || src != req.src_ip).then(|| FlowRequest {
+        dst_ip: dst,
+        src_ip: src,
+        ..req.clone()
+    })
 }
 
 fn unknown_user(network: String, user: &str) -> Decision {

@@ -21,6 +21,7 @@ mod analysis;
 mod compile;
 mod diagnostics;
 mod engine;
+pub mod limits;
 mod networks;
 pub mod synth;
 pub mod testing;
@@ -176,10 +177,29 @@ impl PolicyBundle {
     }
 
     /// Builds a bundle from sources in memory (file names are used in errors and ids).
+    /// Parsing and validation run on a thread of their own with a large stack, after the
+    /// text passed the [`limits`] (see there why).
     pub fn from_sources(sources: Sources) -> Result<PolicyBundle, LoadError> {
+        let dir = sources.dir.clone();
+        limits::on_parse_stack(move || PolicyBundle::from_sources_here(sources)).unwrap_or_else(
+            || {
+                Err(LoadError {
+                    errors: vec![SourceError::file(
+                        &dir,
+                        "the policy parser could not run (no thread for it)".into(),
+                    )],
+                })
+            },
+        )
+    }
+
+    fn from_sources_here(sources: Sources) -> Result<PolicyBundle, LoadError> {
         let mut errors = Vec::new();
         let dir = sources.dir;
         let (schema_path, schema_src) = sources.schema;
+        if let Err(e) = limits::lexical(&schema_path, &schema_src, limits::Grammar::Schema) {
+            return Err(LoadError { errors: vec![e] });
+        }
         let schema = match Schema::from_cedarschema_str(&schema_src) {
             Ok((schema, _warnings)) => schema,
             Err(e) => {
@@ -207,6 +227,10 @@ impl PolicyBundle {
         let mut warnings = Vec::new();
         for (file, src) in &sources.policies {
             let src = src.as_str();
+            if let Err(e) = limits::lexical(file, src, limits::Grammar::Policy) {
+                errors.push(e);
+                continue;
+            }
             let set = match PolicySet::from_str(src) {
                 Ok(set) => set,
                 Err(e) => {
@@ -264,6 +288,20 @@ impl PolicyBundle {
                             "duplicate policy id {id:?} (first defined at {prev_file}:{prev_line})"
                         ),
                     ));
+                    continue;
+                }
+                let depth_error = match policy.to_json() {
+                    Ok(j) => limits::expression_depth(file, src, offset, &id, &j),
+                    Err(e) => Some(SourceError::at(
+                        file,
+                        src,
+                        line,
+                        col,
+                        format!("policy {id:?} cannot be analysed: {e}"),
+                    )),
+                };
+                if let Some(e) = depth_error {
+                    errors.push(e);
                     continue;
                 }
                 let effect = match policy.effect() {

@@ -1,12 +1,13 @@
 //! `networks.toml`: named networks with CIDRs, tags and an optional parent, and the
 //! longest-prefix resolution of a destination address to the most specific network.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
 
 use ipnet::IpNet;
 use serde::Deserialize;
+use toml::Spanned;
 
 use crate::diagnostics::{line_col, SourceError};
 
@@ -23,14 +24,19 @@ struct NetworksFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NetworkEntry {
-    name: String,
+    name: Spanned<String>,
     #[serde(default)]
-    parent: Option<String>,
+    parent: Option<Spanned<String>>,
     #[serde(default)]
-    cidrs: Vec<String>,
+    cidrs: Vec<Spanned<String>>,
     #[serde(default)]
     tags: Vec<String>,
 }
+
+/// Deepest `parent` chain accepted (prod ⊃ prod-eu ⊃ prod-eu-db needs 3).
+pub const MAX_NETWORK_DEPTH: usize = 32;
+/// Errors reported for one file; past this a count of the rest.
+const MAX_ERRORS: usize = 100;
 
 /// One declared network.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,6 +51,7 @@ pub struct Network {
 #[derive(Default)]
 pub struct Networks {
     networks: Vec<Network>,
+    by_name: HashMap<String, usize>,
     /// (prefix, index into `networks`), longest prefix first (checks and listing).
     prefixes: Vec<(IpNet, usize)>,
     /// Longest-prefix match (tree bitmap): ~tens of ns per lookup.
@@ -63,12 +70,29 @@ impl std::fmt::Debug for Networks {
 
 impl Clone for Networks {
     fn clone(&self) -> Self {
-        Networks::from_networks(self.networks.clone())
+        Networks {
+            networks: self.networks.clone(),
+            by_name: self.by_name.clone(),
+            prefixes: self.prefixes.clone(),
+            table: build_table(&self.prefixes),
+            ancestors: self.ancestors.clone(),
+        }
     }
 }
 
+fn build_table(prefixes: &[(IpNet, usize)]) -> ip_network_table::IpNetworkTable<usize> {
+    let mut table = ip_network_table::IpNetworkTable::new();
+    for (net, i) in prefixes {
+        if let Ok(n) = ip_network::IpNetwork::new(net.network(), net.prefix_len()) {
+            table.insert(n, *i);
+        }
+    }
+    table
+}
+
 impl Networks {
-    /// Parses and checks `networks.toml` content. `file` names it in errors.
+    /// Parses and checks `networks.toml` content. `file` names it in errors. Every check
+    /// is near-linear (a sort and a sweep), so a large file cannot stall a reload.
     pub fn parse(file: &Path, src: &str) -> Result<Networks, Vec<SourceError>> {
         let parsed: NetworksFile = toml::from_str(src).map_err(|e| {
             let (line, col) = e.span().map(|s| line_col(src, s.start)).unwrap_or((1, 1));
@@ -80,131 +104,173 @@ impl Networks {
                 e.message().to_string(),
             )]
         })?;
-        let mut errors = Vec::new();
-        let locate = |needle: &str| -> (usize, usize) {
-            src.find(needle).map(|o| line_col(src, o)).unwrap_or((1, 1))
-        };
-        // An error located at the first occurrence of `needle` in the file.
-        let error_at = |needle: &str, message: String| {
-            let (line, col) = locate(needle);
-            SourceError::at(file, src, line, col, message)
+        let mut errors = Errors {
+            file,
+            src,
+            list: Vec::new(),
+            more: 0,
         };
         let mut networks = Vec::new();
-        let mut names = HashSet::new();
+        // Where each kept network's name and cidrs are, for errors.
+        let mut spans: Vec<(usize, Vec<usize>)> = Vec::new();
+        let mut parent_spans: Vec<usize> = Vec::new();
+        let mut names: HashMap<String, usize> = HashMap::new();
         for entry in parsed.network {
-            let name_needle = format!("\"{}\"", entry.name);
-            if entry.name.is_empty() || entry.name == INTERNET {
-                errors.push(error_at(
-                    &name_needle,
-                    format!("network name {:?} is reserved or empty", entry.name),
-                ));
+            let name_at = entry.name.span().start;
+            let name = entry.name.into_inner();
+            if name.is_empty() || name == INTERNET {
+                errors.push(
+                    name_at,
+                    format!("network name {name:?} is reserved or empty"),
+                );
                 continue;
             }
-            if !names.insert(entry.name.clone()) {
-                errors.push(error_at(
-                    &name_needle,
-                    format!("duplicate network {:?}", entry.name),
-                ));
+            if names.contains_key(&name) {
+                errors.push(name_at, format!("duplicate network {name:?}"));
                 continue;
             }
             let mut cidrs = Vec::new();
+            let mut cidr_spans = Vec::new();
             for c in &entry.cidrs {
-                let cidr_needle = format!("\"{c}\"");
-                match c.parse::<IpNet>() {
-                    Ok(net) if net.trunc() == net => cidrs.push(net),
-                    Ok(net) => errors.push(error_at(
-                        &cidr_needle,
+                let at = c.span().start;
+                let text = c.get_ref();
+                match text.parse::<IpNet>() {
+                    Ok(net) if net.trunc() == net => {
+                        cidrs.push(net);
+                        cidr_spans.push(at);
+                    }
+                    Ok(net) => errors.push(
+                        at,
                         format!(
-                            "network {:?}: cidr {c:?} has host bits set (did you mean {}?)",
-                            entry.name,
+                            "network {name:?}: cidr {text:?} has host bits set (did you mean {}?)",
                             net.trunc()
                         ),
-                    )),
-                    Err(e) => errors.push(error_at(
-                        &cidr_needle,
-                        format!("network {:?}: invalid cidr {c:?}: {e}", entry.name),
-                    )),
+                    ),
+                    Err(e) => {
+                        errors.push(at, format!("network {name:?}: invalid cidr {text:?}: {e}"))
+                    }
                 }
             }
+            names.insert(name.clone(), networks.len());
+            spans.push((name_at, cidr_spans));
+            parent_spans.push(entry.parent.as_ref().map_or(name_at, |p| p.span().start));
             networks.push(Network {
-                name: entry.name,
-                parent: entry.parent,
+                name,
+                parent: entry.parent.map(Spanned::into_inner),
                 cidrs,
                 tags: entry.tags,
             });
         }
-        let by_name: HashMap<&str, &Network> =
-            networks.iter().map(|n| (n.name.as_str(), n)).collect();
-        for n in &networks {
-            if let Some(p) = &n.parent {
-                if !by_name.contains_key(p.as_str()) {
-                    let (line, col) = locate(&format!("parent = \"{p}\""));
-                    errors.push(SourceError::at(
-                        file,
-                        src,
-                        line,
-                        col,
-                        format!("network {:?}: unknown parent {p:?}", n.name),
-                    ));
+        // Parents: known, acyclic, at most MAX_NETWORK_DEPTH deep. Depths are memoised,
+        // so each network is walked once.
+        let parent_of: Vec<Option<usize>> = networks
+            .iter()
+            .zip(&parent_spans)
+            .map(|(n, at)| {
+                let p = n.parent.as_ref()?;
+                let found = names.get(p).copied();
+                if found.is_none() {
+                    errors.push(*at, format!("network {:?}: unknown parent {p:?}", n.name));
+                }
+                found
+            })
+            .collect();
+        let mut depth: Vec<Option<usize>> = vec![None; networks.len()];
+        for start in 0..networks.len() {
+            let mut path = Vec::new();
+            let mut cur = Some(start);
+            let base = loop {
+                match cur {
+                    None => break 0,
+                    Some(i) if depth.get(i).copied().flatten().is_some() => {
+                        break depth.get(i).copied().flatten().unwrap_or(0)
+                    }
+                    Some(i) if path.contains(&i) || path.len() > MAX_NETWORK_DEPTH => {
+                        break usize::MAX
+                    }
+                    Some(i) => {
+                        path.push(i);
+                        cur = parent_of.get(i).copied().flatten();
+                    }
+                }
+            };
+            for (k, i) in path.iter().rev().enumerate() {
+                let d = base.saturating_add(k + 1);
+                if let Some(slot) = depth.get_mut(*i) {
+                    *slot = Some(d);
                 }
             }
-            // Walk up; a walk longer than the number of networks is a cycle.
-            let mut cur = n.parent.as_deref();
-            let mut steps = 0;
-            while let Some(p) = cur {
-                steps += 1;
-                if p == n.name || steps > networks.len() {
-                    let (line, col) = locate(&format!("\"{}\"", n.name));
-                    errors.push(SourceError::at(
-                        file,
-                        src,
-                        line,
-                        col,
-                        format!("network {:?}: parent chain is a cycle", n.name),
-                    ));
-                    break;
+            let d = depth.get(start).copied().flatten().unwrap_or(0);
+            if d > MAX_NETWORK_DEPTH + 1 {
+                if let (Some(n), Some((at, _))) = (networks.get(start), spans.get(start)) {
+                    let message = if base == usize::MAX && path.len() <= MAX_NETWORK_DEPTH {
+                        format!("network {:?}: parent chain is a cycle", n.name)
+                    } else {
+                        format!(
+                            "network {:?}: parent chain is a cycle or deeper than {MAX_NETWORK_DEPTH} levels",
+                            n.name
+                        )
+                    };
+                    errors.push(*at, message);
                 }
-                cur = by_name.get(p).and_then(|x| x.parent.as_deref());
             }
         }
-        if !errors.is_empty() {
-            return Err(errors);
+        if !errors.list.is_empty() {
+            return Err(errors.finish());
         }
         let out = Networks::from_networks(networks);
-        // Overlaps are only allowed along the parent chain (prod-db inside prod).
-        for (i, (a, ai)) in out.prefixes.iter().enumerate() {
-            for (b, bi) in out.prefixes.iter().skip(i + 1) {
-                let overlap = a.contains(b) || b.contains(a);
-                if !overlap {
+        // Overlaps are only allowed along the parent chain (prod-db inside prod). CIDRs
+        // either nest or are disjoint, so after sorting by (family, address, length) the
+        // prefixes that contain one are exactly those on a stack (at most 129 deep).
+        let mut order: Vec<(IpNet, usize, usize)> = out
+            .networks
+            .iter()
+            .enumerate()
+            .flat_map(|(i, n)| n.cidrs.iter().enumerate().map(move |(k, c)| (*c, i, k)))
+            .collect();
+        order.sort_by_key(|(c, _, _)| (c.addr().is_ipv6(), addr_bits(c), c.prefix_len()));
+        let mut stack: Vec<(IpNet, usize, usize)> = Vec::new();
+        for (b, bi, bk) in order {
+            while stack.last().is_some_and(|(a, _, _)| !a.contains(&b)) {
+                stack.pop();
+            }
+            for (a, ai, ak) in stack.iter().rev() {
+                if *ai == bi && *a != b {
                     continue;
                 }
-                let (Some(na), Some(nb)) = (out.networks.get(*ai), out.networks.get(*bi)) else {
-                    continue;
-                };
-                if ai == bi && a != b {
-                    continue;
-                }
-                let related =
-                    out.is_ancestor(&na.name, &nb.name) || out.is_ancestor(&nb.name, &na.name);
-                if ai == bi || !related {
-                    let (line, col) = locate(&format!("\"{b}\""));
-                    errors.push(SourceError::at(
-                        file,
-                        src,
-                        line,
-                        col,
+                let related = out.is_ancestor_index(*ai, bi) || out.is_ancestor_index(bi, *ai);
+                if *ai == bi || !related {
+                    let (Some(na), Some(nb)) = (out.networks.get(*ai), out.networks.get(bi)) else {
+                        continue;
+                    };
+                    // Point at whichever was declared later: that is the one being added.
+                    let (later, later_k, later_net, earlier_net, later_cidr, earlier_cidr) =
+                        if (bi, bk) > (*ai, *ak) {
+                            (bi, bk, nb, na, b, *a)
+                        } else {
+                            (*ai, *ak, na, nb, *a, b)
+                        };
+                    let at = spans
+                        .get(later)
+                        .and_then(|(_, c)| c.get(later_k))
+                        .copied()
+                        .unwrap_or(0);
+                    errors.push(
+                        at,
                         format!(
-                            "cidr {b} of network {:?} overlaps {a} of network {:?}, which is not its ancestor or descendant",
-                            nb.name, na.name
+                            "cidr {later_cidr} of network {:?} overlaps {earlier_cidr} of network {:?}, which is not its ancestor or descendant",
+                            later_net.name, earlier_net.name
                         ),
-                    ));
+                    );
+                    break;
                 }
             }
+            stack.push((b, bi, bk));
         }
-        if errors.is_empty() {
+        if errors.list.is_empty() {
             Ok(out)
         } else {
-            Err(errors)
+            Err(errors.finish())
         }
     }
 
@@ -216,13 +282,13 @@ impl Networks {
             .flat_map(|(i, n)| n.cidrs.iter().map(move |c| (*c, i)))
             .collect();
         prefixes.sort_by_key(|p| std::cmp::Reverse(p.0.prefix_len()));
-        let mut table = ip_network_table::IpNetworkTable::new();
-        for (net, i) in &prefixes {
-            if let Ok(n) = ip_network::IpNetwork::new(net.network(), net.prefix_len()) {
-                table.insert(n, *i);
-            }
-        }
-        let index_of = |name: &str| networks.iter().position(|n| n.name == name);
+        let table = build_table(&prefixes);
+        let by_name: HashMap<String, usize> = networks
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.name.clone(), i))
+            .collect();
+        let index_of = |name: &str| by_name.get(name).copied();
         let ancestors = networks
             .iter()
             .map(|n| {
@@ -232,22 +298,28 @@ impl Networks {
                         .and_then(|p| p.parent.as_deref())
                         .and_then(index_of)
                 })
-                .take(networks.len())
+                .take(networks.len().min(MAX_NETWORK_DEPTH + 1))
                 .collect()
             })
             .collect();
         Networks {
             networks,
+            by_name,
             prefixes,
             table,
             ancestors,
         }
     }
 
+    fn is_ancestor_index(&self, ancestor: usize, of: usize) -> bool {
+        self.ancestor_indices(of).contains(&ancestor)
+    }
+
     /// Index of the most specific network containing `ip`; `None` is [`INTERNET`].
     #[inline]
+    /// An IPv4-mapped IPv6 address resolves as the IPv4 address it carries.
     pub fn resolve_index(&self, ip: IpAddr) -> Option<usize> {
-        self.table.longest_match(ip).map(|(_, i)| *i)
+        self.table.longest_match(ip.to_canonical()).map(|(_, i)| *i)
     }
 
     /// The network at `index` (from [`Networks::resolve_index`]).
@@ -290,19 +362,52 @@ impl Networks {
 
     /// Parents of `name`, nearest first.
     pub fn ancestors<'a>(&'a self, name: &str) -> impl Iterator<Item = &'a str> + 'a {
-        let start = self
-            .networks
+        let indices = self
+            .by_name
+            .get(name)
+            .map(|i| self.ancestor_indices(*i))
+            .unwrap_or_default();
+        indices
             .iter()
-            .find(|n| n.name == name)
-            .and_then(|n| n.parent.as_deref());
-        let limit = self.networks.len();
-        std::iter::successors(start, move |cur| {
-            self.networks
-                .iter()
-                .find(|n| n.name == *cur)
-                .and_then(|n| n.parent.as_deref())
-        })
-        .take(limit)
+            .filter_map(|i| self.networks.get(*i).map(|n| n.name.as_str()))
+    }
+}
+
+/// A CIDR's address as a number, for sorting.
+fn addr_bits(c: &IpNet) -> u128 {
+    match c.addr() {
+        IpAddr::V4(a) => u128::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a),
+    }
+}
+
+/// Errors located by byte offset, capped at [`MAX_ERRORS`].
+struct Errors<'a> {
+    file: &'a Path,
+    src: &'a str,
+    list: Vec<SourceError>,
+    more: usize,
+}
+
+impl Errors<'_> {
+    fn push(&mut self, offset: usize, message: String) {
+        if self.list.len() >= MAX_ERRORS {
+            self.more += 1;
+            return;
+        }
+        let (line, col) = line_col(self.src, offset);
+        self.list
+            .push(SourceError::at(self.file, self.src, line, col, message));
+    }
+
+    fn finish(mut self) -> Vec<SourceError> {
+        if self.more > 0 {
+            self.list.push(SourceError::file(
+                self.file,
+                format!("{} more errors not shown", self.more),
+            ));
+        }
+        self.list
     }
 }
 
@@ -361,7 +466,7 @@ cidrs = ["10.8.5.0/24"]
             (
                 "[[network]]\nname = \"a\"\ncidrs = [\"10.0.0.0/8\"]\n[[network]]\nname = \"b\"\ncidrs = [\"10.1.0.0/16\"]\n",
                 "overlaps",
-                3,
+                6,
             ),
             (
                 "[[network]]\nname = \"a\"\nparent = \"b\"\n[[network]]\nname = \"b\"\nparent = \"a\"\n",

@@ -123,6 +123,11 @@ impl Company {
                 94..=95 => format!(
                     "permit (principal, action == Action::\"connect\", resource in Network::\"{n}\")\nwhen {{ context.protocol == \"udp\" && context.dst_port == 53 }};"
                 ),
+                // A forbid that errors (overflow) for ports above 1: it must deny
+                // (fail closed), where plain Cedar would skip it.
+                98 => format!(
+                    "forbid (principal in Group::\"g{g}\", action == Action::\"connect\", resource in Network::\"{n}\")\nwhen {{ context.dst_port * 4611686018427387904 < 0 }};"
+                ),
                 // Errors (overflow) for ports above 1: exercises error reporting.
                 _ => format!(
                     "permit (principal in Group::\"g{g}\", action == Action::\"connect\", resource)\nwhen {{ context.dst_port * 9223372036854775807 > 0 }};"
@@ -185,8 +190,18 @@ impl Company {
             format!("u{}", rng.gen_range(0..self.shape.users))
         };
         let top = top_level(&self.shape) as u8;
-        let dst = match rng.gen_range(0..10) {
+        let dst = match rng.gen_range(0..11) {
             0 => IpAddr::from([192, 0, 2, rng.gen()]),
+            // IPv4-mapped IPv6: decided as the IPv4 address.
+            10 => IpAddr::V6(
+                std::net::Ipv4Addr::from([
+                    10,
+                    rng.gen_range(0..top),
+                    rng.gen_range(0..5),
+                    rng.gen(),
+                ])
+                .to_ipv6_mapped(),
+            ),
             1 => IpAddr::from([
                 0xfd00,
                 u16::from(rng.gen_range(0..top)),

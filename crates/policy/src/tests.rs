@@ -359,3 +359,5 @@ fn reachable_networks_cover_what_the_permits_could_allow() -> Result<(), Box<dyn
     assert_eq!(names("nobody", &[]), ["resolver"]);
     Ok(())
 }
+
+mod hardening;

@@ -14,7 +14,7 @@ use portcullis_policy::synth::{Company, Shape};
 use portcullis_policy::Engine;
 use std::sync::Arc;
 
-fn run(shape: Shape, requests: usize) -> (usize, usize) {
+fn run(shape: Shape, requests: usize) -> (usize, usize, usize) {
     let mut company = Company::generate(shape);
     let bundle = Arc::new(std::mem::replace(
         &mut company.bundle,
@@ -25,7 +25,14 @@ fn run(shape: Shape, requests: usize) -> (usize, usize) {
         .bundle,
     ));
     let mut engine = Engine::new(bundle, company.users.clone()).expect("engine");
-    let (mut allowed, mut with_errors) = (0, 0);
+    let (mut allowed, mut with_errors, mut failed_closed) = (0, 0, 0);
+    let forbids: Vec<String> = engine
+        .bundle()
+        .policies()
+        .iter()
+        .filter(|p| p.effect == "forbid")
+        .map(|p| p.id.clone())
+        .collect();
     for i in 0..requests {
         if i % 997 == 0 {
             // An identity change: new groups and tags for some user (epoch bump).
@@ -37,14 +44,27 @@ fn run(shape: Shape, requests: usize) -> (usize, usize) {
         let plain = engine.decide_plain(&user, &req, now);
         assert_eq!(*fast, plain, "request {i}: {user} {req:?} at {now}");
         allowed += usize::from(plain.allowed);
+        // A forbid that errored denies and is named (fail closed, not Cedar's skip).
+        for forbid in forbids.iter().filter(|f| {
+            plain
+                .errors
+                .iter()
+                .any(|e| e.contains(&format!("policy `{f}`")))
+        }) {
+            assert!(
+                !plain.allowed && plain.policy_ids.contains(forbid),
+                "request {i}: forbid {forbid} errored and did not deny: {plain:?}"
+            );
+            failed_closed += 1;
+        }
         with_errors += usize::from(!plain.errors.is_empty());
     }
-    (allowed, with_errors)
+    (allowed, with_errors, failed_closed)
 }
 
 #[test]
 fn fast_path_equals_plain_cedar_on_100k_random_requests() {
-    let mut total = 0;
+    let (mut total, mut closed) = (0, 0);
     for (seed, policies) in [(1, 150), (2, 40), (3, 400)] {
         let shape = Shape {
             policies,
@@ -54,14 +74,16 @@ fn fast_path_equals_plain_cedar_on_100k_random_requests() {
             seed,
         };
         let n = if policies >= 400 { 20_000 } else { 40_000 };
-        let (allowed, errors) = run(shape, n);
+        let (allowed, errors, failed_closed) = run(shape, n);
         // The generated sets must exercise both outcomes and the error path.
         assert!(
             allowed > n / 50 && allowed < n - n / 50,
             "seed {seed}: {allowed} of {n} allowed"
         );
         assert!(errors > 0, "seed {seed}: no evaluation errors exercised");
+        closed += failed_closed;
         total += n;
     }
     assert!(total >= 100_000);
+    assert!(closed > 0, "no erroring forbid was exercised");
 }
