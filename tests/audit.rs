@@ -194,6 +194,32 @@ fn traffic_lands_as_rows_and_auditors_can_query_and_verify_it() {
     // The chain verifies, then detects an edited and a deleted row.
     let (ok, out) = audit_cli(&lab, &["verify", "--since", "1h"]);
     assert!(ok, "intact trail must verify: {out}");
+    // Bounds outside ClickHouse's DateTime are clamped, not wrapped: before 1970 means
+    // from the beginning, after 2106 means to the end.
+    let (ok, early) = audit_cli(
+        &lab,
+        &[
+            "verify",
+            "--since",
+            "1969-12-31T23:59:59Z",
+            "--until",
+            "2200-01-01T00:00:00Z",
+        ],
+    );
+    assert!(
+        ok && early.contains(out.lines().last().unwrap_or("-")),
+        "{early}
+vs
+{out}"
+    );
+    let (ok, rows) = audit_cli(
+        &lab,
+        &["query", "--since", "1969-12-31T23:59:59Z", "--json"],
+    );
+    assert!(ok && rows.contains("alice"), "{rows}");
+    // A range with no rows verifies nothing, and says so with a failing exit.
+    let (ok, none) = audit_cli(&lab, &["verify", "--since", "2200-01-01T00:00:00Z"]);
+    assert!(!ok && none.contains("nothing was verified"), "{none}");
     ch.query("ALTER TABLE portcullis.events UPDATE bytes_in = 1 WHERE kind = 'flow_closed' AND user = 'alice'").unwrap();
     wait("edit applied", Duration::from_secs(10), || {
         count(

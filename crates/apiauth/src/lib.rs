@@ -50,7 +50,7 @@
 //!     return requests.request(method, url, data=body, headers=headers)
 //! ```
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 
 use base64::Engine as _;
@@ -66,11 +66,19 @@ pub const HEADER_SIGNATURE: &str = "Auth-Signature";
 
 /// The default timestamp window (±).
 pub const DEFAULT_WINDOW: TimeDelta = TimeDelta::minutes(5);
-/// Failed authentications allowed per client address per minute; then 429.
+/// Failed authentications per client address per minute; past it, further failures get
+/// 429 (and are no longer logged one by one), while correctly signed requests from the
+/// same address still pass: a neighbour behind the same NAT cannot lock a client out.
+/// Guessing is not what this stops: secrets are at least 32 characters.
 pub const FAILURES_PER_MINUTE: u32 = 20;
-/// Nonces remembered at most; past that, new requests are refused (503) rather than
-/// forgetting nonces still inside the window. Only correctly signed requests add one.
+/// Nonces remembered at most, all tokens together; past that, new requests are refused
+/// (503) rather than forgetting nonces still inside the window.
 pub const MAX_NONCES: usize = 1_000_000;
+/// Nonces one token may hold within the replay window (~330 signed requests a second
+/// sustained over the default 10 minutes); past it that token gets 429, others do not.
+pub const NONCES_PER_TOKEN: usize = 200_000;
+/// Nonces requests from one address may hold, whatever their tokens.
+pub const NONCES_PER_ADDRESS: usize = 200_000;
 
 /// What a token may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -362,6 +370,8 @@ pub enum AuthError {
     RateLimited,
     #[error("too many requests within the replay window")]
     Busy,
+    #[error("too many requests from this token or address within the replay window; slow down")]
+    ClientBusy,
 }
 
 impl AuthError {
@@ -369,7 +379,7 @@ impl AuthError {
     pub fn status(&self) -> u16 {
         match self {
             AuthError::Forbidden(_) => 403,
-            AuthError::RateLimited => 429,
+            AuthError::RateLimited | AuthError::ClientBusy => 429,
             AuthError::Busy => 503,
             _ => 401,
         }
@@ -392,6 +402,56 @@ pub struct Request<'a> {
 pub struct Authorized {
     pub token: String,
     pub scope: Scope,
+    /// The nonce now remembered, for the caller to persist before answering (a replay
+    /// after a restart must fail too).
+    pub nonce: NonceRecord,
+}
+
+/// A remembered nonce as persisted: a 128-bit digest of (token, nonce) and when it may
+/// be forgotten. The file format is a sequence of 24-byte records, each the digest
+/// (16 bytes, big-endian) then the forget time (Unix seconds, i64 big-endian); a torn
+/// last record is ignored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NonceRecord {
+    pub digest: u128,
+    pub forget_at: i64,
+}
+
+impl NonceRecord {
+    pub const BYTES: usize = 24;
+
+    pub fn encode(&self) -> [u8; 24] {
+        let mut out = [0u8; 24];
+        let (d, t) = out.split_at_mut(16);
+        d.copy_from_slice(&self.digest.to_be_bytes());
+        t.copy_from_slice(&self.forget_at.to_be_bytes());
+        out
+    }
+
+    /// Every whole record in `bytes`.
+    pub fn decode_all(bytes: &[u8]) -> Vec<NonceRecord> {
+        bytes
+            .chunks_exact(Self::BYTES)
+            .filter_map(|c| {
+                let (d, t) = c.split_at(16);
+                Some(NonceRecord {
+                    digest: u128::from_be_bytes(d.try_into().ok()?),
+                    forget_at: i64::from_be_bytes(t.try_into().ok()?),
+                })
+            })
+            .collect()
+    }
+}
+
+fn nonce_digest(token: &str, nonce: &str) -> u128 {
+    let mut h = Sha256::new();
+    h.update(token.as_bytes());
+    h.update([0]);
+    h.update(nonce.as_bytes());
+    let d = h.finalize();
+    let mut first = [0u8; 16];
+    first.copy_from_slice(d.get(..16).unwrap_or(&[0; 16]));
+    u128::from_be_bytes(first)
 }
 
 /// The header values of a request, as received.
@@ -456,11 +516,22 @@ impl RateLimit {
 pub struct Verifier {
     tokens: HashMap<String, ApiToken>,
     window: TimeDelta,
-    seen: HashMap<(String, String), DateTime<Utc>>,
-    /// (forget at, key), in insertion order.
-    seen_order: VecDeque<(DateTime<Utc>, (String, String))>,
+    seen: HashSet<u128>,
+    /// In insertion order (forget times only grow).
+    seen_order: VecDeque<Seen>,
+    per_token: HashMap<String, usize>,
+    per_address: HashMap<IpAddr, usize>,
     max_nonces: usize,
+    max_per_client: usize,
     failures: RateLimit,
+}
+
+#[derive(Debug)]
+struct Seen {
+    forget_at: DateTime<Utc>,
+    digest: u128,
+    /// Whom it counts against (none for nonces restored from disk).
+    owner: Option<(String, IpAddr)>,
 }
 
 impl Verifier {
@@ -468,9 +539,12 @@ impl Verifier {
         let mut v = Verifier {
             tokens: HashMap::new(),
             window,
-            seen: HashMap::new(),
+            seen: HashSet::new(),
             seen_order: VecDeque::new(),
+            per_token: HashMap::new(),
+            per_address: HashMap::new(),
             max_nonces: MAX_NONCES,
+            max_per_client: NONCES_PER_TOKEN.min(NONCES_PER_ADDRESS),
             failures: RateLimit::new(FAILURES_PER_MINUTE, 10_000),
         };
         v.set_tokens(tokens);
@@ -482,14 +556,57 @@ impl Verifier {
         self.tokens = tokens.into_iter().map(|t| (t.id.clone(), t)).collect();
     }
 
+    /// Remembers nonces persisted by an earlier run (those not yet due to be forgotten),
+    /// so a request captured before a restart cannot be replayed after it.
+    pub fn restore(&mut self, records: &[NonceRecord], now: DateTime<Utc>) {
+        let mut live: Vec<&NonceRecord> = records
+            .iter()
+            .filter(|r| r.forget_at > now.timestamp())
+            .collect();
+        live.sort_by_key(|r| r.forget_at);
+        for r in live {
+            if self.seen.len() >= self.max_nonces {
+                break;
+            }
+            let Some(at) = DateTime::from_timestamp(r.forget_at, 0) else {
+                continue;
+            };
+            if self.seen.insert(r.digest) {
+                self.seen_order.push_back(Seen {
+                    forget_at: at,
+                    digest: r.digest,
+                    owner: None,
+                });
+            }
+        }
+    }
+
+    /// The nonces to keep on disk now (a compaction writes exactly these).
+    pub fn live_nonces(&self) -> Vec<NonceRecord> {
+        self.seen_order
+            .iter()
+            .map(|s| NonceRecord {
+                digest: s.digest,
+                forget_at: s.forget_at.timestamp(),
+            })
+            .collect()
+    }
+
     #[cfg(test)]
     fn with_max_nonces(mut self, n: usize) -> Verifier {
         self.max_nonces = n;
         self
     }
 
+    #[cfg(test)]
+    fn with_max_per_client(mut self, n: usize) -> Verifier {
+        self.max_per_client = n;
+        self
+    }
+
     /// Checks one request: headers, token, expiry, timestamp, signature, nonce, scope.
-    /// A failure counts against `remote`; too many in a minute refuse it outright.
+    /// A failure counts against `remote`; past [`FAILURES_PER_MINUTE`] failures are
+    /// answered 429, but a correctly signed request still passes.
     pub fn handle_request(
         &mut self,
         headers: &Headers<'_>,
@@ -503,18 +620,27 @@ impl Verifier {
             query,
             body,
         } = *request;
-        if self.failures.exhausted(remote, now) {
-            return Err(AuthError::RateLimited);
-        }
-        let r = self.check(headers, method, path, query, body, now);
+        let r = self.check(headers, method, path, query, body, remote, now);
         if let Err(e) = &r {
-            if !matches!(e, AuthError::Forbidden(_) | AuthError::Busy) {
+            if !matches!(
+                e,
+                AuthError::Forbidden(_) | AuthError::Busy | AuthError::ClientBusy
+            ) {
+                if self.failures.exhausted(remote, now) {
+                    return Err(AuthError::RateLimited);
+                }
                 self.failures.record(remote, now);
             }
         }
         r
     }
 
+    /// Whether failures from `remote` are over the limit now (the caller logs less).
+    pub fn limited(&self, remote: IpAddr, now: DateTime<Utc>) -> bool {
+        self.failures.exhausted(remote, now)
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn check(
         &mut self,
         h: &Headers<'_>,
@@ -522,6 +648,7 @@ impl Verifier {
         path: &str,
         query: Option<&str>,
         body: &[u8],
+        remote: IpAddr,
         now: DateTime<Utc>,
     ) -> Result<Authorized, AuthError> {
         let token = h.token.ok_or(AuthError::Missing(HEADER_TOKEN))?;
@@ -568,35 +695,54 @@ impl Verifier {
             .map_err(|_| AuthError::BadSignature)?;
         let scope = t.scope;
         let read_only = matches!(method, "GET" | "HEAD");
-        // Only signed requests reach the nonce cache: nobody else can fill it.
+        // Only signed requests reach the nonce cache: nobody else can fill it, and each
+        // token and address has a budget of its own, so one client cannot lock out
+        // the others.
         self.forget_nonces(now);
-        let key = (token.to_string(), nonce.to_string());
-        if self.seen.contains_key(&key) {
+        let digest = nonce_digest(token, nonce);
+        if self.seen.contains(&digest) {
             return Err(AuthError::Replayed);
+        }
+        let token_count = self.per_token.get(token).copied().unwrap_or(0);
+        let address_count = self.per_address.get(&remote).copied().unwrap_or(0);
+        if token_count >= self.max_per_client || address_count >= self.max_per_client {
+            return Err(AuthError::ClientBusy);
         }
         if self.seen.len() >= self.max_nonces {
             return Err(AuthError::Busy);
         }
         // Kept for twice the window: a timestamp may be up to one window in the future.
-        let forget = now + self.window * 2;
-        self.seen.insert(key.clone(), forget);
-        self.seen_order.push_back((forget, key));
+        let forget_at = now + self.window * 2;
+        self.seen.insert(digest);
+        *self.per_token.entry(token.to_string()).or_insert(0) += 1;
+        *self.per_address.entry(remote).or_insert(0) += 1;
+        self.seen_order.push_back(Seen {
+            forget_at,
+            digest,
+            owner: Some((token.to_string(), remote)),
+        });
         if scope == Scope::Auditor && !read_only {
             return Err(AuthError::Forbidden(scope.as_str()));
         }
         Ok(Authorized {
             token: token.to_string(),
             scope,
+            nonce: NonceRecord {
+                digest,
+                forget_at: forget_at.timestamp(),
+            },
         })
     }
 
     fn forget_nonces(&mut self, now: DateTime<Utc>) {
-        while let Some((at, _)) = self.seen_order.front() {
-            if *at > now {
+        while self.seen_order.front().is_some_and(|s| s.forget_at <= now) {
+            let Some(s) = self.seen_order.pop_front() else {
                 break;
-            }
-            if let Some((_, key)) = self.seen_order.pop_front() {
-                self.seen.remove(&key);
+            };
+            self.seen.remove(&s.digest);
+            if let Some((token, addr)) = s.owner {
+                decrement(&mut self.per_token, &token);
+                decrement(&mut self.per_address, &addr);
             }
         }
     }
@@ -604,6 +750,15 @@ impl Verifier {
     /// Nonces remembered now.
     pub fn nonces(&self) -> usize {
         self.seen.len()
+    }
+}
+
+fn decrement<K: std::hash::Hash + Eq>(counts: &mut HashMap<K, usize>, key: &K) {
+    if let Some(n) = counts.get_mut(key) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            counts.remove(key);
+        }
     }
 }
 

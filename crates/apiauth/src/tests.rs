@@ -124,13 +124,9 @@ fn a_correct_signature_is_accepted_once() {
         Some("b=2&a=1"),
         b"{}",
     );
-    assert_eq!(
-        r.send(&mut v, |_| {}, t0()),
-        Ok(Authorized {
-            token: "ops".into(),
-            scope: Scope::Admin
-        })
-    );
+    let who = r.send(&mut v, |_| {}, t0()).unwrap();
+    assert_eq!((who.token.as_str(), who.scope), ("ops", Scope::Admin));
+    assert_eq!(who.nonce.forget_at, (t0() + DEFAULT_WINDOW * 2).timestamp());
     assert_eq!(r.send(&mut v, |_| {}, t0()), Err(AuthError::Replayed));
     let mut again = r.clone();
     again.nonce = "another-nonce-0123456789".into();
@@ -278,22 +274,95 @@ fn a_full_nonce_cache_refuses_instead_of_forgetting() {
 }
 
 #[test]
-fn repeated_failures_from_one_address_are_rate_limited() {
+fn repeated_failures_are_limited_without_locking_out_a_valid_signature() {
     let mut v = verifier();
     let mut bad = req("GET", "/api/v1/users", None, b"");
     bad.secret = "guess-guess-guess-guess-guess-guess".into();
     for _ in 0..FAILURES_PER_MINUTE {
         assert_eq!(bad.send(&mut v, |_| {}, t0()), Err(AuthError::BadSignature));
     }
-    let good = req("GET", "/api/v1/users", None, b"");
-    assert_eq!(good.send(&mut v, |_| {}, t0()), Err(AuthError::RateLimited));
+    assert!(v.limited(IpAddr::from([192, 0, 2, 1]), t0()));
+    assert_eq!(bad.send(&mut v, |_| {}, t0()), Err(AuthError::RateLimited));
     assert_eq!(AuthError::RateLimited.status(), 429);
-    // A minute later the address may try again.
-    let mut good = good.clone();
-    good.ts = (t0() + TimeDelta::seconds(61)).timestamp().to_string();
-    assert!(good
-        .send(&mut v, |_| {}, t0() + TimeDelta::seconds(61))
+    // The same address (a NAT, a proxy) with a correct signature still gets in.
+    let good = req("GET", "/api/v1/users", None, b"");
+    assert!(good.send(&mut v, |_| {}, t0()).is_ok());
+    // A minute later failures are counted afresh.
+    let mut bad = bad.clone();
+    bad.ts = (t0() + TimeDelta::seconds(61)).timestamp().to_string();
+    assert_eq!(
+        bad.send(&mut v, |_| {}, t0() + TimeDelta::seconds(61)),
+        Err(AuthError::BadSignature)
+    );
+}
+
+#[test]
+fn one_token_cannot_use_up_the_nonces_of_the_others() {
+    let mut v = verifier().with_max_per_client(3);
+    let mut audit = req("GET", "/api/v1/users", None, b"");
+    audit.token = "audit".into();
+    audit.secret = "0123456789abcdef0123456789abcdef-audit".into();
+    for i in 0..3 {
+        let mut r = audit.clone();
+        r.nonce = format!("auditor-nonce-{i:010}");
+        r.send(&mut v, |_| {}, t0()).unwrap();
+    }
+    let mut r = audit.clone();
+    r.nonce = "auditor-nonce-over-budget".into();
+    let e = r.send(&mut v, |_| {}, t0());
+    assert_eq!(e, Err(AuthError::ClientBusy));
+    assert_eq!(AuthError::ClientBusy.status(), 429);
+    // The admin token, from another address, is unaffected.
+    let ops = req("GET", "/api/v1/users", None, b"");
+    let sig = ops.signature();
+    let ok = v.handle_request(
+        &Headers {
+            token: Some("ops"),
+            timestamp: Some(&ops.ts),
+            nonce: Some(&ops.nonce),
+            signature: Some(&sig),
+        },
+        &Request {
+            method: "GET",
+            path: "/api/v1/users",
+            query: None,
+            body: b"",
+        },
+        IpAddr::from([192, 0, 2, 99]),
+        t0(),
+    );
+    assert!(ok.is_ok(), "{ok:?}");
+    // After the window the auditor's budget is back.
+    let mut later = audit.clone();
+    later.nonce = "auditor-nonce-much-later".into();
+    later.ts = (t0() + TimeDelta::minutes(11)).timestamp().to_string();
+    assert!(later
+        .send(&mut v, |_| {}, t0() + TimeDelta::minutes(11))
         .is_ok());
+}
+
+#[test]
+fn restored_nonces_refuse_a_replay_after_a_restart() {
+    let mut v = verifier();
+    let r = req("GET", "/api/v1/users", None, b"");
+    let who = r.send(&mut v, |_| {}, t0()).unwrap();
+    let bytes: Vec<u8> = v.live_nonces().iter().flat_map(|n| n.encode()).collect();
+    assert_eq!(v.live_nonces(), vec![who.nonce]);
+    // A torn tail is ignored.
+    let mut torn = bytes.clone();
+    torn.extend_from_slice(&[1, 2, 3]);
+    let records = NonceRecord::decode_all(&torn);
+    assert_eq!(records, vec![who.nonce]);
+    let mut fresh = verifier();
+    fresh.restore(&records, t0() + TimeDelta::seconds(5));
+    assert_eq!(
+        r.send(&mut fresh, |_| {}, t0() + TimeDelta::seconds(5)),
+        Err(AuthError::Replayed)
+    );
+    // Expired records are not restored.
+    let mut late = verifier();
+    late.restore(&records, t0() + TimeDelta::minutes(11));
+    assert_eq!(late.nonces(), 0);
 }
 
 #[test]

@@ -19,6 +19,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
@@ -147,6 +148,8 @@ impl Pipeline {
                     OpenOptions::new()
                         .create(true)
                         .append(true)
+                        // Who reached what is not for every local user to read.
+                        .mode(0o600)
                         .open(path)
                         .map_err(|source| AuditError::EventsFile {
                             path: path.clone(),

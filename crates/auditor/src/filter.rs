@@ -59,6 +59,16 @@ pub fn parse_time(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, Filte
     now.checked_sub_signed(d).ok_or_else(err)
 }
 
+/// The range ClickHouse's `DateTime` holds (Unix seconds as a UInt32): a bound outside
+/// it would wrap around (a `--since` before 1970 selected nothing), so bounds are
+/// clamped into it, which keeps their meaning (before 1970 = since the beginning).
+pub const DB_TIME_MAX: i64 = u32::MAX as i64;
+
+/// `t` as Unix seconds clamped into `0..=DB_TIME_MAX`.
+pub fn db_seconds(t: DateTime<Utc>) -> i64 {
+    t.timestamp().clamp(0, DB_TIME_MAX)
+}
+
 /// The 16-byte (IPv4-mapped) bounds of a CIDR, as hex for `unhex`.
 pub fn cidr_bounds(text: &str) -> Result<(String, String), FilterError> {
     let net = IpNet::from_str(text)
@@ -121,13 +131,13 @@ impl Filter {
         if let Some(s) = &self.since {
             c.push(format!(
                 "time >= toDateTime({})",
-                parse_time(s, now)?.timestamp()
+                db_seconds(parse_time(s, now)?)
             ));
         }
         if let Some(u) = &self.until {
             c.push(format!(
                 "time <= toDateTime({})",
-                parse_time(u, now)?.timestamp()
+                db_seconds(parse_time(u, now)?)
             ));
         }
         if let Some(s) = self.session {

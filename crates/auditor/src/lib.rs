@@ -129,10 +129,10 @@ pub async fn verify_trail(
         w.push(format!("gateway = {}", filter::quote(g)));
     }
     if let Some(s) = since {
-        w.push(format!("time >= toDateTime({})", s.timestamp()));
+        w.push(format!("time >= toDateTime({})", filter::db_seconds(s)));
     }
     if let Some(u) = until {
-        w.push(format!("time <= toDateTime({})", u.timestamp()));
+        w.push(format!("time <= toDateTime({})", filter::db_seconds(u)));
     }
     // Rows are read in the types this build knows (schema 4 hashes): an older schema is
     // named, with the remedy, instead of misread.

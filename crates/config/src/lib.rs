@@ -257,10 +257,18 @@ pub struct ApiConfig {
     /// remembered twice as long.
     #[serde(default = "default_api_window")]
     pub window_secs: u64,
+    /// Where used nonces are kept for the replay window, so a request captured before a
+    /// restart cannot be replayed after it (created 0600).
+    #[serde(default = "default_nonce_file")]
+    pub nonce_file: PathBuf,
 }
 
 fn default_api_window() -> u64 {
     300
+}
+
+fn default_nonce_file() -> PathBuf {
+    PathBuf::from("api-nonces.bin")
 }
 
 /// `[devices]`: WireGuard keys registered at run time (the admin API, the SSO
@@ -314,10 +322,39 @@ pub struct HttpConfig {
     pub cert_file: Option<PathBuf>,
     #[serde(default)]
     pub key_file: Option<PathBuf>,
+    /// Open connections at most (also kept below the descriptor limit); more are closed.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Open connections from one client address at most.
+    #[serde(default = "default_max_connections_per_address")]
+    pub max_connections_per_address: usize,
+    /// A request's head must arrive within this (also the idle time of a kept-alive
+    /// connection between requests).
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout_secs: u64,
+    /// A connection on which no byte moved for this long is closed.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_secs: u64,
 }
 
 fn default_max_body_bytes() -> usize {
     1 << 20
+}
+
+fn default_max_connections() -> usize {
+    4096
+}
+
+fn default_max_connections_per_address() -> usize {
+    256
+}
+
+fn default_header_timeout() -> u64 {
+    10
+}
+
+fn default_idle_timeout() -> u64 {
+    60
 }
 
 /// `[identity]`: the directory the identity sources keep.
@@ -806,6 +843,7 @@ pub fn load_unkeyed(path: &Path) -> Result<Loaded, ConfigError> {
     }
     if let Some(api) = &mut c.api {
         resolve(&mut api.tokens_file);
+        resolve(&mut api.nonce_file);
     }
     if let Some(l) = c.ldap.as_mut() {
         for f in [l.password_file.as_mut(), l.ca_file.as_mut()]
@@ -855,7 +893,56 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
             ),
         )
     })?);
+    let exposed = exposed_secrets(&loaded.config);
+    loaded.warnings.extend(exposed);
     Ok(loaded)
+}
+
+/// The secret files (keys, tokens, passwords) that group or others may read, as
+/// warnings naming the key and the file (`chmod 600` them).
+pub fn exposed_secrets(c: &Config) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut files: Vec<(&str, &Path)> =
+        vec![("gateway.private_key_file", &c.gateway.private_key_file)];
+    if let Some(s) = &c.scim {
+        files.push(("scim.token_file", &s.token_file));
+    }
+    if let Some(a) = &c.admin {
+        files.push(("admin.token_file", &a.token_file));
+    }
+    if let Some(a) = &c.api {
+        files.push(("api.tokens_file", &a.tokens_file));
+    }
+    if let Some(f) = c
+        .audit
+        .clickhouse
+        .as_ref()
+        .and_then(|ch| ch.password_file.as_ref())
+    {
+        files.push(("audit.clickhouse.password_file", f));
+    }
+    if let Some(a) = &c.audit.api {
+        files.push(("audit.api.token_file", &a.token_file));
+    }
+    if let Some(f) = c.ldap.as_ref().and_then(|l| l.password_file.as_ref()) {
+        files.push(("ldap.password_file", f));
+    }
+    if let Some(f) = c.http.as_ref().and_then(|h| h.key_file.as_ref()) {
+        files.push(("http.key_file", f));
+    }
+    files
+        .into_iter()
+        .filter_map(|(key, f)| {
+            let mode = std::fs::metadata(f).ok()?.permissions().mode();
+            (mode & 0o077 != 0).then(|| {
+                format!(
+                    "key `{key}`: {} is readable by group or others (mode {:o}); chmod 600 it",
+                    f.display(),
+                    mode & 0o777
+                )
+            })
+        })
+        .collect()
 }
 
 /// Parses and checks configuration text (the private key is not read: zeros).
@@ -974,6 +1061,22 @@ pub fn parse(path: &Path, src: &str) -> Result<Loaded, ConfigError> {
     }
     if let Some(d) = &config.devices {
         durations.push(("devices.rotation_grace_secs".into(), d.rotation_grace_secs));
+    }
+    if let Some(h) = &config.http {
+        for (key, v, max) in [
+            ("http.header_timeout_secs", h.header_timeout_secs, 3600),
+            ("http.idle_timeout_secs", h.idle_timeout_secs, 86_400),
+            ("http.max_connections", h.max_connections as u64, 1 << 20),
+            (
+                "http.max_connections_per_address",
+                h.max_connections_per_address as u64,
+                1 << 20,
+            ),
+        ] {
+            if v == 0 || v > max {
+                return Err(err(key.into(), format!("{v} is outside 1..={max}")));
+            }
+        }
     }
     for (key, v) in durations {
         if v > MAX_DURATION_SECS {

@@ -60,6 +60,16 @@ impl SqliteStore {
     /// Opens (creating if needed) the database and reads every record.
     pub fn open(path: &Path) -> Result<(SqliteStore, Vec<User>, Vec<Group>), StoreError> {
         let name = path.display().to_string();
+        // Created 0600 before SQLite opens it (its -wal and -shm files take the same
+        // mode): the directory holds who may reach what.
+        {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let _ = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(path);
+        }
         let conn = Connection::open(path).map_err(|source| StoreError::Sqlite {
             path: name.clone(),
             source,

@@ -99,6 +99,7 @@ pub(crate) struct AdminState {
     tokens: Option<Arc<RwLock<TokenSet>>>,
     /// The `/api/v1` request verifier (`[api]` configured).
     api: Option<Arc<std::sync::Mutex<portcullis_apiauth::Verifier>>>,
+    nonce_log: Option<Arc<std::sync::Mutex<crate::nonces::NonceLog>>>,
     max_body_bytes: usize,
     pub(crate) identity: Option<Arc<Identity>>,
     pub(crate) commands: mpsc::UnboundedSender<AdminCommand>,
@@ -118,6 +119,8 @@ pub struct AdminApi {
     pub tokens: Option<Arc<RwLock<TokenSet>>>,
     /// `[api]`: the `/api/v1` verifier.
     pub api: Option<Arc<std::sync::Mutex<portcullis_apiauth::Verifier>>>,
+    /// `[api] nonce_file`: used nonces are written here before the answer.
+    pub nonce_log: Option<Arc<std::sync::Mutex<crate::nonces::NonceLog>>>,
     pub identity: Option<Arc<Identity>>,
     pub commands: mpsc::UnboundedSender<AdminCommand>,
     pub ldap: Option<LdapHandle>,
@@ -135,6 +138,7 @@ pub fn admin_router(a: AdminApi) -> Router {
     let state = AdminState {
         tokens: a.tokens,
         api: a.api,
+        nonce_log: a.nonce_log,
         max_body_bytes: a.max_body_bytes,
         identity: a.identity,
         commands: a.commands,
@@ -285,26 +289,61 @@ async fn require_signature(State(s): State<AdminState>, req: Request, next: Next
             )
         }
     };
-    let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
+    // A header that is there but not visible ASCII is passed on as such (the verifier
+    // then names it malformed), not as missing.
+    let header = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .map(|v| v.to_str().unwrap_or("\u{fffd}"))
+    };
     let headers = portcullis_apiauth::Headers {
         token: header(portcullis_apiauth::HEADER_TOKEN),
         timestamp: header(portcullis_apiauth::HEADER_TIMESTAMP),
         nonce: header(portcullis_apiauth::HEADER_NONCE),
         signature: header(portcullis_apiauth::HEADER_SIGNATURE),
     };
-    let verdict = match api.lock() {
-        Ok(mut v) => v.handle_request(
-            &headers,
-            &portcullis_apiauth::Request {
-                method: parts.method.as_str(),
-                path: uri.path(),
-                query: uri.query(),
-                body: &bytes,
-            },
-            remote,
-            Utc::now(),
-        ),
-        Err(_) => Err(portcullis_apiauth::AuthError::Busy),
+    let now = Utc::now();
+    let (verdict, limited) = match api.lock() {
+        Ok(mut v) => {
+            let verdict = v.handle_request(
+                &headers,
+                &portcullis_apiauth::Request {
+                    method: parts.method.as_str(),
+                    path: uri.path(),
+                    query: uri.query(),
+                    body: &bytes,
+                },
+                remote,
+                now,
+            );
+            // The nonce is on disk before the request runs; compaction sees the
+            // verifier's live set under the same lock.
+            let verdict = match (verdict, &s.nonce_log) {
+                (Ok(who), Some(log)) => match log.lock() {
+                    Ok(mut log) => match log.append(&who.nonce) {
+                        Ok(()) => {
+                            let live = v.nonces();
+                            if log.wants_compaction(live) {
+                                if let Err(e) = log.compact(&v.live_nonces()) {
+                                    tracing::error!("api nonce file not compacted: {e}");
+                                }
+                            }
+                            Ok(who)
+                        }
+                        Err(e) => {
+                            tracing::error!("api nonce not recorded, request refused: {e}");
+                            Err(portcullis_apiauth::AuthError::Busy)
+                        }
+                    },
+                    Err(_) => Err(portcullis_apiauth::AuthError::Busy),
+                },
+                (verdict, _) => verdict,
+            };
+            let limited = v.limited(remote, now);
+            (verdict, limited)
+        }
+        Err(_) => (Err(portcullis_apiauth::AuthError::Busy), false),
     };
     match verdict {
         Ok(who) => {
@@ -313,7 +352,10 @@ async fn require_signature(State(s): State<AdminState>, req: Request, next: Next
                 .await
         }
         Err(e) => {
-            tracing::warn!(path = %uri.path(), %remote, token = headers.token.unwrap_or("-"), "api: request refused: {e}");
+            // Past the failure limit, refusals are not logged one by one.
+            if !limited {
+                tracing::warn!(path = %uri.path(), %remote, token = headers.token.unwrap_or("-"), "api: request refused: {e}");
+            }
             let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
             error(status, e.to_string())
         }
@@ -391,7 +433,7 @@ async fn require_admin(State(s): State<AdminState>, req: Request, next: Next) ->
                 .unwrap_or(false)
         });
     if !ok {
-        tracing::warn!(path = %req.uri().path(), "admin: request without a valid bearer token refused");
+        // Logged (and limited per address) by the listener's bearer-failure layer.
         return error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token");
     }
     let mut req = req;

@@ -16,7 +16,9 @@ mod datapath;
 pub mod devices;
 pub mod http;
 pub mod ldap;
+pub mod nonces;
 mod policy_api;
+pub mod serve;
 pub mod sso;
 pub mod tls;
 
@@ -172,6 +174,50 @@ fn tun_builder(loaded: &Loaded) -> anyhow::Result<tun_rs::DeviceBuilder> {
     Ok(b)
 }
 
+/// Loads everything the gateway loads at start, without binding or creating anything:
+/// what `portcullis check-config` runs, so that "ok" means the gateway will start (as far
+/// as files can tell). Errors name the key and the file.
+pub fn check(loaded: &Loaded) -> anyhow::Result<()> {
+    let c = &loaded.config;
+    PolicyBundle::load(&c.policy.dir)
+        .map_err(|e| anyhow!("policy directory {}:\n{e}", c.policy.dir.display()))?;
+    for (key, file) in [
+        ("scim.token_file", c.scim.as_ref().map(|s| &s.token_file)),
+        ("admin.token_file", c.admin.as_ref().map(|a| &a.token_file)),
+    ] {
+        if let Some(file) = file {
+            portcullis_config::TokenSet::load(&loaded.path, key, file)?;
+        }
+    }
+    load_api_tokens(loaded)?;
+    if let Some(a) = &c.api {
+        if a.nonce_file.exists() {
+            std::fs::read(&a.nonce_file)
+                .map_err(|e| anyhow!("key `api.nonce_file`: {}: {e}", a.nonce_file.display()))?;
+        }
+    }
+    pipeline_config(loaded)?;
+    if let Some(a) = &c.audit.api {
+        portcullis_config::read_secret(&loaded.path, "audit.api.token_file", &a.token_file)?;
+    }
+    if let Some(h) = &c.http {
+        if let (Some(cert), Some(key)) = (&h.cert_file, &h.key_file) {
+            tls::server_config(cert, key).context("[http] cert_file/key_file")?;
+        }
+    }
+    if let Some(l) = &c.ldap {
+        ldap::read_password(l)?;
+        if l.url.starts_with("ldaps://") {
+            tls::client_config(l.ca_file.as_deref()).context("[ldap] tls")?;
+        }
+    }
+    if let Some(s) = c.saml.as_ref().filter(|s| !s.idp_metadata_is_url()) {
+        std::fs::read_to_string(&s.idp_metadata)
+            .map_err(|e| anyhow!("key `saml.idp_metadata`: {}: {e}", s.idp_metadata))?;
+    }
+    Ok(())
+}
+
 /// Runs the gateway until SIGINT or SIGTERM.
 pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     let c = &loaded.config;
@@ -253,6 +299,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
             app = app.merge(http::admin_router(http::AdminApi {
                 tokens: tokens.admin.clone(),
                 api: tokens.api.clone(),
+                nonce_log: tokens.nonce_log.clone(),
                 identity: identity.clone(),
                 commands: admin_tx.clone(),
                 ldap: ldap.clone(),
@@ -267,28 +314,31 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
                 }),
             }));
         }
-        let app = app.layer(axum::extract::DefaultBodyLimit::max(h.max_body_bytes));
+        // Bearer failures are limited per address on SCIM and /admin/v1 (the signed API
+        // limits its own); the body cap applies to every route.
+        let app = app
+            .layer(axum::middleware::from_fn_with_state(
+                serve::BearerFailures::default(),
+                serve::limit_bearer_failures,
+            ))
+            .layer(axum::extract::DefaultBodyLimit::max(h.max_body_bytes));
         let listener = tokio::net::TcpListener::bind(h.listen)
             .await
             .with_context(|| format!("binding [http] listen {}", h.listen))?;
         let local = listener.local_addr()?;
+        let limits = serve::Limits {
+            max_connections: h.max_connections,
+            max_connections_per_address: h.max_connections_per_address,
+            header_timeout: Duration::from_secs(h.header_timeout_secs),
+            idle_timeout: Duration::from_secs(h.idle_timeout_secs),
+        }
+        .fitted();
         match &https {
             Some(config) => {
-                let listener = tls::TlsListener::spawn(listener, config.clone())?;
-                tokio::spawn(async move {
-                    let app = app.into_make_service_with_connect_info::<tls::Peer>();
-                    if let Err(e) = axum::serve(listener, app).await {
-                        tracing::error!("https listener stopped: {e}");
-                    }
-                });
+                tokio::spawn(tls::serve_tls(listener, config.clone(), app, limits));
             }
             None => {
-                tokio::spawn(async move {
-                    let app = app.into_make_service_with_connect_info::<tls::Peer>();
-                    if let Err(e) = axum::serve(listener, app).await {
-                        tracing::error!("http listener stopped: {e}");
-                    }
-                });
+                tokio::spawn(serve::serve_plain(listener, app, limits));
             }
         }
         tracing::info!(listen = %local, tls = https.is_some(), scim = tokens.scim.is_some(), admin = tokens.admin.is_some(), api = tokens.api.is_some(), "http up");
@@ -446,6 +496,7 @@ struct Tokens {
     scim: Option<Arc<std::sync::RwLock<portcullis_config::TokenSet>>>,
     admin: Option<Arc<std::sync::RwLock<portcullis_config::TokenSet>>>,
     api: Option<Arc<std::sync::Mutex<portcullis_apiauth::Verifier>>>,
+    nonce_log: Option<Arc<std::sync::Mutex<nonces::NonceLog>>>,
 }
 
 /// Reads `[api] tokens_file`; errors name the file and where, never a secret.
@@ -465,6 +516,22 @@ fn load_api_tokens(loaded: &Loaded) -> anyhow::Result<Option<Vec<portcullis_apia
 
 fn load_tokens(loaded: &Loaded) -> anyhow::Result<Tokens> {
     let c = &loaded.config;
+    let (api, nonce_log) = match (load_api_tokens(loaded)?, &c.api) {
+        (Some(t), Some(a)) => {
+            // window_secs is range-checked (10..=3600).
+            let window = chrono::TimeDelta::try_seconds(a.window_secs as i64)
+                .unwrap_or(portcullis_apiauth::DEFAULT_WINDOW);
+            let mut verifier = portcullis_apiauth::Verifier::new(t, window);
+            let (log, records) = nonces::NonceLog::open(&a.nonce_file)?;
+            verifier.restore(&records, chrono::Utc::now());
+            tracing::info!(file = %a.nonce_file.display(), restored = verifier.nonces(), "api nonces restored");
+            (
+                Some(Arc::new(std::sync::Mutex::new(verifier))),
+                Some(Arc::new(std::sync::Mutex::new(log))),
+            )
+        }
+        _ => (None, None),
+    };
     let load = |key: &str, file: &std::path::Path| -> anyhow::Result<_> {
         Ok(Arc::new(std::sync::RwLock::new(
             portcullis_config::TokenSet::load(&loaded.path, key, file)?,
@@ -481,14 +548,8 @@ fn load_tokens(loaded: &Loaded) -> anyhow::Result<Tokens> {
             .as_ref()
             .map(|a| load("admin.token_file", &a.token_file))
             .transpose()?,
-        api: load_api_tokens(loaded)?.map(|t| {
-            let window = chrono::TimeDelta::seconds(
-                loaded.config.api.as_ref().map_or(300, |a| a.window_secs) as i64,
-            );
-            Arc::new(std::sync::Mutex::new(portcullis_apiauth::Verifier::new(
-                t, window,
-            )))
-        }),
+        api,
+        nonce_log,
     })
 }
 

@@ -15,9 +15,8 @@ use anyhow::{anyhow, Context as _};
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
-use tokio_rustls::server::TlsStream;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 /// How long a client may take to finish its handshake.
@@ -108,68 +107,48 @@ fn rustls_native_roots() -> Vec<CertificateDer<'static>> {
     found.certs
 }
 
-/// Accepted TLS connections, for `axum::serve`.
-pub struct TlsListener {
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    local: SocketAddr,
-}
-
-impl TlsListener {
-    /// Starts accepting on `tcp`; each connection's handshake runs in its own task with
-    /// the configuration current at accept time.
-    pub fn spawn(tcp: TcpListener, config: Arc<RwLock<Arc<ServerConfig>>>) -> anyhow::Result<Self> {
-        let local = tcp.local_addr()?;
-        let (tx, ready) = mpsc::channel(64);
-        let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+/// Accepts TCP connections through the connection gate, does each TLS handshake in its
+/// own task with the configuration current at accept time, and serves the connection.
+pub async fn serve_tls(
+    tcp: TcpListener,
+    config: Arc<RwLock<Arc<ServerConfig>>>,
+    app: axum::Router,
+    limits: crate::serve::Limits,
+) {
+    let gate = crate::serve::Gate::new(&limits);
+    let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (stream, peer) = match tcp.accept().await {
+            Ok(v) => v,
+            Err(e) => {
+                // Out of file descriptors and the like: back off, keep serving.
+                tracing::warn!("https accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Some(ticket) = gate.admit(peer.ip()) else {
+            tracing::debug!(%peer, "https connection refused: over the connection limits");
+            continue;
+        };
+        let acceptor = match config.read() {
+            Ok(c) => TlsAcceptor::from(c.clone()),
+            Err(_) => return,
+        };
+        let app = app.clone();
         tokio::spawn(async move {
-            loop {
-                let Ok(permit) = slots.clone().acquire_owned().await else {
-                    return;
-                };
-                let (stream, peer) = match tcp.accept().await {
-                    Ok(v) => v,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off, keep serving.
-                        tracing::warn!("https accept: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let acceptor = match config.read() {
-                    Ok(c) => TlsAcceptor::from(c.clone()),
-                    Err(_) => return,
-                };
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => {
-                            drop(permit);
-                            let _ = tx.send((tls, peer)).await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, "tls handshake failed: {e}"),
-                        Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
-                    }
-                });
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => {
+                    drop(permit);
+                    crate::serve::serve_connection(tls, peer, app, limits, ticket).await;
+                }
+                Ok(Err(e)) => tracing::debug!(%peer, "tls handshake failed: {e}"),
+                Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
             }
         });
-        Ok(TlsListener { ready, local })
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
-            Some(c) => c,
-            // The accept task is gone (shutdown): never yield another connection.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        Ok(self.local)
     }
 }
 
@@ -177,15 +156,3 @@ impl axum::serve::Listener for TlsListener {
 /// local type: axum's impl covers only its own listeners).
 #[derive(Clone, Copy, Debug)]
 pub struct Peer(pub SocketAddr);
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for Peer {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
-        Peer(*stream.remote_addr())
-    }
-}
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TcpListener>> for Peer {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, TcpListener>) -> Self {
-        Peer(*stream.remote_addr())
-    }
-}

@@ -147,12 +147,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             for w in &loaded.warnings {
                 eprintln!("warning: {w}");
             }
-            portcullis_policy::PolicyBundle::load(&loaded.config.policy.dir).map_err(|e| {
-                anyhow::anyhow!(
-                    "policy directory {}:\n{e}",
-                    loaded.config.policy.dir.display()
-                )
-            })?;
+            portcullis_io::check(&loaded)?;
             println!("{}: ok", config.display());
             Ok(ExitCode::SUCCESS)
         }

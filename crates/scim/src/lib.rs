@@ -113,7 +113,7 @@ async fn require_token(State(s): State<ScimState>, req: Request, next: Next) -> 
             .unwrap_or(false)
     });
     if !ok {
-        tracing::warn!(path = %req.uri().path(), "scim: request without a valid bearer token refused");
+        // Logged (and limited per address) by the listener's bearer-failure layer.
         return ScimError::new(401, None, "missing or invalid bearer token".into()).into_response();
     }
     next.run(req).await

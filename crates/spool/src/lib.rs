@@ -44,6 +44,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"PCSPOOL1";
@@ -166,6 +167,16 @@ impl Spool {
     /// Opens (or creates) the spool in `dir`, recovering after a crash.
     pub fn open(dir: &Path, config: SpoolConfig) -> Result<(Spool, Recovery), SpoolError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            // Only when we made it empty-handed: an operator's own mode stays.
+            if std::fs::read_dir(dir)
+                .map(|mut d| d.next().is_none())
+                .unwrap_or(false)
+            {
+                let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+            }
+        }
         let acked = read_acked(dir)?;
         let mut paths: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
             .map_err(io(dir))?
@@ -466,6 +477,7 @@ fn new_segment(dir: &Path, first_seq: u64) -> Result<Segment, SpoolError> {
         .create(true)
         .truncate(true)
         .write(true)
+        .mode(0o600)
         .open(&path)
         .map_err(io(&path))?;
     let mut header = [0u8; HEADER];
@@ -493,7 +505,13 @@ fn read_acked(dir: &Path) -> Result<u64, SpoolError> {
 fn write_acked(dir: &Path, seq: u64) -> Result<(), SpoolError> {
     let tmp = dir.join("acked.tmp");
     let path = dir.join("acked");
-    let mut f = File::create(&tmp).map_err(io(&tmp))?;
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
     f.write_all(seq.to_string().as_bytes()).map_err(io(&tmp))?;
     f.sync_data().map_err(io(&tmp))?;
     std::fs::rename(&tmp, &path).map_err(io(&path))?;

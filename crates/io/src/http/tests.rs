@@ -109,6 +109,7 @@ async fn every_documented_operation_is_served() {
     let router = admin_router(AdminApi {
         tokens: Some(Arc::new(RwLock::new(tokens))),
         api: None,
+        nonce_log: None,
         identity: None,
         commands,
         ldap: None,
