@@ -12,9 +12,9 @@ use serde::Deserialize;
 pub enum FilterError {
     #[error("time {0:?}: expected RFC 3339 (2026-11-22T10:00:00Z) or a duration ago (90s, 15m, 24h, 7d)")]
     Time(String),
-    #[error("--dst {0:?}: expected an address or a CIDR (10.8.0.0/16)")]
+    #[error("dst {0:?}: expected an address or a CIDR (10.8.0.0/16)")]
     Cidr(String),
-    #[error("--decision {0:?}: expected allow or deny")]
+    #[error("decision {0:?}: expected allow or deny")]
     Decision(String),
     #[error("report {0:?}: expected sessions, who-reached, denied or top-talkers")]
     Report(String),

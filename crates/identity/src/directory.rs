@@ -119,6 +119,56 @@ pub fn check_name(what: &str, name: &str) -> Result<(), DirectoryError> {
             "{what} {name:?} contains control characters"
         )));
     }
+    // A name that looks like another: "alice " or "al\u{200b}ice" for alice,
+    // "admin\u{202e}gnp.exe" shown reversed.
+    if name.trim() != name {
+        return Err(DirectoryError::Invalid(format!(
+            "{what} {name:?} has leading or trailing spaces"
+        )));
+    }
+    if let Some(c) = name.chars().find(|c| is_invisible(*c)) {
+        return Err(DirectoryError::Invalid(format!(
+            "{what} {name:?} contains the invisible or direction-changing character U+{:04X}",
+            u32::from(c)
+        )));
+    }
+    Ok(())
+}
+
+/// Zero-width, joiner, bidirectional-control and other format characters (Unicode
+/// category Cf, the ranges that occur in practice), and non-characters.
+pub fn is_invisible(c: char) -> bool {
+    matches!(u32::from(c),
+        0x00AD | 0x034F | 0x061C | 0x115F | 0x1160 | 0x17B4 | 0x17B5 | 0x180B..=0x180F
+        | 0x200B..=0x200F | 0x202A..=0x202E | 0x2060..=0x206F | 0x3164 | 0xFE00..=0xFE0F
+        | 0xFEFF | 0xFFA0 | 0xFFF0..=0xFFFB | 0xFFFE | 0xFFFF | 0x1D173..=0x1D17A
+        | 0xE0000..=0xE0FFF)
+}
+
+/// Most tags a user may carry, and the longest tag (bytes).
+pub const MAX_TAGS: usize = 64;
+pub const MAX_TAG_BYTES: usize = 128;
+
+/// Tags: at most [`MAX_TAGS`], each 1..=[`MAX_TAG_BYTES`] bytes of visible characters.
+pub fn check_tags(tags: &[String]) -> Result<(), DirectoryError> {
+    if tags.len() > MAX_TAGS {
+        return Err(DirectoryError::Invalid(format!(
+            "{} tags, more than the {MAX_TAGS} allowed",
+            tags.len()
+        )));
+    }
+    for t in tags {
+        if t.is_empty() || t.len() > MAX_TAG_BYTES {
+            return Err(DirectoryError::Invalid(format!(
+                "tag {t:?} must be 1 to {MAX_TAG_BYTES} bytes"
+            )));
+        }
+        if t.chars().any(|c| c.is_control() || is_invisible(c)) || t.trim() != t {
+            return Err(DirectoryError::Invalid(format!(
+                "tag {t:?} contains control, invisible or surrounding space characters"
+            )));
+        }
+    }
     Ok(())
 }
 
@@ -225,6 +275,7 @@ impl Directory {
         now: DateTime<Utc>,
     ) -> Result<Mutation, DirectoryError> {
         check_name("userName", &user.user_name)?;
+        check_tags(&user.tags)?;
         if self.reserved.contains(&fold(&user.user_name)) {
             return Err(DirectoryError::ReservedName(user.user_name));
         }
@@ -248,6 +299,7 @@ impl Directory {
         now: DateTime<Utc>,
     ) -> Result<Mutation, DirectoryError> {
         check_name("userName", &user.user_name)?;
+        check_tags(&user.tags)?;
         let old = self
             .users
             .get(&user.id)
@@ -620,6 +672,41 @@ mod tests {
     ) -> Vec<IdentityChange> {
         let m = plan(d).unwrap();
         d.apply(m, "scim")
+    }
+
+    #[test]
+    fn look_alike_names_and_unbounded_tags_are_refused() {
+        let d = Directory::default();
+        for bad in [
+            "alice ",
+            " alice",
+            "al\u{200b}ice",
+            "admin\u{202e}gnp.exe",
+            "\u{feff}bob",
+            "x\u{2066}y",
+            "a\u{e0041}",
+        ] {
+            let e = d
+                .plan_create_user(user(bad), now())
+                .err()
+                .map(|e| e.to_string());
+            assert!(
+                e.as_deref().is_some_and(|e| e.contains("userName")),
+                "{bad:?}: {e:?}"
+            );
+        }
+        assert!(d.plan_create_user(user("josé.müller"), now()).is_ok());
+        let mut many = user("t");
+        many.tags = (0..65).map(|i| format!("t{i}")).collect();
+        assert!(d.plan_create_user(many, now()).is_err());
+        for tag in ["", "a\u{0}b", "line\nbreak", &"x".repeat(129), " pad"] {
+            let mut u = user("t");
+            u.tags = vec![tag.to_string()];
+            assert!(d.plan_create_user(u, now()).is_err(), "{tag:?}");
+        }
+        let mut ok = user("t");
+        ok.tags = vec!["oncall".into(), "pci-admin".into()];
+        assert!(d.plan_create_user(ok, now()).is_ok());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::directory::{check_name, fold, Directory, Group, Mutation, User};
+use crate::directory::{check_name, check_tags, fold, Directory, Group, Mutation, User};
 
 /// A user as the source sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -116,7 +116,9 @@ impl Directory {
             let id = old.map_or_else(Uuid::new_v4, |u| u.id);
             let folded = fold(&want.user_name);
             let refuse = |why: String| format!("user {:?}: {why}", want.user_name);
-            if let Err(e) = check_name("userName", &want.user_name) {
+            if let Err(e) =
+                check_name("userName", &want.user_name).and_then(|()| check_tags(&want.tags))
+            {
                 plan.conflicts.push(refuse(e.to_string()));
                 id_of.remove(want.external_id.as_str());
                 continue;

@@ -255,12 +255,10 @@ impl IntoResponse for ApiError {
 pub(crate) fn body<T>(
     b: Result<Json<T>, axum::extract::rejection::JsonRejection>,
 ) -> Result<T, ApiError> {
-    b.map(|Json(v)| v).map_err(|r| {
-        ApiError(
-            StatusCode::BAD_REQUEST,
-            format!("request body: {}", r.body_text()),
-        )
-    })
+    // The rejection's own status: 413 for a body over the limit, 415 for a missing
+    // content type, 400/422 for bad JSON.
+    b.map(|Json(v)| v)
+        .map_err(|r| ApiError(r.status(), format!("request body: {}", r.body_text())))
 }
 
 /// Checks an `/api/v1` request's HMAC signature (the body is read first, within

@@ -321,6 +321,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
                 serve::BearerFailures::default(),
                 serve::limit_bearer_failures,
             ))
+            .layer(axum::middleware::from_fn(serve::json_errors))
             .layer(axum::extract::DefaultBodyLimit::max(h.max_body_bytes));
         let listener = tokio::net::TcpListener::bind(h.listen)
             .await

@@ -286,12 +286,15 @@ async fn replace(
     let _guard = s.policy_lock.lock().await;
     let previous = read_dir(s.policy_dir.to_path_buf()).await?;
     if let Some(expected) = headers.get(header::IF_MATCH) {
-        let expected = expected
-            .to_str()
-            .unwrap_or_default()
-            .trim()
-            .trim_matches('"');
-        if expected != previous.version() {
+        let expected = expected.to_str().unwrap_or_default().trim();
+        // `*` matches any current version (RFC 9110 13.1.1); a list matches if any
+        // entry does; weak tags compare by their value.
+        let matches = expected == "*"
+            || expected
+                .split(',')
+                .map(|t| t.trim().trim_start_matches("W/").trim_matches('"'))
+                .any(|t| t == previous.version());
+        if !matches {
             return Err(ApiError(
                 StatusCode::PRECONDITION_FAILED,
                 format!(

@@ -333,6 +333,74 @@ pub async fn limit_bearer_failures(
         .into_response()
 }
 
+/// Longest request target (path and query) accepted; longer ones get a JSON 414.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+
+/// Every error answer is JSON, whoever produced it: axum's extractor rejections (an
+/// undecodable path segment, a bad query) are plain text, hyper's too. SCIM paths get
+/// SCIM's error schema. Request targets over [`MAX_URI_BYTES`] get 414 here, with a body.
+pub async fn json_errors(req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_string();
+    let scim = path.starts_with("/scim/");
+    let target_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if target_len > MAX_URI_BYTES {
+        return error_body(
+            StatusCode::URI_TOO_LONG,
+            scim,
+            &format!("request target is {target_len} bytes, over the {MAX_URI_BYTES}-byte limit"),
+        );
+    }
+    let response = next.run(req).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("json"));
+    let is_html = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("html"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json || is_html {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let text = if text.is_empty() {
+        parts
+            .status
+            .canonical_reason()
+            .unwrap_or("error")
+            .to_lowercase()
+    } else {
+        text
+    };
+    let mut out = error_body(parts.status, scim, &text);
+    for (k, v) in parts.headers.iter() {
+        if k != axum::http::header::CONTENT_TYPE && k != axum::http::header::CONTENT_LENGTH {
+            out.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    out
+}
+
+fn error_body(status: StatusCode, scim: bool, message: &str) -> Response {
+    let body = if scim {
+        serde_json::json!({
+            "schemas": ["urn:ietf:params:scim:api:messages:2.0:Error"],
+            "status": status.as_u16().to_string(),
+            "detail": message,
+        })
+    } else {
+        serde_json::json!({ "error": message })
+    };
+    (status, axum::Json(body)).into_response()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -297,6 +297,7 @@ pub fn patch(resource: &mut Value, request: &Value) -> Result<(), ScimError> {
         let target = resource
             .as_object_mut()
             .ok_or_else(|| ScimError::internal("resource is not an object".into()))?;
+        refuse_read_only(target, &kind, path.as_deref(), value.as_ref(), i)?;
         match (kind.as_str(), path) {
             ("add" | "replace", None) => {
                 let Some(Value::Object(attrs)) = value else {
@@ -327,6 +328,43 @@ pub fn patch(resource: &mut Value, request: &Value) -> Result<(), ScimError> {
                     "Operations[{i}]: op {other:?} is not add, replace or remove"
                 )))
             }
+        }
+    }
+    Ok(())
+}
+
+/// `id` and `meta` are read-only (RFC 7643 3.1): a PATCH that would change them is a 400
+/// `mutability` error instead of a 200 that silently ignores it. Setting `id` to its own
+/// value (some IdPs echo it) is accepted.
+fn refuse_read_only(
+    target: &Map<String, Value>,
+    kind: &str,
+    path: Option<&str>,
+    value: Option<&Value>,
+    i: usize,
+) -> Result<(), ScimError> {
+    let touches: Vec<(&str, Option<&Value>)> = match (path, value) {
+        (Some(p), v) => {
+            let attr = p.split(['.', '[']).next().unwrap_or(p);
+            vec![(attr, v)]
+        }
+        (None, Some(Value::Object(attrs))) => attrs
+            .iter()
+            .map(|(k, v)| (k.split(['.', '[']).next().unwrap_or(k), Some(v)))
+            .collect(),
+        _ => Vec::new(),
+    };
+    for (attr, v) in touches {
+        let read_only = attr.eq_ignore_ascii_case("id") || attr.eq_ignore_ascii_case("meta");
+        let same = attr.eq_ignore_ascii_case("id")
+            && kind != "remove"
+            && v.is_some_and(|v| Some(v) == target.get("id"));
+        if read_only && !same {
+            return Err(ScimError::new(
+                400,
+                Some("mutability"),
+                format!("Operations[{i}]: {attr} is read-only"),
+            ));
         }
     }
     Ok(())
@@ -596,6 +634,15 @@ mod tests {
                 "sw",
             ),
             (json!([{"op": "replace", "value": 3}]), "object"),
+            (
+                json!([{"op": "replace", "path": "id", "value": "other"}]),
+                "read-only",
+            ),
+            (
+                json!([{"op": "replace", "value": {"id": "other", "active": false}}]),
+                "read-only",
+            ),
+            (json!([{"op": "remove", "path": "meta"}]), "read-only"),
         ] {
             let e = patch(&mut r, &ops(op)).unwrap_err();
             assert!(e.detail.contains(needle), "{}", e.detail);
