@@ -1744,3 +1744,6 @@ fn an_unreachable_idp_at_start_keeps_the_gateway_up() {
     let (status, _) = lab.http("GET", "/enroll", "", "").unwrap();
     assert_eq!(status, 303, "no session: sent to sign in");
 }
+
+mod fuzz;
+mod hardening;

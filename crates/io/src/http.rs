@@ -255,10 +255,15 @@ impl IntoResponse for ApiError {
 pub(crate) fn body<T>(
     b: Result<Json<T>, axum::extract::rejection::JsonRejection>,
 ) -> Result<T, ApiError> {
-    // The rejection's own status: 413 for a body over the limit, 415 for a missing
-    // content type, 400/422 for bad JSON.
-    b.map(|Json(v)| v)
-        .map_err(|r| ApiError(r.status(), format!("request body: {}", r.body_text())))
+    // 413 for a body over the limit (as the README says); any other refusal of the body
+    // (syntax, types, content type) is a 400, as documented.
+    b.map(|Json(v)| v).map_err(|r| {
+        let status = match r.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        ApiError(status, format!("request body: {}", r.body_text()))
+    })
 }
 
 /// Checks an `/api/v1` request's HMAC signature (the body is read first, within
