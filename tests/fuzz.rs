@@ -133,7 +133,7 @@ fn encode(rng: &mut Rng, s: &str) -> String {
         .collect();
     if rng.chance(10) {
         let bad: &[&str] = &["%ff%fe", "%zz", "%", "%c0%af"];
-        let escape: &str = rng.pick(bad);
+        let escape: &&str = rng.pick(bad);
         out.push_str(escape);
     }
     out
