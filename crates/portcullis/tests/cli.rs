@@ -194,3 +194,59 @@ fn config_errors_name_file_and_key() {
     let t = text(&o);
     assert!(t.contains("p.toml:6:") && t.contains("gateway.mtu"), "{t}");
 }
+
+/// `check-config` loads what the gateway loads: a missing or empty token file, a missing
+/// password file or a broken `api.tokens` is an error naming the key, and a secret file
+/// others may read is warned about.
+#[test]
+fn check_config_loads_every_file_the_gateway_needs() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("k"),
+        "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(d.join("k"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let base = format!(
+        "[gateway]\nlisten = \"0.0.0.0:51820\"\nprivate_key_file = \"k\"\ntun_name = \"pc0\"\ntunnel_address = \"100.64.0.1/24\"\n[policy]\ndir = \"{}\"\n[audit]\nevents_file = \"e\"\n[http]\nlisten = \"127.0.0.1:18080\"\n",
+        policies().display()
+    );
+    let check_text = |full: String| {
+        let cfg = d.join("p.toml");
+        std::fs::write(&cfg, full).unwrap();
+        let o = run(&["check-config", "--config", cfg.to_str().unwrap()]);
+        (o.status.success(), text(&o))
+    };
+    let check = |extra: &str| check_text(format!("{base}{extra}"));
+    let (ok, t) = check("");
+    assert!(ok && t.contains(": ok"), "{t}");
+    let (ok, t) = check("[scim]\ntoken_file = \"missing.token\"\n");
+    assert!(!ok && t.contains("scim.token_file"), "{t}");
+    std::fs::write(d.join("empty.token"), "\n").unwrap();
+    let (ok, t) = check("[scim]\ntoken_file = \"empty.token\"\n");
+    assert!(!ok && t.contains("holds no token"), "{t}");
+    std::fs::write(
+        d.join("api.tokens"),
+        "[[token]]\nid = \"x\"\nsecret = 12345678901234567890\n",
+    )
+    .unwrap();
+    let (ok, t) = check("[api]\ntokens_file = \"api.tokens\"\n");
+    assert!(
+        !ok && t.contains("api.tokens") && !t.contains("12345678901234567890"),
+        "{t}"
+    );
+    let (ok, t) = check_text(base.replace(
+        "[audit]\nevents_file = \"e\"\n",
+        "[audit]\nevents_file = \"e\"\nspool_dir = \"spool\"\n[audit.clickhouse]\nurl = \"http://127.0.0.1:8123\"\npassword_file = \"nope\"\n",
+    ));
+    assert!(!ok && t.contains("audit.clickhouse.password_file"), "{t}");
+    std::fs::write(d.join("scim.token"), "a-token-of-enough-length-0123\n").unwrap();
+    std::fs::set_permissions(d.join("scim.token"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (ok, t) = check("[scim]\ntoken_file = \"scim.token\"\n");
+    assert!(
+        ok && t.contains("scim.token_file") && t.contains("chmod 600"),
+        "{t}"
+    );
+}

@@ -353,3 +353,19 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn deeply_nested_toml_is_an_error_not_a_crash() {
+    for n in [1_000usize, 100_000] {
+        let src = format!(
+            "[[network]]\nname = \"a\"\ncidrs = {}{}\n",
+            "[".repeat(n),
+            "]".repeat(n)
+        );
+        let r = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || Networks::parse(Path::new("networks.toml"), &src).is_err())
+            .map(|h| h.join());
+        assert!(matches!(r, Ok(Ok(true))), "{n} nested arrays");
+    }
+}
