@@ -246,6 +246,29 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    #[test]
+    fn bounds_outside_clickhouse_datetime_are_clamped_and_errors_name_parameters() {
+        let early = Filter {
+            since: Some("1969-12-31T23:59:59Z".into()),
+            until: Some("2200-01-01T00:00:00Z".into()),
+            ..Filter::default()
+        };
+        let w = early.where_clause(now()).unwrap();
+        assert!(w.contains("time >= toDateTime(0)"), "{w}");
+        assert!(
+            w.contains(&format!("time <= toDateTime({DB_TIME_MAX})")),
+            "{w}"
+        );
+        // The same messages serve the CLI and the HTTP API: no CLI flag names.
+        for e in [
+            FilterError::Cidr("x".into()),
+            FilterError::Decision("x".into()),
+            FilterError::Time("x".into()),
+        ] {
+            assert!(!e.to_string().starts_with("--"), "{e}");
+        }
+    }
+
     fn now() -> DateTime<Utc> {
         DateTime::parse_from_rfc3339("2026-11-22T12:00:00Z")
             .unwrap()
