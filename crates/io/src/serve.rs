@@ -138,23 +138,33 @@ impl Gate {
     }
 }
 
-/// Accepts plain TCP connections through `gate` and serves them until the listener fails.
-pub async fn serve_plain(listener: tokio::net::TcpListener, app: Router, limits: Limits) {
-    let gate = Gate::new(&limits);
+/// The next connection `gate` admits; the others are closed as they come. Accept errors
+/// (out of descriptors and the like) back off and keep serving.
+pub async fn accept_admitted(
+    listener: &tokio::net::TcpListener,
+    gate: &Gate,
+) -> (tokio::net::TcpStream, SocketAddr, Ticket) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(v) => v,
             Err(e) => {
-                // Out of descriptors and the like: back off, keep serving.
                 tracing::warn!("http accept: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
-        let Some(ticket) = gate.admit(peer.ip()) else {
-            tracing::debug!(%peer, "http connection refused: over the connection limits");
-            continue;
-        };
+        match gate.admit(peer.ip()) {
+            Some(ticket) => return (stream, peer, ticket),
+            None => tracing::debug!(%peer, "connection refused: over the connection limits"),
+        }
+    }
+}
+
+/// Accepts plain TCP connections through the gate and serves them.
+pub async fn serve_plain(listener: tokio::net::TcpListener, app: Router, limits: Limits) {
+    let gate = Gate::new(&limits);
+    loop {
+        let (stream, peer, ticket) = accept_admitted(&listener, &gate).await;
         tokio::spawn(serve_connection(stream, peer, app.clone(), limits, ticket));
     }
 }

@@ -121,19 +121,7 @@ pub async fn serve_tls(
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
         };
-        let (stream, peer) = match tcp.accept().await {
-            Ok(v) => v,
-            Err(e) => {
-                // Out of file descriptors and the like: back off, keep serving.
-                tracing::warn!("https accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Some(ticket) = gate.admit(peer.ip()) else {
-            tracing::debug!(%peer, "https connection refused: over the connection limits");
-            continue;
-        };
+        let (stream, peer, ticket) = crate::serve::accept_admitted(&tcp, &gate).await;
         let acceptor = match config.read() {
             Ok(c) => TlsAcceptor::from(c.clone()),
             Err(_) => return,

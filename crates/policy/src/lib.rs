@@ -495,11 +495,11 @@ fn policy_starts(src: &str) -> Vec<usize> {
     let mut in_stmt = false;
     let mut i = 0;
     while let Some(&c) = b.get(i) {
-        if c == b'/' && b.get(i + 1) == Some(&b'/') {
-            while b.get(i).is_some_and(|&c| c != b'\n') {
-                i += 1;
+        if c == b'/' {
+            if let Some(next) = limits::skip_comment_or_string(b, i) {
+                i = next;
+                continue;
             }
-            continue;
         }
         if c.is_ascii_whitespace() {
             i += 1;
@@ -511,13 +511,7 @@ fn policy_starts(src: &str) -> Vec<usize> {
         }
         match c {
             b'"' => {
-                i += 1;
-                while let Some(&s) = b.get(i) {
-                    i += if s == b'\\' { 2 } else { 1 };
-                    if s == b'"' {
-                        break;
-                    }
-                }
+                i = limits::skip_comment_or_string(b, i).unwrap_or(b.len());
                 continue;
             }
             b'(' | b'[' | b'{' => depth += 1,

@@ -59,23 +59,11 @@ pub fn lexical(file: &Path, src: &str, grammar: Grammar) -> Result<(), SourceErr
         Err(SourceError::at(file, src, line, col, message))
     };
     while let Some(&c) = b.get(i) {
+        if let Some(next) = skip_comment_or_string(b, i) {
+            i = next;
+            continue;
+        }
         match c {
-            b'/' if b.get(i + 1) == Some(&b'/') => {
-                while b.get(i).is_some_and(|&c| c != b'\n') {
-                    i += 1;
-                }
-                continue;
-            }
-            b'"' => {
-                i += 1;
-                while let Some(&s) = b.get(i) {
-                    i += if s == b'\\' { 2 } else { 1 };
-                    if s == b'"' {
-                        break;
-                    }
-                }
-                continue;
-            }
             b'(' | b'[' | b'{' => depth += 1,
             b'<' if grammar == Grammar::Schema => depth += 1,
             b')' | b']' | b'}' => depth = depth.saturating_sub(1),
@@ -115,6 +103,31 @@ pub fn lexical(file: &Path, src: &str, grammar: Grammar) -> Result<(), SourceErr
         i += 1;
     }
     Ok(())
+}
+
+/// At `i`, a `//` comment (Cedar has no other) or a `"…"` string with `\` escapes: the
+/// index just after it. Anything else: `None`.
+pub(crate) fn skip_comment_or_string(b: &[u8], i: usize) -> Option<usize> {
+    match (b.get(i), b.get(i + 1)) {
+        (Some(b'/'), Some(b'/')) => {
+            let mut j = i;
+            while b.get(j).is_some_and(|&c| c != b'\n') {
+                j += 1;
+            }
+            Some(j)
+        }
+        (Some(b'"'), _) => {
+            let mut j = i + 1;
+            while let Some(&s) = b.get(j) {
+                j += if s == b'\\' { 2 } else { 1 };
+                if s == b'"' {
+                    break;
+                }
+            }
+            Some(j)
+        }
+        _ => None,
+    }
 }
 
 fn is_ident(c: u8) -> bool {
