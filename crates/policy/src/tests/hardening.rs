@@ -249,6 +249,7 @@ fn large_networks_files_check_in_near_linear_time() {
         r.as_ref().err().is_some_and(|e| e.len() <= 101),
         "errors are capped"
     );
+    println!("4,000-network parent chain: refused in {:?}", t.elapsed());
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     // 60,000 CIDRs in one network took 16.6 s.
     let cidrs: Vec<String> = (0..60_000)
@@ -265,6 +266,7 @@ fn large_networks_files_check_in_near_linear_time() {
         "{:?}",
         n.err().map(|e| e.first().map(|e| e.to_string()))
     );
+    println!("60,000 CIDRs in one network: checked in {:?}", t.elapsed());
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     // And 10,000 flat networks with a nested child each.
     let mut many = String::new();
@@ -273,6 +275,7 @@ fn large_networks_files_check_in_near_linear_time() {
     }
     let t = Instant::now();
     assert!(Networks::parse(file, &many).is_ok());
+    println!("10,000 networks, 5,000 of them nested: checked in {:?}", t.elapsed());
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
 }
 
