@@ -96,12 +96,15 @@ pub struct SessionInfo {
 }
 
 /// What applying an identity change cut.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct IdentityOutcome {
     pub sessions_cut: u64,
     pub flows_cut: u64,
     /// From the request arriving to every session and flow of the user being gone.
     pub latency: Duration,
+    /// Set when the policy entities refused the user's new data: the user was revoked
+    /// instead (fail closed), and this says why.
+    pub refused: Option<String>,
 }
 
 #[derive(Debug)]
@@ -336,46 +339,80 @@ impl Gateway {
                 .map(|p| p.groups.clone())
                 .unwrap_or_default(),
         });
-        let mut outcome = IdentityOutcome::default();
         match change.principal {
             Some(principal) => {
                 let name = principal.name.clone();
-                outcome.flows_cut = self.enforcer.handle_user_upsert(now, principal)? as u64;
-                self.flush_injected();
-                for peer in self.peers.iter_mut().flatten() {
-                    if *peer.user == *name {
-                        peer.enabled = true;
+                match self.enforcer.handle_user_upsert(now, principal) {
+                    Ok(cut) => {
+                        self.flush_injected();
+                        for peer in self.peers.iter_mut().flatten() {
+                            if *peer.user == *name {
+                                peer.enabled = true;
+                            }
+                        }
+                        Ok(IdentityOutcome {
+                            flows_cut: cut as u64,
+                            ..IdentityOutcome::default()
+                        })
+                    }
+                    // Fail closed: identity data the policy entities refuse (a schema
+                    // that requires attributes the source does not send) revokes the user
+                    // rather than leaving the old access in place.
+                    Err(e) => {
+                        tracing::error!(user = %name, "identity change refused by the policy entities ({e}); revoking the user");
+                        let mut outcome =
+                            self.revoke_user(now, name, "gateway".into(), requested, requested_at)?;
+                        outcome.refused = Some(e.to_string());
+                        Ok(outcome)
                     }
                 }
             }
-            None => {
-                let slots: Vec<PeerId> = self
-                    .peers
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, p)| p.as_ref().is_some_and(|p| *p.user == *change.user))
-                    .map(|(i, _)| PeerId(i as u32))
-                    .collect();
-                for id in slots {
-                    let (sessions, flows) = self.disable_peer(now, id, "revoked");
-                    outcome.sessions_cut += sessions;
-                    outcome.flows_cut += flows;
-                }
-                outcome.flows_cut += self.enforcer.handle_user_removed(now, &change.user)? as u64;
-                self.flush_injected();
-                self.drain_enforcer_events();
-                outcome.latency = now.saturating_duration_since(requested);
-                self.events.push_back(Event::UserRevoked {
-                    user: change.user,
-                    source: change.source,
-                    requested_at,
-                    applied_at: self.enforcer.wall(now),
-                    latency_us: outcome.latency.as_micros() as u64,
-                    sessions_cut: outcome.sessions_cut,
-                    flows_cut: outcome.flows_cut,
-                });
-            }
+            None => self.revoke_user(now, change.user, change.source, requested, requested_at),
         }
+    }
+
+    /// The one revocation path (deactivation, deletion, `users disable` of a configuration
+    /// user, a refused change): every device of the user disabled, every session and flow
+    /// cut (resets injected), the user removed from the policy entities, `user_revoked`
+    /// recorded with the latency from `requested`.
+    fn revoke_user(
+        &mut self,
+        now: Instant,
+        user: String,
+        source: String,
+        requested: Instant,
+        requested_at: DateTime<Utc>,
+    ) -> Result<IdentityOutcome, ControlError> {
+        let mut outcome = IdentityOutcome::default();
+        let slots: Vec<PeerId> = self
+            .peers
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.as_ref().is_some_and(|p| *p.user == *user))
+            .map(|(i, _)| PeerId(i as u32))
+            .collect();
+        for id in slots {
+            let (sessions, flows) = self.disable_peer(now, id, "revoked");
+            outcome.sessions_cut += sessions;
+            outcome.flows_cut += flows;
+        }
+        // Removing the user denies its flows even if the entities refuse the removal:
+        // the engine forgets the user first.
+        let removed = self.enforcer.handle_user_removed(now, &user);
+        outcome.flows_cut += *removed.as_ref().unwrap_or(&0) as u64;
+        self.flush_injected();
+        self.drain_enforcer_events();
+        outcome.latency = now.saturating_duration_since(requested);
+        self.events.push_back(Event::UserRevoked {
+            user,
+            source,
+            requested_at,
+            applied_at: self.enforcer.wall(now),
+            latency_us: outcome.latency.as_micros() as u64,
+            sessions_cut: outcome.sessions_cut,
+            flows_cut: outcome.flows_cut,
+        });
+        removed?;
         Ok(outcome)
     }
 

@@ -1316,3 +1316,71 @@ fn a_registered_device_connects_and_its_removal_cuts_it_with_the_reason() {
         .is_none());
     assert_eq!(gw.stats.unknown_peer, 1);
 }
+
+/// A change the policy entities refuse (here: a schema in which users have no groups,
+/// and the source sends one) revokes the user in the core, through the same path as a
+/// deactivation: fail closed, with the reason.
+#[test]
+fn a_refused_identity_change_revokes_the_user() {
+    let t0 = Instant::now();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies");
+    let schema = std::fs::read_to_string(src.join("schema.cedarschema")).expect("schema");
+    std::fs::write(
+        dir.path().join("schema.cedarschema"),
+        schema.replace("entity User in [Group] {", "entity User {"),
+    )
+    .expect("write");
+    std::fs::write(
+        dir.path().join("open.cedar"),
+        "@id(\"open\")\npermit(principal, action, resource);\n",
+    )
+    .expect("write");
+    let bundle = Arc::new(PolicyBundle::load(dir.path()).expect("load"));
+    let alice = Principal {
+        name: "alice".into(),
+        email: String::new(),
+        groups: vec![],
+        tags: vec![],
+    };
+    let mut gw = Gateway::new(
+        GatewayConfig {
+            private_key: GW_KEY,
+            limits: FlowLimits::default(),
+            session_idle_timeout: Duration::from_secs(180),
+        },
+        bundle,
+        vec![alice],
+        t0,
+        wall(),
+    )
+    .expect("gateway");
+    gw.handle_peer_add(PeerSpec {
+        user: "alice".into(),
+        public_key: PublicKey::from(&client_key(1)).to_bytes(),
+        addresses: vec![IpAddr::from(ALICE)],
+        persistent_keepalive: None,
+    })
+    .expect("peer");
+    let gw_pub = PublicKey::from(gw.public_key());
+    let mut client = Client::new(1, &gw_pub);
+    client
+        .send(&mut gw, t0, &tcp(ALICE, 40000, PROD, 22, "S", 1, b""))
+        .expect("allowed before");
+    while gw.poll_event().is_some() {}
+    let outcome = gw
+        .handle_identity_change(
+            t0,
+            change("alice", ChangeKind::Updated, Some(&["sre"])),
+            t0,
+            wall(),
+        )
+        .expect("handled");
+    assert!(outcome.refused.is_some(), "{outcome:?}");
+    assert_eq!((outcome.sessions_cut, outcome.flows_cut), (1, 1));
+    let kinds: Vec<&'static str> = std::iter::from_fn(|| gw.poll_event())
+        .map(|e| e.kind())
+        .collect();
+    assert!(kinds.ends_with(&["user_revoked"]), "{kinds:?}");
+    assert!(gw.enforcer().engine().user("alice").is_none());
+}

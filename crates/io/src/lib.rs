@@ -404,16 +404,14 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
                 let now = Instant::now();
                 for change in apply.changes {
                     let user = change.user.clone();
+                    // A change the policy entities refuse revokes the user in the core.
                     match gw.handle_identity_change(now, change, apply.requested, apply.requested_at) {
+                        Ok(o) if o.refused.is_some() => tracing::error!(%user, "identity change refused, user revoked"),
                         Ok(o) if o.sessions_cut + o.flows_cut > 0 || o.latency.as_nanos() > 0 => tracing::info!(
                             %user, sessions_cut = o.sessions_cut, flows_cut = o.flows_cut,
                             latency_us = o.latency.as_micros() as u64, "identity change applied"),
                         Ok(_) => tracing::info!(%user, "identity change applied"),
-                        // Fail closed: a change the policy entities refuse revokes the user.
-                        Err(e) => {
-                            tracing::error!(%user, "identity change refused by the policy entities ({e}); revoking the user");
-                            let _ = gw.handle_identity_change(now, portcullis_model::IdentityChange::revoked("gateway", user), apply.requested, apply.requested_at);
-                        }
+                        Err(e) => tracing::error!(%user, "identity change: {e}"),
                     }
                 }
                 for change in apply.devices {

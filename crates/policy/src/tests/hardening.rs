@@ -275,7 +275,10 @@ fn large_networks_files_check_in_near_linear_time() {
     }
     let t = Instant::now();
     assert!(Networks::parse(file, &many).is_ok());
-    println!("10,000 networks, 5,000 of them nested: checked in {:?}", t.elapsed());
+    println!(
+        "10,000 networks, 5,000 of them nested: checked in {:?}",
+        t.elapsed()
+    );
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
 }
 
