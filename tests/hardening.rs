@@ -584,3 +584,39 @@ fn numbers_names_and_keys_from_outside_are_checked_and_every_error_is_json() {
         "the data plane died under the fuzzer"
     );
 }
+
+/// `/readyz` is what keepalived and load balancers ask: it must fail while the packet
+/// loop is stuck, and HTTP (its own thread) must still answer meanwhile.
+#[test]
+fn readyz_fails_while_the_packet_loop_is_stuck_and_http_still_answers() {
+    let lab = hardened_lab();
+    let get = |path: &str| lab.http_with("GET", path, &[], "").unwrap();
+    portcullis_e2e::wait_until(Duration::from_secs(5), || Ok(get("/readyz").0 == 200)).unwrap();
+    assert_eq!(get("/readyz").1["ready"], true);
+    let pid = lab.gateway_pid().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1_400));
+    let t = Instant::now();
+    let (status, v) = get("/readyz");
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "readyz took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(status, 503, "{v}");
+    assert!(
+        v["not_ready"]
+            .to_string()
+            .contains("packet loop made no progress"),
+        "{v}"
+    );
+    assert_eq!(get("/healthz").0, 200);
+    // Unauthenticated, but only these two: the admin API still wants its token.
+    assert_eq!(get("/admin/v1/users").0, 401);
+    portcullis_e2e::wait_until(Duration::from_secs(6), || Ok(get("/readyz").0 == 200)).unwrap();
+    assert!(lab.ping(&lab.alice, "10.8.0.2"));
+}

@@ -513,6 +513,8 @@ address6 = "fd00:64::3"
             .args(["gateway", "--config"])
             .arg(self.config_path())
             .env("PORTCULLIS_LOG", &self.gateway_log_filter)
+            // Debug-build hooks (SIGUSR1 stalls the packet loop, for the /readyz test).
+            .env("PORTCULLIS_TEST_HOOKS", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)

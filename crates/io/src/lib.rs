@@ -14,6 +14,7 @@
 
 mod datapath;
 pub mod devices;
+pub mod health;
 pub mod http;
 pub mod ldap;
 pub mod nonces;
@@ -226,6 +227,10 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     for w in &bundle.warnings {
         tracing::warn!("{w}");
     }
+    let health = health::Health::new();
+    health
+        .policy_loaded
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     for g in bundle.unknown_groups(
         c.users
             .iter()
@@ -323,9 +328,13 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
             ))
             .layer(axum::middleware::from_fn(serve::json_errors))
             .layer(axum::extract::DefaultBodyLimit::max(h.max_body_bytes));
-        let listener = tokio::net::TcpListener::bind(h.listen)
-            .await
+        let app = app.merge(health::routes(health.clone()));
+        // The control plane's listener runs on a thread and runtime of its own: TLS
+        // handshakes, handlers and their commits never run on the packet loop, and
+        // /readyz answers (unready) while the loop is stuck.
+        let listener = std::net::TcpListener::bind(h.listen)
             .with_context(|| format!("binding [http] listen {}", h.listen))?;
+        listener.set_nonblocking(true)?;
         let local = listener.local_addr()?;
         let limits = serve::Limits {
             max_connections: h.max_connections,
@@ -334,14 +343,29 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
             idle_timeout: Duration::from_secs(h.idle_timeout_secs),
         }
         .fitted();
-        match &https {
-            Some(config) => {
-                tokio::spawn(tls::serve_tls(listener, config.clone(), app, limits));
-            }
-            None => {
-                tokio::spawn(serve::serve_plain(listener, app, limits));
-            }
-        }
+        let tls_config = https.clone();
+        std::thread::Builder::new()
+            .name("control-http".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => return tracing::error!("http runtime: {e}"),
+                };
+                rt.block_on(async move {
+                    let listener = match tokio::net::TcpListener::from_std(listener) {
+                        Ok(l) => l,
+                        Err(e) => return tracing::error!("http listener: {e}"),
+                    };
+                    match tls_config {
+                        Some(config) => tls::serve_tls(listener, config, app, limits).await,
+                        None => serve::serve_plain(listener, app, limits).await,
+                    }
+                });
+            })
+            .context("starting the http thread")?;
         tracing::info!(listen = %local, tls = https.is_some(), scim = tokens.scim.is_some(), admin = tokens.admin.is_some(), api = tokens.api.is_some(), "http up");
     }
     drop(admin_tx);
@@ -361,6 +385,12 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     let udp = bind_udp(c.gateway.listen, c.gateway.socket_buffer_bytes)?;
     let (tun, offload) = build_tun(&loaded)?;
     let mut dp = Datapath::new(udp, tun, offload)?;
+    health
+        .udp_bound
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    health
+        .tun_up
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(
         listen = %dp.udp.local_addr()?,
         tun = %c.gateway.tun_name,
@@ -376,6 +406,13 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut next_wall = Instant::now();
     let mut next_stats = Instant::now() + Duration::from_secs(60);
+    let mut beat = tokio::time::interval(Duration::from_millis(200));
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Debug builds only, with PORTCULLIS_TEST_HOOKS set: SIGUSR1 blocks the packet loop
+    // for 3 s, so a test can see /readyz fail while HTTP still answers.
+    let mut stall = (cfg!(debug_assertions) && std::env::var_os("PORTCULLIS_TEST_HOOKS").is_some())
+        .then(|| signal(SignalKind::user_defined1()))
+        .transpose()?;
 
     loop {
         let deadline = tokio::time::Instant::from_std(gw.poll_timeout());
@@ -435,6 +472,14 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
                 reload_certificate(&loaded, https.as_deref());
             }
             Some(loaded_bundle) = reload_rx.recv() => reload(&mut gw, loaded_bundle),
+            _ = beat.tick() => {
+                health.beat(Instant::now());
+                health.audit_writable.store(!audit.blocked(), std::sync::atomic::Ordering::Relaxed);
+            }
+            Some(()) = async { match stall.as_mut() { Some(s) => s.recv().await, None => std::future::pending().await } } => {
+                tracing::warn!("test hook: blocking the packet loop for 3 s");
+                std::thread::sleep(Duration::from_secs(3));
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
