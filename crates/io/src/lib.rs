@@ -8,6 +8,9 @@
 //! cleanly, closing every flow and session in the audit trail), and hands events to the
 //! audit pipeline ([`portcullis_audit::Pipeline`]: spool, events file, ClickHouse), failing
 //! closed on new flows while the pipeline cannot write (unless configured otherwise).
+//! The `[http]` listener (SCIM, admin API, SSO, `/healthz`, `/readyz`) runs on a thread
+//! and runtime of its own ([`serve`], [`health`]); it reaches the packet loop only through
+//! the command and identity channels.
 //!
 //! What it deliberately does not: no policy or flow logic; never waits on the audit
 //! pipeline (a full queue refuses, counts and blocks new flows).
