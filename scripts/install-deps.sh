@@ -19,6 +19,7 @@ packages=(
   curl              # an independent HTTPS client in the TLS tests
   ca-certificates
   python3-requests  # the other-language API client and the SAML browser in the tests
+  python3-prometheus-client  # its strict OpenMetrics parser reads /metrics in the tests
   # SAML: samael's xmlsec bindings are generated at build time (bindgen, libclang)
   pkg-config
   libclang-dev

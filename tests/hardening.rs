@@ -593,6 +593,32 @@ fn readyz_fails_while_the_packet_loop_is_stuck_and_http_still_answers() {
     let get = |path: &str| lab.http_with("GET", path, &[], "").unwrap();
     portcullis_e2e::wait_until(Duration::from_secs(5), || Ok(get("/readyz").0 == 200)).unwrap();
     assert_eq!(get("/readyz").1["ready"], true);
+    // /metrics parses with the Prometheus project's strict OpenMetrics parser, and the
+    // counters move with traffic through the tunnel.
+    let before = scrape(&lab);
+    for _ in 0..5 {
+        assert!(lab.ping(&lab.alice, "10.8.0.2"));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let after = scrape(&lab);
+    let n = |m: &Value, k: &str| m[k].as_f64().unwrap_or_else(|| panic!("{k} missing: {m}"));
+    assert!(
+        n(&after, "portcullis_forwarded_out_packets_total")
+            >= n(&before, "portcullis_forwarded_out_packets_total") + 5.0,
+        "{before}\n{after}"
+    );
+    assert!(
+        n(&after, "portcullis_forwarded_in_packets_total")
+            >= n(&before, "portcullis_forwarded_in_packets_total") + 5.0
+    );
+    assert!(n(&after, "portcullis_sessions") >= 1.0, "{after}");
+    assert!(n(&after, "portcullis_audit_written_total") > 0.0, "{after}");
+    assert!(
+        after
+            .get("portcullis_revocation_latency_seconds_count")
+            .is_some(),
+        "{after}"
+    );
     let pid = lab.gateway_pid().unwrap();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
@@ -619,4 +645,43 @@ fn readyz_fails_while_the_packet_loop_is_stuck_and_http_still_answers() {
     assert_eq!(get("/admin/v1/users").0, 401);
     portcullis_e2e::wait_until(Duration::from_secs(6), || Ok(get("/readyz").0 == 200)).unwrap();
     assert!(lab.ping(&lab.alice, "10.8.0.2"));
+}
+
+/// `GET /metrics` from the gateway, parsed by `tests/clients/parse_metrics.py` (Debian's
+/// python3-prometheus-client): {sample: value}.
+fn scrape(lab: &Lab) -> Value {
+    let out = portcullis_e2e::in_ns(&lab.ns_gw, || -> anyhow::Result<String> {
+        let mut s = TcpStream::connect("127.0.0.1:18080")?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })
+    .unwrap()
+    .unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    assert!(
+        head.starts_with("HTTP/1.1 200") && head.contains("application/openmetrics-text"),
+        "{head}"
+    );
+    let mut child = std::process::Command::new("/usr/bin/python3")
+        .arg(portcullis_e2e::repo_root().join("tests/clients/parse_metrics.py"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let parsed = child.wait_with_output().unwrap();
+    assert!(
+        parsed.status.success(),
+        "the parser refused /metrics: {}\n{body}",
+        String::from_utf8_lossy(&parsed.stderr)
+    );
+    serde_json::from_slice(&parsed.stdout).unwrap()
 }

@@ -762,6 +762,15 @@ impl Gateway {
     }
 
     /// Configured devices: (user, device, enabled).
+    /// Live sessions, counted without building [`SessionInfo`]s.
+    pub fn session_count(&self) -> usize {
+        self.peers
+            .iter()
+            .flatten()
+            .filter(|p| p.session.is_some())
+            .count()
+    }
+
     pub fn peers(&self) -> impl Iterator<Item = (&str, &str, bool)> {
         self.peers
             .iter()

@@ -20,6 +20,7 @@ pub mod devices;
 pub mod health;
 pub mod http;
 pub mod ldap;
+mod metrics;
 pub mod nonces;
 mod policy_api;
 pub mod serve;
@@ -231,6 +232,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         tracing::warn!("{w}");
     }
     let health = health::Health::new();
+    let metrics = metrics::Metrics::new();
     health
         .policy_loaded
         .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -331,7 +333,9 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
             ))
             .layer(axum::middleware::from_fn(serve::json_errors))
             .layer(axum::extract::DefaultBodyLimit::max(h.max_body_bytes));
-        let app = app.merge(health::routes(health.clone()));
+        let app = app
+            .merge(health::routes(health.clone()))
+            .merge(metrics::routes(metrics.clone()));
         // The control plane's listener runs on a thread and runtime of its own: TLS
         // handshakes, handlers and their commits never run on the packet loop, and
         // /readyz answers (unready) while the loop is stuck.
@@ -460,7 +464,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
                     }
                 }
                 // Resets and events out before the source hears "done".
-                flush(&mut gw, &mut dp, &audit, fail_closed).await;
+                flush(&mut gw, &mut dp, &audit, fail_closed, &metrics).await;
                 let _ = apply.done.send(());
             }
             Some(cmd) = admin_rx.recv() => admin(&mut gw, &loaded, identity.as_deref(), cmd),
@@ -478,6 +482,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
             _ = beat.tick() => {
                 health.beat(Instant::now());
                 health.audit_writable.store(!audit.blocked(), std::sync::atomic::Ordering::Relaxed);
+                metrics.publish(snapshot(&gw, &dp.stats, &audit));
             }
             Some(()) = async { match stall.as_mut() { Some(s) => s.recv().await, None => std::future::pending().await } } => {
                 tracing::warn!("test hook: blocking the packet loop for 3 s");
@@ -486,11 +491,11 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
-        flush(&mut gw, &mut dp, &audit, fail_closed).await;
+        flush(&mut gw, &mut dp, &audit, fail_closed, &metrics).await;
     }
     tracing::info!("shutting down");
     gw.handle_shutdown(Instant::now());
-    flush(&mut gw, &mut dp, &audit, fail_closed).await;
+    flush(&mut gw, &mut dp, &audit, fail_closed, &metrics).await;
     log_stats(&gw, &dp.stats, &audit);
     // Write what is queued; give the uploader a moment; the rest stays in the spool.
     audit.shutdown(Duration::from_secs(5));
@@ -842,7 +847,13 @@ fn reload(gw: &mut Gateway, loaded: Result<PolicyBundle, portcullis_policy::Load
     }
 }
 
-async fn flush(gw: &mut Gateway, dp: &mut Datapath, audit: &Pipeline, fail_closed: bool) {
+async fn flush(
+    gw: &mut Gateway,
+    dp: &mut Datapath,
+    audit: &Pipeline,
+    fail_closed: bool,
+    metrics: &metrics::Metrics,
+) {
     while let Some(t) = gw.poll_transmit() {
         dp.send_datagram(t.dst, &t.payload).await;
     }
@@ -852,6 +863,11 @@ async fn flush(gw: &mut Gateway, dp: &mut Datapath, audit: &Pipeline, fail_close
     // Read the clock only in iterations that have events (most carry only packets).
     let mut now = None;
     while let Some(e) = gw.poll_event() {
+        if let portcullis_model::Event::UserRevoked { latency_us, .. } = &e {
+            metrics
+                .revocation_latency
+                .observe(*latency_us as f64 / 1_000_000.0);
+        }
         audit.submit(e, *now.get_or_insert_with(chrono::Utc::now));
     }
     let blocked = fail_closed && audit.blocked();
@@ -862,6 +878,28 @@ async fn flush(gw: &mut Gateway, dp: &mut Datapath, audit: &Pipeline, fail_close
             tracing::warn!("audit trail writable again: new flows are decided by policy");
         }
         gw.handle_audit_blocked(blocked);
+    }
+}
+
+/// The packet loop's numbers for `/metrics`.
+fn snapshot(gw: &Gateway, dp: &DatapathStats, audit: &Pipeline) -> metrics::Snapshot {
+    let a = audit.stats();
+    let r = std::sync::atomic::Ordering::Relaxed;
+    metrics::Snapshot {
+        enforce: gw.enforcer().stats,
+        wireguard: gw.stats,
+        datapath: *dp,
+        audit_written: a.written.load(r),
+        audit_refused: a.refused.load(r),
+        audit_uploaded: a.uploaded.load(r),
+        audit_upload_batches: a.batches.load(r),
+        audit_upload_errors: a.upload_errors.load(r),
+        audit_backlog: a.backlog.load(r),
+        audit_lag_ms: a.lag_ms.load(r),
+        audit_spool_bytes: a.spool_bytes.load(r),
+        sessions: gw.session_count() as u64,
+        flows: gw.enforcer().flows().len() as u64,
+        peers: gw.peers().count() as u64,
     }
 }
 
