@@ -685,3 +685,71 @@ fn scrape(lab: &Lab) -> Value {
     );
     serde_json::from_slice(&parsed.stdout).unwrap()
 }
+
+/// One `POST` with the admin token from inside the gateway's namespace: the status, or
+/// `None` when no answer came (the gateway was killed).
+fn post_status(ns: &str, path: String) -> Option<u16> {
+    portcullis_e2e::in_ns(ns, move || -> Option<u16> {
+        let mut s = TcpStream::connect("127.0.0.1:18080").ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        s.write_all(format!("POST {path} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        out.split_whitespace().nth(1)?.parse().ok()
+    })
+    .ok()
+    .flatten()
+}
+
+/// Audit before answer: `kill -9` ten times during a stream of admin calls; every call
+/// that was answered has its `admin_action` in the trail.
+#[test]
+fn every_answered_admin_call_survives_kill_9_in_the_trail() {
+    let mut lab = hardened_lab();
+    let mut answered: Vec<String> = Vec::new();
+    for round in 0..10 {
+        let ns = lab.ns_gw.clone();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let stream = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            for i in 0.. {
+                if stop2.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                let path = format!("/admin/v1/users/r{round}-n{i}/disable");
+                match post_status(&ns, path.clone()) {
+                    Some(_) => got.push(path),
+                    None => break,
+                }
+            }
+            got
+        });
+        std::thread::sleep(Duration::from_millis(400));
+        lab.kill_gateway().unwrap();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let got = stream.join().unwrap();
+        assert!(!got.is_empty(), "round {round}: no call was answered");
+        answered.extend(got);
+        lab.spawn_gateway().unwrap();
+    }
+    let targets: std::collections::HashSet<String> = lab
+        .events()
+        .into_iter()
+        .filter(|e| is(e, "admin_action"))
+        .filter_map(|e| e["target"].as_str().map(str::to_string))
+        .collect();
+    let missing: Vec<&String> = answered.iter().filter(|p| !targets.contains(*p)).collect();
+    println!(
+        "{} answered calls over 10 kill -9, {} without their event",
+        answered.len(),
+        missing.len()
+    );
+    assert!(
+        missing.is_empty(),
+        "{} of {} answered calls have no admin_action: {:?}",
+        missing.len(),
+        answered.len(),
+        &missing[..missing.len().min(5)]
+    );
+}

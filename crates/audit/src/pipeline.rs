@@ -113,7 +113,12 @@ struct Shared {
     stop: AtomicBool,
 }
 
-type Item = (Event, DateTime<Utc>);
+/// An event for the writer, and who waits for it to be durable.
+type Item = (Event, DateTime<Utc>, Option<Durable>);
+
+/// Answered `true` once the event is durable (committed to the spool, or without one
+/// written to the events file), `false` if it was refused.
+pub type Durable = tokio::sync::oneshot::Sender<bool>;
 
 /// The running pipeline.
 pub struct Pipeline {
@@ -224,6 +229,7 @@ impl Pipeline {
                         reason,
                     },
                     now,
+                    None,
                 )]);
             }
         }
@@ -262,8 +268,28 @@ impl Pipeline {
     /// Hands an event to the writer without blocking. `false`: refused (counted, and
     /// reported later in an `audit_degraded` event).
     pub fn submit(&self, event: Event, time: DateTime<Utc>) -> bool {
+        self.submit_item((event, time, None))
+    }
+
+    /// [`Pipeline::submit`], and a receiver answered once the event is durable (`true`)
+    /// or refused (`false`): what a control-plane request waits for before its answer.
+    /// The writer commits in order, so this event being durable means every event
+    /// submitted before it is too. Refused at once: the receiver answers `false`.
+    pub fn submit_durable(
+        &self,
+        event: Event,
+        time: DateTime<Utc>,
+    ) -> tokio::sync::oneshot::Receiver<bool> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        // On refusal the sender is dropped with the item, so the receiver sees an error,
+        // which callers read as not durable.
+        self.submit_item((event, time, Some(tx)));
+        rx
+    }
+
+    fn submit_item(&self, item: Item) -> bool {
         let Some(tx) = &self.tx else { return false };
-        match tx.try_send((event, time)) {
+        match tx.try_send(item) {
             Ok(()) => true,
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 self.shared.queue_refused.fetch_add(1, Ordering::Relaxed);
@@ -431,14 +457,28 @@ impl Writer {
                 None => self.degraded = Some((since, self.degraded_reason())),
             }
         }
-        for (event, time) in batch {
+        // Who waits, and whether their event was appended (durable once committed).
+        let mut waiting: Vec<(Durable, bool)> = Vec::new();
+        for (event, time, durable) in batch {
             if self.degraded.is_some() {
                 refused += 1;
+                if let Some(d) = durable {
+                    waiting.push((d, false));
+                }
                 continue;
             }
-            match self.append(guard.as_deref_mut(), event, time) {
-                Some(env) => written.push(env),
-                None => refused += 1,
+            let appended = match self.append(guard.as_deref_mut(), event, time) {
+                Some(env) => {
+                    written.push(env);
+                    true
+                }
+                None => {
+                    refused += 1;
+                    false
+                }
+            };
+            if let Some(d) = durable {
+                waiting.push((d, appended));
             }
         }
         self.interval_refused += refused;
@@ -452,6 +492,9 @@ impl Writer {
                 self.degraded
                     .get_or_insert_with(|| (Utc::now(), format!("spool commit failed: {e}")));
                 self.shared.blocked.store(true, Ordering::Relaxed);
+                for (d, _) in waiting {
+                    let _ = d.send(false);
+                }
                 return;
             }
             st.written_seq
@@ -465,17 +508,26 @@ impl Writer {
         self.shared
             .blocked
             .store(self.degraded.is_some(), Ordering::Relaxed);
-        let Some((file, path)) = &mut self.events else {
-            return;
-        };
-        for env in &written {
-            tracing::debug!(kind = env.event.kind(), seq = env.seq, "event");
-            if serde_json::to_writer(&mut *file, env).is_err() || file.write_all(b"\n").is_err() {
+        let spooled = spool.is_some();
+        let mut file_ok = true;
+        if let Some((file, path)) = &mut self.events {
+            for env in &written {
+                tracing::debug!(kind = env.event.kind(), seq = env.seq, "event");
+                if serde_json::to_writer(&mut *file, env).is_err() || file.write_all(b"\n").is_err()
+                {
+                    tracing::error!(path = %path.display(), "writing the events file failed");
+                    file_ok = false;
+                }
+            }
+            if !written.is_empty() && file.flush().is_err() {
                 tracing::error!(path = %path.display(), "writing the events file failed");
+                file_ok = false;
             }
         }
-        if !written.is_empty() && file.flush().is_err() {
-            tracing::error!(path = %path.display(), "writing the events file failed");
+        // Durable: committed to the spool; without a spool, in the events file (handed
+        // to the kernel, so it survives the process being killed).
+        for (d, appended) in waiting {
+            let _ = d.send(appended && (spooled || file_ok));
         }
     }
 

@@ -563,3 +563,32 @@ fn retention_drops_only_old_partitions() {
     assert_eq!(ch.count("SELECT count() FROM pc.events").unwrap(), 1);
     assert_eq!(ch.count("SELECT max(seq) FROM pc.events").unwrap(), 2);
 }
+
+/// `submit_durable` answers once the event is in the events file (no spool) or committed
+/// to the spool: a control-plane request can wait for it before answering.
+#[test]
+fn a_durable_submit_answers_after_the_event_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = PipelineConfig {
+        gateway: "gw-test".into(),
+        events_file: Some(dir.path().join("events.jsonl")),
+        spool: None,
+        queue: 1000,
+        commit_interval: Duration::from_millis(50),
+    };
+    let (p, _) = Pipeline::start(cfg).unwrap();
+    let rt = rt();
+    for i in 0..20 {
+        let before = std::fs::read_to_string(dir.path().join("events.jsonl")).unwrap_or_default();
+        let rx = p.submit_durable(flow_closed(i, "alice"), chrono::Utc::now());
+        let durable = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), rx).await });
+        assert!(matches!(durable, Ok(Ok(true))), "{durable:?}");
+        let after = std::fs::read_to_string(dir.path().join("events.jsonl")).unwrap();
+        assert_eq!(
+            after.lines().count(),
+            before.lines().count() + 1,
+            "the line is there when the answer comes"
+        );
+    }
+    p.shutdown(Duration::from_secs(1));
+}

@@ -60,8 +60,10 @@ pub enum AdminCommand {
         requested_at: DateTime<Utc>,
         done: oneshot::Sender<bool>,
     },
-    /// An event to record in the audit stream (an identity source's report).
-    Report(portcullis_model::Event),
+    /// An event to record in the audit stream (an identity source's report, an admin
+    /// action, a login). With a sender: answered once the event is durable (`true`) or
+    /// refused (`false`), for a request that must not be answered before its record.
+    Report(portcullis_model::Event, Option<oneshot::Sender<bool>>),
     /// The running policy bundle.
     Policy(oneshot::Sender<Arc<portcullis_policy::PolicyBundle>>),
     /// The running policy bundle and a user's groups as the policies see them (empty for
@@ -412,14 +414,29 @@ async fn audit_mutations(State(s): State<AdminState>, req: Request, next: Next) 
             format!("{}: {message}", status.as_u16()),
         )
     };
-    let _ = s
-        .commands
-        .send(AdminCommand::Report(portcullis_model::Event::AdminAction {
+    // Audit before answer: the admin_action is durable before the client hears back.
+    let (tx, rx) = oneshot::channel();
+    let sent = s.commands.send(AdminCommand::Report(
+        portcullis_model::Event::AdminAction {
             actor,
             action,
             target,
             outcome,
-        }));
+        },
+        Some(tx),
+    ));
+    let durable = sent.is_ok()
+        && matches!(
+            tokio::time::timeout(std::time::Duration::from_secs(10), rx).await,
+            Ok(Ok(true))
+        );
+    if !durable {
+        tracing::error!("admin action applied but its audit event could not be recorded");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the action was applied, but its audit event could not be recorded: the audit trail is unavailable",
+        );
+    }
     response
 }
 

@@ -377,13 +377,16 @@ impl Driver {
             Err(PassError::Refused(r)) => {
                 tracing::error!("ldap: full pass {r}");
                 st.refused = Some(r.to_string());
-                let _ = self.reports.send(AdminCommand::Report(Event::SyncRefused {
-                    source: "ldap".into(),
-                    known: r.known as u64,
-                    would_remove: r.would_remove as u64,
-                    sample: r.sample.clone(),
-                    reason: r.reason.clone(),
-                }));
+                let _ = self.reports.send(AdminCommand::Report(
+                    Event::SyncRefused {
+                        source: "ldap".into(),
+                        known: r.known as u64,
+                        would_remove: r.would_remove as u64,
+                        sample: r.sample.clone(),
+                        reason: r.reason.clone(),
+                    },
+                    None,
+                ));
                 Err(r.to_string())
             }
             Err(PassError::Identity(e)) => {

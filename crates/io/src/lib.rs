@@ -463,11 +463,19 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
                         tracing::error!("device change not applied: {e}");
                     }
                 }
-                // Resets and events out before the source hears "done".
-                flush(&mut gw, &mut dp, &audit, fail_closed, &metrics).await;
-                let _ = apply.done.send(());
+                // Resets out, and the events durable, before the source hears "done".
+                let ack = flush(&mut gw, &mut dp, &audit, fail_closed, &metrics, true).await;
+                let done = apply.done;
+                reply_when_durable(ack, move |_| {
+                    let _ = done.send(());
+                });
             }
-            Some(cmd) = admin_rx.recv() => admin(&mut gw, &loaded, identity.as_deref(), cmd),
+            Some(cmd) = admin_rx.recv() => {
+                if let Some(reply) = admin(&mut gw, &loaded, identity.as_deref(), cmd) {
+                    let ack = flush(&mut gw, &mut dp, &audit, fail_closed, &metrics, true).await;
+                    reply_when_durable(ack, reply);
+                }
+            }
             _ = hup.recv() => {
                 // Read and validate off the packet loop; the result comes back below.
                 let dir = loaded.config.policy.dir.clone();
@@ -491,11 +499,11 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
-        flush(&mut gw, &mut dp, &audit, fail_closed, &metrics).await;
+        flush(&mut gw, &mut dp, &audit, fail_closed, &metrics, false).await;
     }
     tracing::info!("shutting down");
     gw.handle_shutdown(Instant::now());
-    flush(&mut gw, &mut dp, &audit, fail_closed, &metrics).await;
+    flush(&mut gw, &mut dp, &audit, fail_closed, &metrics, false).await;
     log_stats(&gw, &dp.stats, &audit);
     // Write what is queued; give the uploader a moment; the rest stays in the spool.
     audit.shutdown(Duration::from_secs(5));
@@ -671,23 +679,32 @@ fn reload_tokens(loaded: &Loaded, tokens: &Tokens) {
     }
 }
 
+/// An answer held until the events the command caused are durable (audit before
+/// answer); it is told whether they are.
+type Reply = Box<dyn FnOnce(bool) + Send>;
+
+/// Runs one admin command on the loop; commands that changed something return their
+/// answer, to be sent once their events are durable.
 fn admin(
     gw: &mut Gateway,
     loaded: &Loaded,
     identity: Option<&portcullis_identity::Identity>,
     cmd: http::AdminCommand,
-) {
+) -> Option<Reply> {
     use http::AdminCommand;
     match cmd {
         AdminCommand::Sessions(tx) => {
             let _ = tx.send(gw.sessions());
+            None
         }
         AdminCommand::KillSession(id, tx) => {
             let killed = gw.handle_session_kill(Instant::now(), id, "killed by admin");
             if killed {
                 tracing::info!(session = id, "admin: session killed");
             }
-            let _ = tx.send(killed);
+            Some(Box::new(move |_| {
+                let _ = tx.send(killed);
+            }))
         }
         AdminCommand::Users(tx) => {
             let sessions = gw.sessions();
@@ -722,6 +739,7 @@ fn admin(
                 })
                 .collect();
             let _ = tx.send(rows);
+            None
         }
         AdminCommand::DisableConfigUser {
             name,
@@ -743,11 +761,21 @@ fn admin(
                 }
                 tracing::info!(user = %name, "admin: user disabled");
             }
-            let _ = done.send(known);
+            Some(Box::new(move |_| {
+                let _ = done.send(known);
+            }))
         }
-        AdminCommand::Report(event) => gw.handle_report(event),
+        AdminCommand::Report(event, durable) => {
+            gw.handle_report(event);
+            durable.map(|tx| -> Reply {
+                Box::new(move |ok| {
+                    let _ = tx.send(ok);
+                })
+            })
+        }
         AdminCommand::Policy(tx) => {
             let _ = tx.send(gw.enforcer().engine().bundle().clone());
+            None
         }
         AdminCommand::Access(user, tx) => {
             let engine = gw.enforcer().engine();
@@ -756,9 +784,13 @@ fn admin(
                 .map(|p| p.groups.clone())
                 .unwrap_or_default();
             let _ = tx.send((engine.bundle().clone(), groups));
+            None
         }
         AdminCommand::ApplyPolicy(bundle, done) => {
-            let _ = done.send(apply_bundle(gw, bundle, "replaced through the api"));
+            let applied = apply_bundle(gw, bundle, "replaced through the api");
+            Some(Box::new(move |_| {
+                let _ = done.send(applied);
+            }))
         }
     }
 }
@@ -847,13 +879,18 @@ fn reload(gw: &mut Gateway, loaded: Result<PolicyBundle, portcullis_policy::Load
     }
 }
 
+/// Sends what the core queued (datagrams, TUN packets, events). With `durable`, the
+/// last event goes in with a durability receiver: the writer commits in order, so once it
+/// answers every event of this flush is durable (None: there was no event).
 async fn flush(
     gw: &mut Gateway,
     dp: &mut Datapath,
     audit: &Pipeline,
     fail_closed: bool,
     metrics: &metrics::Metrics,
-) {
+    durable: bool,
+) -> Option<tokio::sync::oneshot::Receiver<bool>> {
+    let mut ack = None;
     while let Some(t) = gw.poll_transmit() {
         dp.send_datagram(t.dst, &t.payload).await;
     }
@@ -862,13 +899,20 @@ async fn flush(
     }
     // Read the clock only in iterations that have events (most carry only packets).
     let mut now = None;
-    while let Some(e) = gw.poll_event() {
+    let mut pending = gw.poll_event();
+    while let Some(e) = pending.take() {
         if let portcullis_model::Event::UserRevoked { latency_us, .. } = &e {
             metrics
                 .revocation_latency
                 .observe(*latency_us as f64 / 1_000_000.0);
         }
-        audit.submit(e, *now.get_or_insert_with(chrono::Utc::now));
+        let time = *now.get_or_insert_with(chrono::Utc::now);
+        pending = gw.poll_event();
+        if durable && pending.is_none() {
+            ack = Some(audit.submit_durable(e, time));
+        } else {
+            audit.submit(e, time);
+        }
     }
     let blocked = fail_closed && audit.blocked();
     if blocked != gw.enforcer().audit_blocked() {
@@ -878,6 +922,30 @@ async fn flush(
             tracing::warn!("audit trail writable again: new flows are decided by policy");
         }
         gw.handle_audit_blocked(blocked);
+    }
+    ack
+}
+
+/// Runs `reply` once `ack` says the events before it are durable (true), refused
+/// (false), or at once when nothing was recorded. The packet loop does not wait: the
+/// reply waits in a task of its own.
+fn reply_when_durable(
+    ack: Option<tokio::sync::oneshot::Receiver<bool>>,
+    reply: impl FnOnce(bool) + Send + 'static,
+) {
+    match ack {
+        None => reply(true),
+        Some(rx) => {
+            tokio::spawn(async move {
+                let durable = rx.await.unwrap_or(false);
+                if !durable {
+                    tracing::error!(
+                        "a control-plane event could not be recorded before its answer"
+                    );
+                }
+                reply(durable);
+            });
+        }
     }
 }
 

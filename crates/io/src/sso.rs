@@ -226,8 +226,26 @@ impl Sso {
         Ok(sso)
     }
 
-    fn report(&self, event: Event) {
-        let _ = self.commands.send(AdminCommand::Report(event));
+    /// Records `event` and waits until it is durable (audit before answer); false when
+    /// the audit trail refused it (logged: the answer goes out anyway, the sign-on
+    /// already happened or was already refused).
+    async fn report(&self, event: Event) -> bool {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self
+            .commands
+            .send(AdminCommand::Report(event, Some(tx)))
+            .is_err()
+        {
+            return false;
+        }
+        let durable = matches!(
+            tokio::time::timeout(std::time::Duration::from_secs(10), rx).await,
+            Ok(Ok(true))
+        );
+        if !durable {
+            tracing::error!("saml: audit event could not be recorded");
+        }
+        durable
     }
 
     fn allowed(&self, ip: IpAddr) -> bool {
@@ -440,6 +458,25 @@ struct AcsForm {
     _relay_state: Option<String>,
 }
 
+/// A refused sign-on: logged, recorded (durable before the page goes out), answered 403.
+async fn refused_login(sso: &Sso, ip: IpAddr, user: String, reason: String) -> Response {
+    tracing::warn!(%ip, user = %user, "saml login refused: {reason}");
+    sso.report(Event::LoginFailed {
+        user,
+        method: "saml".into(),
+        reason: reason.clone(),
+        remote: Some(ip.to_string()),
+    })
+    .await;
+    page(
+        StatusCode::FORBIDDEN,
+        "Sign-in refused",
+        &format!(
+            "<p class=\"error\">{}</p><p><a href=\"/saml/login\">Sign in again</a></p>",
+            esc(&reason)
+        ),
+    )
+}
 async fn acs(
     State(sso): State<Arc<Sso>>,
     ci: ConnectInfo<Peer>,
@@ -449,22 +486,11 @@ async fn acs(
     if !sso.allowed(ip) {
         return too_many();
     }
-    let refuse = |user: &str, reason: String| {
-        tracing::warn!(%ip, user, "saml login refused: {reason}");
-        sso.report(Event::LoginFailed {
-            user: user.to_string(),
-            method: "saml".into(),
-            reason: reason.clone(),
-            remote: Some(ip.to_string()),
-        });
-        page(
-            StatusCode::FORBIDDEN,
-            "Sign-in refused",
-            &format!(
-                "<p class=\"error\">{}</p><p><a href=\"/saml/login\">Sign in again</a></p>",
-                esc(&reason)
-            ),
-        )
+    let refusing = sso.clone();
+    let refuse = move |user: &str, reason: String| {
+        let user = user.to_string();
+        let sso = refusing.clone();
+        async move { refused_login(&sso, ip, user, reason).await }
     };
     let form = match form {
         Ok(Form(f)) => f,
@@ -473,6 +499,7 @@ async fn acs(
                 "",
                 format!("the form is not a SAML POST: {}", e.body_text()),
             )
+            .await
         }
     };
     let now = Utc::now();
@@ -482,12 +509,12 @@ async fn acs(
     };
     let login = match verdict {
         Ok(l) => l,
-        Err(e) => return refuse("", e.to_string()),
+        Err(e) => return refuse("", e.to_string()).await,
     };
     let cap = now + TimeDelta::seconds(i64::try_from(sso.config.login_max_secs).unwrap_or(43_200));
     let until = login.session_not_on_or_after.map_or(cap, |t| t.min(cap));
     if until <= now {
-        return refuse(&login.user, "the IdP's session has already ended".into());
+        return refuse(&login.user, "the IdP's session has already ended".into()).await;
     }
     let owner = match sso
         .identity
@@ -502,7 +529,7 @@ async fn acs(
         .await
     {
         Ok(o) => o,
-        Err(e) => return refuse(&login.user, e.to_string()),
+        Err(e) => return refuse(&login.user, e.to_string()).await,
     };
     let Some(token) = sso.open_session(&owner.user_name, until) else {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
@@ -511,7 +538,8 @@ async fn acs(
         user: owner.user_name.clone(),
         method: "saml".into(),
         remote: Some(ip.to_string()),
-    });
+    })
+    .await;
     tracing::info!(user = %owner.user_name, %ip, until = %until, "saml login");
     let max_age = (until - now).num_seconds().max(1);
     let secure = if sso.secure_cookie { "; Secure" } else { "" };
@@ -671,7 +699,8 @@ async fn enroll(
         action: "POST /enroll".into(),
         target: device.id.to_string(),
         outcome: "ok".into(),
-    });
+    })
+    .await;
     let profile = sso
         .scope
         .profile(&sso.profile, &sso.commands, &device, private.as_deref())
