@@ -164,7 +164,7 @@ impl ProfileScope {
     pub(crate) async fn profile(
         &self,
         base: &ProfileSettings,
-        commands: &tokio::sync::mpsc::UnboundedSender<AdminCommand>,
+        commands: &tokio::sync::mpsc::Sender<AdminCommand>,
         device: &Device,
         private_key: Option<&str>,
     ) -> String {
@@ -178,7 +178,7 @@ impl ProfileScope {
     async fn settings_for(
         &self,
         base: &ProfileSettings,
-        commands: &tokio::sync::mpsc::UnboundedSender<AdminCommand>,
+        commands: &tokio::sync::mpsc::Sender<AdminCommand>,
         user: &str,
     ) -> ProfileSettings {
         if self.fixed {
@@ -187,6 +187,7 @@ impl ProfileScope {
         let (tx, rx) = tokio::sync::oneshot::channel();
         if commands
             .send(AdminCommand::Access(user.to_string(), tx))
+            .await
             .is_err()
         {
             return base.clone();

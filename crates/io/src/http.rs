@@ -104,7 +104,7 @@ pub(crate) struct AdminState {
     nonce_log: Option<Arc<std::sync::Mutex<crate::nonces::NonceLog>>>,
     max_body_bytes: usize,
     pub(crate) identity: Option<Arc<Identity>>,
-    pub(crate) commands: mpsc::UnboundedSender<AdminCommand>,
+    pub(crate) commands: mpsc::Sender<AdminCommand>,
     ldap: Option<LdapHandle>,
     /// What device profiles carry (`[devices]` configured).
     pub(crate) profile: Option<Arc<portcullis_identity::ProfileSettings>>,
@@ -124,7 +124,7 @@ pub struct AdminApi {
     /// `[api] nonce_file`: used nonces are written here before the answer.
     pub nonce_log: Option<Arc<std::sync::Mutex<crate::nonces::NonceLog>>>,
     pub identity: Option<Arc<Identity>>,
-    pub commands: mpsc::UnboundedSender<AdminCommand>,
+    pub commands: mpsc::Sender<AdminCommand>,
     pub ldap: Option<LdapHandle>,
     pub profile: Option<Arc<portcullis_identity::ProfileSettings>>,
     pub max_body_bytes: usize,
@@ -416,15 +416,18 @@ async fn audit_mutations(State(s): State<AdminState>, req: Request, next: Next) 
     };
     // Audit before answer: the admin_action is durable before the client hears back.
     let (tx, rx) = oneshot::channel();
-    let sent = s.commands.send(AdminCommand::Report(
-        portcullis_model::Event::AdminAction {
-            actor,
-            action,
-            target,
-            outcome,
-        },
-        Some(tx),
-    ));
+    let sent = s
+        .commands
+        .send(AdminCommand::Report(
+            portcullis_model::Event::AdminAction {
+                actor,
+                action,
+                target,
+                outcome,
+            },
+            Some(tx),
+        ))
+        .await;
     let durable = sent.is_ok()
         && matches!(
             tokio::time::timeout(std::time::Duration::from_secs(10), rx).await,
@@ -466,7 +469,7 @@ pub(crate) async fn ask<T>(
     make: impl FnOnce(oneshot::Sender<T>) -> AdminCommand,
 ) -> Result<T, Response> {
     let (tx, rx) = oneshot::channel();
-    s.commands.send(make(tx)).map_err(|_| {
+    s.commands.send(make(tx)).await.map_err(|_| {
         error(
             StatusCode::SERVICE_UNAVAILABLE,
             "the gateway is shutting down",

@@ -79,7 +79,7 @@ pub fn spawn(
     password: Option<Arc<str>>,
     tls: Option<Arc<rustls::ClientConfig>>,
     identity: Arc<Identity>,
-    reports: mpsc::UnboundedSender<AdminCommand>,
+    reports: mpsc::Sender<AdminCommand>,
 ) -> LdapHandle {
     let status = Arc::new(Mutex::new(LdapStatus {
         url: config.url.clone(),
@@ -121,7 +121,7 @@ struct Driver {
     tls: Option<Arc<rustls::ClientConfig>>,
     identity: Arc<Identity>,
     status: Arc<Mutex<LdapStatus>>,
-    reports: mpsc::UnboundedSender<AdminCommand>,
+    reports: mpsc::Sender<AdminCommand>,
     sync: LdapSync,
     /// When the first message of the pending pass arrived (the revocation clock starts).
     first_received: Option<(Instant, DateTime<Utc>)>,
@@ -377,7 +377,9 @@ impl Driver {
             Err(PassError::Refused(r)) => {
                 tracing::error!("ldap: full pass {r}");
                 st.refused = Some(r.to_string());
-                let _ = self.reports.send(AdminCommand::Report(
+                // try_send: a full channel (the loop far behind) loses this report only,
+                // and says so; the refused pass itself is kept in the sync's state.
+                if let Err(e) = self.reports.try_send(AdminCommand::Report(
                     Event::SyncRefused {
                         source: "ldap".into(),
                         known: r.known as u64,
@@ -386,7 +388,9 @@ impl Driver {
                         reason: r.reason.clone(),
                     },
                     None,
-                ));
+                )) {
+                    tracing::error!("ldap: the refused pass could not be reported: {e}");
+                }
                 Err(r.to_string())
             }
             Err(PassError::Identity(e)) => {

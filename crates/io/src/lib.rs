@@ -223,6 +223,9 @@ pub fn check(loaded: &Loaded) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Commands the control plane may have queued for the packet loop at once.
+const ADMIN_QUEUE: usize = 1024;
+
 /// Runs the gateway until SIGINT or SIGTERM.
 pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     let c = &loaded.config;
@@ -256,7 +259,9 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     if let Some(identity) = &identity {
         devices::add_stored(&mut gw, identity)?;
     }
-    let (admin_tx, mut admin_rx) = tokio::sync::mpsc::unbounded_channel();
+    // The control plane's one channel into the packet loop: bounded, so a flood of
+    // requests waits in the handlers (on the control thread), not in memory here.
+    let (admin_tx, mut admin_rx) = tokio::sync::mpsc::channel(ADMIN_QUEUE);
     let tokens = load_tokens(&loaded)?;
     let ldap = match (&c.ldap, &identity) {
         (Some(l), Some(identity)) => Some(ldap::spawn(

@@ -309,6 +309,7 @@ async fn replace(
     let applied = match s
         .commands
         .send(AdminCommand::ApplyPolicy(Arc::new(bundle), tx))
+        .await
     {
         Ok(()) => rx
             .await

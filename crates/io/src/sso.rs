@@ -70,7 +70,7 @@ pub struct Sso {
     sessions: Mutex<HashMap<[u8; 32], WebSession>>,
     identity: Arc<Identity>,
     profile: Arc<ProfileSettings>,
-    commands: mpsc::UnboundedSender<AdminCommand>,
+    commands: mpsc::Sender<AdminCommand>,
     secure_cookie: bool,
     scope: crate::devices::ProfileScope,
 }
@@ -155,7 +155,7 @@ impl Sso {
         c: &SamlConfig,
         identity: Arc<Identity>,
         profile: Arc<ProfileSettings>,
-        commands: mpsc::UnboundedSender<AdminCommand>,
+        commands: mpsc::Sender<AdminCommand>,
     ) -> anyhow::Result<Arc<Sso>> {
         let context = || {
             format!(
@@ -234,6 +234,7 @@ impl Sso {
         if self
             .commands
             .send(AdminCommand::Report(event, Some(tx)))
+            .await
             .is_err()
         {
             return false;

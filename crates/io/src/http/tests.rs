@@ -105,7 +105,7 @@ async fn every_documented_operation_is_served() {
         TokenSet::load(&dir.path().join("c.toml"), "admin.token_file", &token_file).unwrap();
     // No event loop: handlers that ask it answer 503 with a JSON error, which is still
     // a routed answer.
-    let (commands, _) = mpsc::unbounded_channel();
+    let (commands, _) = mpsc::channel(16);
     let router = admin_router(AdminApi {
         tokens: Some(Arc::new(RwLock::new(tokens))),
         api: None,
