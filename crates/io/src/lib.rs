@@ -446,7 +446,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
                 gw.handle_timeout(now);
                 if now >= next_stats {
                     next_stats = now + Duration::from_secs(60);
-                    log_stats(&gw, &dp.stats, &audit);
+                    log_stats(&snapshot(&gw, &dp.stats, &audit));
                 }
             }
             Some(apply) = apply_rx.recv() => {
@@ -509,7 +509,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     gw.handle_shutdown(Instant::now());
     flush(&mut gw, &mut dp, &audit, fail_closed, &metrics, false).await;
-    log_stats(&gw, &dp.stats, &audit);
+    log_stats(&snapshot(&gw, &dp.stats, &audit));
     // Write what is queued; give the uploader a moment; the rest stays in the spool.
     audit.shutdown(Duration::from_secs(5));
     Ok(())
@@ -976,13 +976,11 @@ fn snapshot(gw: &Gateway, dp: &DatapathStats, audit: &Pipeline) -> metrics::Snap
     }
 }
 
-fn log_stats(gw: &Gateway, dp: &DatapathStats, audit: &Pipeline) {
-    let e = gw.enforcer().stats;
-    let w = gw.stats;
-    let a = audit.stats();
-    let r = std::sync::atomic::Ordering::Relaxed;
+/// The counters in the log (every minute and at shutdown): the numbers `/metrics` gets.
+fn log_stats(s: &metrics::Snapshot) {
+    let (e, w, dp) = (&s.enforce, &s.wireguard, &s.datapath);
     tracing::info!(
-        flows = gw.enforcer().flows().len(),
+        flows = s.flows,
         forwarded_out = e.forwarded_out,
         forwarded_in = e.forwarded_in,
         denied = e.denied,
@@ -1007,14 +1005,14 @@ fn log_stats(gw: &Gateway, dp: &DatapathStats, audit: &Pipeline) {
         tun_reads = dp.tun_reads,
         tun_writes = dp.tun_writes,
         send_errors = dp.send_errors,
-        audit_written = a.written.load(r),
-        audit_refused = a.refused.load(r),
-        audit_uploaded = a.uploaded.load(r),
-        audit_batches = a.batches.load(r),
-        audit_upload_errors = a.upload_errors.load(r),
-        audit_backlog = a.backlog.load(r),
-        audit_lag_ms = a.lag_ms.load(r),
-        audit_spool_bytes = a.spool_bytes.load(r),
+        audit_written = s.audit_written,
+        audit_refused = s.audit_refused,
+        audit_uploaded = s.audit_uploaded,
+        audit_batches = s.audit_upload_batches,
+        audit_upload_errors = s.audit_upload_errors,
+        audit_backlog = s.audit_backlog,
+        audit_lag_ms = s.audit_lag_ms,
+        audit_spool_bytes = s.audit_spool_bytes,
         "counters"
     );
 }
