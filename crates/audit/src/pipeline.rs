@@ -103,6 +103,10 @@ pub struct PipelineStats {
     pub written_seq: AtomicU64,
     /// Highest sequence number ClickHouse acknowledged.
     pub acked_seq: AtomicU64,
+    /// Spool commits (write and fsync of a batch), each.
+    pub commit_latency: portcullis_model::latency::SharedLatency,
+    /// ClickHouse inserts that succeeded, each (send to acknowledgement).
+    pub upload_latency: portcullis_model::latency::SharedLatency,
 }
 
 struct Shared {
@@ -485,7 +489,10 @@ impl Writer {
         let st = &self.shared.stats;
         st.refused.fetch_add(refused, Ordering::Relaxed);
         if let Some(sp) = guard.as_deref_mut() {
-            if let Err(e) = sp.commit() {
+            let started = std::time::Instant::now();
+            let committed = sp.commit();
+            st.commit_latency.observe(started.elapsed());
+            if let Err(e) = committed {
                 // Appended records stay pending and are written by the next commit;
                 // until then they do not count as written.
                 tracing::error!("audit spool commit failed: {e}");
@@ -701,10 +708,15 @@ impl Uploader {
             let result = if rows == 0 {
                 Ok(())
             } else {
-                match tokio::time::timeout(INSERT_TIMEOUT, s.insert_block(block)).await {
+                let started = std::time::Instant::now();
+                let r = match tokio::time::timeout(INSERT_TIMEOUT, s.insert_block(block)).await {
                     Ok(r) => r.map_err(|e| e.to_string()),
                     Err(_) => Err(format!("insert timed out after {INSERT_TIMEOUT:?}")),
+                };
+                if r.is_ok() {
+                    st.upload_latency.observe(started.elapsed());
                 }
+                r
             };
             match result {
                 Ok(()) => {

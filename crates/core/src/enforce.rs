@@ -81,6 +81,8 @@ pub struct EnforceStats {
     pub flows_evicted: u64,
     pub flows_revoked: u64,
     pub decisions: u64,
+    /// First-packet decisions, timed with the clock io lends ([`Enforcer::set_decision_clock`]).
+    pub decision_latency: portcullis_model::latency::Latency,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -143,6 +145,8 @@ pub struct Enforcer {
     audit_blocked: bool,
     mono_anchor: Instant,
     wall_anchor: DateTime<Utc>,
+    /// Reads the time only to measure decisions; no decision depends on it.
+    decision_clock: Option<fn() -> Instant>,
     pub stats: EnforceStats,
 }
 
@@ -170,8 +174,16 @@ impl Enforcer {
             audit_blocked: false,
             mono_anchor: now,
             wall_anchor: wall,
+            decision_clock: None,
             stats: EnforceStats::default(),
         }
+    }
+
+    /// Times each new flow's decision with `clock` into
+    /// [`EnforceStats::decision_latency`]. The one clock the core reads itself: a
+    /// duration needs two readings inside the call, and none of it reaches a decision.
+    pub fn set_decision_clock(&mut self, clock: fn() -> Instant) {
+        self.decision_clock = Some(clock);
     }
 
     pub fn engine(&self) -> &Engine {
@@ -483,6 +495,7 @@ impl Enforcer {
             device: peer.device.to_string(),
         };
         self.stats.decisions += 1;
+        let started = self.decision_clock.map(|clock| (clock, clock()));
         let groups: Arc<[String]> = self
             .engine
             .user(peer.user)
@@ -505,6 +518,11 @@ impl Enforcer {
                 None,
             )
         };
+        if let Some((clock, t0)) = started {
+            self.stats
+                .decision_latency
+                .observe(clock().saturating_duration_since(t0));
+        }
         let tuple = tuple_of(&key);
         if !decision.errors.is_empty() {
             self.stats.policy_errors += 1;

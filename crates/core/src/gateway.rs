@@ -213,6 +213,11 @@ impl Gateway {
         &self.enforcer
     }
 
+    /// See [`Enforcer::set_decision_clock`].
+    pub fn set_decision_clock(&mut self, clock: fn() -> Instant) {
+        self.enforcer.set_decision_clock(clock);
+    }
+
     /// Re-anchors wall-clock time; call about once a second.
     /// See [`Enforcer::handle_audit_blocked`].
     pub fn handle_audit_blocked(&mut self, blocked: bool) {

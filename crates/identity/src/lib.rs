@@ -14,7 +14,8 @@
 //! - [`Identity`]: the shared handle the sources use. A change is persisted, applied to
 //!   the directory and queued to the core in one critical section (so the core sees
 //!   changes in commit order), then awaited until the core has applied it: a SCIM or admin
-//!   request answers only after the user's tunnels are cut.
+//!   request answers only after the user's tunnels are cut. The commit holds only the
+//!   writers' lock: readers never wait for SQLite.
 //!
 //! What it deliberately does not: no protocol (SCIM and LDAP have their own crates or
 //! modules), no policy evaluation, no access to the data plane except through the queue.
@@ -27,6 +28,9 @@ pub mod sync;
 use std::sync::Mutex;
 use std::time::Instant;
 
+pub use portcullis_control::Apply;
+use portcullis_control::Command;
+
 use chrono::{DateTime, TimeDelta, Utc};
 pub use devices::{
     profile, Device, DeviceError, DeviceMutation, DevicePolicy, Devices, Owner, ProfileSettings,
@@ -35,20 +39,9 @@ pub use directory::{check_name, Directory, DirectoryError, Group, Mutation, User
 use portcullis_model::{DeviceChange, IdentityChange};
 pub use store::{SqliteStore, StoreError};
 pub use sync::{SyncPlan, SyncScope, SyncedGroup, SyncedUser};
+use tokio::sync::Mutex as AsyncMutex;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
-
-/// Changes for the core to apply, with when their request arrived; `done` is answered
-/// once the core has applied them all.
-#[derive(Debug)]
-pub struct Apply {
-    pub changes: Vec<IdentityChange>,
-    /// Peers to add or remove, after `changes`.
-    pub devices: Vec<DeviceChange>,
-    pub requested: Instant,
-    pub requested_at: DateTime<Utc>,
-    pub done: oneshot::Sender<()>,
-}
 
 /// Errors of [`Identity::change`].
 #[derive(Debug, thiserror::Error)]
@@ -74,16 +67,23 @@ pub struct Committed {
     pub changes: usize,
 }
 
+/// What readers see: held only for a plan, an apply or a read, never across a commit.
 struct State {
     directory: Directory,
     devices: Devices,
-    store: SqliteStore,
 }
 
 /// The directory shared by the identity sources, with the queue to the core.
+///
+/// Two locks: `store` serialises writers (taken first, held across the SQLite commit
+/// and the hand-off to the core, so the core sees changes in commit order); `state` is
+/// taken briefly to plan and to apply. A reader (the admin API listing users, the
+/// expiry timer) waits for neither a commit nor its fsync. Every mutation of `state`
+/// happens with `store` held, so a plan made under `store` stays valid until applied.
 pub struct Identity {
     state: Mutex<State>,
-    core: mpsc::UnboundedSender<Apply>,
+    store: AsyncMutex<SqliteStore>,
+    core: mpsc::Sender<Command>,
     device_policy: Option<DevicePolicy>,
     /// Woken when a device changes, so the expiry timer can re-arm.
     devices_changed: tokio::sync::Notify,
@@ -96,17 +96,13 @@ impl std::fmt::Debug for Identity {
 }
 
 impl Identity {
-    pub fn new(
-        directory: Directory,
-        store: SqliteStore,
-        core: mpsc::UnboundedSender<Apply>,
-    ) -> Identity {
+    pub fn new(directory: Directory, store: SqliteStore, core: mpsc::Sender<Command>) -> Identity {
         Identity {
             state: Mutex::new(State {
                 directory,
                 devices: Devices::default(),
-                store,
             }),
+            store: AsyncMutex::new(store),
             core,
             device_policy: None,
             devices_changed: tokio::sync::Notify::new(),
@@ -115,10 +111,11 @@ impl Identity {
 
     /// Enables devices: the stored ones (read from the store) and the policy for new ones.
     pub fn with_devices(mut self, policy: DevicePolicy) -> Result<Identity, StoreError> {
-        {
-            let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
-            state.devices = Devices::from_records(state.store.devices()?);
-        }
+        let records = self.store.get_mut().devices()?;
+        self.state
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .devices = Devices::from_records(records);
         self.device_policy = Some(policy);
         Ok(self)
     }
@@ -139,7 +136,7 @@ impl Identity {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave a half-applied change: the store
-        // commits first, the directory applies infallibly.
+        // commits first (outside this lock), the directory applies infallibly.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -160,48 +157,67 @@ impl Identity {
         requested_at: DateTime<Utc>,
         plan: impl FnOnce(&Directory, DateTime<Utc>) -> Result<Mutation, E>,
     ) -> Result<Committed, E> {
-        let done = {
-            let mut state = self.lock();
+        let mut store = self.store.lock().await;
+        let (m, dm) = {
+            let state = self.lock();
             let m = plan(&state.directory, requested_at)?;
             if m.is_empty() {
                 return Ok(Committed::default());
             }
             // A deleted user's devices go in the same commit.
             let dm = state.devices.plan_users_removed(&m.removed_users);
-            state
-                .store
-                .commit_with_devices(&m, &dm)
-                .map_err(IdentityError::from)?;
-            let mut committed = Committed {
-                users: m.users.iter().map(|u| u.id).collect(),
-                groups: m.groups.iter().map(|g| g.id).collect(),
-                changes: 0,
-            };
+            (m, dm)
+        };
+        store
+            .commit_with_devices(&m, &dm)
+            .map_err(IdentityError::from)?;
+        let mut committed = Committed {
+            users: m.users.iter().map(|u| u.id).collect(),
+            groups: m.groups.iter().map(|g| g.id).collect(),
+            changes: 0,
+        };
+        let (changes, devices) = {
+            let mut state = self.lock();
             let changes = state.directory.apply(m, source);
             let devices = state.devices.apply(dm, self.device_policy.as_ref());
-            committed.changes = changes.len();
-            if changes.is_empty() && devices.is_empty() {
-                return Ok(committed);
-            }
-            if !devices.is_empty() {
-                self.devices_changed.notify_one();
-            }
-            let (tx, rx) = oneshot::channel();
-            // Sent while the lock is held: the core applies changes in commit order.
-            self.core
-                .send(Apply {
-                    changes,
-                    devices,
-                    requested,
-                    requested_at,
-                    done: tx,
-                })
-                .map_err(|_| IdentityError::CoreGone)?;
-            (rx, committed)
+            (changes, devices)
         };
-        let (rx, committed) = done;
+        committed.changes = changes.len();
+        if changes.is_empty() && devices.is_empty() {
+            return Ok(committed);
+        }
+        if !devices.is_empty() {
+            self.devices_changed.notify_one();
+        }
+        let rx = self
+            .hand_off(changes, devices, requested, requested_at)
+            .await?;
+        drop(store);
         rx.await.map_err(|_| IdentityError::CoreGone)?;
         Ok(committed)
+    }
+
+    /// Queues applied changes to the core; called with `store` held, so the core sees
+    /// them in commit order. A full queue waits here (on the control plane's thread).
+    async fn hand_off(
+        &self,
+        changes: Vec<IdentityChange>,
+        devices: Vec<DeviceChange>,
+        requested: Instant,
+        requested_at: DateTime<Utc>,
+    ) -> Result<oneshot::Receiver<()>, IdentityError> {
+        let (tx, rx) = oneshot::channel();
+        self.core
+            .send(Command::Apply(Apply {
+                changes,
+                devices,
+                requested,
+                requested_at,
+                done: tx,
+            }))
+            .await
+            .map_err(|_| IdentityError::CoreGone)?;
+        Ok(rx)
     }
 
     /// Plans a device change under the lock (with the directory, to resolve owners),
@@ -222,27 +238,21 @@ impl Identity {
             .device_policy
             .as_ref()
             .ok_or(IdentityError::NoDevices)?;
-        let (rx, out) = {
-            let mut state = self.lock();
-            let (dm, out) = plan(&state.directory, &state.devices, policy, requested_at)?;
-            if dm.is_empty() {
-                return Ok(out);
-            }
-            state.store.commit_with_devices(&Mutation::default(), &dm)?;
-            let devices = state.devices.apply(dm, Some(policy));
-            self.devices_changed.notify_one();
-            let (tx, rx) = oneshot::channel();
-            self.core
-                .send(Apply {
-                    changes: Vec::new(),
-                    devices,
-                    requested,
-                    requested_at,
-                    done: tx,
-                })
-                .map_err(|_| IdentityError::CoreGone)?;
-            (rx, out)
+        let mut store = self.store.lock().await;
+        let (dm, out) = {
+            let state = self.lock();
+            plan(&state.directory, &state.devices, policy, requested_at)?
         };
+        if dm.is_empty() {
+            return Ok(out);
+        }
+        store.commit_with_devices(&Mutation::default(), &dm)?;
+        let devices = self.lock().devices.apply(dm, Some(policy));
+        self.devices_changed.notify_one();
+        let rx = self
+            .hand_off(Vec::new(), devices, requested, requested_at)
+            .await?;
+        drop(store);
         rx.await.map_err(|_| IdentityError::CoreGone)?;
         Ok(out)
     }
@@ -367,13 +377,17 @@ impl Identity {
     /// At start, before the core runs: removes the devices that expired while the
     /// gateway was down and returns them (the caller records their removal), so an
     /// expired key is never accepted, not even briefly.
-    pub fn take_expired(&self, now: DateTime<Utc>) -> Result<Vec<(Device, String)>, StoreError> {
-        let mut state = self.lock();
-        let dm = state.devices.plan_expire(now);
+    pub async fn take_expired(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<(Device, String)>, StoreError> {
+        let mut store = self.store.lock().await;
+        let dm = self.lock().devices.plan_expire(now);
         if dm.is_empty() {
             return Ok(Vec::new());
         }
-        state.store.commit_with_devices(&Mutation::default(), &dm)?;
+        store.commit_with_devices(&Mutation::default(), &dm)?;
+        let mut state = self.lock();
         let gone: Vec<(Device, String)> = dm
             .removed
             .iter()
@@ -384,11 +398,11 @@ impl Identity {
     }
 
     /// A sync source's saved state (e.g. the LDAP cookie).
-    pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
-        self.lock().store.meta(key)
+    pub async fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.store.lock().await.meta(key)
     }
 
-    pub fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
-        self.lock().store.set_meta(key, value)
+    pub async fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.store.lock().await.set_meta(key, value)
     }
 }

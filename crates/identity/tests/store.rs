@@ -11,6 +11,7 @@
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
+use portcullis_control::Command;
 use portcullis_identity::{
     DeviceError, DevicePolicy, Directory, DirectoryError, Group, Identity, IdentityError, Mutation,
     SqliteStore, User,
@@ -46,12 +47,12 @@ async fn committed_changes_survive_a_reopen_and_reach_the_core_in_order() {
     let db = dir.join("identity.db");
     let (store, users, groups) = SqliteStore::open(&db).unwrap();
     assert!(users.is_empty() && groups.is_empty());
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
     let identity = Identity::new(Directory::default(), store, tx);
     // The core: applies and answers.
     let core = tokio::spawn(async move {
         let mut seen = Vec::new();
-        while let Some(apply) = rx.recv().await {
+        while let Some(Command::Apply(apply)) = rx.recv().await {
             for c in &apply.changes {
                 seen.push((c.user.clone(), c.kind));
             }
@@ -98,7 +99,10 @@ async fn committed_changes_survive_a_reopen_and_reach_the_core_in_order() {
         })
         .await
         .unwrap();
-    identity.set_meta("ldap.cookie", "rid=001,csn=x").unwrap();
+    identity
+        .set_meta("ldap.cookie", "rid=001,csn=x")
+        .await
+        .unwrap();
     drop(identity);
     let seen = core.await.unwrap();
     assert_eq!(
@@ -178,13 +182,13 @@ async fn devices_persist_and_leave_with_their_user() {
     .unwrap();
     drop(conn);
     let (store, _, _) = SqliteStore::open(&db).unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
     let identity = Identity::new(Directory::default(), store, tx)
         .with_devices(device_policy())
         .unwrap();
     let core = tokio::spawn(async move {
         let mut seen = Vec::new();
-        while let Some(apply) = rx.recv().await {
+        while let Some(Command::Apply(apply)) = rx.recv().await {
             seen.extend(apply.devices);
             let _ = apply.done.send(());
         }
@@ -250,4 +254,56 @@ async fn devices_persist_and_leave_with_their_user() {
     assert_eq!(version, 2);
     drop(store);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_do_not_wait_for_a_writer_held_up_behind_the_core() {
+    let (store, _, _) = SqliteStore::in_memory().unwrap();
+    // A queue of one that the "core" does not read yet: the second writer's hand-off
+    // waits with the writers' lock held.
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    let identity = std::sync::Arc::new(Identity::new(Directory::default(), store, tx));
+    let now = Utc::now();
+    let writers: Vec<_> = ["alice", "bob", "carol"]
+        .into_iter()
+        .map(|name| {
+            let identity = identity.clone();
+            tokio::spawn(async move {
+                identity
+                    .change("scim", Instant::now(), now, |d, now| {
+                        ok(d.plan_create_user(user(name), now))
+                    })
+                    .await
+            })
+        })
+        .collect();
+    // Wait until two users are applied: one in the queue, one waiting to enter it.
+    let deadline = Instant::now() + std::time::Duration::from_secs(5);
+    while identity.read(|d| d.users().count()) < 2 {
+        assert!(Instant::now() < deadline, "writers did not get going");
+        tokio::task::yield_now().await;
+    }
+    // Readers answer at once although a writer holds the store.
+    for _ in 0..100 {
+        let n = identity.read(|d| d.users().count());
+        assert!((2..=3).contains(&n));
+    }
+    assert!(writers.iter().any(|w| !w.is_finished()));
+    // The core catches up: every change arrives, in commit order, and every writer ends.
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        match rx.recv().await {
+            Some(Command::Apply(apply)) => {
+                seen.extend(apply.changes.iter().map(|c| c.user.clone()));
+                let _ = apply.done.send(());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    for w in writers {
+        w.await.unwrap().unwrap();
+    }
+    let mut sorted = seen.clone();
+    sorted.sort();
+    assert_eq!(sorted, ["alice", "bob", "carol"]);
 }

@@ -19,6 +19,7 @@ use std::io::{ErrorKind, IoSliceMut};
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use portcullis_control::DatapathStats;
 use portcullis_core::{Gateway, MAX_PACKET};
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use tokio::io::Interest;
@@ -55,17 +56,6 @@ pub struct Datapath {
     gso_buf: Vec<u8>,
     max_gso_segments: usize,
     pub stats: DatapathStats,
-}
-
-/// Counters of the data path.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct DatapathStats {
-    pub udp_batches: u64,
-    pub udp_datagrams: u64,
-    pub tun_writes: u64,
-    pub tun_reads: u64,
-    pub udp_sends: u64,
-    pub send_errors: u64,
 }
 
 impl Datapath {

@@ -7,10 +7,15 @@
 //!
 //! What it deliberately does not: no IO, no parsing of packets, no policy logic.
 //!
+//! [`latency`]: the latency histograms (one bucket layout) the core, the audit pipeline
+//! and the loop fill and `/metrics` encodes.
+//!
 //! Wire format owned here: the event JSON. Every event is an object with `"type"` (snake
 //! case variant name), `"v"` (schema version, currently 1), `"id"` (UUID v4), `"seq"`
 //! (per-gateway monotonic sequence number), `"time"` (RFC 3339 UTC), `"gateway"` and the
 //! variant's fields. Fields are only ever added within a version.
+
+pub mod latency;
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};

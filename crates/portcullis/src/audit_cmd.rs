@@ -216,16 +216,17 @@ async fn run_async(command: AuditCommand) -> anyhow::Result<ExitCode> {
             tracing::info!(listen = %listener.local_addr()?, "auditor api up");
             // The gateway's listener limits (connection caps, header and idle timeouts)
             // and JSON errors apply to the auditors' API too.
-            let limits = portcullis_io::serve::Limits {
+            let limits = portcullis_http::serve::Limits {
                 max_connections: 1024,
                 max_connections_per_address: 64,
                 header_timeout: std::time::Duration::from_secs(10),
                 idle_timeout: std::time::Duration::from_secs(60),
             }
             .fitted();
-            let app = portcullis_auditor::http::router(store, token.0)
-                .layer(axum::middleware::from_fn(portcullis_io::serve::json_errors));
-            portcullis_io::serve::serve_plain(listener, app, limits).await;
+            let app = portcullis_auditor::http::router(store, token.0).layer(
+                axum::middleware::from_fn(portcullis_http::serve::json_errors),
+            );
+            portcullis_http::serve::serve_plain(listener, app, limits).await;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -22,6 +22,7 @@ use clap::{Parser, Subcommand};
 
 mod admin_cmd;
 mod audit_cmd;
+mod gateway;
 mod policy_cmd;
 
 #[derive(Parser)]
@@ -139,7 +140,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(portcullis_io::run(loaded))?;
+            rt.block_on(gateway::run(loaded))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig { config } => {
@@ -147,7 +148,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             for w in &loaded.warnings {
                 eprintln!("warning: {w}");
             }
-            portcullis_io::check(&loaded)?;
+            gateway::check(&loaded)?;
             println!("{}: ok", config.display());
             Ok(ExitCode::SUCCESS)
         }

@@ -38,59 +38,13 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use portcullis_config::TokenSet;
-use portcullis_core::SessionInfo;
 use portcullis_identity::{DirectoryError, Identity};
 use serde::Serialize;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::ldap::{LdapControl, LdapHandle};
-
-/// What the admin API asks the event loop (which owns the core).
-#[derive(Debug)]
-pub enum AdminCommand {
-    Users(oneshot::Sender<Vec<UserRow>>),
-    Sessions(oneshot::Sender<Vec<SessionInfo>>),
-    KillSession(u64, oneshot::Sender<bool>),
-    /// Revokes a user the configuration file defines (until the gateway restarts).
-    DisableConfigUser {
-        name: String,
-        actor: String,
-        requested: Instant,
-        requested_at: DateTime<Utc>,
-        done: oneshot::Sender<bool>,
-    },
-    /// An event to record in the audit stream (an identity source's report, an admin
-    /// action, a login). With a sender: answered once the event is durable (`true`) or
-    /// refused (`false`), for a request that must not be answered before its record.
-    Report(portcullis_model::Event, Option<oneshot::Sender<bool>>),
-    /// The running policy bundle.
-    Policy(oneshot::Sender<Arc<portcullis_policy::PolicyBundle>>),
-    /// The running policy bundle and a user's groups as the policies see them (empty for
-    /// a user they do not know): what a profile's AllowedIPs are made of.
-    Access(
-        String,
-        oneshot::Sender<(Arc<portcullis_policy::PolicyBundle>, Vec<String>)>,
-    ),
-    /// Applies a validated bundle (the API wrote its files); flows cut, or why the core
-    /// refused it.
-    ApplyPolicy(
-        Arc<portcullis_policy::PolicyBundle>,
-        oneshot::Sender<Result<usize, String>>,
-    ),
-}
-
-/// A user as `users list` shows it.
-#[derive(Clone, Debug, Serialize)]
-pub struct UserRow {
-    pub name: String,
-    pub source: String,
-    pub active: bool,
-    pub groups: Vec<String>,
-    pub tags: Vec<String>,
-    pub devices: Vec<String>,
-    pub sessions: usize,
-}
+use portcullis_control::{Command, UserRow};
+use portcullis_ldap_sync::{LdapControl, LdapHandle};
 
 /// Who made an admin call, for the audit trail: `admin:cli` or `api:<token id>`.
 #[derive(Clone, Debug)]
@@ -104,7 +58,7 @@ pub(crate) struct AdminState {
     nonce_log: Option<Arc<std::sync::Mutex<crate::nonces::NonceLog>>>,
     max_body_bytes: usize,
     pub(crate) identity: Option<Arc<Identity>>,
-    pub(crate) commands: mpsc::Sender<AdminCommand>,
+    pub(crate) commands: mpsc::Sender<Command>,
     ldap: Option<LdapHandle>,
     /// What device profiles carry (`[devices]` configured).
     pub(crate) profile: Option<Arc<portcullis_identity::ProfileSettings>>,
@@ -124,7 +78,7 @@ pub struct AdminApi {
     /// `[api] nonce_file`: used nonces are written here before the answer.
     pub nonce_log: Option<Arc<std::sync::Mutex<crate::nonces::NonceLog>>>,
     pub identity: Option<Arc<Identity>>,
-    pub commands: mpsc::Sender<AdminCommand>,
+    pub commands: mpsc::Sender<Command>,
     pub ldap: Option<LdapHandle>,
     pub profile: Option<Arc<portcullis_identity::ProfileSettings>>,
     pub max_body_bytes: usize,
@@ -418,7 +372,7 @@ async fn audit_mutations(State(s): State<AdminState>, req: Request, next: Next) 
     let (tx, rx) = oneshot::channel();
     let sent = s
         .commands
-        .send(AdminCommand::Report(
+        .send(Command::Report(
             portcullis_model::Event::AdminAction {
                 actor,
                 action,
@@ -466,29 +420,25 @@ async fn require_admin(State(s): State<AdminState>, req: Request, next: Next) ->
 
 pub(crate) async fn ask<T>(
     s: &AdminState,
-    make: impl FnOnce(oneshot::Sender<T>) -> AdminCommand,
+    make: impl FnOnce(oneshot::Sender<T>) -> Command,
 ) -> Result<T, Response> {
-    let (tx, rx) = oneshot::channel();
-    s.commands.send(make(tx)).await.map_err(|_| {
-        error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the gateway is shutting down",
-        )
-    })?;
-    rx.await.map_err(|_| {
-        error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the gateway is shutting down",
-        )
-    })
+    portcullis_control::ask(&s.commands, make)
+        .await
+        .map_err(|gone| error(StatusCode::SERVICE_UNAVAILABLE, gone.to_string()))
 }
 
 async fn users(State(s): State<AdminState>) -> Response {
-    match ask(&s, AdminCommand::Users).await {
+    match ask(&s, Command::Users).await {
         Ok(mut rows) => {
-            // Users the directory holds but the policies do not (inactive) are listed too.
+            // The loop knows who the policies know; the directory says where each came
+            // from, and lists the users it holds but the policies do not (inactive).
             if let Some(identity) = &s.identity {
                 identity.read(|d| {
+                    for row in rows.iter_mut().filter(|r| r.source.is_empty()) {
+                        if let Some(u) = d.user_by_name(&row.name) {
+                            row.source = u.source.clone();
+                        }
+                    }
                     for u in d.users().filter(|u| !u.active) {
                         rows.push(UserRow {
                             name: u.user_name.clone(),
@@ -539,7 +489,7 @@ async fn disable_user(
             };
         }
     }
-    let found = ask(&s, |done| AdminCommand::DisableConfigUser {
+    let found = ask(&s, |done| Command::DisableConfigUser {
         name: name.clone(),
         actor,
         requested,
@@ -570,7 +520,7 @@ struct SessionRow {
 }
 
 async fn sessions(State(s): State<AdminState>) -> Response {
-    match ask(&s, AdminCommand::Sessions).await {
+    match ask(&s, Command::Sessions).await {
         Ok(list) => Json(
             list.into_iter()
                 .map(|s| SessionRow {
@@ -596,7 +546,7 @@ async fn kill_session(State(s): State<AdminState>, Path(id): Path<String>) -> Re
             format!("session id {id:?} is not a number"),
         );
     };
-    match ask(&s, |tx| AdminCommand::KillSession(id, tx)).await {
+    match ask(&s, |tx| Command::KillSession(id, tx)).await {
         Ok(true) => Json(json!({"session": id, "killed": true})).into_response(),
         Ok(false) => error(StatusCode::NOT_FOUND, format!("no live session {id}")),
         Err(r) => r,
@@ -622,7 +572,11 @@ async fn ldap_approve(State(s): State<AdminState>) -> Response {
         return no_ldap();
     };
     let (tx, rx) = oneshot::channel();
-    if l.control.send(LdapControl::ApproveRemoval(tx)).is_err() {
+    if l.control
+        .send(LdapControl::ApproveRemoval(tx))
+        .await
+        .is_err()
+    {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             "the ldap sync is not running",

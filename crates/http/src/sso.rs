@@ -41,8 +41,8 @@ use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
 use tokio::sync::mpsc;
 
-use crate::http::AdminCommand;
 use crate::tls::Peer;
+use portcullis_control::Command;
 
 const COOKIE: &str = "portcullis_session";
 /// Logins started or answers posted per address per minute.
@@ -70,7 +70,7 @@ pub struct Sso {
     sessions: Mutex<HashMap<[u8; 32], WebSession>>,
     identity: Arc<Identity>,
     profile: Arc<ProfileSettings>,
-    commands: mpsc::Sender<AdminCommand>,
+    commands: mpsc::Sender<Command>,
     secure_cookie: bool,
     scope: crate::devices::ProfileScope,
 }
@@ -155,7 +155,7 @@ impl Sso {
         c: &SamlConfig,
         identity: Arc<Identity>,
         profile: Arc<ProfileSettings>,
-        commands: mpsc::Sender<AdminCommand>,
+        commands: mpsc::Sender<Command>,
     ) -> anyhow::Result<Arc<Sso>> {
         let context = || {
             format!(
@@ -233,7 +233,7 @@ impl Sso {
         let (tx, rx) = tokio::sync::oneshot::channel();
         if self
             .commands
-            .send(AdminCommand::Report(event, Some(tx)))
+            .send(Command::Report(event, Some(tx)))
             .await
             .is_err()
         {

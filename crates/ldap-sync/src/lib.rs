@@ -3,6 +3,13 @@
 //! identity store. Reconnects with backoff (resuming from the cookies), re-reads the
 //! whole directory every `reconcile_interval_secs`, and answers the admin API's LDAP
 //! calls (status, approving a refused pass, looking a user up).
+//!
+//! Part of the control plane: it runs on the control plane's thread, commits through
+//! [`Identity`] and reaches the packet loop only through the [`Command`] channel (the
+//! identity store's hand-off, and reports of refused passes).
+//!
+//! What it deliberately does not: no LDAP message parsing or pass planning (that is
+//! `portcullis-ldap`, sans-IO), no HTTP.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,7 +24,7 @@ use portcullis_model::Event;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::http::AdminCommand;
+use portcullis_control::Command;
 
 /// What `portcullis ldap status` shows.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -47,7 +54,7 @@ pub enum LdapControl {
 #[derive(Clone, Debug)]
 pub struct LdapHandle {
     pub status: Arc<Mutex<LdapStatus>>,
-    pub control: mpsc::UnboundedSender<LdapControl>,
+    pub control: mpsc::Sender<LdapControl>,
     config: Arc<LdapConfig>,
     password: Option<Arc<str>>,
     tls: Option<Arc<rustls::ClientConfig>>,
@@ -79,13 +86,14 @@ pub fn spawn(
     password: Option<Arc<str>>,
     tls: Option<Arc<rustls::ClientConfig>>,
     identity: Arc<Identity>,
-    reports: mpsc::Sender<AdminCommand>,
+    reports: mpsc::Sender<Command>,
 ) -> LdapHandle {
     let status = Arc::new(Mutex::new(LdapStatus {
         url: config.url.clone(),
         ..LdapStatus::default()
     }));
-    let (control, control_rx) = mpsc::unbounded_channel();
+    // Approvals are rare and answered in order; a few may wait.
+    let (control, control_rx) = mpsc::channel(8);
     let handle = LdapHandle {
         status: status.clone(),
         control,
@@ -121,7 +129,7 @@ struct Driver {
     tls: Option<Arc<rustls::ClientConfig>>,
     identity: Arc<Identity>,
     status: Arc<Mutex<LdapStatus>>,
-    reports: mpsc::Sender<AdminCommand>,
+    reports: mpsc::Sender<Command>,
     sync: LdapSync,
     /// When the first message of the pending pass arrived (the revocation clock starts).
     first_received: Option<(Instant, DateTime<Utc>)>,
@@ -160,7 +168,7 @@ impl Driver {
         self.status.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    async fn run(mut self, mut control: mpsc::UnboundedReceiver<LdapControl>) {
+    async fn run(mut self, mut control: mpsc::Receiver<LdapControl>) {
         let mut backoff = Duration::from_millis(250);
         loop {
             let outcome = self.session(&mut control, &mut backoff).await;
@@ -228,7 +236,7 @@ impl Driver {
 
     async fn session(
         &mut self,
-        control: &mut mpsc::UnboundedReceiver<LdapControl>,
+        control: &mut mpsc::Receiver<LdapControl>,
         backoff: &mut Duration,
     ) -> Result<Restart, String> {
         let mut ldap = connect(&self.cfg, self.password.as_deref(), self.tls.as_ref()).await?;
@@ -379,7 +387,7 @@ impl Driver {
                 st.refused = Some(r.to_string());
                 // try_send: a full channel (the loop far behind) loses this report only,
                 // and says so; the refused pass itself is kept in the sync's state.
-                if let Err(e) = self.reports.try_send(AdminCommand::Report(
+                if let Err(e) = self.reports.try_send(Command::Report(
                     Event::SyncRefused {
                         source: "ldap".into(),
                         known: r.known as u64,

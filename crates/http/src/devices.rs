@@ -1,4 +1,4 @@
-//! Registered devices at run time: the stored ones added as peers at start, the expiry
+//! Registered devices at run time: the stored ones read for the loop at start, the expiry
 //! timer, and the admin API routes that register, rotate and remove them.
 //!
 //! Admin API (same bearer token as the rest of `/admin/v1`):
@@ -16,7 +16,6 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -27,7 +26,7 @@ use base64::Engine as _;
 use chrono::{DateTime, TimeDelta, Utc};
 use ipnet::IpNet;
 use portcullis_config::{DevicesConfig, Loaded};
-use portcullis_core::{Gateway, PeerSpec};
+use portcullis_core::PeerSpec;
 use portcullis_identity::{
     Device, DeviceError, DevicePolicy, Identity, IdentityError, ProfileSettings,
 };
@@ -37,7 +36,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::http::{body, AdminCommand, AdminState, ApiError};
+use crate::admin::{body, AdminState, ApiError};
+use portcullis_control::Command;
 
 impl From<IdentityError> for ApiError {
     fn from(e: IdentityError) -> ApiError {
@@ -164,7 +164,7 @@ impl ProfileScope {
     pub(crate) async fn profile(
         &self,
         base: &ProfileSettings,
-        commands: &tokio::sync::mpsc::Sender<AdminCommand>,
+        commands: &tokio::sync::mpsc::Sender<Command>,
         device: &Device,
         private_key: Option<&str>,
     ) -> String {
@@ -178,7 +178,7 @@ impl ProfileScope {
     async fn settings_for(
         &self,
         base: &ProfileSettings,
-        commands: &tokio::sync::mpsc::Sender<AdminCommand>,
+        commands: &tokio::sync::mpsc::Sender<Command>,
         user: &str,
     ) -> ProfileSettings {
         if self.fixed {
@@ -186,7 +186,7 @@ impl ProfileScope {
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
         if commands
-            .send(AdminCommand::Access(user.to_string(), tx))
+            .send(Command::Access(user.to_string(), tx))
             .await
             .is_err()
         {
@@ -209,15 +209,25 @@ impl ProfileScope {
     }
 }
 
-/// At start: drops the devices that expired while the gateway was down (recording it),
-/// then adds every stored device as a peer.
-pub fn add_stored(gw: &mut Gateway, identity: &Identity) -> anyhow::Result<()> {
+/// What the packet loop starts with from the identity store's devices.
+#[derive(Debug, Default)]
+pub struct StoredDevices {
+    /// Every stored, unexpired device, as a peer.
+    pub peers: Vec<PeerSpec>,
+    /// `peer_removed` for each device that expired while the gateway was down.
+    pub expired: Vec<Event>,
+}
+
+/// At start, before the loop runs: drops the devices that expired while the gateway
+/// was down (for the loop to record), and returns every stored device as a peer.
+pub async fn stored(identity: &Identity) -> anyhow::Result<StoredDevices> {
+    let mut out = StoredDevices::default();
     let Some(policy) = identity.device_policy() else {
-        return Ok(());
+        return Ok(out);
     };
-    for (d, reason) in identity.take_expired(Utc::now())? {
+    for (d, reason) in identity.take_expired(Utc::now()).await? {
         tracing::info!(device = %d.id, user = %d.user_name, %reason, "device expired while the gateway was down");
-        gw.handle_report(Event::PeerRemoved {
+        out.expired.push(Event::PeerRemoved {
             user: d.user_name.clone(),
             device: d.key_b64(),
             reason,
@@ -232,16 +242,15 @@ pub fn add_stored(gw: &mut Gateway, identity: &Identity) -> anyhow::Result<()> {
             ..
         } = change
         {
-            gw.handle_peer_add(PeerSpec {
+            out.peers.push(PeerSpec {
                 user,
                 public_key,
                 addresses,
                 persistent_keepalive,
-            })
-            .context("adding a stored device")?;
+            });
         }
     }
-    Ok(())
+    Ok(out)
 }
 
 /// Removes devices at their expiry: sleeps until the earliest one (at most a minute, so

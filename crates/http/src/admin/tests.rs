@@ -32,7 +32,7 @@ fn documented() -> BTreeSet<(String, String)> {
 /// (METHOD, path template) of every `.route(...)` in the modules that build the router.
 fn in_source() -> BTreeSet<(String, String)> {
     let sources = [
-        ("", include_str!("../http.rs")),
+        ("", include_str!("../admin.rs")),
         ("", include_str!("../devices.rs")),
         ("", include_str!("../policy_api.rs")),
         ("/audit", include_str!("../../../auditor/src/http.rs")),

@@ -4,9 +4,10 @@
 //! - `/healthz`: 200 while the process answers HTTP at all.
 //! - `/readyz`: 200 only when the TUN device is up, the UDP socket is bound, a policy set
 //!   is loaded, the audit trail takes events, and the packet loop itself made progress
-//!   within the last second; else 503 naming what is not ready. The packet loop beats a
-//!   heartbeat every 200 ms from its own select loop, and the HTTP listener runs on a
-//!   thread of its own, so a stuck data plane fails readiness while HTTP still answers.
+//!   within the last second; else 503 naming what is not ready. The packet loop sends a
+//!   status every 200 ms from its own select loop (the status channel of
+//!   `portcullis-control`), and the HTTP listener runs on a thread of its own, so a stuck
+//!   data plane fails readiness while HTTP still answers.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,7 +22,7 @@ use axum::{Json, Router};
 /// How stale the packet loop's heartbeat may be.
 pub const MAX_BEAT_AGE: Duration = Duration::from_secs(1);
 
-/// What readiness is made of; the packet loop writes, the HTTP thread reads.
+/// What readiness is made of, as the packet loop last reported it.
 #[derive(Debug)]
 pub struct Health {
     start: Instant,
@@ -43,6 +44,16 @@ impl Health {
             policy_loaded: AtomicBool::new(false),
             audit_writable: AtomicBool::new(false),
         })
+    }
+
+    /// A status from the packet loop: its readiness, and that it was alive when it sent it.
+    pub fn update(&self, at: Instant, ready: portcullis_control::Readiness) {
+        let r = Ordering::Relaxed;
+        self.tun_up.store(ready.tun_up, r);
+        self.udp_bound.store(ready.udp_bound, r);
+        self.policy_loaded.store(ready.policy_loaded, r);
+        self.audit_writable.store(ready.audit_writable, r);
+        self.beat(at);
     }
 
     /// The packet loop is alive at `now`.

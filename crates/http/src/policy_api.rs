@@ -31,7 +31,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
 
-use crate::http::{ask, body, AdminCommand, AdminState, ApiError};
+use crate::admin::{ask, body, AdminState, ApiError};
+use portcullis_control::Command;
 
 /// A policy directory's files, as the API carries them.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -183,7 +184,7 @@ pub(crate) fn routes() -> Router<AdminState> {
 
 /// The running bundle, from the event loop.
 async fn running(s: &AdminState) -> Result<Arc<PolicyBundle>, ApiError> {
-    ask(s, AdminCommand::Policy).await.map_err(|_| {
+    ask(s, Command::Policy).await.map_err(|_| {
         ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
             "the gateway is shutting down".into(),
@@ -308,7 +309,7 @@ async fn replace(
     let (tx, rx) = tokio::sync::oneshot::channel();
     let applied = match s
         .commands
-        .send(AdminCommand::ApplyPolicy(Arc::new(bundle), tx))
+        .send(Command::ApplyPolicy(Arc::new(bundle), tx))
         .await
     {
         Ok(()) => rx
@@ -417,7 +418,7 @@ fn row<'a>(rows: &'a mut BTreeMap<String, GroupRow>, name: &str) -> &'a mut Grou
 
 async fn groups(State(s): State<AdminState>) -> Result<Response, ApiError> {
     let bundle = running(&s).await?;
-    let users = ask(&s, AdminCommand::Users).await.map_err(|_| {
+    let users = ask(&s, Command::Users).await.map_err(|_| {
         ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
             "the gateway is shutting down".into(),

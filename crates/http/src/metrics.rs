@@ -2,10 +2,11 @@
 //! user names), in the OpenMetrics text format Prometheus scrapes, encoded by
 //! `prometheus-client`.
 //!
-//! The packet loop owns its counters as plain integers; every 200 ms it copies them into
-//! a [`Snapshot`] here (a few dozen integers under a mutex the HTTP thread holds only
-//! while encoding), and a scrape encodes the latest snapshot. The revocation latency is a
-//! histogram the loop observes from each `user_revoked` event.
+//! The packet loop owns its counters as plain integers; about every 200 ms it sends a
+//! [`Snapshot`] over the status channel, the control plane keeps the latest here, and a
+//! scrape encodes it. The four latency histograms (first-packet decision, revocation,
+//! audit commit, upload batch) travel in the snapshot as bucket counts
+//! ([`portcullis_model::latency`]) and are encoded as Prometheus histograms.
 
 use std::sync::{Arc, Mutex};
 
@@ -14,39 +15,20 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use portcullis_control::Snapshot;
+use portcullis_model::latency::{upper_bound_secs, Latency, FINITE_BUCKETS};
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
-
-/// What the packet loop publishes.
-#[derive(Clone, Debug, Default)]
-pub struct Snapshot {
-    pub enforce: portcullis_core::EnforceStats,
-    pub wireguard: portcullis_core::WgStats,
-    pub datapath: crate::datapath::DatapathStats,
-    pub audit_written: u64,
-    pub audit_refused: u64,
-    pub audit_uploaded: u64,
-    pub audit_upload_batches: u64,
-    pub audit_upload_errors: u64,
-    pub audit_backlog: u64,
-    pub audit_lag_ms: u64,
-    pub audit_spool_bytes: u64,
-    pub sessions: u64,
-    pub flows: u64,
-    pub peers: u64,
-}
 
 /// The registry and the loop's latest numbers.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     snapshot: Arc<Mutex<Snapshot>>,
-    /// Revocations, request arrival → cut applied, in seconds.
-    pub revocation_latency: Histogram,
 }
 
 #[derive(Debug)]
@@ -56,19 +38,8 @@ impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let snapshot = Arc::new(Mutex::new(Snapshot::default()));
         let mut registry = Registry::with_prefix("portcullis");
-        // 100 µs .. ~3.3 s.
-        let revocation_latency = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
-        registry.register(
-            "revocation_latency_seconds",
-            "user revocations, request arrival to every session and flow cut",
-            revocation_latency.clone(),
-        );
         registry.register_collector(Box::new(Published(snapshot.clone())));
-        Arc::new(Metrics {
-            registry,
-            snapshot,
-            revocation_latency,
-        })
+        Arc::new(Metrics { registry, snapshot })
     }
 
     /// The packet loop's numbers now.
@@ -85,6 +56,40 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+/// A histogram whose counts were taken elsewhere (the loop's snapshot).
+#[derive(Debug)]
+struct ConstHistogram(Latency);
+
+impl EncodeMetric for ConstHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let l = &self.0;
+        // The last count is the +Inf bucket.
+        let buckets: Vec<(f64, u64)> = l
+            .counts
+            .iter()
+            .enumerate()
+            .map(|(k, c)| {
+                let bound = if k < FINITE_BUCKETS {
+                    upper_bound_secs(k)
+                } else {
+                    f64::INFINITY
+                };
+                (bound, *c)
+            })
+            .collect();
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            l.sum_nanos as f64 / 1e9,
+            l.count(),
+            &buckets,
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
     }
 }
 
@@ -247,6 +252,32 @@ impl Collector for Published {
             let g = ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
             g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
         }
+        let histograms = [
+            (
+                "decision_latency_seconds",
+                "first-packet policy decisions of new flows",
+                e.decision_latency,
+            ),
+            (
+                "revocation_latency_seconds",
+                "user revocations, request arrival to every session and flow cut",
+                s.revocation_latency,
+            ),
+            (
+                "audit_commit_latency_seconds",
+                "audit spool commits (write and fsync of a batch)",
+                s.audit_commit_latency,
+            ),
+            (
+                "audit_upload_latency_seconds",
+                "audit batches inserted into clickhouse (send to acknowledgement)",
+                s.upload_latency,
+            ),
+        ];
+        for (name, help, l) in histograms {
+            let h = ConstHistogram(l);
+            h.encode(encoder.encode_descriptor(name, help, None, h.metric_type())?)?;
+        }
         Ok(())
     }
 }
@@ -314,13 +345,33 @@ mod tests {
         let mut s = Snapshot::default();
         s.enforce.decisions = 7;
         s.flows = 3;
+        s.revocation_latency
+            .observe(std::time::Duration::from_millis(2));
+        s.enforce
+            .decision_latency
+            .observe(std::time::Duration::from_micros(3));
         m.publish(s);
-        m.revocation_latency.observe(0.002);
         let text = m.encode();
         assert!(text.contains("portcullis_decisions_total 7"), "{text}");
         assert!(text.contains("portcullis_flows 3"), "{text}");
         assert!(
             text.contains("portcullis_revocation_latency_seconds_count 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("portcullis_decision_latency_seconds_bucket{le=\"0.000004\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("portcullis_revocation_latency_seconds_bucket{le=\"0.001024\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("portcullis_revocation_latency_seconds_bucket{le=\"+Inf\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("portcullis_audit_commit_latency_seconds_count 0"),
             "{text}"
         );
         assert!(text.trim_end().ends_with("# EOF"), "{text}");

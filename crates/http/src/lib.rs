@@ -1,0 +1,31 @@
+//! The control plane's HTTP surfaces, and the thread the control plane runs on.
+//!
+//! What it does: serves the one `[http]` listener ([`serve`], [`tls`]) with SCIM
+//! (`portcullis-scim`), the admin and signed API ([`admin`], [`devices`], the policy
+//! API), single sign-on and enrollment ([`sso`]), `/healthz` and `/readyz` ([`health`])
+//! and `/metrics`; and [`start`]s the control plane: a thread with a runtime of its own
+//! running that listener, the LDAP driver (`portcullis-ldap-sync`), the device expiry
+//! timer, token and certificate reloads on SIGHUP, and the reader of the packet loop's
+//! statuses. Identity changes commit here (the identity store's SQLite), never on the
+//! packet thread.
+//!
+//! It reaches the packet loop only through `portcullis-control`'s two bounded channels:
+//! commands in, statuses out.
+//!
+//! What it deliberately does not: no packets, no policy evaluation, no audit writing
+//! (events go to the loop as `Command::Report`).
+//!
+//! Format owned here: the `[api] nonce_file` ([`nonces`]).
+
+pub mod admin;
+pub mod devices;
+pub mod health;
+mod metrics;
+pub mod nonces;
+mod plane;
+mod policy_api;
+pub mod serve;
+pub mod sso;
+pub mod tls;
+
+pub use plane::{check, load_api_tokens, open_identity, start};

@@ -1,0 +1,474 @@
+//! Starting the control plane: what it loads (and refuses with a clear error before
+//! anything runs), then its thread.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context as _};
+use portcullis_config::Loaded;
+use portcullis_control::{Command, ControlSide};
+use portcullis_policy::PolicyBundle;
+use tokio::sync::mpsc;
+
+use crate::{admin, devices, health, metrics, nonces, serve, sso, tls};
+
+/// Checks what the control plane loads at start, without binding anything: the part of
+/// `portcullis check-config` that is the control plane's. Errors name the key and file.
+pub fn check(loaded: &Loaded) -> anyhow::Result<()> {
+    let c = &loaded.config;
+    for (key, file) in [
+        ("scim.token_file", c.scim.as_ref().map(|s| &s.token_file)),
+        ("admin.token_file", c.admin.as_ref().map(|a| &a.token_file)),
+    ] {
+        if let Some(file) = file {
+            portcullis_config::TokenSet::load(&loaded.path, key, file)?;
+        }
+    }
+    load_api_tokens(loaded)?;
+    if let Some(a) = &c.api {
+        if a.nonce_file.exists() {
+            std::fs::read(&a.nonce_file)
+                .map_err(|e| anyhow!("key `api.nonce_file`: {}: {e}", a.nonce_file.display()))?;
+        }
+    }
+    if let Some(h) = &c.http {
+        if let (Some(cert), Some(key)) = (&h.cert_file, &h.key_file) {
+            tls::server_config(cert, key).context("[http] cert_file/key_file")?;
+        }
+    }
+    if let Some(l) = &c.ldap {
+        portcullis_ldap_sync::read_password(l)?;
+        if l.url.starts_with("ldaps://") {
+            tls::client_config(l.ca_file.as_deref()).context("[ldap] tls")?;
+        }
+    }
+    if let Some(s) = c.saml.as_ref().filter(|s| !s.idp_metadata_is_url()) {
+        std::fs::read_to_string(&s.idp_metadata)
+            .map_err(|e| anyhow!("key `saml.idp_metadata`: {}: {e}", s.idp_metadata))?;
+    }
+    Ok(())
+}
+
+/// Starts the control plane on a thread and runtime of its own and returns once it is
+/// serving (or why it could not start). `store` is `[audit.clickhouse]` for the
+/// auditor's routes.
+pub fn start(
+    loaded: Arc<Loaded>,
+    bundle: Arc<PolicyBundle>,
+    identity: Option<Arc<portcullis_identity::Identity>>,
+    store: Option<portcullis_audit::StoreConfig>,
+    control: ControlSide,
+) -> anyhow::Result<Option<SocketAddr>> {
+    let c = &loaded.config;
+    // Everything that reads a file or binds is done here, so a mistake stops the start
+    // with its file and key named.
+    let tokens = load_tokens(&loaded)?;
+    let ldap_setup = match (&c.ldap, &identity) {
+        (Some(l), Some(_)) => Some((
+            portcullis_ldap_sync::read_password(l)?,
+            l.url
+                .starts_with("ldaps://")
+                .then(|| tls::client_config(l.ca_file.as_deref()))
+                .transpose()
+                .context("[ldap] tls")?,
+        )),
+        _ => None,
+    };
+    let https = match c
+        .http
+        .as_ref()
+        .and_then(|h| h.cert_file.as_ref().zip(h.key_file.as_ref()))
+    {
+        Some((cert, key)) => Some(Arc::new(std::sync::RwLock::new(
+            tls::server_config(cert, key).context("[http] cert_file/key_file")?,
+        ))),
+        None => None,
+    };
+    let listener = match &c.http {
+        Some(h) => {
+            let l = std::net::TcpListener::bind(h.listen)
+                .with_context(|| format!("binding [http] listen {}", h.listen))?;
+            l.set_nonblocking(true)?;
+            Some(l)
+        }
+        None => None,
+    };
+    let local = listener.as_ref().map(|l| l.local_addr()).transpose()?;
+    let profile = c
+        .devices
+        .as_ref()
+        .map(|d| Arc::new(devices::profile_settings(&loaded, d, &bundle)));
+    let (started_tx, started_rx) = std::sync::mpsc::sync_channel::<anyhow::Result<()>>(1);
+    std::thread::Builder::new()
+        .name("control-plane".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = started_tx.send(Err(anyhow!("control-plane runtime: {e}")));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let plane = Plane {
+                    loaded,
+                    identity,
+                    tokens,
+                    https,
+                    profile,
+                    store,
+                    control,
+                };
+                plane.run(listener, ldap_setup, started_tx).await;
+            });
+        })
+        .context("starting the control-plane thread")?;
+    started_rx
+        .recv()
+        .map_err(|_| anyhow!("the control plane stopped while starting"))??;
+    Ok(local)
+}
+
+type LdapSetup = (Option<Arc<str>>, Option<Arc<rustls::ClientConfig>>);
+
+/// The control plane's state on its thread.
+struct Plane {
+    loaded: Arc<Loaded>,
+    identity: Option<Arc<portcullis_identity::Identity>>,
+    tokens: Tokens,
+    https: Option<Arc<std::sync::RwLock<Arc<rustls::ServerConfig>>>>,
+    profile: Option<Arc<portcullis_identity::ProfileSettings>>,
+    store: Option<portcullis_audit::StoreConfig>,
+    control: ControlSide,
+}
+
+impl Plane {
+    async fn run(
+        self,
+        listener: Option<std::net::TcpListener>,
+        ldap_setup: Option<LdapSetup>,
+        started: std::sync::mpsc::SyncSender<anyhow::Result<()>>,
+    ) {
+        let Plane {
+            loaded,
+            identity,
+            tokens,
+            https,
+            profile,
+            store,
+            control,
+        } = self;
+        let ControlSide {
+            commands,
+            mut status,
+        } = control;
+        let c = &loaded.config;
+        let ldap = match (&c.ldap, &identity, ldap_setup) {
+            (Some(l), Some(identity), Some((password, tls))) => Some(portcullis_ldap_sync::spawn(
+                l.clone(),
+                password,
+                tls,
+                identity.clone(),
+                commands.clone(),
+            )),
+            _ => None,
+        };
+        if let Some(identity) = identity.as_ref().filter(|i| i.device_policy().is_some()) {
+            devices::spawn_expiry(identity.clone());
+        }
+        let health = health::Health::new();
+        let metrics = metrics::Metrics::new();
+        if let (Some(h), Some(listener)) = (&c.http, listener) {
+            let app = match routes(
+                &loaded, h, &identity, &tokens, &profile, ldap, store, &commands,
+            )
+            .await
+            {
+                Ok(app) => app,
+                Err(e) => {
+                    let _ = started.send(Err(e));
+                    return;
+                }
+            };
+            let app = app
+                .merge(health::routes(health.clone()))
+                .merge(metrics::routes(metrics.clone()));
+            let limits = serve::Limits {
+                max_connections: h.max_connections,
+                max_connections_per_address: h.max_connections_per_address,
+                header_timeout: Duration::from_secs(h.header_timeout_secs),
+                idle_timeout: Duration::from_secs(h.idle_timeout_secs),
+            }
+            .fitted();
+            let listener = match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = started.send(Err(anyhow!("[http] listener: {e}")));
+                    return;
+                }
+            };
+            tracing::info!(listen = %h.listen, tls = https.is_some(), scim = tokens.scim.is_some(), admin = tokens.admin.is_some(), api = tokens.api.is_some(), "http up");
+            let tls_config = https.clone();
+            tokio::spawn(async move {
+                match tls_config {
+                    Some(config) => tls::serve_tls(listener, config, app, limits).await,
+                    None => serve::serve_plain(listener, app, limits).await,
+                }
+            });
+        }
+        drop(commands);
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = started.send(Err(anyhow!("control plane: SIGHUP handler: {e}")));
+                return;
+            }
+        };
+        let _ = started.send(Ok(()));
+        loop {
+            tokio::select! {
+                s = status.recv() => match s {
+                    Some(s) => {
+                        health.update(s.at, s.ready);
+                        metrics.publish(s.snapshot);
+                    }
+                    // The packet loop is gone: the process is stopping.
+                    None => break,
+                },
+                _ = hup.recv() => {
+                    reload_tokens(&loaded, &tokens);
+                    reload_certificate(&loaded, https.as_deref());
+                }
+            }
+        }
+    }
+}
+
+/// Every route of the `[http]` listener except health and metrics.
+#[allow(clippy::too_many_arguments)]
+async fn routes(
+    loaded: &Loaded,
+    h: &portcullis_config::HttpConfig,
+    identity: &Option<Arc<portcullis_identity::Identity>>,
+    tokens: &Tokens,
+    profile: &Option<Arc<portcullis_identity::ProfileSettings>>,
+    ldap: Option<portcullis_ldap_sync::LdapHandle>,
+    store: Option<portcullis_audit::StoreConfig>,
+    commands: &mpsc::Sender<Command>,
+) -> anyhow::Result<axum::Router> {
+    let c = &loaded.config;
+    let mut app = axum::Router::new();
+    if let (Some(saml), Some(identity), Some(profile)) = (&c.saml, identity, profile) {
+        let sso = sso::Sso::start(
+            loaded,
+            saml,
+            identity.clone(),
+            profile.clone(),
+            commands.clone(),
+        )
+        .await?;
+        app = app.merge(sso::routes(sso));
+    }
+    if let (Some(identity), Some(t)) = (identity, &tokens.scim) {
+        app = app.merge(portcullis_scim::router(portcullis_scim::ScimState {
+            identity: identity.clone(),
+            tokens: t.clone(),
+        }));
+    }
+    if tokens.admin.is_some() || tokens.api.is_some() {
+        app = app.merge(admin::admin_router(admin::AdminApi {
+            tokens: tokens.admin.clone(),
+            api: tokens.api.clone(),
+            nonce_log: tokens.nonce_log.clone(),
+            identity: identity.clone(),
+            commands: commands.clone(),
+            ldap,
+            profile: profile.clone(),
+            max_body_bytes: h.max_body_bytes,
+            policy_dir: c.policy.dir.clone(),
+            profile_scope: devices::ProfileScope::new(loaded),
+            store: store.map(|s| Arc::new(portcullis_auditor::http::StoreHandle::lazy(s))),
+        }));
+    }
+    // Bearer failures are limited per address on SCIM and /admin/v1 (the signed API
+    // limits its own); the body cap applies to every route.
+    Ok(app
+        .layer(axum::middleware::from_fn_with_state(
+            serve::BearerFailures::default(),
+            serve::limit_bearer_failures,
+        ))
+        .layer(axum::middleware::from_fn(serve::json_errors))
+        .layer(axum::extract::DefaultBodyLimit::max(h.max_body_bytes)))
+}
+
+/// Opens the identity store when an identity source (SCIM, the admin API) is configured.
+pub fn open_identity(
+    loaded: &Loaded,
+    commands: mpsc::Sender<Command>,
+) -> anyhow::Result<Option<Arc<portcullis_identity::Identity>>> {
+    let c = &loaded.config;
+    if c.scim.is_none()
+        && c.admin.is_none()
+        && c.api.is_none()
+        && c.ldap.is_none()
+        && c.devices.is_none()
+    {
+        return Ok(None);
+    }
+    let (store, users, groups) = portcullis_identity::SqliteStore::open(&c.identity.database)?;
+    let mut directory = portcullis_identity::Directory::from_records(users, groups);
+    directory.set_reserved(c.users.iter().map(|u| u.name.clone()));
+    for u in directory.users() {
+        if c.users
+            .iter()
+            .any(|cu| cu.name.eq_ignore_ascii_case(&u.user_name))
+        {
+            tracing::warn!(user = %u.user_name, "a [[user]] in the configuration file shadows the identity store's user of the same name");
+        }
+    }
+    tracing::info!(
+        database = %c.identity.database.display(),
+        users = directory.users().count(),
+        groups = directory.groups().count(),
+        "identity store opened"
+    );
+    let mut identity = portcullis_identity::Identity::new(directory, store, commands);
+    if let Some(d) = &c.devices {
+        identity = identity.with_devices(devices::policy(loaded, d))?;
+    }
+    Ok(Some(Arc::new(identity)))
+}
+
+#[derive(Default)]
+struct Tokens {
+    scim: Option<Arc<std::sync::RwLock<portcullis_config::TokenSet>>>,
+    admin: Option<Arc<std::sync::RwLock<portcullis_config::TokenSet>>>,
+    api: Option<Arc<std::sync::Mutex<portcullis_apiauth::Verifier>>>,
+    nonce_log: Option<Arc<std::sync::Mutex<nonces::NonceLog>>>,
+}
+
+/// Reads `[api] tokens_file`; errors name the file and where, never a secret.
+pub fn load_api_tokens(
+    loaded: &Loaded,
+) -> anyhow::Result<Option<Vec<portcullis_apiauth::ApiToken>>> {
+    let Some(api) = &loaded.config.api else {
+        return Ok(None);
+    };
+    let file = api.tokens_file.display().to_string();
+    let src = std::fs::read_to_string(&api.tokens_file).map_err(|e| {
+        anyhow!(
+            "{}: key `api.tokens_file`: cannot read {file}: {e}",
+            loaded.path.display()
+        )
+    })?;
+    Ok(Some(portcullis_apiauth::parse_tokens(&file, &src)?))
+}
+
+fn load_tokens(loaded: &Loaded) -> anyhow::Result<Tokens> {
+    let c = &loaded.config;
+    let (api, nonce_log) = match (load_api_tokens(loaded)?, &c.api) {
+        (Some(t), Some(a)) => {
+            // window_secs is range-checked (10..=3600).
+            let window = chrono::TimeDelta::try_seconds(a.window_secs as i64)
+                .unwrap_or(portcullis_apiauth::DEFAULT_WINDOW);
+            let mut verifier = portcullis_apiauth::Verifier::new(t, window);
+            let (log, records) = nonces::NonceLog::open(&a.nonce_file)?;
+            verifier.restore(&records, chrono::Utc::now());
+            tracing::info!(file = %a.nonce_file.display(), restored = verifier.nonces(), "api nonces restored");
+            (
+                Some(Arc::new(std::sync::Mutex::new(verifier))),
+                Some(Arc::new(std::sync::Mutex::new(log))),
+            )
+        }
+        _ => (None, None),
+    };
+    let load = |key: &str, file: &std::path::Path| -> anyhow::Result<_> {
+        Ok(Arc::new(std::sync::RwLock::new(
+            portcullis_config::TokenSet::load(&loaded.path, key, file)?,
+        )))
+    };
+    Ok(Tokens {
+        scim: c
+            .scim
+            .as_ref()
+            .map(|s| load("scim.token_file", &s.token_file))
+            .transpose()?,
+        admin: c
+            .admin
+            .as_ref()
+            .map(|a| load("admin.token_file", &a.token_file))
+            .transpose()?,
+        api,
+        nonce_log,
+    })
+}
+
+/// Re-reads the HTTPS certificate and key (renewal); a pair that fails to load keeps
+/// the old one.
+fn reload_certificate(
+    loaded: &Loaded,
+    slot: Option<&std::sync::RwLock<Arc<rustls::ServerConfig>>>,
+) {
+    let (Some(slot), Some(h)) = (slot, loaded.config.http.as_ref()) else {
+        return;
+    };
+    let (Some(cert), Some(key)) = (&h.cert_file, &h.key_file) else {
+        return;
+    };
+    match tls::server_config(cert, key) {
+        Ok(config) => {
+            if let Ok(mut w) = slot.write() {
+                *w = config;
+            }
+            tracing::info!(cert = %cert.display(), "https certificate reloaded");
+        }
+        Err(e) => tracing::error!("https certificate not reloaded, the previous one stays: {e:#}"),
+    }
+}
+
+/// Re-reads the token files (rotation); a file that fails to load keeps the old tokens.
+fn reload_tokens(loaded: &Loaded, tokens: &Tokens) {
+    let c = &loaded.config;
+    let pairs = [
+        (
+            tokens.scim.as_ref(),
+            c.scim.as_ref().map(|s| &s.token_file),
+            "scim.token_file",
+        ),
+        (
+            tokens.admin.as_ref(),
+            c.admin.as_ref().map(|a| &a.token_file),
+            "admin.token_file",
+        ),
+    ];
+    if let Some(v) = &tokens.api {
+        match load_api_tokens(loaded) {
+            Ok(Some(t)) => {
+                if let Ok(mut v) = v.lock() {
+                    v.set_tokens(t);
+                }
+                tracing::info!(key = "api.tokens_file", "tokens reloaded");
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!("api tokens not reloaded, the previous ones stay valid: {e}"),
+        }
+    }
+    for (slot, file, key) in pairs {
+        let (Some(slot), Some(file)) = (slot, file) else {
+            continue;
+        };
+        match portcullis_config::TokenSet::load(&loaded.path, key, file) {
+            Ok(set) => {
+                if let Ok(mut w) = slot.write() {
+                    *w = set;
+                }
+                tracing::info!(key, "tokens reloaded");
+            }
+            Err(e) => tracing::error!("tokens not reloaded, the previous ones stay valid: {e}"),
+        }
+    }
+}
