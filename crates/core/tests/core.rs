@@ -1384,3 +1384,44 @@ fn a_refused_identity_change_revokes_the_user() {
     assert!(kinds.ends_with(&["user_revoked"]), "{kinds:?}");
     assert!(gw.enforcer().engine().user("alice").is_none());
 }
+
+/// A clock that advances 3 µs per reading: the decision it times took exactly 3 µs.
+fn stepping_clock() -> Instant {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    static READS: AtomicU64 = AtomicU64::new(0);
+    let n = READS.fetch_add(1, Ordering::Relaxed);
+    *BASE.get_or_init(Instant::now) + Duration::from_micros(3 * n)
+}
+
+#[test]
+fn first_packet_decisions_are_timed_with_the_lent_clock_and_only_those() {
+    let t0 = Instant::now();
+    let mut e = enforcer(FlowLimits::default(), t0);
+    let alice = Who::new(1, "alice", ALICE);
+    // Without a clock nothing is timed.
+    assert_eq!(
+        e.handle_outbound(t0, &alice.ctx(), &tcp(ALICE, 40000, PROD, 22, "S", 1, b"")),
+        Ok(())
+    );
+    assert_eq!(e.stats.decision_latency.count(), 0);
+    e.set_decision_clock(stepping_clock);
+    // A new flow (allowed) and a new flow (denied: port 80 is not granted) are timed;
+    // a packet of an existing flow is not.
+    assert_eq!(
+        e.handle_outbound(t0, &alice.ctx(), &tcp(ALICE, 40001, PROD, 22, "S", 1, b"")),
+        Ok(())
+    );
+    let _ = e.handle_outbound(t0, &alice.ctx(), &tcp(ALICE, 40002, PROD, 80, "S", 1, b""));
+    assert_eq!(
+        e.handle_outbound(t0, &alice.ctx(), &tcp(ALICE, 40001, PROD, 22, "A", 2, b"x")),
+        Ok(())
+    );
+    let l = e.stats.decision_latency;
+    assert_eq!(l.count(), 2, "{l:?}");
+    assert_eq!(l.sum_nanos, 6_000);
+    // 3 µs falls in the (2 µs, 4 µs] bucket.
+    assert_eq!(l.counts[2], 2);
+    assert_eq!(e.stats.decisions, 3);
+}
