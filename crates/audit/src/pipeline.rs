@@ -47,7 +47,8 @@ pub struct PipelineConfig {
     /// Events the queue between the data plane and the writer holds.
     pub queue: usize,
     /// Group commit: how often the writer takes what the queue holds (at once when a
-    /// full batch waits). Events reach the spool at most this long after `submit`.
+    /// full batch waits, or an event from `submit_durable`, which a request waits for).
+    /// Events reach the spool at most this long after `submit`.
     pub commit_interval: Duration,
 }
 
@@ -287,7 +288,13 @@ impl Pipeline {
         let (tx, rx) = tokio::sync::oneshot::channel();
         // On refusal the sender is dropped with the item, so the receiver sees an error,
         // which callers read as not durable.
-        self.submit_item((event, time, Some(tx)));
+        if self.submit_item((event, time, Some(tx))) {
+            // Someone waits for this one: the writer takes it now instead of at its next
+            // interval (concurrent waiters still share one commit).
+            if let Some(w) = &self.writer {
+                w.thread().unpark();
+            }
+        }
         rx
     }
 
@@ -318,6 +325,8 @@ impl Pipeline {
     pub fn shutdown(mut self, drain: Duration) {
         self.tx = None;
         if let Some(w) = self.writer.take() {
+            // Not a whole interval later: it sees the closed queue now.
+            w.thread().unpark();
             let _ = w.join();
         }
         let deadline = Instant::now() + drain;
@@ -386,7 +395,8 @@ impl Writer {
     /// the commit interval unless the batch was full. The writer never blocks on the queue, so
     /// `submit` never has a sleeping thread to wake: the data plane makes no syscall per
     /// event, and a trickle of events costs one wake-up (and commit) per interval, not one
-    /// per event.
+    /// per event. Only `submit_durable` (control-plane events a request waits for) wakes
+    /// it early.
     fn run(mut self, rx: Receiver<Item>, interval: Duration) {
         let mut batch = Vec::with_capacity(WRITE_BATCH);
         let mut last_degraded_try = Instant::now();
@@ -417,7 +427,9 @@ impl Writer {
                 break;
             }
             if !full {
-                std::thread::sleep(interval);
+                // Woken early by `submit_durable` (a request waits); spurious wake-ups
+                // only cost an empty drain.
+                std::thread::park_timeout(interval);
             }
         }
         if let Some((f, _)) = &mut self.events {

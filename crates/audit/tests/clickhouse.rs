@@ -592,3 +592,32 @@ fn a_durable_submit_answers_after_the_event_is_written() {
     }
     p.shutdown(Duration::from_secs(1));
 }
+
+/// A request waiting for its event does not wait for the writer's interval: the
+/// durable submit wakes the writer (here the interval is 30 s).
+#[test]
+fn a_durable_submit_wakes_the_writer_instead_of_waiting_the_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = PipelineConfig {
+        gateway: "gw-test".into(),
+        events_file: Some(dir.path().join("events.jsonl")),
+        spool: None,
+        queue: 1000,
+        commit_interval: Duration::from_secs(30),
+    };
+    let (p, _) = Pipeline::start(cfg).unwrap();
+    let rt = rt();
+    // The writer has drained its first (empty) queue and sleeps.
+    std::thread::sleep(Duration::from_millis(200));
+    p.submit(flow_closed(0, "bob"), chrono::Utc::now());
+    for i in 1..4 {
+        let rx = p.submit_durable(flow_closed(i, "alice"), chrono::Utc::now());
+        let durable = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), rx).await });
+        assert!(matches!(durable, Ok(Ok(true))), "{durable:?}");
+    }
+    // The plain event before them went in the same commit, in order.
+    let lines = std::fs::read_to_string(dir.path().join("events.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 4);
+    assert!(lines.lines().next().unwrap().contains("\"bob\""));
+    p.shutdown(Duration::from_secs(1));
+}

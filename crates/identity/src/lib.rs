@@ -25,7 +25,7 @@ pub mod directory;
 pub mod store;
 pub mod sync;
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 pub use portcullis_control::Apply;
@@ -56,6 +56,32 @@ pub enum IdentityError {
     NoDevices,
     #[error("the gateway core is not running; the change is stored but not applied")]
     CoreGone,
+    #[error("the identity store's commit did not complete: {0}")]
+    Commit(String),
+}
+
+/// Commits on a blocking thread, so the control plane's runtime serves other requests
+/// (TLS handshakes among them) during the fsync; the writers' lock goes along and back.
+async fn commit(
+    mut store: tokio::sync::OwnedMutexGuard<SqliteStore>,
+    m: Mutation,
+    dm: DeviceMutation,
+) -> Result<
+    (
+        tokio::sync::OwnedMutexGuard<SqliteStore>,
+        Mutation,
+        DeviceMutation,
+    ),
+    IdentityError,
+> {
+    let (store, m, dm, result) = tokio::task::spawn_blocking(move || {
+        let result = store.commit_with_devices(&m, &dm);
+        (store, m, dm, result)
+    })
+    .await
+    .map_err(|e| IdentityError::Commit(e.to_string()))?;
+    result?;
+    Ok((store, m, dm))
 }
 
 /// What a committed change wrote.
@@ -82,7 +108,7 @@ struct State {
 /// happens with `store` held, so a plan made under `store` stays valid until applied.
 pub struct Identity {
     state: Mutex<State>,
-    store: AsyncMutex<SqliteStore>,
+    store: Arc<AsyncMutex<SqliteStore>>,
     core: mpsc::Sender<Command>,
     device_policy: Option<DevicePolicy>,
     /// Woken when a device changes, so the expiry timer can re-arm.
@@ -102,7 +128,7 @@ impl Identity {
                 directory,
                 devices: Devices::default(),
             }),
-            store: AsyncMutex::new(store),
+            store: Arc::new(AsyncMutex::new(store)),
             core,
             device_policy: None,
             devices_changed: tokio::sync::Notify::new(),
@@ -111,7 +137,10 @@ impl Identity {
 
     /// Enables devices: the stored ones (read from the store) and the policy for new ones.
     pub fn with_devices(mut self, policy: DevicePolicy) -> Result<Identity, StoreError> {
-        let records = self.store.get_mut().devices()?;
+        let records = match Arc::get_mut(&mut self.store) {
+            Some(store) => store.get_mut().devices()?,
+            None => self.store.blocking_lock().devices()?,
+        };
         self.state
             .get_mut()
             .unwrap_or_else(|e| e.into_inner())
@@ -157,7 +186,7 @@ impl Identity {
         requested_at: DateTime<Utc>,
         plan: impl FnOnce(&Directory, DateTime<Utc>) -> Result<Mutation, E>,
     ) -> Result<Committed, E> {
-        let mut store = self.store.lock().await;
+        let store = self.store.clone().lock_owned().await;
         let (m, dm) = {
             let state = self.lock();
             let m = plan(&state.directory, requested_at)?;
@@ -168,9 +197,7 @@ impl Identity {
             let dm = state.devices.plan_users_removed(&m.removed_users);
             (m, dm)
         };
-        store
-            .commit_with_devices(&m, &dm)
-            .map_err(IdentityError::from)?;
+        let (store, m, dm) = commit(store, m, dm).await?;
         let mut committed = Committed {
             users: m.users.iter().map(|u| u.id).collect(),
             groups: m.groups.iter().map(|g| g.id).collect(),
@@ -238,7 +265,7 @@ impl Identity {
             .device_policy
             .as_ref()
             .ok_or(IdentityError::NoDevices)?;
-        let mut store = self.store.lock().await;
+        let store = self.store.clone().lock_owned().await;
         let (dm, out) = {
             let state = self.lock();
             plan(&state.directory, &state.devices, policy, requested_at)?
@@ -246,7 +273,7 @@ impl Identity {
         if dm.is_empty() {
             return Ok(out);
         }
-        store.commit_with_devices(&Mutation::default(), &dm)?;
+        let (store, _, dm) = commit(store, Mutation::default(), dm).await?;
         let devices = self.lock().devices.apply(dm, Some(policy));
         self.devices_changed.notify_one();
         let rx = self

@@ -42,8 +42,8 @@ impl From<IdentityError> for ScimError {
     fn from(e: IdentityError) -> ScimError {
         match e {
             IdentityError::Directory(d) => d.into(),
-            IdentityError::Store(s) => {
-                tracing::error!("scim: {s}");
+            IdentityError::Store(_) | IdentityError::Commit(_) => {
+                tracing::error!("scim: {e}");
                 ScimError::internal("the identity database could not store the change".into())
             }
             IdentityError::CoreGone => ScimError::new(503, None, e.to_string()),
