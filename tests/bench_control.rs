@@ -7,7 +7,10 @@
 //! toggles on 100 other users, over kept-alive TLS connections, each one an SQLite commit,
 //! an identity change in the core and an audit event made durable before the answer) plus
 //! `--tls-rate` new HTTPS connections per second (default 50; a full TLS handshake and a
-//! `GET /healthz` each). Rounds alternate idle and storm (`--rounds`, default 2).
+//! `GET /healthz` each). Rounds alternate idle and storm (`--rounds`, default 2). The storm
+//! runs as a child process at nice 19 inside the gateway's namespace
+//! (`--scim-connections`, default 16), so that the load generator, which shares this
+//! machine's two CPUs with the gateway, does not take the gateway's CPU.
 //!
 //! Reported per phase: ping round-trip p50, p99, max, lost pings, and the load achieved.
 //! Run it through `scripts/bench-control.sh` (release build).
@@ -31,7 +34,6 @@ use rustls::pki_types::{CertificateDer, ServerName};
 
 const SCIM_TOKEN: &str = "scim-token-0123456789abcdef";
 const STORM_USERS: usize = 100;
-const SCIM_WORKERS: usize = 8;
 
 fn quantile(v: &[f64], q: f64) -> f64 {
     let mut v = v.to_vec();
@@ -136,14 +138,104 @@ fn ping_samples(lab: &Lab, secs: u64) -> Result<(Vec<f64>, u64)> {
     Ok((rtts, lost))
 }
 
-struct Storm {
-    stop: Arc<AtomicBool>,
-    scim_done: Arc<AtomicU64>,
-    scim_failed: Arc<AtomicU64>,
-    tls_done: Arc<AtomicU64>,
-    tls_failed: Arc<AtomicU64>,
-    threads: Vec<std::thread::JoinHandle<Result<Result<()>>>>,
-    started: Instant,
+/// The storm, as a child process run `nice -n 19` inside the gateway's namespace: on this
+/// one machine the load generator shares the CPUs with the gateway, and a real IdP or
+/// browser would not. Prints `scim_done scim_failed tls_done tls_failed secs scim_p50_ms
+/// scim_p99_ms` when `secs` are over.
+fn storm_child() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let get = |name: &str| -> Result<String> {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+            .ok_or_else(|| anyhow!("{name} missing"))
+    };
+    let secs: f64 = get("--secs")?.parse()?;
+    let scim_rate: f64 = get("--scim-rate")?.parse()?;
+    let tls_rate: f64 = get("--tls-rate")?.parse()?;
+    let connections: usize = get("--scim-connections")?.parse()?;
+    let config = client_config(Path::new(&get("--ca")?))?;
+    let users: Vec<String> = std::fs::read_to_string(get("--users")?)?
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let users = Arc::new(users);
+    let stop = Arc::new(AtomicBool::new(false));
+    let counts: Arc<[AtomicU64; 4]> = Arc::new(Default::default());
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::<f64>::new()));
+    let started = Instant::now();
+    let mut threads = Vec::new();
+    for w in 0..connections {
+        let (stop, counts, config, users, latencies) = (
+            stop.clone(),
+            counts.clone(),
+            config.clone(),
+            users.clone(),
+            latencies.clone(),
+        );
+        threads.push(std::thread::spawn(move || -> Result<()> {
+            let mut conn = tls_connect(&config)?;
+            let mine: Vec<&String> = users.iter().skip(w).step_by(connections).collect();
+            let n = mine.len().max(1) as u64;
+            paced(scim_rate / connections as f64, &stop, |i| {
+                let Some(id) = mine.get((i % n) as usize) else {
+                    return Ok(());
+                };
+                // Each user goes inactive, then active again, in turn.
+                let active = (i / n) % 2 == 1;
+                let sent = Instant::now();
+                match request(
+                    &mut conn,
+                    "PATCH",
+                    &format!("/scim/v2/Users/{id}"),
+                    &patch(active),
+                ) {
+                    Ok((200, _)) => {
+                        counts[0].fetch_add(1, Ordering::Relaxed);
+                        if let Ok(mut l) = latencies.lock() {
+                            l.push(sent.elapsed().as_secs_f64() * 1000.0);
+                        }
+                    }
+                    Ok(_) | Err(_) => {
+                        counts[1].fetch_add(1, Ordering::Relaxed);
+                        conn = tls_connect(&config)?;
+                    }
+                }
+                Ok(())
+            })
+        }));
+    }
+    {
+        let (stop, counts, config) = (stop.clone(), counts.clone(), config.clone());
+        threads.push(std::thread::spawn(move || -> Result<()> {
+            paced(tls_rate, &stop, |_| {
+                let ok = tls_connect(&config)
+                    .and_then(|mut c| request(&mut c, "GET", "/healthz", ""))
+                    .is_ok_and(|(s, _)| s == 200);
+                counts[if ok { 2 } else { 3 }].fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            })
+        }));
+    }
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().map_err(|_| anyhow!("a storm thread panicked"))??;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let l = latencies.lock().map(|l| l.clone()).unwrap_or_default();
+    let r = Ordering::Relaxed;
+    println!(
+        "{} {} {} {} {elapsed:.3} {:.3} {:.3}",
+        counts[0].load(r),
+        counts[1].load(r),
+        counts[2].load(r),
+        counts[3].load(r),
+        quantile(&l, 0.5),
+        quantile(&l, 0.99),
+    );
+    Ok(())
 }
 
 fn patch(active: bool) -> String {
@@ -167,109 +259,6 @@ fn paced(rate: f64, stop: &AtomicBool, mut f: impl FnMut(u64) -> Result<()>) -> 
     Ok(())
 }
 
-fn start_storm(
-    lab: &Lab,
-    config: &Arc<rustls::ClientConfig>,
-    users: &Arc<Vec<String>>,
-    scim_rate: f64,
-    tls_rate: f64,
-) -> Storm {
-    let stop = Arc::new(AtomicBool::new(false));
-    let scim_done = Arc::new(AtomicU64::new(0));
-    let scim_failed = Arc::new(AtomicU64::new(0));
-    let tls_done = Arc::new(AtomicU64::new(0));
-    let tls_failed = Arc::new(AtomicU64::new(0));
-    let mut threads = Vec::new();
-    for w in 0..SCIM_WORKERS {
-        let (stop, done, failed, config, users) = (
-            stop.clone(),
-            scim_done.clone(),
-            scim_failed.clone(),
-            config.clone(),
-            users.clone(),
-        );
-        let ns = lab.ns_gw.clone();
-        threads.push(std::thread::spawn(move || {
-            in_ns(&ns, move || -> Result<()> {
-                let mut conn = tls_connect(&config)?;
-                let mine: Vec<&String> = users.iter().skip(w).step_by(SCIM_WORKERS).collect();
-                paced(scim_rate / SCIM_WORKERS as f64, &stop, |i| {
-                    let Some(id) = mine.get(i as usize % mine.len().max(1)) else {
-                        return Ok(());
-                    };
-                    // Each user goes inactive, then active again, in turn.
-                    let active = (i / mine.len().max(1) as u64) % 2 == 1;
-                    match request(
-                        &mut conn,
-                        "PATCH",
-                        &format!("/scim/v2/Users/{id}"),
-                        &patch(active),
-                    ) {
-                        Ok((200, _)) => {
-                            done.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(_) | Err(_) => {
-                            failed.fetch_add(1, Ordering::Relaxed);
-                            conn = tls_connect(&config)?;
-                        }
-                    }
-                    Ok(())
-                })
-            })
-        }));
-    }
-    {
-        let (stop, done, failed, config) = (
-            stop.clone(),
-            tls_done.clone(),
-            tls_failed.clone(),
-            config.clone(),
-        );
-        let ns = lab.ns_gw.clone();
-        threads.push(std::thread::spawn(move || {
-            in_ns(&ns, move || -> Result<()> {
-                paced(tls_rate, &stop, |_| {
-                    let ok = tls_connect(&config)
-                        .and_then(|mut c| request(&mut c, "GET", "/healthz", ""))
-                        .is_ok_and(|(s, _)| s == 200);
-                    if ok {
-                        done.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(())
-                })
-            })
-        }));
-    }
-    Storm {
-        stop,
-        scim_done,
-        scim_failed,
-        tls_done,
-        tls_failed,
-        threads,
-        started: Instant::now(),
-    }
-}
-
-/// Stops the storm: (SCIM changes/s, failed, HTTPS connections/s, failed).
-fn stop_storm(storm: Storm) -> Result<(f64, u64, f64, u64)> {
-    let secs = storm.started.elapsed().as_secs_f64();
-    storm.stop.store(true, Ordering::Relaxed);
-    for t in storm.threads {
-        t.join()
-            .map_err(|_| anyhow!("a storm thread panicked"))???;
-    }
-    let r = Ordering::Relaxed;
-    Ok((
-        storm.scim_done.load(r) as f64 / secs,
-        storm.scim_failed.load(r),
-        storm.tls_done.load(r) as f64 / secs,
-        storm.tls_failed.load(r),
-    ))
-}
-
 fn report(phase: &str, rtts: &[f64], lost: u64, load: &str) {
     println!(
         "{phase:<6} pings {:>5}  lost {lost:>3}  rtt p50 {:>6.3} ms  p99 {:>6.3} ms  max {:>7.3} ms  {load}",
@@ -281,12 +270,14 @@ fn report(phase: &str, rtts: &[f64], lost: u64, load: &str) {
 }
 
 fn main() -> Result<()> {
+    if std::env::args().any(|a| a == "--storm-child") {
+        return storm_child();
+    }
     let secs = arg("--secs", 20);
     let rounds = arg("--rounds", 2);
-    #[allow(clippy::cast_precision_loss)]
-    let scim_rate = arg("--scim-rate", 200) as f64;
-    #[allow(clippy::cast_precision_loss)]
-    let tls_rate = arg("--tls-rate", 50) as f64;
+    let scim_rate = arg("--scim-rate", 200);
+    let tls_rate = arg("--tls-rate", 50);
+    let connections = arg("--scim-connections", 16);
     let certs = tempfile::tempdir()?;
     let (ca, cert, key) = portcullis_testkit::test_certificate(certs.path(), "http", "127.0.0.1")?;
     let lab = Lab::start(LabOptions {
@@ -300,9 +291,8 @@ fn main() -> Result<()> {
         ..LabOptions::default()
     })?;
     let config = client_config(&ca)?;
-    let setup = config.clone();
     let users = in_ns(&lab.ns_gw, move || -> Result<Vec<String>> {
-        let mut conn = tls_connect(&setup)?;
+        let mut conn = tls_connect(&config)?;
         (0..STORM_USERS)
             .map(|i| {
                 let (status, body) = request(
@@ -319,26 +309,56 @@ fn main() -> Result<()> {
             })
             .collect()
     })??;
-    let users = Arc::new(users);
+    let users_file = lab.dir.join("storm-users.txt");
+    std::fs::write(&users_file, users.join("\n"))?;
     if !lab.ping(&lab.alice, "10.8.0.2") {
         bail!("alice does not reach prod");
     }
     println!(
-        "ping every 10 ms for {secs} s per phase; storm: {scim_rate} SCIM changes/s over {SCIM_WORKERS} kept-alive HTTPS connections + {tls_rate} new HTTPS connections/s"
+        "ping every 10 ms for {secs} s per phase; storm (nice 19, in the gateway's namespace): {scim_rate} SCIM changes/s over {connections} kept-alive HTTPS connections + {tls_rate} new HTTPS connections/s"
     );
+    let exe = std::env::current_exe()?;
     let (mut idle_p99, mut storm_p99, mut lost_total) = (Vec::new(), Vec::new(), 0);
     for round in 0..rounds {
         let (rtts, lost) = ping_samples(&lab, secs)?;
         report(&format!("idle{round}"), &rtts, lost, "");
         idle_p99.push(quantile(&rtts, 0.99));
-        let storm = start_storm(&lab, &config, &users, scim_rate, tls_rate);
+        let child = Command::new("nice")
+            .args(["-n", "19", "ip", "netns", "exec", &lab.ns_gw])
+            .arg(&exe)
+            .args(["--storm-child", "--secs"])
+            .arg((secs + 1).to_string())
+            .args(["--scim-rate", &scim_rate.to_string()])
+            .args(["--tls-rate", &tls_rate.to_string()])
+            .args(["--scim-connections", &connections.to_string()])
+            .arg("--ca")
+            .arg(&ca)
+            .arg("--users")
+            .arg(&users_file)
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the storm")?;
+        // Let the storm reach its rate before the pings count.
+        std::thread::sleep(Duration::from_millis(500));
         let (rtts, lost) = ping_samples(&lab, secs)?;
-        let (scim, scim_failed, tls, tls_failed) = stop_storm(storm)?;
+        let out = child.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let f: Vec<f64> = text
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        let [scim, scim_failed, tls, tls_failed, elapsed, p50, p99] = f[..] else {
+            bail!("storm output: {text:?}");
+        };
         report(
             &format!("storm{round}"),
             &rtts,
             lost,
-            &format!("scim {scim:.0}/s ({scim_failed} failed)  https {tls:.0} conn/s ({tls_failed} failed)"),
+            &format!(
+                "scim {:.0}/s ({scim_failed} failed, answer p50 {p50:.1} ms p99 {p99:.1} ms)  https {:.0} conn/s ({tls_failed} failed)",
+                scim / elapsed,
+                tls / elapsed
+            ),
         );
         storm_p99.push(quantile(&rtts, 0.99));
         lost_total += lost;

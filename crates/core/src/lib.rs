@@ -7,9 +7,11 @@
 //! traffic, fragments, timeouts, re-decision after policy or identity changes, revocation,
 //! and the TCP resets that cut a flow in flight ([`enforce`]).
 //!
-//! What it deliberately does not: no sockets, no TUN device, no clock reads, no tokio, no
-//! file writes. The io layer (`portcullis-io`) drives it; tests drive it directly with a
-//! virtual clock and real boringtun clients.
+//! What it deliberately does not: no sockets, no TUN device, no tokio, no file writes, and
+//! no clock reads for any decision: time comes in as `now`. The one exception is a clock
+//! the data plane may lend ([`Gateway::set_decision_clock`]) only to time first-packet
+//! decisions for `/metrics`. The data plane (`portcullis-io`) drives it; tests drive it
+//! directly with a virtual clock and real boringtun clients.
 //!
 //! Seams for other subsystems: [`Gateway::poll_event`] (audit), [`Gateway::handle_identity_change`]
 //! and [`Gateway::handle_session_kill`] (identity, offboarding), [`Gateway::handle_peer_add`] and
