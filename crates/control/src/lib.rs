@@ -37,6 +37,9 @@ pub const STATUS_QUEUE: usize = 4;
 pub enum Command {
     /// Identity changes committed to the identity store, in commit order.
     Apply(Apply),
+    /// Users whose access a change being committed takes away: cut now, before the
+    /// commit (its `Apply` follows).
+    Revoke(Revoke),
     /// The users the policies know, as the loop sees them (`source` is `"config"` for a
     /// configuration-file user and empty otherwise: the identity store fills it in).
     Users(oneshot::Sender<Vec<UserRow>>),
@@ -75,6 +78,15 @@ pub struct Apply {
     pub requested: Instant,
     pub requested_at: DateTime<Utc>,
     pub done: oneshot::Sender<()>,
+}
+
+/// Users to cut ahead of their change's commit, with when the request arrived.
+#[derive(Debug)]
+pub struct Revoke {
+    pub users: Vec<String>,
+    pub source: String,
+    pub requested: Instant,
+    pub requested_at: DateTime<Utc>,
 }
 
 /// A user as `users list` shows it.

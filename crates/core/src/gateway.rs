@@ -376,6 +376,22 @@ impl Gateway {
         }
     }
 
+    /// Cuts `user` at once, ahead of the identity store's commit of the change that takes
+    /// their access away (the commit's fsync is not on the revocation's path). The
+    /// committed change that follows records `identity_changed` and finds nothing left
+    /// to cut. Fails closed: if the commit then fails, the user stays cut here.
+    pub fn handle_revocation(
+        &mut self,
+        now: Instant,
+        user: String,
+        source: String,
+        requested: Instant,
+        requested_at: DateTime<Utc>,
+    ) -> Result<IdentityOutcome, ControlError> {
+        self.drain_enforcer_events();
+        self.revoke_user(now, user, source, requested, requested_at)
+    }
+
     /// The one revocation path (deactivation, deletion, `users disable` of a configuration
     /// user, a refused change): every device of the user disabled, every session and flow
     /// cut (resets injected), the user removed from the policy entities, `user_revoked`
@@ -389,6 +405,16 @@ impl Gateway {
         requested_at: DateTime<Utc>,
     ) -> Result<IdentityOutcome, ControlError> {
         let mut outcome = IdentityOutcome::default();
+        // Already without access (cut early, see `handle_revocation`, or never granted):
+        // nothing to cut, and no second `user_revoked`.
+        let enabled = self
+            .peers
+            .iter()
+            .flatten()
+            .any(|p| p.enabled && *p.spec.user == *user);
+        if !enabled && self.enforcer.engine().user(&user).is_none() {
+            return Ok(outcome);
+        }
         let slots: Vec<PeerId> = self
             .peers
             .iter()

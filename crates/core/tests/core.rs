@@ -1425,3 +1425,57 @@ fn first_packet_decisions_are_timed_with_the_lent_clock_and_only_those() {
     assert_eq!(l.counts[2], 2);
     assert_eq!(e.stats.decisions, 3);
 }
+
+#[test]
+fn a_revocation_cut_ahead_of_its_commit_is_recorded_once() {
+    let t0 = Instant::now();
+    let (mut gw, gw_pub) = gateway(t0);
+    let mut alice = Client::new(1, &gw_pub);
+    alice
+        .send(&mut gw, t0, &tcp(ALICE, 40000, PROD, 22, "S", 1, b""))
+        .expect("syn");
+    while gw.poll_event().is_some() {}
+    // The cut, before the identity store has committed.
+    let early = gw
+        .handle_revocation(
+            t0 + Duration::from_millis(1),
+            "alice".into(),
+            "scim".into(),
+            t0,
+            wall(),
+        )
+        .expect("revoke");
+    assert_eq!((early.sessions_cut, early.flows_cut), (1, 1));
+    assert_eq!(early.latency, Duration::from_millis(1));
+    // The committed change: recorded, nothing left to cut, no second user_revoked.
+    let committed = gw
+        .handle_identity_change(
+            t0 + Duration::from_millis(9),
+            change("alice", ChangeKind::Deactivated, None),
+            t0,
+            wall(),
+        )
+        .expect("committed change");
+    assert_eq!((committed.sessions_cut, committed.flows_cut), (0, 0));
+    let kinds: Vec<&'static str> = std::iter::from_fn(|| gw.poll_event())
+        .map(|e| e.kind())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "flow_closed",
+            "session_ended",
+            "user_revoked",
+            "identity_changed"
+        ]
+    );
+    // Granted again by a later change: the devices work again.
+    gw.handle_identity_change(
+        t0 + Duration::from_millis(20),
+        change("alice", ChangeKind::Updated, Some(&["sre"])),
+        t0,
+        wall(),
+    )
+    .expect("grant");
+    assert!(gw.peers().any(|(u, _, enabled)| u == "alice" && enabled));
+}

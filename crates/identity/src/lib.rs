@@ -60,6 +60,23 @@ pub enum IdentityError {
     Commit(String),
 }
 
+/// The active users `m` deactivates or deletes (by name).
+fn revocations(directory: &Directory, m: &Mutation) -> Vec<String> {
+    let deactivated = m
+        .users
+        .iter()
+        .filter(|u| !u.active)
+        .filter_map(|u| directory.user(&u.id).filter(|old| old.active));
+    let deleted = m
+        .removed_users
+        .iter()
+        .filter_map(|id| directory.user(id).filter(|old| old.active));
+    deactivated
+        .chain(deleted)
+        .map(|u| u.user_name.clone())
+        .collect()
+}
+
 /// Commits on a blocking thread, so the control plane's runtime serves other requests
 /// (TLS handshakes among them) during the fsync; the writers' lock goes along and back.
 async fn commit(
@@ -197,6 +214,19 @@ impl Identity {
             let dm = state.devices.plan_users_removed(&m.removed_users);
             (m, dm)
         };
+        // Access taken away is cut before the commit, not after its fsync.
+        let revoking = revocations(&self.lock().directory, &m);
+        if !revoking.is_empty() {
+            self.core
+                .send(Command::Revoke(portcullis_control::Revoke {
+                    users: revoking,
+                    source: source.to_string(),
+                    requested,
+                    requested_at,
+                }))
+                .await
+                .map_err(|_| IdentityError::CoreGone)?;
+        }
         let (store, m, dm) = commit(store, m, dm).await?;
         let mut committed = Committed {
             users: m.users.iter().map(|u| u.id).collect(),

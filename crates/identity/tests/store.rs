@@ -52,11 +52,20 @@ async fn committed_changes_survive_a_reopen_and_reach_the_core_in_order() {
     // The core: applies and answers.
     let core = tokio::spawn(async move {
         let mut seen = Vec::new();
-        while let Some(Command::Apply(apply)) = rx.recv().await {
-            for c in &apply.changes {
-                seen.push((c.user.clone(), c.kind));
+        while let Some(cmd) = rx.recv().await {
+            match cmd {
+                Command::Apply(apply) => {
+                    for c in &apply.changes {
+                        seen.push((c.user.clone(), c.kind));
+                    }
+                    let _ = apply.done.send(());
+                }
+                // A revocation is cut ahead of its commit.
+                Command::Revoke(r) => {
+                    seen.extend(r.users.into_iter().map(|u| (u, ChangeKind::Deactivated)));
+                }
+                other => panic!("unexpected {other:?}"),
             }
-            let _ = apply.done.send(());
         }
         seen
     });
@@ -111,6 +120,7 @@ async fn committed_changes_survive_a_reopen_and_reach_the_core_in_order() {
             ("alice".to_string(), ChangeKind::Created),
             ("bob".to_string(), ChangeKind::Created),
             ("alice".to_string(), ChangeKind::Updated),
+            ("bob".to_string(), ChangeKind::Deactivated),
             ("bob".to_string(), ChangeKind::Deleted),
         ]
     );
@@ -188,9 +198,11 @@ async fn devices_persist_and_leave_with_their_user() {
         .unwrap();
     let core = tokio::spawn(async move {
         let mut seen = Vec::new();
-        while let Some(Command::Apply(apply)) = rx.recv().await {
-            seen.extend(apply.devices);
-            let _ = apply.done.send(());
+        while let Some(cmd) = rx.recv().await {
+            if let Command::Apply(apply) = cmd {
+                seen.extend(apply.devices);
+                let _ = apply.done.send(());
+            }
         }
         seen
     });

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use portcullis_audit::Pipeline;
 use portcullis_config::Loaded;
-use portcullis_control::{Apply, Command, Readiness, Snapshot, Status, UserRow};
+use portcullis_control::{Apply, Command, Readiness, Revoke, Snapshot, Status, UserRow};
 use portcullis_core::Gateway;
 use portcullis_model::latency::Latency;
 use portcullis_policy::PolicyBundle;
@@ -36,9 +36,11 @@ impl Loop {
     /// A command from the control plane. Commands that changed something are answered
     /// once their events are durable, from a task: the loop goes on at once.
     pub async fn on_command(&mut self, cmd: Command) {
-        if let Command::Apply(apply) = cmd {
-            return self.on_apply(apply).await;
-        }
+        let cmd = match cmd {
+            Command::Apply(apply) => return self.on_apply(apply).await,
+            Command::Revoke(revoke) => return self.on_revoke(revoke),
+            cmd => cmd,
+        };
         if let Some(reply) = self.command(cmd) {
             let ack = self.flush(true).await;
             reply_when_durable(ack, reply);
@@ -78,6 +80,27 @@ impl Loop {
         reply_when_durable(ack, move |_| {
             let _ = done.send(());
         });
+    }
+
+    /// Users cut ahead of their change's commit. Nobody waits for this: the change's
+    /// `Apply` comes next and is answered once durable (its events after these).
+    fn on_revoke(&mut self, revoke: Revoke) {
+        let now = Instant::now();
+        for user in revoke.users {
+            match self.gw.handle_revocation(
+                now,
+                user.clone(),
+                revoke.source.clone(),
+                revoke.requested,
+                revoke.requested_at,
+            ) {
+                Ok(o) => {
+                    tracing::info!(%user, sessions_cut = o.sessions_cut, flows_cut = o.flows_cut,
+                    latency_us = o.latency.as_micros() as u64, "user revoked ahead of the commit")
+                }
+                Err(e) => tracing::error!(%user, "revocation: {e}"),
+            }
+        }
     }
 
     /// Every 200 ms: the status for the control plane (readiness and counters). Never
@@ -245,7 +268,7 @@ impl Loop {
                 }))
             }
             // Taken by `on_command` before it gets here.
-            Command::Apply(_) => None,
+            Command::Apply(_) | Command::Revoke(_) => None,
             Command::Report(event, durable) => {
                 gw.handle_report(event);
                 durable.map(|tx| -> Reply {
