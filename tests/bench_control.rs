@@ -259,6 +259,31 @@ fn paced(rate: f64, stop: &AtomicBool, mut f: impl FnMut(u64) -> Result<()>) -> 
     Ok(())
 }
 
+/// The bound of the first cumulative bucket of histogram `name` holding quantile `q`.
+fn bucket_quantile_ms(metrics: &str, name: &str, q: f64) -> String {
+    let prefix = format!("{name}_bucket{{le=\"");
+    let buckets: Vec<(String, f64)> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|l| {
+            let (le, rest) = l.split_once('"')?;
+            Some((le.to_string(), rest.trim_start_matches('}').trim().parse().ok()?))
+        })
+        .collect();
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    if total == 0.0 {
+        return "-".into();
+    }
+    buckets
+        .iter()
+        .find(|(_, c)| *c >= total * q)
+        .map(|(le, _)| match le.parse::<f64>() {
+            Ok(v) => format!("{:.3}", v * 1000.0),
+            Err(_) => le.clone(),
+        })
+        .unwrap_or_default()
+}
+
 fn report(phase: &str, rtts: &[f64], lost: u64, load: &str) {
     println!(
         "{phase:<6} pings {:>5}  lost {lost:>3}  rtt p50 {:>6.3} ms  p99 {:>6.3} ms  max {:>7.3} ms  {load}",
@@ -362,6 +387,23 @@ fn main() -> Result<()> {
         );
         storm_p99.push(quantile(&rtts, 0.99));
         lost_total += lost;
+    }
+    // The gateway's own histograms over the whole run.
+    let config = client_config(&ca)?;
+    let metrics = in_ns(&lab.ns_gw, move || -> Result<String> {
+        let mut conn = tls_connect(&config)?;
+        Ok(request(&mut conn, "GET", "/metrics", "")?.1)
+    })??;
+    for name in [
+        "portcullis_decision_latency_seconds",
+        "portcullis_audit_commit_latency_seconds",
+        "portcullis_revocation_latency_seconds",
+    ] {
+        println!(
+            "{name}: p50 <= {} ms, p99 <= {} ms (bucket bounds)",
+            bucket_quantile_ms(&metrics, name, 0.5),
+            bucket_quantile_ms(&metrics, name, 0.99)
+        );
     }
     let (idle, storm) = (quantile(&idle_p99, 0.5), quantile(&storm_p99, 0.5));
     println!(

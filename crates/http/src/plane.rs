@@ -103,11 +103,8 @@ pub fn start(
     std::thread::Builder::new()
         .name("control-plane".into())
         .spawn(move || {
-            yield_to_the_data_plane();
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
-                // The blocking pool (SQLite commits) too.
-                .on_thread_start(yield_to_the_data_plane)
                 .build()
             {
                 Ok(rt) => rt,
@@ -134,25 +131,6 @@ pub fn start(
         .recv()
         .map_err(|_| anyhow!("the control plane stopped while starting"))??;
     Ok(local)
-}
-
-/// The nice value of the control plane's threads: on a loaded machine the packet loop
-/// (nice 0) gets the CPU first, and HTTP, TLS, SQLite and LDAP work waits instead.
-pub const CONTROL_PLANE_NICE: i32 = 10;
-
-/// Lowers the calling thread's priority to [`CONTROL_PLANE_NICE`] (on Linux the nice
-/// value is per thread). Best effort: a refusal is logged and changes nothing else.
-fn yield_to_the_data_plane() {
-    // `who = 0` is the calling task: on Linux, this thread alone.
-    // SAFETY: setpriority takes plain integers and touches no memory of ours.
-    #[allow(unsafe_code)]
-    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, CONTROL_PLANE_NICE) };
-    if rc != 0 {
-        tracing::warn!(
-            "control plane keeps its priority: setpriority: {}",
-            std::io::Error::last_os_error()
-        );
-    }
 }
 
 type LdapSetup = (Option<Arc<str>>, Option<Arc<rustls::ClientConfig>>);
