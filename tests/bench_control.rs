@@ -267,7 +267,10 @@ fn bucket_quantile_ms(metrics: &str, name: &str, q: f64) -> String {
         .filter_map(|l| l.strip_prefix(&prefix))
         .filter_map(|l| {
             let (le, rest) = l.split_once('"')?;
-            Some((le.to_string(), rest.trim_start_matches('}').trim().parse().ok()?))
+            Some((
+                le.to_string(),
+                rest.trim_start_matches('}').trim().parse().ok()?,
+            ))
         })
         .collect();
     let total = buckets.last().map_or(0.0, |b| b.1);

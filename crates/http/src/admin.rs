@@ -44,30 +44,9 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
 use portcullis_control::{Command, UserRow};
+
+use crate::api::{ask, error, Actor, AdminState};
 use portcullis_ldap_sync::{LdapControl, LdapHandle};
-
-/// Who made an admin call, for the audit trail: `admin:cli` or `api:<token id>`.
-#[derive(Clone, Debug)]
-pub(crate) struct Actor(pub String);
-
-#[derive(Clone)]
-pub(crate) struct AdminState {
-    tokens: Option<Arc<RwLock<TokenSet>>>,
-    /// The `/api/v1` request verifier (`[api]` configured).
-    api: Option<Arc<std::sync::Mutex<portcullis_apiauth::Verifier>>>,
-    nonce_log: Option<Arc<std::sync::Mutex<crate::nonces::NonceLog>>>,
-    max_body_bytes: usize,
-    pub(crate) identity: Option<Arc<Identity>>,
-    pub(crate) commands: mpsc::Sender<Command>,
-    ldap: Option<LdapHandle>,
-    /// What device profiles carry (`[devices]` configured).
-    pub(crate) profile: Option<Arc<portcullis_identity::ProfileSettings>>,
-    pub(crate) policy_dir: Arc<std::path::Path>,
-    /// How profiles' AllowedIPs are chosen.
-    pub(crate) scope: Arc<crate::devices::ProfileScope>,
-    /// Serialises policy replacements.
-    pub(crate) policy_lock: Arc<tokio::sync::Mutex<()>>,
-}
 
 /// What the admin API needs.
 pub struct AdminApi {
@@ -193,35 +172,6 @@ async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
-pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(json!({"error": message.into()}))).into_response()
-}
-
-/// An API error: status and message, answered as `{"error": message}`.
-pub(crate) struct ApiError(pub StatusCode, pub String);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        error(self.0, self.1)
-    }
-}
-
-/// A JSON body into its typed struct (`deny_unknown_fields` on each); a refusal names
-/// what is wrong with it.
-pub(crate) fn body<T>(
-    b: Result<Json<T>, axum::extract::rejection::JsonRejection>,
-) -> Result<T, ApiError> {
-    // 413 for a body over the limit (as the README says); any other refusal of the body
-    // (syntax, types, content type) is a 400, as documented.
-    b.map(|Json(v)| v).map_err(|r| {
-        let status = match r.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
-            _ => StatusCode::BAD_REQUEST,
-        };
-        ApiError(status, format!("request body: {}", r.body_text()))
-    })
-}
-
 /// Checks an `/api/v1` request's HMAC signature (the body is read first, within
 /// `max_body_bytes`, since it is signed).
 async fn require_signature(State(s): State<AdminState>, req: Request, next: Next) -> Response {
@@ -230,7 +180,7 @@ async fn require_signature(State(s): State<AdminState>, req: Request, next: Next
     };
     let remote = req
         .extensions()
-        .get::<ConnectInfo<crate::tls::Peer>>()
+        .get::<ConnectInfo<crate::serve::Peer>>()
         .map(|c| c.0 .0.ip())
         .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
     let uri = req
@@ -416,15 +366,6 @@ async fn require_admin(State(s): State<AdminState>, req: Request, next: Next) ->
     let mut req = req;
     req.extensions_mut().insert(Actor("admin:cli".into()));
     next.run(req).await
-}
-
-pub(crate) async fn ask<T>(
-    s: &AdminState,
-    make: impl FnOnce(oneshot::Sender<T>) -> Command,
-) -> Result<T, Response> {
-    portcullis_control::ask(&s.commands, make)
-        .await
-        .map_err(|gone| error(StatusCode::SERVICE_UNAVAILABLE, gone.to_string()))
 }
 
 async fn users(State(s): State<AdminState>) -> Response {

@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::admin::{body, AdminState, ApiError};
+use crate::api::{body, AdminState, ApiError};
 use portcullis_control::Command;
 
 impl From<IdentityError> for ApiError {

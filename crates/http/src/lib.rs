@@ -18,6 +18,7 @@
 //! Format owned here: the `[api] nonce_file` ([`nonces`]).
 
 pub mod admin;
+mod api;
 pub mod devices;
 pub mod health;
 mod metrics;

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
 
-use crate::admin::{ask, body, AdminState, ApiError};
+use crate::api::{ask, body, AdminState, ApiError};
 use portcullis_control::Command;
 
 /// A policy directory's files, as the API carries them.

@@ -33,7 +33,10 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::tls::Peer;
+/// The client's address, for `ConnectInfo` on both the plain and the TLS listener (a
+/// local type: axum's impl covers only its own listeners).
+#[derive(Clone, Copy, Debug)]
+pub struct Peer(pub SocketAddr);
 
 /// Descriptors kept free for everything but HTTP connections.
 const FD_RESERVE: u64 = 256;

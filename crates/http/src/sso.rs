@@ -41,7 +41,7 @@ use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
 use tokio::sync::mpsc;
 
-use crate::tls::Peer;
+use crate::serve::Peer;
 use portcullis_control::Command;
 
 const COOKIE: &str = "portcullis_session";

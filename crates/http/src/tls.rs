@@ -6,7 +6,6 @@
 //! behind a lock so SIGHUP can swap in a renewed certificate without a restart: new
 //! connections get it, established ones keep theirs.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -140,7 +139,4 @@ pub async fn serve_tls(
     }
 }
 
-/// The client's address, for `ConnectInfo` on both the plain and the TLS listener (a
-/// local type: axum's impl covers only its own listeners).
-#[derive(Clone, Copy, Debug)]
-pub struct Peer(pub SocketAddr);
+pub use crate::serve::Peer;
