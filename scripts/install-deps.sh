@@ -13,6 +13,7 @@ packages=(
   kmod
   clickhouse-server # the audit store (Debian's 18.16), started by the lab and tests themselves
   clickhouse-client
+  postgresql-15     # the cluster's shared state, started by the tests themselves (initdb into a temp dir)
   slapd             # OpenLDAP (syncprov, memberof) for the LDAP sync tests, started by the tests
   ldap-utils        # ldapmodify, ldapsearch
   openssl           # test certificates for HTTPS and ldaps://

@@ -31,9 +31,10 @@ pub use secrets::{
     TokenSet,
 };
 pub use section::{
-    AdminConfig, ApiConfig, AuditApiConfig, AuditConfig, ClickHouseConfig, DevicesConfig,
-    FlowsConfig, FsyncMode, GatewayConfig, HttpConfig, IdentityConfig, Invalid, LdapAttributes,
-    LdapConfig, LdapDisabled, OnFull, PeerConfig, PolicyConfig, SamlConfig, ScimConfig, UserConfig,
+    AdminConfig, ApiConfig, AuditApiConfig, AuditConfig, ClickHouseConfig, ClusterConfig,
+    DevicesConfig, FlowsConfig, FsyncMode, GatewayConfig, HttpConfig, IdentityConfig, Invalid,
+    LdapAttributes, LdapConfig, LdapDisabled, OnFull, PeerConfig, PolicyConfig, SamlConfig,
+    ScimConfig, UserConfig,
 };
 pub use validate::parse;
 
@@ -91,6 +92,9 @@ pub struct Config {
     /// SAML single sign-on and the enrollment pages.
     #[serde(default)]
     pub saml: Option<SamlConfig>,
+    /// A node of a cluster sharing PostgreSQL (opt-in).
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// The longest duration any setting or request may give (10 years): larger numbers are
@@ -163,6 +167,9 @@ pub fn load_unkeyed(path: &Path) -> Result<Loaded, ConfigError> {
             resolve(&mut p);
             saml.idp_metadata = p.display().to_string();
         }
+    }
+    if let Some(f) = c.cluster.as_mut().and_then(|c| c.password_file.as_mut()) {
+        resolve(f);
     }
     if let Some(h) = c.http.as_mut() {
         for f in [h.cert_file.as_mut(), h.key_file.as_mut()]

@@ -210,6 +210,9 @@ pub fn exposed_secrets(c: &Config) -> Vec<String> {
     if let Some(a) = &c.audit.api {
         files.push(("audit.api.token_file", &a.token_file));
     }
+    if let Some(f) = c.cluster.as_ref().and_then(|l| l.password_file.as_ref()) {
+        files.push(("cluster.password_file", f));
+    }
     if let Some(f) = c.ldap.as_ref().and_then(|l| l.password_file.as_ref()) {
         files.push(("ldap.password_file", f));
     }

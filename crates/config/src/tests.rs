@@ -369,3 +369,25 @@ fn durations_past_ten_years_are_refused_by_name() {
         );
     }
 }
+
+#[test]
+fn cluster_and_an_identity_database_do_not_go_together() {
+    let cluster = "[cluster]\nnode_id = \"gw-a\"\ndatabase_url = \"postgres://portcullis@127.0.0.1:5432/portcullis\"\n";
+    let l = check(&sample(cluster)).expect("a cluster node");
+    assert_eq!(
+        l.config.cluster.as_ref().map(|c| c.node_id.as_str()),
+        Some("gw-a")
+    );
+    let e = check(&sample(&format!(
+        "{cluster}[identity]\ndatabase = \"identity.db\"\n"
+    )))
+    .unwrap_err();
+    assert_eq!(e.key, "identity.database");
+    assert!(e.reason.contains("[cluster]"), "{e}");
+    let e = check(&sample(
+        "[cluster]\nnode_id = \"gw-a\"\ndatabase_url = \"postgres://u:pw@h/d\"\n",
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "cluster.database_url");
+    assert!(!e.to_string().contains("pw@"), "{e}");
+}

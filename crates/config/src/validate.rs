@@ -11,6 +11,13 @@ use crate::*;
 /// Parses and checks configuration text (the private key is not read: zeros).
 pub fn parse(path: &Path, src: &str) -> Result<Loaded, ConfigError> {
     let config: Config = toml::from_str(src).map_err(|e| toml_error(path, src, &e))?;
+    if config.cluster.is_some() && identity_database_given(src) {
+        return Err(ConfigError::new(
+            path,
+            "identity.database",
+            "not used with [cluster]: the directory is shared in PostgreSQL (remove one)",
+        ));
+    }
     let at_file = |e: Invalid| ConfigError::new(path, e.key, e.reason);
     let checked = check(&config).map_err(at_file)?;
     let mut warnings: Vec<String> = checked
@@ -37,6 +44,14 @@ pub fn parse(path: &Path, src: &str) -> Result<Loaded, ConfigError> {
     })
 }
 
+/// Whether the text sets `[identity] database` itself (it has a default).
+fn identity_database_given(src: &str) -> bool {
+    toml::from_str::<toml::Table>(src)
+        .ok()
+        .and_then(|t| t.get("identity")?.as_table()?.get("database").cloned())
+        .is_some()
+}
+
 /// Every section's own checks, then the rules between sections.
 fn check(c: &Config) -> Result<peers::CheckedPeers, Invalid> {
     c.gateway.check()?;
@@ -56,6 +71,9 @@ fn check(c: &Config) -> Result<peers::CheckedPeers, Invalid> {
     }
     if let Some(d) = &c.devices {
         d.check(&c.gateway.tunnel_address)?;
+    }
+    if let Some(cl) = &c.cluster {
+        cl.check()?;
     }
     if (c.scim.is_some() || c.admin.is_some() || c.api.is_some()) && c.http.is_none() {
         let key = if c.scim.is_some() {

@@ -22,6 +22,7 @@ use clap::{Parser, Subcommand};
 
 mod admin_cmd;
 mod audit_cmd;
+mod cluster_cmd;
 mod gateway;
 mod policy_cmd;
 
@@ -70,6 +71,11 @@ enum Command {
     Audit {
         #[command(subcommand)]
         command: audit_cmd::AuditCommand,
+    },
+    /// The cluster on PostgreSQL (`[cluster]`): migrate the schema, list the nodes.
+    Cluster {
+        #[command(subcommand)]
+        command: cluster_cmd::ClusterCommand,
     },
     /// Users of the running gateway: list, disable (revokes at once).
     Users {
@@ -154,6 +160,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Policy { command } => policy_cmd::run(command),
         Command::Audit { command } => audit_cmd::run(command),
+        Command::Cluster { command } => cluster_cmd::run(command),
         Command::Users { command } => admin_cmd::users(command),
         Command::Sessions { command } => admin_cmd::sessions(command),
         Command::Ldap { command } => admin_cmd::ldap(command),

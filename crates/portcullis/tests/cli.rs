@@ -250,3 +250,67 @@ fn check_config_loads_every_file_the_gateway_needs() {
         "{t}"
     );
 }
+
+#[test]
+fn cluster_migrate_and_status_against_a_real_postgresql() {
+    let pg = portcullis_testkit::Postgres::start(None).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pg.pass"), "unused-by-trust\n").unwrap();
+    let config = dir.path().join("portcullis.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\nlisten = \"127.0.0.1:51820\"\nprivate_key_file = \"gw.key\"\ntun_name = \"pc-cli\"\ntunnel_address = \"100.64.0.1/24\"\n\
+             [policy]\ndir = \"{}\"\n[audit]\nevents_file = \"events.jsonl\"\n\
+             [cluster]\nnode_id = \"gw-a\"\ndatabase_url = \"{}\"\npassword_file = \"pg.pass\"\n",
+            policies().display(),
+            pg.url()
+        ),
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap();
+    // Before the schema exists, status says what to run.
+    let o = run(&["cluster", "status", "--config", cfg]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("run `portcullis cluster migrate`"),
+        "{}",
+        text(&o)
+    );
+    let o = run(&["cluster", "migrate", "--config", cfg]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("cluster schema version 1 (was 0)"),
+        "{}",
+        text(&o)
+    );
+    let o = run(&["cluster", "migrate", "--config", cfg]);
+    assert!(text(&o).contains("already current"), "{}", text(&o));
+    pg.psql(
+        "portcullis",
+        "INSERT INTO nodes (node_id, address, version, started, heartbeat) VALUES ('gw-b', '10.0.0.2:51820', '0.1.0', now(), now() - interval '1 minute')",
+    )
+    .unwrap();
+    let o = run(&["cluster", "status", "--config", cfg, "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let nodes: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(nodes[0]["node_id"], "gw-b");
+    assert_eq!(nodes[0]["state"], "down");
+    let o = run(&["cluster", "status", "--config", cfg]);
+    assert!(
+        text(&o).contains("gw-b") && text(&o).contains("down"),
+        "{}",
+        text(&o)
+    );
+    // The database unreachable: a clear error naming the URL without secrets.
+    let mut pg = pg;
+    pg.stop();
+    let o = run(&["cluster", "status", "--config", cfg]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("cluster.database_url postgres://***@127.0.0.1"),
+        "{}",
+        text(&o)
+    );
+    assert!(!text(&o).contains("unused-by-trust"));
+}

@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
+mod postgres;
 mod saml_idp;
+pub use postgres::{Postgres, PG_BIN};
 pub use saml_idp::{generate_key, IdpOptions, IdpUser, SamlIdp, SpEntry};
 
 /// The server binary Debian's `clickhouse-server` package installs.

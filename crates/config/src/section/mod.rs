@@ -3,6 +3,7 @@
 //! keys that go together). Rules that span sections are in `validate`.
 
 mod audit;
+mod cluster;
 mod devices;
 mod flows;
 mod gateway;
@@ -12,6 +13,7 @@ pub(crate) mod peers;
 mod saml;
 
 pub use audit::{AuditApiConfig, AuditConfig, ClickHouseConfig, FsyncMode, OnFull};
+pub use cluster::ClusterConfig;
 pub use devices::DevicesConfig;
 pub use flows::FlowsConfig;
 pub use gateway::{GatewayConfig, IdentityConfig, PolicyConfig};
@@ -111,6 +113,30 @@ mod tests {
                 Some(key),
                 "{extra}"
             );
+        }
+        let cluster = |id: &str, url: &str| format!("node_id = \"{id}\"\ndatabase_url = \"{url}\"");
+        let pg = "postgres://portcullis@127.0.0.1:5432/portcullis";
+        assert_eq!(
+            refusal::<ClusterConfig>(&cluster("gw-a", pg), ClusterConfig::check),
+            None
+        );
+        for (id, url, key) in [
+            ("", pg, "cluster.node_id"),
+            ("gw a", pg, "cluster.node_id"),
+            ("gw-a", "mysql://x/y", "cluster.database_url"),
+            (
+                "gw-a",
+                "postgres://portcullis:hunter2@127.0.0.1/p",
+                "cluster.database_url",
+            ),
+            (
+                "gw-a",
+                "postgres://127.0.0.1/p?password=hunter2",
+                "cluster.database_url",
+            ),
+        ] {
+            let got = refusal::<ClusterConfig>(&cluster(id, url), ClusterConfig::check);
+            assert_eq!(got.as_deref(), Some(key), "{id} {url}");
         }
         let flows_ok = refusal::<FlowsConfig>("", FlowsConfig::check);
         assert_eq!(flows_ok, None);

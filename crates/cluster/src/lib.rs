@@ -1,0 +1,190 @@
+//! The cluster's shared state in PostgreSQL (`[cluster]`): N equal gateway nodes, no
+//! master, all messaging through the database.
+//!
+//! What it does so far:
+//! - [`migrate`]: creates or upgrades the schema ([`schema`], which owns the format), one
+//!   version at a time in a transaction each, under an advisory lock so that nodes started
+//!   together do not race;
+//! - [`Registry`]: the node registry: each node's row, a heartbeat every second with its
+//!   sessions, flows and last applied change number, marked stopped on a clean exit;
+//!   [`status`] lists the nodes, down when their heartbeat is older than [`DOWN_AFTER`].
+//!
+//! What it deliberately does not (yet): the shared directory, the change log's fan-out and
+//! the leases are the next steps of the cluster issue; no connection pooling (one
+//! connection per task).
+
+pub mod schema;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio_postgres::{Client, NoTls};
+
+pub use schema::{migrate, SCHEMA_VERSION};
+
+/// A node whose last heartbeat is older than this is down.
+pub const DOWN_AFTER: Duration = Duration::from_secs(5);
+
+/// Errors of the cluster store; they name what was being done, never a password.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("postgresql: {what}: {source}")]
+    Postgres {
+        what: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("the cluster schema is version {found}, newer than this gateway's {SCHEMA_VERSION}: upgrade the gateway first")]
+    TooNew { found: i32 },
+    #[error("the cluster schema is version {found}; run `portcullis cluster migrate` (this gateway needs {SCHEMA_VERSION})")]
+    TooOld { found: i32 },
+    #[error("database_url: {0}")]
+    Url(String),
+}
+
+pub(crate) fn pg(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> ClusterError {
+    move |source| ClusterError::Postgres { what, source }
+}
+
+/// Connects to `url` (the password, if any, from `password`); the connection runs on a
+/// task of its own until the client is dropped.
+pub async fn connect(url: &str, password: Option<&str>) -> Result<Client, ClusterError> {
+    let mut config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e: tokio_postgres::Error| ClusterError::Url(e.to_string()))?;
+    if let Some(p) = password {
+        config.password(p);
+    }
+    config.application_name("portcullis");
+    config.connect_timeout(Duration::from_secs(5));
+    let (client, connection) = config.connect(NoTls).await.map_err(pg("connecting"))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!("postgresql connection closed: {e}");
+        }
+    });
+    Ok(client)
+}
+
+/// A node as `portcullis cluster status` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct NodeRow {
+    pub node_id: String,
+    pub address: String,
+    pub version: String,
+    pub started: DateTime<Utc>,
+    pub heartbeat: DateTime<Utc>,
+    pub sessions: i64,
+    pub flows: i64,
+    pub applied_change: i64,
+    /// Changes in the log this node has not applied.
+    pub lag: i64,
+    /// `up`, `down` (no heartbeat for [`DOWN_AFTER`]) or `stopped` (a clean exit).
+    pub state: String,
+}
+
+/// What a heartbeat reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Beat {
+    pub sessions: u64,
+    pub flows: u64,
+    pub applied_change: i64,
+}
+
+/// This node's row in the registry.
+#[derive(Debug)]
+pub struct Registry {
+    node_id: String,
+}
+
+impl Registry {
+    /// Registers (or re-registers, after a restart) `node_id`, reachable at `address`.
+    pub async fn join(
+        client: &Client,
+        node_id: &str,
+        address: &str,
+        version: &str,
+    ) -> Result<Registry, ClusterError> {
+        schema::require_current(client).await?;
+        client
+            .execute(
+                "INSERT INTO nodes (node_id, address, version, started, heartbeat, stopped)
+                 VALUES ($1, $2, $3, now(), now(), NULL)
+                 ON CONFLICT (node_id) DO UPDATE SET address = $2, version = $3,
+                   started = now(), heartbeat = now(), stopped = NULL",
+                &[&node_id, &address, &version],
+            )
+            .await
+            .map_err(pg("registering the node"))?;
+        Ok(Registry {
+            node_id: node_id.to_string(),
+        })
+    }
+
+    /// Records that the node is alive, with its numbers.
+    pub async fn beat(&self, client: &Client, beat: Beat) -> Result<(), ClusterError> {
+        let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        client
+            .execute(
+                "UPDATE nodes SET heartbeat = now(), sessions = $2, flows = $3,
+                   applied_change = $4, stopped = NULL WHERE node_id = $1",
+                &[
+                    &self.node_id,
+                    &clamp(beat.sessions),
+                    &clamp(beat.flows),
+                    &beat.applied_change,
+                ],
+            )
+            .await
+            .map_err(pg("heartbeat"))?;
+        Ok(())
+    }
+
+    /// A clean exit: the node shows as stopped, not down.
+    pub async fn leave(&self, client: &Client) -> Result<(), ClusterError> {
+        client
+            .execute(
+                "UPDATE nodes SET stopped = now(), sessions = 0, flows = 0 WHERE node_id = $1",
+                &[&self.node_id],
+            )
+            .await
+            .map_err(pg("leaving the cluster"))?;
+        Ok(())
+    }
+}
+
+/// Every node, by id, with its state as of the database's clock.
+pub async fn status(client: &Client) -> Result<Vec<NodeRow>, ClusterError> {
+    schema::require_current(client).await?;
+    let down_after = i64::try_from(DOWN_AFTER.as_millis()).unwrap_or(i64::MAX);
+    let rows = client
+        .query(
+            "SELECT node_id, address, version, started, heartbeat, sessions, flows,
+                    applied_change,
+                    GREATEST(0, (SELECT COALESCE(max(number), 0) FROM changes) - applied_change),
+                    CASE WHEN stopped IS NOT NULL THEN 'stopped'
+                         WHEN now() - heartbeat > $1 * interval '1 millisecond' THEN 'down'
+                         ELSE 'up' END
+             FROM nodes ORDER BY node_id",
+            &[&(down_after as f64)],
+        )
+        .await
+        .map_err(pg("reading the nodes"))?;
+    rows.iter()
+        .map(|r| {
+            Ok(NodeRow {
+                node_id: r.try_get(0).map_err(pg("a node row"))?,
+                address: r.try_get(1).map_err(pg("a node row"))?,
+                version: r.try_get(2).map_err(pg("a node row"))?,
+                started: r.try_get(3).map_err(pg("a node row"))?,
+                heartbeat: r.try_get(4).map_err(pg("a node row"))?,
+                sessions: r.try_get(5).map_err(pg("a node row"))?,
+                flows: r.try_get(6).map_err(pg("a node row"))?,
+                applied_change: r.try_get(7).map_err(pg("a node row"))?,
+                lag: r.try_get(8).map_err(pg("a node row"))?,
+                state: r.try_get(9).map_err(pg("a node row"))?,
+            })
+        })
+        .collect()
+}
