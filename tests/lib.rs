@@ -1169,3 +1169,16 @@ pub fn echo_round_trip(stream: &mut TcpStream, data: &[u8]) -> Result<Vec<u8>> {
     w.join().map_err(|_| anyhow!("writer panicked"))??;
     Ok(back)
 }
+
+/// The `q` quantile (0..=1) of `v`, nearest rank (NaN for none): what the benchmarks report.
+pub fn quantile(v: &[f64], q: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )]
+    let i = ((v.len() as f64 - 1.0) * q.clamp(0.0, 1.0)).round() as usize;
+    v.get(i).copied().unwrap_or(f64::NAN)
+}

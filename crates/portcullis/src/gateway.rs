@@ -61,5 +61,8 @@ pub fn check(loaded: &Loaded) -> anyhow::Result<()> {
     if let Some(a) = &c.audit.api {
         portcullis_config::read_secret(&loaded.path, "audit.api.token_file", &a.token_file)?;
     }
+    if let Some(f) = c.cluster.as_ref().and_then(|c| c.password_file.as_ref()) {
+        portcullis_config::read_secret(&loaded.path, "cluster.password_file", f)?;
+    }
     portcullis_http::check(loaded)
 }
