@@ -7,12 +7,14 @@
 //!   together do not race;
 //! - [`Registry`]: the node registry: each node's row, a heartbeat every second with its
 //!   sessions, flows and last applied change number, marked stopped on a clean exit;
-//!   [`status`] lists the nodes, down when their heartbeat is older than [`DOWN_AFTER`].
+//!   [`status`] lists the nodes, down when their heartbeat is older than [`DOWN_AFTER`];
+//! - [`import`]: a single node's SQLite directory into an empty cluster, ids kept.
 //!
 //! What it deliberately does not (yet): the shared directory, the change log's fan-out and
 //! the leases are the next steps of the cluster issue; no connection pooling (one
 //! connection per task).
 
+mod import;
 pub mod schema;
 
 use std::time::Duration;
@@ -21,6 +23,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio_postgres::{Client, NoTls};
 
+pub use import::{import, Imported};
 pub use schema::{migrate, SCHEMA_VERSION};
 
 /// A node whose last heartbeat is older than this is down.
@@ -41,6 +44,10 @@ pub enum ClusterError {
     TooOld { found: i32 },
     #[error("database_url: {0}")]
     Url(String),
+    #[error("the cluster already holds {records} users, groups or devices: import only into an empty cluster")]
+    NotEmpty { records: i64 },
+    #[error("a record could not be encoded: {0}")]
+    Record(String),
 }
 
 pub(crate) fn pg(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> ClusterError {

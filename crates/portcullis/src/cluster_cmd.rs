@@ -14,6 +14,15 @@ pub enum ClusterCommand {
         #[arg(long, env = "PORTCULLIS_CONFIG")]
         config: PathBuf,
     },
+    /// Move a single node's users, groups and devices (its SQLite identity store) into an
+    /// empty cluster, ids kept.
+    Import {
+        #[arg(long, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+        /// The single node's `[identity] database`.
+        #[arg(long)]
+        from_sqlite: PathBuf,
+    },
     /// The nodes: id, address, version, started, last heartbeat, sessions, flows, applied
     /// change number and lag, state (up, down, stopped).
     Status {
@@ -33,6 +42,11 @@ pub fn run(command: ClusterCommand) -> anyhow::Result<ExitCode> {
 }
 
 async fn connect(config: &Path) -> anyhow::Result<tokio_postgres::Client> {
+    connect_as(config).await.map(|(client, _)| client)
+}
+
+/// The client, and this node's id.
+async fn connect_as(config: &Path) -> anyhow::Result<(tokio_postgres::Client, String)> {
     let loaded = portcullis_config::load_unkeyed(config)?;
     let c = loaded
         .config
@@ -45,14 +59,15 @@ async fn connect(config: &Path) -> anyhow::Result<tokio_postgres::Client> {
         }
         None => None,
     };
-    portcullis_cluster::connect(&c.database_url, password.as_deref())
+    let client = portcullis_cluster::connect(&c.database_url, password.as_deref())
         .await
         .with_context(|| {
             format!(
                 "cluster.database_url {}",
                 portcullis_config::redact_url(&c.database_url)
             )
-        })
+        })?;
+    Ok((client, c.node_id.clone()))
 }
 
 async fn run_async(command: ClusterCommand) -> anyhow::Result<ExitCode> {
@@ -65,6 +80,33 @@ async fn run_async(command: ClusterCommand) -> anyhow::Result<ExitCode> {
             } else {
                 println!("cluster schema version {after} (was {before})");
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        ClusterCommand::Import {
+            config,
+            from_sqlite,
+        } => {
+            // Opening creates a missing database: refuse a path that is not there.
+            if !from_sqlite.is_file() {
+                return Err(anyhow!(
+                    "--from-sqlite {}: no such file",
+                    from_sqlite.display()
+                ));
+            }
+            let (store, users, groups) = portcullis_identity::SqliteStore::open(&from_sqlite)?;
+            let devices = store.devices()?;
+            drop(store);
+            let (mut client, node) = connect_as(&config).await?;
+            let done =
+                portcullis_cluster::import(&mut client, &node, &users, &groups, &devices).await?;
+            println!(
+                "imported {} users, {} groups, {} devices from {} (change {})",
+                done.users,
+                done.groups,
+                done.devices,
+                from_sqlite.display(),
+                done.change
+            );
             Ok(ExitCode::SUCCESS)
         }
         ClusterCommand::Status { config, json } => {

@@ -72,7 +72,8 @@ enum Command {
         #[command(subcommand)]
         command: audit_cmd::AuditCommand,
     },
-    /// The cluster on PostgreSQL (`[cluster]`): migrate the schema, list the nodes.
+    /// The cluster on PostgreSQL (`[cluster]`): migrate the schema, import a single node's
+    /// directory, list the nodes.
     Cluster {
         #[command(subcommand)]
         command: cluster_cmd::ClusterCommand,

@@ -302,6 +302,84 @@ fn cluster_migrate_and_status_against_a_real_postgresql() {
         "{}",
         text(&o)
     );
+    // A single node's directory moves in, ids kept; a second import is refused.
+    let sqlite = dir.path().join("identity.db");
+    let alice_id = {
+        use portcullis_identity::{Directory, Group, SqliteStore, User};
+        let (mut store, _, _) = SqliteStore::open(&sqlite).unwrap();
+        let now = chrono::Utc::now();
+        let user = User {
+            id: uuid::Uuid::nil(),
+            user_name: "alice".into(),
+            external_id: None,
+            display_name: None,
+            email: "alice@example.com".into(),
+            active: true,
+            tags: vec![],
+            source: "scim".into(),
+            created: now,
+            modified: now,
+            version: 0,
+        };
+        let mut d = Directory::default();
+        let m = d.plan_create_user(user, now).unwrap();
+        store.commit_with_devices(&m, &Default::default()).unwrap();
+        let id = m.users[0].id;
+        d.apply(m, "scim");
+        let g = Group {
+            id: uuid::Uuid::nil(),
+            display_name: "sre".into(),
+            external_id: None,
+            members: [id].into_iter().collect(),
+            source: "scim".into(),
+            created: now,
+            modified: now,
+            version: 0,
+        };
+        let m = d.plan_create_group(g, now).unwrap();
+        store.commit_with_devices(&m, &Default::default()).unwrap();
+        id
+    };
+    let s = sqlite.to_str().unwrap();
+    let o = run(&["cluster", "import", "--config", cfg, "--from-sqlite", s]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("imported 1 users, 1 groups, 0 devices"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        pg.psql(
+            "portcullis",
+            "SELECT id FROM users WHERE user_name = 'alice'"
+        )
+        .unwrap(),
+        alice_id.to_string()
+    );
+    assert_eq!(
+        pg.psql(
+            "portcullis",
+            "SELECT kind FROM changes ORDER BY number DESC LIMIT 1"
+        )
+        .unwrap(),
+        "import"
+    );
+    let o = run(&["cluster", "import", "--config", cfg, "--from-sqlite", s]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("import only into an empty cluster"),
+        "{}",
+        text(&o)
+    );
+    let o = run(&[
+        "cluster",
+        "import",
+        "--config",
+        cfg,
+        "--from-sqlite",
+        "/nonexistent/identity.db",
+    ]);
+    assert!(text(&o).contains("no such file"), "{}", text(&o));
     // The database unreachable: a clear error naming the URL without secrets.
     let mut pg = pg;
     pg.stop();
