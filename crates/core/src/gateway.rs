@@ -405,23 +405,22 @@ impl Gateway {
         requested_at: DateTime<Utc>,
     ) -> Result<IdentityOutcome, ControlError> {
         let mut outcome = IdentityOutcome::default();
-        // Already without access (cut early, see `handle_revocation`, or never granted):
-        // nothing to cut, and no second `user_revoked`.
-        let enabled = self
-            .peers
-            .iter()
-            .flatten()
-            .any(|p| p.enabled && *p.spec.user == *user);
-        if !enabled && self.enforcer.engine().user(&user).is_none() {
-            return Ok(outcome);
-        }
+        let mut enabled = false;
         let slots: Vec<PeerId> = self
             .peers
             .iter()
             .enumerate()
-            .filter(|(_, p)| p.as_ref().is_some_and(|p| *p.user == *user))
-            .map(|(i, _)| PeerId(i as u32))
+            .filter_map(|(i, p)| p.as_ref().filter(|p| *p.user == *user).map(|p| (i, p)))
+            .map(|(i, p)| {
+                enabled |= p.enabled;
+                PeerId(i as u32)
+            })
             .collect();
+        // Already without access (cut early, see `handle_revocation`, or never granted):
+        // nothing to cut, and no second `user_revoked`.
+        if !enabled && self.enforcer.engine().user(&user).is_none() {
+            return Ok(outcome);
+        }
         for id in slots {
             let (sessions, flows) = self.disable_peer(now, id, "revoked");
             outcome.sessions_cut += sessions;
