@@ -28,6 +28,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _, Result};
 use serde_json::Value;
 
+pub mod cluster;
+
 static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
 
 /// One client device in its own namespace.
@@ -836,27 +838,7 @@ address6 = "fd00:64::3"
         headers: &[(&str, &str)],
         body: &str,
     ) -> Result<(u16, Value)> {
-        let headers: String = headers
-            .iter()
-            .map(|(k, v)| format!("{k}: {v}\r\n"))
-            .collect();
-        let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: gw\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        in_ns(&self.ns_gw, move || -> Result<(u16, Value)> {
-            let mut s = TcpStream::connect("127.0.0.1:18080")?;
-            s.write_all(request.as_bytes())?;
-            let mut out = String::new();
-            s.read_to_string(&mut out)?;
-            let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-            let status = head
-                .split_whitespace()
-                .nth(1)
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| anyhow!("not an HTTP answer: {head:?}"))?;
-            Ok((status, serde_json::from_str(body).unwrap_or(Value::Null)))
-        })?
+        http_in(&self.ns_gw, method, path, headers, body)
     }
 
     pub fn cli_in_gateway_ns(&self, args: &[&str]) -> Result<std::process::Output> {
@@ -1074,7 +1056,7 @@ impl Drop for Lab {
 }
 
 /// SIGTERM, then SIGKILL after 5 s; always reaped.
-fn terminate(child: &mut Child) {
+pub(crate) fn terminate(child: &mut Child) {
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -1101,7 +1083,7 @@ pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static
     .map_err(|_| anyhow!("namespace thread panicked"))?
 }
 
-fn echo_server(listener: TcpListener, stop: Arc<AtomicBool>) {
+pub(crate) fn echo_server(listener: TcpListener, stop: Arc<AtomicBool>) {
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((mut stream, _)) => {
@@ -1134,6 +1116,38 @@ fn echo_server(listener: TcpListener, stop: Arc<AtomicBool>) {
     }
 }
 
+/// One HTTP request to 127.0.0.1:18080 inside namespace `ns` with these headers:
+/// (status, JSON body or null).
+pub fn http_in(
+    ns: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Result<(u16, Value)> {
+    let headers: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: gw\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    in_ns(ns, move || -> Result<(u16, Value)> {
+        let mut s = TcpStream::connect("127.0.0.1:18080")?;
+        s.write_all(request.as_bytes())?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| anyhow!("not an HTTP answer: {head:?}"))?;
+        Ok((status, serde_json::from_str(body).unwrap_or(Value::Null)))
+    })?
+}
+
 /// Polls `f` every 50 ms until it returns true.
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
     let deadline = Instant::now() + timeout;
@@ -1148,7 +1162,7 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> Result<bool>) -> Res
     }
 }
 
-fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+pub(crate) fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     std::fs::create_dir_all(to)?;
     for entry in std::fs::read_dir(from)? {
         let entry = entry?;

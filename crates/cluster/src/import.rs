@@ -34,9 +34,12 @@ pub async fn import(
         .await
         .map_err(pg("starting the import"))?;
     // Serialised with other writers of the directory.
-    tx.batch_execute("LOCK TABLE users, groups, devices IN EXCLUSIVE MODE")
-        .await
-        .map_err(pg("locking the directory"))?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1)",
+        &[&crate::store::WRITER_LOCK],
+    )
+    .await
+    .map_err(pg("taking the writers' lock"))?;
     let held: i64 = tx
         .query_one(
             "SELECT (SELECT count(*) FROM users) + (SELECT count(*) FROM groups) + (SELECT count(*) FROM devices)",

@@ -1,21 +1,33 @@
 //! The cluster's shared state in PostgreSQL (`[cluster]`): N equal gateway nodes, no
 //! master, all messaging through the database.
 //!
-//! What it does so far:
+//! What it does:
 //! - [`migrate`]: creates or upgrades the schema ([`schema`], which owns the format), one
 //!   version at a time in a transaction each, under an advisory lock so that nodes started
 //!   together do not race;
+//! - [`ClusterStore`] ([`store`]): the identity directory and the devices, written under
+//!   one cluster-wide writers' lock together with a numbered entry of the change log and
+//!   a notification; [`snapshot`] reads the whole directory at start;
+//! - [`node`]: a running node's listener (LISTEN, then catch-up from its last applied
+//!   change after every notification or reconnection) and its heartbeat;
 //! - [`Registry`]: the node registry: each node's row, a heartbeat every second with its
 //!   sessions, flows and last applied change number, marked stopped on a clean exit;
 //!   [`status`] lists the nodes, down when their heartbeat is older than [`DOWN_AFTER`];
 //! - [`import`]: a single node's SQLite directory into an empty cluster, ids kept.
 //!
-//! What it deliberately does not (yet): the shared directory, the change log's fan-out and
-//! the leases are the next steps of the cluster issue; no connection pooling (one
-//! connection per task).
+//! Why LISTEN/NOTIFY and not logical decoding: a notification is sent at commit, in
+//! commit order, to every listening session, with no replication slot to manage (a slot
+//! left by a dead node makes PostgreSQL keep WAL forever); what a notification can lose
+//! (a node not connected at the time) the change log's numbers make up, since a node
+//! always reads "everything after my last", never "the change in the message".
+//!
+//! What it deliberately does not: no connection pooling (a connection per task: the
+//! store's, the listener's, the heartbeat's); the data plane never touches it.
 
 mod import;
+pub mod node;
 pub mod schema;
+pub mod store;
 
 use std::time::Duration;
 
@@ -25,6 +37,7 @@ use tokio_postgres::{Client, NoTls};
 
 pub use import::{import, Imported};
 pub use schema::{migrate, SCHEMA_VERSION};
+pub use store::{snapshot, ClusterStore, Snapshot, Target};
 
 /// A node whose last heartbeat is older than this is down.
 pub const DOWN_AFTER: Duration = Duration::from_secs(5);
@@ -32,9 +45,11 @@ pub const DOWN_AFTER: Duration = Duration::from_secs(5);
 /// Errors of the cluster store; they name what was being done, never a password.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    #[error("postgresql: {what}: {source}")]
+    #[error("postgresql: {what}: {detail}")]
     Postgres {
         what: &'static str,
+        /// The server's message and SQLSTATE, or the client's error.
+        detail: String,
         #[source]
         source: tokio_postgres::Error,
     },
@@ -51,7 +66,14 @@ pub enum ClusterError {
 }
 
 pub(crate) fn pg(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> ClusterError {
-    move |source| ClusterError::Postgres { what, source }
+    move |source| ClusterError::Postgres {
+        what,
+        detail: match source.as_db_error() {
+            Some(db) => format!("{} ({})", db.message(), db.code().code()),
+            None => source.to_string(),
+        },
+        source,
+    }
 }
 
 /// Connects to `url` (the password, if any, from `password`); the connection runs on a
@@ -194,4 +216,57 @@ pub async fn status(client: &Client) -> Result<Vec<NodeRow>, ClusterError> {
             })
         })
         .collect()
+}
+
+/// A lease on once-per-cluster work.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LeaseRow {
+    pub name: String,
+    pub holder: String,
+    pub expires: DateTime<Utc>,
+    /// Whether it is still held (not expired) by the database's clock.
+    pub held: bool,
+}
+
+/// What `portcullis cluster status` and `GET /cluster` show.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Overview {
+    pub nodes: Vec<NodeRow>,
+    pub leases: Vec<LeaseRow>,
+    /// The newest change number in the log.
+    pub last_change: i64,
+}
+
+/// The nodes, the leases and the newest change.
+pub async fn overview(client: &Client) -> Result<Overview, ClusterError> {
+    let nodes = status(client).await?;
+    let rows = client
+        .query(
+            "SELECT name, holder, expires, expires > now() FROM leases ORDER BY name",
+            &[],
+        )
+        .await
+        .map_err(pg("reading the leases"))?;
+    let leases = rows
+        .iter()
+        .map(|r| {
+            Ok(LeaseRow {
+                name: r.try_get(0).map_err(pg("a lease row"))?,
+                holder: r.try_get(1).map_err(pg("a lease row"))?,
+                expires: r.try_get(2).map_err(pg("a lease row"))?,
+                held: r.try_get(3).map_err(pg("a lease row"))?,
+            })
+        })
+        .collect::<Result<Vec<_>, ClusterError>>()?;
+    let last_change: i64 = client
+        .query_one("SELECT COALESCE(max(number), 0) FROM changes", &[])
+        .await
+        .map_err(pg("reading the change log"))?
+        .try_get(0)
+        .map_err(pg("reading the change log"))?;
+    Ok(Overview {
+        nodes,
+        leases,
+        last_change,
+    })
 }

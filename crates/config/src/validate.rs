@@ -10,13 +10,24 @@ use crate::*;
 
 /// Parses and checks configuration text (the private key is not read: zeros).
 pub fn parse(path: &Path, src: &str) -> Result<Loaded, ConfigError> {
-    let config: Config = toml::from_str(src).map_err(|e| toml_error(path, src, &e))?;
+    let mut config: Config = toml::from_str(src).map_err(|e| toml_error(path, src, &e))?;
     if config.cluster.is_some() && identity_database_given(src) {
         return Err(ConfigError::new(
             path,
             "identity.database",
             "not used with [cluster]: the directory is shared in PostgreSQL (remove one)",
         ));
+    }
+    if let Some(cl) = &config.cluster {
+        // A node's events are chained under its node id: one name, not two.
+        if gateway_id_given(src) && config.gateway.id != cl.node_id {
+            return Err(ConfigError::new(
+                path,
+                "gateway.id",
+                "with [cluster] the gateway id is cluster.node_id (remove gateway.id or make them equal)",
+            ));
+        }
+        config.gateway.id = cl.node_id.clone();
     }
     let at_file = |e: Invalid| ConfigError::new(path, e.key, e.reason);
     let checked = check(&config).map_err(at_file)?;
@@ -42,6 +53,14 @@ pub fn parse(path: &Path, src: &str) -> Result<Loaded, ConfigError> {
         peer_keys: checked.keys,
         warnings,
     })
+}
+
+/// Whether the text sets `[gateway] id` itself (it has a default).
+fn gateway_id_given(src: &str) -> bool {
+    toml::from_str::<toml::Table>(src)
+        .ok()
+        .and_then(|t| t.get("gateway")?.as_table()?.get("id").cloned())
+        .is_some()
 }
 
 /// Whether the text sets `[identity] database` itself (it has a default).

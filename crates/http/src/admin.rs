@@ -66,6 +66,8 @@ pub struct AdminApi {
     pub profile_scope: crate::devices::ProfileScope,
     /// `[audit.clickhouse]`: the audit queries under `/audit`.
     pub store: Option<Arc<portcullis_auditor::http::StoreHandle>>,
+    /// `[cluster]`: `GET /cluster` reads the registry.
+    pub cluster: Option<portcullis_cluster::Target>,
 }
 
 /// The admin routes under `/admin/v1` (bearer) and, with `[api]`, `/api/v1` (signed).
@@ -82,6 +84,7 @@ pub fn admin_router(a: AdminApi) -> Router {
         policy_dir: Arc::from(a.policy_dir.as_path()),
         scope: Arc::new(a.profile_scope),
         policy_lock: Arc::new(tokio::sync::Mutex::new(())),
+        cluster: a.cluster.map(Arc::new),
     };
     let audit = a.store;
     let routes = || {
@@ -90,6 +93,7 @@ pub fn admin_router(a: AdminApi) -> Router {
             .route("/users/{name}/disable", post(disable_user))
             .route("/sessions", get(sessions))
             .route("/sessions/{id}/kill", post(kill_session))
+            .route("/cluster", get(cluster_status))
             .route("/ldap", get(ldap_status))
             .route("/ldap/approve-removal", post(ldap_approve))
             .route("/ldap/users/{name}", get(ldap_lookup))
@@ -496,6 +500,24 @@ async fn kill_session(State(s): State<AdminState>, Path(id): Path<String>) -> Re
 
 fn no_ldap() -> Response {
     error(StatusCode::NOT_FOUND, "no [ldap] section is configured")
+}
+
+/// The cluster's nodes and leases, as `portcullis cluster status --json` shows them.
+async fn cluster_status(State(s): State<AdminState>) -> Response {
+    let Some(target) = &s.cluster else {
+        return error(StatusCode::NOT_FOUND, "no [cluster] section is configured");
+    };
+    let overview = async {
+        let client = target.connect().await?;
+        portcullis_cluster::overview(&client).await
+    };
+    match overview.await {
+        Ok(o) => Json(o).into_response(),
+        Err(e) => {
+            tracing::warn!("GET /cluster: {e}");
+            error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+    }
 }
 
 async fn ldap_status(State(s): State<AdminState>) -> Response {

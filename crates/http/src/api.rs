@@ -35,6 +35,8 @@ pub(crate) struct AdminState {
     pub(crate) scope: Arc<crate::devices::ProfileScope>,
     /// Serialises policy replacements.
     pub(crate) policy_lock: Arc<tokio::sync::Mutex<()>>,
+    /// `[cluster]`'s database, for `GET /cluster`.
+    pub(crate) cluster: Option<Arc<portcullis_cluster::Target>>,
 }
 
 pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {

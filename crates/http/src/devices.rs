@@ -52,6 +52,7 @@ impl From<IdentityError> for ApiError {
             ) => StatusCode::CONFLICT,
             IdentityError::Device(DeviceError::Invalid(_)) => StatusCode::BAD_REQUEST,
             IdentityError::CoreGone => StatusCode::SERVICE_UNAVAILABLE,
+            _ if e.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(status, e.to_string())

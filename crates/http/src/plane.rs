@@ -2,6 +2,7 @@
 //! anything runs), then its thread.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -180,11 +181,41 @@ impl Plane {
         if let Some(identity) = identity.as_ref().filter(|i| i.device_policy().is_some()) {
             devices::spawn_expiry(identity.clone());
         }
+        // The heartbeat reports what the status reader last saw.
+        let numbers = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+        let cluster = match (&c.cluster, &identity) {
+            (Some(cl), Some(identity)) => match cluster_target(&loaded, cl) {
+                Ok(target) => {
+                    let seen = numbers.clone();
+                    portcullis_cluster::node::spawn(
+                        target.clone(),
+                        portcullis_cluster::node::NodeInfo {
+                            node_id: cl.node_id.clone(),
+                            address: c.gateway.listen.to_string(),
+                            version: env!("CARGO_PKG_VERSION").to_string(),
+                        },
+                        identity.clone(),
+                        move || {
+                            (
+                                seen.0.load(Ordering::Relaxed),
+                                seen.1.load(Ordering::Relaxed),
+                            )
+                        },
+                    );
+                    Some(target)
+                }
+                Err(e) => {
+                    let _ = started.send(Err(e));
+                    return;
+                }
+            },
+            _ => None,
+        };
         let health = health::Health::new();
         let metrics = metrics::Metrics::new();
         if let (Some(h), Some(listener)) = (&c.http, listener) {
             let app = match routes(
-                &loaded, h, &identity, &tokens, &profile, ldap, store, &commands,
+                &loaded, h, &identity, &tokens, &profile, ldap, store, cluster, &commands,
             )
             .await
             {
@@ -233,6 +264,8 @@ impl Plane {
             tokio::select! {
                 s = status.recv() => match s {
                     Some(s) => {
+                        numbers.0.store(s.snapshot.sessions, Ordering::Relaxed);
+                        numbers.1.store(s.snapshot.flows, Ordering::Relaxed);
                         health.update(s.at, s.ready);
                         metrics.publish(s.snapshot);
                     }
@@ -258,6 +291,7 @@ async fn routes(
     profile: &Option<Arc<portcullis_identity::ProfileSettings>>,
     ldap: Option<portcullis_ldap_sync::LdapHandle>,
     store: Option<portcullis_audit::StoreConfig>,
+    cluster: Option<portcullis_cluster::Target>,
     commands: &mpsc::Sender<Command>,
 ) -> anyhow::Result<axum::Router> {
     let c = &loaded.config;
@@ -292,6 +326,7 @@ async fn routes(
             policy_dir: c.policy.dir.clone(),
             profile_scope: devices::ProfileScope::new(loaded),
             store: store.map(|s| Arc::new(portcullis_auditor::http::StoreHandle::lazy(s))),
+            cluster,
         }));
     }
     // Bearer failures are limited per address on SCIM and /admin/v1 (the signed API
@@ -316,10 +351,39 @@ pub fn open_identity(
         && c.api.is_none()
         && c.ldap.is_none()
         && c.devices.is_none()
+        && c.cluster.is_none()
     {
         return Ok(None);
     }
-    let (store, users, groups) = portcullis_identity::SqliteStore::open(&c.identity.database)?;
+    let (store, users, groups, applied): (Box<dyn portcullis_identity::Store>, _, _, _) =
+        match &c.cluster {
+            Some(cl) => {
+                let target = cluster_target(loaded, cl)?;
+                let snapshot = read_snapshot(&target).with_context(|| {
+                    format!(
+                        "cluster.database_url {}: a node reads the shared directory at start",
+                        portcullis_config::redact_url(&cl.database_url)
+                    )
+                })?;
+                let store = portcullis_cluster::ClusterStore::new(target, &cl.node_id, &snapshot);
+                (
+                    Box::new(store),
+                    snapshot.users,
+                    snapshot.groups,
+                    snapshot.number,
+                )
+            }
+            None => {
+                let (store, users, groups) =
+                    portcullis_identity::SqliteStore::open(&c.identity.database)?;
+                (
+                    Box::new(portcullis_identity::SqliteBackend::new(store)),
+                    users,
+                    groups,
+                    0,
+                )
+            }
+        };
     let mut directory = portcullis_identity::Directory::from_records(users, groups);
     directory.set_reserved(c.users.iter().map(|u| u.name.clone()));
     for u in directory.users() {
@@ -330,17 +394,67 @@ pub fn open_identity(
             tracing::warn!(user = %u.user_name, "a [[user]] in the configuration file shadows the identity store's user of the same name");
         }
     }
-    tracing::info!(
-        database = %c.identity.database.display(),
-        users = directory.users().count(),
-        groups = directory.groups().count(),
-        "identity store opened"
-    );
-    let mut identity = portcullis_identity::Identity::new(directory, store, commands);
+    match &c.cluster {
+        Some(cl) => tracing::info!(
+            node = %cl.node_id,
+            change = applied,
+            users = directory.users().count(),
+            groups = directory.groups().count(),
+            "shared directory read"
+        ),
+        None => tracing::info!(
+            database = %c.identity.database.display(),
+            users = directory.users().count(),
+            groups = directory.groups().count(),
+            "identity store opened"
+        ),
+    }
+    let mut identity =
+        portcullis_identity::Identity::with_store(directory, store, commands).starting_at(applied);
     if let Some(d) = &c.devices {
         identity = identity.with_devices(devices::policy(loaded, d))?;
     }
     Ok(Some(Arc::new(identity)))
+}
+
+/// `[cluster]`'s database, with the password from `password_file`.
+pub fn cluster_target(
+    loaded: &Loaded,
+    cl: &portcullis_config::ClusterConfig,
+) -> anyhow::Result<portcullis_cluster::Target> {
+    let password = match &cl.password_file {
+        Some(f) => {
+            Some(portcullis_config::read_secret(&loaded.path, "cluster.password_file", f)?.0)
+        }
+        None => None,
+    };
+    Ok(portcullis_cluster::Target {
+        url: cl.database_url.clone(),
+        password,
+    })
+}
+
+/// Reads the shared directory on a runtime of its own (the caller may be on the data
+/// plane's): the connection ends with it; the control plane connects its own later.
+fn read_snapshot(
+    target: &portcullis_cluster::Target,
+) -> anyhow::Result<portcullis_cluster::Snapshot> {
+    let target = target.clone();
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(async {
+                    let mut client = target.connect().await?;
+                    portcullis_cluster::schema::require_current(&client).await?;
+                    Ok(portcullis_cluster::snapshot(&mut client).await?)
+                })
+            })
+            .join()
+            .map_err(|_| anyhow!("reading the shared directory: the thread panicked"))?
+    })
 }
 
 #[derive(Default)]

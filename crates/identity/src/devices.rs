@@ -100,7 +100,7 @@ pub struct Owner {
 }
 
 /// Records to write and to delete (with why), as one transaction.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceMutation {
     pub upsert: Vec<Device>,
     pub removed: Vec<(Uuid, String)>,
@@ -144,6 +144,23 @@ impl Devices {
             d.by_id.insert(r.id, r);
         }
         d
+    }
+
+    /// Plans making the devices exactly `records` (see [`crate::Directory::plan_replace`]).
+    pub fn plan_replace(&self, records: Vec<Device>) -> DeviceMutation {
+        let keep: std::collections::BTreeSet<Uuid> = records.iter().map(|d| d.id).collect();
+        DeviceMutation {
+            removed: self
+                .by_id
+                .keys()
+                .filter(|id| !keep.contains(id))
+                .map(|id| (*id, "removed".to_string()))
+                .collect(),
+            upsert: records
+                .into_iter()
+                .filter(|d| self.by_id.get(&d.id) != Some(d))
+                .collect(),
+        }
     }
 
     pub fn get(&self, id: &Uuid) -> Option<&Device> {

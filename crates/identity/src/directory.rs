@@ -52,8 +52,9 @@ pub struct Group {
     pub version: u64,
 }
 
-/// Records to write (insert or replace) and to delete, as one transaction.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Records to write (insert or replace) and to delete, as one transaction. Its JSON is
+/// the body of a cluster change.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Mutation {
     pub users: Vec<User>,
     pub removed_users: Vec<Uuid>,
@@ -188,6 +189,36 @@ impl Directory {
             d.groups.insert(g.id, g);
         }
         d
+    }
+
+    /// Plans making the directory exactly `users` and `groups` (a cluster node that fell
+    /// behind a trimmed change log reloads this way): differing records are written,
+    /// missing ones removed, so applying it yields the access changes of the difference.
+    pub fn plan_replace(&self, users: Vec<User>, groups: Vec<Group>) -> Mutation {
+        let keep_users: BTreeSet<Uuid> = users.iter().map(|u| u.id).collect();
+        let keep_groups: BTreeSet<Uuid> = groups.iter().map(|g| g.id).collect();
+        Mutation {
+            removed_users: self
+                .users
+                .keys()
+                .filter(|id| !keep_users.contains(id))
+                .copied()
+                .collect(),
+            removed_groups: self
+                .groups
+                .keys()
+                .filter(|id| !keep_groups.contains(id))
+                .copied()
+                .collect(),
+            users: users
+                .into_iter()
+                .filter(|u| self.users.get(&u.id) != Some(u))
+                .collect(),
+            groups: groups
+                .into_iter()
+                .filter(|g| self.groups.get(&g.id) != Some(g))
+                .collect(),
+        }
     }
 
     /// Names of users the configuration file defines (case-folded on compare).

@@ -10,7 +10,8 @@
 //! - [`Devices`] (sans-IO): users' WireGuard keys with their pool address and expiry,
 //!   registered, rotated (with a grace period for the old key), expired and removed.
 //! - [`SqliteStore`]: the directory and the devices on disk (format in [`store`]), so a
-//!   restart keeps them.
+//!   restart keeps them; [`Store`] is the interface the cluster's PostgreSQL store
+//!   implements too (`portcullis-cluster`), and [`Remote`] what other nodes committed.
 //! - [`Identity`]: the shared handle the sources use. A change is persisted, applied to
 //!   the directory and queued to the core in one critical section (so the core sees
 //!   changes in commit order), then awaited until the core has applied it: a SCIM or admin
@@ -20,17 +21,20 @@
 //! What it deliberately does not: no protocol (SCIM and LDAP have their own crates or
 //! modules), no policy evaluation, no access to the data plane except through the queue.
 
+pub mod backend;
 pub mod devices;
 pub mod directory;
 pub mod store;
 pub mod sync;
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 pub use portcullis_control::Apply;
 use portcullis_control::Command;
 
+pub use backend::{Remote, SqliteBackend, Store};
 use chrono::{DateTime, TimeDelta, Utc};
 pub use devices::{
     profile, Device, DeviceError, DeviceMutation, DevicePolicy, Devices, Owner, ProfileSettings,
@@ -60,6 +64,14 @@ pub enum IdentityError {
     Commit(String),
 }
 
+impl IdentityError {
+    /// Whether the change was refused only because the store is unreachable (a SCIM
+    /// client should retry: 503).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, IdentityError::Store(e) if e.is_unavailable())
+    }
+}
+
 /// The active users `m` deactivates or deletes (by name).
 fn revocations(directory: &Directory, m: &Mutation) -> Vec<String> {
     let deactivated = m
@@ -75,30 +87,6 @@ fn revocations(directory: &Directory, m: &Mutation) -> Vec<String> {
         .chain(deleted)
         .map(|u| u.user_name.clone())
         .collect()
-}
-
-/// Commits on a blocking thread, so the control plane's runtime serves other requests
-/// (TLS handshakes among them) during the fsync; the writers' lock goes along and back.
-async fn commit(
-    mut store: tokio::sync::OwnedMutexGuard<SqliteStore>,
-    m: Mutation,
-    dm: DeviceMutation,
-) -> Result<
-    (
-        tokio::sync::OwnedMutexGuard<SqliteStore>,
-        Mutation,
-        DeviceMutation,
-    ),
-    IdentityError,
-> {
-    let (store, m, dm, result) = tokio::task::spawn_blocking(move || {
-        let result = store.commit_with_devices(&m, &dm);
-        (store, m, dm, result)
-    })
-    .await
-    .map_err(|e| IdentityError::Commit(e.to_string()))?;
-    result?;
-    Ok((store, m, dm))
 }
 
 /// What a committed change wrote.
@@ -125,7 +113,9 @@ struct State {
 /// happens with `store` held, so a plan made under `store` stays valid until applied.
 pub struct Identity {
     state: Mutex<State>,
-    store: Arc<AsyncMutex<SqliteStore>>,
+    store: Arc<AsyncMutex<Box<dyn Store>>>,
+    /// The last change number applied here (0 on a single node).
+    applied: AtomicI64,
     core: mpsc::Sender<Command>,
     device_policy: Option<DevicePolicy>,
     /// Woken when a device changes, so the expiry timer can re-arm.
@@ -140,12 +130,23 @@ impl std::fmt::Debug for Identity {
 
 impl Identity {
     pub fn new(directory: Directory, store: SqliteStore, core: mpsc::Sender<Command>) -> Identity {
+        Identity::with_store(directory, Box::new(SqliteBackend::new(store)), core)
+    }
+
+    /// An identity on any store (the cluster's, or SQLite's); `directory` is what the
+    /// store held at start.
+    pub fn with_store(
+        directory: Directory,
+        store: Box<dyn Store>,
+        core: mpsc::Sender<Command>,
+    ) -> Identity {
         Identity {
             state: Mutex::new(State {
                 directory,
                 devices: Devices::default(),
             }),
             store: Arc::new(AsyncMutex::new(store)),
+            applied: AtomicI64::new(0),
             core,
             device_policy: None,
             devices_changed: tokio::sync::Notify::new(),
@@ -155,8 +156,8 @@ impl Identity {
     /// Enables devices: the stored ones (read from the store) and the policy for new ones.
     pub fn with_devices(mut self, policy: DevicePolicy) -> Result<Identity, StoreError> {
         let records = match Arc::get_mut(&mut self.store) {
-            Some(store) => store.get_mut().devices()?,
-            None => self.store.blocking_lock().devices()?,
+            Some(store) => store.get_mut().initial_devices()?,
+            None => self.store.blocking_lock().initial_devices()?,
         };
         self.state
             .get_mut()
@@ -164,6 +165,80 @@ impl Identity {
             .devices = Devices::from_records(records);
         self.device_policy = Some(policy);
         Ok(self)
+    }
+
+    /// Starts counting applied changes at `number` (what the store held at start).
+    pub fn starting_at(self, number: i64) -> Identity {
+        self.applied.store(number, Ordering::Relaxed);
+        self
+    }
+
+    /// The last change number applied here (a cluster node's heartbeat reports it).
+    pub fn applied_change(&self) -> i64 {
+        self.applied.load(Ordering::Relaxed)
+    }
+
+    /// Applies what other nodes committed since this node's last change (after a
+    /// notification, a reconnect, or on a timer); returns how many changes.
+    pub async fn catch_up(&self) -> Result<usize, IdentityError> {
+        let mut store = self.store.lock().await;
+        let remote = store.pending().await?;
+        let n = remote.len();
+        self.apply_remote(&mut **store, remote).await?;
+        Ok(n)
+    }
+
+    /// Applies changes of other nodes in order and queues their access changes to the
+    /// core (not awaited: the core applies its queue in order). Called with `store` held.
+    async fn apply_remote(
+        &self,
+        store: &mut dyn Store,
+        remote: Vec<Remote>,
+    ) -> Result<(), IdentityError> {
+        for r in remote {
+            let number = r.number();
+            let (changes, devices) = {
+                let mut state = self.lock();
+                let (m, dm, source) = match r {
+                    Remote::Change {
+                        source,
+                        mutation,
+                        devices,
+                        ..
+                    } => (mutation, devices, source),
+                    Remote::Reload {
+                        users,
+                        groups,
+                        devices,
+                        ..
+                    } => {
+                        tracing::warn!(
+                            number,
+                            "the change log was trimmed past this node's last change: reloading the directory"
+                        );
+                        (
+                            state.directory.plan_replace(users, groups),
+                            state.devices.plan_replace(devices),
+                            "cluster".to_string(),
+                        )
+                    }
+                };
+                let changes = state.directory.apply(m, &source);
+                let devices = state.devices.apply(dm, self.device_policy.as_ref());
+                (changes, devices)
+            };
+            store.applied(number);
+            self.applied.store(number, Ordering::Relaxed);
+            if !devices.is_empty() {
+                self.devices_changed.notify_one();
+            }
+            if !changes.is_empty() || !devices.is_empty() {
+                let _done = self
+                    .hand_off(changes, devices, Instant::now(), Utc::now())
+                    .await?;
+            }
+        }
+        Ok(())
     }
 
     pub fn device_policy(&self) -> Option<&DevicePolicy> {
@@ -203,31 +278,52 @@ impl Identity {
         requested_at: DateTime<Utc>,
         plan: impl FnOnce(&Directory, DateTime<Utc>) -> Result<Mutation, E>,
     ) -> Result<Committed, E> {
-        let store = self.store.clone().lock_owned().await;
-        let (m, dm) = {
+        let mut store = self.store.clone().lock_owned().await;
+        let remote = store.begin().await.map_err(IdentityError::from)?;
+        if let Err(e) = self.apply_remote(&mut **store, remote).await {
+            store.abort().await;
+            return Err(e.into());
+        }
+        let planned = {
             let state = self.lock();
-            let m = plan(&state.directory, requested_at)?;
-            if m.is_empty() {
+            plan(&state.directory, requested_at).map(|m| {
+                // A deleted user's devices go in the same commit.
+                let dm = state.devices.plan_users_removed(&m.removed_users);
+                (m, dm)
+            })
+        };
+        let (m, dm) = match planned {
+            Ok((m, dm)) if !m.is_empty() => (m, dm),
+            Ok(_) => {
+                store.abort().await;
                 return Ok(Committed::default());
             }
-            // A deleted user's devices go in the same commit.
-            let dm = state.devices.plan_users_removed(&m.removed_users);
-            (m, dm)
+            Err(e) => {
+                store.abort().await;
+                return Err(e);
+            }
         };
         // Access taken away is cut before the commit, not after its fsync.
         let revoking = revocations(&self.lock().directory, &m);
         if !revoking.is_empty() {
-            self.core
+            let sent = self
+                .core
                 .send(Command::Revoke(portcullis_control::Revoke {
                     users: revoking,
                     source: source.to_string(),
                     requested,
                     requested_at,
                 }))
-                .await
-                .map_err(|_| IdentityError::CoreGone)?;
+                .await;
+            if sent.is_err() {
+                store.abort().await;
+                return Err(IdentityError::CoreGone.into());
+            }
         }
-        let (store, m, dm) = commit(store, m, dm).await?;
+        store
+            .commit(source, &m, &dm)
+            .await
+            .map_err(IdentityError::from)?;
         let mut committed = Committed {
             users: m.users.iter().map(|u| u.id).collect(),
             groups: m.groups.iter().map(|g| g.id).collect(),
@@ -239,6 +335,7 @@ impl Identity {
             let devices = state.devices.apply(dm, self.device_policy.as_ref());
             (changes, devices)
         };
+        self.note_applied(&**store);
         committed.changes = changes.len();
         if changes.is_empty() && devices.is_empty() {
             return Ok(committed);
@@ -252,6 +349,10 @@ impl Identity {
         drop(store);
         rx.await.map_err(|_| IdentityError::CoreGone)?;
         Ok(committed)
+    }
+
+    fn note_applied(&self, store: &dyn Store) {
+        self.applied.store(store.last_applied(), Ordering::Relaxed);
     }
 
     /// Queues applied changes to the core; called with `store` held, so the core sees
@@ -295,16 +396,30 @@ impl Identity {
             .device_policy
             .as_ref()
             .ok_or(IdentityError::NoDevices)?;
-        let store = self.store.clone().lock_owned().await;
-        let (dm, out) = {
-            let state = self.lock();
-            plan(&state.directory, &state.devices, policy, requested_at)?
-        };
-        if dm.is_empty() {
-            return Ok(out);
+        let mut store = self.store.clone().lock_owned().await;
+        let remote = store.begin().await?;
+        if let Err(e) = self.apply_remote(&mut **store, remote).await {
+            store.abort().await;
+            return Err(e);
         }
-        let (store, _, dm) = commit(store, Mutation::default(), dm).await?;
+        let planned = {
+            let state = self.lock();
+            plan(&state.directory, &state.devices, policy, requested_at)
+        };
+        let (dm, out) = match planned {
+            Ok((dm, out)) if !dm.is_empty() => (dm, out),
+            Ok((_, out)) => {
+                store.abort().await;
+                return Ok(out);
+            }
+            Err(e) => {
+                store.abort().await;
+                return Err(e);
+            }
+        };
+        store.commit("devices", &Mutation::default(), &dm).await?;
         let devices = self.lock().devices.apply(dm, Some(policy));
+        self.note_applied(&**store);
         self.devices_changed.notify_one();
         let rx = self
             .hand_off(Vec::new(), devices, requested, requested_at)
@@ -443,7 +558,11 @@ impl Identity {
         if dm.is_empty() {
             return Ok(Vec::new());
         }
-        store.commit_with_devices(&Mutation::default(), &dm)?;
+        let shared = store.shared();
+        if !shared {
+            store.begin().await?;
+            store.commit("devices", &Mutation::default(), &dm).await?;
+        }
         let mut state = self.lock();
         let gone: Vec<(Device, String)> = dm
             .removed
@@ -451,15 +570,17 @@ impl Identity {
             .filter_map(|(id, why)| state.devices.get(id).cloned().map(|d| (d, why.clone())))
             .collect();
         state.devices.apply(dm, self.device_policy.as_ref());
-        Ok(gone)
+        // In a cluster the node holding the sweep's lease removes them from the shared
+        // store and records it; this node only stops accepting them at once.
+        Ok(if shared { Vec::new() } else { gone })
     }
 
     /// A sync source's saved state (e.g. the LDAP cookie).
     pub async fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
-        self.store.lock().await.meta(key)
+        self.store.lock().await.meta(key).await
     }
 
     pub async fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
-        self.store.lock().await.set_meta(key, value)
+        self.store.lock().await.set_meta(key, value).await
     }
 }

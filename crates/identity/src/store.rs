@@ -40,6 +40,21 @@ pub enum StoreError {
     },
     #[error("identity database {path}: schema version {found} is newer than this gateway's {SCHEMA_VERSION}")]
     TooNew { path: String, found: i64 },
+    #[error("identity store: a commit did not complete: {reason}")]
+    Lost { reason: String },
+    /// The cluster's database cannot be reached: nothing was changed; try again later.
+    #[error("the cluster database is unreachable, nothing was changed: {reason}")]
+    Unavailable { reason: String },
+    /// The cluster's database refused or failed the operation.
+    #[error("cluster database: {reason}")]
+    Shared { reason: String },
+}
+
+impl StoreError {
+    /// Whether trying again later can succeed (the database is down or unreachable).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable { .. })
+    }
 }
 
 /// The SQLite database behind the directory.

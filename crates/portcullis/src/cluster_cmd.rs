@@ -1,4 +1,4 @@
-//! `portcullis cluster migrate|status`: the cluster's schema and its nodes, read from
+//! `portcullis cluster migrate|import|status`: the cluster's schema and its nodes, read from
 //! `[cluster]` in the configuration.
 
 use std::path::{Path, PathBuf};
@@ -111,11 +111,12 @@ async fn run_async(command: ClusterCommand) -> anyhow::Result<ExitCode> {
         }
         ClusterCommand::Status { config, json } => {
             let client = connect(&config).await?;
-            let nodes = portcullis_cluster::status(&client).await?;
+            let overview = portcullis_cluster::overview(&client).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&nodes)?);
+                println!("{}", serde_json::to_string_pretty(&overview)?);
                 return Ok(ExitCode::SUCCESS);
             }
+            let nodes = overview.nodes;
             println!(
                 "{:<16} {:<22} {:<8} {:<7} {:<20} {:>8} {:>8} {:>8} {:>6}",
                 "NODE",
@@ -140,6 +141,16 @@ async fn run_async(command: ClusterCommand) -> anyhow::Result<ExitCode> {
                     n.flows,
                     n.applied_change,
                     n.lag
+                );
+            }
+            println!("last change {}", overview.last_change);
+            for l in overview.leases {
+                println!(
+                    "lease {:<24} {:<16} {} until {}",
+                    l.name,
+                    l.holder,
+                    if l.held { "held" } else { "expired" },
+                    l.expires.format("%Y-%m-%d %H:%M:%S")
                 );
             }
             Ok(ExitCode::SUCCESS)

@@ -13,13 +13,6 @@ use portcullis_policy::PolicyBundle;
 pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     let loaded = Arc::new(loaded);
     let c = &loaded.config;
-    if c.cluster.is_some() {
-        // Refused rather than run as a lone node that looks like a cluster member.
-        return Err(anyhow!(
-            "{}: [cluster]: a gateway node cannot run on the shared directory yet (this build has `portcullis cluster migrate|status`); remove [cluster] to run a single node",
-            loaded.path.display()
-        ));
-    }
     let bundle = PolicyBundle::load(&c.policy.dir)
         .map_err(|e| anyhow!("policy directory {} rejected:\n{e}", c.policy.dir.display()))?;
     for w in &bundle.warnings {

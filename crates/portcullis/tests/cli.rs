@@ -293,9 +293,11 @@ fn cluster_migrate_and_status_against_a_real_postgresql() {
     .unwrap();
     let o = run(&["cluster", "status", "--config", cfg, "--json"]);
     assert!(o.status.success(), "{}", text(&o));
-    let nodes: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let overview: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let nodes = &overview["nodes"];
     assert_eq!(nodes[0]["node_id"], "gw-b");
     assert_eq!(nodes[0]["state"], "down");
+    assert_eq!(overview["last_change"], 0);
     let o = run(&["cluster", "status", "--config", cfg]);
     assert!(
         text(&o).contains("gw-b") && text(&o).contains("down"),

@@ -42,6 +42,11 @@ impl From<IdentityError> for ScimError {
     fn from(e: IdentityError) -> ScimError {
         match e {
             IdentityError::Directory(d) => d.into(),
+            // The IdP retries a 503: nothing was changed.
+            _ if e.is_unavailable() => {
+                tracing::warn!("scim: {e}");
+                ScimError::new(503, None, e.to_string())
+            }
             IdentityError::Store(_) | IdentityError::Commit(_) => {
                 tracing::error!("scim: {e}");
                 ScimError::internal("the identity database could not store the change".into())

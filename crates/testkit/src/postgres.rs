@@ -17,6 +17,8 @@ pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 pub struct Postgres {
     dir: tempfile::TempDir,
     pub port: u16,
+    /// The TCP address it listens on (127.0.0.1 unless started with [`Postgres::start_on`]).
+    pub host: String,
     netns: Option<String>,
     child: Option<Child>,
 }
@@ -53,6 +55,12 @@ impl Postgres {
 
     /// Creates the cluster, starts the server and creates the database.
     pub fn start(netns: Option<&str>) -> anyhow::Result<Postgres> {
+        Self::start_on(netns, "127.0.0.1")
+    }
+
+    /// [`Postgres::start`] listening on `host` (an address of `netns`), so that other
+    /// namespaces of the test reach it.
+    pub fn start_on(netns: Option<&str>, host: &str) -> anyhow::Result<Postgres> {
         if !Self::available() {
             bail!("{PG_BIN}/postgres is missing: run scripts/install-deps.sh");
         }
@@ -78,9 +86,18 @@ impl Postgres {
         if !out.status.success() {
             bail!("initdb: {}", String::from_utf8_lossy(&out.stderr));
         }
+        if host != "127.0.0.1" {
+            // Clients in the test's other namespaces, on the same subnet.
+            use std::io::Write as _;
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(data.join("pg_hba.conf"))?
+                .write_all(b"host all all samenet trust\n")?;
+        }
         let mut pg = Postgres {
             dir,
             port: free_port()?,
+            host: host.to_string(),
             netns: netns.map(str::to_string),
             child: None,
         };
@@ -89,11 +106,12 @@ impl Postgres {
         Ok(pg)
     }
 
-    /// `postgres://portcullis@127.0.0.1:<port>/portcullis`.
+    /// `postgres://portcullis@<host>:<port>/portcullis`.
     pub fn url(&self) -> String {
         format!(
-            "postgres://{}@127.0.0.1:{}/{}",
+            "postgres://{}@{}:{}/{}",
             Self::USER,
+            self.host,
             self.port,
             Self::DATABASE
         )
@@ -157,7 +175,7 @@ impl Postgres {
             .arg("-k")
             .arg(d)
             .args(["-p", &self.port.to_string()])
-            .args(["-c", "listen_addresses=127.0.0.1"])
+            .args(["-c", &format!("listen_addresses={}", self.host)])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(std::fs::File::create(d.join("postgres.log"))?))

@@ -1,0 +1,156 @@
+//! A node's background work in the cluster, on the control plane's runtime:
+//! - the listener: `LISTEN portcullis_changes` on a connection of its own; every
+//!   notification, and every (re)connection, makes the node catch up from its last
+//!   applied change, so a lost connection or a missed notification leaves no gap;
+//! - the heartbeat: every [`BEAT`], this node's row with its sessions, flows and applied
+//!   change; the same tick catches up too, a safety net under the notifications.
+//!
+//! Neither ever blocks the data plane: they reach it only through [`Identity`], whose
+//! hand-off is the control channel.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use portcullis_identity::Identity;
+use tokio::sync::Notify;
+use tokio_postgres::AsyncMessage;
+
+use crate::store::{Target, CHANNEL, RECONNECT};
+use crate::{Beat, Registry};
+
+/// How often a node heartbeats.
+pub const BEAT: Duration = Duration::from_secs(1);
+
+/// What the node tells the registry it is.
+#[derive(Clone, Debug)]
+pub struct NodeInfo {
+    pub node_id: String,
+    pub address: String,
+    pub version: String,
+}
+
+/// Runs the listener and the heartbeat until the runtime stops. `numbers` reports the
+/// node's (sessions, flows).
+pub fn spawn(
+    target: Target,
+    info: NodeInfo,
+    identity: Arc<Identity>,
+    numbers: impl Fn() -> (u64, u64) + Send + 'static,
+) {
+    let wake = Arc::new(Notify::new());
+    tokio::spawn(listen(target.clone(), wake.clone()));
+    tokio::spawn(catch_up(identity.clone(), wake));
+    tokio::spawn(heartbeat(target, info, identity, numbers));
+}
+
+/// Applies pending changes whenever woken (coalesced: one catch-up covers every
+/// notification that arrived while it ran).
+async fn catch_up(identity: Arc<Identity>, wake: Arc<Notify>) {
+    loop {
+        wake.notified().await;
+        match identity.catch_up().await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(changes = n, "applied changes from other nodes"),
+            Err(e) => tracing::warn!("cluster catch-up: {e}"),
+        }
+    }
+}
+
+async fn listen(target: Target, wake: Arc<Notify>) {
+    loop {
+        match listen_once(&target, &wake).await {
+            Ok(()) => tracing::warn!("cluster listener: the connection closed; reconnecting"),
+            Err(e) => tracing::warn!("cluster listener: {e}; reconnecting"),
+        }
+        tokio::time::sleep(RECONNECT).await;
+    }
+}
+
+async fn listen_once(target: &Target, wake: &Arc<Notify>) -> Result<(), crate::ClusterError> {
+    let mut config: tokio_postgres::Config = target
+        .url
+        .parse()
+        .map_err(|e: tokio_postgres::Error| crate::ClusterError::Url(e.to_string()))?;
+    if let Some(p) = &target.password {
+        config.password(p);
+    }
+    config.application_name("portcullis-listener");
+    config.connect_timeout(Duration::from_secs(5));
+    config.keepalives_idle(Duration::from_secs(5));
+    let (client, mut connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(crate::pg("connecting the listener"))?;
+    // The connection is driven here, so its notifications reach us.
+    let messages = {
+        let wake = wake.clone();
+        async move {
+            loop {
+                match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                    Some(Ok(AsyncMessage::Notification(_))) => wake.notify_one(),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(crate::pg("listening")(e)),
+                    None => return Ok(()),
+                }
+            }
+        }
+    };
+    let subscribe = async {
+        client
+            .batch_execute(&format!("LISTEN {CHANNEL}"))
+            .await
+            .map_err(crate::pg("subscribing to changes"))?;
+        // Whatever was committed while not listening.
+        wake.notify_one();
+        std::future::pending::<Result<(), crate::ClusterError>>().await
+    };
+    tokio::select! {
+        r = messages => r,
+        r = subscribe => r,
+    }
+}
+
+async fn heartbeat(
+    target: Target,
+    info: NodeInfo,
+    identity: Arc<Identity>,
+    numbers: impl Fn() -> (u64, u64),
+) {
+    let mut tick = tokio::time::interval(BEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut joined: Option<(tokio_postgres::Client, Registry)> = None;
+    loop {
+        tick.tick().await;
+        // The safety net under the notifications.
+        if let Err(e) = identity.catch_up().await {
+            tracing::debug!("cluster catch-up on the heartbeat: {e}");
+        }
+        if joined.as_ref().is_some_and(|(c, _)| c.is_closed()) {
+            joined = None;
+        }
+        if joined.is_none() {
+            match target.connect().await {
+                Ok(client) => {
+                    match Registry::join(&client, &info.node_id, &info.address, &info.version).await
+                    {
+                        Ok(r) => joined = Some((client, r)),
+                        Err(e) => tracing::warn!("cluster heartbeat: {e}"),
+                    }
+                }
+                Err(e) => tracing::warn!("cluster heartbeat: {e}"),
+            }
+        }
+        let Some((client, registry)) = &joined else {
+            continue;
+        };
+        let (sessions, flows) = numbers();
+        let beat = Beat {
+            sessions,
+            flows,
+            applied_change: identity.applied_change(),
+        };
+        if let Err(e) = registry.beat(client, beat).await {
+            tracing::warn!("cluster heartbeat: {e}");
+        }
+    }
+}

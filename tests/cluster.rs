@@ -1,0 +1,503 @@
+//! The cluster lab: N gateway nodes on one PostgreSQL, each in a network namespace this
+//! process creates and deletes, with real wireguard-go clients.
+//!
+//! ```text
+//!  ns <id>-c0 ── wireguard-go (alice, 100.64.0.2) ── 192.168.71.0/24 ──┐
+//!                                                                     ▼
+//!  ns <id>-n0 … n2: portcullis nodes gw-a, gw-b, gw-c (UDP :51820 on 192.168.7{1,2,3}.1,
+//!                   TUN pc0 100.64.0.1/24, [http] 127.0.0.1:18080, one WireGuard key)
+//!        │ 10.8.0.1{1,2,3}/24 and 172.31.0.1{1,2,3}/24
+//!        ▼
+//!  ns <id>-lan: bridge br0: prod 10.8.0.2 (TCP echo :22, :8080),
+//!               PostgreSQL 15 on 172.31.0.100
+//! ```
+//!
+//! A client is attached to one node (its endpoint); the lan routes its tunnel address
+//! back through that node. Torn down in `Drop`, also when a test fails: the processes it
+//! started are stopped by PID, the namespaces deleted.
+
+use std::fs::File;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context as _, Result};
+use serde_json::Value;
+
+use crate::{
+    check_prerequisites, copy_dir, echo_server, in_ns, portcullis_bin, repo_root, sh, sh_in,
+    terminate, wait_until, wg_genkey, Client, CLIENT_ALLOWED_IPS, NEXT_LAB,
+};
+
+pub const SCIM_TOKEN: &str = "scim-token-0123456789abcdef";
+pub const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef";
+
+/// One gateway node.
+pub struct Node {
+    pub node_id: String,
+    pub ns: String,
+    pub dir: PathBuf,
+    /// Where its clients dial it.
+    pub endpoint: String,
+    child: Option<Child>,
+}
+
+impl Node {
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("portcullis.toml")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("gateway.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+/// Options for [`ClusterLab::start`].
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    pub nodes: usize,
+    /// Extra lines appended to every node's config.
+    pub extra_config: String,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            nodes: 3,
+            extra_config: String::new(),
+        }
+    }
+}
+
+pub struct ClusterLab {
+    pub id: String,
+    pub dir: PathBuf,
+    pub ns_lan: String,
+    pub nodes: Vec<Node>,
+    pub postgres: portcullis_testkit::Postgres,
+    pub gateway_public_key: String,
+    namespaces: Vec<String>,
+    wg_procs: Vec<(Child, String)>,
+    stop: Arc<AtomicBool>,
+    servers: Vec<JoinHandle<()>>,
+}
+
+fn node_name(i: usize) -> String {
+    format!("gw-{}", char::from(b'a' + u8::try_from(i).unwrap_or(25)))
+}
+
+impl ClusterLab {
+    /// Builds the topology, starts PostgreSQL, migrates the schema and starts every node.
+    pub fn start(opts: ClusterOptions) -> Result<ClusterLab> {
+        check_prerequisites()?;
+        let n = NEXT_LAB.fetch_add(1, Ordering::SeqCst);
+        let id = format!("{:x}{n}", std::process::id() & 0xfffff);
+        let dir = std::env::temp_dir().join(format!("portcullis-cluster-{id}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let ns_lan = format!("pcc{id}-lan");
+        // The namespace must exist before PostgreSQL starts inside it.
+        sh(&["ip", "netns", "add", &ns_lan])?;
+        let mut namespaces = vec![ns_lan.clone()];
+        let built = (|| -> Result<portcullis_testkit::Postgres> {
+            sh(&["ip", "-n", &ns_lan, "link", "set", "lo", "up"])?;
+            sh(&["ip", "-n", &ns_lan, "link", "add", "br0", "type", "bridge"])?;
+            sh(&["ip", "-n", &ns_lan, "link", "set", "br0", "up"])?;
+            for a in ["10.8.0.2/24", "172.31.0.100/24"] {
+                sh(&["ip", "-n", &ns_lan, "addr", "add", a, "dev", "br0"])?;
+            }
+            portcullis_testkit::Postgres::start_on(Some(&ns_lan), "172.31.0.100")
+        })();
+        let postgres = match built {
+            Ok(pg) => pg,
+            Err(e) => {
+                let _ = sh(&["ip", "netns", "del", &ns_lan]);
+                return Err(e);
+            }
+        };
+        let (private, public) = wg_genkey()?;
+        let mut lab = ClusterLab {
+            id,
+            dir,
+            ns_lan,
+            nodes: Vec::new(),
+            postgres,
+            gateway_public_key: public,
+            namespaces: Vec::new(),
+            wg_procs: Vec::new(),
+            stop: Arc::new(AtomicBool::new(false)),
+            servers: Vec::new(),
+        };
+        lab.namespaces.append(&mut namespaces);
+        lab.start_servers()?;
+        for i in 0..opts.nodes {
+            lab.add_node(i, &private, &opts)?;
+        }
+        let migrated = lab.cli(0, &["cluster", "migrate"])?;
+        if !migrated.status.success() {
+            return Err(anyhow!(
+                "cluster migrate: {}",
+                String::from_utf8_lossy(&migrated.stderr)
+            ));
+        }
+        for i in 0..opts.nodes {
+            lab.start_node(i)?;
+        }
+        Ok(lab)
+    }
+
+    fn start_servers(&mut self) -> Result<()> {
+        for port in [22u16, 8080] {
+            let stop = self.stop.clone();
+            let listener = in_ns(&self.ns_lan, move || -> Result<TcpListener> {
+                let l = TcpListener::bind(("10.8.0.2", port))?;
+                l.set_nonblocking(true)?;
+                Ok(l)
+            })??;
+            self.servers
+                .push(std::thread::spawn(move || echo_server(listener, stop)));
+        }
+        Ok(())
+    }
+
+    fn add_ns(&mut self, name: &str) -> Result<()> {
+        sh(&["ip", "netns", "add", name])?;
+        self.namespaces.push(name.to_string());
+        sh(&["ip", "-n", name, "link", "set", "lo", "up"])?;
+        Ok(())
+    }
+
+    fn add_node(&mut self, i: usize, private_key: &str, opts: &ClusterOptions) -> Result<()> {
+        let node_id = node_name(i);
+        let ns = format!("pcc{}-n{i}", self.id);
+        self.add_ns(&ns)?;
+        let port = format!("p{i}");
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            "lan",
+            "netns",
+            &ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &port,
+            "netns",
+            &self.ns_lan,
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            &self.ns_lan,
+            "link",
+            "set",
+            &port,
+            "master",
+            "br0",
+            "up",
+        ])?;
+        sh(&["ip", "-n", &ns, "link", "set", "lan", "up"])?;
+        for a in [
+            format!("10.8.0.1{}/24", i + 1),
+            format!("172.31.0.1{}/24", i + 1),
+        ] {
+            sh(&["ip", "-n", &ns, "addr", "add", &a, "dev", "lan"])?;
+        }
+        sh_in(&ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        let dir = self.dir.join(&node_id);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("gw.key"), format!("{private_key}\n"))?;
+        std::fs::write(dir.join("scim.token"), format!("{SCIM_TOKEN}\n"))?;
+        std::fs::write(dir.join("admin.token"), format!("{ADMIN_TOKEN}\n"))?;
+        copy_dir(&repo_root().join("policies"), &dir.join("policies"))?;
+        let config = format!(
+            r#"[gateway]
+listen = "0.0.0.0:51820"
+private_key_file = "gw.key"
+tun_name = "pc0"
+tunnel_address = "100.64.0.1/24"
+mtu = 1420
+
+[policy]
+dir = "policies"
+
+[audit]
+events_file = "events.jsonl"
+
+[http]
+listen = "127.0.0.1:18080"
+
+[scim]
+token_file = "scim.token"
+
+[admin]
+token_file = "admin.token"
+
+[cluster]
+node_id = "{node_id}"
+database_url = "{url}"
+{extra}
+"#,
+            url = self.postgres.url(),
+            extra = opts.extra_config,
+        );
+        std::fs::write(dir.join("portcullis.toml"), config)?;
+        self.nodes.push(Node {
+            node_id,
+            ns,
+            dir,
+            endpoint: format!("192.168.7{}.1:51820", i + 1),
+            child: None,
+        });
+        Ok(())
+    }
+
+    /// Starts node `i` (again) and waits for its TUN device and its HTTP listener.
+    pub fn start_node(&mut self, i: usize) -> Result<()> {
+        let node = self
+            .nodes
+            .get_mut(i)
+            .ok_or_else(|| anyhow!("no node {i}"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.dir.join("gateway.log"))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &node.ns])
+            .arg(portcullis_bin()?)
+            .args(["gateway", "--config"])
+            .arg(node.config_path())
+            .current_dir(&node.dir)
+            .env(
+                "PORTCULLIS_LOG",
+                std::env::var("PORTCULLIS_LAB_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .context("starting a cluster node")?;
+        node.child = Some(child);
+        let ns = node.ns.clone();
+        wait_until(Duration::from_secs(20), || {
+            let node = self
+                .nodes
+                .get_mut(i)
+                .ok_or_else(|| anyhow!("no node {i}"))?;
+            if let Some(Ok(Some(status))) = node.child.as_mut().map(Child::try_wait) {
+                return Err(anyhow!(
+                    "node {} exited with {status}: {}",
+                    node.node_id,
+                    node.log()
+                ));
+            }
+            let tun =
+                sh(&["ip", "-n", &ns, "link", "show", "pc0"]).is_ok_and(|s| s.contains(",UP"));
+            let http =
+                in_ns(&ns, || TcpStream::connect("127.0.0.1:18080").is_ok()).unwrap_or(false);
+            Ok(tun && http)
+        })
+        .with_context(|| {
+            format!(
+                "node {i} did not come up: {}",
+                self.nodes.get(i).map(Node::log).unwrap_or_default()
+            )
+        })
+    }
+
+    /// SIGKILL, no clean exit (a crash, a power loss).
+    pub fn kill_node(&mut self, i: usize) -> Result<()> {
+        if let Some(mut c) = self.nodes.get_mut(i).and_then(|n| n.child.take()) {
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop_node(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes.get_mut(i).and_then(|n| n.child.take()) {
+            terminate(&mut c);
+        }
+    }
+
+    /// Attaches a wireguard-go client for `user` (tunnel address `addr`, its private key
+    /// in `key`) to node `via`; the lan routes `addr` back through that node.
+    pub fn add_client(&mut self, user: &str, key: &str, addr: &str, via: usize) -> Result<Client> {
+        let k = self.wg_procs.len();
+        let ns = format!("pcc{}-c{k}", self.id);
+        self.add_ns(&ns)?;
+        let node = self
+            .nodes
+            .get(via)
+            .ok_or_else(|| anyhow!("no node {via}"))?;
+        let (gw_ns, endpoint) = (node.ns.clone(), node.endpoint.clone());
+        let subnet = format!("192.168.7{}", via + 1);
+        let if_gw = format!("c{k}");
+        sh(&[
+            "ip", "link", "add", &if_gw, "netns", &gw_ns, "type", "veth", "peer", "name", "eth0",
+            "netns", &ns,
+        ])?;
+        sh(&["ip", "-n", &gw_ns, "link", "set", &if_gw, "up"])?;
+        sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
+        // One client per node's subnet: the node's side is .1, the client .2+k.
+        let gw_addr = format!("{subnet}.1/24");
+        if !sh(&["ip", "-n", &gw_ns, "addr", "show"])?.contains(&format!("{subnet}.1/")) {
+            sh(&["ip", "-n", &gw_ns, "addr", "add", &gw_addr, "dev", &if_gw])?;
+        }
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{subnet}.{}/24", k + 2),
+            "dev",
+            "eth0",
+        ])?;
+        let ifname = format!("wg{}c{k}", self.id);
+        let _ = std::fs::remove_file(format!("/var/run/wireguard/{ifname}.sock"));
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns, "wireguard-go", "-f", &ifname])
+            .env("WG_PROCESS_FOREGROUND", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(File::create(
+                self.dir.join(format!("wireguard-go-{k}.log")),
+            )?))
+            .spawn()
+            .context("starting wireguard-go")?;
+        self.wg_procs.push((child, ifname.clone()));
+        let sock = PathBuf::from(format!("/var/run/wireguard/{ifname}.sock"));
+        wait_until(Duration::from_secs(10), || Ok(sock.exists()))?;
+        let key_file = self.dir.join(format!("client-{k}.key"));
+        std::fs::write(&key_file, key)?;
+        sh_in(
+            &ns,
+            &[
+                "wg",
+                "set",
+                &ifname,
+                "private-key",
+                &key_file.to_string_lossy(),
+                "peer",
+                &self.gateway_public_key,
+                "endpoint",
+                &endpoint,
+                "allowed-ips",
+                CLIENT_ALLOWED_IPS,
+            ],
+        )?;
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{addr}/32"),
+            "dev",
+            &ifname,
+        ])?;
+        sh(&["ip", "-n", &ns, "link", "set", &ifname, "up"])?;
+        for net in ["10.8.0.0/16", "100.64.0.0/24"] {
+            sh(&["ip", "-n", &ns, "route", "add", net, "dev", &ifname])?;
+        }
+        sh(&[
+            "ip",
+            "-n",
+            &self.ns_lan,
+            "route",
+            "replace",
+            &format!("{addr}/32"),
+            "via",
+            &format!("10.8.0.1{}", via + 1),
+        ])?;
+        Ok(Client {
+            user: user.to_string(),
+            ns,
+            ifname,
+            addr: addr.to_string(),
+            addr6: String::new(),
+            public_key: String::new(),
+            endpoint,
+        })
+    }
+
+    /// Opens a TCP connection from a client's namespace.
+    pub fn connect(&self, c: &Client, dst: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+        let s = in_ns(&c.ns, move || TcpStream::connect_timeout(&dst, timeout))??;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.set_write_timeout(Some(Duration::from_secs(10)))?;
+        Ok(s)
+    }
+
+    /// One HTTP request to node `i`'s listener: (status, JSON body or null).
+    pub fn http(
+        &self,
+        i: usize,
+        method: &str,
+        path: &str,
+        token: &str,
+        body: &str,
+    ) -> Result<(u16, Value)> {
+        let node = self.nodes.get(i).ok_or_else(|| anyhow!("no node {i}"))?;
+        crate::http_in(
+            &node.ns,
+            method,
+            path,
+            &[
+                ("Authorization", &format!("Bearer {token}")),
+                ("Content-Type", "application/scim+json"),
+            ],
+            body,
+        )
+    }
+
+    /// Runs `portcullis <args> --config <node i's config>` inside node `i`'s namespace.
+    pub fn cli(&self, i: usize, args: &[&str]) -> Result<std::process::Output> {
+        let node = self.nodes.get(i).ok_or_else(|| anyhow!("no node {i}"))?;
+        Ok(Command::new("ip")
+            .args(["netns", "exec", &node.ns])
+            .arg(portcullis_bin()?)
+            .args(args)
+            .arg("--config")
+            .arg(node.config_path())
+            .stdin(Stdio::null())
+            .output()?)
+    }
+}
+
+impl Drop for ClusterLab {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for (mut c, ifname) in self.wg_procs.drain(..) {
+            terminate(&mut c);
+            let _ = std::fs::remove_file(format!("/var/run/wireguard/{ifname}.sock"));
+        }
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                terminate(&mut c);
+            }
+        }
+        for s in self.servers.drain(..) {
+            let _ = s.join();
+        }
+        self.postgres.stop();
+        for ns in self.namespaces.drain(..) {
+            let _ = sh(&["ip", "netns", "del", &ns]);
+        }
+        if std::env::var_os("PORTCULLIS_KEEP_LAB").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}

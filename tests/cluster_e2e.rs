@@ -1,0 +1,185 @@
+//! End to end, three gateway nodes on one PostgreSQL 15 (see `tests/cluster.rs` for the
+//! topology): a change made on one node takes effect on every node. Needs root.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::io::{ErrorKind, Read};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use portcullis_e2e::cluster::{ClusterLab, ClusterOptions, ADMIN_TOKEN, SCIM_TOKEN};
+use portcullis_e2e::{echo_round_trip, wait_until, wg_genkey};
+use serde_json::Value;
+
+fn prod_ssh() -> SocketAddr {
+    "10.8.0.2:22".parse().unwrap()
+}
+
+/// Reads from `s` until the gateway's reset arrives (or `within` passes: a failure).
+fn expect_reset(s: &mut std::net::TcpStream, within: Duration) -> Duration {
+    let t0 = Instant::now();
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 16];
+    match s.read(&mut buf) {
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => t0.elapsed(),
+        other => panic!(
+            "expected a connection reset, got {other:?} after {:?}",
+            t0.elapsed()
+        ),
+    }
+}
+
+/// The users every node's SCIM lists, as (id, userName, active), sorted.
+fn scim_users(lab: &ClusterLab, node: usize) -> Vec<(String, String, bool)> {
+    let (status, list) = lab
+        .http(node, "GET", "/scim/v2/Users?count=1000", SCIM_TOKEN, "")
+        .unwrap();
+    assert_eq!(status, 200, "{list}");
+    let mut users: Vec<_> = list["Resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| {
+            (
+                u["id"].as_str().unwrap().to_string(),
+                u["userName"].as_str().unwrap().to_string(),
+                u["active"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    users.sort();
+    users
+}
+
+fn same_users_everywhere(lab: &ClusterLab) -> Vec<(String, String, bool)> {
+    let mut last = Vec::new();
+    wait_until(Duration::from_secs(5), || {
+        let all: Vec<_> = (0..lab.nodes.len()).map(|i| scim_users(lab, i)).collect();
+        last = all[0].clone();
+        Ok(all.iter().all(|u| *u == all[0]))
+    })
+    .expect("every node lists the same users");
+    last
+}
+
+#[test]
+fn scim_on_one_node_grants_and_cuts_a_connection_held_through_another() {
+    let (alice_key, alice_pub) = wg_genkey().unwrap();
+    let mut lab = ClusterLab::start(ClusterOptions {
+        extra_config: format!(
+            "[[peer]]\nuser = \"alice\"\npublic_key = \"{alice_pub}\"\naddress = \"100.64.0.2\"\n"
+        ),
+        ..ClusterOptions::default()
+    })
+    .unwrap();
+    // alice's device talks to node C only.
+    let alice = lab
+        .add_client("alice", &alice_key, "100.64.0.2", 2)
+        .unwrap();
+
+    // The IdP provisions her through node A.
+    let (status, user) = lab
+        .http(
+            0,
+            "POST",
+            "/scim/v2/Users",
+            SCIM_TOKEN,
+            r#"{"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": "alice", "externalId": "00u1", "active": true}"#,
+        )
+        .unwrap();
+    assert_eq!(status, 201, "{user}");
+    let id = user["id"].as_str().unwrap().to_string();
+    let (status, group) = lab
+        .http(
+            0,
+            "POST",
+            "/scim/v2/Groups",
+            SCIM_TOKEN,
+            &format!(r#"{{"displayName": "sre", "members": [{{"value": "{id}"}}]}}"#),
+        )
+        .unwrap();
+    assert_eq!(status, 201, "{group}");
+    // Node B sees her with the same stable id, and so does C.
+    let users = same_users_everywhere(&lab);
+    assert_eq!(users, vec![(id.clone(), "alice".to_string(), true)]);
+
+    // Through C she reaches prod (wireguard-go retries its handshake every 5 s).
+    let mut s = None;
+    wait_until(Duration::from_secs(20), || {
+        s = lab
+            .connect(&alice, prod_ssh(), Duration::from_millis(900))
+            .ok();
+        Ok(s.is_some())
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", lab.nodes[2].log()));
+    let mut s = s.unwrap();
+    assert_eq!(echo_round_trip(&mut s, b"granted").unwrap(), b"granted");
+
+    // Deactivated through node A: C cuts her live connection.
+    let (status, off) = lab
+        .http(
+            0,
+            "PATCH",
+            &format!("/scim/v2/Users/{id}"),
+            SCIM_TOKEN,
+            r#"{"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"], "Operations": [{"op": "replace", "path": "active", "value": false}]}"#,
+        )
+        .unwrap();
+    assert_eq!(
+        (status, off["active"].as_bool()),
+        (200, Some(false)),
+        "{off}"
+    );
+    let after = expect_reset(&mut s, Duration::from_secs(2));
+    eprintln!("cut on node C {after:?} after node A answered");
+    assert!(lab
+        .connect(&alice, prod_ssh(), Duration::from_millis(900))
+        .is_err());
+    // C's audit trail says who and where from.
+    let events = std::fs::read_to_string(lab.nodes[2].dir.join("events.jsonl")).unwrap();
+    let revoked: Value = events
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|e| e["type"] == "user_revoked")
+        .expect("node C recorded the revocation");
+    assert_eq!(revoked["user"], "alice");
+    assert_eq!(revoked["gateway"], "gw-c", "{revoked}");
+    assert_eq!(
+        same_users_everywhere(&lab),
+        vec![(id, "alice".to_string(), false)]
+    );
+
+    // Every node is up in GET /cluster (asked of B) with nothing left to apply.
+    wait_until(Duration::from_secs(5), || {
+        let (status, c) = lab
+            .http(1, "GET", "/admin/v1/cluster", ADMIN_TOKEN, "")
+            .unwrap();
+        assert_eq!(status, 200, "{c}");
+        let nodes = c["nodes"].as_array().unwrap();
+        Ok(nodes.len() == 3 && nodes.iter().all(|n| n["state"] == "up" && n["lag"] == 0))
+    })
+    .unwrap();
+
+    // A node killed and restarted reads the shared directory again.
+    lab.kill_node(1).unwrap();
+    wait_until(Duration::from_secs(10), || {
+        let (_, c) = lab
+            .http(0, "GET", "/admin/v1/cluster", ADMIN_TOKEN, "")
+            .unwrap();
+        Ok(c["nodes"][1]["state"] == "down")
+    })
+    .unwrap();
+    lab.start_node(1).unwrap();
+    assert_eq!(scim_users(&lab, 1), scim_users(&lab, 0));
+    let out = lab.cli(1, &["cluster", "status"]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for n in ["gw-a", "gw-b", "gw-c"] {
+        assert!(text.contains(n), "{text}");
+    }
+}
