@@ -463,6 +463,25 @@ database_url = "{url}"
         )
     }
 
+    /// An admin API request (JSON) to node `i` with extra headers.
+    pub fn http_with(
+        &self,
+        i: usize,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Result<(u16, Value)> {
+        let node = self.nodes.get(i).ok_or_else(|| anyhow!("no node {i}"))?;
+        let auth = format!("Bearer {ADMIN_TOKEN}");
+        let mut all = vec![
+            ("Authorization", auth.as_str()),
+            ("Content-Type", "application/json"),
+        ];
+        all.extend_from_slice(headers);
+        crate::http_in(&node.ns, method, path, &all, body)
+    }
+
     /// Runs `portcullis <args> --config <node i's config>` inside node `i`'s namespace.
     pub fn cli(&self, i: usize, args: &[&str]) -> Result<std::process::Output> {
         let node = self.nodes.get(i).ok_or_else(|| anyhow!("no node {i}"))?;

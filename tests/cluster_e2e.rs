@@ -183,3 +183,141 @@ fn scim_on_one_node_grants_and_cuts_a_connection_held_through_another() {
         assert!(text.contains(n), "{text}");
     }
 }
+
+/// SCIM-provisions `name` into `group` through `node`; returns the user's id.
+fn provision(lab: &ClusterLab, node: usize, name: &str, group: &str) -> String {
+    let (status, user) = lab
+        .http(
+            node,
+            "POST",
+            "/scim/v2/Users",
+            SCIM_TOKEN,
+            &format!(r#"{{"userName": "{name}", "active": true}}"#),
+        )
+        .unwrap();
+    assert_eq!(status, 201, "{user}");
+    let id = user["id"].as_str().unwrap().to_string();
+    let (status, g) = lab
+        .http(
+            node,
+            "POST",
+            "/scim/v2/Groups",
+            SCIM_TOKEN,
+            &format!(r#"{{"displayName": "{group}", "members": [{{"value": "{id}"}}]}}"#),
+        )
+        .unwrap();
+    assert_eq!(status, 201, "{g}");
+    id
+}
+
+fn open_when_granted(
+    lab: &ClusterLab,
+    c: &portcullis_e2e::Client,
+    node: usize,
+) -> std::net::TcpStream {
+    let mut s = None;
+    wait_until(Duration::from_secs(20), || {
+        s = lab.connect(c, prod_ssh(), Duration::from_millis(900)).ok();
+        Ok(s.is_some())
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", lab.nodes[node].log()));
+    let mut s = s.unwrap();
+    assert_eq!(echo_round_trip(&mut s, b"granted").unwrap(), b"granted");
+    s
+}
+
+#[test]
+fn a_policy_replacement_through_one_node_re_decides_flows_on_the_others() {
+    let (laptop_key, laptop_pub) = wg_genkey().unwrap();
+    let (phone_key, phone_pub) = wg_genkey().unwrap();
+    let mut lab = ClusterLab::start(ClusterOptions {
+        extra_config: format!(
+            "[[peer]]\nuser = \"alice\"\npublic_key = \"{laptop_pub}\"\naddress = \"100.64.0.2\"\n\
+             [[peer]]\nuser = \"alice\"\npublic_key = \"{phone_pub}\"\naddress = \"100.64.0.4\"\n"
+        ),
+        ..ClusterOptions::default()
+    })
+    .unwrap();
+    let laptop = lab
+        .add_client("alice", &laptop_key, "100.64.0.2", 2)
+        .unwrap();
+    let phone = lab
+        .add_client("alice", &phone_key, "100.64.0.4", 0)
+        .unwrap();
+    provision(&lab, 1, "alice", "sre");
+    let mut on_c = open_when_granted(&lab, &laptop, 2);
+    let mut on_a = open_when_granted(&lab, &phone, 0);
+
+    // Every node runs the set the first node seeded, under one version.
+    let versions: Vec<String> = (0..3)
+        .map(|i| {
+            let (status, p) = lab
+                .http(i, "GET", "/admin/v1/policies", ADMIN_TOKEN, "")
+                .unwrap();
+            assert_eq!(status, 200, "{p}");
+            p["version"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert!(versions.iter().all(|v| *v == versions[0]), "{versions:?}");
+    let (_, current) = lab
+        .http(1, "GET", "/admin/v1/policies", ADMIN_TOKEN, "")
+        .unwrap();
+    let mut files = current["files"].clone();
+    let access = files["policies"]["access.cedar"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    files["policies"]["access.cedar"] = Value::String(access.replace(
+        "permit (principal in Group::\"sre\", action == Action::\"connect\", resource in Network::\"prod\");",
+        "permit (principal in Group::\"sre\", action == Action::\"connect\", resource in Network::\"staging\");",
+    ));
+    // A stale If-Match is refused by the cluster, whichever node is asked.
+    let (status, e) = lab
+        .http_with(
+            1,
+            "PUT",
+            "/admin/v1/policies",
+            &[("If-Match", "\"0000\"")],
+            &files.to_string(),
+        )
+        .unwrap();
+    assert_eq!(status, 412, "{e}");
+    let (status, put) = lab
+        .http_with(
+            1,
+            "PUT",
+            "/admin/v1/policies",
+            &[("If-Match", &format!("\"{}\"", versions[0]))],
+            &files.to_string(),
+        )
+        .unwrap();
+    assert_eq!(status, 200, "{put}");
+    // The flows through A and C are cut without anything asked of them.
+    expect_reset(&mut on_c, Duration::from_secs(3));
+    expect_reset(&mut on_a, Duration::from_secs(3));
+    let new_version = put["version"].as_str().unwrap().to_string();
+    wait_until(Duration::from_secs(5), || {
+        Ok((0..3).all(|i| {
+            let (_, p) = lab
+                .http(i, "GET", "/admin/v1/policies", ADMIN_TOKEN, "")
+                .unwrap();
+            p["version"] == new_version.as_str()
+        }))
+    })
+    .unwrap();
+    // Node A's directory holds the new files too (its local copy), and a node that
+    // starts later adopts the cluster's set over its own directory.
+    let on_disk = std::fs::read_to_string(lab.nodes[0].dir.join("policies/access.cedar")).unwrap();
+    assert!(on_disk.contains("Network::\"staging\");"), "{on_disk}");
+    lab.stop_node(2);
+    std::fs::copy(
+        portcullis_e2e::repo_root().join("policies/access.cedar"),
+        lab.nodes[2].dir.join("policies/access.cedar"),
+    )
+    .unwrap();
+    lab.start_node(2).unwrap();
+    let (_, p) = lab
+        .http(2, "GET", "/admin/v1/policies", ADMIN_TOKEN, "")
+        .unwrap();
+    assert_eq!(p["version"], new_version.as_str());
+}

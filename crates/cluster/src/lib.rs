@@ -26,6 +26,7 @@
 
 mod import;
 pub mod node;
+pub mod policy;
 pub mod schema;
 pub mod store;
 

@@ -15,19 +15,29 @@
 //!   expires, record jsonb)`: the directory, with the same JSON records as the
 //!   single node's SQLite store; the database refuses two devices on one address;
 //! - `meta(key text PRIMARY KEY, value)`: a sync source's state (the LDAP cookie).
+//!
+//! Version 2:
+//! - `policy_set(id = 1, version, files jsonb, node_id, updated)`: the cluster's policy
+//!   set (the admin API's `PolicyFiles` JSON and its version digest); a replacement
+//!   writes it with a `changes` row of kind `policy`;
+//! - `once(kind, value, expires, PRIMARY KEY (kind, value))`: values accepted at most
+//!   once cluster-wide until they expire: API nonces, SAML request and assertion ids;
+//! - `web_sessions(id text PRIMARY KEY, body jsonb, expires)`: enrollment and login
+//!   sessions by the SHA-256 of their cookie, so any node serves a cookie any node set.
 
 use tokio_postgres::Client;
 
 use crate::{pg, ClusterError};
 
 /// The schema version this gateway writes.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Held (per transaction) while migrating.
 const MIGRATION_LOCK: i64 = 0x706f_7274_6375;
 
 /// Step `n` takes the schema from version `n` to `n + 1`.
-const STEPS: [&str; 1] = [r"
+const STEPS: [&str; 2] = [
+    r"
 CREATE TABLE nodes (
     node_id text PRIMARY KEY,
     address text NOT NULL,
@@ -74,7 +84,29 @@ CREATE TABLE meta (
     key text PRIMARY KEY,
     value text NOT NULL
 );
-"];
+",
+    r"
+CREATE TABLE policy_set (
+    id integer PRIMARY KEY CHECK (id = 1),
+    version text NOT NULL,
+    files jsonb NOT NULL,
+    node_id text NOT NULL,
+    updated timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE once (
+    kind text NOT NULL,
+    value text NOT NULL,
+    expires timestamptz NOT NULL,
+    PRIMARY KEY (kind, value)
+);
+CREATE INDEX once_expires ON once (expires);
+CREATE TABLE web_sessions (
+    id text PRIMARY KEY,
+    body jsonb NOT NULL,
+    expires timestamptz NOT NULL
+);
+",
+];
 
 /// The schema's version (0: none yet).
 pub async fn version(client: &Client) -> Result<i32, ClusterError> {

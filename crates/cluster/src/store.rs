@@ -142,7 +142,7 @@ async fn changes_after(c: &impl GenericClient, after: i64) -> Result<Vec<Remote>
         .try_get(0)
         .map_err(crate::pg("reading the change log"))?;
     if trimmed > after {
-        return Ok(vec![reload(c).await?]);
+        return reload(c).await;
     }
     let mut out = Vec::new();
     let mut from = after;
@@ -159,10 +159,16 @@ async fn changes_after(c: &impl GenericClient, after: i64) -> Result<Vec<Remote>
             let number: i64 = r.try_get(0).map_err(crate::pg("a change row"))?;
             let kind: String = r.try_get(1).map_err(crate::pg("a change row"))?;
             from = number;
+            if kind == crate::policy::KIND {
+                let Json(body): Json<serde_json::Value> =
+                    r.try_get(2).map_err(crate::pg("a change row"))?;
+                out.push(Remote::Other { number, kind, body });
+                continue;
+            }
             if kind != "identity" {
                 // An import, or a kind a newer gateway wrote: the tables are the truth.
                 out.clear();
-                out.push(reload(c).await?);
+                out.extend(reload(c).await?);
                 return Ok(out);
             }
             let Json(body): Json<serde_json::Value> =
@@ -182,14 +188,25 @@ async fn changes_after(c: &impl GenericClient, after: i64) -> Result<Vec<Remote>
     }
 }
 
-async fn reload(c: &impl GenericClient) -> Result<Remote, ClusterError> {
+/// The whole state: the directory, then the policy set (whose change may be among
+/// those the reload skips).
+async fn reload(c: &impl GenericClient) -> Result<Vec<Remote>, ClusterError> {
     let s = read_all(c).await?;
-    Ok(Remote::Reload {
-        number: s.number,
+    let number = s.number;
+    let mut out = vec![Remote::Reload {
+        number,
         users: s.users,
         groups: s.groups,
         devices: s.devices,
-    })
+    }];
+    if let Some(body) = crate::policy::current(c).await? {
+        out.push(Remote::Other {
+            number,
+            kind: crate::policy::KIND.to_string(),
+            body,
+        });
+    }
+    Ok(out)
 }
 
 fn json<T: Serialize>(v: &T) -> Result<serde_json::Value, ClusterError> {

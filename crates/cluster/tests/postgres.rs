@@ -32,7 +32,7 @@ async fn migrations_race_safely_and_the_registry_tracks_nodes() -> anyhow::Resul
     assert!(outcomes.iter().all(|(_, after)| *after == SCHEMA_VERSION));
     assert_eq!(
         pg.psql("portcullis", "SELECT version FROM portcullis_schema")?,
-        "1"
+        SCHEMA_VERSION.to_string()
     );
     // Migrating again changes nothing.
     let mut c = connect(&url, None).await?;

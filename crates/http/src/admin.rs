@@ -68,6 +68,8 @@ pub struct AdminApi {
     pub store: Option<Arc<portcullis_auditor::http::StoreHandle>>,
     /// `[cluster]`: `GET /cluster` reads the registry.
     pub cluster: Option<portcullis_cluster::Target>,
+    /// `[cluster]`: the shared policy set.
+    pub cluster_policy: Option<Arc<crate::policy_cluster::ClusterPolicy>>,
 }
 
 /// The admin routes under `/admin/v1` (bearer) and, with `[api]`, `/api/v1` (signed).
@@ -83,8 +85,12 @@ pub fn admin_router(a: AdminApi) -> Router {
         profile: a.profile,
         policy_dir: Arc::from(a.policy_dir.as_path()),
         scope: Arc::new(a.profile_scope),
-        policy_lock: Arc::new(tokio::sync::Mutex::new(())),
+        policy_lock: a
+            .cluster_policy
+            .as_ref()
+            .map_or_else(|| Arc::new(tokio::sync::Mutex::new(())), |c| c.lock.clone()),
         cluster: a.cluster.map(Arc::new),
+        cluster_policy: a.cluster_policy,
     };
     let audit = a.store;
     let routes = || {

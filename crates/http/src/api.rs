@@ -37,6 +37,8 @@ pub(crate) struct AdminState {
     pub(crate) policy_lock: Arc<tokio::sync::Mutex<()>>,
     /// `[cluster]`'s database, for `GET /cluster`.
     pub(crate) cluster: Option<Arc<portcullis_cluster::Target>>,
+    /// `[cluster]`: the shared policy set `PUT /policies` stores.
+    pub(crate) cluster_policy: Option<Arc<crate::policy_cluster::ClusterPolicy>>,
 }
 
 pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {

@@ -25,8 +25,11 @@ mod metrics;
 pub mod nonces;
 mod plane;
 mod policy_api;
+mod policy_cluster;
 pub mod serve;
 pub mod sso;
 pub mod tls;
 
-pub use plane::{check, load_api_tokens, open_identity, start};
+pub use plane::{
+    adopt_cluster_policy, check, cluster_target, load_api_tokens, open_identity, start,
+};

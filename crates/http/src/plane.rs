@@ -202,7 +202,23 @@ impl Plane {
                             )
                         },
                     );
-                    Some(target)
+                    let running = portcullis_policy::Sources::read(&c.policy.dir)
+                        .map(|s| crate::policy_api::PolicyFiles::from_sources(&s).version())
+                        .unwrap_or_default();
+                    let policy = Arc::new(crate::policy_cluster::ClusterPolicy::new(
+                        target.clone(),
+                        &cl.node_id,
+                        running,
+                    ));
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    identity.forward_other(tx);
+                    tokio::spawn(crate::policy_cluster::follow(
+                        policy.clone(),
+                        c.policy.dir.clone(),
+                        commands.clone(),
+                        rx,
+                    ));
+                    Some((target, policy))
                 }
                 Err(e) => {
                     let _ = started.send(Err(e));
@@ -291,7 +307,10 @@ async fn routes(
     profile: &Option<Arc<portcullis_identity::ProfileSettings>>,
     ldap: Option<portcullis_ldap_sync::LdapHandle>,
     store: Option<portcullis_audit::StoreConfig>,
-    cluster: Option<portcullis_cluster::Target>,
+    cluster: Option<(
+        portcullis_cluster::Target,
+        Arc<crate::policy_cluster::ClusterPolicy>,
+    )>,
     commands: &mpsc::Sender<Command>,
 ) -> anyhow::Result<axum::Router> {
     let c = &loaded.config;
@@ -326,7 +345,8 @@ async fn routes(
             policy_dir: c.policy.dir.clone(),
             profile_scope: devices::ProfileScope::new(loaded),
             store: store.map(|s| Arc::new(portcullis_auditor::http::StoreHandle::lazy(s))),
-            cluster,
+            cluster: cluster.as_ref().map(|(t, _)| t.clone()),
+            cluster_policy: cluster.map(|(_, p)| p),
         }));
     }
     // Bearer failures are limited per address on SCIM and /admin/v1 (the signed API
@@ -415,6 +435,24 @@ pub fn open_identity(
         identity = identity.with_devices(devices::policy(loaded, d))?;
     }
     Ok(Some(Arc::new(identity)))
+}
+
+/// With `[cluster]`, before the policy set is loaded: the node's `[policy] dir` becomes
+/// the cluster's set (the first node seeds the cluster with its own).
+pub fn adopt_cluster_policy(loaded: &Loaded) -> anyhow::Result<()> {
+    let Some(cl) = &loaded.config.cluster else {
+        return Ok(());
+    };
+    let target = cluster_target(loaded, cl)?;
+    crate::policy_cluster::adopt(&target, &cl.node_id, &loaded.config.policy.dir).with_context(
+        || {
+            format!(
+                "cluster.database_url {}: adopting the cluster's policy set",
+                portcullis_config::redact_url(&cl.database_url)
+            )
+        },
+    )?;
+    Ok(())
 }
 
 /// `[cluster]`'s database, with the password from `password_file`.

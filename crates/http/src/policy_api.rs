@@ -48,7 +48,7 @@ pub struct PolicyFiles {
 }
 
 impl PolicyFiles {
-    fn from_sources(s: &Sources) -> PolicyFiles {
+    pub(crate) fn from_sources(s: &Sources) -> PolicyFiles {
         let name = |p: &Path| {
             p.file_name()
                 .map(|n| n.to_string_lossy().into_owned())
@@ -149,7 +149,7 @@ fn check_size(name: &str, text: &str) -> Result<(), ApiError> {
 
 /// One located problem; `file` is relative to the policy directory.
 #[derive(Debug, Serialize)]
-struct Problem {
+pub(crate) struct Problem {
     file: String,
     line: usize,
     col: usize,
@@ -192,7 +192,7 @@ async fn running(s: &AdminState) -> Result<Arc<PolicyBundle>, ApiError> {
     })
 }
 
-async fn read_dir(dir: PathBuf) -> Result<PolicyFiles, ApiError> {
+pub(crate) async fn read_dir(dir: PathBuf) -> Result<PolicyFiles, ApiError> {
     let d = dir.clone();
     match tokio::task::spawn_blocking(move || Sources::read(&d)).await {
         Ok(Ok(sources)) => Ok(PolicyFiles::from_sources(&sources)),
@@ -235,7 +235,7 @@ async fn read(State(s): State<AdminState>) -> Result<Response, ApiError> {
 }
 
 /// Validates off the async threads (Cedar validation of a large set takes a while).
-async fn build(
+pub(crate) async fn build(
     dir: &Path,
     files: &PolicyFiles,
 ) -> Result<Result<PolicyBundle, Vec<Problem>>, ApiError> {
@@ -286,23 +286,25 @@ async fn replace(
     // One replacement at a time: the If-Match check and the write are one step.
     let _guard = s.policy_lock.lock().await;
     let previous = read_dir(s.policy_dir.to_path_buf()).await?;
-    if let Some(expected) = headers.get(header::IF_MATCH) {
-        let expected = expected.to_str().unwrap_or_default().trim();
-        // `*` matches any current version (RFC 9110 13.1.1); a list matches if any
-        // entry does; weak tags compare by their value.
-        let matches = expected == "*"
-            || expected
-                .split(',')
-                .map(|t| t.trim().trim_start_matches("W/").trim_matches('"'))
-                .any(|t| t == previous.version());
-        if !matches {
-            return Err(ApiError(
-                StatusCode::PRECONDITION_FAILED,
-                format!(
-                    "the policy directory changed: its version is {}, not {expected}",
-                    previous.version()
-                ),
-            ));
+    let expected = headers
+        .get(header::IF_MATCH)
+        .map(|v| v.to_str().unwrap_or_default().trim().to_string());
+    match &s.cluster_policy {
+        // The cluster's set is the one If-Match speaks of; stored first, then applied
+        // here (and by every other node from the change log).
+        Some(cp) => cp.store(&files, expected.as_deref()).await?,
+        None => {
+            if let Some(expected) = &expected {
+                if !if_match(expected, &previous.version()) {
+                    return Err(ApiError(
+                        StatusCode::PRECONDITION_FAILED,
+                        format!(
+                            "the policy directory changed: its version is {}, not {expected}",
+                            previous.version()
+                        ),
+                    ));
+                }
+            }
         }
     }
     write_files(&s.policy_dir, &files, &previous).await?;
@@ -320,6 +322,9 @@ async fn replace(
     match applied {
         Ok(flows_cut) => {
             let version = files.version();
+            if let Some(cp) = &s.cluster_policy {
+                cp.ran(&version);
+            }
             Ok((
                 [(header::ETAG, format!("\"{version}\""))],
                 Json(json!({"version": version, "flows_cut": flows_cut})),
@@ -337,10 +342,24 @@ async fn replace(
     }
 }
 
+/// Whether an `If-Match` value names `version`: `*` matches any current version (RFC
+/// 9110 13.1.1); a list matches if any entry does; weak tags compare by their value.
+pub(crate) fn if_match(expected: &str, version: &str) -> bool {
+    expected == "*"
+        || expected
+            .split(',')
+            .map(|t| t.trim().trim_start_matches("W/").trim_matches('"'))
+            .any(|t| t == version)
+}
+
 /// Writes `new` over `old`: each file through a temporary and a rename, then removes
 /// what `new` no longer has. A reload that runs meanwhile sees a mix and is refused or
 /// applies a valid set; the API's own apply follows with the complete set.
-async fn write_files(dir: &Path, new: &PolicyFiles, old: &PolicyFiles) -> Result<(), ApiError> {
+pub(crate) async fn write_files(
+    dir: &Path,
+    new: &PolicyFiles,
+    old: &PolicyFiles,
+) -> Result<(), ApiError> {
     let dir = dir.to_path_buf();
     let (new, old) = (new.clone(), old.clone());
     let r = tokio::task::spawn_blocking(move || -> std::io::Result<()> {

@@ -36,12 +36,21 @@ pub enum Remote {
         groups: Vec<Group>,
         devices: Vec<Device>,
     },
+    /// A change of the log that is not the directory's (a policy replacement): handed,
+    /// in order, to whoever [`crate::Identity::forward_other`] names.
+    Other {
+        number: i64,
+        kind: String,
+        body: serde_json::Value,
+    },
 }
 
 impl Remote {
     pub fn number(&self) -> i64 {
         match self {
-            Remote::Change { number, .. } | Remote::Reload { number, .. } => *number,
+            Remote::Change { number, .. }
+            | Remote::Reload { number, .. }
+            | Remote::Other { number, .. } => *number,
         }
     }
 }

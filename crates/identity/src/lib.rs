@@ -120,6 +120,16 @@ pub struct Identity {
     device_policy: Option<DevicePolicy>,
     /// Woken when a device changes, so the expiry timer can re-arm.
     devices_changed: tokio::sync::Notify,
+    /// Where changes of the log that are not the directory's go (see [`Remote::Other`]).
+    others: Mutex<Option<mpsc::UnboundedSender<OtherChange>>>,
+}
+
+/// A change of the cluster's log that is not the directory's, in log order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OtherChange {
+    pub number: i64,
+    pub kind: String,
+    pub body: serde_json::Value,
 }
 
 impl std::fmt::Debug for Identity {
@@ -150,7 +160,13 @@ impl Identity {
             core,
             device_policy: None,
             devices_changed: tokio::sync::Notify::new(),
+            others: Mutex::new(None),
         }
+    }
+
+    /// Hands the log's other changes (policy replacements) to `to`, in order, from now on.
+    pub fn forward_other(&self, to: mpsc::UnboundedSender<OtherChange>) {
+        *self.others.lock().unwrap_or_else(|e| e.into_inner()) = Some(to);
     }
 
     /// Enables devices: the stored ones (read from the store) and the policy for new ones.
@@ -197,6 +213,14 @@ impl Identity {
     ) -> Result<(), IdentityError> {
         for r in remote {
             let number = r.number();
+            if let Remote::Other { kind, body, .. } = r {
+                if let Some(to) = &*self.others.lock().unwrap_or_else(|e| e.into_inner()) {
+                    let _ = to.send(OtherChange { number, kind, body });
+                }
+                store.applied(number);
+                self.applied.store(number, Ordering::Relaxed);
+                continue;
+            }
             let (changes, devices) = {
                 let mut state = self.lock();
                 let (m, dm, source) = match r {
@@ -222,6 +246,7 @@ impl Identity {
                             "cluster".to_string(),
                         )
                     }
+                    Remote::Other { .. } => continue,
                 };
                 let changes = state.directory.apply(m, &source);
                 let devices = state.devices.apply(dm, self.device_policy.as_ref());

@@ -332,12 +332,18 @@ pub async fn run(
             }
             Some(cmd) = commands.recv() => lp.on_command(cmd).await,
             _ = hup.recv() => {
-                // Read and validate off the packet loop; the result comes back below.
-                let dir = loaded.config.policy.dir.clone();
-                let tx = reload_tx.clone();
-                tokio::task::spawn_blocking(move || {
-                    let _ = tx.blocking_send(PolicyBundle::load(&dir));
-                });
+                if loaded.config.cluster.is_some() {
+                    // The directory is this node's copy of the cluster's set: a local
+                    // edit would make this node decide differently from the others.
+                    tracing::warn!("SIGHUP: in a cluster the policy set is replaced with PUT /policies on any node; [policy] dir is not re-read");
+                } else {
+                    // Read and validate off the packet loop; the result comes back below.
+                    let dir = loaded.config.policy.dir.clone();
+                    let tx = reload_tx.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let _ = tx.blocking_send(PolicyBundle::load(&dir));
+                    });
+                }
             }
             Some(bundle) = reload_rx.recv() => lp.on_reload(bundle),
             _ = beat.tick() => lp.on_tick(),

@@ -13,6 +13,7 @@ use portcullis_policy::PolicyBundle;
 pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     let loaded = Arc::new(loaded);
     let c = &loaded.config;
+    portcullis_http::adopt_cluster_policy(&loaded)?;
     let bundle = PolicyBundle::load(&c.policy.dir)
         .map_err(|e| anyhow!("policy directory {} rejected:\n{e}", c.policy.dir.display()))?;
     for w in &bundle.warnings {

@@ -119,6 +119,7 @@ async fn every_documented_operation_is_served() {
         profile_scope: crate::devices::ProfileScope::new_fixed(),
         store: None,
         cluster: None,
+        cluster_policy: None,
     });
     for (method, template) in documented() {
         let path = template
