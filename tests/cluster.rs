@@ -66,6 +66,12 @@ pub struct ClusterOptions {
     pub nodes: usize,
     /// Extra lines appended to every node's config.
     pub extra_config: String,
+    /// Files written into every node's directory (name, content).
+    pub files: Vec<(String, String)>,
+    /// Start a SimpleSAMLphp IdP in node A's namespace (127.0.0.1 there) that trusts
+    /// the SP at `http://127.0.0.1:18080` and knows alice (group sre), password
+    /// `alice-password`; its metadata is `idp-metadata.xml` in every node's directory.
+    pub saml_idp: bool,
 }
 
 impl Default for ClusterOptions {
@@ -73,6 +79,8 @@ impl Default for ClusterOptions {
         ClusterOptions {
             nodes: 3,
             extra_config: String::new(),
+            files: Vec::new(),
+            saml_idp: false,
         }
     }
 }
@@ -84,6 +92,7 @@ pub struct ClusterLab {
     pub nodes: Vec<Node>,
     pub postgres: portcullis_testkit::Postgres,
     pub gateway_public_key: String,
+    pub saml_idp: Option<portcullis_testkit::SamlIdp>,
     namespaces: Vec<String>,
     wg_procs: Vec<(Child, String)>,
     stop: Arc<AtomicBool>,
@@ -131,6 +140,7 @@ impl ClusterLab {
             nodes: Vec::new(),
             postgres,
             gateway_public_key: public,
+            saml_idp: None,
             namespaces: Vec::new(),
             wg_procs: Vec::new(),
             stop: Arc::new(AtomicBool::new(false)),
@@ -140,6 +150,27 @@ impl ClusterLab {
         lab.start_servers()?;
         for i in 0..opts.nodes {
             lab.add_node(i, &private, &opts)?;
+        }
+        if opts.saml_idp {
+            let ns = lab.nodes.first().map(|n| n.ns.clone()).unwrap_or_default();
+            let idp = portcullis_testkit::SamlIdp::start(
+                Some(&ns),
+                &[portcullis_testkit::SpEntry {
+                    entity_id: "http://127.0.0.1:18080/saml/metadata".into(),
+                    acs_url: "http://127.0.0.1:18080/saml/acs".into(),
+                }],
+                &[portcullis_testkit::IdpUser {
+                    name: "alice".into(),
+                    password: "alice-password".into(),
+                    groups: vec!["sre".into()],
+                }],
+                &portcullis_testkit::IdpOptions::default(),
+            )?;
+            let metadata = idp.metadata()?;
+            for n in &lab.nodes {
+                std::fs::write(n.dir.join("idp-metadata.xml"), &metadata)?;
+            }
+            lab.saml_idp = Some(idp);
         }
         let migrated = lab.cli(0, &["cluster", "migrate"])?;
         if !migrated.status.success() {
@@ -219,6 +250,9 @@ impl ClusterLab {
         std::fs::write(dir.join("gw.key"), format!("{private_key}\n"))?;
         std::fs::write(dir.join("scim.token"), format!("{SCIM_TOKEN}\n"))?;
         std::fs::write(dir.join("admin.token"), format!("{ADMIN_TOKEN}\n"))?;
+        for (name, content) in &opts.files {
+            std::fs::write(dir.join(name), content)?;
+        }
         copy_dir(&repo_root().join("policies"), &dir.join("policies"))?;
         let config = format!(
             r#"[gateway]
@@ -511,6 +545,7 @@ impl Drop for ClusterLab {
         for s in self.servers.drain(..) {
             let _ = s.join();
         }
+        drop(self.saml_idp.take());
         self.postgres.stop();
         for ns in self.namespaces.drain(..) {
             let _ = sh(&["ip", "netns", "del", &ns]);

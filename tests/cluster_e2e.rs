@@ -321,3 +321,189 @@ fn a_policy_replacement_through_one_node_re_decides_flows_on_the_others() {
         .unwrap();
     assert_eq!(p["version"], new_version.as_str());
 }
+
+const API_SECRET: &str = "api-secret-0123456789abcdef0123456789";
+
+/// A request signed as the README's recipe says, sent as is to node `node`.
+fn signed_to(
+    lab: &ClusterLab,
+    node: usize,
+    headers: &[(String, String)],
+    method: &str,
+    path: &str,
+) -> (u16, Value) {
+    let h: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    portcullis_e2e::http_in(&lab.nodes[node].ns, method, path, &h, "").unwrap()
+}
+
+fn sign(method: &str, path: &str, nonce: &str) -> Vec<(String, String)> {
+    let ts = chrono::Utc::now().timestamp().to_string();
+    let t = portcullis_apiauth::ApiToken::new(
+        "ops",
+        API_SECRET,
+        portcullis_apiauth::Scope::Admin,
+        None,
+    );
+    let sig = t.sign(&portcullis_apiauth::Parts {
+        token: "ops",
+        timestamp: &ts,
+        nonce,
+        method,
+        path,
+        query: None,
+        body: b"",
+    });
+    vec![
+        ("Auth-Token".into(), "ops".into()),
+        ("Auth-Timestamp".into(), ts),
+        ("Auth-Nonce".into(), nonce.to_string()),
+        ("Auth-Signature".into(), sig),
+    ]
+}
+
+#[test]
+fn a_signed_request_replayed_against_another_node_is_refused_and_a_login_crosses_nodes() {
+    let mut lab = ClusterLab::start(ClusterOptions {
+        extra_config: "[api]\ntokens_file = \"api.tokens\"\n\
+            [devices]\npool = \"100.64.0.128/26\"\nendpoint = \"192.168.71.1:51820\"\n\
+            [saml]\nidp_metadata = \"idp-metadata.xml\"\nbase_url = \"http://127.0.0.1:18080\"\n\
+            user_attribute = \"uid\"\nlogin_max_secs = 3600\n"
+            .into(),
+        files: vec![(
+            "api.tokens".into(),
+            format!("[[token]]\nid = \"ops\"\nsecret = \"{API_SECRET}\"\nscope = \"admin\"\n"),
+        )],
+        saml_idp: true,
+        ..ClusterOptions::default()
+    })
+    .unwrap();
+
+    // One signed request: accepted by A, refused by B and C (and by A again).
+    let request = sign("GET", "/api/v1/cluster", "0123456789abcdef0123456789abcdef");
+    let (status, body) = signed_to(&lab, 0, &request, "GET", "/api/v1/cluster");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["nodes"].as_array().unwrap().len(), 3, "{body}");
+    for node in [1, 2, 0] {
+        let (status, body) = signed_to(&lab, node, &request, "GET", "/api/v1/cluster");
+        assert_eq!(status, 401, "node {node}: {body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("nonce already used"),
+            "{body}"
+        );
+    }
+    // A fresh nonce is accepted by B.
+    let fresh = sign("GET", "/api/v1/cluster", "fedcba9876543210fedcba9876543210");
+    assert_eq!(signed_to(&lab, 1, &fresh, "GET", "/api/v1/cluster").0, 200);
+
+    // A login started on A (the browser is sent to the IdP), answered to B (a load
+    // balancer sent the POST there): B accepts it and its cookie works on C.
+    let script = portcullis_e2e::repo_root().join("tests/clients/saml_login.py");
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.nodes[0].ns, "python3"])
+        .arg(script)
+        .args([
+            "http://127.0.0.1:18080/saml/login?return=/enroll",
+            "alice",
+            "alice-password",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let form = format!(
+        "SAMLResponse={}&RelayState={}",
+        urlencode(answer["SAMLResponse"].as_str().unwrap()),
+        urlencode(answer["RelayState"].as_str().unwrap_or(""))
+    );
+    let post = |node: usize| {
+        raw_in(
+            &lab.nodes[node].ns,
+            &format!(
+                "POST /saml/acs HTTP/1.1\r\nHost: gw\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{form}",
+                form.len()
+            ),
+        )
+    };
+    let on_b = post(1);
+    assert!(on_b.starts_with("HTTP/1.1 303"), "{on_b}");
+    let cookie = on_b
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("set-cookie: ")
+                .or_else(|| l.strip_prefix("Set-Cookie: "))
+        })
+        .and_then(|c| c.split(';').next())
+        .unwrap()
+        .to_string();
+    // The same answer posted again, to C: its request and assertion are used up.
+    let again = post(2);
+    assert!(again.starts_with("HTTP/1.1 403"), "{again}");
+    // B's session cookie on C: the enrollment page, signed in as alice.
+    let page = raw_in(
+        &lab.nodes[2].ns,
+        &format!(
+            "GET /enroll HTTP/1.1\r\nHost: gw\r\nCookie: {cookie}\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(page.contains("alice"), "{page}");
+    // Signed out on A: the cookie no longer works anywhere.
+    raw_in(
+        &lab.nodes[0].ns,
+        &format!("GET /saml/logout HTTP/1.1\r\nHost: gw\r\nCookie: {cookie}\r\nConnection: close\r\n\r\n"),
+    );
+    let page = raw_in(
+        &lab.nodes[1].ns,
+        &format!(
+            "GET /enroll HTTP/1.1\r\nHost: gw\r\nCookie: {cookie}\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    assert!(page.starts_with("HTTP/1.1 303"), "{page}");
+
+    // Without the database a node accepts no signed request (fail closed).
+    lab.postgres.stop();
+    let (status, body) = signed_to(
+        &lab,
+        2,
+        &sign("GET", "/api/v1/users", "00000000000000000000000000000042"),
+        "GET",
+        "/api/v1/users",
+    );
+    assert_eq!(status, 503, "{body}");
+    lab.postgres.resume().unwrap();
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// One raw HTTP/1.1 exchange with 127.0.0.1:18080 inside `ns`: the whole answer.
+fn raw_in(ns: &str, request: &str) -> String {
+    let request = request.to_string();
+    portcullis_e2e::in_ns(ns, move || {
+        use std::io::Write as _;
+        let mut s = std::net::TcpStream::connect("127.0.0.1:18080").unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+    .unwrap()
+}

@@ -28,6 +28,7 @@ mod import;
 pub mod node;
 pub mod policy;
 pub mod schema;
+pub mod shared;
 pub mod store;
 
 use std::time::Duration;

@@ -3,7 +3,8 @@
 //!   notification, and every (re)connection, makes the node catch up from its last
 //!   applied change, so a lost connection or a missed notification leaves no gap;
 //! - the heartbeat: every [`BEAT`], this node's row with its sessions, flows and applied
-//!   change; the same tick catches up too, a safety net under the notifications.
+//!   change; the same tick catches up too, a safety net under the notifications; every
+//!   minute it also forgets expired one-time values and login sessions.
 //!
 //! Neither ever blocks the data plane: they reach it only through [`Identity`], whose
 //! hand-off is the control channel.
@@ -20,6 +21,9 @@ use crate::{Beat, Registry};
 
 /// How often a node heartbeats.
 pub const BEAT: Duration = Duration::from_secs(1);
+
+/// Expired one-time values and sessions are purged every this many heartbeats.
+const PURGE_EVERY: u64 = 60;
 
 /// What the node tells the registry it is.
 #[derive(Clone, Debug)]
@@ -119,6 +123,7 @@ async fn heartbeat(
     let mut tick = tokio::time::interval(BEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut joined: Option<(tokio_postgres::Client, Registry)> = None;
+    let mut beats: u64 = 0;
     loop {
         tick.tick().await;
         // The safety net under the notifications.
@@ -151,6 +156,18 @@ async fn heartbeat(
         };
         if let Err(e) = registry.beat(client, beat).await {
             tracing::warn!("cluster heartbeat: {e}");
+        }
+        beats += 1;
+        if beats % PURGE_EVERY == 0 {
+            // Idempotent, so any node may do it; the index on expires keeps it cheap.
+            if let Err(e) = client
+                .batch_execute(
+                    "DELETE FROM once WHERE expires <= now(); DELETE FROM web_sessions WHERE expires <= now()",
+                )
+                .await
+            {
+                tracing::warn!("cluster: expired one-time values not purged: {e}");
+            }
         }
     }
 }

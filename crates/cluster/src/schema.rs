@@ -20,8 +20,10 @@
 //! - `policy_set(id = 1, version, files jsonb, node_id, updated)`: the cluster's policy
 //!   set (the admin API's `PolicyFiles` JSON and its version digest); a replacement
 //!   writes it with a `changes` row of kind `policy`;
-//! - `once(kind, value, expires, PRIMARY KEY (kind, value))`: values accepted at most
-//!   once cluster-wide until they expire: API nonces, SAML request and assertion ids;
+//! - `once(kind, value, data, expires, PRIMARY KEY (kind, value))`: values accepted at
+//!   most once cluster-wide until they expire: API nonces (`api-nonce`), SAML assertion
+//!   ids (`saml-assertion`), and SAML request ids a node issued (`saml-request`, with
+//!   the relay state in `data`), used up by whichever node the answer reaches;
 //! - `web_sessions(id text PRIMARY KEY, body jsonb, expires)`: enrollment and login
 //!   sessions by the SHA-256 of their cookie, so any node serves a cookie any node set.
 
@@ -96,6 +98,7 @@ CREATE TABLE policy_set (
 CREATE TABLE once (
     kind text NOT NULL,
     value text NOT NULL,
+    data text NOT NULL DEFAULT '',
     expires timestamptz NOT NULL,
     PRIMARY KEY (kind, value)
 );

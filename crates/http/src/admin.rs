@@ -66,8 +66,8 @@ pub struct AdminApi {
     pub profile_scope: crate::devices::ProfileScope,
     /// `[audit.clickhouse]`: the audit queries under `/audit`.
     pub store: Option<Arc<portcullis_auditor::http::StoreHandle>>,
-    /// `[cluster]`: `GET /cluster` reads the registry.
-    pub cluster: Option<portcullis_cluster::Target>,
+    /// `[cluster]`: `GET /cluster` reads the registry; API nonces are taken there.
+    pub shared: Option<Arc<portcullis_cluster::shared::Shared>>,
     /// `[cluster]`: the shared policy set.
     pub cluster_policy: Option<Arc<crate::policy_cluster::ClusterPolicy>>,
 }
@@ -89,7 +89,7 @@ pub fn admin_router(a: AdminApi) -> Router {
             .cluster_policy
             .as_ref()
             .map_or_else(|| Arc::new(tokio::sync::Mutex::new(())), |c| c.lock.clone()),
-        cluster: a.cluster.map(Arc::new),
+        shared: a.shared,
         cluster_policy: a.cluster_policy,
     };
     let audit = a.store;
@@ -263,6 +263,26 @@ async fn require_signature(State(s): State<AdminState>, req: Request, next: Next
             (verdict, limited)
         }
         Err(_) => (Err(portcullis_apiauth::AuthError::Busy), false),
+    };
+    // In a cluster the nonce is also taken cluster-wide: a request replayed against
+    // another node is refused there; without the database nothing is accepted.
+    let verdict = match (verdict, &s.shared) {
+        (Ok(who), Some(shared)) => {
+            let forget = chrono::DateTime::from_timestamp(who.nonce.forget_at, 0)
+                .unwrap_or_else(|| now + chrono::TimeDelta::hours(2));
+            match shared
+                .claim("api-nonce", &format!("{:032x}", who.nonce.digest), forget)
+                .await
+            {
+                Ok(true) => Ok(who),
+                Ok(false) => Err(portcullis_apiauth::AuthError::Replayed),
+                Err(e) => {
+                    tracing::error!("api nonce not recorded in the cluster, request refused: {e}");
+                    Err(portcullis_apiauth::AuthError::Busy)
+                }
+            }
+        }
+        (verdict, _) => verdict,
     };
     match verdict {
         Ok(who) => {
@@ -510,11 +530,11 @@ fn no_ldap() -> Response {
 
 /// The cluster's nodes and leases, as `portcullis cluster status --json` shows them.
 async fn cluster_status(State(s): State<AdminState>) -> Response {
-    let Some(target) = &s.cluster else {
+    let Some(shared) = &s.shared else {
         return error(StatusCode::NOT_FOUND, "no [cluster] section is configured");
     };
     let overview = async {
-        let client = target.connect().await?;
+        let client = shared.client().await?;
         portcullis_cluster::overview(&client).await
     };
     match overview.await {

@@ -35,8 +35,8 @@ pub(crate) struct AdminState {
     pub(crate) scope: Arc<crate::devices::ProfileScope>,
     /// Serialises policy replacements.
     pub(crate) policy_lock: Arc<tokio::sync::Mutex<()>>,
-    /// `[cluster]`'s database, for `GET /cluster`.
-    pub(crate) cluster: Option<Arc<portcullis_cluster::Target>>,
+    /// `[cluster]`'s database: `GET /cluster` and the cluster-wide API nonces.
+    pub(crate) shared: Option<Arc<portcullis_cluster::shared::Shared>>,
     /// `[cluster]`: the shared policy set `PUT /policies` stores.
     pub(crate) cluster_policy: Option<Arc<crate::policy_cluster::ClusterPolicy>>,
 }

@@ -218,7 +218,10 @@ impl Plane {
                         commands.clone(),
                         rx,
                     ));
-                    Some((target, policy))
+                    Some((
+                        policy,
+                        Arc::new(portcullis_cluster::shared::Shared::new(target)),
+                    ))
                 }
                 Err(e) => {
                     let _ = started.send(Err(e));
@@ -308,8 +311,8 @@ async fn routes(
     ldap: Option<portcullis_ldap_sync::LdapHandle>,
     store: Option<portcullis_audit::StoreConfig>,
     cluster: Option<(
-        portcullis_cluster::Target,
         Arc<crate::policy_cluster::ClusterPolicy>,
+        Arc<portcullis_cluster::shared::Shared>,
     )>,
     commands: &mpsc::Sender<Command>,
 ) -> anyhow::Result<axum::Router> {
@@ -322,6 +325,7 @@ async fn routes(
             identity.clone(),
             profile.clone(),
             commands.clone(),
+            cluster.as_ref().map(|(_, s)| s.clone()),
         )
         .await?;
         app = app.merge(sso::routes(sso));
@@ -345,8 +349,8 @@ async fn routes(
             policy_dir: c.policy.dir.clone(),
             profile_scope: devices::ProfileScope::new(loaded),
             store: store.map(|s| Arc::new(portcullis_auditor::http::StoreHandle::lazy(s))),
-            cluster: cluster.as_ref().map(|(t, _)| t.clone()),
-            cluster_policy: cluster.map(|(_, p)| p),
+            shared: cluster.as_ref().map(|(_, s)| s.clone()),
+            cluster_policy: cluster.map(|(p, _)| p),
         }));
     }
     // Bearer failures are limited per address on SCIM and /admin/v1 (the signed API

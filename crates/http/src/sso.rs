@@ -15,8 +15,10 @@
 //! Plain server-rendered HTML, no JavaScript, every value escaped. A login lasts until
 //! the IdP's SessionNotOnOrAfter capped by `login_max_secs`; devices enrolled in it
 //! expire then, and a new login renews the user's devices. Sessions live in memory (a
-//! restart logs everyone out; devices stay). Logins and ACS posts are rate-limited per
-//! address; every login, refused or not, is an audit event.
+//! restart logs everyone out; devices stay), or in a cluster in the shared database
+//! (a cookie one node set works on every node; a login started on one node can finish
+//! on another; request and assertion ids are used up cluster-wide). Logins and ACS
+//! posts are rate-limited per address; every login, refused or not, is an audit event.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -36,7 +38,7 @@ use portcullis_config::{Loaded, SamlConfig};
 use portcullis_identity::{Identity, ProfileSettings};
 use portcullis_model::Event;
 use portcullis_saml::{Sp, SpConfig};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
 use tokio::sync::mpsc;
@@ -53,7 +55,7 @@ const MAX_SESSIONS: usize = 100_000;
 const MAX_METADATA_BYTES: usize = 1 << 20;
 
 /// A browser's login.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct WebSession {
     user: String,
     until: DateTime<Utc>,
@@ -73,7 +75,12 @@ pub struct Sso {
     commands: mpsc::Sender<Command>,
     secure_cookie: bool,
     scope: crate::devices::ProfileScope,
+    /// `[cluster]`: sessions and one-time ids in the shared database.
+    shared: Option<Arc<portcullis_cluster::shared::Shared>>,
 }
+
+/// Pending SAML requests imported at one answer, at most.
+const MAX_SHARED_PENDING: i64 = 10_000;
 
 /// The SP's settings from `[saml]`.
 fn sp_config(c: &SamlConfig) -> SpConfig {
@@ -156,6 +163,7 @@ impl Sso {
         identity: Arc<Identity>,
         profile: Arc<ProfileSettings>,
         commands: mpsc::Sender<Command>,
+        shared: Option<Arc<portcullis_cluster::shared::Shared>>,
     ) -> anyhow::Result<Arc<Sso>> {
         let context = || {
             format!(
@@ -185,6 +193,7 @@ impl Sso {
             commands,
             secure_cookie: c.base().starts_with("https://"),
             scope: crate::devices::ProfileScope::new(loaded),
+            shared,
         });
         let refresh = sso.clone();
         tokio::spawn(async move {
@@ -256,16 +265,44 @@ impl Sso {
             .unwrap_or(false)
     }
 
-    fn session(&self, headers: &HeaderMap) -> Option<WebSession> {
+    /// The browser's unexpired session. In a cluster the shared database answers (a
+    /// session another node opened, or ended); unreachable, nobody is signed in.
+    async fn session(&self, headers: &HeaderMap) -> Option<WebSession> {
         let key = session_key(cookie(headers, COOKIE)?);
+        if let Some(shared) = &self.shared {
+            return match shared.session(&hex::encode(key)).await {
+                Ok(body) => body
+                    .and_then(|b| serde_json::from_value::<WebSession>(b).ok())
+                    .filter(|s| s.until > Utc::now()),
+                Err(e) => {
+                    tracing::error!("saml: login session not readable from the cluster: {e}");
+                    None
+                }
+            };
+        }
         let sessions = self.sessions.lock().ok()?;
         sessions.get(&key).filter(|s| s.until > Utc::now()).cloned()
     }
 
     /// A new session; the cookie value to set.
-    fn open_session(&self, user: &str, until: DateTime<Utc>) -> Option<String> {
+    async fn open_session(&self, user: &str, until: DateTime<Utc>) -> Option<String> {
         let token = random_b64::<32>();
         let key = session_key(&token);
+        let session = WebSession {
+            user: user.to_string(),
+            until,
+            csrf: random_b64::<24>(),
+        };
+        if let Some(shared) = &self.shared {
+            let body = serde_json::to_value(&session).ok()?;
+            return match shared.put_session(&hex::encode(key), &body, until).await {
+                Ok(()) => Some(token),
+                Err(e) => {
+                    tracing::error!("saml: login session not stored in the cluster: {e}");
+                    None
+                }
+            };
+        }
         let mut sessions = self.sessions.lock().ok()?;
         let now = Utc::now();
         sessions.retain(|_, s| s.until > now);
@@ -278,15 +315,58 @@ impl Sso {
                 sessions.remove(&k);
             }
         }
-        sessions.insert(
-            key,
-            WebSession {
-                user: user.to_string(),
-                until,
-                csrf: random_b64::<24>(),
-            },
-        );
+        sessions.insert(key, session);
         Some(token)
+    }
+
+    /// In a cluster: the logins other nodes started, so that their answers are accepted
+    /// here too.
+    async fn import_pending(&self) -> Result<(), Response> {
+        let Some(shared) = &self.shared else {
+            return Ok(());
+        };
+        let offered = shared
+            .offered("saml-request", MAX_SHARED_PENDING)
+            .await
+            .map_err(|e| {
+                tracing::error!("saml: started logins not readable from the cluster: {e}");
+                unavailable()
+            })?;
+        if let Ok(Some(sp)) = self.sp.lock().as_deref_mut() {
+            for (id, relay, expires) in offered {
+                sp.add_pending(id, expires, relay);
+            }
+        }
+        Ok(())
+    }
+
+    /// In a cluster: uses up the login's request and assertion ids cluster-wide; an
+    /// error names why the login is refused.
+    async fn use_up(&self, login: &portcullis_saml::Login) -> Result<(), String> {
+        let Some(shared) = &self.shared else {
+            return Ok(());
+        };
+        let unreachable = |e: portcullis_cluster::ClusterError| {
+            tracing::error!("saml: cluster database: {e}");
+            "the sign-in could not be checked against the cluster; try again".to_string()
+        };
+        if let Some(id) = &login.request_id {
+            if !shared.take("saml-request", id).await.map_err(unreachable)? {
+                return Err(format!("the login {id} was already finished"));
+            }
+        }
+        if !shared
+            .claim(
+                "saml-assertion",
+                &login.assertion_id,
+                login.assertion_forget_at,
+            )
+            .await
+            .map_err(unreachable)?
+        {
+            return Err(format!("assertion {} was already used", login.assertion_id));
+        }
+        Ok(())
     }
 }
 
@@ -437,10 +517,25 @@ async fn login(
         .unwrap_or_else(|| "/enroll".into());
     let mut random = [0u8; 16];
     rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut random);
-    let url = match sso.sp.lock().as_deref_mut() {
-        Ok(Some(sp)) => sp.handle_login_start(&back, random, Utc::now()),
+    let now = Utc::now();
+    let (url, lifetime) = match sso.sp.lock().as_deref_mut() {
+        Ok(Some(sp)) => (
+            sp.handle_login_start(&back, random, now),
+            sp.config().request_lifetime,
+        ),
         _ => return unavailable(),
     };
+    if let (Ok(_), Some(shared)) = (&url, &sso.shared) {
+        // Any node may receive the IdP's answer.
+        let id = portcullis_saml::request_id(&random);
+        if let Err(e) = shared
+            .offer("saml-request", &id, &back, now + lifetime)
+            .await
+        {
+            tracing::error!("saml: login not recorded in the cluster: {e}");
+            return unavailable();
+        }
+    }
     match url {
         Ok(u) => see_other(&u),
         Err(e) => page(
@@ -504,6 +599,9 @@ async fn acs(
         }
     };
     let now = Utc::now();
+    if let Err(r) = sso.import_pending().await {
+        return r;
+    }
     let verdict = match sso.sp.lock().as_deref_mut() {
         Ok(Some(sp)) => sp.handle_acs(&form.saml_response, now),
         _ => return unavailable(),
@@ -512,6 +610,9 @@ async fn acs(
         Ok(l) => l,
         Err(e) => return refuse("", e.to_string()).await,
     };
+    if let Err(reason) = sso.use_up(&login).await {
+        return refuse(&login.user, reason).await;
+    }
     let cap = now + TimeDelta::seconds(i64::try_from(sso.config.login_max_secs).unwrap_or(43_200));
     let until = login.session_not_on_or_after.map_or(cap, |t| t.min(cap));
     if until <= now {
@@ -532,7 +633,7 @@ async fn acs(
         Ok(o) => o,
         Err(e) => return refuse(&login.user, e.to_string()).await,
     };
-    let Some(token) = sso.open_session(&owner.user_name, until) else {
+    let Some(token) = sso.open_session(&owner.user_name, until).await else {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     };
     sso.report(Event::LoginSucceeded {
@@ -572,8 +673,15 @@ fn session_key(cookie_value: &str) -> [u8; 32] {
 
 async fn logout(State(sso): State<Arc<Sso>>, headers: HeaderMap) -> Response {
     if let Some(value) = cookie(&headers, COOKIE) {
+        let key = session_key(value);
+        if let Some(shared) = &sso.shared {
+            if let Err(e) = shared.end_session(&hex::encode(key)).await {
+                tracing::error!("saml: login session not ended in the cluster: {e}");
+                return unavailable();
+            }
+        }
         if let Ok(mut s) = sso.sessions.lock() {
-            s.remove(&session_key(value));
+            s.remove(&key);
         }
     }
     let mut r = page(
@@ -592,7 +700,7 @@ fn when(t: DateTime<Utc>) -> String {
 }
 
 async fn enroll_page(State(sso): State<Arc<Sso>>, headers: HeaderMap) -> Response {
-    let Some(s) = sso.session(&headers) else {
+    let Some(s) = sso.session(&headers).await else {
         return see_other("/saml/login?return=/enroll");
     };
     let now = Utc::now();
@@ -652,7 +760,7 @@ async fn enroll(
     headers: HeaderMap,
     form: Result<Form<EnrollForm>, axum::extract::rejection::FormRejection>,
 ) -> Response {
-    let Some(s) = sso.session(&headers) else {
+    let Some(s) = sso.session(&headers).await else {
         return see_other("/saml/login?return=/enroll");
     };
     let bad = |msg: &str| {

@@ -98,8 +98,17 @@ pub struct Login {
     /// The IdP's end of this login session, if it said.
     pub session_not_on_or_after: Option<DateTime<Utc>>,
     pub assertion_id: String,
+    /// Until when the assertion id must be remembered (nothing accepts it after).
+    pub assertion_forget_at: DateTime<Utc>,
+    /// The request this answers (`None`: IdP-initiated).
+    pub request_id: Option<String>,
     /// What the browser asked to return to.
     pub relay_state: Option<String>,
+}
+
+/// The request id [`Sp::handle_login_start`] gives a login started with `random`.
+pub fn request_id(random: &[u8; 16]) -> String {
+    format!("_{}", hex_encode(random))
 }
 
 /// The service provider with its one-time request ids and replay cache.
@@ -210,7 +219,7 @@ impl Sp {
             .make_authentication_request(&self.sso_url)
             .map_err(|e| SamlError::Request(e.to_string()))?;
         // samael's ids carry 32 random bits; ours 128.
-        req.id = format!("_{}", hex_encode(&random));
+        req.id = request_id(&random);
         let url = req
             .redirect("")
             .map_err(|e| SamlError::Request(e.to_string()))?
@@ -232,6 +241,14 @@ impl Sp {
             (now + self.config.request_lifetime, relay_state.to_string()),
         );
         Ok(url.to_string())
+    }
+
+    /// Accepts answers to a login another node of a cluster started (its id, expiry and
+    /// relay state, from the shared store); a known id is left as it is.
+    pub fn add_pending(&mut self, id: String, expires: DateTime<Utc>, relay_state: String) {
+        if self.pending.len() < MAX_PENDING {
+            self.pending.entry(id).or_insert((expires, relay_state));
+        }
     }
 
     /// Checks a posted SAMLResponse; on success the request id is used up and the
@@ -293,6 +310,10 @@ impl Sp {
             return Err(SamlError::Replayed(assertion.id.clone()));
         }
         let in_response_to = in_response_to(&assertion);
+        let request_id = in_response_to
+            .as_deref()
+            .filter(|id| self.pending.contains_key(*id))
+            .map(str::to_string);
         let relay_state = match in_response_to
             .as_deref()
             .and_then(|id| self.pending.remove(id))
@@ -331,13 +352,15 @@ impl Sp {
             .min();
         // Remember the id until nothing could accept it any more.
         let expires = assertion_expiry(&assertion).unwrap_or(now + TimeDelta::hours(1));
-        self.seen
-            .insert(assertion.id.clone(), expires + self.config.max_clock_skew);
+        let assertion_forget_at = expires + self.config.max_clock_skew;
+        self.seen.insert(assertion.id.clone(), assertion_forget_at);
         Ok(Login {
             user,
             groups,
             session_not_on_or_after,
             assertion_id: assertion.id,
+            assertion_forget_at,
+            request_id,
             relay_state,
         })
     }

@@ -118,7 +118,7 @@ async fn every_documented_operation_is_served() {
         policy_dir: dir.path().to_path_buf(),
         profile_scope: crate::devices::ProfileScope::new_fixed(),
         store: None,
-        cluster: None,
+        shared: None,
         cluster_policy: None,
     });
     for (method, template) in documented() {
