@@ -72,6 +72,9 @@ pub struct ClusterOptions {
     /// the SP at `http://127.0.0.1:18080` and knows alice (group sre), password
     /// `alice-password`; its metadata is `idp-metadata.xml` in every node's directory.
     pub saml_idp: bool,
+    /// Start an OpenLDAP server on the lan (172.31.0.100); `{ldap_url}` in
+    /// `extra_config` becomes its URL, `ldap.pw` in every node's directory its password.
+    pub slapd: bool,
 }
 
 impl Default for ClusterOptions {
@@ -81,6 +84,7 @@ impl Default for ClusterOptions {
             extra_config: String::new(),
             files: Vec::new(),
             saml_idp: false,
+            slapd: false,
         }
     }
 }
@@ -93,6 +97,7 @@ pub struct ClusterLab {
     pub postgres: portcullis_testkit::Postgres,
     pub gateway_public_key: String,
     pub saml_idp: Option<portcullis_testkit::SamlIdp>,
+    pub slapd: Option<portcullis_testkit::Slapd>,
     namespaces: Vec<String>,
     wg_procs: Vec<(Child, String)>,
     stop: Arc<AtomicBool>,
@@ -141,6 +146,7 @@ impl ClusterLab {
             postgres,
             gateway_public_key: public,
             saml_idp: None,
+            slapd: None,
             namespaces: Vec::new(),
             wg_procs: Vec::new(),
             stop: Arc::new(AtomicBool::new(false)),
@@ -148,6 +154,16 @@ impl ClusterLab {
         };
         lab.namespaces.append(&mut namespaces);
         lab.start_servers()?;
+        let mut opts = opts;
+        if opts.slapd {
+            let slapd = portcullis_testkit::Slapd::start_on(Some(&lab.ns_lan), "172.31.0.100")?;
+            opts.extra_config = opts.extra_config.replace("{ldap_url}", &slapd.url());
+            opts.files.push((
+                "ldap.pw".into(),
+                format!("{}\n", portcullis_testkit::Slapd::ADMIN_PASSWORD),
+            ));
+            lab.slapd = Some(slapd);
+        }
         for i in 0..opts.nodes {
             lab.add_node(i, &private, &opts)?;
         }
@@ -546,6 +562,7 @@ impl Drop for ClusterLab {
             let _ = s.join();
         }
         drop(self.saml_idp.take());
+        drop(self.slapd.take());
         self.postgres.stop();
         for ns in self.namespaces.drain(..) {
             let _ = sh(&["ip", "netns", "del", &ns]);

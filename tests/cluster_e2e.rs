@@ -507,3 +507,100 @@ fn raw_in(ns: &str, request: &str) -> String {
     })
     .unwrap()
 }
+
+fn person(uid: &str) -> String {
+    format!(
+        "dn: uid={uid},ou=people,dc=example,dc=org\nchangetype: add\nobjectClass: inetOrgPerson\n\
+         uid: {uid}\ncn: {uid}\nsn: {uid}\nmail: {uid}@example.org\n\n"
+    )
+}
+
+/// The node holding lease `name`, as node `asked` sees the cluster.
+fn holder(lab: &ClusterLab, asked: usize, name: &str) -> Option<usize> {
+    let (status, c) = lab
+        .http(asked, "GET", "/admin/v1/cluster", ADMIN_TOKEN, "")
+        .ok()?;
+    if status != 200 {
+        return None;
+    }
+    let lease = c["leases"]
+        .as_array()?
+        .iter()
+        .find(|l| l["name"] == name && l["held"] == true)?;
+    let id = lease["holder"].as_str()?;
+    lab.nodes.iter().position(|n| n.node_id == id)
+}
+
+#[test]
+fn the_ldap_consumer_moves_to_another_node_when_its_holder_is_killed() {
+    let (alice_key, alice_pub) = wg_genkey().unwrap();
+    let mut lab = ClusterLab::start(ClusterOptions {
+        extra_config: format!(
+            "[ldap]\nurl = \"{{ldap_url}}\"\nbind_dn = \"{dn}\"\npassword_file = \"ldap.pw\"\n\
+             user_base = \"ou=people,dc=example,dc=org\"\ngroup_base = \"ou=groups,dc=example,dc=org\"\n\
+             [[peer]]\nuser = \"alice\"\npublic_key = \"{alice_pub}\"\naddress = \"100.64.0.2\"\n",
+            dn = portcullis_testkit::Slapd::ADMIN_DN
+        ),
+        slapd: true,
+        ..ClusterOptions::default()
+    })
+    .unwrap();
+    let slapd = lab.slapd.as_ref().unwrap();
+    slapd
+        .modify(&format!(
+            "{}{}dn: cn=sre,ou=groups,dc=example,dc=org\nchangetype: add\nobjectClass: groupOfNames\ncn: sre\nmember: uid=alice,ou=people,dc=example,dc=org\nmember: uid=erin,ou=people,dc=example,dc=org\n",
+            person("alice"),
+            person("erin"),
+        ))
+        .unwrap();
+    // Exactly one node consumes the directory.
+    let mut first = None;
+    wait_until(Duration::from_secs(15), || {
+        first = holder(&lab, 0, "ldap-sync");
+        Ok(first.is_some())
+    })
+    .unwrap();
+    let first = first.unwrap();
+    // alice's device talks to another node, which learns of her through the database.
+    let via = (first + 1) % 3;
+    let alice = lab
+        .add_client("alice", &alice_key, "100.64.0.2", via)
+        .unwrap();
+    let mut s = open_when_granted(&lab, &alice, via);
+
+    // The consumer dies; while nobody consumes, alice leaves sre in the directory.
+    lab.kill_node(first).unwrap();
+    let killed = Instant::now();
+    lab.slapd
+        .as_ref()
+        .unwrap()
+        .modify("dn: cn=sre,ou=groups,dc=example,dc=org\nchangetype: modify\ndelete: member\nmember: uid=alice,ou=people,dc=example,dc=org\n")
+        .unwrap();
+    let survivor = (first + 2) % 3;
+    let mut next = None;
+    wait_until(Duration::from_secs(12), || {
+        next = holder(&lab, survivor, "ldap-sync").filter(|h| *h != first);
+        Ok(next.is_some())
+    })
+    .unwrap();
+    let took = killed.elapsed();
+    eprintln!("ldap consumer taken over after {took:?}");
+    assert!(took <= Duration::from_secs(10), "{took:?}");
+    // The change made while nobody consumed is not missed: her connection is cut.
+    expect_reset(&mut s, Duration::from_secs(15));
+    let users = scim_users_via_admin(&lab, via);
+    assert!(users.contains(&"erin".to_string()), "{users:?}");
+}
+
+/// User names as node `node`'s admin API lists them.
+fn scim_users_via_admin(lab: &ClusterLab, node: usize) -> Vec<String> {
+    let (status, list) = lab
+        .http(node, "GET", "/admin/v1/users", ADMIN_TOKEN, "")
+        .unwrap();
+    assert_eq!(status, 200, "{list}");
+    list.as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|u| u["name"].as_str().map(str::to_string))
+        .collect()
+}

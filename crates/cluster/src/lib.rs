@@ -25,6 +25,7 @@
 //! store's, the listener's, the heartbeat's); the data plane never touches it.
 
 mod import;
+pub mod lease;
 pub mod node;
 pub mod policy;
 pub mod schema;

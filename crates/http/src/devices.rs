@@ -256,7 +256,11 @@ pub async fn stored(identity: &Identity) -> anyhow::Result<StoredDevices> {
 
 /// Removes devices at their expiry: sleeps until the earliest one (at most a minute, so
 /// a wall-clock jump is caught up), or until a device changes.
-pub fn spawn_expiry(identity: Arc<Identity>) {
+///
+/// In a cluster (`sweep` given: whether this node holds the sweep's lease) only the
+/// holder removes expired devices from the shared store; every node stops accepting
+/// them at their expiry on its own (also when the database is away).
+pub fn spawn_expiry(identity: Arc<Identity>, sweep: Option<tokio::sync::watch::Receiver<bool>>) {
     tokio::spawn(async move {
         loop {
             let next = identity.read_devices(|d| d.next_expiry());
@@ -269,7 +273,19 @@ pub fn spawn_expiry(identity: Arc<Identity>) {
                 _ = identity.devices_changed().notified() => continue,
             }
             let now = Utc::now();
-            match identity.expire_devices(Instant::now(), now).await {
+            let holder = sweep.as_ref().is_none_or(|held| *held.borrow());
+            let expired = if holder {
+                match identity.expire_devices(Instant::now(), now).await {
+                    Err(e) if sweep.is_some() => {
+                        tracing::warn!("expired devices not removed from the cluster ({e}); removed on this node");
+                        identity.expire_locally(Instant::now(), now).await
+                    }
+                    r => r,
+                }
+            } else {
+                identity.expire_locally(Instant::now(), now).await
+            };
+            match expired {
                 Ok(0) => {}
                 Ok(n) => {
                     let late = next.map(|t| (now - t).num_milliseconds()).unwrap_or(0);

@@ -168,19 +168,6 @@ impl Plane {
             mut status,
         } = control;
         let c = &loaded.config;
-        let ldap = match (&c.ldap, &identity, ldap_setup) {
-            (Some(l), Some(identity), Some((password, tls))) => Some(portcullis_ldap_sync::spawn(
-                l.clone(),
-                password,
-                tls,
-                identity.clone(),
-                commands.clone(),
-            )),
-            _ => None,
-        };
-        if let Some(identity) = identity.as_ref().filter(|i| i.device_policy().is_some()) {
-            devices::spawn_expiry(identity.clone());
-        }
         // The heartbeat reports what the status reader last saw.
         let numbers = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
         let cluster = match (&c.cluster, &identity) {
@@ -230,6 +217,36 @@ impl Plane {
             },
             _ => None,
         };
+        // Once-per-cluster work runs where its lease is held.
+        let lease = |name: &'static str| {
+            cluster
+                .as_ref()
+                .zip(c.cluster.as_ref())
+                .map(|((_, shared), cl)| {
+                    portcullis_cluster::lease::spawn(
+                        shared.target().clone(),
+                        name,
+                        cl.node_id.clone(),
+                    )
+                })
+        };
+        let ldap = match (&c.ldap, &identity, ldap_setup) {
+            (Some(l), Some(identity), Some((password, tls))) => Some(portcullis_ldap_sync::spawn(
+                l.clone(),
+                password,
+                tls,
+                identity.clone(),
+                commands.clone(),
+                lease(portcullis_cluster::lease::LDAP),
+            )),
+            _ => None,
+        };
+        if let Some(identity) = identity.as_ref().filter(|i| i.device_policy().is_some()) {
+            devices::spawn_expiry(
+                identity.clone(),
+                lease(portcullis_cluster::lease::DEVICE_EXPIRY),
+            );
+        }
         let health = health::Health::new();
         let metrics = metrics::Metrics::new();
         if let (Some(h), Some(listener)) = (&c.http, listener) {

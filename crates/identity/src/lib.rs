@@ -240,6 +240,9 @@ impl Identity {
                             number,
                             "the change log was trimmed past this node's last change: reloading the directory"
                         );
+                        // A key this node already expired on its own stays out.
+                        let now = Utc::now();
+                        let devices = devices.into_iter().filter(|d| d.expires > now).collect();
                         (
                             state.directory.plan_replace(users, groups),
                             state.devices.plan_replace(devices),
@@ -569,6 +572,32 @@ impl Identity {
             Ok((m, n))
         })
         .await
+    }
+
+    /// Stops accepting every device expired at `now` on this node only, without
+    /// writing to the store: a cluster node that does not hold the sweep's lease (or
+    /// cannot reach the database) never lets an expired key in; the lease holder's
+    /// removal follows through the change log. Returns how many.
+    pub async fn expire_locally(
+        &self,
+        requested: Instant,
+        now: DateTime<Utc>,
+    ) -> Result<usize, IdentityError> {
+        let store = self.store.lock().await;
+        let devices = {
+            let mut state = self.lock();
+            let dm = state.devices.plan_expire(now);
+            if dm.is_empty() {
+                return Ok(0);
+            }
+            state.devices.apply(dm, self.device_policy.as_ref())
+        };
+        let n = devices.len();
+        self.devices_changed.notify_one();
+        let rx = self.hand_off(Vec::new(), devices, requested, now).await?;
+        drop(store);
+        rx.await.map_err(|_| IdentityError::CoreGone)?;
+        Ok(n)
     }
 
     /// At start, before the core runs: removes the devices that expired while the

@@ -22,7 +22,7 @@ use portcullis_identity::{Identity, IdentityError, Mutation, SyncScope};
 use portcullis_ldap::{guard, proto, user_lookup_filter, Kind, LdapSync, Pass, Refusal};
 use portcullis_model::Event;
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use portcullis_control::Command;
 
@@ -87,6 +87,7 @@ pub fn spawn(
     tls: Option<Arc<rustls::ClientConfig>>,
     identity: Arc<Identity>,
     reports: mpsc::Sender<Command>,
+    lease: Option<watch::Receiver<bool>>,
 ) -> LdapHandle {
     let status = Arc::new(Mutex::new(LdapStatus {
         url: config.url.clone(),
@@ -113,6 +114,7 @@ pub fn spawn(
             handle.config.disabled.clone(),
         ),
         first_received: None,
+        lease,
     };
     tokio::spawn(driver.run(control_rx));
     handle
@@ -121,6 +123,8 @@ pub fn spawn(
 enum Restart {
     Reconcile,
     RefreshRequired,
+    /// In a cluster, another node holds the consumer's lease now.
+    LeaseLost,
 }
 
 struct Driver {
@@ -133,6 +137,9 @@ struct Driver {
     sync: LdapSync,
     /// When the first message of the pending pass arrived (the revocation clock starts).
     first_received: Option<(Instant, DateTime<Utc>)>,
+    /// In a cluster: whether this node holds the consumer's lease (one consumer per
+    /// cluster; a takeover starts from the whole directory).
+    lease: Option<watch::Receiver<bool>>,
 }
 
 async fn connect(
@@ -168,9 +175,58 @@ impl Driver {
         self.status.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// In a cluster: waits until this node holds the consumer's lease (answering the
+    /// admin API meanwhile); false when the gateway stops.
+    async fn wait_for_lease(&mut self, control: &mut mpsc::Receiver<LdapControl>) -> bool {
+        let Some(lease) = self.lease.as_mut() else {
+            return true;
+        };
+        if *lease.borrow_and_update() {
+            return true;
+        }
+        tracing::info!("ldap: another cluster node consumes the directory; standing by");
+        loop {
+            tokio::select! {
+                changed = lease.changed() => {
+                    if changed.is_err() {
+                        return false;
+                    }
+                    if *lease.borrow_and_update() {
+                        tracing::info!("ldap: this node took the consumer's lease; reading the directory");
+                        return true;
+                    }
+                }
+                c = control.recv() => match c {
+                    Some(LdapControl::ApproveRemoval(tx)) => {
+                        let _ = tx.send(Err("another cluster node consumes the directory: approve there".into()));
+                    }
+                    None => return false,
+                },
+            }
+        }
+    }
+
+    /// Resolves when this node loses the consumer's lease (never without one).
+    async fn lease_lost(lease: &mut Option<watch::Receiver<bool>>) {
+        match lease {
+            Some(l) => {
+                while l.changed().await.is_ok() {
+                    if !*l.borrow_and_update() {
+                        return;
+                    }
+                }
+                std::future::pending::<()>().await
+            }
+            None => std::future::pending::<()>().await,
+        }
+    }
+
     async fn run(mut self, mut control: mpsc::Receiver<LdapControl>) {
         let mut backoff = Duration::from_millis(250);
         loop {
+            if !self.wait_for_lease(&mut control).await {
+                return;
+            }
             let outcome = self.session(&mut control, &mut backoff).await;
             self.sync.handle_search_lost(Kind::Users);
             self.sync.handle_search_lost(Kind::Groups);
@@ -186,6 +242,13 @@ impl Driver {
                 }
                 Ok(Restart::RefreshRequired) => {
                     tracing::warn!("ldap: the server asked for a full refresh");
+                    self.sync.request_full_refresh();
+                }
+                Ok(Restart::LeaseLost) => {
+                    tracing::warn!(
+                        "ldap: the consumer's lease went to another node; stopping here"
+                    );
+                    // Whoever holds it next starts from the whole directory.
                     self.sync.request_full_refresh();
                 }
                 Err(e) => {
@@ -253,6 +316,10 @@ impl Driver {
         tokio::pin!(reconcile);
         loop {
             tokio::select! {
+                _ = Self::lease_lost(&mut self.lease) => {
+                    let _ = ldap.unbind().await;
+                    return Ok(Restart::LeaseLost);
+                }
                 r = users.next() => {
                     if let Some(restart) = self.on_message(Kind::Users, r, &mut users).await? {
                         return Ok(restart);

@@ -374,6 +374,8 @@ pub struct Slapd {
     pub port: u16,
     /// The ldaps:// port, when started with TLS.
     pub tls_port: Option<u16>,
+    /// The address it listens on (127.0.0.1 unless started with [`Slapd::start_on`]).
+    pub host: String,
     netns: Option<String>,
     child: Option<Child>,
 }
@@ -400,16 +402,22 @@ impl Slapd {
     /// Starts a server (in `netns` when given), waits until it answers, adds the base
     /// entries.
     pub fn start(netns: Option<&str>) -> anyhow::Result<Slapd> {
-        Self::start_with(netns, false)
+        Self::start_with(netns, false, "127.0.0.1")
+    }
+
+    /// [`Slapd::start`] listening on `host` (an address of `netns`), so that other
+    /// namespaces of the test reach it.
+    pub fn start_on(netns: Option<&str>, host: &str) -> anyhow::Result<Slapd> {
+        Self::start_with(netns, false, host)
     }
 
     /// Like [`Slapd::start`], also listening on ldaps:// with a self-signed certificate
     /// for 127.0.0.1 ([`Slapd::ca_file`]).
     pub fn start_tls(netns: Option<&str>) -> anyhow::Result<Slapd> {
-        Self::start_with(netns, true)
+        Self::start_with(netns, true, "127.0.0.1")
     }
 
-    fn start_with(netns: Option<&str>, tls: bool) -> anyhow::Result<Slapd> {
+    fn start_with(netns: Option<&str>, tls: bool, host: &str) -> anyhow::Result<Slapd> {
         if !Self::available() {
             bail!("{SLAPD} or ldapmodify is missing: run scripts/install-deps.sh");
         }
@@ -460,6 +468,7 @@ syncprov-checkpoint 100 10
             dir,
             port: free_port()?,
             tls_port: if tls { Some(free_port()?) } else { None },
+            host: host.to_string(),
             netns: netns.map(str::to_string),
             child: None,
         };
@@ -473,9 +482,9 @@ syncprov-checkpoint 100 10
         Ok(s)
     }
 
-    /// `ldap://127.0.0.1:<port>/`.
+    /// `ldap://<host>:<port>/`.
     pub fn url(&self) -> String {
-        format!("ldap://127.0.0.1:{}/", self.port)
+        format!("ldap://{}:{}/", self.host, self.port)
     }
 
     /// `ldaps://127.0.0.1:<tls_port>/`, when started with TLS.
