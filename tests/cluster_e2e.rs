@@ -604,3 +604,131 @@ fn scim_users_via_admin(lab: &ClusterLab, node: usize) -> Vec<String> {
         .filter_map(|u| u["name"].as_str().map(str::to_string))
         .collect()
 }
+
+fn scim_active(lab: &ClusterLab, node: usize, id: &str, active: bool) -> (u16, Value) {
+    lab.http(
+        node,
+        "PATCH",
+        &format!("/scim/v2/Users/{id}"),
+        SCIM_TOKEN,
+        &format!(
+            r#"{{"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"], "Operations": [{{"op": "replace", "path": "active", "value": {active}}}]}}"#
+        ),
+    )
+    .unwrap()
+}
+
+fn still_echoes(s: &mut std::net::TcpStream, what: &str) {
+    assert_eq!(
+        echo_round_trip(s, what.as_bytes()).unwrap_or_else(|e| panic!("{what}: {e}")),
+        what.as_bytes()
+    );
+}
+
+#[test]
+fn postgresql_stopped_for_a_minute_deprovisions_nobody_and_a_revocation_reaches_every_node() {
+    let keys: Vec<(String, String)> = (0..3).map(|_| wg_genkey().unwrap()).collect();
+    let mut lab = ClusterLab::start(ClusterOptions {
+        extra_config: format!(
+            "[[peer]]\nuser = \"alice\"\npublic_key = \"{}\"\naddress = \"100.64.0.2\"\n\
+             [[peer]]\nuser = \"bob\"\npublic_key = \"{}\"\naddress = \"100.64.0.3\"\n\
+             [[peer]]\nuser = \"bob\"\npublic_key = \"{}\"\naddress = \"100.64.0.4\"\n",
+            keys[0].1, keys[1].1, keys[2].1
+        ),
+        ..ClusterOptions::default()
+    })
+    .unwrap();
+    let alice = lab
+        .add_client("alice", &keys[0].0, "100.64.0.2", 1)
+        .unwrap();
+    let bob_a = lab.add_client("bob", &keys[1].0, "100.64.0.3", 0).unwrap();
+    let bob_c = lab.add_client("bob", &keys[2].0, "100.64.0.4", 2).unwrap();
+    let alice_id = provision(&lab, 0, "alice", "sre");
+    let (status, bob) = lab
+        .http(
+            0,
+            "POST",
+            "/scim/v2/Users",
+            SCIM_TOKEN,
+            r#"{"userName": "bob", "active": true}"#,
+        )
+        .unwrap();
+    assert_eq!(status, 201, "{bob}");
+    let bob_id = bob["id"].as_str().unwrap().to_string();
+    let (_, groups) = lab
+        .http(0, "GET", "/scim/v2/Groups", SCIM_TOKEN, "")
+        .unwrap();
+    let sre = groups["Resources"][0]["id"].as_str().unwrap().to_string();
+    let (status, g) = lab
+        .http(
+            0,
+            "PATCH",
+            &format!("/scim/v2/Groups/{sre}"),
+            SCIM_TOKEN,
+            &format!(r#"{{"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"], "Operations": [{{"op": "add", "path": "members", "value": [{{"value": "{bob_id}"}}]}}]}}"#),
+        )
+        .unwrap();
+    assert_eq!(status, 200, "{g}");
+    let mut via_b = open_when_granted(&lab, &alice, 1);
+    let mut bob_on_a = open_when_granted(&lab, &bob_a, 0);
+    let mut bob_on_c = open_when_granted(&lab, &bob_c, 2);
+
+    lab.postgres.stop();
+    let outage = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    still_echoes(&mut via_b, "during the outage");
+    // A change that is not a revocation is refused so the IdP retries.
+    let (status, e) = lab
+        .http(
+            0,
+            "POST",
+            "/scim/v2/Users",
+            SCIM_TOKEN,
+            r#"{"userName": "carol", "active": true}"#,
+        )
+        .unwrap();
+    assert_eq!(status, 503, "{e}");
+    // A revocation on A: in effect there at once; C does not know yet.
+    let (status, off) = scim_active(&lab, 0, &bob_id, false);
+    assert_eq!(
+        (status, off["active"].as_bool()),
+        (200, Some(false)),
+        "{off}"
+    );
+    expect_reset(&mut bob_on_a, Duration::from_secs(2));
+    while outage.elapsed() < Duration::from_secs(60) {
+        still_echoes(&mut via_b, "alice keeps her access");
+        still_echoes(&mut bob_on_c, "C has not heard of the revocation");
+        std::thread::sleep(Duration::from_secs(5));
+    }
+    let back = Instant::now();
+    lab.postgres.resume().unwrap();
+    // The kept revocation reaches C without being requested again.
+    expect_reset(&mut bob_on_c, Duration::from_secs(10));
+    eprintln!(
+        "revocation reached node C {:?} after the database was restarted",
+        back.elapsed()
+    );
+    still_echoes(&mut via_b, "alice after the outage");
+    // Every node has the same users, alice active and bob not.
+    let users = same_users_everywhere(&lab);
+    assert_eq!(users, {
+        let mut v = vec![
+            (alice_id, "alice".to_string(), true),
+            (bob_id, "bob".to_string(), false),
+        ];
+        v.sort();
+        v
+    });
+    // Changes go through again.
+    let (status, e) = lab
+        .http(
+            2,
+            "POST",
+            "/scim/v2/Users",
+            SCIM_TOKEN,
+            r#"{"userName": "carol", "active": true}"#,
+        )
+        .unwrap();
+    assert_eq!(status, 201, "{e}");
+}

@@ -44,6 +44,17 @@ fn policy() -> DevicePolicy {
 
 /// Starts a node the way the gateway does: a snapshot, the store, the background work.
 async fn node(url: &str, id: &str) -> Node {
+    node_with(url, id, None, true).await
+}
+
+/// [`node`] with a pending-revocations file, and optionally without its listener and
+/// heartbeat (it then applies and flushes only when asked to catch up).
+async fn node_with(
+    url: &str,
+    id: &str,
+    pending: Option<&std::path::Path>,
+    background: bool,
+) -> Node {
     let target = Target {
         url: url.to_string(),
         password: None,
@@ -72,12 +83,18 @@ async fn node(url: &str, id: &str) -> Node {
             }
         }
     });
-    let identity = Arc::new(
-        Identity::with_store(directory, Box::new(store), tx)
-            .starting_at(snap.number)
-            .with_devices(policy())
-            .unwrap(),
-    );
+    let mut identity = Identity::with_store(directory, Box::new(store), tx)
+        .starting_at(snap.number)
+        .with_devices(policy())
+        .unwrap();
+    if let Some(p) = pending {
+        identity =
+            identity.with_pending(portcullis_identity::pending::PendingFile::open(p).unwrap());
+    }
+    let identity = Arc::new(identity);
+    if !background {
+        return Node { identity, core };
+    }
     spawn(
         target,
         NodeInfo {
@@ -438,4 +455,77 @@ async fn a_node_that_was_away_catches_up_and_a_trimmed_log_reloads() {
         }
     }
     converged(&[&a, &c], Duration::from_secs(10)).await;
+}
+
+async fn deactivate(n: &Node, id: uuid::Uuid) -> Result<(), IdentityError> {
+    n.identity
+        .change("scim", Instant::now(), Utc::now(), |d, now| {
+            let mut u = d.user(&id).cloned().unwrap();
+            u.active = false;
+            d.plan_update_user(u, now).map_err(IdentityError::from)
+        })
+        .await
+        .map(|_| ())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_during_an_outage_cuts_at_once_survives_a_crash_and_reaches_the_others() {
+    let (mut pg, url) = migrated().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pending.jsonl");
+    let a = node_with(&url, "gw-a", Some(&file), false).await;
+    let c = node(&url, "gw-c").await;
+    let bob = create(&a, "bob").await;
+    let carol = create(&a, "carol").await;
+    converged(&[&a, &c], Duration::from_secs(5)).await;
+
+    pg.stop();
+    // A revocation goes ahead on A at once, kept in its file.
+    deactivate(&a, bob).await.unwrap();
+    assert!(a.core.lock().unwrap().revoked.contains(&"bob".to_string()));
+    assert!(a.identity.read(|d| !d.user(&bob).unwrap().active));
+    assert_eq!(
+        portcullis_identity::pending::PendingFile::open(&file)
+            .unwrap()
+            .entries()
+            .len(),
+        1
+    );
+    // Anything else is refused as unavailable; nobody is deprovisioned by the outage.
+    let err = a
+        .identity
+        .change("scim", Instant::now(), Utc::now(), |d, now| {
+            d.plan_create_user(user("dave"), now)
+                .map_err(IdentityError::from)
+        })
+        .await
+        .unwrap_err();
+    assert!(err.is_unavailable(), "{err}");
+    assert!(c
+        .identity
+        .read(|d| d.user(&bob).unwrap().active && d.user(&carol).unwrap().active));
+    assert!(!c.core.lock().unwrap().revoked.contains(&"bob".to_string()));
+
+    // A crashes (dropped without flushing); the database comes back; A starts again
+    // from the shared state (bob still active there) and its file.
+    drop(a);
+    pg.resume().unwrap();
+    let a = node_with(&url, "gw-a", Some(&file), false).await;
+    assert!(
+        a.identity.read(|d| !d.user(&bob).unwrap().active),
+        "the kept revocation applies from the start"
+    );
+    // Its first catch-up commits it; C revokes bob without anyone asking again.
+    a.identity.catch_up().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !c.core.lock().unwrap().revoked.contains(&"bob".to_string()) {
+        assert!(Instant::now() < deadline, "C never revoked bob");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(portcullis_identity::pending::PendingFile::open(&file)
+        .unwrap()
+        .is_empty());
+    a.identity.catch_up().await.unwrap();
+    converged(&[&a, &c], Duration::from_secs(5)).await;
+    assert!(c.identity.read(|d| d.user(&carol).unwrap().active));
 }

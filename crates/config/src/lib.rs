@@ -168,8 +168,11 @@ pub fn load_unkeyed(path: &Path) -> Result<Loaded, ConfigError> {
             saml.idp_metadata = p.display().to_string();
         }
     }
-    if let Some(f) = c.cluster.as_mut().and_then(|c| c.password_file.as_mut()) {
-        resolve(f);
+    if let Some(cl) = c.cluster.as_mut() {
+        if let Some(f) = cl.password_file.as_mut() {
+            resolve(f);
+        }
+        resolve(&mut cl.pending_file);
     }
     if let Some(h) = c.http.as_mut() {
         for f in [h.cert_file.as_mut(), h.key_file.as_mut()]

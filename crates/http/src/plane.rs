@@ -455,6 +455,11 @@ pub fn open_identity(
     if let Some(d) = &c.devices {
         identity = identity.with_devices(devices::policy(loaded, d))?;
     }
+    if let Some(cl) = &c.cluster {
+        identity = identity.with_pending(portcullis_identity::pending::PendingFile::open(
+            &cl.pending_file,
+        )?);
+    }
     Ok(Some(Arc::new(identity)))
 }
 

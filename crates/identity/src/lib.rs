@@ -24,6 +24,7 @@
 pub mod backend;
 pub mod devices;
 pub mod directory;
+pub mod pending;
 pub mod store;
 pub mod sync;
 
@@ -122,6 +123,8 @@ pub struct Identity {
     devices_changed: tokio::sync::Notify,
     /// Where changes of the log that are not the directory's go (see [`Remote::Other`]).
     others: Mutex<Option<mpsc::UnboundedSender<OtherChange>>>,
+    /// In a cluster: revocations accepted while the database was unreachable.
+    pending: Option<Mutex<pending::PendingFile>>,
 }
 
 /// A change of the cluster's log that is not the directory's, in log order.
@@ -161,6 +164,96 @@ impl Identity {
             device_policy: None,
             devices_changed: tokio::sync::Notify::new(),
             others: Mutex::new(None),
+            pending: None,
+        }
+    }
+
+    /// Keeps revocations accepted during a database outage in `file` (a cluster node),
+    /// and applies those a previous run kept but did not commit yet: they stay in effect
+    /// here from the first packet on, and are committed once the database answers.
+    pub fn with_pending(mut self, file: pending::PendingFile) -> Identity {
+        {
+            let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+            for p in file.entries() {
+                state.directory.apply(p.mutation.clone(), &p.source);
+                state
+                    .devices
+                    .apply(p.devices.clone(), self.device_policy.as_ref());
+            }
+            if !file.is_empty() {
+                tracing::warn!(
+                    changes = file.entries().len(),
+                    "revocations from before a restart are not in the cluster yet: in effect here, committed when the database answers"
+                );
+            }
+        }
+        self.pending = Some(Mutex::new(file));
+        self
+    }
+
+    fn pending_entries(&self) -> Vec<pending::PendingChange> {
+        self.pending
+            .as_ref()
+            .map(|p| {
+                p.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entries()
+                    .to_vec()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Commits the revocations kept during an outage, in order; stops at the first the
+    /// database still cannot take. Called with `store` held.
+    async fn flush_pending(&self, store: &mut dyn Store) {
+        let entries = self.pending_entries();
+        if entries.is_empty() {
+            return;
+        }
+        let mut done = 0;
+        for p in &entries {
+            let remote = match store.begin().await {
+                Ok(r) => r,
+                Err(_) => break,
+            };
+            if self.apply_remote(store, remote).await.is_err() {
+                store.abort().await;
+                break;
+            }
+            match store.commit(&p.source, &p.mutation, &p.devices).await {
+                Ok(()) => {
+                    self.note_applied(store);
+                    done += 1;
+                }
+                Err(e) if e.is_unavailable() => break,
+                Err(e) => {
+                    // Refused for good (not for unavailability): it stays in effect here.
+                    tracing::error!(source = %p.source, "a revocation kept during an outage was refused by the cluster and is dropped (it stays in effect on this node until the user changes): {e}");
+                    done += 1;
+                }
+            }
+        }
+        if done == 0 {
+            return;
+        }
+        if let Some(file) = &self.pending {
+            let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
+            match file.committed(done) {
+                Ok(()) => tracing::info!(
+                    changes = done,
+                    "revocations kept during the outage committed to the cluster"
+                ),
+                Err(e) => tracing::error!("{e}"),
+            }
+        }
+    }
+
+    fn keep_pending(&self, p: pending::PendingChange) -> Result<(), StoreError> {
+        match &self.pending {
+            Some(file) => file.lock().unwrap_or_else(|e| e.into_inner()).push(p),
+            None => Err(StoreError::Lost {
+                reason: "no pending revocations file".into(),
+            }),
         }
     }
 
@@ -198,6 +291,7 @@ impl Identity {
     /// notification, a reconnect, or on a timer); returns how many changes.
     pub async fn catch_up(&self) -> Result<usize, IdentityError> {
         let mut store = self.store.lock().await;
+        self.flush_pending(&mut **store).await;
         let remote = store.pending().await?;
         let n = remote.len();
         self.apply_remote(&mut **store, remote).await?;
@@ -307,11 +401,19 @@ impl Identity {
         plan: impl FnOnce(&Directory, DateTime<Utc>) -> Result<Mutation, E>,
     ) -> Result<Committed, E> {
         let mut store = self.store.clone().lock_owned().await;
-        let remote = store.begin().await.map_err(IdentityError::from)?;
-        if let Err(e) = self.apply_remote(&mut **store, remote).await {
-            store.abort().await;
-            return Err(e.into());
-        }
+        self.flush_pending(&mut **store).await;
+        // Without the database only a revocation goes ahead (kept here until it is back).
+        let offline = match store.begin().await {
+            Ok(remote) => {
+                if let Err(e) = self.apply_remote(&mut **store, remote).await {
+                    store.abort().await;
+                    return Err(e.into());
+                }
+                None
+            }
+            Err(e) if e.is_unavailable() && self.pending.is_some() => Some(e),
+            Err(e) => return Err(IdentityError::from(e).into()),
+        };
         let planned = {
             let state = self.lock();
             plan(&state.directory, requested_at).map(|m| {
@@ -323,35 +425,61 @@ impl Identity {
         let (m, dm) = match planned {
             Ok((m, dm)) if !m.is_empty() => (m, dm),
             Ok(_) => {
-                store.abort().await;
+                if offline.is_none() {
+                    store.abort().await;
+                }
                 return Ok(Committed::default());
             }
             Err(e) => {
-                store.abort().await;
+                if offline.is_none() {
+                    store.abort().await;
+                }
                 return Err(e);
             }
         };
         // Access taken away is cut before the commit, not after its fsync.
         let revoking = revocations(&self.lock().directory, &m);
+        if let Some(e) = offline.as_ref().filter(|_| revoking.is_empty()) {
+            return Err(IdentityError::Store(StoreError::Unavailable {
+                reason: e.to_string(),
+            })
+            .into());
+        }
         if !revoking.is_empty() {
             let sent = self
                 .core
                 .send(Command::Revoke(portcullis_control::Revoke {
-                    users: revoking,
+                    users: revoking.clone(),
                     source: source.to_string(),
                     requested,
                     requested_at,
                 }))
                 .await;
             if sent.is_err() {
-                store.abort().await;
+                if offline.is_none() {
+                    store.abort().await;
+                }
                 return Err(IdentityError::CoreGone.into());
             }
         }
-        store
-            .commit(source, &m, &dm)
-            .await
-            .map_err(IdentityError::from)?;
+        let stored = match offline {
+            Some(e) => Err(e),
+            None => store.commit(source, &m, &dm).await,
+        };
+        match stored {
+            Ok(()) => {}
+            Err(e) if e.is_unavailable() && !revoking.is_empty() && self.pending.is_some() => {
+                self.keep_pending(pending::PendingChange {
+                    source: source.to_string(),
+                    requested_at,
+                    mutation: m.clone(),
+                    devices: dm.clone(),
+                })
+                .map_err(IdentityError::from)?;
+                tracing::warn!(users = ?revoking, "cluster database unreachable: the revocation is in effect on this node and kept until the database is back ({e})");
+            }
+            Err(e) => return Err(IdentityError::from(e).into()),
+        }
         let mut committed = Committed {
             users: m.users.iter().map(|u| u.id).collect(),
             groups: m.groups.iter().map(|g| g.id).collect(),
@@ -425,6 +553,7 @@ impl Identity {
             .as_ref()
             .ok_or(IdentityError::NoDevices)?;
         let mut store = self.store.clone().lock_owned().await;
+        self.flush_pending(&mut **store).await;
         let remote = store.begin().await?;
         if let Err(e) = self.apply_remote(&mut **store, remote).await {
             store.abort().await;

@@ -18,6 +18,14 @@ pub struct ClusterConfig {
     /// The database password (first line); never logged.
     #[serde(default)]
     pub password_file: Option<PathBuf>,
+    /// Revocations accepted while the database was unreachable, kept here (fsynced
+    /// before the answer) until they are committed to the cluster.
+    #[serde(default = "default_pending_file")]
+    pub pending_file: PathBuf,
+}
+
+fn default_pending_file() -> PathBuf {
+    PathBuf::from("cluster-pending.jsonl")
 }
 
 impl ClusterConfig {
