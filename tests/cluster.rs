@@ -72,6 +72,8 @@ pub struct ClusterOptions {
     /// the SP at `http://127.0.0.1:18080` and knows alice (group sre), password
     /// `alice-password`; its metadata is `idp-metadata.xml` in every node's directory.
     pub saml_idp: bool,
+    /// Lines inside every node's `[audit]` table.
+    pub audit_config: String,
     /// Start an OpenLDAP server on the lan (172.31.0.100); `{ldap_url}` in
     /// `extra_config` becomes its URL, `ldap.pw` in every node's directory its password.
     pub slapd: bool,
@@ -85,6 +87,7 @@ impl Default for ClusterOptions {
             files: Vec::new(),
             saml_idp: false,
             slapd: false,
+            audit_config: String::new(),
         }
     }
 }
@@ -111,6 +114,10 @@ fn node_name(i: usize) -> String {
 impl ClusterLab {
     /// Builds the topology, starts PostgreSQL, migrates the schema and starts every node.
     pub fn start(opts: ClusterOptions) -> Result<ClusterLab> {
+        Self::start_with(opts, None)
+    }
+
+    fn start_with(opts: ClusterOptions, forward: Option<u16>) -> Result<ClusterLab> {
         check_prerequisites()?;
         let n = NEXT_LAB.fetch_add(1, Ordering::SeqCst);
         let id = format!("{:x}{n}", std::process::id() & 0xfffff);
@@ -166,6 +173,11 @@ impl ClusterLab {
         }
         for i in 0..opts.nodes {
             lab.add_node(i, &private, &opts)?;
+            if let (Some(port), Some(node)) = (forward, lab.nodes.last()) {
+                let ns = node.ns.clone();
+                lab.servers
+                    .push(crate::forward_into_ns(&ns, port, lab.stop.clone())?);
+            }
         }
         if opts.saml_idp {
             let ns = lab.nodes.first().map(|n| n.ns.clone()).unwrap_or_default();
@@ -283,6 +295,7 @@ dir = "policies"
 
 [audit]
 events_file = "events.jsonl"
+{audit}
 
 [http]
 listen = "127.0.0.1:18080"
@@ -300,6 +313,7 @@ database_url = "{url}"
 "#,
             url = self.postgres.url(),
             extra = opts.extra_config,
+            audit = opts.audit_config,
         );
         std::fs::write(dir.join("portcullis.toml"), config)?;
         self.nodes.push(Node {
@@ -310,6 +324,24 @@ database_url = "{url}"
             child: None,
         });
         Ok(())
+    }
+
+    /// A cluster whose nodes spool their audit trails and upload them to `clickhouse`
+    /// (reachable from every node's namespace at the same URL as from here).
+    pub fn start_audited(
+        opts: ClusterOptions,
+        clickhouse: &portcullis_testkit::ClickHouse,
+    ) -> Result<ClusterLab> {
+        let opts = ClusterOptions {
+            audit_config: format!("spool_dir = \"spool\"\n{}", opts.audit_config),
+            extra_config: format!(
+                "[audit.clickhouse]\nurl = \"{}\"\nbatch_interval_ms = 200\n{}",
+                clickhouse.url(),
+                opts.extra_config
+            ),
+            ..opts
+        };
+        Self::start_with(opts, Some(clickhouse.http_port))
     }
 
     /// Starts node `i` (again) and waits for its TUN device and its HTTP listener.

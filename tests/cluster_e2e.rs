@@ -732,3 +732,82 @@ fn postgresql_stopped_for_a_minute_deprovisions_nobody_and_a_revocation_reaches_
         .unwrap();
     assert_eq!(status, 201, "{e}");
 }
+
+/// Each node chains its own events under its node id into the same ClickHouse;
+/// `audit verify` checks every node's chain and names a registered node with none.
+#[test]
+fn every_node_chains_its_own_trail_and_audit_verify_checks_them_all() {
+    let ch = portcullis_testkit::ClickHouse::start().unwrap();
+    let (alice_key, alice_pub) = wg_genkey().unwrap();
+    let mut lab = ClusterLab::start_audited(
+        ClusterOptions {
+            extra_config: format!(
+                "[[peer]]\nuser = \"alice\"\npublic_key = \"{alice_pub}\"\naddress = \"100.64.0.2\"\n"
+            ),
+            ..ClusterOptions::default()
+        },
+        &ch,
+    )
+    .unwrap();
+    let out = lab.cli(0, &["audit", "migrate"]).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let alice = lab
+        .add_client("alice", &alice_key, "100.64.0.2", 2)
+        .unwrap();
+    provision(&lab, 0, "alice", "sre");
+    let s = open_when_granted(&lab, &alice, 2);
+    drop(s.shutdown(std::net::Shutdown::Both));
+    // Stopping the nodes closes their sessions and flows into the trail and drains it.
+    for i in 0..3 {
+        lab.stop_node(i);
+    }
+    let gateways = || {
+        let mut g: Vec<String> = ch
+            .query("SELECT DISTINCT gateway FROM portcullis.events")
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        g.sort();
+        g
+    };
+    wait_until(Duration::from_secs(30), || Ok(gateways().len() == 3)).unwrap();
+    assert_eq!(gateways(), ["gw-a", "gw-b", "gw-c"]);
+    // alice's flow is in C's chain, decided there.
+    let flows = ch
+        .query("SELECT gateway FROM portcullis.events FINAL WHERE kind = 'flow_opened' AND user = 'alice'")
+        .unwrap();
+    assert!(
+        flows.lines().all(|g| g == "gw-c") && !flows.is_empty(),
+        "{flows}"
+    );
+    let verify = |node: usize| {
+        let out = lab.cli(node, &["audit", "verify", "--json"]).unwrap();
+        let report: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+        (out.status.success(), report)
+    };
+    let (ok, report) = verify(1);
+    assert!(ok, "{report}");
+    for g in ["gw-a", "gw-b", "gw-c"] {
+        assert!(report["gateways"].get(g).is_some(), "{report}");
+    }
+    // A node the registry knows but whose trail is missing is a finding.
+    lab.postgres
+        .psql(
+            "portcullis",
+            "INSERT INTO nodes (node_id, address, version, started, heartbeat) VALUES ('gw-d', '192.168.74.1:51820', '0.1.0', now(), now())",
+        )
+        .unwrap();
+    let (ok, report) = verify(0);
+    assert!(!ok, "{report}");
+    assert_eq!(
+        report["findings"][0]["finding"], "missing_chain",
+        "{report}"
+    );
+    assert_eq!(report["findings"][0]["gateway"], "gw-d", "{report}");
+}

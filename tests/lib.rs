@@ -861,39 +861,9 @@ address6 = "fd00:64::3"
     /// gateway and the CLI. The listening socket is created in the gateway namespace; the
     /// outbound connections are made from this namespace.
     pub fn forward_into_gateway_ns(&mut self, port: u16) -> Result<()> {
-        let listener = in_ns(&self.ns_gw, move || {
-            std::net::TcpListener::bind(("127.0.0.1", port))
-        })??;
-        listener.set_nonblocking(true)?;
-        let stop = self.stop.clone();
-        self.servers.push(std::thread::spawn(move || {
-            while !stop.load(Ordering::SeqCst) {
-                match listener.accept() {
-                    Ok((inbound, _)) => {
-                        let _ = inbound.set_nonblocking(false);
-                        let Ok(outbound) = TcpStream::connect(("127.0.0.1", port)) else {
-                            continue;
-                        };
-                        for (mut from, mut to) in [
-                            (inbound.try_clone(), outbound.try_clone()),
-                            (outbound.try_clone(), inbound.try_clone()),
-                        ]
-                        .into_iter()
-                        .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
-                        {
-                            std::thread::spawn(move || {
-                                let _ = std::io::copy(&mut from, &mut to);
-                                let _ = to.shutdown(std::net::Shutdown::Write);
-                            });
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                    Err(_) => break,
-                }
-            }
-        }));
+        let ns = self.ns_gw.clone();
+        self.servers
+            .push(forward_into_ns(&ns, port, self.stop.clone())?);
         Ok(())
     }
 
@@ -1146,6 +1116,42 @@ pub fn http_in(
             .ok_or_else(|| anyhow!("not an HTTP answer: {head:?}"))?;
         Ok((status, serde_json::from_str(body).unwrap_or(Value::Null)))
     })?
+}
+
+/// Serves 127.0.0.1:`port` inside namespace `ns` by relaying each connection to
+/// 127.0.0.1:`port` of this process's namespace (a server the test started here), until
+/// `stop`.
+pub fn forward_into_ns(ns: &str, port: u16, stop: Arc<AtomicBool>) -> Result<JoinHandle<()>> {
+    let listener = in_ns(ns, move || std::net::TcpListener::bind(("127.0.0.1", port)))??;
+    listener.set_nonblocking(true)?;
+    Ok(std::thread::spawn(move || {
+        while !stop.load(Ordering::SeqCst) {
+            match listener.accept() {
+                Ok((inbound, _)) => {
+                    let _ = inbound.set_nonblocking(false);
+                    let Ok(outbound) = TcpStream::connect(("127.0.0.1", port)) else {
+                        continue;
+                    };
+                    for (mut from, mut to) in [
+                        (inbound.try_clone(), outbound.try_clone()),
+                        (outbound.try_clone(), inbound.try_clone()),
+                    ]
+                    .into_iter()
+                    .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                    {
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut from, &mut to);
+                            let _ = to.shutdown(std::net::Shutdown::Write);
+                        });
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(_) => break,
+            }
+        }
+    }))
 }
 
 /// Polls `f` every 50 ms until it returns true.

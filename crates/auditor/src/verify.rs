@@ -30,6 +30,8 @@ pub enum Finding {
     ChainRestart { gateway: String, seq: u64 },
     /// Event time runs backwards along the sequence (a clock step, or reordering).
     TimeBackwards { gateway: String, seq: u64 },
+    /// A node the cluster registry knows has no rows at all: its trail is missing.
+    MissingChain { gateway: String },
 }
 
 /// What verification found.
@@ -46,6 +48,18 @@ impl VerifyReport {
     /// proves nothing and is not a pass.
     pub fn ok(&self) -> bool {
         self.findings.is_empty() && self.rows > 0
+    }
+
+    /// Adds a finding for each of `gateways` (a cluster's registered nodes) that has no
+    /// chain in the report: every node records at least its start.
+    pub fn expect_gateways<'a>(&mut self, gateways: impl IntoIterator<Item = &'a str>) {
+        for g in gateways {
+            if !self.gateways.contains_key(g) {
+                self.findings.push(Finding::MissingChain {
+                    gateway: g.to_string(),
+                });
+            }
+        }
     }
 }
 

@@ -170,9 +170,18 @@ async fn run_async(command: AuditCommand) -> anyhow::Result<ExitCode> {
                 .as_deref()
                 .map(|t| portcullis_auditor::filter::parse_time(t, now))
                 .transpose()?;
-            let (store, _) = connect(&config).await?;
-            let report =
+            let (store, loaded) = connect(&config).await?;
+            let mut report =
                 portcullis_auditor::verify_trail(&store, gateway.as_deref(), since, until).await?;
+            // In a cluster every registered node must have a chain (over all time).
+            if let (Some(cl), None, None, None) = (&loaded.config.cluster, &gateway, since, until) {
+                match registered_nodes(&loaded, cl).await {
+                    Ok(nodes) => report.expect_gateways(nodes.iter().map(String::as_str)),
+                    Err(e) => eprintln!(
+                        "warning: the cluster's nodes were not cross-checked (every node's chain present): {e:#}"
+                    ),
+                }
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -230,4 +239,23 @@ async fn run_async(command: AuditCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The node ids of the cluster's registry.
+async fn registered_nodes(
+    loaded: &portcullis_config::Loaded,
+    cl: &portcullis_config::ClusterConfig,
+) -> anyhow::Result<Vec<String>> {
+    let password = match &cl.password_file {
+        Some(f) => {
+            Some(portcullis_config::read_secret(&loaded.path, "cluster.password_file", f)?.0)
+        }
+        None => None,
+    };
+    let client = portcullis_cluster::connect(&cl.database_url, password.as_deref()).await?;
+    Ok(portcullis_cluster::status(&client)
+        .await?
+        .into_iter()
+        .map(|n| n.node_id)
+        .collect())
 }
