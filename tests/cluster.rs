@@ -515,6 +515,28 @@ database_url = "{url}"
         })
     }
 
+    /// Makes a client start a fresh handshake on its next packet (a revocation dropped
+    /// its session on the node).
+    pub fn rehandshake(&self, c: &Client) -> Result<()> {
+        let key = self.gateway_public_key.as_str();
+        sh_in(&c.ns, &["wg", "set", &c.ifname, "peer", key, "remove"])?;
+        sh_in(
+            &c.ns,
+            &[
+                "wg",
+                "set",
+                &c.ifname,
+                "peer",
+                key,
+                "endpoint",
+                &c.endpoint,
+                "allowed-ips",
+                CLIENT_ALLOWED_IPS,
+            ],
+        )?;
+        Ok(())
+    }
+
     /// Opens a TCP connection from a client's namespace.
     pub fn connect(&self, c: &Client, dst: SocketAddr, timeout: Duration) -> Result<TcpStream> {
         let s = in_ns(&c.ns, move || TcpStream::connect_timeout(&dst, timeout))??;
