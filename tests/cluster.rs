@@ -515,6 +515,66 @@ database_url = "{url}"
         })
     }
 
+    /// Points client `c` at node `via` instead (a new link to that node, its endpoint,
+    /// the lan's route back): what a VIP or DNS change does for a stock client.
+    pub fn move_client(&self, c: &Client, via: usize) -> Result<Client> {
+        let node = self
+            .nodes
+            .get(via)
+            .ok_or_else(|| anyhow!("no node {via}"))?;
+        let subnet = format!("192.168.7{}", via + 1);
+        let if_gw = format!("m{}", c.ifname.len() % 10);
+        sh(&[
+            "ip", "link", "add", &if_gw, "netns", &node.ns, "type", "veth", "peer", "name", "eth1",
+            "netns", &c.ns,
+        ])?;
+        sh(&["ip", "-n", &node.ns, "link", "set", &if_gw, "up"])?;
+        sh(&["ip", "-n", &c.ns, "link", "set", "eth1", "up"])?;
+        if !sh(&["ip", "-n", &node.ns, "addr", "show"])?.contains(&format!("{subnet}.1/")) {
+            sh(&[
+                "ip",
+                "-n",
+                &node.ns,
+                "addr",
+                "add",
+                &format!("{subnet}.1/24"),
+                "dev",
+                &if_gw,
+            ])?;
+        }
+        sh(&[
+            "ip",
+            "-n",
+            &c.ns,
+            "addr",
+            "add",
+            &format!("{subnet}.200/24"),
+            "dev",
+            "eth1",
+        ])?;
+        let moved = Client {
+            user: c.user.clone(),
+            ns: c.ns.clone(),
+            ifname: c.ifname.clone(),
+            addr: c.addr.clone(),
+            addr6: c.addr6.clone(),
+            public_key: c.public_key.clone(),
+            endpoint: node.endpoint.clone(),
+        };
+        self.rehandshake(&moved)?;
+        sh(&[
+            "ip",
+            "-n",
+            &self.ns_lan,
+            "route",
+            "replace",
+            &format!("{}/32", c.addr),
+            "via",
+            &format!("10.8.0.1{}", via + 1),
+        ])?;
+        Ok(moved)
+    }
+
     /// Makes a client start a fresh handshake on its next packet (a revocation dropped
     /// its session on the node).
     pub fn rehandshake(&self, c: &Client) -> Result<()> {

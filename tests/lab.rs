@@ -3,6 +3,7 @@
 //! deciding real traffic, and prints the audit trail. Tears everything down on exit.
 //!
 //! `--hold` keeps the lab up until Enter is pressed, to explore it with `ip netns exec`.
+//! `--cluster` runs the cluster lab instead (three nodes on PostgreSQL; `lab_cluster.rs`).
 
 // serde_json::Value indexing returns Null for missing keys; it never panics.
 #![allow(clippy::indexing_slicing)]
@@ -15,8 +16,16 @@ use anyhow::Result;
 use portcullis_e2e::{echo_round_trip, Lab, LabOptions};
 use serde_json::Value;
 
+#[path = "lab_cluster.rs"]
+mod lab_cluster;
+
 fn main() {
-    if let Err(e) = run() {
+    let result = if std::env::args().any(|a| a == "--cluster") {
+        lab_cluster::run(std::env::args().any(|a| a == "--hold"))
+    } else {
+        run()
+    };
+    if let Err(e) = result {
         eprintln!("lab failed: {e:#}");
         std::process::exit(1);
     }
