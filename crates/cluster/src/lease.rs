@@ -81,11 +81,28 @@ pub fn spawn(target: Target, name: &'static str, holder: String) -> watch::Recei
                 tokio::time::sleep(jitter(Duration::from_secs(1))).await;
             }
             if client.as_ref().is_none_or(Client::is_closed) {
-                client = target.connect().await.ok();
+                client = tokio::time::timeout(RENEW, target.connect())
+                    .await
+                    .ok()
+                    .and_then(Result::ok);
             }
             let asked = Instant::now();
-            let held = match &client {
-                Some(c) => match take(c, name, &holder).await {
+            // Bounded, so a hanging connection cannot keep us believing we hold it.
+            let asked_db = async {
+                match &client {
+                    Some(c) => tokio::time::timeout(RENEW, take(c, name, &holder))
+                        .await
+                        .unwrap_or(Err(ClusterError::Timeout(RENEW)))
+                        .map(Some),
+                    None => Ok(None),
+                }
+            };
+            let answer = asked_db.await;
+            if matches!(answer, Err(ClusterError::Timeout(_))) {
+                client = None;
+            }
+            let held = match answer.transpose() {
+                Some(r) => match r {
                     Ok(true) => {
                         // Counted from before the request: the database's expiry is later.
                         renewed = Some(asked);

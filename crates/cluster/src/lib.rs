@@ -66,6 +66,8 @@ pub enum ClusterError {
     NotEmpty { records: i64 },
     #[error("a record could not be encoded: {0}")]
     Record(String),
+    #[error("postgresql did not answer within {0:?}")]
+    Timeout(Duration),
 }
 
 pub(crate) fn pg(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> ClusterError {
@@ -89,7 +91,7 @@ pub async fn connect(url: &str, password: Option<&str>) -> Result<Client, Cluste
         config.password(p);
     }
     config.application_name("portcullis");
-    config.connect_timeout(Duration::from_secs(5));
+    dead_peer_limits(&mut config);
     let (client, connection) = config.connect(NoTls).await.map_err(pg("connecting"))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
@@ -97,6 +99,17 @@ pub async fn connect(url: &str, password: Option<&str>) -> Result<Client, Cluste
         }
     });
     Ok(client)
+}
+
+/// How long a connection may hang on a database that vanished from the network (no
+/// RST: a cable, a partition) before it counts as lost and is opened again. Without
+/// these a request waits out TCP's retransmission backoff (tens of seconds).
+pub(crate) fn dead_peer_limits(config: &mut tokio_postgres::Config) {
+    config.connect_timeout(Duration::from_secs(5));
+    config.tcp_user_timeout(Duration::from_secs(5));
+    config.keepalives_idle(Duration::from_secs(5));
+    config.keepalives_interval(Duration::from_secs(1));
+    config.keepalives_retries(3);
 }
 
 /// A node as `portcullis cluster status` shows it.

@@ -79,8 +79,7 @@ async fn listen_once(target: &Target, wake: &Arc<Notify>) -> Result<(), crate::C
         config.password(p);
     }
     config.application_name("portcullis-listener");
-    config.connect_timeout(Duration::from_secs(5));
-    config.keepalives_idle(Duration::from_secs(5));
+    crate::dead_peer_limits(&mut config);
     let (client, mut connection) = config
         .connect(tokio_postgres::NoTls)
         .await

@@ -216,6 +216,9 @@ fn json<T: Serialize>(v: &T) -> Result<serde_json::Value, ClusterError> {
 /// Maps a database error: unreachable (retry later) or refused.
 fn store_error(e: ClusterError) -> StoreError {
     match &e {
+        ClusterError::Timeout(_) => StoreError::Unavailable {
+            reason: e.to_string(),
+        },
         ClusterError::Postgres { source, .. } if source.is_closed() || source.code().is_none() => {
             StoreError::Unavailable {
                 reason: e.to_string(),
@@ -426,10 +429,27 @@ impl ClusterStore {
     }
 }
 
+/// The longest a store operation may take (the writers' lock waits at most 10 s): past
+/// it the connection counts as lost, so a vanished database never holds a writer (or
+/// the catch-up) for TCP's retransmission backoff.
+const OP_TIMEOUT: Duration = Duration::from_secs(15);
+
+async fn bounded<T>(
+    f: impl std::future::Future<Output = Result<T, ClusterError>>,
+) -> Result<T, ClusterError> {
+    tokio::time::timeout(OP_TIMEOUT, f)
+        .await
+        .unwrap_or(Err(ClusterError::Timeout(OP_TIMEOUT)))
+}
+
 impl Store for ClusterStore {
     fn begin(&mut self) -> BoxFuture<'_, Result<Vec<Remote>, StoreError>> {
         Box::pin(async move {
-            match self.begin_write().await {
+            let r = bounded(self.begin_write()).await;
+            if matches!(r, Err(ClusterError::Timeout(_))) {
+                self.client = None;
+            }
+            match r {
                 Ok(r) => Ok(r),
                 Err(e) => {
                     self.rollback().await;
@@ -447,7 +467,13 @@ impl Store for ClusterStore {
         dm: &'a DeviceMutation,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
-            match self.write(source, m, dm).await {
+            let r = bounded(self.write(source, m, dm)).await;
+            if matches!(r, Err(ClusterError::Timeout(_))) {
+                // Whether it committed is unknown: if it did, the catch-up applies it
+                // as a change of the log (this node's number was not taken).
+                self.client = None;
+            }
+            match r {
                 Ok(number) => {
                     self.applied = number;
                     Ok(())
@@ -467,7 +493,10 @@ impl Store for ClusterStore {
 
     fn pending(&mut self) -> BoxFuture<'_, Result<Vec<Remote>, StoreError>> {
         Box::pin(async move {
-            let r = self.read_pending().await;
+            let r = bounded(self.read_pending()).await;
+            if matches!(r, Err(ClusterError::Timeout(_))) {
+                self.client = None;
+            }
             if r.is_err() {
                 self.after_error();
             }
