@@ -305,6 +305,7 @@ impl Identity {
         store: &mut dyn Store,
         remote: Vec<Remote>,
     ) -> Result<(), IdentityError> {
+        let mut batch: (Vec<IdentityChange>, Vec<DeviceChange>) = (Vec::new(), Vec::new());
         for r in remote {
             let number = r.number();
             if let Remote::Other { kind, body, .. } = r {
@@ -351,15 +352,32 @@ impl Identity {
             };
             store.applied(number);
             self.applied.store(number, Ordering::Relaxed);
+            batch.0.extend(changes);
             if !devices.is_empty() {
                 self.devices_changed.notify_one();
-            }
-            if !changes.is_empty() || !devices.is_empty() {
-                let _done = self
-                    .hand_off(changes, devices, Instant::now(), Utc::now())
-                    .await?;
+                // The core applies an Apply's access changes before its peers: a batch
+                // ends with the change whose peers changed, so the order holds.
+                batch.1.extend(devices);
+                self.hand_off_batch(&mut batch).await?;
             }
         }
+        self.hand_off_batch(&mut batch).await
+    }
+
+    /// Queues the batched access and peer changes to the core as one `Apply` (one audit
+    /// flush, not one per change: a node catching up 10,000 changes is not held to one
+    /// fsync each). Not awaited: the core applies its queue in order.
+    async fn hand_off_batch(
+        &self,
+        batch: &mut (Vec<IdentityChange>, Vec<DeviceChange>),
+    ) -> Result<(), IdentityError> {
+        if batch.0.is_empty() && batch.1.is_empty() {
+            return Ok(());
+        }
+        let (changes, devices) = std::mem::take(batch);
+        let _done = self
+            .hand_off(changes, devices, Instant::now(), Utc::now())
+            .await?;
         Ok(())
     }
 
