@@ -70,7 +70,9 @@ pub struct ClusterOptions {
     pub files: Vec<(String, String)>,
     /// Start a SimpleSAMLphp IdP in node A's namespace (127.0.0.1 there) that trusts
     /// the SP at `http://127.0.0.1:18080` and knows alice (group sre), password
-    /// `alice-password`; its metadata is `idp-metadata.xml` in every node's directory.
+    /// `alice-password`; its metadata is `idp-metadata.xml` in every node's directory and
+    /// is served at [`IDP_METADATA_URL`] on the lan, each fetch recorded
+    /// ([`ClusterLab::metadata_fetches`]).
     pub saml_idp: bool,
     /// Lines inside every node's `[audit]` table.
     pub audit_config: String,
@@ -105,6 +107,46 @@ pub struct ClusterLab {
     wg_procs: Vec<(Child, String)>,
     stop: Arc<AtomicBool>,
     servers: Vec<JoinHandle<()>>,
+    /// Who fetched [`IDP_METADATA_URL`], in order (the nodes' lan addresses).
+    pub metadata_fetches: Arc<std::sync::Mutex<Vec<std::net::IpAddr>>>,
+}
+
+/// Where the lab serves the IdP's metadata (with `saml_idp`).
+pub const IDP_METADATA_URL: &str = "http://172.31.0.100:8090/idp-metadata.xml";
+
+/// Serves `body` to every GET on `listener`, recording who asked.
+fn metadata_server(
+    listener: TcpListener,
+    body: String,
+    fetches: Arc<std::sync::Mutex<Vec<std::net::IpAddr>>>,
+    stop: Arc<AtomicBool>,
+) {
+    use std::io::{Read as _, Write as _};
+    while !stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((mut stream, peer)) => {
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(buf.get(..n).unwrap_or_default()),
+                    }
+                }
+                if let Ok(mut f) = fetches.lock() {
+                    f.push(peer.ip());
+                }
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/samlmetadata+xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
 }
 
 fn node_name(i: usize) -> String {
@@ -158,6 +200,7 @@ impl ClusterLab {
             wg_procs: Vec::new(),
             stop: Arc::new(AtomicBool::new(false)),
             servers: Vec::new(),
+            metadata_fetches: Arc::default(),
         };
         lab.namespaces.append(&mut namespaces);
         lab.start_servers()?;
@@ -198,6 +241,15 @@ impl ClusterLab {
             for n in &lab.nodes {
                 std::fs::write(n.dir.join("idp-metadata.xml"), &metadata)?;
             }
+            let listener = in_ns(&lab.ns_lan, || -> Result<TcpListener> {
+                let l = TcpListener::bind(("172.31.0.100", 8090))?;
+                l.set_nonblocking(true)?;
+                Ok(l)
+            })??;
+            let (fetches, stop) = (lab.metadata_fetches.clone(), lab.stop.clone());
+            lab.servers.push(std::thread::spawn(move || {
+                metadata_server(listener, metadata, fetches, stop)
+            }));
             lab.saml_idp = Some(idp);
         }
         let migrated = lab.cli(0, &["cluster", "migrate"])?;

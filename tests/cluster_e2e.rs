@@ -12,7 +12,9 @@ use std::io::{ErrorKind, Read};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use portcullis_e2e::cluster::{ClusterLab, ClusterOptions, ADMIN_TOKEN, SCIM_TOKEN};
+use portcullis_e2e::cluster::{
+    ClusterLab, ClusterOptions, ADMIN_TOKEN, IDP_METADATA_URL, SCIM_TOKEN,
+};
 use portcullis_e2e::{echo_round_trip, wait_until, wg_genkey};
 use serde_json::Value;
 
@@ -376,11 +378,12 @@ fn sign(method: &str, path: &str, nonce: &str) -> Vec<(String, String)> {
 #[test]
 fn a_signed_request_replayed_against_another_node_is_refused_and_a_login_crosses_nodes() {
     let mut lab = ClusterLab::start(ClusterOptions {
-        extra_config: "[api]\ntokens_file = \"api.tokens\"\n\
+        extra_config: format!(
+            "[api]\ntokens_file = \"api.tokens\"\n\
             [devices]\npool = \"100.64.0.128/26\"\nendpoint = \"192.168.71.1:51820\"\n\
-            [saml]\nidp_metadata = \"idp-metadata.xml\"\nbase_url = \"http://127.0.0.1:18080\"\n\
+            [saml]\nidp_metadata = \"{IDP_METADATA_URL}\"\nbase_url = \"http://127.0.0.1:18080\"\n\
             user_attribute = \"uid\"\nlogin_max_secs = 3600\n"
-            .into(),
+        ),
         files: vec![(
             "api.tokens".into(),
             format!("[[token]]\nid = \"ops\"\nsecret = \"{API_SECRET}\"\nscope = \"admin\"\n"),
@@ -389,6 +392,35 @@ fn a_signed_request_replayed_against_another_node_is_refused_and_a_login_crosses
         ..ClusterOptions::default()
     })
     .unwrap();
+
+    // The IdP metadata URL was fetched once, by the first node; the others started
+    // from the copy it shared.
+    let fetches = || lab.metadata_fetches.lock().unwrap().clone();
+    assert_eq!(fetches().len(), 1, "{:?}", fetches());
+    // The refresh is the lease holder's alone: with the shared copy made stale, one
+    // fetch follows, from the holder, and no other node fetches.
+    let mut fetcher = None;
+    wait_until(Duration::from_secs(15), || {
+        fetcher = holder(&lab, 1, "saml-metadata");
+        Ok(fetcher.is_some())
+    })
+    .unwrap();
+    let fetcher = fetcher.unwrap();
+    lab.postgres
+        .psql(
+            "portcullis",
+            "UPDATE meta SET value = jsonb_set(value::jsonb, '{fetched_at}', '\"2000-01-01T00:00:00Z\"')::text WHERE key = 'saml.idp_metadata'",
+        )
+        .unwrap();
+    wait_until(Duration::from_secs(15), || Ok(fetches().len() == 2)).unwrap();
+    std::thread::sleep(Duration::from_secs(6));
+    let f = fetches();
+    assert_eq!(f.len(), 2, "{f:?}");
+    assert_eq!(
+        f[1].to_string(),
+        format!("172.31.0.1{}", fetcher + 1),
+        "fetched by the holder, node {fetcher}"
+    );
 
     // One signed request: accepted by A, refused by B and C (and by A again).
     let request = sign("GET", "/api/v1/cluster", "0123456789abcdef0123456789abcdef");
@@ -595,6 +627,16 @@ fn the_ldap_consumer_moves_to_another_node_when_its_holder_is_killed() {
     let took = killed.elapsed();
     eprintln!("ldap consumer taken over after {took:?}");
     assert!(took <= Duration::from_secs(10), "{took:?}");
+    // It resumed from the mirror the dead consumer saved (its cookies), not from an
+    // empty one: alice, erin and sre restored.
+    let next = next.unwrap();
+    let mut ldap = Value::Null;
+    wait_until(Duration::from_secs(10), || {
+        ldap = lab.http(next, "GET", "/admin/v1/ldap", ADMIN_TOKEN, "")?.1;
+        Ok(ldap["resumed"] == true)
+    })
+    .unwrap_or_else(|e| panic!("{e}: {ldap}"));
+    assert!(ldap["restored_entries"].as_u64().unwrap() >= 3, "{ldap}");
     // The change made while nobody consumed is not missed: her connection is cut.
     expect_reset(&mut s, Duration::from_secs(15));
     let users = scim_users_via_admin(&lab, via);
@@ -769,11 +811,38 @@ fn every_node_chains_its_own_trail_and_audit_verify_checks_them_all() {
         .unwrap();
     provision(&lab, 0, "alice", "sre");
     let s = open_when_granted(&lab, &alice, 2);
+    // Node C dies with alice's session open: another node records its death once (the
+    // repair lease), and the sessions report ends her session with it.
+    lab.kill_node(2).unwrap();
+    let died = Instant::now();
+    let downs = || {
+        ch.query("SELECT gateway, visitParamExtractString(detail, 'node'), reason FROM portcullis.events FINAL WHERE kind = 'node_down'")
+            .unwrap_or_default()
+    };
+    wait_until(Duration::from_secs(30), || Ok(!downs().is_empty())).unwrap();
+    eprintln!("node_down recorded {:?} after the kill", died.elapsed());
+    let recorded = downs();
+    let fields: Vec<&str> = recorded.trim().split('\t').collect();
+    assert!(
+        matches!(fields.as_slice(), [by, "gw-c", "no_heartbeat"] if *by == "gw-a" || *by == "gw-b"),
+        "{recorded}"
+    );
+    // Back, then every node stopped cleanly: its sessions end in its own trail, and a
+    // clean stop is not a death.
+    lab.start_node(2).unwrap();
     drop(s.shutdown(std::net::Shutdown::Both));
-    // Stopping the nodes closes their sessions and flows into the trail and drains it.
     for i in 0..3 {
         lab.stop_node(i);
     }
+    assert_eq!(
+        lab.postgres
+            .psql(
+                "portcullis",
+                "SELECT count(*) FROM nodes WHERE stopped IS NULL"
+            )
+            .unwrap(),
+        "0"
+    );
     let gateways = || {
         let mut g: Vec<String> = ch
             .query("SELECT DISTINCT gateway FROM portcullis.events")
@@ -800,6 +869,39 @@ fn every_node_chains_its_own_trail_and_audit_verify_checks_them_all() {
             .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
         (out.status.success(), report)
     };
+    assert_eq!(
+        downs().lines().count(),
+        1,
+        "one death, one record: {}",
+        downs()
+    );
+    let out = lab
+        .cli(
+            1,
+            &[
+                "audit", "query", "--report", "sessions", "--user", "alice", "--json",
+            ],
+        )
+        .unwrap();
+    let sessions: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    let rows = sessions["rows"].as_array().unwrap();
+    let cols: Vec<&str> = sessions["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    let at = |name: &str| cols.iter().position(|c| *c == name).unwrap();
+    assert!(
+        rows.iter()
+            .any(|r| r[at("gateway")] == "gw-c" && r[at("ended")] == "node_down"),
+        "{sessions}"
+    );
+    assert!(
+        rows.iter().all(|r| r[at("ended")] != ""),
+        "every session of alice ended: {sessions}"
+    );
     let (ok, report) = verify(1);
     assert!(ok, "{report}");
     for g in ["gw-a", "gw-b", "gw-c"] {

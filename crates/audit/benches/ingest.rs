@@ -88,6 +88,7 @@ fn start(
                 // The product's defaults: `batch_interval_ms` 1000, `commit_interval_ms` 50.
                 batch_interval: Duration::from_millis(1000),
                 retention: None,
+                retention_lease: None,
             },
         }),
         queue: 65_536,

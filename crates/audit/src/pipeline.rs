@@ -66,6 +66,20 @@ pub struct UploadConfig {
     pub batch_interval: Duration,
     /// Drop partitions older than this (hourly); `None` keeps everything.
     pub retention: Option<Duration>,
+    /// In a cluster: set while this node holds the retention lease (one node of the
+    /// cluster drops partitions, not all of them at once). `None`: always this node's job.
+    pub retention_lease: Option<Arc<AtomicBool>>,
+}
+
+impl UploadConfig {
+    /// Whether retention is this node's job now.
+    pub fn retention_due(&self) -> bool {
+        self.retention.is_some()
+            && self
+                .retention_lease
+                .as_ref()
+                .is_none_or(|held| held.load(Ordering::Relaxed))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -611,6 +625,8 @@ const UPLOAD_POLL: Duration = Duration::from_millis(50);
 const INSERT_TIMEOUT: Duration = Duration::from_secs(30);
 const METRICS_EVERY: Duration = Duration::from_secs(10);
 const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+/// How often a node without the retention lease looks whether it holds it now.
+const RETENTION_RECHECK: Duration = Duration::from_secs(30);
 
 impl Uploader {
     fn run(self) {
@@ -659,8 +675,11 @@ impl Uploader {
                 let _ = s.insert_metrics(&self.metrics()).await;
             }
             if now >= next_retention {
+                // A node without the lease looks again soon: it may take the lease over.
                 next_retention = now + RETENTION_EVERY;
-                if let Some(age) = self.config.retention {
+                if !self.config.retention_due() {
+                    next_retention = now + RETENTION_RECHECK;
+                } else if let Some(age) = self.config.retention {
                     match s.apply_retention(age).await {
                         Ok(d) if !d.is_empty() => tracing::info!(dropped = ?d, "audit retention"),
                         Ok(_) => {}
@@ -800,5 +819,42 @@ impl Uploader {
             spool_bytes: st.spool_bytes.load(Ordering::Relaxed),
             refused: st.refused.load(Ordering::Relaxed),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upload(retention: Option<Duration>, lease: Option<Arc<AtomicBool>>) -> UploadConfig {
+        UploadConfig {
+            store: StoreConfig {
+                url: "http://127.0.0.1:1".into(),
+                database: "audit".into(),
+                user: "default".into(),
+                password: None,
+            },
+            batch_rows: 1,
+            batch_interval: Duration::from_millis(1),
+            retention,
+            retention_lease: lease,
+        }
+    }
+
+    #[test]
+    fn retention_runs_only_where_its_lease_is_held() {
+        let day = Some(Duration::from_secs(86_400));
+        assert!(upload(day, None).retention_due(), "a single node always");
+        assert!(
+            !upload(None, None).retention_due(),
+            "no retention configured"
+        );
+        let held = Arc::new(AtomicBool::new(false));
+        let c = upload(day, Some(held.clone()));
+        assert!(!c.retention_due(), "another node holds the lease");
+        held.store(true, Ordering::Relaxed);
+        assert!(c.retention_due(), "this node took the lease");
+        held.store(false, Ordering::Relaxed);
+        assert!(!c.retention_due(), "the lease was lost");
     }
 }

@@ -89,6 +89,7 @@ fn pipeline_config(dir: &Path, ch: &ClickHouse, db: &str, max_bytes: u64) -> Pip
                 batch_rows: 5000,
                 batch_interval: Duration::from_millis(100),
                 retention: None,
+                retention_lease: None,
             },
         }),
         queue: 100_000,

@@ -157,7 +157,8 @@ impl Filter {
 /// Canned reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Report {
-    /// One line per session: user, device, start, last event, bytes, flows, denies.
+    /// One line per session: gateway, user, device, start, last event, how it ended
+    /// (`node_down` when its node died with it open), bytes, flows, denies.
     Sessions,
     /// Who had allowed flows to the filtered destinations, with first/last time.
     WhoReached,
@@ -206,15 +207,16 @@ pub fn sql(
              network, decision, policy_ids, reason, bytes_out, bytes_in, session_id, gateway, seq \
              FROM {db}.events FINAL WHERE {w} ORDER BY time, gateway, seq LIMIT {limit}"
         ),
+        // Session ids are per node: a session is (gateway, session_id).
         Some(Report::Sessions) => format!(
-            "SELECT session_id, user, device, \
+            "SELECT session_id, gateway, user, device, \
              toString(min(time)) AS started, toString(max(time)) AS last_event, \
              anyIf(reason, kind = 'session_ended') AS ended, \
              sumIf(bytes_out, kind = 'session_ended') AS received, \
              sumIf(bytes_in, kind = 'session_ended') AS sent, \
              countIf(kind = 'flow_opened') AS flows, countIf(kind = 'flow_denied') AS denied \
              FROM {db}.events FINAL WHERE {w} AND session_id != 0 \
-             GROUP BY session_id, user, device ORDER BY started LIMIT {limit}"
+             GROUP BY session_id, gateway, user, device ORDER BY started LIMIT {limit}"
         ),
         Some(Report::WhoReached) => format!(
             "SELECT user, countIf(kind = 'flow_opened') AS flows, \

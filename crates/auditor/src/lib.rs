@@ -90,7 +90,58 @@ pub async fn run_query(
     now: DateTime<Utc>,
 ) -> Result<Table, AuditorError> {
     let sql = filter::sql(&store.database, filter, report, now)?;
-    select_table(store, &sql).await
+    let mut table = select_table(store, &sql).await?;
+    if report == Some(Report::Sessions) {
+        let downs = select_table(
+            store,
+            &format!(
+                "SELECT detail, toString(time) FROM {}.events FINAL WHERE kind = 'node_down'",
+                store.database
+            ),
+        )
+        .await?;
+        end_sessions_of_dead_nodes(&mut table, &node_downs(&downs));
+    }
+    Ok(table)
+}
+
+/// (node, when its death was recorded) of each `node_down` event.
+fn node_downs(t: &Table) -> Vec<(String, String)> {
+    t.rows
+        .iter()
+        .filter_map(|r| {
+            let detail: serde_json::Value = serde_json::from_str(r.first()?.as_str()?).ok()?;
+            Some((
+                detail.get("node")?.as_str()?.to_string(),
+                r.get(1)?.as_str()?.to_string(),
+            ))
+        })
+        .collect()
+}
+
+/// A session the trail never ended, on a node recorded dead after its last event,
+/// ended with its node: `ended` becomes `node_down`.
+fn end_sessions_of_dead_nodes(sessions: &mut Table, downs: &[(String, String)]) {
+    let col = |name: &str| sessions.columns.iter().position(|c| c == name);
+    let (Some(gw), Some(last), Some(ended)) = (col("gateway"), col("last_event"), col("ended"))
+    else {
+        return;
+    };
+    for row in &mut sessions.rows {
+        let open = row.get(ended).and_then(|v| v.as_str()) == Some("");
+        let (Some(g), Some(l)) = (
+            row.get(gw).and_then(|v| v.as_str()),
+            row.get(last).and_then(|v| v.as_str()),
+        ) else {
+            continue;
+        };
+        // Both times are ClickHouse's `toString(DateTime)`: same format, ordered as text.
+        if open && downs.iter().any(|(node, at)| node == g && at.as_str() >= l) {
+            if let Some(cell) = row.get_mut(ended) {
+                *cell = serde_json::Value::String("node_down".into());
+            }
+        }
+    }
 }
 
 /// Runs any `SELECT` and returns it as a [`Table`].
@@ -146,4 +197,71 @@ pub async fn verify_trail(
     );
     let rows: Vec<AuditRow> = store.client().query(&sql).fetch_all().await?;
     Ok(verify::verify(&rows))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::indexing_slicing)]
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn open_sessions_of_a_dead_node_end_with_it_and_no_others() {
+        let mut t = Table {
+            columns: ["session_id", "gateway", "last_event", "ended"]
+                .map(String::from)
+                .to_vec(),
+            rows: vec![
+                // Open on gw-c before it died: ended by the death.
+                vec![
+                    json!(1),
+                    json!("gw-c"),
+                    json!("2026-12-02 10:00:00"),
+                    json!(""),
+                ],
+                // Ended normally: kept.
+                vec![
+                    json!(2),
+                    json!("gw-c"),
+                    json!("2026-12-02 10:00:00"),
+                    json!("client_timeout"),
+                ],
+                // Open on another node: kept open.
+                vec![
+                    json!(3),
+                    json!("gw-a"),
+                    json!("2026-12-02 10:00:00"),
+                    json!(""),
+                ],
+                // Still active after the recorded death (a node cut off, not dead): open.
+                vec![
+                    json!(4),
+                    json!("gw-c"),
+                    json!("2026-12-02 10:05:00"),
+                    json!(""),
+                ],
+            ],
+        };
+        let downs = node_downs(&Table {
+            columns: vec!["detail".into(), "at".into()],
+            rows: vec![
+                vec![
+                    json!(r#"{"node":"gw-c","sessions":1}"#),
+                    json!("2026-12-02 10:00:12"),
+                ],
+                vec![json!("not json"), json!("2026-12-02 10:00:12")],
+            ],
+        });
+        assert_eq!(
+            downs,
+            vec![("gw-c".to_string(), "2026-12-02 10:00:12".to_string())]
+        );
+        end_sessions_of_dead_nodes(&mut t, &downs);
+        let ended: Vec<&str> = t
+            .rows
+            .iter()
+            .map(|r| r[3].as_str().unwrap_or("?"))
+            .collect();
+        assert_eq!(ended, ["node_down", "client_timeout", "", ""]);
+    }
 }

@@ -1,5 +1,6 @@
 //! Leases: work that runs on exactly one node of the cluster at a time (the device-expiry
-//! sweep, the LDAP consumer). A lease is a row of `leases` (name, holder, expires) taken
+//! sweep, the LDAP consumer, audit retention, the SAML metadata refresh, repairing what
+//! a dead node left). A lease is a row of `leases` (name, holder, expires) taken
 //! with one conditional upsert: free, expired or already ours. The holder renews it every
 //! [`RENEW`] for [`TTL`]; a node that is not the holder tries again after a random delay
 //! (so nodes started together do not all ask at once), and takes it over once the holder
@@ -27,6 +28,12 @@ pub const MARGIN: Duration = Duration::from_secs(2);
 pub const DEVICE_EXPIRY: &str = "device-expiry";
 /// The LDAP consumer's lease.
 pub const LDAP: &str = "ldap-sync";
+/// Audit retention (dropping old ClickHouse partitions).
+pub const AUDIT_RETENTION: &str = "audit-retention";
+/// Fetching the IdP's SAML metadata from its URL (the holder shares what it fetched).
+pub const SAML_METADATA: &str = "saml-metadata";
+/// Repairing what a dead node left: its sessions marked ended in the audit trail.
+pub const NODE_REPAIR: &str = "node-repair";
 
 /// Takes or renews `name` for `holder`; whether it is held now.
 pub async fn take(client: &Client, name: &str, holder: &str) -> Result<bool, ClusterError> {

@@ -13,7 +13,11 @@
 //! - [`Registry`]: the node registry: each node's row, a heartbeat every second with its
 //!   sessions, flows and last applied change number, marked stopped on a clean exit;
 //!   [`status`] lists the nodes, down when their heartbeat is older than [`DOWN_AFTER`];
-//! - [`import`]: a single node's SQLite directory into an empty cluster, ids kept.
+//! - [`import`]: a single node's SQLite directory into an empty cluster, ids kept;
+//! - [`lease`]: once-per-cluster work; [`repair`]: what a dead node left (its sessions
+//!   ended in the trail); [`sync_state`]: the LDAP consumer's mirror, saved so a
+//!   takeover resumes; [`shared`]: one-time values and login sessions; [`policy`]: the
+//!   cluster's policy set.
 //!
 //! Why LISTEN/NOTIFY and not logical decoding: a notification is sent at commit, in
 //! commit order, to every listening session, with no replication slot to manage (a slot
@@ -28,9 +32,11 @@ mod import;
 pub mod lease;
 pub mod node;
 pub mod policy;
+pub mod repair;
 pub mod schema;
 pub mod shared;
 pub mod store;
+pub mod sync_state;
 
 use std::time::Duration;
 
@@ -144,27 +150,44 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Registers (or re-registers, after a restart) `node_id`, reachable at `address`.
+    /// Registers `node_id`, reachable at `address`. A `fresh` run (the process's first
+    /// join; not a reconnection) restarts the row and returns this node's previous run
+    /// when it ended without a clean exit and was not repaired yet (the caller records
+    /// it: [`repair`]).
     pub async fn join(
-        client: &Client,
+        client: &mut Client,
         node_id: &str,
         address: &str,
         version: &str,
-    ) -> Result<Registry, ClusterError> {
+        fresh: bool,
+    ) -> Result<(Registry, Option<repair::DeadNode>), ClusterError> {
         schema::require_current(client).await?;
-        client
-            .execute(
-                "INSERT INTO nodes (node_id, address, version, started, heartbeat, stopped)
-                 VALUES ($1, $2, $3, now(), now(), NULL)
-                 ON CONFLICT (node_id) DO UPDATE SET address = $2, version = $3,
-                   started = now(), heartbeat = now(), stopped = NULL",
-                &[&node_id, &address, &version],
-            )
+        let tx = client
+            .transaction()
             .await
             .map_err(pg("registering the node"))?;
-        Ok(Registry {
-            node_id: node_id.to_string(),
-        })
+        let previous = if fresh {
+            repair::claim_previous_run(&tx, node_id).await?
+        } else {
+            None
+        };
+        tx.execute(
+            "INSERT INTO nodes (node_id, address, version, started, heartbeat, stopped)
+             VALUES ($1, $2, $3, now(), now(), NULL)
+             ON CONFLICT (node_id) DO UPDATE SET address = $2, version = $3,
+               started = CASE WHEN $4 THEN now() ELSE nodes.started END,
+               heartbeat = now(), stopped = NULL",
+            &[&node_id, &address, &version, &fresh],
+        )
+        .await
+        .map_err(pg("registering the node"))?;
+        tx.commit().await.map_err(pg("registering the node"))?;
+        Ok((
+            Registry {
+                node_id: node_id.to_string(),
+            },
+            previous,
+        ))
     }
 
     /// Records that the node is alive, with its numbers.
@@ -172,8 +195,9 @@ impl Registry {
         let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         client
             .execute(
+                // Not once stopped: a beat racing the clean exit must not undo it.
                 "UPDATE nodes SET heartbeat = now(), sessions = $2, flows = $3,
-                   applied_change = $4, stopped = NULL WHERE node_id = $1",
+                   applied_change = $4 WHERE node_id = $1 AND stopped IS NULL",
                 &[
                     &self.node_id,
                     &clamp(beat.sessions),

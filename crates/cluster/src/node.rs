@@ -13,9 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use portcullis_identity::Identity;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 use tokio_postgres::AsyncMessage;
 
+use crate::repair::DeadNode;
 use crate::store::{Target, CHANNEL, RECONNECT};
 use crate::{Beat, Registry};
 
@@ -34,17 +35,84 @@ pub struct NodeInfo {
 }
 
 /// Runs the listener and the heartbeat until the runtime stops. `numbers` reports the
-/// node's (sessions, flows).
+/// node's (sessions, flows); `repairs` receives this node's previous run when it ended
+/// without a clean exit (see [`crate::repair`]).
 pub fn spawn(
     target: Target,
     info: NodeInfo,
     identity: Arc<Identity>,
     numbers: impl Fn() -> (u64, u64) + Send + 'static,
+    repairs: mpsc::UnboundedSender<DeadNode>,
 ) {
     let wake = Arc::new(Notify::new());
     tokio::spawn(listen(target.clone(), wake.clone()));
     tokio::spawn(catch_up(identity.clone(), wake));
-    tokio::spawn(heartbeat(target, info, identity, numbers));
+    tokio::spawn(heartbeat(target, info, identity, numbers, repairs));
+}
+
+/// Marks `node_id` stopped (a clean exit: its sessions ended in its own trail), within
+/// `within`; false when the database did not answer in time.
+pub async fn leave(target: &Target, node_id: &str, within: Duration) -> bool {
+    let work = async {
+        let client = target.connect().await?;
+        crate::Registry {
+            node_id: node_id.to_string(),
+        }
+        .leave(&client)
+        .await
+    };
+    match tokio::time::timeout(within, work).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::warn!("cluster: not marked stopped: {e}");
+            false
+        }
+        Err(_) => {
+            tracing::warn!("cluster: not marked stopped: no answer within {within:?}");
+            false
+        }
+    }
+}
+
+/// While this node holds the repair lease: every [`BEAT`], claims the nodes that died
+/// and hands them to `repairs` (whoever records them gives a claim back with
+/// [`crate::repair::unclaim`] when it cannot).
+pub fn spawn_repair(
+    target: Target,
+    mut lease: tokio::sync::watch::Receiver<bool>,
+    repairs: mpsc::UnboundedSender<DeadNode>,
+) {
+    tokio::spawn(async move {
+        let mut client: Option<tokio_postgres::Client> = None;
+        loop {
+            if !*lease.borrow_and_update() {
+                if lease.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            if client
+                .as_ref()
+                .is_none_or(tokio_postgres::Client::is_closed)
+            {
+                client = target.connect().await.ok();
+            }
+            if let Some(c) = &client {
+                match crate::repair::claim_dead(c).await {
+                    Ok(dead) => {
+                        for d in dead {
+                            tracing::warn!(node = %d.node_id, last_heartbeat = %d.last_heartbeat, sessions = d.sessions, "cluster: a node died; recording its sessions as ended");
+                            if repairs.send(d).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!("cluster: dead nodes not claimed: {e}"),
+                }
+            }
+            tokio::time::sleep(BEAT).await;
+        }
+    });
 }
 
 /// Applies pending changes whenever woken (coalesced: one catch-up covers every
@@ -118,10 +186,13 @@ async fn heartbeat(
     info: NodeInfo,
     identity: Arc<Identity>,
     numbers: impl Fn() -> (u64, u64),
+    repairs: mpsc::UnboundedSender<DeadNode>,
 ) {
     let mut tick = tokio::time::interval(BEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut joined: Option<(tokio_postgres::Client, Registry)> = None;
+    // The first join of this process; later ones are reconnections.
+    let mut fresh = true;
     let mut beats: u64 = 0;
     loop {
         tick.tick().await;
@@ -134,10 +205,24 @@ async fn heartbeat(
         }
         if joined.is_none() {
             match target.connect().await {
-                Ok(client) => {
-                    match Registry::join(&client, &info.node_id, &info.address, &info.version).await
+                Ok(mut client) => {
+                    match Registry::join(
+                        &mut client,
+                        &info.node_id,
+                        &info.address,
+                        &info.version,
+                        fresh,
+                    )
+                    .await
                     {
-                        Ok(r) => joined = Some((client, r)),
+                        Ok((r, previous)) => {
+                            fresh = false;
+                            if let Some(p) = previous {
+                                tracing::warn!(last_heartbeat = %p.last_heartbeat, "cluster: this node's previous run ended without a clean exit; recording its sessions as ended");
+                                let _ = repairs.send(p);
+                            }
+                            joined = Some((client, r));
+                        }
                         Err(e) => tracing::warn!("cluster heartbeat: {e}"),
                     }
                 }

@@ -26,19 +26,29 @@
 //!   the relay state in `data`), used up by whichever node the answer reaches;
 //! - `web_sessions(id text PRIMARY KEY, body jsonb, expires)`: enrollment and login
 //!   sessions by the SHA-256 of their cookie, so any node serves a cookie any node set.
+//!
+//! Version 3:
+//! - `sync_state(source text PRIMARY KEY, cookies jsonb, updated)` and
+//!   `sync_entries(source, kind, uuid, entry jsonb, PRIMARY KEY (source, kind, uuid))`:
+//!   a sync consumer's mirror (the LDAP consumer's entries by entryUUID, its cookies), so
+//!   the node that takes its lease over resumes; `source` names the directory as
+//!   configured;
+//! - `nodes.repaired`: when what the node's last run left (its open sessions) was marked
+//!   ended in the audit trail; a node needs repair when it is neither stopped nor
+//!   repaired since it `started`.
 
 use tokio_postgres::Client;
 
 use crate::{pg, ClusterError};
 
 /// The schema version this gateway writes.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// Held (per transaction) while migrating.
 const MIGRATION_LOCK: i64 = 0x706f_7274_6375;
 
 /// Step `n` takes the schema from version `n` to `n + 1`.
-const STEPS: [&str; 2] = [
+const STEPS: [&str; 3] = [
     r"
 CREATE TABLE nodes (
     node_id text PRIMARY KEY,
@@ -108,6 +118,21 @@ CREATE TABLE web_sessions (
     body jsonb NOT NULL,
     expires timestamptz NOT NULL
 );
+",
+    r"
+CREATE TABLE sync_state (
+    source text PRIMARY KEY,
+    cookies jsonb NOT NULL,
+    updated timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE sync_entries (
+    source text NOT NULL,
+    kind text NOT NULL,
+    uuid text NOT NULL,
+    entry jsonb NOT NULL,
+    PRIMARY KEY (source, kind, uuid)
+);
+ALTER TABLE nodes ADD COLUMN repaired timestamptz;
 ",
 ];
 

@@ -5,7 +5,9 @@
 //! - [`Shared::offer`] / [`Shared::take`]: a value one node issues and any node uses up
 //!   once (a SAML request id, with its relay state);
 //! - [`Shared::put_session`] / [`Shared::session`] / [`Shared::end_session`]: login
-//!   sessions by the SHA-256 of their cookie, so a cookie set by one node works on all.
+//!   sessions by the SHA-256 of their cookie, so a cookie set by one node works on all;
+//! - [`Shared::meta`] / [`Shared::set_meta`]: a value one node fetched for all (the
+//!   IdP's SAML metadata).
 //!
 //! Every call fails (an error, never a guess) when the database cannot be reached: the
 //! callers refuse the request then, they do not accept it on one node's word.
@@ -172,6 +174,30 @@ impl Shared {
         c.execute("DELETE FROM web_sessions WHERE id = $1", &[&id])
             .await
             .map_err(pg("ending a login session"))?;
+        Ok(())
+    }
+
+    /// The shared value `key` of `meta` (e.g. the IdP metadata the refresh lease's
+    /// holder fetched).
+    pub async fn meta(&self, key: &str) -> Result<Option<String>, ClusterError> {
+        let c = self.client().await?;
+        let row = c
+            .query_opt("SELECT value FROM meta WHERE key = $1", &[&key])
+            .await
+            .map_err(pg("reading a shared value"))?;
+        row.map(|r| r.try_get(0).map_err(pg("reading a shared value")))
+            .transpose()
+    }
+
+    pub async fn set_meta(&self, key: &str, value: &str) -> Result<(), ClusterError> {
+        let c = self.client().await?;
+        c.execute(
+            "INSERT INTO meta (key, value) VALUES ($1, $2)
+             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+            &[&key, &value],
+        )
+        .await
+        .map_err(pg("writing a shared value"))?;
         Ok(())
     }
 

@@ -104,6 +104,8 @@ async fn node_with(
         },
         identity.clone(),
         || (0, 0),
+        // Repairs are the gateway's to record; these nodes never die unnoticed.
+        tokio::sync::mpsc::unbounded_channel().0,
     );
     Node { identity, core }
 }

@@ -19,6 +19,7 @@
 
 pub mod admin;
 mod api;
+mod cluster_work;
 pub mod devices;
 pub mod health;
 mod metrics;
@@ -31,5 +32,6 @@ pub mod sso;
 pub mod tls;
 
 pub use plane::{
-    adopt_cluster_policy, check, cluster_target, load_api_tokens, open_identity, start,
+    adopt_cluster_policy, check, cluster_target, leave_cluster, load_api_tokens, open_identity,
+    start,
 };

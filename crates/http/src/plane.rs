@@ -2,7 +2,7 @@
 //! anything runs), then its thread.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,13 +53,15 @@ pub fn check(loaded: &Loaded) -> anyhow::Result<()> {
 
 /// Starts the control plane on a thread and runtime of its own and returns once it is
 /// serving (or why it could not start). `store` is `[audit.clickhouse]` for the
-/// auditor's routes.
+/// auditor's routes; `retention_lease`, in a cluster, is set while this node holds the
+/// audit retention lease.
 pub fn start(
     loaded: Arc<Loaded>,
     bundle: Arc<PolicyBundle>,
     identity: Option<Arc<portcullis_identity::Identity>>,
     store: Option<portcullis_audit::StoreConfig>,
     control: ControlSide,
+    retention_lease: Option<Arc<AtomicBool>>,
 ) -> anyhow::Result<Option<SocketAddr>> {
     let c = &loaded.config;
     // Everything that reads a file or binds is done here, so a mistake stops the start
@@ -123,6 +125,7 @@ pub fn start(
                     profile,
                     store,
                     control,
+                    retention_lease,
                 };
                 plane.run(listener, ldap_setup, started_tx).await;
             });
@@ -145,6 +148,7 @@ struct Plane {
     profile: Option<Arc<portcullis_identity::ProfileSettings>>,
     store: Option<portcullis_audit::StoreConfig>,
     control: ControlSide,
+    retention_lease: Option<Arc<AtomicBool>>,
 }
 
 impl Plane {
@@ -162,6 +166,7 @@ impl Plane {
             profile,
             store,
             control,
+            retention_lease,
         } = self;
         let ControlSide {
             commands,
@@ -170,10 +175,14 @@ impl Plane {
         let c = &loaded.config;
         // The heartbeat reports what the status reader last saw.
         let numbers = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+        // Dead nodes (this one's previous run among them) to record in the trail.
+        let mut repairs = None;
         let cluster = match (&c.cluster, &identity) {
             (Some(cl), Some(identity)) => match cluster_target(&loaded, cl) {
                 Ok(target) => {
                     let seen = numbers.clone();
+                    let (repairs_tx, repairs_rx) = mpsc::unbounded_channel();
+                    repairs = Some((repairs_tx.clone(), repairs_rx));
                     portcullis_cluster::node::spawn(
                         target.clone(),
                         portcullis_cluster::node::NodeInfo {
@@ -188,6 +197,7 @@ impl Plane {
                                 seen.1.load(Ordering::Relaxed),
                             )
                         },
+                        repairs_tx,
                     );
                     let running = portcullis_policy::Sources::read(&c.policy.dir)
                         .map(|s| crate::policy_api::PolicyFiles::from_sources(&s).version())
@@ -237,10 +247,43 @@ impl Plane {
                 tls,
                 identity.clone(),
                 commands.clone(),
-                lease(portcullis_cluster::lease::LDAP),
+                lease(portcullis_cluster::lease::LDAP).zip(cluster.as_ref().map(|(_, shared)| {
+                    Arc::new(crate::cluster_work::ClusterMirror::new(
+                        shared.target().clone(),
+                    )) as Arc<dyn portcullis_ldap_sync::MirrorStore>
+                })),
             )),
             _ => None,
         };
+        if let (Some((_, shared)), Some(repairs)) = (&cluster, repairs) {
+            if let Some(held) = lease(portcullis_cluster::lease::NODE_REPAIR) {
+                portcullis_cluster::node::spawn_repair(
+                    shared.target().clone(),
+                    held,
+                    repairs.0.clone(),
+                );
+            }
+            tokio::spawn(crate::cluster_work::record_repairs(
+                repairs.1,
+                shared.clone(),
+                commands.clone(),
+            ));
+        }
+        if let (Some(flag), Some(mut held)) = (
+            retention_lease,
+            lease(portcullis_cluster::lease::AUDIT_RETENTION),
+        ) {
+            // The uploader runs on its own thread: it reads the lease as a flag.
+            tokio::spawn(async move {
+                loop {
+                    flag.store(*held.borrow_and_update(), Ordering::Relaxed);
+                    if held.changed().await.is_err() {
+                        flag.store(false, Ordering::Relaxed);
+                        return;
+                    }
+                }
+            });
+        }
         if let Some(identity) = identity.as_ref().filter(|i| i.device_policy().is_some()) {
             devices::spawn_expiry(
                 identity.clone(),
@@ -250,8 +293,23 @@ impl Plane {
         let health = health::Health::new();
         let metrics = metrics::Metrics::new();
         if let (Some(h), Some(listener)) = (&c.http, listener) {
+            // Only with a metadata URL is there anything to fetch once for all.
+            let metadata_lease = c
+                .saml
+                .as_ref()
+                .filter(|s| s.idp_metadata_is_url())
+                .and_then(|_| lease(portcullis_cluster::lease::SAML_METADATA));
             let app = match routes(
-                &loaded, h, &identity, &tokens, &profile, ldap, store, cluster, &commands,
+                &loaded,
+                h,
+                &identity,
+                &tokens,
+                &profile,
+                ldap,
+                store,
+                cluster,
+                &commands,
+                metadata_lease,
             )
             .await
             {
@@ -332,6 +390,7 @@ async fn routes(
         Arc<portcullis_cluster::shared::Shared>,
     )>,
     commands: &mpsc::Sender<Command>,
+    metadata_lease: Option<tokio::sync::watch::Receiver<bool>>,
 ) -> anyhow::Result<axum::Router> {
     let c = &loaded.config;
     let mut app = axum::Router::new();
@@ -343,6 +402,7 @@ async fn routes(
             profile.clone(),
             commands.clone(),
             cluster.as_ref().map(|(_, s)| s.clone()),
+            metadata_lease,
         )
         .await?;
         app = app.merge(sso::routes(sso));
@@ -479,6 +539,33 @@ pub fn adopt_cluster_policy(loaded: &Loaded) -> anyhow::Result<()> {
         },
     )?;
     Ok(())
+}
+
+/// With `[cluster]`, after the data plane stopped (its sessions ended in the trail):
+/// marks this node stopped, so nobody records it as dead. Bounded: a database that does
+/// not answer leaves the node "down", and it is repaired as if it had died.
+pub fn leave_cluster(loaded: &Loaded) -> anyhow::Result<()> {
+    let Some(cl) = &loaded.config.cluster else {
+        return Ok(());
+    };
+    let target = cluster_target(loaded, cl)?;
+    let node_id = cl.node_id.clone();
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || -> anyhow::Result<()> {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(portcullis_cluster::node::leave(
+                    &target,
+                    &node_id,
+                    Duration::from_secs(3),
+                ));
+                Ok(())
+            })
+            .join()
+            .map_err(|_| anyhow!("leaving the cluster: the thread panicked"))?
+    })
 }
 
 /// `[cluster]`'s database, with the password from `password_file`.

@@ -97,6 +97,50 @@ fn sp_config(c: &SamlConfig) -> SpConfig {
     }
 }
 
+/// The `meta` key of the IdP metadata the refresh lease's holder fetched.
+const SHARED_METADATA: &str = "saml.idp_metadata";
+/// How often a cluster node looks at the shared copy.
+const SHARED_METADATA_POLL: Duration = Duration::from_secs(5);
+
+/// The IdP metadata as one node fetched it for the cluster.
+#[derive(Serialize, Deserialize)]
+struct SharedMetadata {
+    url: String,
+    fetched_at: DateTime<Utc>,
+    xml: String,
+}
+
+/// The shared copy, if it was fetched from the URL this node is configured with.
+async fn shared_metadata(
+    shared: &portcullis_cluster::shared::Shared,
+    c: &SamlConfig,
+) -> Option<SharedMetadata> {
+    match shared.meta(SHARED_METADATA).await {
+        Ok(Some(v)) => serde_json::from_str::<SharedMetadata>(&v)
+            .ok()
+            .filter(|m| m.url == c.idp_metadata),
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!("saml: the shared idp metadata is not readable: {e}");
+            None
+        }
+    }
+}
+
+async fn publish_metadata(shared: &portcullis_cluster::shared::Shared, c: &SamlConfig, xml: &str) {
+    let copy = SharedMetadata {
+        url: c.idp_metadata.clone(),
+        fetched_at: Utc::now(),
+        xml: xml.to_string(),
+    };
+    let Ok(v) = serde_json::to_string(&copy) else {
+        return;
+    };
+    if let Err(e) = shared.set_meta(SHARED_METADATA, &v).await {
+        tracing::warn!("saml: the fetched idp metadata could not be shared: {e}");
+    }
+}
+
 /// Reads the IdP metadata: the file, or the URL.
 async fn read_metadata(c: &SamlConfig) -> anyhow::Result<String> {
     if c.idp_metadata_is_url() {
@@ -164,6 +208,7 @@ impl Sso {
         profile: Arc<ProfileSettings>,
         commands: mpsc::Sender<Command>,
         shared: Option<Arc<portcullis_cluster::shared::Shared>>,
+        metadata_lease: Option<tokio::sync::watch::Receiver<bool>>,
     ) -> anyhow::Result<Arc<Sso>> {
         let context = || {
             format!(
@@ -172,10 +217,30 @@ impl Sso {
                 c.idp_metadata
             )
         };
+        // In a cluster with a metadata URL one node (the lease holder) fetches it and
+        // shares what it fetched; the others read the shared copy.
+        let fetcher = match (c.idp_metadata_is_url(), &shared, metadata_lease) {
+            (true, Some(shared), Some(lease)) => Some((shared.clone(), lease)),
+            _ => None,
+        };
         // A file that cannot be read, or a document without a signing certificate, is a
         // configuration error; an IdP that does not answer yet must not keep the gateway
         // (and its tunnels) down: sign-on waits for it.
-        let sp = match read_metadata(c).await {
+        let first = match &fetcher {
+            Some((shared, _)) => match shared_metadata(shared, c).await {
+                Some(copy) => Ok(copy.xml),
+                None => {
+                    let r = read_metadata(c).await;
+                    if let Ok(md) = &r {
+                        publish_metadata(shared, c, md).await;
+                    }
+                    r
+                }
+            },
+            None => read_metadata(c).await,
+        };
+        let mut applied = first.as_ref().ok().map(|md| Sha256::digest(md.as_bytes()));
+        let sp = match first {
             Ok(md) => Some(Sp::new(sp_config(c), &md).with_context(context)?),
             Err(e) if c.idp_metadata_is_url() => {
                 tracing::error!("saml: {e:#}; sign-on is unavailable until the IdP answers");
@@ -200,33 +265,67 @@ impl Sso {
             let every = Duration::from_secs(refresh.config.metadata_refresh_secs);
             loop {
                 let loaded = refresh.sp.lock().map(|sp| sp.is_some()).unwrap_or(true);
-                // Until the first document arrives, ask again soon.
-                tokio::time::sleep(if loaded {
-                    every
-                } else {
-                    Duration::from_secs(15)
+                // Until the first document arrives, ask again soon; in a cluster, look at
+                // the shared copy often (a cheap read) so a refresh reaches every node soon.
+                tokio::time::sleep(match (&fetcher, loaded) {
+                    (_, false) => Duration::from_secs(15),
+                    (Some(_), true) => SHARED_METADATA_POLL,
+                    (None, true) => every,
                 })
                 .await;
-                match read_metadata(&refresh.config).await {
-                    Ok(md) => {
-                        let r = match refresh.sp.lock() {
-                            Ok(mut slot) => match slot.as_mut() {
-                                Some(sp) => sp.handle_idp_metadata(&md),
-                                None => Sp::new(sp_config(&refresh.config), &md).map(|sp| {
-                                    *slot = Some(sp);
-                                }),
-                            },
-                            Err(_) => continue,
-                        };
-                        match r {
-                            Ok(()) => tracing::info!("saml: idp metadata refreshed"),
-                            Err(e) => tracing::error!(
-                                "saml: refreshed idp metadata refused, the previous one stays: {e}"
-                            ),
+                let md = match &fetcher {
+                    None => read_metadata(&refresh.config).await,
+                    Some((shared, lease)) => {
+                        let copy = shared_metadata(shared, &refresh.config).await;
+                        let stale = copy.as_ref().is_none_or(|m| {
+                            Utc::now() - m.fetched_at
+                                >= TimeDelta::from_std(every).unwrap_or(TimeDelta::MAX)
+                        });
+                        if *lease.borrow() && stale {
+                            match read_metadata(&refresh.config).await {
+                                Ok(md) => {
+                                    publish_metadata(shared, &refresh.config, &md).await;
+                                    Ok(md)
+                                }
+                                Err(e) => Err(e),
+                            }
+                        } else {
+                            match copy {
+                                Some(m) => Ok(m.xml),
+                                None => continue,
+                            }
                         }
                     }
-                    Err(e) => tracing::warn!(
-                        "saml: idp metadata not refreshed, the previous one stays: {e:#}"
+                };
+                let md = match md {
+                    Ok(md) => md,
+                    Err(e) => {
+                        tracing::warn!(
+                            "saml: idp metadata not refreshed, the previous one stays: {e:#}"
+                        );
+                        continue;
+                    }
+                };
+                let digest = Sha256::digest(md.as_bytes());
+                if fetcher.is_some() && applied == Some(digest) {
+                    continue;
+                }
+                let r = match refresh.sp.lock() {
+                    Ok(mut slot) => match slot.as_mut() {
+                        Some(sp) => sp.handle_idp_metadata(&md),
+                        None => Sp::new(sp_config(&refresh.config), &md).map(|sp| {
+                            *slot = Some(sp);
+                        }),
+                    },
+                    Err(_) => continue,
+                };
+                match r {
+                    Ok(()) => {
+                        applied = Some(digest);
+                        tracing::info!("saml: idp metadata refreshed");
+                    }
+                    Err(e) => tracing::error!(
+                        "saml: refreshed idp metadata refused, the previous one stays: {e}"
                     ),
                 }
             }

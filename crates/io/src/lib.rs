@@ -209,6 +209,8 @@ pub fn pipeline_config(loaded: &Loaded) -> anyhow::Result<PipelineConfig> {
                 batch_interval: Duration::from_millis(ch.batch_interval_ms),
                 retention: (ch.retention_days > 0)
                     .then(|| Duration::from_secs(u64::from(ch.retention_days) * 86_400)),
+                // Set by the gateway in a cluster: one node applies retention.
+                retention_lease: None,
             },
         }),
         _ => None,

@@ -8,8 +8,12 @@
 //! [`Identity`] and reaches the packet loop only through the [`Command`] channel (the
 //! identity store's hand-off, and reports of refused passes).
 //!
+//! In a cluster (one consumer at a time, under a lease) the mirror is saved through a
+//! [`MirrorStore`] after every applied pass, so the node that takes the lease over
+//! resumes from the saved cookies instead of reading the whole directory again.
+//!
 //! What it deliberately does not: no LDAP message parsing or pass planning (that is
-//! `portcullis-ldap`, sans-IO), no HTTP.
+//! `portcullis-ldap`, sans-IO), no HTTP, no SQL (the [`MirrorStore`] is given).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,7 +23,9 @@ use ldap3::controls::{RefreshMode, SyncRequest};
 use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, Scope, SearchStream};
 use portcullis_config::LdapConfig;
 use portcullis_identity::{Identity, IdentityError, Mutation, SyncScope};
-use portcullis_ldap::{guard, proto, user_lookup_filter, Kind, LdapSync, Pass, Refusal};
+use portcullis_ldap::{
+    guard, proto, user_lookup_filter, Kind, LdapSync, MirrorDelta, MirrorState, Pass, Refusal,
+};
 use portcullis_model::Event;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -41,6 +47,42 @@ pub struct LdapStatus {
     pub refused: Option<String>,
     /// Entries the last pass skipped (a name held elsewhere, a missing attribute).
     pub skipped: Vec<String>,
+    /// In a cluster: this consumer resumed from the mirror another node saved (its
+    /// cookies), not from an empty one.
+    pub resumed: bool,
+    /// How many entries it restored then.
+    pub restored_entries: usize,
+}
+
+/// A boxed future (the [`MirrorStore`] methods).
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// Where a cluster keeps the consumer's mirror. `source` names the directory as
+/// configured (URL, bases, filters, attributes): a state saved for another source is not
+/// loaded.
+pub trait MirrorStore: Send + Sync {
+    fn load<'a>(&'a self, source: &'a str) -> BoxFuture<'a, Result<Option<MirrorState>, String>>;
+    /// Applies `delta`; with `replace`, the delta's upserts are the whole mirror.
+    fn save<'a>(
+        &'a self,
+        source: &'a str,
+        delta: &'a MirrorDelta,
+        replace: bool,
+    ) -> BoxFuture<'a, Result<(), String>>;
+}
+
+/// The directory as `[ldap]` names it: what a saved mirror must match to be resumed.
+pub fn source_name(cfg: &LdapConfig) -> String {
+    format!(
+        "{}|{}|{}|{}|{}|{:?}|{:?}",
+        cfg.url,
+        cfg.user_base,
+        cfg.user_filter,
+        cfg.group_base,
+        cfg.group_filter,
+        cfg.attributes,
+        cfg.disabled
+    )
 }
 
 /// Requests from the admin API.
@@ -87,7 +129,7 @@ pub fn spawn(
     tls: Option<Arc<rustls::ClientConfig>>,
     identity: Arc<Identity>,
     reports: mpsc::Sender<Command>,
-    lease: Option<watch::Receiver<bool>>,
+    cluster: Option<(watch::Receiver<bool>, Arc<dyn MirrorStore>)>,
 ) -> LdapHandle {
     let status = Arc::new(Mutex::new(LdapStatus {
         url: config.url.clone(),
@@ -114,7 +156,10 @@ pub fn spawn(
             handle.config.disabled.clone(),
         ),
         first_received: None,
-        lease,
+        source: source_name(&handle.config),
+        lease: cluster.as_ref().map(|(l, _)| l.clone()),
+        saved: cluster.map(|(_, s)| s),
+        save_all: false,
     };
     tokio::spawn(driver.run(control_rx));
     handle
@@ -138,8 +183,14 @@ struct Driver {
     /// When the first message of the pending pass arrived (the revocation clock starts).
     first_received: Option<(Instant, DateTime<Utc>)>,
     /// In a cluster: whether this node holds the consumer's lease (one consumer per
-    /// cluster; a takeover starts from the whole directory).
+    /// cluster; a takeover resumes from the saved mirror).
     lease: Option<watch::Receiver<bool>>,
+    /// In a cluster: where the mirror is saved.
+    saved: Option<Arc<dyn MirrorStore>>,
+    /// [`source_name`] of `cfg`.
+    source: String,
+    /// A save failed: the next one writes the whole mirror.
+    save_all: bool,
 }
 
 async fn connect(
@@ -206,6 +257,70 @@ impl Driver {
         }
     }
 
+    /// In a cluster, before the first searches of a new consumer: seeds the mirror with
+    /// the saved one (a state that cannot be read means reading everything: slower,
+    /// never wrong).
+    async fn restore(&mut self) {
+        let Some(saved) = self.saved.clone() else {
+            return;
+        };
+        if self.sync.counts() != (0, 0) {
+            return;
+        }
+        match saved.load(&self.source).await {
+            Ok(Some(state)) => {
+                let n = state.entries.len();
+                if self.sync.handle_restored(state) {
+                    tracing::info!(
+                        entries = n,
+                        "ldap: resuming from the mirror saved in the cluster"
+                    );
+                    let mut st = self.status();
+                    st.resumed = true;
+                    st.restored_entries = n;
+                }
+            }
+            Ok(None) => {
+                tracing::info!("ldap: no saved mirror for this directory; reading it whole")
+            }
+            Err(e) => tracing::warn!(
+                "ldap: the saved mirror could not be read ({e}); reading the directory whole"
+            ),
+        }
+    }
+
+    /// Saves what changed in the mirror (after its passes were applied).
+    async fn save(&mut self) {
+        let Some(saved) = self.saved.clone() else {
+            return;
+        };
+        let delta = if self.save_all {
+            let state = self.sync.state();
+            // Take what is pending too: the whole state covers it.
+            let _ = self.sync.poll_saved();
+            MirrorDelta {
+                users_cookie: state.users_cookie,
+                groups_cookie: state.groups_cookie,
+                upserts: state.entries,
+                removes: Vec::new(),
+            }
+        } else {
+            match self.sync.poll_saved() {
+                Some(d) => d,
+                None => return,
+            }
+        };
+        match saved.save(&self.source, &delta, self.save_all).await {
+            Ok(()) => self.save_all = false,
+            Err(e) => {
+                tracing::warn!(
+                    "ldap: the mirror could not be saved ({e}); the next save writes it whole"
+                );
+                self.save_all = true;
+            }
+        }
+    }
+
     /// Resolves when this node loses the consumer's lease (never without one).
     async fn lease_lost(lease: &mut Option<watch::Receiver<bool>>) {
         match lease {
@@ -227,6 +342,7 @@ impl Driver {
             if !self.wait_for_lease(&mut control).await {
                 return;
             }
+            self.restore().await;
             let outcome = self.session(&mut control, &mut backoff).await;
             self.sync.handle_search_lost(Kind::Users);
             self.sync.handle_search_lost(Kind::Groups);
@@ -248,8 +364,12 @@ impl Driver {
                     tracing::warn!(
                         "ldap: the consumer's lease went to another node; stopping here"
                     );
-                    // Whoever holds it next starts from the whole directory.
-                    self.sync.request_full_refresh();
+                    // The next holder goes on from what it saved; if this node takes the
+                    // lease back, it resumes from the database too, not from its own
+                    // (older) mirror.
+                    self.sync =
+                        LdapSync::new(self.cfg.attributes.clone(), self.cfg.disabled.clone());
+                    self.save_all = false;
                 }
                 Err(e) => {
                     // Nobody is deprovisioned while the directory is away.
@@ -337,7 +457,11 @@ impl Driver {
                 c = control.recv() => match c {
                     Some(LdapControl::ApproveRemoval(tx)) => {
                         let answer = if self.sync.is_live() {
-                            self.apply(Pass::Full, true).await
+                            let a = self.apply(Pass::Full, true).await;
+                            if a.is_ok() {
+                                self.save().await;
+                            }
+                            a
                         } else {
                             Err("the directory is still refreshing; try again in a moment".into())
                         };
@@ -346,9 +470,15 @@ impl Driver {
                     None => return Err("the gateway is stopping".into()),
                 },
             }
+            let mut all_applied = true;
             while let Some(pass) = self.sync.poll_pass() {
                 // A refusal is reported and kept in the status; the session goes on.
-                let _ = self.apply(pass, false).await;
+                all_applied &= self.apply(pass, false).await.is_ok();
+            }
+            // A mirror whose passes were not applied is not saved: a node taking over
+            // must see those changes again.
+            if all_applied {
+                self.save().await;
             }
             let (u, g) = self.sync.counts();
             let mut st = self.status();

@@ -10,6 +10,9 @@
 //!   reconnect; the passes to apply: a full one when a refresh ends (guarded against
 //!   mass removal by [`mirror::guard`]), a scoped one for each pushed change. Group
 //!   membership comes from the groups' member attribute (DNs), not from memberOf.
+//!   In a cluster the mirror is saved as it changes ([`mirror::LdapSync::poll_saved`]),
+//!   so a consumer taking over on another node resumes from the saved cookies
+//!   ([`mirror::LdapSync::handle_restored`]) instead of reading everything again.
 //! - the attribute mapping (`[ldap.attributes]`, `[ldap.disabled]`) and the escaped
 //!   lookup filter ([`mirror::user_lookup_filter`], RFC 4515).
 //!
@@ -20,5 +23,8 @@
 pub mod mirror;
 pub mod proto;
 
-pub use mirror::{guard, normalize_dn, user_lookup_filter, Kind, LdapSync, Pass, Refusal};
+pub use mirror::{
+    guard, normalize_dn, user_lookup_filter, Kind, LdapSync, MirrorDelta, MirrorState, Pass,
+    Refusal,
+};
 pub use proto::{Entry, EntryState, ProtoError, SyncInfo, SyncState};

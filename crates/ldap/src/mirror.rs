@@ -6,11 +6,13 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use portcullis_config::{LdapAttributes, LdapDisabled};
 use portcullis_identity::{SyncPlan, SyncScope, SyncedGroup, SyncedUser};
+use serde::{Deserialize, Serialize};
 
 use crate::proto::{Entry, EntryState, SyncInfo};
 
 /// Which of the two searches a message belongs to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Kind {
     Users,
     Groups,
@@ -49,6 +51,50 @@ pub struct LdapSync {
     /// re-read too.
     touched_dns: BTreeSet<String>,
     full_pending: bool,
+    /// Entries changed (or gone) since the last [`LdapSync::poll_saved`].
+    unsaved: BTreeSet<(Kind, String)>,
+    /// The cookies moved since the last [`LdapSync::poll_saved`].
+    cookies_unsaved: bool,
+}
+
+/// What changed in the mirror since it was last saved: applied to a saved
+/// [`MirrorState`] it gives the mirror as it is now. A consumer on another node resumes
+/// from the saved state (its cookies) instead of reading the whole directory again.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorDelta {
+    pub users_cookie: Option<Vec<u8>>,
+    pub groups_cookie: Option<Vec<u8>>,
+    /// Entries to write (by kind and entryUUID).
+    pub upserts: Vec<(Kind, String, Entry)>,
+    /// Entries to forget.
+    pub removes: Vec<(Kind, String)>,
+}
+
+/// A saved mirror: every entry and the two cookies.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorState {
+    pub users_cookie: Option<Vec<u8>>,
+    pub groups_cookie: Option<Vec<u8>>,
+    pub entries: Vec<(Kind, String, Entry)>,
+}
+
+impl MirrorState {
+    /// Applies `delta` (what a store does with it, for tests and in-memory stores).
+    pub fn apply(&mut self, delta: &MirrorDelta) {
+        let mut by_key: BTreeMap<(Kind, String), Entry> = std::mem::take(&mut self.entries)
+            .into_iter()
+            .map(|(k, u, e)| ((k, u), e))
+            .collect();
+        for (k, u) in &delta.removes {
+            by_key.remove(&(*k, u.clone()));
+        }
+        for (k, u, e) in &delta.upserts {
+            by_key.insert((*k, u.clone()), e.clone());
+        }
+        self.entries = by_key.into_iter().map(|((k, u), e)| (k, u, e)).collect();
+        self.users_cookie.clone_from(&delta.users_cookie);
+        self.groups_cookie.clone_from(&delta.groups_cookie);
+    }
 }
 
 /// Normalises a DN for comparison: lower case, no spaces around separators.
@@ -71,6 +117,81 @@ impl LdapSync {
             touched_groups: BTreeSet::new(),
             touched_dns: BTreeSet::new(),
             full_pending: false,
+            unsaved: BTreeSet::new(),
+            cookies_unsaved: false,
+        }
+    }
+
+    /// Seeds an empty mirror with a saved state (a consumer taking over on another
+    /// node): the next searches resume from its cookies. Refused (false) once the mirror
+    /// holds anything: it would mix two views of the directory.
+    pub fn handle_restored(&mut self, state: MirrorState) -> bool {
+        if !self.users.entries.is_empty()
+            || !self.groups.entries.is_empty()
+            || self.users.cookie.is_some()
+            || self.groups.cookie.is_some()
+        {
+            return false;
+        }
+        for (kind, uuid, entry) in state.entries {
+            self.side(kind).entries.insert(uuid, entry);
+        }
+        self.users.cookie = state.users_cookie;
+        self.groups.cookie = state.groups_cookie;
+        true
+    }
+
+    /// What changed since the last call, once both searches are live (so the delta
+    /// ends at a point the directory was consistent); call it after the passes were
+    /// applied, so a saved state never claims more than the identity store holds.
+    #[must_use]
+    pub fn poll_saved(&mut self) -> Option<MirrorDelta> {
+        if !self.is_live() || (self.unsaved.is_empty() && !self.cookies_unsaved) {
+            return None;
+        }
+        self.cookies_unsaved = false;
+        let mut delta = MirrorDelta {
+            users_cookie: self.users.cookie.clone(),
+            groups_cookie: self.groups.cookie.clone(),
+            ..MirrorDelta::default()
+        };
+        for (kind, uuid) in std::mem::take(&mut self.unsaved) {
+            let side = match kind {
+                Kind::Users => &self.users,
+                Kind::Groups => &self.groups,
+            };
+            match side.entries.get(&uuid) {
+                Some(e) => delta.upserts.push((kind, uuid, e.clone())),
+                None => delta.removes.push((kind, uuid)),
+            }
+        }
+        Some(delta)
+    }
+
+    /// The whole mirror as a saved state (what [`LdapSync::handle_restored`] takes).
+    pub fn state(&self) -> MirrorState {
+        let entries = |kind: Kind, side: &Side| {
+            side.entries
+                .iter()
+                .map(move |(u, e)| (kind, u.clone(), e.clone()))
+                .collect::<Vec<_>>()
+        };
+        let mut all = entries(Kind::Users, &self.users);
+        all.extend(entries(Kind::Groups, &self.groups));
+        MirrorState {
+            users_cookie: self.users.cookie.clone(),
+            groups_cookie: self.groups.cookie.clone(),
+            entries: all,
+        }
+    }
+
+    fn set_cookie(&mut self, kind: Kind, cookie: Option<Vec<u8>>) {
+        if cookie.is_some() {
+            let side = self.side(kind);
+            if side.cookie != cookie {
+                side.cookie = cookie;
+                self.cookies_unsaved = true;
+            }
         }
     }
 
@@ -119,6 +240,7 @@ impl LdapSync {
     }
 
     fn touch(&mut self, kind: Kind, uuid: &str, dn: Option<&str>) {
+        self.unsaved.insert((kind, uuid.to_string()));
         match kind {
             Kind::Users => {
                 self.touched_users.insert(uuid.to_string());
@@ -156,13 +278,10 @@ impl LdapSync {
                 self.side(kind).entries.insert(uuid.clone(), entry);
             }
         }
-        let side = self.side(kind);
-        if let Some((seen, _)) = &mut side.refresh {
+        if let Some((seen, _)) = &mut self.side(kind).refresh {
             seen.insert(uuid);
         }
-        if cookie.is_some() {
-            side.cookie = cookie;
-        }
+        self.set_cookie(kind, cookie);
     }
 
     /// A Sync Info message.
@@ -188,9 +307,7 @@ impl LdapSync {
                 (cookie, None)
             }
         };
-        if cookie.is_some() {
-            self.side(kind).cookie = cookie;
-        }
+        self.set_cookie(kind, cookie);
         if let Some(present_mode) = end {
             self.end_refresh(kind, present_mode);
         }
@@ -203,7 +320,14 @@ impl LdapSync {
         };
         side.live = true;
         if present_mode || full {
+            let gone: Vec<String> = side
+                .entries
+                .keys()
+                .filter(|uuid| !seen.contains(*uuid))
+                .cloned()
+                .collect();
             side.entries.retain(|uuid, _| seen.contains(uuid));
+            self.unsaved.extend(gone.into_iter().map(|u| (kind, u)));
         }
         self.full_pending = true;
     }
@@ -619,5 +743,131 @@ mod tests {
         assert!(!s.user("u", &e).unwrap().active);
         let nameless = entry("cn=x", &[("mail", &["m"])]);
         assert!(s.user("u", &nameless).unwrap_err().contains("no uid"));
+    }
+
+    /// One message of a sync session, for the saved-state property.
+    #[derive(Clone, Debug)]
+    enum Msg {
+        Entry(Kind, EntryState, u8, u8),
+        IdSetDelete(Kind, u8),
+        NewCookie(Kind, u8),
+        /// A reconnect (resume from the cookie) or a reconciliation (no cookie).
+        Restart {
+            full: bool,
+            present: bool,
+        },
+        Save,
+    }
+
+    fn msg() -> impl proptest::strategy::Strategy<Value = Msg> {
+        use proptest::prelude::*;
+        let kind = prop_oneof![Just(Kind::Users), Just(Kind::Groups)];
+        let state = prop_oneof![
+            Just(EntryState::Add),
+            Just(EntryState::Modify),
+            Just(EntryState::Delete),
+            Just(EntryState::Present)
+        ];
+        prop_oneof![
+            6 => (kind.clone(), state, 0u8..6, 0u8..4).prop_map(|(k, s, u, v)| Msg::Entry(k, s, u, v)),
+            1 => (kind.clone(), 0u8..6).prop_map(|(k, u)| Msg::IdSetDelete(k, u)),
+            1 => (kind, any::<u8>()).prop_map(|(k, c)| Msg::NewCookie(k, c)),
+            1 => (any::<bool>(), any::<bool>()).prop_map(|(full, present)| Msg::Restart { full, present }),
+            2 => Just(Msg::Save),
+        ]
+    }
+
+    fn numbered(kind: Kind, u: u8, v: u8) -> Entry {
+        match kind {
+            Kind::Users => entry(
+                &format!("uid=u{u},ou=people,dc=x"),
+                &[
+                    ("uid", &[&format!("u{u}")]),
+                    ("mail", &[&format!("v{v}@x")]),
+                ],
+            ),
+            Kind::Groups => entry(
+                &format!("cn=g{u},ou=groups,dc=x"),
+                &[
+                    ("cn", &[&format!("g{u}")]),
+                    ("member", &[&format!("uid=u{v},ou=people,dc=x")]),
+                ],
+            ),
+        }
+    }
+
+    fn end_refreshes(s: &mut LdapSync, present: bool, cookie: u8) {
+        for k in [Kind::Users, Kind::Groups] {
+            let c = Some(vec![cookie]);
+            s.handle_info(
+                k,
+                if present {
+                    SyncInfo::RefreshPresent {
+                        cookie: c,
+                        done: true,
+                    }
+                } else {
+                    SyncInfo::RefreshDelete {
+                        cookie: c,
+                        done: true,
+                    }
+                },
+            );
+        }
+    }
+
+    proptest::proptest! {
+        /// Saving every delta and restoring the saved state on a fresh mirror gives the
+        /// same mirror (entries, cookies) and the same directory as the one that saved.
+        #[test]
+        fn a_restored_mirror_equals_the_one_that_saved(msgs in proptest::collection::vec(msg(), 0..60)) {
+            let mut s = sync();
+            s.handle_search_started(Kind::Users);
+            s.handle_search_started(Kind::Groups);
+            end_refreshes(&mut s, false, 0);
+            let mut saved = MirrorState::default();
+            if let Some(d) = s.poll_saved() {
+                saved.apply(&d);
+            }
+            let mut n = 1u8;
+            for m in msgs {
+                match m {
+                    Msg::Entry(k, st, u, v) => {
+                        let e = if st == EntryState::Present && v == 0 { Entry::default() } else { numbered(k, u, v) };
+                        s.handle_entry(k, st, format!("{k:?}{u}"), e, None);
+                    }
+                    Msg::IdSetDelete(k, u) => s.handle_info(k, SyncInfo::IdSet { cookie: None, deletes: true, uuids: vec![format!("{k:?}{u}")] }),
+                    Msg::NewCookie(k, c) => s.handle_info(k, SyncInfo::NewCookie(vec![c])),
+                    Msg::Restart { full, present } => {
+                        s.handle_search_lost(Kind::Users);
+                        s.handle_search_lost(Kind::Groups);
+                        if full {
+                            s.request_full_refresh();
+                        }
+                        s.handle_search_started(Kind::Users);
+                        s.handle_search_started(Kind::Groups);
+                        n = n.wrapping_add(1);
+                        end_refreshes(&mut s, present, n);
+                    }
+                    Msg::Save => {}
+                }
+                while s.poll_pass().is_some() {}
+                if let Some(d) = s.poll_saved() {
+                    saved.apply(&d);
+                }
+            }
+            let mut restored = sync();
+            proptest::prop_assert!(restored.handle_restored(saved.clone()));
+            let mut want = s.state();
+            want.entries.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+            let mut got = restored.state();
+            got.entries.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+            proptest::prop_assert_eq!(&got, &want);
+            // A restored mirror resumes: its searches start from the saved cookies.
+            proptest::prop_assert_eq!(restored.handle_search_started(Kind::Users), want.users_cookie.clone());
+            proptest::prop_assert_eq!(restored.handle_search_started(Kind::Groups), want.groups_cookie.clone());
+            // And it is not seeded twice.
+            proptest::prop_assert!(!restored.handle_restored(saved));
+        }
     }
 }

@@ -68,7 +68,7 @@ pub enum SyncInfo {
 
 /// A search result entry: its DN and attributes (names lower-cased, values as text;
 /// values that are not UTF-8 are dropped).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Entry {
     pub dn: String,
     pub attrs: BTreeMap<String, Vec<String>>,

@@ -431,6 +431,20 @@ pub enum Event {
         events_refused: u64,
         reason: String,
     },
+    /// A cluster node's run ended without a clean exit (killed, its host lost): the
+    /// sessions it had open ended with it, though its own trail never says so. Recorded
+    /// once per death, by the node holding the repair lease (`no_heartbeat`) or by the
+    /// node itself when it restarts first (`restarted`).
+    NodeDown {
+        node: String,
+        /// When that run started and when it last heartbeated.
+        started: DateTime<Utc>,
+        last_heartbeat: DateTime<Utc>,
+        /// Sessions and flows it reported at its last heartbeat.
+        sessions: u64,
+        flows: u64,
+        reason: String,
+    },
 }
 
 impl Event {
@@ -455,6 +469,7 @@ impl Event {
             Event::LoginFailed { .. } => "login_failed",
             Event::KeyRotated { .. } => "key_rotated",
             Event::AuditDegraded { .. } => "audit_degraded",
+            Event::NodeDown { .. } => "node_down",
         }
     }
 }

@@ -38,10 +38,32 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     }
     // Read once (the ClickHouse password file among it) for the pipeline and the
     // auditor routes.
-    let audit_config = portcullis_io::pipeline_config(&loaded)?;
+    let mut audit_config = portcullis_io::pipeline_config(&loaded)?;
     let store = audit_config.spool.as_ref().map(|s| s.upload.store.clone());
-    portcullis_http::start(loaded.clone(), bundle.clone(), identity, store, control)?;
-    portcullis_io::run(loaded, bundle, startup, audit_config, data).await
+    // In a cluster one node at a time applies audit retention: the control plane holds
+    // the lease, the uploader reads this flag.
+    let retention_lease = match (&c.cluster, audit_config.spool.as_mut()) {
+        (Some(_), Some(s)) if s.upload.retention.is_some() => {
+            let held = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            s.upload.retention_lease = Some(held.clone());
+            Some(held)
+        }
+        _ => None,
+    };
+    portcullis_http::start(
+        loaded.clone(),
+        bundle.clone(),
+        identity,
+        store,
+        control,
+        retention_lease,
+    )?;
+    let result = portcullis_io::run(loaded.clone(), bundle, startup, audit_config, data).await;
+    // A clean exit (sessions ended in the trail): marked stopped, not repaired as dead.
+    if let Err(e) = portcullis_http::leave_cluster(&loaded) {
+        tracing::warn!("{e:#}");
+    }
+    result
 }
 
 /// `portcullis check-config`: loads everything the gateway loads at start, without
