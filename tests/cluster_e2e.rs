@@ -813,6 +813,15 @@ fn every_node_chains_its_own_trail_and_audit_verify_checks_them_all() {
     let s = open_when_granted(&lab, &alice, 2);
     // Node C dies with alice's session open: another node records its death once (the
     // repair lease), and the sessions report ends her session with it.
+    // Once her session and flow are in ClickHouse (what an auditor reads of a node
+    // that never comes back).
+    wait_until(Duration::from_secs(20), || {
+        Ok(ch
+            .count("SELECT count() FROM portcullis.events WHERE gateway = 'gw-c' AND kind = 'flow_opened' AND user = 'alice'")
+            .unwrap_or(0)
+            > 0)
+    })
+    .unwrap();
     lab.kill_node(2).unwrap();
     let died = Instant::now();
     let downs = || {
