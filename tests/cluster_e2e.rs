@@ -792,8 +792,9 @@ fn every_node_chains_its_own_trail_and_audit_verify_checks_them_all() {
     let (alice_key, alice_pub) = wg_genkey().unwrap();
     let mut lab = ClusterLab::start_audited(
         ClusterOptions {
+            // retention_days lands in [audit.clickhouse]: one node applies it.
             extra_config: format!(
-                "[[peer]]\nuser = \"alice\"\npublic_key = \"{alice_pub}\"\naddress = \"100.64.0.2\"\n"
+                "retention_days = 3650\n[[peer]]\nuser = \"alice\"\npublic_key = \"{alice_pub}\"\naddress = \"100.64.0.2\"\n"
             ),
             ..ClusterOptions::default()
         },
@@ -811,6 +812,13 @@ fn every_node_chains_its_own_trail_and_audit_verify_checks_them_all() {
         .unwrap();
     provision(&lab, 0, "alice", "sre");
     let s = open_when_granted(&lab, &alice, 2);
+    // Retention and repair are once-per-cluster work: each lease has one holder.
+    for lease in ["audit-retention", "node-repair"] {
+        wait_until(Duration::from_secs(10), || {
+            Ok(holder(&lab, 1, lease).is_some())
+        })
+        .unwrap_or_else(|e| panic!("{lease}: {e}"));
+    }
     // Node C dies with alice's session open: another node records its death once (the
     // repair lease), and the sessions report ends her session with it.
     // Once her session and flow are in ClickHouse (what an auditor reads of a node

@@ -58,12 +58,13 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         control,
         retention_lease,
     )?;
-    let result = portcullis_io::run(loaded.clone(), bundle, startup, audit_config, data).await;
+    portcullis_io::run(loaded.clone(), bundle, startup, audit_config, data).await?;
     // A clean exit (sessions ended in the trail): marked stopped, not repaired as dead.
+    // A run that failed is left to the repair like a crash.
     if let Err(e) = portcullis_http::leave_cluster(&loaded) {
         tracing::warn!("{e:#}");
     }
-    result
+    Ok(())
 }
 
 /// `portcullis check-config`: loads everything the gateway loads at start, without

@@ -280,7 +280,7 @@ fn cluster_migrate_and_status_against_a_real_postgresql() {
     let o = run(&["cluster", "migrate", "--config", cfg]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(
-        text(&o).contains("cluster schema version 2 (was 0)"),
+        text(&o).contains("cluster schema version 3 (was 0)"),
         "{}",
         text(&o)
     );
