@@ -133,6 +133,8 @@ pub fn run(hold: bool) -> Result<()> {
         &format!("/scim/v2/Users/{id}"),
         r#"{"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"], "Operations": [{"op": "replace", "path": "active", "value": true}]}"#,
     )?;
+    // Past the audit commit interval (50 ms): what C did is in its spool when it dies.
+    std::thread::sleep(Duration::from_millis(200));
     lab.kill_node(2)?;
     let killed = Instant::now();
     let alice = lab.move_client(&alice, 1)?;
@@ -151,6 +153,21 @@ pub fn run(hold: bool) -> Result<()> {
     })?;
     println!("`portcullis cluster status`:");
     print!("{}", indent(&cli(&lab, 0, &["cluster", "status"])?));
+    // The node-repair lease's holder records C's death once, so the sessions C had open
+    // end in the trail although C never said so.
+    let downs = || {
+        clickhouse
+            .query("SELECT gateway, reason FROM portcullis.events FINAL WHERE kind = 'node_down'")
+            .unwrap_or_default()
+    };
+    wait_until(Duration::from_secs(30), || Ok(!downs().is_empty()))?;
+    let recorded = downs();
+    let by = recorded.split('\t').next().unwrap_or("?");
+    println!(
+        "  REPAIRED node C's death recorded by {by} {:.1} s after the kill (node_down, reason {}): its open sessions end in the trail",
+        killed.elapsed().as_secs_f64(),
+        recorded.trim().split('\t').nth(1).unwrap_or("?")
+    );
 
     if hold {
         println!();
@@ -166,6 +183,11 @@ pub fn run(hold: bool) -> Result<()> {
     // C's spool still holds what it did not upload before it was killed: a restart
     // drains it (nothing is lost by kill -9).
     lab.start_node(2)?;
+    wait_until(Duration::from_secs(30), || {
+        Ok(clickhouse
+            .query("SELECT count() FROM portcullis.events WHERE gateway = 'gw-c' AND kind = 'user_revoked'")
+            .is_ok_and(|n| n.trim() != "0"))
+    })?;
     lab.stop_node(2);
     wait_until(Duration::from_secs(30), || {
         Ok(clickhouse
@@ -176,6 +198,16 @@ pub fn run(hold: bool) -> Result<()> {
     println!();
     println!("`portcullis audit verify` (one hash chain per node):");
     print!("{}", indent(&cli(&lab, 0, &["audit", "verify"])?));
+    println!();
+    println!("`portcullis audit query --report sessions --user alice` (her sessions on every node, and how each ended):");
+    print!(
+        "{}",
+        indent(&cli(
+            &lab,
+            0,
+            &["audit", "query", "--report", "sessions", "--user", "alice"]
+        )?)
+    );
     println!();
     println!("Every node applied the change made on another; the cluster lab is torn down.");
     Ok(())
