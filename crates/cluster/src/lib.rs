@@ -87,6 +87,23 @@ pub(crate) fn pg(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Cl
     }
 }
 
+/// Writes `key` of `meta` (a sync source's state, a value shared by the nodes).
+pub(crate) async fn write_meta(
+    client: &Client,
+    key: &str,
+    value: &str,
+) -> Result<(), ClusterError> {
+    client
+        .execute(
+            "INSERT INTO meta (key, value) VALUES ($1, $2)
+             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+            &[&key, &value],
+        )
+        .await
+        .map_err(pg("writing a shared value"))?;
+    Ok(())
+}
+
 /// Connects to `url` (the password, if any, from `password`); the connection runs on a
 /// task of its own until the client is dropped.
 pub async fn connect(url: &str, password: Option<&str>) -> Result<Client, ClusterError> {

@@ -191,14 +191,7 @@ impl Shared {
 
     pub async fn set_meta(&self, key: &str, value: &str) -> Result<(), ClusterError> {
         let c = self.client().await?;
-        c.execute(
-            "INSERT INTO meta (key, value) VALUES ($1, $2)
-             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
-            &[&key, &value],
-        )
-        .await
-        .map_err(pg("writing a shared value"))?;
-        Ok(())
+        crate::write_meta(&c, key, value).await
     }
 
     /// Forgets expired one-time values and sessions; returns how many rows went.

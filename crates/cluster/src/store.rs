@@ -411,14 +411,7 @@ impl ClusterStore {
 
     async fn write_meta(&mut self, key: &str, value: &str) -> Result<(), ClusterError> {
         let c = self.client().await?;
-        c.execute(
-            "INSERT INTO meta (key, value) VALUES ($1, $2)
-             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
-            &[&key, &value],
-        )
-        .await
-        .map_err(crate::pg("writing a sync state"))?;
-        Ok(())
+        crate::write_meta(c, key, value).await
     }
 
     /// Drops a connection that failed, so the next call reconnects.
