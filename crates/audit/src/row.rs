@@ -153,8 +153,13 @@ impl AuditRow {
                 network,
                 policy_ids,
                 policy_epoch,
+                resumed,
             } => {
                 row.flow_id = *flow_id;
+                if *resumed {
+                    // What the JSON route leaves in `detail`.
+                    row.detail = r#"{"resumed":true}"#.into();
+                }
                 row.set_flow(
                     *session_id,
                     user,
@@ -798,6 +803,7 @@ pub(crate) mod tests {
                             network,
                             policy_ids,
                             policy_epoch,
+                            resumed: n % 2 == 1,
                         },
                         1 => Event::FlowDenied {
                             session_id,

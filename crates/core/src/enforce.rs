@@ -581,6 +581,7 @@ impl Enforcer {
             network: decision.network.clone(),
             policy_ids: decision.policy_ids.clone(),
             policy_epoch: epoch,
+            resumed: state == FlowState::TcpEstablished,
         });
         self.flows.insert(
             key,

@@ -14,7 +14,10 @@
 //!
 //! Peer lookup: a handshake initiation is opened with `parse_handshake_anon` to learn the
 //! sender's static key; every other message carries our receiver index, whose upper 24
-//! bits are the peer's slot (boringtun shifts the index we give it left by 8). All
+//! bits identify the device on every node of a cluster ([`crate::resume::wire_index`];
+//! boringtun shifts the index we give it left by 8). A transport packet for a session this
+//! node does not have (another node's, before a failover) makes it initiate a handshake
+//! to the device, rate-limited ([`crate::resume`]). All
 //! messages first pass the gateway-wide rate limiter, which answers with cookie replies
 //! when handshakes exceed the limit; its counter is reset every second.
 
@@ -35,6 +38,7 @@ use rustc_hash::FxHashMap;
 
 use crate::enforce::{Enforcer, FlowLimits, Injected, PeerCtx};
 use crate::flow::PeerId;
+use crate::resume::{wire_index, ResumeLimiter};
 
 /// Handshake initiations per second, gateway-wide, before cookie replies are required.
 pub const HANDSHAKE_RATE_LIMIT: u64 = 100;
@@ -81,6 +85,10 @@ pub struct WgStats {
     pub no_endpoint: u64,
     /// Datagrams from a configured device whose user is unknown or revoked.
     pub inactive_peer: u64,
+    /// Handshakes this node initiated to take over another node's session.
+    pub resume_handshakes: u64,
+    /// Takeover handshakes not sent (the per-device interval or the gateway's budget).
+    pub resume_limited: u64,
 }
 
 /// A live session, as `sessions list` shows it.
@@ -119,6 +127,12 @@ struct Session {
 
 struct Peer {
     spec: PeerSpec,
+    /// The upper 24 bits of our receiver index for this device.
+    index: u32,
+    /// When this node last initiated a takeover handshake to the device.
+    resume_sent: Option<Instant>,
+    /// The next session starts from such a handshake.
+    resuming: bool,
     user: Arc<str>,
     device: Arc<str>,
     tunn: Tunn,
@@ -137,6 +151,9 @@ pub struct Gateway {
     peers: Vec<Option<Peer>>,
     by_key: FxHashMap<[u8; 32], PeerId>,
     by_addr: FxHashMap<IpAddr, PeerId>,
+    /// Receiver index (upper 24 bits) → peer.
+    by_index: FxHashMap<u32, PeerId>,
+    resume: ResumeLimiter,
     enforcer: Enforcer,
     session_idle_timeout: Duration,
     next_session_id: u64,
@@ -190,6 +207,8 @@ impl Gateway {
             peers: Vec::new(),
             by_key: FxHashMap::default(),
             by_addr: FxHashMap::default(),
+            by_index: FxHashMap::default(),
+            resume: ResumeLimiter::new(),
             enforcer: Enforcer::new(engine, config.limits, now, wall),
             session_idle_timeout: config.session_idle_timeout,
             // Session ids stay unique across restarts of this gateway (the audit trail
@@ -243,16 +262,28 @@ impl Gateway {
                 self.peers.len() - 1
             }
         };
-        // boringtun keeps 8 bits of the index for itself; we own the upper 24.
-        let index = u32::try_from(slot)
-            .ok()
-            .filter(|i| *i < (1 << 24))
+        let id = PeerId(
+            u32::try_from(slot)
+                .ok()
+                .filter(|i| *i < (1 << 24))
+                .ok_or(ControlError::TooManyPeers)?,
+        );
+        // boringtun keeps 8 bits of the index for itself; we own the upper 24: the same
+        // on every node for a device (from its address), else a free one from the top
+        // (such a device's sessions cannot be taken over by another node).
+        let index = wire_index(&spec.addresses)
+            .filter(|i| !self.by_index.contains_key(i))
+            .or_else(|| {
+                (0..1u32 << 24)
+                    .rev()
+                    .find(|i| !self.by_index.contains_key(i))
+            })
             .ok_or(ControlError::TooManyPeers)?;
-        let id = PeerId(index);
         let tunn = self.new_tunn(&spec, index);
         for a in &spec.addresses {
             self.by_addr.insert(*a, id);
         }
+        self.by_index.insert(index, id);
         self.by_key.insert(spec.public_key, id);
         let device: Arc<str> = b64(&spec.public_key).into();
         self.events.push_back(Event::PeerAdded {
@@ -260,6 +291,9 @@ impl Gateway {
             device: device.to_string(),
         });
         let peer = Peer {
+            index,
+            resume_sent: None,
+            resuming: false,
             user: spec.user.as_str().into(),
             device,
             enabled: self.enforcer.engine().user(&spec.user).is_some(),
@@ -291,6 +325,7 @@ impl Gateway {
             return false;
         };
         self.by_key.remove(public_key);
+        self.by_index.remove(&peer.index);
         for a in &peer.spec.addresses {
             self.by_addr.remove(a);
         }
@@ -541,7 +576,15 @@ impl Gateway {
         else {
             return;
         };
-        let tunn = self.new_tunn(&spec, id.0);
+        let Some(index) = self
+            .peers
+            .get(id.0 as usize)
+            .and_then(Option::as_ref)
+            .map(|p| p.index)
+        else {
+            return;
+        };
+        let tunn = self.new_tunn(&spec, index);
         if let Some(peer) = self.peers.get_mut(id.0 as usize).and_then(Option::as_mut) {
             peer.tunn = tunn;
             peer.endpoint = None;
@@ -568,6 +611,7 @@ impl Gateway {
         out: &'b mut [u8],
     ) -> Option<&'b [u8]> {
         self.stats.datagrams += 1;
+        let mut transport = false;
         let id = match self
             .rate_limiter
             .verify_packet(Some(from.ip()), datagram, &mut self.scratch)
@@ -578,9 +622,12 @@ impl Gateway {
                     Err(_) => None,
                 }
             }
-            Ok(Packet::HandshakeResponse(p)) => Some(PeerId(p.receiver_idx >> 8)),
-            Ok(Packet::PacketCookieReply(p)) => Some(PeerId(p.receiver_idx >> 8)),
-            Ok(Packet::PacketData(p)) => Some(PeerId(p.receiver_idx >> 8)),
+            Ok(Packet::HandshakeResponse(p)) => self.by_index.get(&(p.receiver_idx >> 8)).copied(),
+            Ok(Packet::PacketCookieReply(p)) => self.by_index.get(&(p.receiver_idx >> 8)).copied(),
+            Ok(Packet::PacketData(p)) => {
+                transport = true;
+                self.by_index.get(&(p.receiver_idx >> 8)).copied()
+            }
             Err(TunnResult::WriteToNetwork(cookie)) => {
                 self.stats.cookie_replies += 1;
                 self.transmits.push_back(Transmit {
@@ -623,6 +670,31 @@ impl Gateway {
                 self.stats.wg_errors += 1;
                 if matches!(e, WireGuardError::UnderLoad) {
                     self.stats.cookie_replies += 1;
+                }
+                // A session this node never had (another node's, before a failover):
+                // take it over now rather than after the client's ~15 s.
+                if transport
+                    && matches!(
+                        e,
+                        WireGuardError::NoCurrentSession | WireGuardError::WrongIndex
+                    )
+                {
+                    match self.resume.allow(&mut peer.resume_sent, now) {
+                        Ok(()) => {
+                            if let TunnResult::WriteToNetwork(init) = peer
+                                .tunn
+                                .format_handshake_initiation(&mut self.scratch, true)
+                            {
+                                self.stats.resume_handshakes += 1;
+                                peer.resuming = true;
+                                self.transmits.push_back(Transmit {
+                                    dst: from,
+                                    payload: init.to_vec(),
+                                });
+                            }
+                        }
+                        Err(_) => self.stats.resume_limited += 1,
+                    }
                 }
                 None
             }
@@ -741,6 +813,7 @@ impl Gateway {
         if now >= self.next_second {
             self.next_second = now + Duration::from_secs(1);
             self.rate_limiter.reset_count();
+            self.resume.handle_second();
             self.enforcer.handle_timeout(now);
         }
     }
@@ -894,6 +967,7 @@ impl Peer {
                     user: self.spec.user.clone(),
                     device: self.device.to_string(),
                     endpoint: from,
+                    resumed: std::mem::take(&mut self.resuming),
                 });
             }
         }

@@ -5,7 +5,8 @@
 //! WireGuard termination ([`Gateway`], boringtun's `noise::Tunn` per peer), sessions,
 //! anti-spoofing, the stateful flow table ([`flow`]), per-flow Cedar decisions, return
 //! traffic, fragments, timeouts, re-decision after policy or identity changes, revocation,
-//! and the TCP resets that cut a flow in flight ([`enforce`]).
+//! and the TCP resets that cut a flow in flight ([`enforce`]); taking over a session
+//! another cluster node had, by initiating the handshake ([`resume`]).
 //!
 //! What it deliberately does not: no sockets, no TUN device, no tokio, no file writes, and
 //! no clock reads for any decision: time comes in as `now`. The one exception is a clock
@@ -20,6 +21,7 @@
 pub mod enforce;
 pub mod flow;
 pub mod gateway;
+pub mod resume;
 
 pub use enforce::{Drop, EnforceStats, Enforcer, FlowLimits, Injected, PeerCtx};
 pub use flow::{FlowKey, FlowState, PeerId, Timeouts};

@@ -272,6 +272,10 @@ pub enum Event {
         user: String,
         device: String,
         endpoint: SocketAddr,
+        /// Set when this node took over a session another node had (cluster failover):
+        /// it started the handshake itself on the device's first packet here.
+        #[serde(default, skip_serializing_if = "is_false")]
+        resumed: bool,
     },
     SessionEnded {
         session_id: u64,
@@ -296,6 +300,10 @@ pub enum Event {
         network: String,
         policy_ids: Vec<String>,
         policy_epoch: u64,
+        /// Set for a TCP flow first seen mid-stream (no SYN): a connection that went on
+        /// through this node after another one (failover, a flow table that forgot it).
+        #[serde(default, skip_serializing_if = "is_false")]
+        resumed: bool,
     },
     FlowDenied {
         session_id: u64,
@@ -472,6 +480,10 @@ impl Event {
             Event::NodeDown { .. } => "node_down",
         }
     }
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// An event with its identity: what is written to the events file, one per line.
