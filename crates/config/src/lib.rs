@@ -34,7 +34,7 @@ pub use section::{
     AdminConfig, ApiConfig, AuditApiConfig, AuditConfig, ClickHouseConfig, ClusterConfig,
     DevicesConfig, FlowsConfig, FsyncMode, GatewayConfig, HttpConfig, IdentityConfig, Invalid,
     LdapAttributes, LdapConfig, LdapDisabled, OnFull, PeerConfig, PolicyConfig, SamlConfig,
-    ScimConfig, UserConfig,
+    ScimConfig, SiteConfig, UserConfig,
 };
 pub use validate::parse;
 

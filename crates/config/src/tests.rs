@@ -391,3 +391,66 @@ fn cluster_and_an_identity_database_do_not_go_together() {
     assert_eq!(e.key, "cluster.database_url");
     assert!(!e.to_string().contains("pw@"), "{e}");
 }
+
+#[test]
+fn sites_name_this_nodes_site_and_every_mistake_names_its_key() {
+    const KEY: &str = "eX9WXkqIw8jkpiUNCE6z+ZzRFxyZmwYvHpQ+P5oP/Uo=";
+    let base = "[cluster]\nnode_id = \"gw-a1\"\ndatabase_url = \"postgres://portcullis@127.0.0.1:5432/portcullis\"\n";
+    let site = |name: &str, endpoint: &str, key: &str| {
+        format!("[[cluster.sites]]\nname = \"{name}\"\nendpoint = \"{endpoint}\"\npublic_key = \"{key}\"\n")
+    };
+    let two = format!(
+        "{}{}",
+        site("eu-1", "203.0.113.10:51820", KEY),
+        site("us-1", "198.51.100.10:51820", KEY)
+    );
+    let l = check(&sample(&format!("{base}site = \"eu-1\"\n{two}"))).expect("two sites");
+    let cl = l.config.cluster.as_ref().expect("cluster");
+    assert_eq!(cl.site(), Some("eu-1"));
+    assert_eq!(
+        cl.own_site().map(|s| s.endpoint.as_str()),
+        Some("203.0.113.10:51820")
+    );
+    assert_eq!(cl.sites.len(), 2);
+    // No sites at all: a single-site cluster, as before.
+    assert!(check(&sample(base))
+        .expect("no sites")
+        .config
+        .cluster
+        .is_some_and(|c| c.site().is_none()));
+    for (extra, key, says) in [
+        (format!("site = \"ap-1\"\n{two}"), "cluster.site", "is not one of"),
+        (two.clone(), "cluster.site", "is missing"),
+        ("site = \"eu-1\"\n".to_string(), "cluster.site", "no [[cluster.sites]]"),
+        (
+            format!("site = \"eu-1\"\n{}{}", site("eu-1", "203.0.113.10:51820", KEY), site("eu-1", "203.0.113.11:51820", KEY)),
+            "cluster.sites[1].name",
+            "listed twice",
+        ),
+        (
+            format!("site = \"eu-1\"\n{}", site("eu-1", "203.0.113.10", KEY)),
+            "cluster.sites[0].endpoint",
+            "not host:port",
+        ),
+        (
+            format!("site = \"eu-1\"\n{}", site("eu-1", "203.0.113.10:51820", "short")),
+            "cluster.sites[0].public_key",
+            "base64",
+        ),
+        (
+            format!("site = \"eu 1\"\n{}", site("eu 1", "203.0.113.10:51820", KEY)),
+            "cluster.sites[0].name",
+            "letters",
+        ),
+        // The spelling, `[[cluster.site]]` without `site = …`: pointed at the plural.
+        (
+            "[[cluster.site]]\nname = \"eu-1\"\nendpoint = \"203.0.113.10:51820\"\npublic_key = \"x\"\n".to_string(),
+            "cluster.site",
+            "[[cluster.sites]]",
+        ),
+    ] {
+        let e = check(&sample(&format!("{base}{extra}"))).expect_err(&extra);
+        assert_eq!(e.key, key, "{extra}: {e}");
+        assert!(e.reason.contains(says), "{extra}: {e}");
+    }
+}

@@ -143,6 +143,9 @@ pub struct Enforcer {
     next_flow_id: u64,
     /// Set while the audit trail cannot take events: new flows are denied (fail closed).
     audit_blocked: bool,
+    /// In a cluster with sites: this node's site. Flows to another site's networks are
+    /// denied here (reason `other_site`): that site's nodes serve them.
+    site: Option<Arc<str>>,
     mono_anchor: Instant,
     wall_anchor: DateTime<Utc>,
     /// Reads the time only to measure decisions; no decision depends on it.
@@ -172,6 +175,7 @@ impl Enforcer {
             injected: VecDeque::new(),
             next_flow_id: 1,
             audit_blocked: false,
+            site: None,
             mono_anchor: now,
             wall_anchor: wall,
             decision_clock: None,
@@ -194,6 +198,11 @@ impl Enforcer {
     /// reason `audit_unavailable`); established flows continue.
     pub fn handle_audit_blocked(&mut self, blocked: bool) {
         self.audit_blocked = blocked;
+    }
+
+    /// This node's site (see the `site` field); `None`: every network is served here.
+    pub fn set_site(&mut self, site: Option<&str>) {
+        self.site = site.map(Arc::from);
     }
 
     pub fn audit_blocked(&self) -> bool {
@@ -501,16 +510,23 @@ impl Enforcer {
             .user(peer.user)
             .map(|p| Arc::from(p.groups.as_slice()))
             .unwrap_or_else(|| Arc::from(Vec::new()));
-        let (decision, reason) = if self.audit_blocked {
-            let network = self
-                .engine
-                .bundle()
-                .networks()
-                .resolve(key.server)
-                .to_string();
+        let networks = self.engine.bundle().networks();
+        let other_site = self
+            .site
+            .as_deref()
+            .is_some_and(|ours| networks.site_for(key.server).is_some_and(|s| s != ours));
+        let (decision, reason) = if self.audit_blocked || other_site {
+            let network = networks.resolve(key.server).to_string();
             (
                 Arc::new(portcullis_model::Decision::deny_default(network)),
-                Some("audit_unavailable".to_string()),
+                Some(
+                    if self.audit_blocked {
+                        "audit_unavailable"
+                    } else {
+                        "other_site"
+                    }
+                    .to_string(),
+                ),
             )
         } else {
             (

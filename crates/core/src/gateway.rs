@@ -232,6 +232,11 @@ impl Gateway {
         &self.enforcer
     }
 
+    /// See [`Enforcer::set_site`].
+    pub fn set_site(&mut self, site: Option<&str>) {
+        self.enforcer.set_site(site);
+    }
+
     /// See [`Enforcer::set_decision_clock`].
     pub fn set_decision_clock(&mut self, clock: fn() -> Instant) {
         self.enforcer.set_decision_clock(clock);

@@ -165,3 +165,47 @@ fn forged_packets_cause_at_most_one_handshake_per_second_and_none_for_disabled_d
     assert!(gw.poll_transmit().is_none());
     assert_eq!(gw.stats.resume_handshakes, 3);
 }
+
+#[test]
+fn a_node_forwards_only_to_networks_of_its_own_site_and_to_those_of_every_site() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies");
+    let mut sources = portcullis_policy::Sources::read(&dir).unwrap();
+    if let Some((_, text)) = sources.networks.as_mut() {
+        *text = text.replace(
+            "name = \"prod-db\"\n",
+            "name = \"prod-db\"\nsite = \"us-1\"\n",
+        );
+    }
+    let bundle =
+        std::sync::Arc::new(portcullis_policy::PolicyBundle::from_sources(sources).unwrap());
+    let t0 = Instant::now();
+    let prod_db = [10, 8, 5, 4];
+    let decided = |site: Option<&str>| {
+        let mut gw = node(t0, &[(1, "alice", ALICE)]);
+        gw.handle_policy_bundle(t0, bundle.clone()).unwrap();
+        gw.set_site(site);
+        let mut alice = Client::new(1, &PublicKey::from(gw.public_key()));
+        let db = alice
+            .send(&mut gw, t0, &tcp(ALICE, 40000, prod_db, 5432, "S", 1, b""))
+            .is_some();
+        let prod = alice
+            .send(&mut gw, t0, &tcp(ALICE, 40001, PROD, 22, "S", 1, b""))
+            .is_some();
+        let reasons: Vec<Option<String>> = events(&mut gw)
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::FlowDenied { reason, .. } => Some(reason),
+                _ => None,
+            })
+            .collect();
+        (db, prod, reasons)
+    };
+    // A node of eu-1: prod-db is us-1's; prod (no site) is served everywhere.
+    assert_eq!(
+        decided(Some("eu-1")),
+        (false, true, vec![Some("other_site".to_string())])
+    );
+    // A node of us-1 serves both; a cluster without sites, everything.
+    assert_eq!(decided(Some("us-1")), (true, true, vec![]));
+    assert_eq!(decided(None), (true, true, vec![]));
+}

@@ -18,6 +18,7 @@ use crate::{admin, devices, health, metrics, nonces, serve, sso, tls};
 /// `portcullis check-config` that is the control plane's. Errors name the key and file.
 pub fn check(loaded: &Loaded) -> anyhow::Result<()> {
     let c = &loaded.config;
+    check_site_key(loaded)?;
     for (key, file) in [
         ("scim.token_file", c.scim.as_ref().map(|s| &s.token_file)),
         ("admin.token_file", c.admin.as_ref().map(|a| &a.token_file)),
@@ -51,6 +52,40 @@ pub fn check(loaded: &Loaded) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// With sites, this node's private key must be its site's: clients of the site know the
+/// site's public key, and any node of the site must answer them.
+pub fn check_site_key(loaded: &Loaded) -> anyhow::Result<()> {
+    let Some(cl) = &loaded.config.cluster else {
+        return Ok(());
+    };
+    let Some((i, site)) = cl
+        .sites
+        .iter()
+        .enumerate()
+        .find(|(_, s)| Some(s.name.as_str()) == cl.site())
+    else {
+        return Ok(());
+    };
+    let ours = boringtun::x25519::PublicKey::from(&boringtun::x25519::StaticSecret::from(
+        loaded.private_key.0,
+    ))
+    .to_bytes();
+    let theirs = portcullis_config::decode_key(&site.public_key).map_err(|r| {
+        anyhow!(
+            "{}: key `cluster.sites[{i}].public_key`: {r}",
+            loaded.path.display()
+        )
+    })?;
+    if ours != theirs {
+        return Err(anyhow!(
+            "{}: key `cluster.sites[{i}].public_key`: is not the public key of gateway.private_key_file; every node of site {:?} needs that site's private key",
+            loaded.path.display(),
+            site.name
+        ));
+    }
+    Ok(())
+}
+
 /// Starts the control plane on a thread and runtime of its own and returns once it is
 /// serving (or why it could not start). `store` is `[audit.clickhouse]` for the
 /// auditor's routes; `retention_lease`, in a cluster, is set while this node holds the
@@ -66,6 +101,7 @@ pub fn start(
     let c = &loaded.config;
     // Everything that reads a file or binds is done here, so a mistake stops the start
     // with its file and key named.
+    check_site_key(&loaded)?;
     let tokens = load_tokens(&loaded)?;
     let ldap_setup = match (&c.ldap, &identity) {
         (Some(l), Some(_)) => Some((

@@ -98,6 +98,7 @@ pub fn build_gateway(
         now,
         chrono::Utc::now(),
     )?;
+    gw.set_site(c.cluster.as_ref().and_then(|cl| cl.site()));
     for (p, key) in c.peers.iter().zip(&loaded.peer_keys) {
         let mut addresses = vec![p.address];
         addresses.extend(p.address6);

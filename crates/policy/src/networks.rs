@@ -31,6 +31,9 @@ struct NetworkEntry {
     cidrs: Vec<Spanned<String>>,
     #[serde(default)]
     tags: Vec<String>,
+    /// The cluster site that serves it; none: every site (a child inherits its parent's).
+    #[serde(default)]
+    site: Option<Spanned<String>>,
 }
 
 /// Deepest `parent` chain accepted (prod ⊃ prod-eu ⊃ prod-eu-db needs 3).
@@ -45,6 +48,8 @@ pub struct Network {
     pub parent: Option<String>,
     pub cidrs: Vec<IpNet>,
     pub tags: Vec<String>,
+    /// The site as declared (see [`Networks::site_of`] for the inherited one).
+    pub site: Option<String>,
 }
 
 /// All declared networks and a prefix table for resolving destinations.
@@ -58,6 +63,8 @@ pub struct Networks {
     table: ip_network_table::IpNetworkTable<usize>,
     /// Indices of each network's ancestors, nearest first.
     ancestors: Vec<Vec<usize>>,
+    /// Each network's site: its own, else its nearest ancestor's.
+    sites: Vec<Option<usize>>,
 }
 
 impl std::fmt::Debug for Networks {
@@ -76,6 +83,7 @@ impl Clone for Networks {
             prefixes: self.prefixes.clone(),
             table: build_table(&self.prefixes),
             ancestors: self.ancestors.clone(),
+            sites: self.sites.clone(),
         }
     }
 }
@@ -114,6 +122,7 @@ impl Networks {
         // Where each kept network's name and cidrs are, for errors.
         let mut spans: Vec<(usize, Vec<usize>)> = Vec::new();
         let mut parent_spans: Vec<usize> = Vec::new();
+        let mut site_spans: Vec<usize> = Vec::new();
         let mut names: HashMap<String, usize> = HashMap::new();
         for entry in parsed.network {
             let name_at = entry.name.span().start;
@@ -154,11 +163,20 @@ impl Networks {
             names.insert(name.clone(), networks.len());
             spans.push((name_at, cidr_spans));
             parent_spans.push(entry.parent.as_ref().map_or(name_at, |p| p.span().start));
+            site_spans.push(entry.site.as_ref().map_or(name_at, |s| s.span().start));
+            let site = entry.site.map(Spanned::into_inner);
+            if site.as_deref().is_some_and(str::is_empty) {
+                errors.push(
+                    site_spans.last().copied().unwrap_or(name_at),
+                    format!("network {name:?}: empty site"),
+                );
+            }
             networks.push(Network {
                 name,
                 parent: entry.parent.map(Spanned::into_inner),
                 cidrs,
                 tags: entry.tags,
+                site,
             });
         }
         // Parents: known, acyclic, at most MAX_NETWORK_DEPTH deep. Depths are memoised,
@@ -219,6 +237,26 @@ impl Networks {
             return Err(errors.finish());
         }
         let out = Networks::from_networks(networks);
+        // A network inside a site-bound one cannot be served by another site.
+        for (i, n) in out.networks.iter().enumerate() {
+            let (Some(own), Some(inherited)) = (
+                n.site.as_deref(),
+                out.ancestor_indices(i)
+                    .iter()
+                    .find_map(|a| out.networks.get(*a).and_then(|p| p.site.as_deref())),
+            ) else {
+                continue;
+            };
+            if own != inherited {
+                errors.push(
+                    site_spans.get(i).copied().unwrap_or(0),
+                    format!(
+                        "network {:?}: site {own:?} differs from {inherited:?}, the site of the network it is inside",
+                        n.name
+                    ),
+                );
+            }
+        }
         // Overlaps are only allowed along the parent chain (prod-db inside prod). CIDRs
         // either nest or are disjoint, so after sorting by (family, address, length) the
         // prefixes that contain one are exactly those on a stack (at most 129 deep).
@@ -289,7 +327,7 @@ impl Networks {
             .map(|(i, n)| (n.name.clone(), i))
             .collect();
         let index_of = |name: &str| by_name.get(name).copied();
-        let ancestors = networks
+        let ancestors: Vec<Vec<usize>> = networks
             .iter()
             .map(|n| {
                 std::iter::successors(n.parent.as_deref().and_then(index_of), |i| {
@@ -302,13 +340,39 @@ impl Networks {
                 .collect()
             })
             .collect();
+        let sites = networks
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                n.site.as_ref().map(|_| i).or_else(|| {
+                    ancestors.get(i).and_then(|a| {
+                        a.iter()
+                            .copied()
+                            .find(|p| networks.get(*p).is_some_and(|p| p.site.is_some()))
+                    })
+                })
+            })
+            .collect();
         Networks {
             networks,
             by_name,
             prefixes,
             table,
             ancestors,
+            sites,
         }
+    }
+
+    /// The site serving the network at `index`: its own, else its nearest ancestor's;
+    /// `None`: every site.
+    pub fn site_of(&self, index: usize) -> Option<&str> {
+        let owner = self.sites.get(index).copied().flatten()?;
+        self.networks.get(owner)?.site.as_deref()
+    }
+
+    /// The site serving `ip`'s network (`None`: every site, the internet included).
+    pub fn site_for(&self, ip: IpAddr) -> Option<&str> {
+        self.site_of(self.resolve_index(ip)?)
     }
 
     fn is_ancestor_index(&self, ancestor: usize, of: usize) -> bool {
@@ -441,6 +505,55 @@ cidrs = ["10.8.5.0/24"]
         assert_eq!(n.resolve(ip("192.0.2.1")?), INTERNET);
         assert_eq!(n.ancestors("prod-db").collect::<Vec<_>>(), vec!["prod"]);
         Ok(())
+    }
+
+    #[test]
+    fn a_network_is_served_by_its_site_or_its_parents_and_a_child_cannot_move() {
+        let src = r#"
+[[network]]
+name = "prod"
+cidrs = ["10.8.0.0/16"]
+
+[[network]]
+name = "prod-eu"
+parent = "prod"
+site = "eu-1"
+cidrs = ["10.8.1.0/24"]
+
+[[network]]
+name = "prod-eu-db"
+parent = "prod-eu"
+cidrs = ["10.8.1.128/25"]
+
+[[network]]
+name = "prod-us"
+parent = "prod"
+site = "us-1"
+cidrs = ["10.8.2.0/24"]
+"#;
+        let n = parse(src).unwrap_or_else(|e| panic!("{e:?}"));
+        let site = |ip: [u8; 4]| n.site_for(IpAddr::from(ip));
+        assert_eq!(site([10, 8, 1, 5]), Some("eu-1"));
+        assert_eq!(
+            site([10, 8, 1, 200]),
+            Some("eu-1"),
+            "inherited from prod-eu"
+        );
+        assert_eq!(site([10, 8, 2, 5]), Some("us-1"));
+        assert_eq!(site([10, 8, 9, 9]), None, "prod: every site");
+        assert_eq!(site([192, 0, 2, 1]), None, "the internet: every site");
+        let moved = src.replace(
+            "parent = \"prod-eu\"\ncidrs",
+            "parent = \"prod-eu\"\nsite = \"us-1\"\ncidrs",
+        );
+        let e = parse(&moved).err().unwrap_or_default();
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].to_string().contains("differs from \"eu-1\""),
+            "{}",
+            e[0]
+        );
+        assert!(e[0].to_string().contains("networks.toml:15:8"), "{}", e[0]);
     }
 
     proptest::proptest! {

@@ -19,6 +19,17 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     for w in &bundle.warnings {
         tracing::warn!("{w}");
     }
+    if let Some(cl) = c.cluster.as_ref().filter(|cl| !cl.sites.is_empty()) {
+        for n in bundle.networks().iter() {
+            if let Some(site) = n
+                .site
+                .as_deref()
+                .filter(|s| !cl.sites.iter().any(|c| c.name == *s))
+            {
+                tracing::warn!(network = %n.name, site, "the network names a site that is not one of [[cluster.sites]]: no node serves it");
+            }
+        }
+    }
     for g in bundle.unknown_groups(
         c.users
             .iter()

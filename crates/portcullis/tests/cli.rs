@@ -249,6 +249,21 @@ fn check_config_loads_every_file_the_gateway_needs() {
         ok && t.contains("scim.token_file") && t.contains("chmod 600"),
         "{t}"
     );
+    // With sites, the node's private key must be its site's.
+    let sites = |key: &str| {
+        format!(
+            "[cluster]\nnode_id = \"gw-a1\"\ndatabase_url = \"postgres://portcullis@127.0.0.1:1/portcullis\"\nsite = \"eu-1\"\n\
+             [[cluster.sites]]\nname = \"us-1\"\nendpoint = \"198.51.100.10:51820\"\npublic_key = \"wYSkGWj9vbiYb/iUTxVSGQSbh2hfNGuevs1yZooYtgc=\"\n\
+             [[cluster.sites]]\nname = \"eu-1\"\nendpoint = \"203.0.113.10:51820\"\npublic_key = \"{key}\"\n"
+        )
+    };
+    let (ok, t) = check(&sites("HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw="));
+    assert!(ok, "{t}");
+    let (ok, t) = check(&sites("wYSkGWj9vbiYb/iUTxVSGQSbh2hfNGuevs1yZooYtgc="));
+    assert!(
+        !ok && t.contains("cluster.sites[1].public_key") && t.contains("\"eu-1\""),
+        "{t}"
+    );
 }
 
 #[test]

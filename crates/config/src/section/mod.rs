@@ -13,7 +13,7 @@ pub(crate) mod peers;
 mod saml;
 
 pub use audit::{AuditApiConfig, AuditConfig, ClickHouseConfig, FsyncMode, OnFull};
-pub use cluster::ClusterConfig;
+pub use cluster::{ClusterConfig, SiteConfig};
 pub use devices::DevicesConfig;
 pub use flows::FlowsConfig;
 pub use gateway::{GatewayConfig, IdentityConfig, PolicyConfig};
