@@ -119,13 +119,74 @@ pub fn profile_settings(
     let public = boringtun::x25519::PublicKey::from(&boringtun::x25519::StaticSecret::from(
         loaded.private_key.0,
     ));
+    let tunnel: Vec<IpNet> = std::iter::once(g.tunnel_address.trunc())
+        .chain(g.tunnel_address6.map(|n| n.trunc()))
+        .collect();
+    let networks: Vec<&portcullis_policy::Network> = bundle.networks().iter().collect();
     ProfileSettings {
         gateway_public_key: public.to_bytes(),
         endpoint: d.endpoint.clone(),
+        // Fixed AllowedIPs are one [Peer]'s: this node's site.
+        sites: if d.allowed_ips.is_empty() {
+            site_peers(&site_templates(loaded), bundle, &tunnel, &networks)
+        } else {
+            Vec::new()
+        },
         allowed_ips,
         dns: d.dns.clone(),
         persistent_keepalive: d.persistent_keepalive,
     }
+}
+
+/// `[[cluster.sites]]` as `[Peer]`s without AllowedIPs yet (empty without sites).
+fn site_templates(loaded: &Loaded) -> Vec<portcullis_identity::SitePeer> {
+    let Some(cl) = loaded.config.cluster.as_ref() else {
+        return Vec::new();
+    };
+    cl.sites
+        .iter()
+        .filter_map(|site| {
+            Some(portcullis_identity::SitePeer {
+                name: site.name.clone(),
+                // Checked when the configuration loaded.
+                public_key: portcullis_config::decode_key(&site.public_key).ok()?,
+                endpoint: site.endpoint.clone(),
+                allowed_ips: Vec::new(),
+            })
+        })
+        .collect()
+}
+
+/// One `[Peer]` per site, carrying the networks that site serves among `networks`.
+/// Networks every site serves, and the tunnel, go to the first site listed: one peer
+/// must carry them (the same prefix on two peers is the last one's; nested prefixes are
+/// fine, the most specific wins, so prod-db of us-1 inside prod goes to us-1).
+fn site_peers(
+    templates: &[portcullis_identity::SitePeer],
+    bundle: &PolicyBundle,
+    tunnel: &[IpNet],
+    networks: &[&portcullis_policy::Network],
+) -> Vec<portcullis_identity::SitePeer> {
+    templates
+        .iter()
+        .enumerate()
+        .map(|(i, site)| {
+            let mut nets: Vec<IpNet> = if i == 0 { tunnel.to_vec() } else { Vec::new() };
+            nets.extend(
+                networks
+                    .iter()
+                    .filter(|n| match bundle.networks().site_of_name(&n.name) {
+                        Some(s) => s == site.name,
+                        None => i == 0,
+                    })
+                    .flat_map(|n| n.cidrs.iter().copied()),
+            );
+            portcullis_identity::SitePeer {
+                allowed_ips: IpNet::aggregate(&nets),
+                ..site.clone()
+            }
+        })
+        .collect()
 }
 
 /// How a profile's AllowedIPs are chosen: `[devices] allowed_ips` when set, else the
@@ -134,6 +195,8 @@ pub fn profile_settings(
 pub struct ProfileScope {
     fixed: bool,
     tunnel: Vec<IpNet>,
+    /// `[[cluster.sites]]`, for one `[Peer]` each.
+    sites: Vec<portcullis_identity::SitePeer>,
 }
 
 impl ProfileScope {
@@ -148,6 +211,7 @@ impl ProfileScope {
             tunnel: std::iter::once(g.tunnel_address.trunc())
                 .chain(g.tunnel_address6.map(|n| n.trunc()))
                 .collect(),
+            sites: site_templates(loaded),
         }
     }
 
@@ -157,6 +221,7 @@ impl ProfileScope {
         ProfileScope {
             fixed: true,
             tunnel: Vec::new(),
+            sites: Vec::new(),
         }
     }
 
@@ -196,15 +261,12 @@ impl ProfileScope {
         let Ok((bundle, groups)) = rx.await else {
             return base.clone();
         };
+        let reachable = bundle.reachable_networks(user, &groups);
         let mut nets = self.tunnel.clone();
-        nets.extend(
-            bundle
-                .reachable_networks(user, &groups)
-                .into_iter()
-                .flat_map(|n| n.cidrs.iter().copied()),
-        );
+        nets.extend(reachable.iter().flat_map(|n| n.cidrs.iter().copied()));
         ProfileSettings {
             allowed_ips: IpNet::aggregate(&nets),
+            sites: site_peers(&self.sites, &bundle, &self.tunnel, &reachable),
             ..base.clone()
         }
     }
@@ -517,4 +579,60 @@ async fn remove(State(s): State<AdminState>, Path(id): Path<String>) -> Result<R
     let d = r?;
     tracing::info!(device = %id, user = %d.user_name, "admin: device removed");
     Ok(Json(json!({"device": DeviceRow::from(&d), "removed": true})).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+    use super::*;
+
+    #[test]
+    fn each_site_peer_carries_only_its_sites_networks_and_the_first_the_shared_ones() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies");
+        let mut sources = portcullis_policy::Sources::read(&dir).unwrap();
+        if let Some((_, text)) = sources.networks.as_mut() {
+            *text = text
+                .replace(
+                    "name = \"prod-db\"\n",
+                    "name = \"prod-db\"\nsite = \"us-1\"\n",
+                )
+                .replace("name = \"dev\"\n", "name = \"dev\"\nsite = \"eu-1\"\n");
+        }
+        let bundle = PolicyBundle::from_sources(sources).unwrap();
+        let template = |name: &str, key: u8| portcullis_identity::SitePeer {
+            name: name.into(),
+            public_key: [key; 32],
+            endpoint: format!("{name}.example:51820"),
+            allowed_ips: Vec::new(),
+        };
+        let templates = [
+            template("eu-1", 1),
+            template("us-1", 2),
+            template("ap-1", 3),
+        ];
+        let tunnel: Vec<IpNet> = vec!["100.64.0.0/24".parse().unwrap()];
+        let net = |n: &str| bundle.networks().iter().find(|x| x.name == n).unwrap();
+        let cidrs = |p: &portcullis_identity::SitePeer| -> Vec<String> {
+            p.allowed_ips.iter().map(ToString::to_string).collect()
+        };
+        // alice may reach prod (every site) and prod-db (us-1).
+        let peers = site_peers(&templates, &bundle, &tunnel, &[net("prod"), net("prod-db")]);
+        assert_eq!(
+            cidrs(&peers[0]),
+            ["10.8.0.0/16", "100.64.0.0/24", "fd00:8::/32"]
+        );
+        assert_eq!(cidrs(&peers[1]), ["10.8.5.0/24"]);
+        assert!(
+            peers[2].allowed_ips.is_empty(),
+            "ap-1 serves nothing of hers"
+        );
+        // bob may reach dev (eu-1) only: the first site carries it with the tunnel.
+        let peers = site_peers(&templates, &bundle, &tunnel, &[net("dev")]);
+        assert_eq!(
+            cidrs(&peers[0]),
+            ["10.9.0.0/16", "100.64.0.0/24", "fd00:9::/32"]
+        );
+        assert!(peers[1].allowed_ips.is_empty());
+        assert_eq!(peers[1].endpoint, "us-1.example:51820");
+    }
 }

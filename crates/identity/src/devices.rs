@@ -438,6 +438,18 @@ pub struct ProfileSettings {
     pub allowed_ips: Vec<IpNet>,
     pub dns: Vec<IpAddr>,
     pub persistent_keepalive: Option<u16>,
+    /// In a cluster with sites: one `[Peer]` each (its key, its endpoint, only its
+    /// networks), in place of the one above. Sites with no AllowedIPs are left out.
+    pub sites: Vec<SitePeer>,
+}
+
+/// One site's `[Peer]` in a profile.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SitePeer {
+    pub name: String,
+    pub public_key: [u8; 32],
+    pub endpoint: String,
+    pub allowed_ips: Vec<IpNet>,
 }
 
 /// The device's `wg-quick` profile. Without the private key (the device generated its
@@ -478,13 +490,30 @@ pub fn profile(device: &Device, private_key: Option<&str>, s: &ProfileSettings) 
         let dns: Vec<String> = s.dns.iter().map(ToString::to_string).collect();
         let _ = writeln!(out, "DNS = {}", dns.join(", "));
     }
-    out.push_str("\n[Peer]\n");
-    let _ = writeln!(out, "PublicKey = {}", b64(&s.gateway_public_key));
-    let _ = writeln!(out, "Endpoint = {}", s.endpoint);
-    let allowed: Vec<String> = s.allowed_ips.iter().map(ToString::to_string).collect();
-    let _ = writeln!(out, "AllowedIPs = {}", allowed.join(", "));
-    if let Some(k) = s.persistent_keepalive {
-        let _ = writeln!(out, "PersistentKeepalive = {k}");
+    let single = [SitePeer {
+        name: String::new(),
+        public_key: s.gateway_public_key,
+        endpoint: s.endpoint.clone(),
+        allowed_ips: s.allowed_ips.clone(),
+    }];
+    let peers = if s.sites.is_empty() {
+        &single[..]
+    } else {
+        &s.sites[..]
+    };
+    for peer in peers.iter().filter(|p| !p.allowed_ips.is_empty()) {
+        out.push('\n');
+        if !peer.name.is_empty() {
+            let _ = writeln!(out, "# site {}", peer.name);
+        }
+        out.push_str("[Peer]\n");
+        let _ = writeln!(out, "PublicKey = {}", b64(&peer.public_key));
+        let _ = writeln!(out, "Endpoint = {}", peer.endpoint);
+        let allowed: Vec<String> = peer.allowed_ips.iter().map(ToString::to_string).collect();
+        let _ = writeln!(out, "AllowedIPs = {}", allowed.join(", "));
+        if let Some(k) = s.persistent_keepalive {
+            let _ = writeln!(out, "PersistentKeepalive = {k}");
+        }
     }
     out
 }
@@ -736,6 +765,7 @@ mod tests {
             ],
             dns: vec!["10.8.0.53".parse().unwrap()],
             persistent_keepalive: Some(25),
+            sites: Vec::new(),
         };
         let p = profile(&dev, Some("cHJpdmF0ZQ=="), &s);
         for line in [
@@ -753,5 +783,47 @@ mod tests {
         }
         let p = profile(&dev, None, &s);
         assert!(!p.lines().any(|l| l.starts_with("PrivateKey")));
+
+        // With sites: one [Peer] per site with its key, endpoint and networks; a site
+        // with none is left out.
+        let site = |name: &str, key: u8, endpoint: &str, nets: &[&str]| SitePeer {
+            name: name.into(),
+            public_key: [key; 32],
+            endpoint: endpoint.into(),
+            allowed_ips: nets.iter().map(|n| n.parse().unwrap()).collect(),
+        };
+        let s = ProfileSettings {
+            sites: vec![
+                site(
+                    "eu-1",
+                    2,
+                    "203.0.113.10:51820",
+                    &["100.64.0.0/24", "10.8.1.0/24"],
+                ),
+                site("us-1", 3, "198.51.100.10:51820", &["10.8.2.0/24"]),
+                site("ap-1", 4, "192.0.2.10:51820", &[]),
+            ],
+            ..s
+        };
+        let p = profile(&dev, None, &s);
+        assert_eq!(p.matches("[Peer]").count(), 2, "{p}");
+        let eu = p.split("# site ").find(|b| b.starts_with("eu-1")).unwrap();
+        assert!(
+            eu.contains("PublicKey = AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI="),
+            "{eu}"
+        );
+        assert!(eu.contains("Endpoint = 203.0.113.10:51820"), "{eu}");
+        assert!(
+            eu.contains("AllowedIPs = 100.64.0.0/24, 10.8.1.0/24"),
+            "{eu}"
+        );
+        let us = p.split("# site ").find(|b| b.starts_with("us-1")).unwrap();
+        assert!(
+            us.contains("Endpoint = 198.51.100.10:51820")
+                && us.contains("AllowedIPs = 10.8.2.0/24"),
+            "{us}"
+        );
+        assert!(!p.contains("ap-1") && !p.contains("gw.example.com"), "{p}");
+        assert_eq!(p.matches("PersistentKeepalive = 25").count(), 2);
     }
 }

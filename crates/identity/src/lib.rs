@@ -39,6 +39,7 @@ pub use backend::{Remote, SqliteBackend, Store};
 use chrono::{DateTime, TimeDelta, Utc};
 pub use devices::{
     profile, Device, DeviceError, DeviceMutation, DevicePolicy, Devices, Owner, ProfileSettings,
+    SitePeer,
 };
 pub use directory::{check_name, Directory, DirectoryError, Group, Mutation, User};
 use portcullis_model::{DeviceChange, IdentityChange};

@@ -370,6 +370,11 @@ impl Networks {
         self.networks.get(owner)?.site.as_deref()
     }
 
+    /// The site serving the network called `name`.
+    pub fn site_of_name(&self, name: &str) -> Option<&str> {
+        self.site_of(*self.by_name.get(name)?)
+    }
+
     /// The site serving `ip`'s network (`None`: every site, the internet included).
     pub fn site_for(&self, ip: IpAddr) -> Option<&str> {
         self.site_of(self.resolve_index(ip)?)
