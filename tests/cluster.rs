@@ -657,6 +657,107 @@ database_url = "{url}"
         Ok(s)
     }
 
+    /// Creates `name` through node `node`'s SCIM as the only member of a new `group`;
+    /// the user's SCIM id.
+    pub fn provision(&self, node: usize, name: &str, group: &str) -> Result<String> {
+        let (status, user) = self.http(
+            node,
+            "POST",
+            "/scim/v2/Users",
+            SCIM_TOKEN,
+            &format!(r#"{{"userName": "{name}", "active": true}}"#),
+        )?;
+        if status != 201 {
+            return Err(anyhow!("creating {name}: {status} {user}"));
+        }
+        let id = user
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let (status, g) = self.http(
+            node,
+            "POST",
+            "/scim/v2/Groups",
+            SCIM_TOKEN,
+            &format!(r#"{{"displayName": "{group}", "members": [{{"value": "{id}"}}]}}"#),
+        )?;
+        if status != 201 {
+            return Err(anyhow!("creating group {group}: {status} {g}"));
+        }
+        Ok(id)
+    }
+
+    /// A TCP connection from `c` to `dst`, once the policies let it through (up to 20 s).
+    pub fn open_when_granted(&self, c: &Client, dst: SocketAddr) -> Result<TcpStream> {
+        let mut s = None;
+        wait_until(Duration::from_secs(20), || {
+            s = self.connect(c, dst, Duration::from_millis(900)).ok();
+            Ok(s.is_some())
+        })?;
+        s.ok_or_else(|| anyhow!("no connection"))
+    }
+
+    /// The site's address moves from node `from` to node `to`, what VRRP or a UDP load
+    /// balancer does: the client's link (client `k`, as [`ClusterLab::add_client`]
+    /// numbered it) now ends in `to`'s namespace with the same addresses on both sides,
+    /// and the lan routes the client's tunnel address through `to` (the inside route
+    /// moves with the outside address). The client itself is not touched: it keeps its
+    /// endpoint and its session.
+    pub fn move_site_address(&self, c: &Client, from: usize, to: usize) -> Result<()> {
+        let k: usize =
+            c.ns.rsplit("-c")
+                .next()
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| anyhow!("{}: not a client namespace", c.ns))?;
+        let to_ns = &self
+            .nodes
+            .get(to)
+            .ok_or_else(|| anyhow!("no node {to}"))?
+            .ns;
+        let subnet = format!("192.168.7{}", from + 1);
+        // Deleting one end of a veth deletes both: the link to `from` is gone.
+        let _ = sh(&["ip", "-n", &c.ns, "link", "del", "eth0"]);
+        let if_gw = format!("t{k}");
+        sh(&[
+            "ip", "link", "add", &if_gw, "netns", to_ns, "type", "veth", "peer", "name", "eth0",
+            "netns", &c.ns,
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            to_ns,
+            "addr",
+            "add",
+            &format!("{subnet}.1/24"),
+            "dev",
+            &if_gw,
+        ])?;
+        sh(&["ip", "-n", to_ns, "link", "set", &if_gw, "up"])?;
+        sh(&[
+            "ip",
+            "-n",
+            &c.ns,
+            "addr",
+            "add",
+            &format!("{subnet}.{}/24", k + 2),
+            "dev",
+            "eth0",
+        ])?;
+        sh(&["ip", "-n", &c.ns, "link", "set", "eth0", "up"])?;
+        sh(&[
+            "ip",
+            "-n",
+            &self.ns_lan,
+            "route",
+            "replace",
+            &format!("{}/32", c.addr),
+            "via",
+            &format!("10.8.0.1{}", to + 1),
+        ])?;
+        Ok(())
+    }
+
     /// One HTTP request to node `i`'s listener: (status, JSON body or null).
     pub fn http(
         &self,

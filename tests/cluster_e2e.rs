@@ -197,28 +197,7 @@ fn scim_on_one_node_grants_and_cuts_a_connection_held_through_another() {
 
 /// SCIM-provisions `name` into `group` through `node`; returns the user's id.
 fn provision(lab: &ClusterLab, node: usize, name: &str, group: &str) -> String {
-    let (status, user) = lab
-        .http(
-            node,
-            "POST",
-            "/scim/v2/Users",
-            SCIM_TOKEN,
-            &format!(r#"{{"userName": "{name}", "active": true}}"#),
-        )
-        .unwrap();
-    assert_eq!(status, 201, "{user}");
-    let id = user["id"].as_str().unwrap().to_string();
-    let (status, g) = lab
-        .http(
-            node,
-            "POST",
-            "/scim/v2/Groups",
-            SCIM_TOKEN,
-            &format!(r#"{{"displayName": "{group}", "members": [{{"value": "{id}"}}]}}"#),
-        )
-        .unwrap();
-    assert_eq!(status, 201, "{g}");
-    id
+    lab.provision(node, name, group).unwrap()
 }
 
 fn open_when_granted(
@@ -226,13 +205,9 @@ fn open_when_granted(
     c: &portcullis_e2e::Client,
     node: usize,
 ) -> std::net::TcpStream {
-    let mut s = None;
-    wait_until(Duration::from_secs(20), || {
-        s = lab.connect(c, prod_ssh(), Duration::from_millis(900)).ok();
-        Ok(s.is_some())
-    })
-    .unwrap_or_else(|e| panic!("{e}: {}", lab.nodes[node].log()));
-    let mut s = s.unwrap();
+    let mut s = lab
+        .open_when_granted(c, prod_ssh())
+        .unwrap_or_else(|e| panic!("{e}: {}", lab.nodes[node].log()));
     assert_eq!(echo_round_trip(&mut s, b"granted").unwrap(), b"granted");
     s
 }

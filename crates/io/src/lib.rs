@@ -126,6 +126,16 @@ pub fn bind_udp(listen: SocketAddr, buffer: usize) -> anyhow::Result<UdpSocket> 
         let _ = socket.set_only_v6(false);
     }
     set_buffers(&socket, buffer);
+    // Bound to a site's virtual address, a node that does not hold the address yet must
+    // still start (and answer from that address once it moves here): IP_FREEBIND.
+    let freebind = if listen.is_ipv6() {
+        socket.set_freebind_v6(true)
+    } else {
+        socket.set_freebind_v4(true)
+    };
+    if let Err(e) = freebind {
+        tracing::debug!("udp socket: IP_FREEBIND not set: {e}");
+    }
     socket.set_nonblocking(true)?;
     socket
         .bind(&listen.into())
