@@ -8,7 +8,12 @@
 //! addresses, the inside route follows), done by the test itself so the gap measured is
 //! the gateway's; keepalived's own timing adds to it (see docs/benchmarks.md).
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
