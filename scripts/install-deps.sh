@@ -14,6 +14,7 @@ packages=(
   clickhouse-server # the audit store (Debian's 18.16), started by the lab and tests themselves
   clickhouse-client
   postgresql-15     # the cluster's shared state, started by the tests themselves (initdb into a temp dir)
+  keepalived        # VRRP: moves a site's address between nodes in the failover tests (run inside their namespaces)
   slapd             # OpenLDAP (syncprov, memberof) for the LDAP sync tests, started by the tests
   ldap-utils        # ldapmodify, ldapsearch
   openssl           # test certificates for HTTPS and ldaps://

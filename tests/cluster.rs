@@ -79,7 +79,18 @@ pub struct ClusterOptions {
     /// Start an OpenLDAP server on the lan (172.31.0.100); `{ldap_url}` in
     /// `extra_config` becomes its URL, `ldap.pw` in every node's directory its password.
     pub slapd: bool,
+    /// One site behind a virtual address: every node also has a `wan` link into a
+    /// shared segment and listens on [`SITE_VIP`], which keepalived (VRRPv3, 0.5 s
+    /// adverts, `/readyz` checked every second) moves between them together with the
+    /// inside address [`SITE_INSIDE_VIP`] the lan routes the tunnel pool to. Clients
+    /// join with [`ClusterLab::add_site_client`].
+    pub site_vip: bool,
 }
+
+/// The site's address clients connect to (with `site_vip`).
+pub const SITE_VIP: &str = "192.168.90.100";
+/// The site's inside address, the lan's next hop for the tunnel pool (with `site_vip`).
+pub const SITE_INSIDE_VIP: &str = "10.8.0.254";
 
 impl Default for ClusterOptions {
     fn default() -> Self {
@@ -90,6 +101,7 @@ impl Default for ClusterOptions {
             saml_idp: false,
             slapd: false,
             audit_config: String::new(),
+            site_vip: false,
         }
     }
 }
@@ -109,6 +121,9 @@ pub struct ClusterLab {
     servers: Vec<JoinHandle<()>>,
     /// Who fetched [`IDP_METADATA_URL`], in order (the nodes' lan addresses).
     pub metadata_fetches: Arc<std::sync::Mutex<Vec<std::net::IpAddr>>>,
+    /// With `site_vip`: the segment the nodes' `wan` links share, and keepalived per node.
+    ns_wan: Option<String>,
+    keepalived: Vec<Child>,
 }
 
 /// Where the lab serves the IdP's metadata (with `saml_idp`).
@@ -201,6 +216,8 @@ impl ClusterLab {
             stop: Arc::new(AtomicBool::new(false)),
             servers: Vec::new(),
             metadata_fetches: Arc::default(),
+            ns_wan: None,
+            keepalived: Vec::new(),
         };
         lab.namespaces.append(&mut namespaces);
         lab.start_servers()?;
@@ -259,10 +276,195 @@ impl ClusterLab {
                 String::from_utf8_lossy(&migrated.stderr)
             ));
         }
+        if opts.site_vip {
+            lab.build_wan()?;
+        }
         for i in 0..opts.nodes {
             lab.start_node(i)?;
         }
+        if opts.site_vip {
+            for i in 0..opts.nodes {
+                lab.start_keepalived(i)?;
+            }
+            lab.wait_for_vip_holder()?;
+        }
         Ok(lab)
+    }
+
+    /// The shared outer segment (a bridge in a namespace of its own), every node's `wan`
+    /// link on it, and the lan's route to the tunnel pool through the inside address.
+    fn build_wan(&mut self) -> Result<()> {
+        let ns = format!("pcc{}-wan", self.id);
+        self.add_ns(&ns)?;
+        sh(&["ip", "-n", &ns, "link", "add", "br0", "type", "bridge"])?;
+        sh(&["ip", "-n", &ns, "link", "set", "br0", "up"])?;
+        for (i, node) in self.nodes.iter().enumerate() {
+            let port = format!("w{i}");
+            sh(&[
+                "ip", "link", "add", "wan", "netns", &node.ns, "type", "veth", "peer", "name",
+                &port, "netns", &ns,
+            ])?;
+            sh(&["ip", "-n", &ns, "link", "set", &port, "master", "br0", "up"])?;
+            sh(&[
+                "ip",
+                "-n",
+                &node.ns,
+                "addr",
+                "add",
+                &format!("192.168.90.1{}/24", i + 1),
+                "dev",
+                "wan",
+            ])?;
+            sh(&["ip", "-n", &node.ns, "link", "set", "wan", "up"])?;
+        }
+        sh(&[
+            "ip",
+            "-n",
+            &self.ns_lan,
+            "route",
+            "replace",
+            "100.64.0.0/24",
+            "via",
+            SITE_INSIDE_VIP,
+        ])?;
+        self.ns_wan = Some(ns);
+        Ok(())
+    }
+
+    /// keepalived in node `i`'s namespace: VRRPv3 with 0.5 s adverts on `wan`, the
+    /// site's outer and inside addresses, node 0 preferred, `/readyz` asked every second
+    /// (one failure gives the address up: a dead or stuck gateway loses it while
+    /// keepalived itself lives on).
+    fn start_keepalived(&mut self, i: usize) -> Result<()> {
+        let node = self.nodes.get(i).ok_or_else(|| anyhow!("no node {i}"))?;
+        let conf = node.dir.join("keepalived.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                r#"global_defs {{
+    router_id {id}
+    vrrp_version 3
+    enable_script_security
+    script_user root
+}}
+vrrp_script readyz {{
+    script "/usr/bin/curl -fsS -m 1 -o /dev/null http://127.0.0.1:18080/readyz"
+    interval 1
+    timeout 1
+    fall 1
+    rise 1
+}}
+vrrp_instance site {{
+    state BACKUP
+    interface wan
+    virtual_router_id 51
+    priority {priority}
+    advert_int 0.5
+    virtual_ipaddress {{
+        {SITE_VIP}/24 dev wan
+        {SITE_INSIDE_VIP}/24 dev lan
+    }}
+    track_script {{
+        readyz
+    }}
+}}
+"#,
+                id = node.node_id,
+                priority = 150usize.saturating_sub(50 * i).max(1),
+            ),
+        )?;
+        let pid = |name: &str| node.dir.join(name).to_string_lossy().to_string();
+        let log = File::create(node.dir.join("keepalived.log"))?;
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &node.ns,
+                "keepalived",
+                "-n",
+                "-l",
+                "-D",
+                "-f",
+            ])
+            .arg(&conf)
+            .args(["-p", &pid("keepalived.pid")])
+            .args(["-r", &pid("vrrp.pid")])
+            .args(["-c", &pid("checkers.pid")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .context("starting keepalived")?;
+        self.keepalived.push(child);
+        Ok(())
+    }
+
+    /// The node holding [`SITE_VIP`] now.
+    pub fn vip_holder(&self) -> Option<usize> {
+        self.nodes.iter().position(|n| {
+            sh(&["ip", "-n", &n.ns, "-4", "addr", "show", "dev", "wan"])
+                .is_ok_and(|out| out.contains(&format!("{SITE_VIP}/")))
+        })
+    }
+
+    fn wait_for_vip_holder(&self) -> Result<usize> {
+        let mut holder = None;
+        wait_until(Duration::from_secs(20), || {
+            holder = self.vip_holder();
+            Ok(holder.is_some())
+        })
+        .with_context(|| {
+            format!(
+                "no node took the site address: {}",
+                self.nodes
+                    .iter()
+                    .map(|n| std::fs::read_to_string(n.dir.join("keepalived.log"))
+                        .unwrap_or_default())
+                    .collect::<Vec<_>>()
+                    .join("\n---\n")
+            )
+        })?;
+        holder.ok_or_else(|| anyhow!("no holder"))
+    }
+
+    /// A wireguard-go client for `user` on the site's outer segment, pointed at the
+    /// site's address (with `site_vip`); the lan routes `addr` through the inside address.
+    pub fn add_site_client(&mut self, user: &str, key: &str, addr: &str) -> Result<Client> {
+        let wan = self
+            .ns_wan
+            .clone()
+            .ok_or_else(|| anyhow!("the lab has no site address (site_vip)"))?;
+        let k = self.wg_procs.len();
+        let ns = format!("pcc{}-c{k}", self.id);
+        self.add_ns(&ns)?;
+        let port = format!("c{k}");
+        sh(&[
+            "ip", "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &port,
+            "netns", &wan,
+        ])?;
+        sh(&[
+            "ip", "-n", &wan, "link", "set", &port, "master", "br0", "up",
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("192.168.90.{}/24", 20 + k),
+            "dev",
+            "eth0",
+        ])?;
+        sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
+        self.start_wireguard(
+            user,
+            key,
+            addr,
+            ns,
+            k,
+            format!("{SITE_VIP}:51820"),
+            SITE_INSIDE_VIP,
+        )
     }
 
     fn start_servers(&mut self) -> Result<()> {
@@ -336,7 +538,7 @@ impl ClusterLab {
         copy_dir(&repo_root().join("policies"), &dir.join("policies"))?;
         let config = format!(
             r#"[gateway]
-listen = "0.0.0.0:51820"
+listen = "{listen}"
 private_key_file = "gw.key"
 tun_name = "pc0"
 tunnel_address = "100.64.0.1/24"
@@ -366,6 +568,11 @@ database_url = "{url}"
             url = self.postgres.url(),
             extra = opts.extra_config,
             audit = opts.audit_config,
+            listen = if opts.site_vip {
+                format!("{SITE_VIP}:51820")
+            } else {
+                "0.0.0.0:51820".to_string()
+            },
         );
         std::fs::write(dir.join("portcullis.toml"), config)?;
         self.nodes.push(Node {
@@ -499,6 +706,30 @@ database_url = "{url}"
             "dev",
             "eth0",
         ])?;
+        self.start_wireguard(
+            user,
+            key,
+            addr,
+            ns,
+            k,
+            endpoint,
+            &format!("10.8.0.1{}", via + 1),
+        )
+    }
+
+    /// Starts wireguard-go in client namespace `ns` (already linked), pointed at
+    /// `endpoint`; the lan routes `addr` back through `next_hop`.
+    #[allow(clippy::too_many_arguments)]
+    fn start_wireguard(
+        &mut self,
+        user: &str,
+        key: &str,
+        addr: &str,
+        ns: String,
+        k: usize,
+        endpoint: String,
+        next_hop: &str,
+    ) -> Result<Client> {
         let ifname = format!("wg{}c{k}", self.id);
         let _ = std::fs::remove_file(format!("/var/run/wireguard/{ifname}.sock"));
         let child = Command::new("ip")
@@ -554,7 +785,7 @@ database_url = "{url}"
             "replace",
             &format!("{addr}/32"),
             "via",
-            &format!("10.8.0.1{}", via + 1),
+            next_hop,
         ])?;
         Ok(Client {
             user: user.to_string(),
@@ -824,6 +1055,9 @@ impl Drop for ClusterLab {
             if let Some(mut c) = n.child.take() {
                 terminate(&mut c);
             }
+        }
+        for mut k in self.keepalived.drain(..) {
+            terminate(&mut k);
         }
         for s in self.servers.drain(..) {
             let _ = s.join();

@@ -19,6 +19,7 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use portcullis_e2e::cluster::SITE_VIP;
 use portcullis_e2e::cluster::{ClusterLab, ClusterOptions};
 use portcullis_e2e::{wait_until, wg_genkey};
 use serde_json::Value;
@@ -93,4 +94,47 @@ fn a_killed_node_costs_a_stock_client_under_3_s_and_its_tcp_connection_survives(
     assert!(resumed("flow_opened"), "{b:?}");
     drop(s);
     lab.stop_node(1);
+}
+
+#[test]
+fn keepalived_moves_the_site_address_when_the_active_gateway_is_killed_and_tcp_survives() {
+    let (alice_key, alice_pub) = wg_genkey().unwrap();
+    let mut lab = ClusterLab::start(ClusterOptions {
+        nodes: 2,
+        site_vip: true,
+        extra_config: format!(
+            "[[peer]]\nuser = \"alice\"\npublic_key = \"{alice_pub}\"\naddress = \"100.64.0.2\"\n"
+        ),
+        ..ClusterOptions::default()
+    })
+    .unwrap();
+    let active = lab.vip_holder().expect("a node holds the site address");
+    assert_eq!(active, 0, "node 0 has the higher priority");
+    let alice = lab
+        .add_site_client("alice", &alice_key, "100.64.0.2")
+        .unwrap();
+    lab.provision(1, "alice", "sre").unwrap();
+    let prod: SocketAddr = "10.8.0.2:22".parse().unwrap();
+    let mut s = lab.open_when_granted(&alice, prod).unwrap();
+    assert!(longest_silence(&mut s, Duration::from_millis(500)) < Duration::from_secs(1));
+
+    // kill -9 of the gateway only: keepalived on that node lives on and must notice
+    // through its /readyz check.
+    lab.kill_node(active).unwrap();
+    let silence = longest_silence(&mut s, Duration::from_secs(8));
+    eprintln!("longest silence with keepalived moving {SITE_VIP}: {silence:?}");
+    assert!(silence <= Duration::from_secs(3), "{silence:?}");
+    assert_eq!(
+        lab.vip_holder(),
+        Some(1),
+        "the site address moved to node 1"
+    );
+    let b = trail(&lab, 1);
+    assert!(
+        b.iter().any(|e| e["type"] == "session_started"
+            && e["user"] == "alice"
+            && e["resumed"] == true),
+        "{b:?}"
+    );
+    drop(s);
 }
