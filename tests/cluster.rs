@@ -623,6 +623,8 @@ database_url = "{url}"
                 "PORTCULLIS_LOG",
                 std::env::var("PORTCULLIS_LAB_LOG").unwrap_or_else(|_| "info".into()),
             )
+            // Debug builds: SIGUSR1 stalls the packet loop for 3 s ([`ClusterLab::stall_node`]).
+            .env("PORTCULLIS_TEST_HOOKS", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
@@ -661,6 +663,31 @@ database_url = "{url}"
         if let Some(mut c) = self.nodes.get_mut(i).and_then(|n| n.child.take()) {
             c.kill()?;
             c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Blocks node `i`'s packet loop for 3 s (the debug build's SIGUSR1 hook): a stuck
+    /// data plane whose process lives on.
+    pub fn stall_node(&self, i: usize) -> Result<()> {
+        let pid = self
+            .nodes
+            .get(i)
+            .and_then(|n| n.child.as_ref())
+            .map(Child::id)
+            .ok_or_else(|| anyhow!("node {i} is not running"))?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(pid)?),
+            nix::sys::signal::Signal::SIGUSR1,
+        )?;
+        Ok(())
+    }
+
+    /// Cuts node `i`'s links (outer and lan): the node goes dark, its processes live on.
+    pub fn cut_links(&self, i: usize) -> Result<()> {
+        let ns = &self.nodes.get(i).ok_or_else(|| anyhow!("no node {i}"))?.ns;
+        for link in ["wan", "lan"] {
+            sh(&["ip", "-n", ns, "link", "set", link, "down"])?;
         }
         Ok(())
     }

@@ -677,13 +677,21 @@ impl Gateway {
                     self.stats.cookie_replies += 1;
                 }
                 // A session this node never had (another node's, before a failover):
-                // take it over now rather than after the client's ~15 s.
-                if transport
-                    && matches!(
-                        e,
-                        WireGuardError::NoCurrentSession | WireGuardError::WrongIndex
-                    )
-                {
+                // take it over now rather than after the client's ~15 s. Nodes hand out
+                // the same receiver indexes, so another node's session may also land on
+                // an old one of ours and fail its counter or tag: that counts too when
+                // this node has not heard from the device for a while (while it has, a
+                // failing packet is a duplicate or noise).
+                let foreign = match e {
+                    WireGuardError::NoCurrentSession | WireGuardError::WrongIndex => true,
+                    WireGuardError::InvalidAeadTag
+                    | WireGuardError::InvalidCounter
+                    | WireGuardError::DuplicateCounter => peer.session.as_ref().is_none_or(|s| {
+                        now.saturating_duration_since(s.last_rx) >= crate::resume::RESUME_QUIET
+                    }),
+                    _ => false,
+                };
+                if transport && foreign {
                     match self.resume.allow(&mut peer.resume_sent, now) {
                         Ok(()) => {
                             if let TunnResult::WriteToNetwork(init) = peer

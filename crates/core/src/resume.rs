@@ -11,7 +11,12 @@
 //! For that the packet must say which device it belongs to on every node: the receiver
 //! index we hand out ([`wire_index`]) is derived from the device's tunnel address,
 //! unique in the cluster (the database refuses two devices on one address), not from
-//! the order in which this node added its peers.
+//! the order in which this node added its peers. The low 8 bits are boringtun's
+//! per-handshake counter, so two nodes' sessions often carry the same whole index: a
+//! packet of another node's session may meet an old session of ours and fail its
+//! counter or tag instead of finding no session. That counts as foreign too once this
+//! node has heard nothing valid from the device for [`RESUME_QUIET`] (a failback to a
+//! node that still has its old session).
 //!
 //! Security: no session key leaves a node; the new session is a full handshake with the
 //! device's static key. A forged packet (any 32+ bytes with a known index) can at most
@@ -27,6 +32,10 @@ use std::time::{Duration, Instant};
 pub const RESUME_INTERVAL: Duration = Duration::from_secs(1);
 /// Handshakes a node initiates per second at most, over all devices.
 pub const RESUME_PER_SECOND: u32 = 50;
+/// A transport packet that fails its counter or tag under an index of ours means
+/// another node's session once this node has heard nothing valid from the device for
+/// this long.
+pub const RESUME_QUIET: Duration = Duration::from_secs(1);
 
 /// The upper 24 bits of the receiver index for a device with these tunnel addresses:
 /// the low 24 bits of its first IPv4 address (unique while every tunnel address lies in

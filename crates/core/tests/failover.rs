@@ -209,3 +209,60 @@ fn a_node_forwards_only_to_networks_of_its_own_site_and_to_those_of_every_site()
     assert_eq!(decided(Some("us-1")), (true, true, vec![]));
     assert_eq!(decided(None), (true, true, vec![]));
 }
+
+/// Takes `c` over on `gw` from another node's session: its next packet makes `gw`
+/// initiate; the answer and the keepalive complete the new session.
+fn take_over(gw: &mut Gateway, c: &mut Client, now: Instant, packet: &[u8]) {
+    let mut out = vec![0u8; MAX_PACKET];
+    let d = sealed(c, packet);
+    assert!(gw.handle_datagram(now, c.addr, &d, &mut out).is_none());
+    let init = gw.poll_transmit().expect("the node initiates");
+    let response = match c.tunn.decapsulate(None, &init.payload, &mut c.buf) {
+        TunnResult::WriteToNetwork(r) => r.to_vec(),
+        other => panic!("no answer: {other:?}"),
+    };
+    assert!(gw
+        .handle_datagram(now, c.addr, &response, &mut out)
+        .is_none());
+    let keepalive = gw.poll_transmit().expect("keepalive");
+    assert_eq!(c.receive(&keepalive.payload), None);
+}
+
+#[test]
+fn a_node_that_still_has_its_old_session_takes_the_device_back_after_a_failback() {
+    let t0 = Instant::now();
+    let mut a = node(t0, &[(1, "alice", ALICE)]);
+    let mut b = node(t0, &[(1, "alice", ALICE)]);
+    let mut alice = Client::new(1, &PublicKey::from(a.public_key()));
+    let mut out = vec![0u8; MAX_PACKET];
+    let data = |seq: u32| tcp(ALICE, 40000, PROD, 22, "A", seq, b"x");
+    // A session with A, then A's address moves to B and B takes over.
+    assert!(alice
+        .send(&mut a, t0, &tcp(ALICE, 40000, PROD, 22, "S", 1, b""))
+        .is_some());
+    for i in 0..20 {
+        let d = sealed(&mut alice, &data(2 + i));
+        assert!(a.handle_datagram(t0, alice.addr, &d, &mut out).is_some());
+    }
+    let t1 = t0 + Duration::from_secs(2);
+    take_over(&mut b, &mut alice, t1, &data(30));
+    let d = sealed(&mut alice, &data(31));
+    assert!(b.handle_datagram(t1, alice.addr, &d, &mut out).is_some());
+    // Back to A, which still has its old session under (very likely) the same index:
+    // B's packets fail there, and A takes the device back all the same.
+    let t2 = t1 + Duration::from_secs(3);
+    take_over(&mut a, &mut alice, t2, &data(40));
+    let d = sealed(&mut alice, &data(41));
+    assert_eq!(
+        a.handle_datagram(t2, alice.addr, &d, &mut out)
+            .map(<[u8]>::to_vec),
+        Some(data(41))
+    );
+    // While A hears the device, a corrupted packet is noise: no handshake.
+    let mut bad = sealed(&mut alice, &data(42));
+    if let Some(last) = bad.last_mut() {
+        *last ^= 1;
+    }
+    assert!(a.handle_datagram(t2, alice.addr, &bad, &mut out).is_none());
+    assert!(a.poll_transmit().is_none());
+}

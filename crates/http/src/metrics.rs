@@ -102,7 +102,7 @@ impl Collector for Published {
         let e = s.enforce;
         let w = s.wireguard;
         let d = s.datapath;
-        let counters: [(&str, &str, u64); 31] = [
+        let counters: [(&str, &str, u64); 33] = [
             (
                 "forwarded_out_packets",
                 "packets forwarded from devices to the networks",
@@ -183,6 +183,16 @@ impl Collector for Published {
                 w.cookie_replies,
             ),
             ("wg_handshakes", "completed handshakes", w.handshakes),
+            (
+                "wg_resume_handshakes",
+                "handshakes this node initiated to take over another node's session",
+                w.resume_handshakes,
+            ),
+            (
+                "wg_resume_limited",
+                "takeover handshakes not sent (per-device interval or the node's budget)",
+                w.resume_limited,
+            ),
             (
                 "wg_inactive_peer",
                 "datagrams from a device whose user is unknown or revoked",

@@ -363,6 +363,8 @@ pub(crate) fn log_stats(s: &Snapshot) {
         wg_errors = w.wg_errors,
         handshakes = w.handshakes,
         cookie_replies = w.cookie_replies,
+        resume_handshakes = w.resume_handshakes,
+        resume_limited = w.resume_limited,
         udp_batches = dp.udp_batches,
         udp_datagrams = dp.udp_datagrams,
         udp_sends = dp.udp_sends,
