@@ -683,6 +683,50 @@ database_url = "{url}"
         Ok(())
     }
 
+    /// Runs a 10 ms ping from client namespace `ns` to prod (10.8.0.2) for `run`, with
+    /// `event` 300 ms in; the longest gap between two replies.
+    pub fn ping_gap(ns: &str, run: Duration, event: impl FnOnce()) -> Result<Duration> {
+        let ping = Command::new("ip")
+            .args(["netns", "exec", ns, "ping", "-n", "-D", "-i", "0.01", "-W", "1"])
+            .arg("10.8.0.2")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting ping")?;
+        let t0 = std::time::Instant::now();
+        std::thread::sleep(Duration::from_millis(300));
+        event();
+        std::thread::sleep(run.saturating_sub(t0.elapsed()));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(ping.id())?),
+            nix::sys::signal::Signal::SIGINT,
+        )?;
+        let out = ping.wait_with_output()?;
+        // "[1733150000.123456] 64 bytes from 10.8.0.2: icmp_seq=…"
+        let times: Vec<f64> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("bytes from"))
+            .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
+            .collect();
+        if times.len() < 10 {
+            return Err(anyhow!("ping from {ns} got {} replies", times.len()));
+        }
+        let gap = times
+            .windows(2)
+            .filter_map(|w| Some(w.get(1)? - w.first()?))
+            .fold(0.0f64, f64::max);
+        Ok(Duration::from_secs_f64(gap))
+    }
+
+    /// Brings node `i`'s links back up after [`ClusterLab::cut_links`].
+    pub fn restore_links(&self, i: usize) -> Result<()> {
+        let ns = &self.nodes.get(i).ok_or_else(|| anyhow!("no node {i}"))?.ns;
+        for link in ["wan", "lan"] {
+            sh(&["ip", "-n", ns, "link", "set", link, "up"])?;
+        }
+        Ok(())
+    }
+
     /// Cuts node `i`'s links (outer and lan): the node goes dark, its processes live on.
     pub fn cut_links(&self, i: usize) -> Result<()> {
         let ns = &self.nodes.get(i).ok_or_else(|| anyhow!("no node {i}"))?.ns;

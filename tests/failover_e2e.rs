@@ -112,38 +112,14 @@ fn gaps_around(
     run: Duration,
     event: impl FnOnce() + Send,
 ) -> Gaps {
-    let ping = std::process::Command::new("ip")
-        .args([
-            "netns", "exec", client_ns, "ping", "-n", "-D", "-i", "0.01", "-W", "1",
-        ])
-        .arg("10.8.0.2")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let tcp = std::thread::scope(|scope| {
+    std::thread::scope(|scope| {
         let echo = scope.spawn(|| longest_silence(s, run));
-        std::thread::sleep(Duration::from_millis(300));
-        event();
-        echo.join().unwrap_or_else(|e| std::panic::resume_unwind(e))
-    });
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(ping.id()).unwrap()),
-        nix::sys::signal::Signal::SIGINT,
-    );
-    let out = ping.wait_with_output().unwrap();
-    // "[1733150000.123456] 64 bytes from 10.8.0.2: icmp_seq=…"
-    let times: Vec<f64> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains("bytes from"))
-        .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
-        .collect();
-    assert!(times.len() > 10, "ping got no replies");
-    let ping = times.windows(2).map(|w| w[1] - w[0]).fold(0.0f64, f64::max);
-    Gaps {
-        ping: Duration::from_secs_f64(ping),
-        tcp,
-    }
+        let ping = ClusterLab::ping_gap(client_ns, run, event).unwrap();
+        Gaps {
+            ping,
+            tcp: echo.join().unwrap_or_else(|e| std::panic::resume_unwind(e)),
+        }
+    })
 }
 
 #[test]

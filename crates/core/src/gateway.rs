@@ -232,6 +232,11 @@ impl Gateway {
         &self.enforcer
     }
 
+    /// Whether this node takes over other nodes' sessions itself ([`crate::resume`]).
+    pub fn set_resume_sessions(&mut self, enabled: bool) {
+        self.resume.set_enabled(enabled);
+    }
+
     /// See [`Enforcer::set_site`].
     pub fn set_site(&mut self, site: Option<&str>) {
         self.enforcer.set_site(site);

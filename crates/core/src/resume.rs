@@ -61,6 +61,8 @@ pub fn wire_index(addresses: &[IpAddr]) -> Option<u32> {
 #[derive(Debug)]
 pub struct ResumeLimiter {
     used: u32,
+    /// Off: never (recovery is left to the client).
+    enabled: bool,
 }
 
 /// Why a takeover handshake was not sent.
@@ -74,7 +76,15 @@ pub enum Refused {
 
 impl ResumeLimiter {
     pub fn new() -> ResumeLimiter {
-        ResumeLimiter { used: 0 }
+        ResumeLimiter {
+            used: 0,
+            enabled: true,
+        }
+    }
+
+    /// Turns takeover handshakes on or off (`[cluster] resume_sessions`).
+    pub fn set_enabled(&mut self, enabled: bool) {
+        self.enabled = enabled;
     }
 
     /// A new second: the budget is full again.
@@ -88,7 +98,7 @@ impl ResumeLimiter {
         if last.is_some_and(|t| now.saturating_duration_since(t) < RESUME_INTERVAL) {
             return Err(Refused::TooSoon);
         }
-        if self.used >= RESUME_PER_SECOND {
+        if !self.enabled || self.used >= RESUME_PER_SECOND {
             return Err(Refused::Budget);
         }
         self.used += 1;
@@ -141,6 +151,10 @@ mod tests {
         assert_eq!(refused, 2, "two of the budget went to the first device");
         l.handle_second();
         assert_eq!(l.allow(&mut None, t0), Ok(()));
+        // `resume_sessions = false`: never.
+        l.set_enabled(false);
+        l.handle_second();
+        assert_eq!(l.allow(&mut None, t0), Err(Refused::Budget));
     }
 
     proptest! {

@@ -99,6 +99,7 @@ pub fn build_gateway(
         chrono::Utc::now(),
     )?;
     gw.set_site(c.cluster.as_ref().and_then(|cl| cl.site()));
+    gw.set_resume_sessions(c.cluster.as_ref().is_none_or(|cl| cl.resume_sessions));
     for (p, key) in c.peers.iter().zip(&loaded.peer_keys) {
         let mut addresses = vec![p.address];
         addresses.extend(p.address6);

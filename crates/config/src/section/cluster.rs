@@ -30,6 +30,14 @@ pub struct ClusterConfig {
     /// WireGuard key and one address clients connect to, serving that site's networks.
     #[serde(default)]
     pub sites: Vec<SiteConfig>,
+    /// A node initiates the handshake for a session another node of the site had
+    /// (failover in about a round trip); false leaves recovery to the client (~15 s).
+    #[serde(default = "default_true")]
+    pub resume_sessions: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// One `[[cluster.sites]]` entry.
