@@ -39,7 +39,9 @@ fn arg(name: &str, default: usize) -> Result<usize> {
 fn flowing(ns: &str, within: Duration) -> Result<()> {
     wait_until(within, || {
         Ok(std::process::Command::new("ip")
-            .args(["netns", "exec", ns, "ping", "-n", "-c", "1", "-W", "1", "10.8.0.2"])
+            .args([
+                "netns", "exec", ns, "ping", "-n", "-c", "1", "-W", "1", "10.8.0.2",
+            ])
             .output()
             .is_ok_and(|o| o.status.success()))
     })
@@ -118,8 +120,18 @@ fn main() -> Result<()> {
     let baseline = arg("--baseline-trials", 5)?;
     println!("failover: longest gap of a 10 ms ping, two nodes of a site behind keepalived (VRRPv3, advert_int 0.5, /readyz every 1 s)");
     for (label, scenario, resume, n) in [
-        ("kill -9 of the active gateway", Scenario::Kill, true, trials),
-        ("the active node dark (links cut)", Scenario::Dark, true, trials),
+        (
+            "kill -9 of the active gateway",
+            Scenario::Kill,
+            true,
+            trials,
+        ),
+        (
+            "the active node dark (links cut)",
+            Scenario::Dark,
+            true,
+            trials,
+        ),
         (
             "kill -9, client recovery only (resume_sessions = false)",
             Scenario::Kill,

@@ -126,6 +126,21 @@ pub struct ClusterLab {
     keepalived: Vec<Child>,
 }
 
+/// `ip -n NS addr add CIDR dev DEV`.
+fn addr_add(ns: &str, cidr: &str, dev: &str) -> Result<()> {
+    sh(&["ip", "-n", ns, "addr", "add", cidr, "dev", dev]).map(drop)
+}
+
+/// `ip -n NS link set DEV up`.
+fn link_up(ns: &str, dev: &str) -> Result<()> {
+    sh(&["ip", "-n", ns, "link", "set", dev, "up"]).map(drop)
+}
+
+/// `ip -n NS route replace DST via HOP`.
+fn route_via(ns: &str, dst: &str, hop: &str) -> Result<()> {
+    sh(&["ip", "-n", ns, "route", "replace", dst, "via", hop]).map(drop)
+}
+
 /// Where the lab serves the IdP's metadata (with `saml_idp`).
 pub const IDP_METADATA_URL: &str = "http://172.31.0.100:8090/idp-metadata.xml";
 
@@ -305,28 +320,10 @@ impl ClusterLab {
                 &port, "netns", &ns,
             ])?;
             sh(&["ip", "-n", &ns, "link", "set", &port, "master", "br0", "up"])?;
-            sh(&[
-                "ip",
-                "-n",
-                &node.ns,
-                "addr",
-                "add",
-                &format!("192.168.90.1{}/24", i + 1),
-                "dev",
-                "wan",
-            ])?;
-            sh(&["ip", "-n", &node.ns, "link", "set", "wan", "up"])?;
+            addr_add(&node.ns, &format!("192.168.90.1{}/24", i + 1), "wan")?;
+            link_up(&node.ns, "wan")?;
         }
-        sh(&[
-            "ip",
-            "-n",
-            &self.ns_lan,
-            "route",
-            "replace",
-            "100.64.0.0/24",
-            "via",
-            SITE_INSIDE_VIP,
-        ])?;
+        route_via(&self.ns_lan, "100.64.0.0/24", SITE_INSIDE_VIP)?;
         self.ns_wan = Some(ns);
         Ok(())
     }
@@ -445,17 +442,8 @@ vrrp_instance site {{
         sh(&[
             "ip", "-n", &wan, "link", "set", &port, "master", "br0", "up",
         ])?;
-        sh(&[
-            "ip",
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("192.168.90.{}/24", 20 + k),
-            "dev",
-            "eth0",
-        ])?;
-        sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
+        addr_add(&ns, &format!("192.168.90.{}/24", 20 + k), "eth0")?;
+        link_up(&ns, "eth0")?;
         self.start_wireguard(
             user,
             key,
@@ -687,7 +675,9 @@ database_url = "{url}"
     /// `event` 300 ms in; the longest gap between two replies.
     pub fn ping_gap(ns: &str, run: Duration, event: impl FnOnce()) -> Result<Duration> {
         let ping = Command::new("ip")
-            .args(["netns", "exec", ns, "ping", "-n", "-D", "-i", "0.01", "-W", "1"])
+            .args([
+                "netns", "exec", ns, "ping", "-n", "-D", "-i", "0.01", "-W", "1",
+            ])
             .arg("10.8.0.2")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -1025,39 +1015,15 @@ database_url = "{url}"
             "ip", "link", "add", &if_gw, "netns", to_ns, "type", "veth", "peer", "name", "eth0",
             "netns", &c.ns,
         ])?;
-        sh(&[
-            "ip",
-            "-n",
-            to_ns,
-            "addr",
-            "add",
-            &format!("{subnet}.1/24"),
-            "dev",
-            &if_gw,
-        ])?;
-        sh(&["ip", "-n", to_ns, "link", "set", &if_gw, "up"])?;
-        sh(&[
-            "ip",
-            "-n",
-            &c.ns,
-            "addr",
-            "add",
-            &format!("{subnet}.{}/24", k + 2),
-            "dev",
-            "eth0",
-        ])?;
-        sh(&["ip", "-n", &c.ns, "link", "set", "eth0", "up"])?;
-        sh(&[
-            "ip",
-            "-n",
+        addr_add(to_ns, &format!("{subnet}.1/24"), &if_gw)?;
+        link_up(to_ns, &if_gw)?;
+        addr_add(&c.ns, &format!("{subnet}.{}/24", k + 2), "eth0")?;
+        link_up(&c.ns, "eth0")?;
+        route_via(
             &self.ns_lan,
-            "route",
-            "replace",
             &format!("{}/32", c.addr),
-            "via",
             &format!("10.8.0.1{}", to + 1),
-        ])?;
-        Ok(())
+        )
     }
 
     /// One HTTP request to node `i`'s listener: (status, JSON body or null).
