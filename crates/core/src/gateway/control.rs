@@ -244,19 +244,11 @@ impl Gateway {
     /// Replaces a peer's WireGuard state with a fresh one: the session keys are gone, so
     /// nothing sent under them is accepted any more.
     fn reset_tunn(&mut self, id: PeerId) {
-        let Some(spec) = self
+        let Some((spec, index)) = self
             .peers
             .get(id.0 as usize)
             .and_then(Option::as_ref)
-            .map(|p| p.spec.clone())
-        else {
-            return;
-        };
-        let Some(index) = self
-            .peers
-            .get(id.0 as usize)
-            .and_then(Option::as_ref)
-            .map(|p| p.index)
+            .map(|p| (p.spec.clone(), p.index))
         else {
             return;
         };
