@@ -60,7 +60,7 @@ fn run(scenario: Scenario, resume: bool, trials: usize) -> Result<Vec<Duration>>
     let (key, public) = wg_genkey()?;
     let mut lab = ClusterLab::start(ClusterOptions {
         nodes: 2,
-        site_vip: true,
+        sites: 1,
         // The first lines land in [cluster].
         extra_config: format!(
             "{}[[peer]]\nuser = \"alice\"\npublic_key = \"{public}\"\naddress = \"100.64.0.2\"\n",

@@ -36,6 +36,8 @@ use crate::{
 pub const SCIM_TOKEN: &str = "scim-token-0123456789abcdef";
 pub const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef";
 
+pub mod sites;
+
 /// One gateway node.
 pub struct Node {
     pub node_id: String,
@@ -79,18 +81,17 @@ pub struct ClusterOptions {
     /// Start an OpenLDAP server on the lan (172.31.0.100); `{ldap_url}` in
     /// `extra_config` becomes its URL, `ldap.pw` in every node's directory its password.
     pub slapd: bool,
-    /// One site behind a virtual address: every node also has a `wan` link into a
-    /// shared segment and listens on [`SITE_VIP`], which keepalived (VRRPv3, 0.5 s
-    /// adverts, `/readyz` checked every second) moves between them together with the
-    /// inside address [`SITE_INSIDE_VIP`] the lan routes the tunnel pool to. Clients
-    /// join with [`ClusterLab::add_site_client`].
-    pub site_vip: bool,
+    /// Sites behind virtual addresses (0–2, see [`sites`]): the nodes split evenly
+    /// among them, each node also has a `wan` link into its site's outer segment and
+    /// listens on the site's address, which keepalived (VRRPv3, 0.5 s adverts, `/readyz`
+    /// checked every second) moves between the site's nodes together with the inside
+    /// address the lan routes the tunnel pool to. Clients join with
+    /// [`ClusterLab::add_site_client`] or [`ClusterLab::add_profile_client`].
+    pub sites: usize,
 }
 
-/// The site's address clients connect to (with `site_vip`).
+/// The first site's address clients connect to (with `sites`).
 pub const SITE_VIP: &str = "192.168.90.100";
-/// The site's inside address, the lan's next hop for the tunnel pool (with `site_vip`).
-pub const SITE_INSIDE_VIP: &str = "10.8.0.254";
 
 impl Default for ClusterOptions {
     fn default() -> Self {
@@ -101,7 +102,7 @@ impl Default for ClusterOptions {
             saml_idp: false,
             slapd: false,
             audit_config: String::new(),
-            site_vip: false,
+            sites: 0,
         }
     }
 }
@@ -121,9 +122,11 @@ pub struct ClusterLab {
     servers: Vec<JoinHandle<()>>,
     /// Who fetched [`IDP_METADATA_URL`], in order (the nodes' lan addresses).
     pub metadata_fetches: Arc<std::sync::Mutex<Vec<std::net::IpAddr>>>,
-    /// With `site_vip`: the segment the nodes' `wan` links share, and keepalived per node.
-    ns_wan: Option<String>,
+    /// With `sites`: each site's addresses, key and nodes, and keepalived per node.
+    pub sites: Vec<sites::Site>,
     keepalived: Vec<Child>,
+    /// Other servers the lab started (iperf3), stopped with it.
+    procs: Vec<Child>,
 }
 
 /// `ip -n NS addr add CIDR dev DEV`.
@@ -196,6 +199,7 @@ impl ClusterLab {
         let dir = std::env::temp_dir().join(format!("portcullis-cluster-{id}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
+        let planned_sites = sites::plan(&id, opts.sites, opts.nodes)?;
         let ns_lan = format!("pcc{id}-lan");
         // The namespace must exist before PostgreSQL starts inside it.
         sh(&["ip", "netns", "add", &ns_lan])?;
@@ -207,6 +211,11 @@ impl ClusterLab {
             for a in ["10.8.0.2/24", "172.31.0.100/24"] {
                 sh(&["ip", "-n", &ns_lan, "addr", "add", a, "dev", "br0"])?;
             }
+            // Later sites' servers (the first site's is prod's 10.8.0.2).
+            for site in planned_sites.iter().skip(1) {
+                let a = format!("{}/24", site.server);
+                sh(&["ip", "-n", &ns_lan, "addr", "add", &a, "dev", "br0"])?;
+            }
             portcullis_testkit::Postgres::start_on(Some(&ns_lan), "172.31.0.100")
         })();
         let postgres = match built {
@@ -216,7 +225,11 @@ impl ClusterLab {
                 return Err(e);
             }
         };
-        let (private, public) = wg_genkey()?;
+        // Without sites every node shares one key; with sites, each site has its own.
+        let (private, public) = match planned_sites.first() {
+            Some(site) => (site.private_key.clone(), site.public_key.clone()),
+            None => wg_genkey()?,
+        };
         let mut lab = ClusterLab {
             id,
             dir,
@@ -231,8 +244,9 @@ impl ClusterLab {
             stop: Arc::new(AtomicBool::new(false)),
             servers: Vec::new(),
             metadata_fetches: Arc::default(),
-            ns_wan: None,
+            sites: planned_sites,
             keepalived: Vec::new(),
+            procs: Vec::new(),
         };
         lab.namespaces.append(&mut namespaces);
         lab.start_servers()?;
@@ -291,175 +305,31 @@ impl ClusterLab {
                 String::from_utf8_lossy(&migrated.stderr)
             ));
         }
-        if opts.site_vip {
-            lab.build_wan()?;
+        if !lab.sites.is_empty() {
+            lab.build_wans()?;
         }
         for i in 0..opts.nodes {
             lab.start_node(i)?;
         }
-        if opts.site_vip {
+        if !lab.sites.is_empty() {
             for i in 0..opts.nodes {
                 lab.start_keepalived(i)?;
             }
-            lab.wait_for_vip_holder()?;
+            lab.wait_for_vip_holders()?;
         }
         Ok(lab)
     }
 
-    /// The shared outer segment (a bridge in a namespace of its own), every node's `wan`
-    /// link on it, and the lan's route to the tunnel pool through the inside address.
-    fn build_wan(&mut self) -> Result<()> {
-        let ns = format!("pcc{}-wan", self.id);
-        self.add_ns(&ns)?;
-        sh(&["ip", "-n", &ns, "link", "add", "br0", "type", "bridge"])?;
-        sh(&["ip", "-n", &ns, "link", "set", "br0", "up"])?;
-        for (i, node) in self.nodes.iter().enumerate() {
-            let port = format!("w{i}");
-            sh(&[
-                "ip", "link", "add", "wan", "netns", &node.ns, "type", "veth", "peer", "name",
-                &port, "netns", &ns,
-            ])?;
-            sh(&["ip", "-n", &ns, "link", "set", &port, "master", "br0", "up"])?;
-            addr_add(&node.ns, &format!("192.168.90.1{}/24", i + 1), "wan")?;
-            link_up(&node.ns, "wan")?;
-        }
-        route_via(&self.ns_lan, "100.64.0.0/24", SITE_INSIDE_VIP)?;
-        self.ns_wan = Some(ns);
-        Ok(())
-    }
-
-    /// keepalived in node `i`'s namespace: VRRPv3 with 0.5 s adverts on `wan`, the
-    /// site's outer and inside addresses, node 0 preferred, `/readyz` asked every second
-    /// (one failure gives the address up: a dead or stuck gateway loses it while
-    /// keepalived itself lives on).
-    fn start_keepalived(&mut self, i: usize) -> Result<()> {
-        let node = self.nodes.get(i).ok_or_else(|| anyhow!("no node {i}"))?;
-        let conf = node.dir.join("keepalived.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                r#"global_defs {{
-    router_id {id}
-    vrrp_version 3
-    enable_script_security
-    script_user root
-}}
-vrrp_script readyz {{
-    script "/usr/bin/curl -fsS -m 1 -o /dev/null http://127.0.0.1:18080/readyz"
-    interval 1
-    timeout 1
-    fall 1
-    rise 1
-}}
-vrrp_instance site {{
-    state BACKUP
-    interface wan
-    virtual_router_id 51
-    priority {priority}
-    advert_int 0.5
-    virtual_ipaddress {{
-        {SITE_VIP}/24 dev wan
-        {SITE_INSIDE_VIP}/24 dev lan
-    }}
-    track_script {{
-        readyz
-    }}
-}}
-"#,
-                id = node.node_id,
-                priority = 150usize.saturating_sub(50 * i).max(1),
-            ),
-        )?;
-        let pid = |name: &str| node.dir.join(name).to_string_lossy().to_string();
-        let log = File::create(node.dir.join("keepalived.log"))?;
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &node.ns,
-                "keepalived",
-                "-n",
-                "-l",
-                "-D",
-                "-f",
-            ])
-            .arg(&conf)
-            .args(["-p", &pid("keepalived.pid")])
-            .args(["-r", &pid("vrrp.pid")])
-            .args(["-c", &pid("checkers.pid")])
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log.try_clone()?))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .context("starting keepalived")?;
-        self.keepalived.push(child);
-        Ok(())
-    }
-
-    /// The node holding [`SITE_VIP`] now.
-    pub fn vip_holder(&self) -> Option<usize> {
-        self.nodes.iter().position(|n| {
-            sh(&["ip", "-n", &n.ns, "-4", "addr", "show", "dev", "wan"])
-                .is_ok_and(|out| out.contains(&format!("{SITE_VIP}/")))
-        })
-    }
-
-    fn wait_for_vip_holder(&self) -> Result<usize> {
-        let mut holder = None;
-        wait_until(Duration::from_secs(20), || {
-            holder = self.vip_holder();
-            Ok(holder.is_some())
-        })
-        .with_context(|| {
-            format!(
-                "no node took the site address: {}",
-                self.nodes
-                    .iter()
-                    .map(|n| std::fs::read_to_string(n.dir.join("keepalived.log"))
-                        .unwrap_or_default())
-                    .collect::<Vec<_>>()
-                    .join("\n---\n")
-            )
-        })?;
-        holder.ok_or_else(|| anyhow!("no holder"))
-    }
-
-    /// A wireguard-go client for `user` on the site's outer segment, pointed at the
-    /// site's address (with `site_vip`); the lan routes `addr` through the inside address.
-    pub fn add_site_client(&mut self, user: &str, key: &str, addr: &str) -> Result<Client> {
-        let wan = self
-            .ns_wan
-            .clone()
-            .ok_or_else(|| anyhow!("the lab has no site address (site_vip)"))?;
-        let k = self.wg_procs.len();
-        let ns = format!("pcc{}-c{k}", self.id);
-        self.add_ns(&ns)?;
-        let port = format!("c{k}");
-        sh(&[
-            "ip", "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &port,
-            "netns", &wan,
-        ])?;
-        sh(&[
-            "ip", "-n", &wan, "link", "set", &port, "master", "br0", "up",
-        ])?;
-        addr_add(&ns, &format!("192.168.90.{}/24", 20 + k), "eth0")?;
-        link_up(&ns, "eth0")?;
-        self.start_wireguard(
-            user,
-            key,
-            addr,
-            ns,
-            k,
-            format!("{SITE_VIP}:51820"),
-            SITE_INSIDE_VIP,
-        )
-    }
-
     fn start_servers(&mut self) -> Result<()> {
-        for port in [22u16, 8080] {
+        let mut addrs = vec!["10.8.0.2".to_string()];
+        addrs.extend(self.sites.iter().skip(1).map(|s| s.server.clone()));
+        for (addr, port) in addrs
+            .into_iter()
+            .flat_map(|a| [(a.clone(), 22u16), (a, 8080)])
+        {
             let stop = self.stop.clone();
             let listener = in_ns(&self.ns_lan, move || -> Result<TcpListener> {
-                let l = TcpListener::bind(("10.8.0.2", port))?;
+                let l = TcpListener::bind((addr.as_str(), port))?;
                 l.set_nonblocking(true)?;
                 Ok(l)
             })??;
@@ -478,6 +348,14 @@ vrrp_instance site {{
 
     fn add_node(&mut self, i: usize, private_key: &str, opts: &ClusterOptions) -> Result<()> {
         let node_id = node_name(i);
+        let site = self
+            .site_of(i)
+            .and_then(|s| Some((s, self.sites.get(s)?.clone())));
+        // A node's inside address is on its site's LAN (the first site's is prod's).
+        let inside_prefix = site
+            .as_ref()
+            .and_then(|(_, s)| s.server.rsplit_once('.').map(|(p, _)| p.to_string()))
+            .unwrap_or_else(|| "10.8.0".into());
         let ns = format!("pcc{}-n{i}", self.id);
         self.add_ns(&ns)?;
         let port = format!("p{i}");
@@ -509,7 +387,7 @@ vrrp_instance site {{
         ])?;
         sh(&["ip", "-n", &ns, "link", "set", "lan", "up"])?;
         for a in [
-            format!("10.8.0.1{}/24", i + 1),
+            format!("{inside_prefix}.1{}/24", i + 1),
             format!("172.31.0.1{}/24", i + 1),
         ] {
             sh(&["ip", "-n", &ns, "addr", "add", &a, "dev", "lan"])?;
@@ -517,6 +395,9 @@ vrrp_instance site {{
         sh_in(&ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
         let dir = self.dir.join(&node_id);
         std::fs::create_dir_all(&dir)?;
+        let private_key = site
+            .as_ref()
+            .map_or(private_key, |(_, s)| s.private_key.as_str());
         std::fs::write(dir.join("gw.key"), format!("{private_key}\n"))?;
         std::fs::write(dir.join("scim.token"), format!("{SCIM_TOKEN}\n"))?;
         std::fs::write(dir.join("admin.token"), format!("{ADMIN_TOKEN}\n"))?;
@@ -524,6 +405,11 @@ vrrp_instance site {{
             std::fs::write(dir.join(name), content)?;
         }
         copy_dir(&repo_root().join("policies"), &dir.join("policies"))?;
+        if self.sites.len() > 1 {
+            sites::write_site_policies(&dir.join("policies"))?;
+        }
+        let (own_site, site_tables) =
+            sites::config_tables(&self.sites, site.as_ref().map_or(0, |(s, _)| *s));
         let config = format!(
             r#"[gateway]
 listen = "{listen}"
@@ -551,16 +437,17 @@ token_file = "admin.token"
 [cluster]
 node_id = "{node_id}"
 database_url = "{url}"
-{extra}
-"#,
+{own_site}{extra}
+{site_tables}"#,
             url = self.postgres.url(),
             extra = opts.extra_config,
             audit = opts.audit_config,
-            listen = if opts.site_vip {
-                format!("{SITE_VIP}:51820")
-            } else {
-                "0.0.0.0:51820".to_string()
-            },
+            listen = site
+                .as_ref()
+                .map_or("0.0.0.0:51820".to_string(), |(_, s)| format!(
+                    "{}:51820",
+                    s.vip
+                )),
         );
         std::fs::write(dir.join("portcullis.toml"), config)?;
         self.nodes.push(Node {
@@ -655,30 +542,46 @@ database_url = "{url}"
         Ok(())
     }
 
-    /// Blocks node `i`'s packet loop for 3 s (the debug build's SIGUSR1 hook): a stuck
-    /// data plane whose process lives on.
-    pub fn stall_node(&self, i: usize) -> Result<()> {
-        let pid = self
-            .nodes
-            .get(i)
-            .and_then(|n| n.child.as_ref())
-            .map(Child::id)
-            .ok_or_else(|| anyhow!("node {i} is not running"))?;
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(i32::try_from(pid)?),
-            nix::sys::signal::Signal::SIGUSR1,
-        )?;
-        Ok(())
-    }
-
     /// Runs a 10 ms ping from client namespace `ns` to prod (10.8.0.2) for `run`, with
     /// `event` 300 ms in; the longest gap between two replies.
     pub fn ping_gap(ns: &str, run: Duration, event: impl FnOnce()) -> Result<Duration> {
+        Self::ping_gap_to(ns, "10.8.0.2", run, event)
+    }
+
+    /// [`ClusterLab::ping_gap`] to `dst`.
+    pub fn ping_gap_to(
+        ns: &str,
+        dst: &str,
+        run: Duration,
+        event: impl FnOnce(),
+    ) -> Result<Duration> {
+        let times = Self::ping_replies(ns, dst, run, event)?;
+        if times.len() < 10 {
+            return Err(anyhow!(
+                "ping from {ns} to {dst} got {} replies",
+                times.len()
+            ));
+        }
+        let gap = times
+            .windows(2)
+            .filter_map(|w| Some(w.get(1)? - w.first()?))
+            .fold(0.0f64, f64::max);
+        Ok(Duration::from_secs_f64(gap))
+    }
+
+    /// Runs a 10 ms ping from `ns` to `dst` for `run`, with `event` 300 ms in; when each
+    /// reply came (seconds since the epoch).
+    pub fn ping_replies(
+        ns: &str,
+        dst: &str,
+        run: Duration,
+        event: impl FnOnce(),
+    ) -> Result<Vec<f64>> {
         let ping = Command::new("ip")
             .args([
                 "netns", "exec", ns, "ping", "-n", "-D", "-i", "0.01", "-W", "1",
             ])
-            .arg("10.8.0.2")
+            .arg(dst)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -693,37 +596,11 @@ database_url = "{url}"
         )?;
         let out = ping.wait_with_output()?;
         // "[1733150000.123456] 64 bytes from 10.8.0.2: icmp_seq=…"
-        let times: Vec<f64> = String::from_utf8_lossy(&out.stdout)
+        Ok(String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter(|l| l.contains("bytes from"))
             .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
-            .collect();
-        if times.len() < 10 {
-            return Err(anyhow!("ping from {ns} got {} replies", times.len()));
-        }
-        let gap = times
-            .windows(2)
-            .filter_map(|w| Some(w.get(1)? - w.first()?))
-            .fold(0.0f64, f64::max);
-        Ok(Duration::from_secs_f64(gap))
-    }
-
-    /// Brings node `i`'s links back up after [`ClusterLab::cut_links`].
-    pub fn restore_links(&self, i: usize) -> Result<()> {
-        let ns = &self.nodes.get(i).ok_or_else(|| anyhow!("no node {i}"))?.ns;
-        for link in ["wan", "lan"] {
-            sh(&["ip", "-n", ns, "link", "set", link, "up"])?;
-        }
-        Ok(())
-    }
-
-    /// Cuts node `i`'s links (outer and lan): the node goes dark, its processes live on.
-    pub fn cut_links(&self, i: usize) -> Result<()> {
-        let ns = &self.nodes.get(i).ok_or_else(|| anyhow!("no node {i}"))?.ns;
-        for link in ["wan", "lan"] {
-            sh(&["ip", "-n", ns, "link", "set", link, "down"])?;
-        }
-        Ok(())
+            .collect())
     }
 
     /// SIGTERM and wait.
@@ -778,6 +655,27 @@ database_url = "{url}"
         )
     }
 
+    /// Starts wireguard-go (interface not yet configured) in client namespace `ns`
+    /// for client `k`; its interface name.
+    pub(crate) fn spawn_wireguard_go(&mut self, ns: &str, k: usize) -> Result<String> {
+        let ifname = format!("wg{}c{k}", self.id);
+        let _ = std::fs::remove_file(format!("/var/run/wireguard/{ifname}.sock"));
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "wireguard-go", "-f", &ifname])
+            .env("WG_PROCESS_FOREGROUND", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(File::create(
+                self.dir.join(format!("wireguard-go-{k}.log")),
+            )?))
+            .spawn()
+            .context("starting wireguard-go")?;
+        self.wg_procs.push((child, ifname.clone()));
+        let sock = PathBuf::from(format!("/var/run/wireguard/{ifname}.sock"));
+        wait_until(Duration::from_secs(10), || Ok(sock.exists()))?;
+        Ok(ifname)
+    }
+
     /// Starts wireguard-go in client namespace `ns` (already linked), pointed at
     /// `endpoint`; the lan routes `addr` back through `next_hop`.
     #[allow(clippy::too_many_arguments)]
@@ -791,21 +689,7 @@ database_url = "{url}"
         endpoint: String,
         next_hop: &str,
     ) -> Result<Client> {
-        let ifname = format!("wg{}c{k}", self.id);
-        let _ = std::fs::remove_file(format!("/var/run/wireguard/{ifname}.sock"));
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns, "wireguard-go", "-f", &ifname])
-            .env("WG_PROCESS_FOREGROUND", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(File::create(
-                self.dir.join(format!("wireguard-go-{k}.log")),
-            )?))
-            .spawn()
-            .context("starting wireguard-go")?;
-        self.wg_procs.push((child, ifname.clone()));
-        let sock = PathBuf::from(format!("/var/run/wireguard/{ifname}.sock"));
-        wait_until(Duration::from_secs(10), || Ok(sock.exists()))?;
+        let ifname = self.spawn_wireguard_go(&ns, k)?;
         let key_file = self.dir.join(format!("client-{k}.key"));
         std::fs::write(&key_file, key)?;
         sh_in(
@@ -980,6 +864,19 @@ database_url = "{url}"
         Ok(id)
     }
 
+    /// Sets user `id`'s `active` through node `node`'s SCIM (a PATCH, as IdPs send it).
+    pub fn set_active(&self, node: usize, id: &str, active: bool) -> Result<(u16, Value)> {
+        self.http(
+            node,
+            "PATCH",
+            &format!("/scim/v2/Users/{id}"),
+            SCIM_TOKEN,
+            &format!(
+                r#"{{"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"], "Operations": [{{"op": "replace", "path": "active", "value": {active}}}]}}"#
+            ),
+        )
+    }
+
     /// A TCP connection from `c` to `dst`, once the policies let it through (up to 20 s).
     pub fn open_when_granted(&self, c: &Client, dst: SocketAddr) -> Result<TcpStream> {
         let mut s = None;
@@ -1093,7 +990,7 @@ impl Drop for ClusterLab {
                 terminate(&mut c);
             }
         }
-        for mut k in self.keepalived.drain(..) {
+        for mut k in self.keepalived.drain(..).chain(self.procs.drain(..)) {
             terminate(&mut k);
         }
         for s in self.servers.drain(..) {

@@ -8,32 +8,18 @@
     clippy::indexing_slicing
 )]
 
-use std::io::{ErrorKind, Read};
+use std::io::Read;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use portcullis_e2e::cluster::{
     ClusterLab, ClusterOptions, ADMIN_TOKEN, IDP_METADATA_URL, SCIM_TOKEN,
 };
-use portcullis_e2e::{echo_round_trip, wait_until, wg_genkey};
+use portcullis_e2e::{echo_round_trip, expect_reset, wait_until, wg_genkey};
 use serde_json::Value;
 
 fn prod_ssh() -> SocketAddr {
     "10.8.0.2:22".parse().unwrap()
-}
-
-/// Reads from `s` until the gateway's reset arrives (or `within` passes: a failure).
-fn expect_reset(s: &mut std::net::TcpStream, within: Duration) -> Duration {
-    let t0 = Instant::now();
-    s.set_read_timeout(Some(within)).unwrap();
-    let mut buf = [0u8; 16];
-    match s.read(&mut buf) {
-        Err(e) if e.kind() == ErrorKind::ConnectionReset => t0.elapsed(),
-        other => panic!(
-            "expected a connection reset, got {other:?} after {:?}",
-            t0.elapsed()
-        ),
-    }
 }
 
 /// The users every node's SCIM lists (all pages), as (id, userName, active), sorted.
@@ -146,7 +132,7 @@ fn scim_on_one_node_grants_and_cuts_a_connection_held_through_another() {
         (200, Some(false)),
         "{off}"
     );
-    let after = expect_reset(&mut s, Duration::from_secs(2));
+    let after = expect_reset(&mut s, Duration::from_secs(2)).unwrap();
     eprintln!("cut on node C {after:?} after node A answered");
     assert!(lab
         .connect(&alice, prod_ssh(), Duration::from_millis(900))
@@ -279,8 +265,8 @@ fn a_policy_replacement_through_one_node_re_decides_flows_on_the_others() {
         .unwrap();
     assert_eq!(status, 200, "{put}");
     // The flows through A and C are cut without anything asked of them.
-    expect_reset(&mut on_c, Duration::from_secs(3));
-    expect_reset(&mut on_a, Duration::from_secs(3));
+    expect_reset(&mut on_c, Duration::from_secs(3)).unwrap();
+    expect_reset(&mut on_a, Duration::from_secs(3)).unwrap();
     let new_version = put["version"].as_str().unwrap().to_string();
     wait_until(Duration::from_secs(5), || {
         Ok((0..3).all(|i| {
@@ -613,7 +599,7 @@ fn the_ldap_consumer_moves_to_another_node_when_its_holder_is_killed() {
     .unwrap_or_else(|e| panic!("{e}: {ldap}"));
     assert!(ldap["restored_entries"].as_u64().unwrap() >= 3, "{ldap}");
     // The change made while nobody consumed is not missed: her connection is cut.
-    expect_reset(&mut s, Duration::from_secs(15));
+    expect_reset(&mut s, Duration::from_secs(15)).unwrap();
     let users = scim_users_via_admin(&lab, via);
     assert!(users.contains(&"erin".to_string()), "{users:?}");
 }
@@ -629,19 +615,6 @@ fn scim_users_via_admin(lab: &ClusterLab, node: usize) -> Vec<String> {
         .iter()
         .filter_map(|u| u["name"].as_str().map(str::to_string))
         .collect()
-}
-
-fn scim_active(lab: &ClusterLab, node: usize, id: &str, active: bool) -> (u16, Value) {
-    lab.http(
-        node,
-        "PATCH",
-        &format!("/scim/v2/Users/{id}"),
-        SCIM_TOKEN,
-        &format!(
-            r#"{{"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"], "Operations": [{{"op": "replace", "path": "active", "value": {active}}}]}}"#
-        ),
-    )
-    .unwrap()
 }
 
 fn still_echoes(s: &mut std::net::TcpStream, what: &str) {
@@ -715,13 +688,13 @@ fn postgresql_stopped_for_a_minute_deprovisions_nobody_and_a_revocation_reaches_
         .unwrap();
     assert_eq!(status, 503, "{e}");
     // A revocation on A: in effect there at once; C does not know yet.
-    let (status, off) = scim_active(&lab, 0, &bob_id, false);
+    let (status, off) = lab.set_active(0, &bob_id, false).unwrap();
     assert_eq!(
         (status, off["active"].as_bool()),
         (200, Some(false)),
         "{off}"
     );
-    expect_reset(&mut bob_on_a, Duration::from_secs(2));
+    expect_reset(&mut bob_on_a, Duration::from_secs(2)).unwrap();
     while outage.elapsed() < Duration::from_secs(60) {
         still_echoes(&mut via_b, "alice keeps her access");
         still_echoes(&mut bob_on_c, "C has not heard of the revocation");
@@ -730,7 +703,7 @@ fn postgresql_stopped_for_a_minute_deprovisions_nobody_and_a_revocation_reaches_
     let back = Instant::now();
     lab.postgres.resume().unwrap();
     // The kept revocation reaches C without being requested again.
-    expect_reset(&mut bob_on_c, Duration::from_secs(10));
+    expect_reset(&mut bob_on_c, Duration::from_secs(10)).unwrap();
     eprintln!(
         "revocation reached node C {:?} after the database was restarted",
         back.elapsed()

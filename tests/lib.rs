@@ -1179,6 +1179,21 @@ pub(crate) fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Reads from `s` until the gateway's reset arrives: how long that took (anything else
+/// within `within` is an error).
+pub fn expect_reset(s: &mut TcpStream, within: Duration) -> Result<Duration> {
+    let t0 = Instant::now();
+    s.set_read_timeout(Some(within))?;
+    let mut buf = [0u8; 16];
+    match s.read(&mut buf) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(t0.elapsed()),
+        other => Err(anyhow!(
+            "expected a connection reset, got {other:?} after {:?}",
+            t0.elapsed()
+        )),
+    }
+}
+
 /// Sends `data` over `stream` and reads the same number of bytes back (echo server).
 pub fn echo_round_trip(stream: &mut TcpStream, data: &[u8]) -> Result<Vec<u8>> {
     let mut writer = stream.try_clone()?;
