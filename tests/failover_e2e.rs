@@ -391,4 +391,48 @@ fn a_revocation_during_a_failover_cuts_the_user_on_every_node() {
     let mut back = lab.open_when_granted(&alice, ssh(EU_PROD)).unwrap();
     assert_eq!(echo_round_trip(&mut back, b"back").unwrap(), b"back");
     assert!(has_session(&lab, 1, "alice"));
+
+    // A policy author's typo in a site would leave a network served by no node: the
+    // replacement is refused at the typo's line and column, nothing changes.
+    let (_, current) = lab
+        .http(2, "GET", "/admin/v1/policies", ADMIN_TOKEN, "")
+        .unwrap();
+    let mut files = current["files"].clone();
+    let networks = files["networks"].as_str().unwrap().to_string();
+    assert!(networks.contains("site = \"us-1\""), "{networks}");
+    files["networks"] = Value::String(networks.replace("site = \"us-1\"", "site = \"us1\""));
+    let version = current["version"].as_str().unwrap();
+    let (status, refused) = lab
+        .http_with(
+            2,
+            "PUT",
+            "/admin/v1/policies",
+            &[("If-Match", &format!("\"{version}\""))],
+            &files.to_string(),
+        )
+        .unwrap();
+    assert_eq!(status, 422, "{refused}");
+    let e = &refused["errors"][0];
+    assert_eq!(e["file"], "networks.toml", "{refused}");
+    let line = networks
+        .lines()
+        .position(|l| l == "site = \"us-1\"")
+        .unwrap()
+        + 1;
+    assert_eq!(
+        (e["line"].as_u64(), e["col"].as_u64()),
+        (Some(line as u64), Some(8)),
+        "{refused}"
+    );
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("site \"us1\" is not one of [[cluster.sites]] (eu-1, us-1)"),
+        "{refused}"
+    );
+    let (_, after) = lab
+        .http(2, "GET", "/admin/v1/policies", ADMIN_TOKEN, "")
+        .unwrap();
+    assert_eq!(after["version"], current["version"]);
 }

@@ -225,6 +225,11 @@ impl ProfileScope {
         }
     }
 
+    /// The names in `[[cluster.sites]]` (none without sites).
+    pub(crate) fn site_names(&self) -> Vec<String> {
+        self.sites.iter().map(|s| s.name.clone()).collect()
+    }
+
     /// The WireGuard profile of `device` (with its private key when the gateway made
     /// it), its AllowedIPs chosen by [`Self::settings_for`].
     pub(crate) async fn profile(

@@ -235,14 +235,25 @@ async fn read(State(s): State<AdminState>) -> Result<Response, ApiError> {
 }
 
 /// Validates off the async threads (Cedar validation of a large set takes a while).
+/// With `sites` (the cluster's `[[cluster.sites]]`), a network naming another site is
+/// refused at its file:line:col: no node would serve it.
 pub(crate) async fn build(
     dir: &Path,
     files: &PolicyFiles,
+    sites: Vec<String>,
 ) -> Result<Result<PolicyBundle, Vec<Problem>>, ApiError> {
     let sources = files.to_sources(dir);
     let dir = dir.to_path_buf();
     tokio::task::spawn_blocking(move || {
-        PolicyBundle::from_sources(sources).map_err(|e| problems(&dir, &e.errors))
+        let bundle = PolicyBundle::from_sources(sources).map_err(|e| problems(&dir, &e.errors))?;
+        if !sites.is_empty() {
+            let known: Vec<&str> = sites.iter().map(String::as_str).collect();
+            let unknown = bundle.networks().unknown_sites(&known);
+            if !unknown.is_empty() {
+                return Err(problems(&dir, &unknown));
+            }
+        }
+        Ok(bundle)
     })
     .await
     .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
@@ -254,16 +265,18 @@ async fn validate(
 ) -> Result<Response, ApiError> {
     let files = body(b)?;
     files.check_names()?;
-    Ok(match build(&s.policy_dir, &files).await? {
-        Ok(bundle) => Json(json!({
-            "valid": true,
-            "version": files.version(),
-            "policies": bundle.policies().iter().map(|p| &p.id).collect::<Vec<_>>(),
-            "warnings": problems(&s.policy_dir, &bundle.warnings),
-        }))
-        .into_response(),
-        Err(errors) => Json(json!({"valid": false, "errors": errors})).into_response(),
-    })
+    Ok(
+        match build(&s.policy_dir, &files, s.scope.site_names()).await? {
+            Ok(bundle) => Json(json!({
+                "valid": true,
+                "version": files.version(),
+                "policies": bundle.policies().iter().map(|p| &p.id).collect::<Vec<_>>(),
+                "warnings": problems(&s.policy_dir, &bundle.warnings),
+            }))
+            .into_response(),
+            Err(errors) => Json(json!({"valid": false, "errors": errors})).into_response(),
+        },
+    )
 }
 
 async fn replace(
@@ -273,7 +286,7 @@ async fn replace(
 ) -> Result<Response, ApiError> {
     let files = body(b)?;
     files.check_names()?;
-    let bundle = match build(&s.policy_dir, &files).await? {
+    let bundle = match build(&s.policy_dir, &files, s.scope.site_names()).await? {
         Ok(b) => b,
         Err(errors) => {
             return Ok((

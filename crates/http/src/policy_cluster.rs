@@ -150,7 +150,9 @@ async fn apply(
     files: &PolicyFiles,
     commands: &mpsc::Sender<Command>,
 ) -> Result<usize, ApiError> {
-    let bundle = match build(dir, files).await? {
+    // Sites were checked by the node that took the PUT; every node applies the same set
+    // (one with a differing [[cluster.sites]] warned at start).
+    let bundle = match build(dir, files, Vec::new()).await? {
         Ok(b) => b,
         Err(problems) => {
             return Err(ApiError(

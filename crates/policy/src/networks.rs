@@ -65,6 +65,9 @@ pub struct Networks {
     ancestors: Vec<Vec<usize>>,
     /// Each network's site: its own, else its nearest ancestor's.
     sites: Vec<Option<usize>>,
+    /// Where each declared `site` is (network index, location; empty message), so a
+    /// later check against the cluster's sites can name file:line:col.
+    site_decls: Vec<(usize, SourceError)>,
 }
 
 impl std::fmt::Debug for Networks {
@@ -84,6 +87,7 @@ impl Clone for Networks {
             table: build_table(&self.prefixes),
             ancestors: self.ancestors.clone(),
             sites: self.sites.clone(),
+            site_decls: self.site_decls.clone(),
         }
     }
 }
@@ -236,7 +240,17 @@ impl Networks {
         if !errors.list.is_empty() {
             return Err(errors.finish());
         }
-        let out = Networks::from_networks(networks);
+        let mut out = Networks::from_networks(networks);
+        out.site_decls = out
+            .networks
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.site.is_some())
+            .map(|(i, _)| {
+                let (line, col) = line_col(src, site_spans.get(i).copied().unwrap_or(0));
+                (i, SourceError::at(file, src, line, col, String::new()))
+            })
+            .collect();
         // A network inside a site-bound one cannot be served by another site.
         for (i, n) in out.networks.iter().enumerate() {
             let (Some(own), Some(inherited)) = (
@@ -360,7 +374,34 @@ impl Networks {
             table,
             ancestors,
             sites,
+            site_decls: Vec::new(),
         }
+    }
+
+    /// An error at each declared `site` that is none of `known` (the cluster's
+    /// `[[cluster.sites]]`). In a cluster with sites such a network is served by no node:
+    /// a typo that would deny everyone silently. (Without sites every node serves every
+    /// network and the key is ignored: callers check only when there are sites.)
+    pub fn unknown_sites(&self, known: &[&str]) -> Vec<SourceError> {
+        self.site_decls
+            .iter()
+            .filter_map(|(i, at)| {
+                let n = self.networks.get(*i)?;
+                let site = n.site.as_deref()?;
+                if known.contains(&site) {
+                    return None;
+                }
+                let message = format!(
+                    "network {:?}: site {site:?} is not one of [[cluster.sites]] ({}): no node would serve it",
+                    n.name,
+                    if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                );
+                Some(SourceError {
+                    message,
+                    ..at.clone()
+                })
+            })
+            .collect()
     }
 
     /// The site serving the network at `index`: its own, else its nearest ancestor's;
@@ -559,6 +600,29 @@ cidrs = ["10.8.2.0/24"]
             e[0]
         );
         assert!(e[0].to_string().contains("networks.toml:15:8"), "{}", e[0]);
+    }
+
+    #[test]
+    fn a_site_the_cluster_does_not_have_is_named_at_its_line_and_column() {
+        let src = "[[network]]\nname = \"prod\"\nsite = \"eu1\"\ncidrs = [\"10.8.0.0/16\"]\n\n\
+                   [[network]]\nname = \"dev\"\nsite = \"us-1\"\ncidrs = [\"10.9.0.0/16\"]\n";
+        let n = parse(src).unwrap_or_else(|e| panic!("{e:?}"));
+        let e = n.unknown_sites(&["eu-1", "us-1"]);
+        assert_eq!(e.len(), 1, "{e:?}");
+        let text = e[0].to_string();
+        assert!(text.contains("networks.toml:3:8"), "{text}");
+        assert!(
+            text.contains(
+                "network \"prod\": site \"eu1\" is not one of [[cluster.sites]] (eu-1, us-1)"
+            ),
+            "{text}"
+        );
+        assert!(n.unknown_sites(&["eu1", "us-1"]).is_empty());
+        let e = n.unknown_sites(&["eu-2"]);
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(e[1].to_string().contains("networks.toml:8:8"), "{}", e[1]);
+        // A clone keeps the locations.
+        assert_eq!(n.clone().unknown_sites(&["eu-2"]), e);
     }
 
     proptest::proptest! {

@@ -19,16 +19,10 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     for w in &bundle.warnings {
         tracing::warn!("{w}");
     }
-    if let Some(cl) = c.cluster.as_ref().filter(|cl| !cl.sites.is_empty()) {
-        for n in bundle.networks().iter() {
-            if let Some(site) = n
-                .site
-                .as_deref()
-                .filter(|s| !cl.sites.iter().any(|c| c.name == *s))
-            {
-                tracing::warn!(network = %n.name, site, "the network names a site that is not one of [[cluster.sites]]: no node serves it");
-            }
-        }
+    // Not fatal at start: the set is the cluster's (PUT /policies refuses such a site);
+    // a node must still start and serve the rest. No node serves such a network.
+    for e in unknown_sites(c, &bundle) {
+        tracing::warn!("{e}");
     }
     for g in bundle.unknown_groups(
         c.users
@@ -78,13 +72,36 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The networks naming a site that is not in `[[cluster.sites]]` (when there are sites).
+fn unknown_sites(
+    c: &portcullis_config::Config,
+    bundle: &PolicyBundle,
+) -> Vec<portcullis_policy::SourceError> {
+    match c.cluster.as_ref().filter(|cl| !cl.sites.is_empty()) {
+        Some(cl) => {
+            let known: Vec<&str> = cl.sites.iter().map(|s| s.name.as_str()).collect();
+            bundle.networks().unknown_sites(&known)
+        }
+        None => Vec::new(),
+    }
+}
+
 /// `portcullis check-config`: loads everything the gateway loads at start, without
 /// binding or creating anything, so that "ok" means the gateway will start (as far as
 /// files can tell). Errors name the key and the file.
 pub fn check(loaded: &Loaded) -> anyhow::Result<()> {
     let c = &loaded.config;
-    PolicyBundle::load(&c.policy.dir)
+    let bundle = PolicyBundle::load(&c.policy.dir)
         .map_err(|e| anyhow!("policy directory {}:\n{e}", c.policy.dir.display()))?;
+    let unknown = unknown_sites(c, &bundle);
+    if !unknown.is_empty() {
+        let list: Vec<String> = unknown.iter().map(ToString::to_string).collect();
+        return Err(anyhow!(
+            "policy directory {}:\n{}",
+            c.policy.dir.display(),
+            list.join("\n")
+        ));
+    }
     portcullis_io::pipeline_config(loaded)?;
     if let Some(a) = &c.audit.api {
         portcullis_config::read_secret(&loaded.path, "audit.api.token_file", &a.token_file)?;

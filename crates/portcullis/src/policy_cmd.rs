@@ -124,6 +124,22 @@ fn validate(dir: &Path, config: Option<&Path>) -> anyhow::Result<ExitCode> {
         let text = std::fs::read_to_string(config)
             .with_context(|| format!("reading {}", config.display()))?;
         let loaded = portcullis_config::parse(config, &text)?;
+        if let Some(cl) = loaded
+            .config
+            .cluster
+            .as_ref()
+            .filter(|cl| !cl.sites.is_empty())
+        {
+            let known: Vec<&str> = cl.sites.iter().map(|s| s.name.as_str()).collect();
+            let unknown = bundle.networks().unknown_sites(&known);
+            if !unknown.is_empty() {
+                for e in &unknown {
+                    eprintln!("{e}");
+                }
+                eprintln!("{} error(s)", unknown.len());
+                return Ok(ExitCode::FAILURE);
+            }
+        }
         for g in bundle.unknown_groups(
             loaded
                 .config

@@ -264,6 +264,48 @@ fn check_config_loads_every_file_the_gateway_needs() {
         !ok && t.contains("cluster.sites[1].public_key") && t.contains("\"eu-1\""),
         "{t}"
     );
+    // A network naming a site the cluster does not have: served by no node. An error at
+    // its line and column, from check-config and from policy validate --config.
+    let typo = copy_policies();
+    let networks = std::fs::read_to_string(typo.path().join("networks.toml")).unwrap();
+    std::fs::write(
+        typo.path().join("networks.toml"),
+        networks.replacen("name = \"prod\"\n", "name = \"prod\"\nsite = \"eu1\"\n", 1),
+    )
+    .unwrap();
+    let line = networks
+        .lines()
+        .position(|l| l == "name = \"prod\"")
+        .unwrap()
+        + 2;
+    let with_sites = format!(
+        "{}{}",
+        base.replace(
+            &policies().display().to_string(),
+            &typo.path().display().to_string()
+        ),
+        sites("HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=")
+    );
+    let (ok, t) = check_text(with_sites.clone());
+    let at = format!("networks.toml:{line}:8");
+    assert!(
+        !ok && t.contains(&at) && t.contains("site \"eu1\" is not one of"),
+        "{t}"
+    );
+    std::fs::write(d.join("p.toml"), &with_sites).unwrap();
+    let o = run(&[
+        "policy",
+        "validate",
+        "--dir",
+        typo.path().to_str().unwrap(),
+        "--config",
+        d.join("p.toml").to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert!(!o.status.success() && t.contains(&at), "{t}");
+    // Without --config there are no sites to check against: the key is accepted.
+    let o = run(&["policy", "validate", "--dir", typo.path().to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
 }
 
 #[test]
