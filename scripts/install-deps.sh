@@ -19,6 +19,7 @@ packages=(
   ldap-utils        # ldapmodify, ldapsearch
   openssl           # test certificates for HTTPS and ldaps://
   curl              # an independent HTTPS client in the TLS tests
+  oathtool          # the reference TOTP implementation the second-factor tests check against
   ca-certificates
   python3-requests  # the other-language API client and the SAML browser in the tests
   python3-prometheus-client  # its strict OpenMetrics parser reads /metrics in the tests

@@ -577,7 +577,7 @@ database_url = "{url}"
         run: Duration,
         event: impl FnOnce(),
     ) -> Result<Vec<f64>> {
-        let ping = Command::new("ip")
+        let mut ping = Command::new("ip")
             .args([
                 "netns", "exec", ns, "ping", "-n", "-D", "-i", "0.01", "-W", "1",
             ])
@@ -586,6 +586,22 @@ database_url = "{url}"
             .stderr(Stdio::null())
             .spawn()
             .context("starting ping")?;
+        // Read as it comes: a full pipe (~800 lines) would block ping, and the replies
+        // after that would never be sent nor measured.
+        let stdout = ping
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("ping has no stdout"))?;
+        let reader = std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            // "[1733150000.123456] 64 bytes from 10.8.0.2: icmp_seq=…"
+            std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .filter(|l| l.contains("bytes from"))
+                .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
+                .collect::<Vec<f64>>()
+        });
         let t0 = std::time::Instant::now();
         std::thread::sleep(Duration::from_millis(300));
         event();
@@ -594,13 +610,10 @@ database_url = "{url}"
             nix::unistd::Pid::from_raw(i32::try_from(ping.id())?),
             nix::sys::signal::Signal::SIGINT,
         )?;
-        let out = ping.wait_with_output()?;
-        // "[1733150000.123456] 64 bytes from 10.8.0.2: icmp_seq=…"
-        Ok(String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| l.contains("bytes from"))
-            .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
-            .collect())
+        ping.wait()?;
+        reader
+            .join()
+            .map_err(|_| anyhow!("reading ping's output failed"))
     }
 
     /// SIGTERM and wait.
