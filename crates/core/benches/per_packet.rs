@@ -105,6 +105,8 @@ fn per_packet(c: &mut Criterion) {
         dst_port: 5432,
         protocol: portcullis_model::Protocol::TCP,
         device: "key".into(),
+        mfa: false,
+        authenticated_at: 0,
     };
     c.bench_function("first_packet/plain_cedar", |b| {
         b.iter(|| engine.decide_plain("alice", black_box(&req), wall))

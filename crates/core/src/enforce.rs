@@ -502,6 +502,10 @@ impl Enforcer {
             dst_port,
             protocol: key.protocol,
             device: peer.device.to_string(),
+            // Until devices carry their sign-on (issue 20, next step): no second factor,
+            // never signed on. Fail closed: a policy asking for MFA denies.
+            mfa: false,
+            authenticated_at: 0,
         };
         self.stats.decisions += 1;
         let started = self.decision_clock.map(|clock| (clock, clock()));
@@ -644,6 +648,8 @@ impl Enforcer {
             dst_port,
             protocol: key.protocol,
             device: flow.device.to_string(),
+            mfa: false,
+            authenticated_at: 0,
         };
         self.stats.decisions += 1;
         let decision = self.engine.decide(&flow.user, &request, wall);

@@ -169,6 +169,12 @@ pub struct FlowRequest {
     pub protocol: Protocol,
     /// The device (peer public key, base64) the flow comes from.
     pub device: String,
+    /// Whether the device's current sign-on used a second factor (static peers: false).
+    pub mfa: bool,
+    /// When (Unix seconds) the sign-on that last renewed the device happened; 0: never
+    /// (static peers, devices an administrator registered). `context.auth_age_secs` is
+    /// the time since then at the decision, so 0 reads as older than any limit.
+    pub authenticated_at: i64,
 }
 
 /// The verdict of the policy engine. A deny is a value, not an error.

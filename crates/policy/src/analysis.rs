@@ -21,7 +21,9 @@ impl ContextReads {
     pub const SRC_IP: u8 = 8;
     pub const NOW: u8 = 16;
     pub const DEVICE: u8 = 32;
-    pub const ALL: u8 = 63;
+    pub const MFA: u8 = 64;
+    pub const AUTH_AGE: u8 = 128;
+    pub const ALL: u8 = 255;
 
     pub fn has(self, bit: u8) -> bool {
         self.0 & bit != 0
@@ -41,6 +43,8 @@ impl ContextReads {
             "src_ip" => Self::SRC_IP,
             "now" => Self::NOW,
             "device" => Self::DEVICE,
+            "mfa" => Self::MFA,
+            "auth_age_secs" => Self::AUTH_AGE,
             // Unknown attributes fail validation; be conservative anyway.
             _ => Self::ALL,
         }

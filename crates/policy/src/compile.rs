@@ -29,6 +29,8 @@ pub(crate) struct Env<'a> {
     pub device: &'a str,
     /// `context.now` in milliseconds since the epoch (Cedar's datetime resolution).
     pub now_ms: i64,
+    pub mfa: bool,
+    pub auth_age_secs: i64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,6 +82,7 @@ impl Cmp {
 enum Long {
     Lit(i64),
     DstPort,
+    AuthAge,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -117,6 +120,8 @@ enum Expr {
     PrincipalIn(Vec<(String, String)>),
     NowCmp(Cmp, i64),
     InRange(Addr, IpNet),
+    /// `context.mfa`, or `context.mfa == <b>` (`!=` is its negation).
+    MfaIs(bool),
 }
 
 /// A policy's conditions, compiled: satisfied when every `when` holds and no `unless` does.
@@ -173,6 +178,7 @@ impl Expr {
             Expr::NowCmp(op, ms) => op.apply(&env.now_ms, ms),
             Expr::InRange(Addr::Dst, net) => net.contains(&env.dst_ip),
             Expr::InRange(Addr::Src, net) => net.contains(&env.src_ip),
+            Expr::MfaIs(b) => env.mfa == *b,
         }
     }
 }
@@ -181,6 +187,7 @@ fn long(l: &Long, env: &Env<'_>) -> i64 {
     match l {
         Long::Lit(v) => *v,
         Long::DstPort => env.dst_port,
+        Long::AuthAge => env.auth_age_secs,
     }
 }
 
@@ -210,6 +217,7 @@ fn long_term(v: &Value) -> Option<Long> {
     }
     match attr(v)? {
         ("context", "dst_port") => Some(Long::DstPort),
+        ("context", "auth_age_secs") => Some(Long::AuthAge),
         _ => None,
     }
 }
@@ -224,6 +232,10 @@ fn str_term(v: &Value) -> Option<Str> {
         ("principal", "email") => Some(Str::Email),
         _ => None,
     }
+}
+
+fn is_mfa(v: &Value) -> bool {
+    attr(v) == Some(("context", "mfa"))
 }
 
 fn is_now(v: &Value) -> bool {
@@ -283,6 +295,8 @@ fn compile(v: &Value) -> Option<Expr> {
     let (op, body) = obj.iter().next()?;
     Some(match op.as_str() {
         "Value" => Expr::Bool(body.as_bool()?),
+        // A bare attribute: only `context.mfa` is a Bool among them.
+        "." if is_mfa(v) => Expr::MfaIs(true),
         "&&" | "||" => {
             let (l, r) = binary(body)?;
             let (l, r) = (Box::new(compile(l)?), Box::new(compile(r)?));
@@ -296,7 +310,19 @@ fn compile(v: &Value) -> Option<Expr> {
         "==" | "!=" | "<" | "<=" | ">" | ">=" => {
             let cmp = Cmp::of(op)?;
             let (l, r) = binary(body)?;
-            if is_now(l) {
+            let bool_lit = |x: &Value| x.get("Value").and_then(Value::as_bool);
+            let mfa_vs = match (is_mfa(l), is_mfa(r)) {
+                (true, false) => bool_lit(r),
+                (false, true) => bool_lit(l),
+                _ => None,
+            };
+            if let Some(b) = mfa_vs {
+                match cmp {
+                    Cmp::Eq => Expr::MfaIs(b),
+                    Cmp::Ne => Expr::MfaIs(!b),
+                    _ => return None,
+                }
+            } else if is_now(l) {
                 Expr::NowCmp(cmp, datetime_literal(r)?)
             } else if is_now(r) {
                 Expr::NowCmp(cmp.flip(), datetime_literal(l)?)
@@ -357,7 +383,14 @@ fn compile(v: &Value) -> Option<Expr> {
             let known = match var {
                 "context" => matches!(
                     a,
-                    "dst_ip" | "dst_port" | "protocol" | "src_ip" | "now" | "device"
+                    "dst_ip"
+                        | "dst_port"
+                        | "protocol"
+                        | "src_ip"
+                        | "now"
+                        | "device"
+                        | "mfa"
+                        | "auth_age_secs"
                 ),
                 "principal" => matches!(a, "email" | "tags"),
                 "resource" => a == "tags",
@@ -401,6 +434,8 @@ mod tests {
             r#"permit(principal, action, resource) when { context.protocol == "tcp" && [22, 443].contains(context.dst_port) };"#,
             r#"forbid(principal, action, resource) unless { principal.tags.contains("x") && principal in Group::"a" || principal in [Group::"b"] };"#,
             r#"permit(principal, action, resource) when { context.now < datetime("2026-12-31T00:00:00Z") && context.dst_ip.isInRange(ip("10.1.2.0/24")) && resource.tags.contains("pci") && !(context.dst_port >= 1024) && context has device };"#,
+            r#"forbid(principal, action, resource) unless { context.mfa && context.auth_age_secs < 43200 && context has mfa };"#,
+            r#"permit(principal, action, resource) when { context.mfa == true && false != context.mfa && 600 >= context.auth_age_secs };"#,
         ] {
             assert!(compiled(ok).is_some(), "{ok}");
         }
@@ -410,6 +445,8 @@ mod tests {
             r#"permit(principal, action, resource) when { context.now < datetime("2026-12-31T00:00:00+0100") };"#,
             r#"permit(principal, action, resource) when { context.dst_ip.isInRange(ip("10.1.2.3/24")) };"#,
             r#"permit(principal, action, resource) when { if context.dst_port == 1 then true else false };"#,
+            r#"permit(principal, action, resource) when { context.auth_age_secs - 60 < 3600 };"#,
+            r#"permit(principal, action, resource) when { context.mfa == context.mfa };"#,
         ] {
             assert!(compiled(fallback).is_none(), "{fallback}");
         }
@@ -433,6 +470,8 @@ mod tests {
             protocol: "tcp",
             device: "k",
             now_ms: parse_datetime("2026-12-30T23:59:59.999Z").unwrap_or(0),
+            mfa: true,
+            auth_age_secs: 3600,
         };
         let yes = |src: &str| {
             compiled(src)
@@ -459,6 +498,15 @@ mod tests {
         ));
         assert!(yes(
             r#"permit(principal, action, resource) when { context.protocol != "udp" && 1000 > context.dst_port };"#
+        ));
+        assert!(yes(
+            r#"permit(principal, action, resource) when { context.mfa && context.auth_age_secs < 43200 };"#
+        ));
+        assert!(!yes(
+            r#"permit(principal, action, resource) when { context.mfa != true || 3600 < context.auth_age_secs };"#
+        ));
+        assert!(yes(
+            r#"permit(principal, action, resource) when { context.mfa == true && context.auth_age_secs <= 3600 };"#
         ));
     }
 }

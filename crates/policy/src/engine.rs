@@ -6,7 +6,9 @@
 //! 2. decision cache: keyed by (user, network, port, protocol) — everything a cacheable
 //!    decision can depend on besides identities and networks, which bump the epoch and
 //!    clear the cache. A slice is cacheable only when none of its policies reads
-//!    `context.now`, `dst_ip`, `src_ip` or `device`; other slices are always evaluated;
+//!    `context.now`, `dst_ip`, `src_ip`, `device`, `mfa` or `auth_age_secs` (per device,
+//!    and the age changes by the second: a cached answer would go stale); other slices
+//!    are always evaluated;
 //! 3. the slice for (user, network): only policies whose scopes can match, found through
 //!    an index by principal (any / user / group) and filtered by action and resource;
 //! 4. a policy without `when`/`unless` in the slice is satisfied: its scope, which we
@@ -481,6 +483,8 @@ impl Engine {
             protocol: &protocol,
             device: &req.device,
             now_ms: now.timestamp_millis(),
+            mfa: req.mfa,
+            auth_age_secs: auth_age_secs(req, now),
         };
         for i in &slice.conditional {
             let Some(meta) = self.bundle.metas.get(*i as usize) else {
@@ -553,7 +557,7 @@ impl Engine {
             .users
             .get(user)
             .ok_or_else(|| format!("unknown user {user:?}"))?;
-        let mut pairs: Vec<(String, RestrictedExpression)> = Vec::with_capacity(6);
+        let mut pairs: Vec<(String, RestrictedExpression)> = Vec::with_capacity(8);
         if reads.has(ContextReads::DST_IP) {
             pairs.push((
                 "dst_ip".into(),
@@ -590,6 +594,15 @@ impl Engine {
             pairs.push((
                 "device".into(),
                 RestrictedExpression::new_string(req.device.clone()),
+            ));
+        }
+        if reads.has(ContextReads::MFA) {
+            pairs.push(("mfa".into(), RestrictedExpression::new_bool(req.mfa)));
+        }
+        if reads.has(ContextReads::AUTH_AGE) {
+            pairs.push((
+                "auth_age_secs".into(),
+                RestrictedExpression::new_long(auth_age_secs(req, now)),
             ));
         }
         let context =
@@ -688,6 +701,14 @@ fn canonical(req: &FlowRequest) -> Option<FlowRequest> {
         src_ip: src,
         ..req.clone()
     })
+}
+
+/// `context.auth_age_secs`: seconds from the device's last sign-on to `now`, never
+/// negative (a sign-on "in the future" by clock skew is age 0).
+fn auth_age_secs(req: &FlowRequest, now: DateTime<Utc>) -> i64 {
+    now.timestamp()
+        .saturating_sub(req.authenticated_at.max(0))
+        .max(0)
 }
 
 fn unknown_user(network: String, user: &str) -> Decision {

@@ -4,7 +4,8 @@
 //! A generated company has `groups` groups, nested networks (top-level /16s with /24
 //! children), and `policies` policies mixing: group and user grants to networks, port and
 //! protocol conditions, forbids with `unless`, tag conditions on principals and resources,
-//! expiring grants (`context.now`), destination-range conditions (`context.dst_ip`), and a
+//! expiring grants (`context.now`), destination-range conditions (`context.dst_ip`), second
+//! factors within a number of hours (`context.mfa`, `context.auth_age_secs`), and a
 //! policy that errors on some inputs (integer overflow), so every path of the engine runs.
 
 use std::fmt::Write as _;
@@ -91,8 +92,22 @@ impl Company {
             let tag = pick(&mut rng, &TAGS);
             let body = match rng.gen_range(0..100) {
                 0..=34 => format!("permit (principal in Group::\"g{g}\", action == Action::\"connect\", resource in Network::\"{n}\");"),
-                35..=54 => format!(
+                35..=50 => format!(
                     "permit (principal in Group::\"g{g}\", action == Action::\"connect\", resource in Network::\"{n}\")\nwhen {{ context.protocol == \"tcp\" && [{port}, {port2}].contains(context.dst_port) }};"
+                ),
+                // A second factor within some hours: compiled natively.
+                51..=52 => format!(
+                    "forbid (principal in Group::\"g{g}\", action == Action::\"connect\", resource in Network::\"{n}\")\nunless {{ context.mfa && context.auth_age_secs < {} }};",
+                    3600 * rng.gen_range(1..=24)
+                ),
+                53 => format!(
+                    "permit (principal in Group::\"g{g}\", action == Action::\"connect\", resource in Network::\"{n}\")\nwhen {{ context.mfa == true && {} > context.auth_age_secs }};",
+                    3600 * rng.gen_range(1..=24)
+                ),
+                // The same inputs through Cedar (arithmetic is outside the native subset).
+                54 => format!(
+                    "permit (principal in Group::\"g{g}\", action == Action::\"connect\", resource in Network::\"{n}\")\nwhen {{ context.mfa != false && context.auth_age_secs - 60 < {} }};",
+                    3600 * rng.gen_range(1..=24)
                 ),
                 55..=62 => format!("permit (principal == User::\"u{u}\", action == Action::\"connect\", resource in Network::\"{n}\");"),
                 63..=72 => format!(
@@ -234,6 +249,13 @@ impl Company {
             dst_port,
             protocol,
             device: format!("dev{}", rng.gen_range(0..3)),
+            mfa: rng.gen_bool(0.5),
+            // Signed on up to a day before `now`, or never.
+            authenticated_at: if rng.gen_bool(0.1) {
+                0
+            } else {
+                now.timestamp() - rng.gen_range(0..86_400)
+            },
         };
         (user, req, now)
     }

@@ -11,6 +11,8 @@
 //! tags = ["oncall"]                   # optional
 //! dst = "10.8.5.4:5432/tcp"
 //! at = "2026-11-22T10:00:00Z"         # optional; defaults to the time of the run
+//! mfa = true                          # optional: the sign-on used a second factor
+//! auth_age_secs = 3600                # optional: since that sign-on; absent: never
 //! expect = "allow"                    # or "deny"
 //! policies = ["sre-prod"]             # optional: the exact determining policy ids
 //! ```
@@ -83,6 +85,11 @@ struct RawCase {
     dst: String,
     #[serde(default)]
     at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    mfa: bool,
+    /// u32: up to 136 years; a negative or larger number is refused at its line.
+    #[serde(default)]
+    auth_age_secs: Option<u32>,
     expect: Expect,
     #[serde(default)]
     policies: Option<Vec<String>>,
@@ -104,6 +111,10 @@ pub struct Case {
     pub user: Principal,
     pub dst: Destination,
     pub at: Option<DateTime<Utc>>,
+    /// The device's sign-on used a second factor.
+    pub mfa: bool,
+    /// Seconds since that sign-on; `None`: never signed on (a static peer).
+    pub auth_age_secs: Option<u32>,
     pub expect: Expect,
     pub policies: Option<Vec<String>>,
 }
@@ -187,6 +198,8 @@ pub fn load_cases(dir: &Path) -> Result<Vec<Case>, Vec<SourceError>> {
                 },
                 dst,
                 at: raw.at,
+                mfa: raw.mfa,
+                auth_age_secs: raw.auth_age_secs,
                 expect: raw.expect,
                 policies: raw.policies,
             });
@@ -210,6 +223,13 @@ pub fn run_case(bundle: &Arc<PolicyBundle>, case: &Case, now: DateTime<Utc>) -> 
                 dst_port: case.dst.port,
                 protocol: case.dst.protocol,
                 device: "test".into(),
+                mfa: case.mfa,
+                authenticated_at: case.auth_age_secs.map_or(0, |age| {
+                    case.at
+                        .unwrap_or(now)
+                        .timestamp()
+                        .saturating_sub(i64::from(age))
+                }),
             },
             case.at.unwrap_or(now),
         ),
@@ -318,6 +338,8 @@ mod tests {
             },
             dst: parse_destination("10.8.0.2:22/tcp").unwrap_or_else(|e| panic!("{e}")),
             at: None,
+            mfa: false,
+            auth_age_secs: None,
             expect: Expect::Allow,
             policies: None,
         };

@@ -25,6 +25,8 @@ fn req(dst: &str, port: u16, proto: Protocol) -> FlowRequest {
         dst_port: port,
         protocol: proto,
         device: "dev-key".into(),
+        mfa: false,
+        authenticated_at: 0,
     }
 }
 
@@ -348,16 +350,63 @@ fn reachable_networks_cover_what_the_permits_could_allow() -> Result<(), Box<dyn
     // sre: prod and everything nested in it; everyone: the resolver.
     assert_eq!(
         names("alice", &["sre"]),
-        ["pci", "prod", "prod-db", "resolver"]
+        ["pci", "prod", "prod-admin", "prod-db", "resolver"]
     );
     // developers: their permit names dev and staging in a condition, not in its scope;
     // conditions are not evaluated, so every network is covered.
     assert_eq!(
         names("bob", &["developers"]),
-        ["dev", "pci", "prod", "prod-db", "resolver", "staging"]
+        [
+            "dev",
+            "pci",
+            "prod",
+            "prod-admin",
+            "prod-db",
+            "resolver",
+            "staging"
+        ]
     );
     assert_eq!(names("nobody", &[]), ["resolver"]);
     Ok(())
 }
 
 mod hardening;
+
+/// "prod-admin needs a second factor from the last 12 hours": decided per device and per
+/// second, on both paths, never from a cached answer that has gone stale.
+#[test]
+fn a_second_factor_and_its_age_decide_and_the_cache_never_serves_a_stale_age(
+) -> Result<(), Box<dyn std::error::Error>> {
+    let mut e = engine()?;
+    let now = at("2026-11-22T10:00:00Z");
+    let signed_on = now.timestamp() - 3600;
+    let with = |mfa: bool, authenticated_at: i64| FlowRequest {
+        mfa,
+        authenticated_at,
+        ..req("10.8.100.5", 22, Protocol::TCP)
+    };
+    let check = |e: &mut Engine, r: &FlowRequest, at: DateTime<Utc>| {
+        let fast = e.decide("alice", r, at);
+        assert_eq!(*fast, e.decide_plain("alice", r, at), "{r:?} at {at}");
+        fast
+    };
+    let d = check(&mut e, &with(true, signed_on), now);
+    assert!(d.allowed, "{d:?}");
+    assert_eq!(d.policy_ids, ["sre-prod"]);
+    assert_eq!(d.network, "prod-admin");
+    // The same user, network and port, another device without a second factor.
+    let d = check(&mut e, &with(false, signed_on), now);
+    assert!(!d.allowed);
+    assert_eq!(d.policy_ids, ["prod-admin-needs-recent-mfa"]);
+    // The first device again, 11 h later: the sign-on is 12 h old, one second short.
+    let later = now + chrono::TimeDelta::seconds(11 * 3600 - 1);
+    assert!(check(&mut e, &with(true, signed_on), later).allowed);
+    let too_late = later + chrono::TimeDelta::seconds(1);
+    let d = check(&mut e, &with(true, signed_on), too_late);
+    assert!(!d.allowed, "a stale auth age: {d:?}");
+    // Never signed on (static peers) and a sign-on "in the future" (clock skew: age 0).
+    assert!(!check(&mut e, &with(true, 0), now).allowed);
+    assert!(check(&mut e, &with(true, now.timestamp() + 30), now).allowed);
+    assert_eq!(e.stats.cache_hits, 0, "{:?}", e.stats);
+    Ok(())
+}

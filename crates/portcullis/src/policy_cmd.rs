@@ -48,6 +48,12 @@ pub enum PolicyCommand {
         /// Time of the request (RFC 3339); default now.
         #[arg(long)]
         at: Option<DateTime<Utc>>,
+        /// The device's sign-on used a second factor.
+        #[arg(long)]
+        mfa: bool,
+        /// Seconds since that sign-on; absent: never signed on (a static peer).
+        #[arg(long)]
+        auth_age: Option<u32>,
         #[arg(long)]
         json: bool,
     },
@@ -81,8 +87,22 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
             tags,
             dst,
             at,
+            mfa,
+            auth_age,
             json,
-        } => explain(&dir, user, groups, tags, &dst, at, json),
+        } => explain(
+            &dir,
+            Asked {
+                user,
+                groups,
+                tags,
+                dst,
+                at,
+                mfa,
+                auth_age,
+            },
+            json,
+        ),
         PolicyCommand::Bench {
             policies,
             users,
@@ -201,20 +221,32 @@ fn test(dir: &Path) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn explain(
-    dir: &Path,
+/// What `policy explain` is asked.
+struct Asked {
     user: String,
     groups: Vec<String>,
     tags: Vec<String>,
-    dst: &str,
+    dst: String,
     at: Option<DateTime<Utc>>,
-    json: bool,
-) -> anyhow::Result<ExitCode> {
+    mfa: bool,
+    auth_age: Option<u32>,
+}
+
+fn explain(dir: &Path, asked: Asked, json: bool) -> anyhow::Result<ExitCode> {
+    let Asked {
+        user,
+        groups,
+        tags,
+        dst,
+        at,
+        mfa,
+        auth_age,
+    } = asked;
     let bundle = match load(dir) {
         Ok(b) => Arc::new(b),
         Err(code) => return Ok(code),
     };
-    let dst = parse_destination(dst).map_err(anyhow::Error::msg)?;
+    let dst = parse_destination(&dst).map_err(anyhow::Error::msg)?;
     let principal = Principal {
         email: format!("{user}@example.com"),
         name: user.clone(),
@@ -224,17 +256,44 @@ fn explain(
     let engine = Engine::new(bundle.clone(), vec![principal.clone()])
         .context("building the request entities")?;
     let at = at.unwrap_or_else(Utc::now);
-    let d = engine.decide_plain(
-        &user,
-        &FlowRequest {
-            src_ip: std::net::IpAddr::from([100, 64, 0, 2]),
-            dst_ip: dst.ip,
-            dst_port: dst.port,
-            protocol: dst.protocol,
-            device: "explain".into(),
-        },
-        at,
-    );
+    let request = |mfa: bool, auth_age: Option<u32>| FlowRequest {
+        src_ip: std::net::IpAddr::from([100, 64, 0, 2]),
+        dst_ip: dst.ip,
+        dst_port: dst.port,
+        protocol: dst.protocol,
+        device: "explain".into(),
+        mfa,
+        authenticated_at: auth_age.map_or(0, |a| at.timestamp().saturating_sub(i64::from(a))),
+    };
+    let d = engine.decide_plain(&user, &request(mfa, auth_age), at);
+    // What the answer depends on: the same request over a grid of sign-ons (with and
+    // without a second factor; just now, as asked, never). The second factor matters if
+    // flipping it changes the answer at some age; the age, if changing it does for
+    // either value of the factor.
+    let ages = [Some(0), auth_age, None];
+    let grid: Vec<[bool; 3]> = [false, true]
+        .iter()
+        .map(|m| ages.map(|a| engine.decide_plain(&user, &request(*m, a), at).allowed))
+        .collect();
+    let mut depends_on: Vec<&str> = Vec::new();
+    if let [without, with] = grid.as_slice() {
+        if without != with {
+            depends_on.push("mfa");
+        }
+        if [without, with]
+            .iter()
+            .any(|row| row.iter().any(|x| Some(x) != row.first()))
+        {
+            depends_on.push("auth_age_secs");
+        }
+    }
+    let sign_on = match auth_age {
+        Some(a) => format!(
+            "signed on {a} s ago, {} second factor",
+            if mfa { "with a" } else { "without a" }
+        ),
+        None => "never signed on (a static peer)".to_string(),
+    };
     let ancestors: Vec<String> = bundle
         .networks()
         .ancestors(&d.network)
@@ -266,7 +325,9 @@ fn explain(
                 "user": principal.name, "groups": principal.groups, "tags": principal.tags,
                 "destination": dst_text, "at": at.to_rfc3339(),
                 "network": d.network, "ancestors": ancestors,
+                "mfa": mfa, "auth_age_secs": auth_age,
                 "reason": reason, "policies": policies, "errors": d.errors,
+                "depends_on": depends_on,
             })
         );
         return Ok(ExitCode::SUCCESS);
@@ -289,6 +350,20 @@ fn explain(
         format!(" (inside {})", ancestors.join(" ⊂ "))
     };
     println!("  network:  {}{inside}", d.network);
+    println!("  sign-on:  {sign_on}");
+    if !depends_on.is_empty() {
+        let what: Vec<&str> = depends_on
+            .iter()
+            .map(|d| match *d {
+                "mfa" => "the second factor",
+                _ => "the sign-on's age",
+            })
+            .collect();
+        println!(
+            "  depends:  on {} (changing it changes the answer)",
+            what.join(" and ")
+        );
+    }
     match reason {
         "no permit matched" => println!("  reason:   no permit matched (default deny)"),
         r => {

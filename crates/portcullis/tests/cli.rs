@@ -55,7 +55,7 @@ fn validate_accepts_the_examples_and_locates_errors() {
     let dir = policies();
     let o = run(&["policy", "validate", "--dir", dir.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("6 policies, 6 networks: ok"));
+    assert!(text(&o).contains("7 policies, 7 networks: ok"));
 
     let bad = copy_policies();
     std::fs::write(bad.path().join("z.cedar"), "\n@id(\"typo\")\npermit(principal in Group::\"sre\", action, resource) when { context.dst_prot == 22 };\n").unwrap();
@@ -77,7 +77,7 @@ fn validate_accepts_the_examples_and_locates_errors() {
 fn policy_test_passes_the_examples_and_fails_a_wrong_case() {
     let o = run(&["policy", "test", "--dir", policies().to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("17 passed, 0 failed"), "{}", text(&o));
+    assert!(text(&o).contains("21 passed, 0 failed"), "{}", text(&o));
 
     let dir = copy_policies();
     std::fs::write(
@@ -122,6 +122,72 @@ fn explain_names_network_ancestors_and_deciding_policy_with_location() {
         .unwrap()
         .ends_with("guardrails.cedar"));
     assert_eq!(v["policies"][0]["line"], 4);
+    assert_eq!(
+        v["depends_on"],
+        serde_json::json!([]),
+        "pci does not ask for MFA"
+    );
+
+    // prod-admin needs a second factor from the last 12 hours: explain says the answer
+    // depends on it, and on its age.
+    let explain_admin = |extra: &[&str]| {
+        let dir = policies();
+        let mut args = vec![
+            "policy",
+            "explain",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--user",
+            "alice",
+            "--groups",
+            "sre",
+            "--dst",
+            "10.8.100.5:22/tcp",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let o = run(&args);
+        assert!(o.status.success(), "{}", text(&o));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    let v = explain_admin(&["--mfa", "--auth-age", "3600"]);
+    assert_eq!(
+        (v["decision"].as_str(), v["network"].as_str()),
+        (Some("allow"), Some("prod-admin")),
+        "{v}"
+    );
+    assert_eq!(
+        v["depends_on"],
+        serde_json::json!(["mfa", "auth_age_secs"]),
+        "{v}"
+    );
+    let v = explain_admin(&["--mfa", "--auth-age", "50000"]);
+    assert_eq!(v["decision"], "deny", "{v}");
+    assert_eq!(v["policies"][0]["id"], "prod-admin-needs-recent-mfa", "{v}");
+    let v = explain_admin(&[]);
+    assert_eq!(v["decision"], "deny", "a static peer: {v}");
+    assert_eq!(
+        v["depends_on"],
+        serde_json::json!(["mfa", "auth_age_secs"]),
+        "{v}"
+    );
+    let o = run(&[
+        "policy",
+        "explain",
+        "--dir",
+        policies().to_str().unwrap(),
+        "--user",
+        "alice",
+        "--dst",
+        "10.8.100.5:22/tcp",
+        "--auth-age",
+        "-5",
+    ]);
+    assert!(
+        !o.status.success(),
+        "a negative age is refused: {}",
+        text(&o)
+    );
 
     let o = run(&[
         "policy",
