@@ -33,8 +33,8 @@ pub use secrets::{
 pub use section::{
     AdminConfig, ApiConfig, AuditApiConfig, AuditConfig, ClickHouseConfig, ClusterConfig,
     DevicesConfig, FlowsConfig, FsyncMode, GatewayConfig, HttpConfig, IdentityConfig, Invalid,
-    LdapAttributes, LdapConfig, LdapDisabled, OnFull, PeerConfig, PolicyConfig, SamlConfig,
-    ScimConfig, SiteConfig, UserConfig,
+    LdapAttributes, LdapConfig, LdapDisabled, MfaConfig, OnFull, PeerConfig, PolicyConfig,
+    SamlConfig, ScimConfig, SiteConfig, UserConfig,
 };
 pub use validate::parse;
 
@@ -92,6 +92,9 @@ pub struct Config {
     /// SAML single sign-on and the enrollment pages.
     #[serde(default)]
     pub saml: Option<SamlConfig>,
+    /// The second factor at sign-on (TOTP, or the IdP's own).
+    #[serde(default)]
+    pub mfa: Option<MfaConfig>,
     /// A node of a cluster sharing PostgreSQL (opt-in).
     #[serde(default)]
     pub cluster: Option<ClusterConfig>,
@@ -167,6 +170,9 @@ pub fn load_unkeyed(path: &Path) -> Result<Loaded, ConfigError> {
             resolve(&mut p);
             saml.idp_metadata = p.display().to_string();
         }
+    }
+    if let Some(f) = c.mfa.as_mut().and_then(|m| m.secret_key_file.as_mut()) {
+        resolve(f);
     }
     if let Some(cl) = c.cluster.as_mut() {
         if let Some(f) = cl.password_file.as_mut() {

@@ -213,6 +213,9 @@ pub fn exposed_secrets(c: &Config) -> Vec<String> {
     if let Some(f) = c.cluster.as_ref().and_then(|l| l.password_file.as_ref()) {
         files.push(("cluster.password_file", f));
     }
+    if let Some(f) = c.mfa.as_ref().and_then(|m| m.secret_key_file.as_ref()) {
+        files.push(("mfa.secret_key_file", f));
+    }
     if let Some(f) = c.ldap.as_ref().and_then(|l| l.password_file.as_ref()) {
         files.push(("ldap.password_file", f));
     }

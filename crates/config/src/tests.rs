@@ -77,6 +77,74 @@ fn devices_section_defaults_and_checks() -> Result<(), ConfigError> {
 }
 
 #[test]
+fn mfa_section_defaults_and_every_mistake_names_its_key() -> Result<(), ConfigError> {
+    let base = "[http]\nlisten = \"127.0.0.1:8080\"\n\
+                [devices]\npool = \"100.64.0.128/25\"\nendpoint = \"h:51820\"\n\
+                [saml]\nidp_metadata = \"idp.xml\"\nbase_url = \"https://vpn.example.com/\"\n";
+    let l = check(&sample(&format!(
+        "{base}[mfa]\ntotp = true\nsecret_key_file = \"mfa.key\"\n"
+    )))?;
+    let m = l
+        .config
+        .mfa
+        .ok_or_else(|| ConfigError::new(Path::new("-"), "mfa", "missing"))?;
+    assert!(m.totp && !m.required);
+    assert_eq!(m.issuer, "Portcullis");
+    assert!(m
+        .saml_authn_contexts
+        .contains(&"https://refeds.org/profile/mfa".to_string()));
+    assert_eq!(m.secret_key_file.as_deref(), Some(Path::new("mfa.key")));
+    // The IdP's own second factor alone is enough for `required`.
+    check(&sample(&format!("{base}[mfa]\nrequired = true\n")))?;
+    for (extra, key, reason) in [
+        ("[mfa]\ntotp = false\n".to_string(), "mfa", "needs [saml]"),
+        (
+            format!("{base}[mfa]\ntotp = true\n"),
+            "mfa.secret_key_file",
+            "needed with totp",
+        ),
+        (
+            format!("{base}[mfa]\nissuer = \"a:b\"\n"),
+            "mfa.issuer",
+            "without ':'",
+        ),
+        (
+            format!("{base}[mfa]\nissuer = \"\"\n"),
+            "mfa.issuer",
+            "1-64",
+        ),
+        (
+            format!("{base}[mfa]\nrequired = true\nsaml_authn_contexts = []\n"),
+            "mfa.required",
+            "no second factor is possible",
+        ),
+        (
+            format!("{base}[mfa]\nsaml_authn_contexts = [\"x\", \" \"]\n"),
+            "mfa.saml_authn_contexts[1]",
+            "empty",
+        ),
+        (
+            format!("{base}[mfa]\nrequired = \"yes\"\n"),
+            "mfa.required",
+            "bool",
+        ),
+        (
+            format!("{base}[mfa]\ntotp_window = 3\n"),
+            "mfa",
+            "unknown field `totp_window`",
+        ),
+    ] {
+        let e = check(&sample(&extra)).err();
+        let e = e.ok_or_else(|| ConfigError::new(Path::new("-"), key, "accepted"))?;
+        assert!(
+            e.key.starts_with(key) && e.reason.contains(reason),
+            "{extra}: {e}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
 fn saml_section_defaults_and_checks() -> Result<(), ConfigError> {
     let base = "[http]\nlisten = \"127.0.0.1:8080\"\n\
                 [devices]\npool = \"100.64.0.128/25\"\nendpoint = \"h:51820\"\n";

@@ -28,7 +28,12 @@ pub(crate) fn toml_error(path: &Path, src: &str, e: &toml::de::Error) -> ConfigE
             let key = match header(this_line) {
                 Some(table) => table,
                 None => {
-                    let table = before.lines().rev().skip(1).map(str::trim).find_map(header);
+                    // The lines above this one (`before` ends inside this line, or at
+                    // its start when the error is at column 1).
+                    let above = before
+                        .get(..before.rfind('\n').map_or(0, |i| i + 1))
+                        .unwrap_or_default();
+                    let table = above.lines().rev().map(str::trim).find_map(header);
                     let key_name = this_line.split_once('=').map(|(k, _)| k.trim().to_string());
                     match (table, key_name) {
                         (Some(t), Some(k)) => format!("{t}.{k}"),

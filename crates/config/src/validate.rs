@@ -82,6 +82,15 @@ fn check(c: &Config) -> Result<peers::CheckedPeers, Invalid> {
     if let Some(s) = &c.saml {
         s.check()?;
     }
+    if let Some(m) = &c.mfa {
+        m.check()?;
+        if c.saml.is_none() {
+            return Err(Invalid::new(
+                "mfa",
+                "needs [saml]: the second factor is part of the sign-on",
+            ));
+        }
+    }
     if let Some(a) = &c.api {
         a.check()?;
     }

@@ -109,5 +109,15 @@ pub fn check(loaded: &Loaded) -> anyhow::Result<()> {
     if let Some(f) = c.cluster.as_ref().and_then(|c| c.password_file.as_ref()) {
         portcullis_config::read_secret(&loaded.path, "cluster.password_file", f)?;
     }
+    if let Some(f) = c.mfa.as_ref().and_then(|m| m.secret_key_file.as_ref()) {
+        let text = portcullis_config::read_secret(&loaded.path, "mfa.secret_key_file", f)?;
+        portcullis_mfa::SealingKey::parse(&text.0).map_err(|e| {
+            anyhow!(
+                "{}: mfa.secret_key_file: {}: {e}",
+                loaded.path.display(),
+                f.display()
+            )
+        })?;
+    }
     portcullis_http::check(loaded)
 }

@@ -330,6 +330,33 @@ fn check_config_loads_every_file_the_gateway_needs() {
         !ok && t.contains("cluster.sites[1].public_key") && t.contains("\"eu-1\""),
         "{t}"
     );
+    // [mfa]: the sealing key is read and checked; a short one names the key and the file.
+    std::fs::write(d.join("short.key"), "c2hvcnQ=\n").unwrap();
+    std::fs::set_permissions(d.join("short.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mfa = |key: &str| {
+        format!(
+            "[devices]\npool = \"100.64.0.128/25\"\nendpoint = \"h:51820\"\n\
+             [saml]\nidp_metadata = \"missing-idp.xml\"\nbase_url = \"https://vpn.example.com\"\n\
+             [mfa]\ntotp = true\nsecret_key_file = \"{key}\"\n"
+        )
+    };
+    let (ok, t) = check(&mfa("short.key"));
+    assert!(
+        !ok && t.contains("mfa.secret_key_file") && t.contains("5 bytes, 32 needed"),
+        "{t}"
+    );
+    std::fs::write(
+        d.join("mfa.key"),
+        "3q2+7wAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n",
+    )
+    .unwrap();
+    let (ok, t) = check(&mfa("mfa.key"));
+    assert!(!ok && !t.contains("mfa.secret_key_file: "), "{t}");
+    assert!(
+        t.contains("mfa.secret_key_file") && t.contains("chmod 600"),
+        "readable by others: {t}"
+    );
+    assert!(t.contains("missing-idp.xml"), "the next check ran: {t}");
     // A network naming a site the cluster does not have: served by no node. An error at
     // its line and column, from check-config and from policy validate --config.
     let typo = copy_policies();

@@ -9,6 +9,7 @@ mod flows;
 mod gateway;
 mod http;
 mod ldap;
+mod mfa;
 pub(crate) mod peers;
 mod saml;
 
@@ -19,6 +20,7 @@ pub use flows::FlowsConfig;
 pub use gateway::{GatewayConfig, IdentityConfig, PolicyConfig};
 pub use http::{AdminConfig, ApiConfig, HttpConfig, ScimConfig};
 pub use ldap::{LdapAttributes, LdapConfig, LdapDisabled};
+pub use mfa::MfaConfig;
 pub use peers::{PeerConfig, UserConfig};
 pub use saml::SamlConfig;
 
