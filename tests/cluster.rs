@@ -139,6 +139,19 @@ fn link_up(ns: &str, dev: &str) -> Result<()> {
     sh(&["ip", "-n", ns, "link", "set", dev, "up"]).map(drop)
 }
 
+/// A veth pair: `dev` in `ns`, its peer `port` in `bridge_ns` on that namespace's
+/// bridge `br0`, up.
+fn veth_into_bridge(ns: &str, dev: &str, bridge_ns: &str, port: &str) -> Result<()> {
+    sh(&[
+        "ip", "link", "add", dev, "netns", ns, "type", "veth", "peer", "name", port, "netns",
+        bridge_ns,
+    ])?;
+    sh(&[
+        "ip", "-n", bridge_ns, "link", "set", port, "master", "br0", "up",
+    ])
+    .map(drop)
+}
+
 /// `ip -n NS route replace DST via HOP`.
 fn route_via(ns: &str, dst: &str, hop: &str) -> Result<()> {
     sh(&["ip", "-n", ns, "route", "replace", dst, "via", hop]).map(drop)
@@ -358,33 +371,7 @@ impl ClusterLab {
             .unwrap_or_else(|| "10.8.0".into());
         let ns = format!("pcc{}-n{i}", self.id);
         self.add_ns(&ns)?;
-        let port = format!("p{i}");
-        sh(&[
-            "ip",
-            "link",
-            "add",
-            "lan",
-            "netns",
-            &ns,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &port,
-            "netns",
-            &self.ns_lan,
-        ])?;
-        sh(&[
-            "ip",
-            "-n",
-            &self.ns_lan,
-            "link",
-            "set",
-            &port,
-            "master",
-            "br0",
-            "up",
-        ])?;
+        veth_into_bridge(&ns, "lan", &self.ns_lan, &format!("p{i}"))?;
         sh(&["ip", "-n", &ns, "link", "set", "lan", "up"])?;
         for a in [
             format!("{inside_prefix}.1{}/24", i + 1),

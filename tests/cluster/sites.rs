@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context as _, Result};
 
-use super::{addr_add, link_up, route_via, ClusterLab};
+use super::{addr_add, link_up, route_via, veth_into_bridge, ClusterLab};
 use crate::{sh, sh_in, wait_until, wg_genkey, Client};
 
 /// The sites the lab can build, in order.
@@ -215,33 +215,7 @@ impl ClusterLab {
             sh(&["ip", "-n", &site.ns_wan, "link", "set", "br0", "up"])?;
             for &i in &site.nodes {
                 let node = self.nodes.get(i).ok_or_else(|| anyhow!("no node {i}"))?;
-                let port = format!("w{i}");
-                sh(&[
-                    "ip",
-                    "link",
-                    "add",
-                    "wan",
-                    "netns",
-                    &node.ns,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    &port,
-                    "netns",
-                    &site.ns_wan,
-                ])?;
-                sh(&[
-                    "ip",
-                    "-n",
-                    &site.ns_wan,
-                    "link",
-                    "set",
-                    &port,
-                    "master",
-                    "br0",
-                    "up",
-                ])?;
+                veth_into_bridge(&node.ns, "wan", &site.ns_wan, &format!("w{i}"))?;
                 addr_add(
                     &node.ns,
                     &format!("192.168.{}.1{}/24", 90 + s, i + 1),
@@ -416,33 +390,8 @@ vrrp_instance site {{
         let ns = format!("pcc{}-c{k}", self.id);
         self.add_ns(&ns)?;
         for (s, site) in self.sites.iter().enumerate() {
-            let (port, dev) = (format!("c{k}"), format!("eth{s}"));
-            sh(&[
-                "ip",
-                "link",
-                "add",
-                &dev,
-                "netns",
-                &ns,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &port,
-                "netns",
-                &site.ns_wan,
-            ])?;
-            sh(&[
-                "ip",
-                "-n",
-                &site.ns_wan,
-                "link",
-                "set",
-                &port,
-                "master",
-                "br0",
-                "up",
-            ])?;
+            let dev = format!("eth{s}");
+            veth_into_bridge(&ns, &dev, &site.ns_wan, &format!("c{k}"))?;
             addr_add(&ns, &format!("192.168.{}.{}/24", 90 + s, 20 + k), &dev)?;
             link_up(&ns, &dev)?;
         }

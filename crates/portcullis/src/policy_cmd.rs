@@ -34,26 +34,8 @@ pub enum PolicyCommand {
     Explain {
         #[arg(long, env = "PORTCULLIS_POLICY_DIR", default_value = "policies")]
         dir: PathBuf,
-        #[arg(long)]
-        user: String,
-        /// Comma-separated groups.
-        #[arg(long, value_delimiter = ',', default_value = "")]
-        groups: Vec<String>,
-        /// Comma-separated tags.
-        #[arg(long, value_delimiter = ',', default_value = "")]
-        tags: Vec<String>,
-        /// Destination: ip:port/proto, [v6]:port/proto or ip/proto.
-        #[arg(long)]
-        dst: String,
-        /// Time of the request (RFC 3339); default now.
-        #[arg(long)]
-        at: Option<DateTime<Utc>>,
-        /// The device's sign-on used a second factor.
-        #[arg(long)]
-        mfa: bool,
-        /// Seconds since that sign-on; absent: never signed on (a static peer).
-        #[arg(long)]
-        auth_age: Option<u32>,
+        #[command(flatten)]
+        asked: Asked,
         #[arg(long)]
         json: bool,
     },
@@ -80,29 +62,7 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
     match command {
         PolicyCommand::Validate { dir, config } => validate(&dir, config.as_deref()),
         PolicyCommand::Test { dir } => test(&dir),
-        PolicyCommand::Explain {
-            dir,
-            user,
-            groups,
-            tags,
-            dst,
-            at,
-            mfa,
-            auth_age,
-            json,
-        } => explain(
-            &dir,
-            Asked {
-                user,
-                groups,
-                tags,
-                dst,
-                at,
-                mfa,
-                auth_age,
-            },
-            json,
-        ),
+        PolicyCommand::Explain { dir, asked, json } => explain(&dir, asked, json),
         PolicyCommand::Bench {
             policies,
             users,
@@ -222,13 +182,27 @@ fn test(dir: &Path) -> anyhow::Result<ExitCode> {
 }
 
 /// What `policy explain` is asked.
-struct Asked {
+#[derive(Debug, clap::Args)]
+pub struct Asked {
+    #[arg(long)]
     user: String,
+    /// Comma-separated groups.
+    #[arg(long, value_delimiter = ',', default_value = "")]
     groups: Vec<String>,
+    /// Comma-separated tags.
+    #[arg(long, value_delimiter = ',', default_value = "")]
     tags: Vec<String>,
+    /// Destination: ip:port/proto, [v6]:port/proto or ip/proto.
+    #[arg(long)]
     dst: String,
+    /// Time of the request (RFC 3339); default now.
+    #[arg(long)]
     at: Option<DateTime<Utc>>,
+    /// The device's sign-on used a second factor.
+    #[arg(long)]
     mfa: bool,
+    /// Seconds since that sign-on; absent: never signed on (a static peer).
+    #[arg(long)]
     auth_age: Option<u32>,
 }
 
