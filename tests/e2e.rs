@@ -1721,6 +1721,22 @@ fn saml_login_enrolls_a_device_that_reaches_what_the_groups_allow() {
     assert!(lab
         .connect(&lab.alice, addr("10.9.0.2:443"), Duration::from_secs(2))
         .is_err());
+    // SimpleSAMLphp signed her on with a password only (no second factor in its
+    // AuthnContextClassRef): prod-admin, which needs MFA from the last 12 h, is denied,
+    // and the trail names that policy.
+    assert!(lab
+        .connect(&lab.alice, addr("10.8.100.5:22"), Duration::from_secs(1))
+        .is_err());
+    let denied = lab
+        .wait_event(Duration::from_secs(3), |e| {
+            is(e, "flow_denied") && e["dst_ip"] == "10.8.100.5"
+        })
+        .unwrap();
+    assert_eq!(
+        denied["policy_ids"],
+        serde_json::json!(["prod-admin-needs-recent-mfa"]),
+        "{denied}"
+    );
 }
 
 /// An IdP whose metadata URL does not answer at start: the gateway starts and forwards as

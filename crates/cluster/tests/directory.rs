@@ -316,8 +316,10 @@ async fn fifty_concurrent_enrollments_over_three_nodes_never_share_an_address() 
                 .register_device(
                     "alice",
                     key,
-                    &format!("laptop {i}"),
-                    None,
+                    &portcullis_identity::NewDevice {
+                        name: format!("laptop {i}"),
+                        ..Default::default()
+                    },
                     Instant::now(),
                     Utc::now(),
                 )

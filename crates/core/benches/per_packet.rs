@@ -73,6 +73,7 @@ fn per_packet(c: &mut Criterion) {
         device: &device,
         addresses: &addrs,
         session_id: 1,
+        sign_on: Default::default(),
     };
     let out = tcp([100, 64, 0, 2], 40000, [10, 8, 0, 2], 22, 1360);
     let back = tcp([10, 8, 0, 2], 22, [100, 64, 0, 2], 40000, 1360);
@@ -137,6 +138,7 @@ fn gateway_path(c: &mut Criterion) {
         public_key: PublicKey::from(&client_secret).to_bytes(),
         addresses: vec![IpAddr::from([100, 64, 0, 2])],
         persistent_keepalive: None,
+        sign_on: Default::default(),
     })
     .unwrap();
     let mut client = Tunn::new(

@@ -39,6 +39,7 @@ pub struct PeerCtx<'a> {
     pub device: &'a Arc<str>,
     pub addresses: &'a [IpAddr],
     pub session_id: u64,
+    pub sign_on: portcullis_model::SignOn,
 }
 
 /// Why a packet was not forwarded.
@@ -502,10 +503,8 @@ impl Enforcer {
             dst_port,
             protocol: key.protocol,
             device: peer.device.to_string(),
-            // Until devices carry their sign-on (issue 20, next step): no second factor,
-            // never signed on. Fail closed: a policy asking for MFA denies.
-            mfa: false,
-            authenticated_at: 0,
+            mfa: peer.sign_on.mfa,
+            authenticated_at: peer.sign_on.at,
         };
         self.stats.decisions += 1;
         let started = self.decision_clock.map(|clock| (clock, clock()));
@@ -612,6 +611,7 @@ impl Enforcer {
                 user: peer.user.clone(),
                 groups,
                 device: peer.device.clone(),
+                sign_on: peer.sign_on,
                 created: now,
                 last_seen: now,
                 state,
@@ -648,8 +648,8 @@ impl Enforcer {
             dst_port,
             protocol: key.protocol,
             device: flow.device.to_string(),
-            mfa: false,
-            authenticated_at: 0,
+            mfa: flow.sign_on.mfa,
+            authenticated_at: flow.sign_on.at,
         };
         self.stats.decisions += 1;
         let decision = self.engine.decide(&flow.user, &request, wall);
@@ -719,6 +719,30 @@ impl Enforcer {
         self.engine.remove_user(name)?;
         self.denied.clear();
         Ok(self.redecide_all(now))
+    }
+
+    /// A new sign-on for `peer`'s device: its flows are decided again with it at once
+    /// (a sign-on without the second factor a policy asks for cuts them). Returns how
+    /// many were cut.
+    pub fn handle_sign_on(
+        &mut self,
+        now: Instant,
+        peer: PeerId,
+        sign_on: portcullis_model::SignOn,
+    ) -> usize {
+        let keys: Vec<FlowKey> = self
+            .flows
+            .iter()
+            .filter(|(_, f)| f.peer == peer)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in &keys {
+            if let Some(f) = self.flows.get_mut(k) {
+                f.sign_on = sign_on;
+            }
+        }
+        self.denied.clear();
+        keys.iter().filter(|k| !self.redecide(k, now)).count()
     }
 
     /// Cuts every flow of a peer (it is being removed). Resets are injected first.

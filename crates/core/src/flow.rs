@@ -101,6 +101,8 @@ pub struct Flow {
     /// The user's groups when the flow was decided (for the audit trail).
     pub groups: Arc<[String]>,
     pub device: Arc<str>,
+    /// The device's sign-on the flow was decided with.
+    pub sign_on: portcullis_model::SignOn,
     pub created: Instant,
     pub last_seen: Instant,
     pub state: FlowState,
@@ -266,6 +268,7 @@ mod tests {
             user: "u".into(),
             groups: Arc::new([]),
             device: "d".into(),
+            sign_on: Default::default(),
             created: at,
             last_seen: at,
             state,

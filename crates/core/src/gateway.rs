@@ -59,6 +59,8 @@ pub struct PeerSpec {
     /// Tunnel addresses assigned to the device (IPv4 and optionally IPv6).
     pub addresses: Vec<IpAddr>,
     pub persistent_keepalive: Option<u16>,
+    /// The device's sign-on (static peers: never, no second factor).
+    pub sign_on: portcullis_model::SignOn,
 }
 
 /// Gateway settings.
@@ -490,6 +492,7 @@ impl Gateway {
                     device: &peer.device,
                     addresses: &peer.spec.addresses,
                     session_id: peer.session.as_ref().map(|s| s.id).unwrap_or(0),
+                    sign_on: peer.spec.sign_on,
                 };
                 let verdict = self.enforcer.handle_outbound(now, &ctx, packet);
                 if let Err(reason) = verdict {

@@ -22,7 +22,7 @@ use portcullis_core::{
     PeerSpec, Timeouts,
 };
 use portcullis_model::{
-    ChangeKind, CloseReason, DeviceChange, Event, IdentityChange, Principal, Protocol,
+    ChangeKind, CloseReason, DeviceChange, Event, IdentityChange, Principal, Protocol, SignOn,
 };
 use portcullis_policy::{Engine, PolicyBundle};
 use proptest::prelude::*;
@@ -65,6 +65,7 @@ impl Who {
             device: &self.device,
             addresses: &self.addrs,
             session_id: 7,
+            sign_on: SignOn::default(),
         }
     }
 }
@@ -896,6 +897,7 @@ fn a_device_of_a_user_no_source_provides_yet_waits_until_the_user_exists() {
         public_key: PublicKey::from(&carol_key).to_bytes(),
         addresses: vec![IpAddr::from([100, 64, 0, 4])],
         persistent_keepalive: None,
+        sign_on: Default::default(),
     })
     .expect("peer");
     let carol_addr = [100, 64, 0, 4];
@@ -1094,6 +1096,7 @@ fn a_registered_device_connects_and_its_removal_cuts_it_with_the_reason() {
             persistent_keepalive: None,
             expires_at,
             previous: Some(PublicKey::from(&client_key(1)).to_bytes()),
+            sign_on: Default::default(),
         },
     )
     .expect("add");
@@ -1208,6 +1211,7 @@ fn a_refused_identity_change_revokes_the_user() {
         public_key: PublicKey::from(&client_key(1)).to_bytes(),
         addresses: vec![IpAddr::from(ALICE)],
         persistent_keepalive: None,
+        sign_on: Default::default(),
     })
     .expect("peer");
     let gw_pub = PublicKey::from(gw.public_key());
@@ -1326,4 +1330,87 @@ fn a_revocation_cut_ahead_of_its_commit_is_recorded_once() {
     )
     .expect("grant");
     assert!(gw.peers().any(|(u, _, enabled)| u == "alice" && enabled));
+}
+
+/// prod-admin asks for a second factor from the last 12 hours (the example policies): a
+/// device whose sign-on had one gets through; a new sign-on without one re-decides the
+/// device's open flow at once and cuts it, and new flows are denied.
+#[test]
+fn a_devices_sign_on_decides_prod_admin_and_a_new_sign_on_without_mfa_cuts_it() {
+    let t0 = Instant::now();
+    let (mut gw, gw_pub) = gateway(t0);
+    let key = PublicKey::from(&client_key(3)).to_bytes();
+    let signed_on = wall().timestamp() - 60;
+    gw.handle_device_change(
+        t0,
+        DeviceChange::Added {
+            user: "alice".into(),
+            public_key: key,
+            addresses: vec![IpAddr::from([100, 64, 0, 9])],
+            persistent_keepalive: None,
+            expires_at: wall() + chrono::Duration::hours(12),
+            previous: None,
+            sign_on: SignOn {
+                at: signed_on,
+                mfa: true,
+            },
+        },
+    )
+    .expect("add");
+    while gw.poll_event().is_some() {}
+    let admin = [10, 8, 100, 5];
+    let mut laptop = Client::new(3, &gw_pub);
+    let syn = tcp([100, 64, 0, 9], 40000, admin, 22, "S", 1, b"");
+    assert_eq!(
+        laptop.send(&mut gw, t0, &syn),
+        Some(syn.clone()),
+        "MFA a minute ago"
+    );
+    let mut out = vec![0u8; portcullis_core::MAX_PACKET];
+    gw.handle_tun_packet(
+        t0,
+        &tcp(admin, 22, [100, 64, 0, 9], 40000, "SA", 9, b""),
+        &mut out,
+    )
+    .expect("syn-ack to the laptop");
+    while gw.poll_transmit().is_some() {}
+
+    gw.handle_device_change(
+        t0 + Duration::from_secs(1),
+        DeviceChange::SignedOn {
+            public_key: key,
+            sign_on: SignOn {
+                at: signed_on + 1,
+                mfa: false,
+            },
+        },
+    )
+    .expect("signed on");
+    let mut resets = 0;
+    while let Some(t) = gw.poll_transmit() {
+        if laptop.receive(&t.payload).is_some() {
+            resets += 1;
+        }
+    }
+    assert_eq!(resets, 1, "the open flow is reset");
+    let again = tcp([100, 64, 0, 9], 40001, admin, 22, "S", 1, b"");
+    assert_eq!(
+        laptop.send(&mut gw, t0 + Duration::from_secs(2), &again),
+        None
+    );
+    let ev: Vec<Event> = std::iter::from_fn(|| gw.poll_event()).collect();
+    assert!(
+        ev.iter().any(|e| matches!(e, Event::FlowClosed { reason, .. } if *reason == CloseReason::PolicyRevoked)),
+        "{ev:?}"
+    );
+    assert!(
+        ev.iter().any(|e| matches!(e, Event::FlowDenied { policy_ids, .. } if policy_ids == &["prod-admin-needs-recent-mfa"])),
+        "{ev:?}"
+    );
+    // Other flows of the user are untouched by the policy: prod itself needs no MFA.
+    let prod = tcp([100, 64, 0, 9], 40002, PROD, 22, "S", 1, b"");
+    assert_eq!(
+        laptop.send(&mut gw, t0 + Duration::from_secs(3), &prod),
+        Some(prod.clone())
+    );
 }

@@ -307,6 +307,7 @@ pub async fn stored(identity: &Identity) -> anyhow::Result<StoredDevices> {
             public_key,
             addresses,
             persistent_keepalive,
+            sign_on,
             ..
         } = change
         {
@@ -315,6 +316,7 @@ pub async fn stored(identity: &Identity) -> anyhow::Result<StoredDevices> {
                 public_key,
                 addresses,
                 persistent_keepalive,
+                sign_on,
             });
         }
     }
@@ -514,8 +516,12 @@ async fn register(
         .register_device(
             &b.user,
             key,
-            b.name.as_deref().unwrap_or(""),
-            secs("lifetime_secs", b.lifetime_secs)?,
+            // An administrator's registration is no sign-on: no second factor, never.
+            &portcullis_identity::NewDevice {
+                name: b.name.clone().unwrap_or_default(),
+                lifetime: secs("lifetime_secs", b.lifetime_secs)?,
+                sign_on: portcullis_identity::SignOn::default(),
+            },
             Instant::now(),
             Utc::now(),
         )

@@ -34,8 +34,8 @@ use axum::Router;
 use base64::Engine as _;
 use chrono::{DateTime, TimeDelta, Utc};
 use portcullis_apiauth::RateLimit;
-use portcullis_config::{Loaded, SamlConfig};
-use portcullis_identity::{Identity, ProfileSettings};
+use portcullis_config::{Loaded, MfaConfig, SamlConfig};
+use portcullis_identity::{Identity, NewDevice, ProfileSettings, SignOn};
 use portcullis_model::Event;
 use portcullis_saml::{Sp, SpConfig};
 use serde::{Deserialize, Serialize};
@@ -59,12 +59,17 @@ const MAX_METADATA_BYTES: usize = 1 << 20;
 struct WebSession {
     user: String,
     until: DateTime<Utc>,
+    /// The sign-on this login was: devices enrolled through it carry it.
+    #[serde(default)]
+    sign_on: SignOn,
     /// Sent with every form, compared in constant time.
     csrf: String,
 }
 
 pub struct Sso {
     config: SamlConfig,
+    /// `[mfa]` (its defaults without one: the IdP's own second factor counts).
+    mfa: MfaConfig,
     /// `None` while an IdP metadata URL has not answered yet (the pages answer 503).
     sp: Mutex<Option<Sp>>,
     limit: Mutex<RateLimit>,
@@ -83,7 +88,7 @@ pub struct Sso {
 const MAX_SHARED_PENDING: i64 = 10_000;
 
 /// The SP's settings from `[saml]`.
-fn sp_config(c: &SamlConfig) -> SpConfig {
+fn sp_config(c: &SamlConfig, mfa: &MfaConfig) -> SpConfig {
     SpConfig {
         entity_id: c.entity_id(),
         metadata_url: c.metadata_url(),
@@ -94,6 +99,7 @@ fn sp_config(c: &SamlConfig) -> SpConfig {
         max_clock_skew: TimeDelta::seconds(i64::try_from(c.max_clock_skew_secs).unwrap_or(60)),
         request_lifetime: TimeDelta::minutes(10),
         allow_idp_initiated: c.allow_idp_initiated,
+        mfa_attribute: mfa.saml_attribute.clone(),
     }
 }
 
@@ -239,9 +245,10 @@ impl Sso {
             },
             None => read_metadata(c).await,
         };
+        let mfa = loaded.config.mfa.clone().unwrap_or_default();
         let mut applied = first.as_ref().ok().map(|md| Sha256::digest(md.as_bytes()));
         let sp = match first {
-            Ok(md) => Some(Sp::new(sp_config(c), &md).with_context(context)?),
+            Ok(md) => Some(Sp::new(sp_config(c, &mfa), &md).with_context(context)?),
             Err(e) if c.idp_metadata_is_url() => {
                 tracing::error!("saml: {e:#}; sign-on is unavailable until the IdP answers");
                 None
@@ -250,6 +257,7 @@ impl Sso {
         };
         let sso = Arc::new(Sso {
             config: c.clone(),
+            mfa,
             sp: Mutex::new(sp),
             limit: Mutex::new(RateLimit::new(ATTEMPTS_PER_MINUTE, 100_000)),
             sessions: Mutex::new(HashMap::new()),
@@ -313,7 +321,7 @@ impl Sso {
                 let r = match refresh.sp.lock() {
                     Ok(mut slot) => match slot.as_mut() {
                         Some(sp) => sp.handle_idp_metadata(&md),
-                        None => Sp::new(sp_config(&refresh.config), &md).map(|sp| {
+                        None => Sp::new(sp_config(&refresh.config, &refresh.mfa), &md).map(|sp| {
                             *slot = Some(sp);
                         }),
                     },
@@ -384,12 +392,18 @@ impl Sso {
     }
 
     /// A new session; the cookie value to set.
-    async fn open_session(&self, user: &str, until: DateTime<Utc>) -> Option<String> {
+    async fn open_session(
+        &self,
+        user: &str,
+        until: DateTime<Utc>,
+        sign_on: SignOn,
+    ) -> Option<String> {
         let token = random_b64::<32>();
         let key = session_key(&token);
         let session = WebSession {
             user: user.to_string(),
             until,
+            sign_on,
             csrf: random_b64::<24>(),
         };
         if let Some(shared) = &self.shared {
@@ -717,6 +731,22 @@ async fn acs(
     if until <= now {
         return refuse(&login.user, "the IdP's session has already ended".into()).await;
     }
+    // The sign-on the policies see: when the IdP authenticated the user (a reused IdP
+    // session is as old as it is), and whether it said a second factor was used.
+    let sign_on = SignOn {
+        at: login.authn_instant.unwrap_or(now).timestamp(),
+        mfa: sso
+            .mfa
+            .idp_asserted(&login.authn_context_class_refs, &login.mfa_attribute_values),
+    };
+    if sso.mfa.required && !sign_on.mfa {
+        // Fail closed: nothing is renewed or enrolled by a sign-on without one.
+        return refuse(
+            &login.user,
+            "this gateway requires a second factor, and the IdP's sign-on did not use one".into(),
+        )
+        .await;
+    }
     let owner = match sso
         .identity
         .login(
@@ -724,6 +754,7 @@ async fn acs(
             &login.user,
             &login.groups,
             until,
+            sign_on,
             Instant::now(),
             now,
         )
@@ -732,7 +763,7 @@ async fn acs(
         Ok(o) => o,
         Err(e) => return refuse(&login.user, e.to_string()).await,
     };
-    let Some(token) = sso.open_session(&owner.user_name, until).await else {
+    let Some(token) = sso.open_session(&owner.user_name, until, sign_on).await else {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     };
     sso.report(Event::LoginSucceeded {
@@ -741,7 +772,7 @@ async fn acs(
         remote: Some(ip.to_string()),
     })
     .await;
-    tracing::info!(user = %owner.user_name, %ip, until = %until, "saml login");
+    tracing::info!(user = %owner.user_name, %ip, until = %until, mfa = sign_on.mfa, "saml login");
     let max_age = (until - now).num_seconds().max(1);
     let secure = if sso.secure_cookie { "; Secure" } else { "" };
     let back = login
@@ -892,8 +923,11 @@ async fn enroll(
         .register_device(
             &s.user,
             public,
-            f.name.trim(),
-            Some(lifetime),
+            &NewDevice {
+                name: f.name.trim().to_string(),
+                lifetime: Some(lifetime),
+                sign_on: s.sign_on,
+            },
             Instant::now(),
             now,
         )

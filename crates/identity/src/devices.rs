@@ -23,7 +23,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use base64::Engine as _;
 use chrono::{DateTime, TimeDelta, Utc};
 use ipnet::{IpNet, Ipv4Net};
-use portcullis_model::DeviceChange;
+use portcullis_model::{DeviceChange, SignOn};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -48,6 +48,9 @@ pub struct Device {
     /// Set on the old key of a rotation: valid until `expires`, the end of the grace.
     #[serde(default)]
     pub replaced_by: Option<Uuid>,
+    /// The sign-on that last enrolled or renewed it (never: registered by an administrator).
+    #[serde(default)]
+    pub sign_on: SignOn,
 }
 
 impl Device {
@@ -222,10 +225,15 @@ impl Devices {
         policy: &DevicePolicy,
         owner: Owner,
         public_key: [u8; 32],
-        name: &str,
-        lifetime: Option<TimeDelta>,
+        new: &NewDevice,
         now: DateTime<Utc>,
     ) -> Result<(DeviceMutation, Device), DeviceError> {
+        let NewDevice {
+            name,
+            lifetime,
+            sign_on,
+        } = new.clone();
+        let name = name.as_str();
         check_label(name)?;
         self.check_key(policy, &public_key)?;
         let device = Device {
@@ -239,6 +247,7 @@ impl Devices {
             expires: now + Self::lifetime(policy, lifetime)?,
             replaces: None,
             replaced_by: None,
+            sign_on,
         };
         Ok((
             DeviceMutation {
@@ -250,13 +259,15 @@ impl Devices {
     }
 
     /// Plans extending `user_name`'s devices to `until` (a new login's end), never
-    /// beyond the configured lifetime from `now` and never shortening one. Keys being
-    /// rotated out keep their grace.
+    /// beyond the configured lifetime from `now` and never shortening one, and giving
+    /// them `sign_on` (the login's; the latest sign-on is the device's, weaker or not).
+    /// Keys being rotated out keep their grace and their sign-on.
     pub fn plan_renew(
         &self,
         policy: &DevicePolicy,
         user_name: &str,
         until: DateTime<Utc>,
+        sign_on: SignOn,
         now: DateTime<Utc>,
     ) -> DeviceMutation {
         let until = until.min(now + policy.lifetime);
@@ -267,10 +278,11 @@ impl Devices {
                 d.user_name.eq_ignore_ascii_case(user_name)
                     && d.replaced_by.is_none()
                     && d.expires > now
-                    && d.expires < until
+                    && (d.expires < until || d.sign_on != sign_on)
             })
             .map(|d| Device {
-                expires: until,
+                expires: d.expires.max(until),
+                sign_on,
                 ..d.clone()
             })
             .collect();
@@ -316,6 +328,7 @@ impl Devices {
             expires: now + policy.lifetime,
             replaces: Some(old.id),
             replaced_by: None,
+            sign_on: old.sign_on,
         };
         let mut retiring = old.clone();
         retiring.replaced_by = Some(new.id);
@@ -386,13 +399,19 @@ impl Devices {
             }
         }
         for d in m.upsert {
-            let known = self.by_id.contains_key(&d.id);
-            if !known {
-                let previous = d
-                    .replaces
-                    .and_then(|p| self.by_id.get(&p))
-                    .map(|p| p.public_key);
-                changes.push(added(&d, previous, policy));
+            match self.by_id.get(&d.id) {
+                None => {
+                    let previous = d
+                        .replaces
+                        .and_then(|p| self.by_id.get(&p))
+                        .map(|p| p.public_key);
+                    changes.push(added(&d, previous, policy));
+                }
+                Some(old) if old.sign_on != d.sign_on => changes.push(DeviceChange::SignedOn {
+                    public_key: d.public_key,
+                    sign_on: d.sign_on,
+                }),
+                Some(_) => {}
             }
             self.by_key.insert(d.public_key, d.id);
             self.by_id.insert(d.id, d);
@@ -417,6 +436,7 @@ fn added(d: &Device, previous: Option<[u8; 32]>, policy: Option<&DevicePolicy>) 
         persistent_keepalive: policy.and_then(|p| p.persistent_keepalive),
         expires_at: d.expires,
         previous,
+        sign_on: d.sign_on,
     }
 }
 
@@ -427,6 +447,17 @@ fn check_label(name: &str) -> Result<(), DeviceError> {
         ));
     }
     Ok(())
+}
+
+/// What a new device is given besides its owner and key.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NewDevice {
+    /// A label for people ("alice's laptop"); may be empty.
+    pub name: String,
+    /// At most the configured lifetime; `None`: that lifetime.
+    pub lifetime: Option<TimeDelta>,
+    /// The sign-on enrolling it; default: none (an administrator registers it).
+    pub sign_on: SignOn,
 }
 
 /// What a WireGuard profile for a device says besides the device itself.
@@ -528,6 +559,14 @@ mod tests {
     )]
     use super::*;
 
+    fn nd(name: &str, lifetime: Option<TimeDelta>) -> NewDevice {
+        NewDevice {
+            name: name.into(),
+            lifetime,
+            sign_on: SignOn::default(),
+        }
+    }
+
     fn policy() -> DevicePolicy {
         DevicePolicy {
             pool: "100.64.0.0/29".parse().unwrap(),
@@ -553,7 +592,7 @@ mod tests {
     }
 
     fn register(d: &mut Devices, key: u8, now: DateTime<Utc>) -> Result<Device, DeviceError> {
-        let (m, dev) = d.plan_register(&policy(), owner(), [key; 32], "laptop", None, now)?;
+        let (m, dev) = d.plan_register(&policy(), owner(), [key; 32], &nd("laptop", None), now)?;
         d.apply(m, Some(&policy()));
         Ok(dev)
     }
@@ -586,23 +625,29 @@ mod tests {
         let mut d = Devices::default();
         let a = register(&mut d, 1, t(0)).unwrap(); // expires t(0) + 12 h
                                                     // Renewed one hour later to the login's end, capped at 12 h from then.
-        let m = d.plan_renew(&policy(), "ALICE", t(3600) + TimeDelta::days(2), t(3600));
+        let m = d.plan_renew(
+            &policy(),
+            "ALICE",
+            t(3600) + TimeDelta::days(2),
+            SignOn::default(),
+            t(3600),
+        );
         assert_eq!(m.upsert.len(), 1);
         assert_eq!(m.upsert[0].expires, t(3600) + TimeDelta::hours(12));
         d.apply(m, None);
         // A login ending sooner does not shorten it; another user's login does nothing.
         assert!(d
-            .plan_renew(&policy(), "alice", t(7200), t(3600))
+            .plan_renew(&policy(), "alice", t(7200), SignOn::default(), t(3600))
             .is_empty());
         assert!(d
-            .plan_renew(&policy(), "bob", t(90_000), t(3600))
+            .plan_renew(&policy(), "bob", t(90_000), SignOn::default(), t(3600))
             .is_empty());
         // A key in its rotation grace keeps its grace.
         let (m, _) = d
             .plan_rotate(&policy(), &a.id, [2; 32], None, t(4000))
             .unwrap();
         d.apply(m, None);
-        let renewed = d.plan_renew(&policy(), "alice", t(80_000), t(5000));
+        let renewed = d.plan_renew(&policy(), "alice", t(80_000), SignOn::default(), t(5000));
         assert!(
             renewed.upsert.iter().all(|x| x.public_key == [2; 32]),
             "{renewed:?}"
@@ -632,18 +677,30 @@ mod tests {
         let d = Devices::default();
         let p = policy();
         let (_, dev) = d
-            .plan_register(&p, owner(), [1; 32], "", Some(TimeDelta::days(30)), t(0))
+            .plan_register(
+                &p,
+                owner(),
+                [1; 32],
+                &nd("", Some(TimeDelta::days(30))),
+                t(0),
+            )
             .unwrap();
         assert_eq!(dev.expires, t(12 * 3600));
         let (_, dev) = d
-            .plan_register(&p, owner(), [1; 32], "", Some(TimeDelta::seconds(3)), t(0))
+            .plan_register(
+                &p,
+                owner(),
+                [1; 32],
+                &nd("", Some(TimeDelta::seconds(3))),
+                t(0),
+            )
             .unwrap();
         assert_eq!(dev.expires, t(3));
         assert!(d
-            .plan_register(&p, owner(), [1; 32], "", Some(TimeDelta::zero()), t(0))
+            .plan_register(&p, owner(), [1; 32], &nd("", Some(TimeDelta::zero())), t(0))
             .is_err());
         assert!(d
-            .plan_register(&p, owner(), [1; 32], "a\nb", None, t(0))
+            .plan_register(&p, owner(), [1; 32], &nd("a\nb", None), t(0))
             .is_err());
     }
 
@@ -684,6 +741,7 @@ mod tests {
                 persistent_keepalive: Some(25),
                 expires_at: t(60 + 12 * 3600),
                 previous: Some([1; 32]),
+                sign_on: SignOn::default(),
             }]
         );
         assert_ne!(
@@ -729,8 +787,7 @@ mod tests {
                     user_id: Some(uid),
                 },
                 [1; 32],
-                "",
-                None,
+                &nd("", None),
                 t(0),
             )
             .unwrap();
@@ -825,5 +882,59 @@ mod tests {
         );
         assert!(!p.contains("ap-1") && !p.contains("gw.example.com"), "{p}");
         assert_eq!(p.matches("PersistentKeepalive = 25").count(), 2);
+    }
+
+    #[test]
+    fn a_login_gives_the_users_devices_its_sign_on_and_says_so_once() {
+        let mut d = Devices::default();
+        let a = register(&mut d, 1, t(0)).unwrap();
+        assert_eq!(
+            a.sign_on,
+            SignOn::default(),
+            "registered by an administrator"
+        );
+        let with_mfa = SignOn { at: 100, mfa: true };
+        // Within the lifetime already: only the sign-on changes, the expiry stays.
+        let m = d.plan_renew(&policy(), "alice", t(60), with_mfa, t(100));
+        assert_eq!(m.upsert.len(), 1);
+        assert_eq!(
+            (m.upsert[0].sign_on, m.upsert[0].expires),
+            (with_mfa, a.expires)
+        );
+        assert_eq!(
+            d.apply(m, None),
+            vec![DeviceChange::SignedOn {
+                public_key: a.public_key,
+                sign_on: with_mfa
+            }]
+        );
+        // The same sign-on again changes nothing; a later one without MFA replaces it.
+        assert!(d
+            .plan_renew(&policy(), "alice", t(60), with_mfa, t(200))
+            .is_empty());
+        let weaker = SignOn {
+            at: 300,
+            mfa: false,
+        };
+        let m = d.plan_renew(&policy(), "alice", t(60), weaker, t(300));
+        assert_eq!(d.apply(m, None).len(), 1);
+        // A device enrolled by a sign-on carries it from the start.
+        let (m, dev) = d
+            .plan_register(
+                &policy(),
+                owner(),
+                [7; 32],
+                &NewDevice {
+                    sign_on: with_mfa,
+                    ..nd("phone", None)
+                },
+                t(400),
+            )
+            .unwrap();
+        assert_eq!(dev.sign_on, with_mfa);
+        assert!(matches!(
+            d.apply(m, None).as_slice(),
+            [DeviceChange::Added { sign_on, .. }] if *sign_on == with_mfa
+        ));
     }
 }

@@ -38,10 +38,11 @@ use portcullis_control::Command;
 pub use backend::{Remote, SqliteBackend, Store};
 use chrono::{DateTime, TimeDelta, Utc};
 pub use devices::{
-    profile, Device, DeviceError, DeviceMutation, DevicePolicy, Devices, Owner, ProfileSettings,
-    SitePeer,
+    profile, Device, DeviceError, DeviceMutation, DevicePolicy, Devices, NewDevice, Owner,
+    ProfileSettings, SitePeer,
 };
 pub use directory::{check_name, Directory, DirectoryError, Group, Mutation, User};
+pub use portcullis_model::SignOn;
 use portcullis_model::{DeviceChange, IdentityChange};
 pub use store::{SqliteStore, StoreError};
 pub use sync::{SyncPlan, SyncScope, SyncedGroup, SyncedUser};
@@ -634,14 +635,17 @@ impl Identity {
 
     /// A single sign-on login by `user` with the asserted `groups`, valid until `until`:
     /// the directory follows the login (see [`Directory::plan_login`]), then the user's
-    /// devices are renewed up to `until` (capped by the configured lifetime). Returns
-    /// the owner the user's new devices get; a disabled or unknown user is refused.
+    /// devices are renewed up to `until` (capped by the configured lifetime) and given
+    /// the login's `sign_on`. Returns the owner the user's new devices get; a disabled
+    /// or unknown user is refused.
+    #[allow(clippy::too_many_arguments)]
     pub async fn login(
         &self,
         source: &str,
         user: &str,
         groups: &[String],
         until: DateTime<Utc>,
+        sign_on: SignOn,
         requested: Instant,
         requested_at: DateTime<Utc>,
     ) -> Result<Owner, IdentityError> {
@@ -652,7 +656,7 @@ impl Identity {
         self.change_devices(requested, requested_at, |dir, devices, policy, now| {
             let owner = Self::owner(dir, policy, user)?;
             Ok((
-                devices.plan_renew(policy, &owner.user_name, until, now),
+                devices.plan_renew(policy, &owner.user_name, until, sign_on, now),
                 owner,
             ))
         })
@@ -664,14 +668,13 @@ impl Identity {
         &self,
         user: &str,
         public_key: [u8; 32],
-        name: &str,
-        lifetime: Option<TimeDelta>,
+        new: &NewDevice,
         requested: Instant,
         requested_at: DateTime<Utc>,
     ) -> Result<Device, IdentityError> {
         self.change_devices(requested, requested_at, |dir, devices, policy, now| {
             let owner = Self::owner(dir, policy, user)?;
-            Ok(devices.plan_register(policy, owner, public_key, name, lifetime, now)?)
+            Ok(devices.plan_register(policy, owner, public_key, new, now)?)
         })
         .await
     }

@@ -214,17 +214,44 @@ async fn devices_persist_and_leave_with_their_user() {
         .await
         .unwrap();
     let erins = identity
-        .register_device("Erin", [1; 32], "laptop", None, Instant::now(), now)
+        .register_device(
+            "Erin",
+            [1; 32],
+            &portcullis_identity::NewDevice {
+                name: "laptop".into(),
+                ..Default::default()
+            },
+            Instant::now(),
+            now,
+        )
         .await
         .unwrap();
     assert_eq!(erins.user_name, "erin", "the owner's own spelling");
     let carols = identity
-        .register_device("carol", [2; 32], "", None, Instant::now(), now)
+        .register_device(
+            "carol",
+            [2; 32],
+            &portcullis_identity::NewDevice {
+                name: "".into(),
+                ..Default::default()
+            },
+            Instant::now(),
+            now,
+        )
         .await
         .unwrap();
     assert_eq!(carols.user_id, None, "a user of the configuration file");
     let err = identity
-        .register_device("mallory", [3; 32], "", None, Instant::now(), now)
+        .register_device(
+            "mallory",
+            [3; 32],
+            &portcullis_identity::NewDevice {
+                name: "".into(),
+                ..Default::default()
+            },
+            Instant::now(),
+            now,
+        )
         .await
         .unwrap_err();
     assert!(
@@ -232,7 +259,16 @@ async fn devices_persist_and_leave_with_their_user() {
         "{err}"
     );
     let err = identity
-        .register_device("carol", [1; 32], "", None, Instant::now(), now)
+        .register_device(
+            "carol",
+            [1; 32],
+            &portcullis_identity::NewDevice {
+                name: "".into(),
+                ..Default::default()
+            },
+            Instant::now(),
+            now,
+        )
         .await
         .unwrap_err();
     assert!(

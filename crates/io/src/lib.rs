@@ -108,6 +108,7 @@ pub fn build_gateway(
             public_key: *key,
             addresses,
             persistent_keepalive: p.persistent_keepalive,
+            sign_on: Default::default(),
         })?;
     }
     Ok(gw)

@@ -128,6 +128,12 @@ pub enum DeviceChange {
         expires_at: DateTime<Utc>,
         /// The key this one replaces (a rotation); it stays valid for the grace period.
         previous: Option<[u8; 32]>,
+        sign_on: SignOn,
+    },
+    /// A new sign-on renewed the device: its flows are decided again with it.
+    SignedOn {
+        public_key: [u8; 32],
+        sign_on: SignOn,
     },
     Removed {
         public_key: [u8; 32],
@@ -157,6 +163,18 @@ impl ChangeKind {
             ChangeKind::Deleted => "deleted",
         }
     }
+}
+
+/// The sign-on behind a device, as the policies see it (`context.mfa`,
+/// `context.auth_age_secs`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SignOn {
+    /// When (Unix seconds); 0: never (static peers, devices an administrator registered).
+    #[serde(default)]
+    pub at: i64,
+    /// It used a second factor (the IdP's or ours).
+    #[serde(default)]
+    pub mfa: bool,
 }
 
 /// What a new flow asks the policy engine.

@@ -88,6 +88,8 @@ pub struct SpConfig {
     /// How long a started login may take.
     pub request_lifetime: TimeDelta,
     pub allow_idp_initiated: bool,
+    /// An attribute saying the IdP used a second factor (`[mfa] saml_attribute`).
+    pub mfa_attribute: Option<String>,
 }
 
 /// A successful login.
@@ -97,6 +99,13 @@ pub struct Login {
     pub groups: Vec<String>,
     /// The IdP's end of this login session, if it said.
     pub session_not_on_or_after: Option<DateTime<Utc>>,
+    /// When the IdP authenticated the user (its `AuthnInstant`, never after now): an IdP
+    /// session reused hours later is that old.
+    pub authn_instant: Option<DateTime<Utc>>,
+    /// Every `AuthnContextClassRef` the assertion states.
+    pub authn_context_class_refs: Vec<String>,
+    /// The values of `mfa_attribute`, if configured.
+    pub mfa_attribute_values: Vec<String>,
     pub assertion_id: String,
     /// Until when the assertion id must be remembered (nothing accepts it after).
     pub assertion_forget_at: DateTime<Utc>,
@@ -350,6 +359,21 @@ impl Sp {
             .flatten()
             .filter_map(|s| s.session_not_on_or_after)
             .min();
+        let statements = || assertion.authn_statements.iter().flatten();
+        let authn_instant = statements()
+            .filter_map(|s| s.authn_instant)
+            .max()
+            .map(|t| t.min(now));
+        let authn_context_class_refs = statements()
+            .filter_map(|s| s.authn_context.as_ref()?.value.as_ref()?.value.clone())
+            .map(|v| v.trim().to_string())
+            .collect();
+        let mfa_attribute_values = self
+            .config
+            .mfa_attribute
+            .as_deref()
+            .map(|a| attribute(&assertion, a))
+            .unwrap_or_default();
         // Remember the id until nothing could accept it any more.
         let expires = assertion_expiry(&assertion).unwrap_or(now + TimeDelta::hours(1));
         let assertion_forget_at = expires + self.config.max_clock_skew;
@@ -358,6 +382,9 @@ impl Sp {
             user,
             groups,
             session_not_on_or_after,
+            authn_instant,
+            authn_context_class_refs,
+            mfa_attribute_values,
             assertion_id: assertion.id,
             assertion_forget_at,
             request_id,

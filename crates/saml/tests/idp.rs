@@ -33,6 +33,7 @@ fn config() -> SpConfig {
         max_clock_skew: TimeDelta::seconds(1),
         request_lifetime: TimeDelta::minutes(10),
         allow_idp_initiated: false,
+        mfa_attribute: None,
     }
 }
 

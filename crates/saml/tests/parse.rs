@@ -23,6 +23,7 @@ fn sp() -> Sp {
             max_clock_skew: TimeDelta::seconds(60),
             request_lifetime: TimeDelta::minutes(10),
             allow_idp_initiated: false,
+            mfa_attribute: None,
         },
         METADATA,
     )

@@ -34,6 +34,33 @@ pub struct MfaConfig {
     pub saml_attribute: Option<String>,
 }
 
+impl Default for MfaConfig {
+    /// No `[mfa]`: no TOTP, nothing required, the IdP's own second factor still counts.
+    fn default() -> Self {
+        MfaConfig {
+            totp: false,
+            required: false,
+            issuer: default_issuer(),
+            secret_key_file: None,
+            saml_authn_contexts: default_authn_contexts(),
+            saml_attribute: None,
+        }
+    }
+}
+
+impl MfaConfig {
+    /// Whether a sign-on used a second factor by the IdP's word: one of the listed
+    /// `AuthnContextClassRef`s, or the attribute `true`/`1`.
+    pub fn idp_asserted(&self, class_refs: &[String], attribute_values: &[String]) -> bool {
+        class_refs
+            .iter()
+            .any(|c| self.saml_authn_contexts.iter().any(|m| m == c))
+            || attribute_values
+                .iter()
+                .any(|v| v.trim().eq_ignore_ascii_case("true") || v.trim() == "1")
+    }
+}
+
 fn default_issuer() -> String {
     "Portcullis".into()
 }

@@ -160,7 +160,8 @@ impl Gateway {
     /// Adds or removes a registered device's peer. A new key is recorded as
     /// `key_rotated` (with the key it replaces, if any) before its `peer_added`; a removed
     /// one cuts its flows and session (`peer_removed` with the reason: `expired`,
-    /// `rotated`, `removed`, `user deleted`). Removing an unknown key does nothing.
+    /// `rotated`, `removed`, `user deleted`). Removing an unknown key does nothing. A new
+    /// sign-on of a device re-decides its open flows with it at once.
     pub fn handle_device_change(
         &mut self,
         now: Instant,
@@ -174,6 +175,7 @@ impl Gateway {
                 persistent_keepalive,
                 expires_at,
                 previous,
+                sign_on,
             } => {
                 self.events.push_back(Event::KeyRotated {
                     user: user.clone(),
@@ -186,7 +188,21 @@ impl Gateway {
                     public_key,
                     addresses,
                     persistent_keepalive,
+                    sign_on,
                 })?;
+            }
+            DeviceChange::SignedOn {
+                public_key,
+                sign_on,
+            } => {
+                if let Some(id) = self.by_key.get(&public_key).copied() {
+                    if let Some(peer) = self.peers.get_mut(id.0 as usize).and_then(Option::as_mut) {
+                        peer.spec.sign_on = sign_on;
+                    }
+                    self.enforcer.handle_sign_on(now, id, sign_on);
+                    // The resets of the flows it cut go out through the tunnel now.
+                    self.flush_injected();
+                }
             }
             DeviceChange::Removed { public_key, reason } => {
                 self.handle_peer_remove(now, &public_key, &reason);

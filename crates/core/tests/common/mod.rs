@@ -99,6 +99,7 @@ pub fn node(t0: Instant, devices: &[(u8, &str, [u8; 4])]) -> Gateway {
             public_key: PublicKey::from(&client_key(*n)).to_bytes(),
             addresses: vec![IpAddr::from(*addr)],
             persistent_keepalive: None,
+            sign_on: Default::default(),
         })
         .expect("peer");
     }
