@@ -293,6 +293,7 @@ impl ClusterLab {
                     name: "alice".into(),
                     password: "alice-password".into(),
                     groups: vec!["sre".into()],
+                    authn_context: None,
                 }],
                 &portcullis_testkit::IdpOptions::default(),
             )?;

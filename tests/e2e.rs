@@ -1639,7 +1639,8 @@ fn saml_enroll(lab: &Lab, user: &str, name: &str, public_key: &str, tamper: bool
 /// response is refused and audited; alice (unknown to the gateway until she signs in,
 /// group sre from the IdP) enrolls her device's own key; the profile she gets works with
 /// wireguard-go and reaches exactly what her groups allow; the device expires with her
-/// sign-in.
+/// sign-in. Her password-only sign-on keeps her out of prod-admin (MFA within 12 h), where
+/// carol's, which states a second factor, lets her device in.
 #[test]
 fn saml_login_enrolls_a_device_that_reaches_what_the_groups_allow() {
     let lab = Lab::start(LabOptions {
@@ -1736,6 +1737,31 @@ fn saml_login_enrolls_a_device_that_reaches_what_the_groups_allow() {
         denied["policy_ids"],
         serde_json::json!(["prod-admin-needs-recent-mfa"]),
         "{denied}"
+    );
+
+    // carol's IdP sign-on states REFEDS MFA: her device, in bob's namespace with the
+    // profile she got, is let into prod-admin by the same policies.
+    let (carol_private, carol_public) = portcullis_e2e::wg_genkey().unwrap();
+    let v = saml_enroll(&lab, "carol", "laptop", &carol_public, false);
+    assert_eq!(v["enroll_status"], 201, "{}", v["enroll_page"]);
+    lab.use_profile(
+        &lab.bob,
+        v["profile"].as_str().unwrap(),
+        Some(&carol_private),
+        Some(&lab.bob.endpoint),
+    )
+    .unwrap();
+    assert!(reaches_prod(&lab, &lab.bob, Duration::from_secs(10)));
+    let _ = lab.connect(&lab.bob, addr("10.8.100.5:22"), Duration::from_secs(1));
+    let opened = lab
+        .wait_event(Duration::from_secs(3), |e| {
+            is(e, "flow_opened") && e["dst_ip"] == "10.8.100.5" && e["user"] == "carol"
+        })
+        .unwrap();
+    assert_eq!(
+        opened["policy_ids"],
+        serde_json::json!(["sre-prod"]),
+        "{opened}"
     );
 }
 

@@ -192,7 +192,8 @@ pub struct LabOptions {
     /// `extra_config` become its URL and certificate.
     pub slapd_tls: bool,
     /// Start a SimpleSAMLphp IdP in the gateway's namespace that trusts the SP at
-    /// `http://127.0.0.1:18080` and knows alice (group sre) and bob (developers),
+    /// `http://127.0.0.1:18080` and knows alice (group sre), bob (developers) and carol
+    /// (sre, her sign-ons with a second factor),
     /// password `<name>-password`; its metadata is `idp-metadata.xml` in the lab dir, and
     /// `{idp_metadata_url}` in `extra_config` becomes its metadata URL.
     pub saml_idp: bool,
@@ -283,12 +284,17 @@ impl Lab {
                     entity_id: "http://127.0.0.1:18080/saml/metadata".into(),
                     acs_url: "http://127.0.0.1:18080/saml/acs".into(),
                 }],
-                &[("alice", "sre"), ("bob", "developers")].map(|(name, group)| {
-                    portcullis_testkit::IdpUser {
-                        name: name.into(),
-                        password: format!("{name}-password"),
-                        groups: vec![group.into()],
-                    }
+                // carol's sign-ons state a second factor (REFEDS MFA), the others' do not.
+                &[
+                    ("alice", "sre", None),
+                    ("bob", "developers", None),
+                    ("carol", "sre", Some("https://refeds.org/profile/mfa")),
+                ]
+                .map(|(name, group, acr)| portcullis_testkit::IdpUser {
+                    name: name.into(),
+                    password: format!("{name}-password"),
+                    groups: vec![group.into()],
+                    authn_context: acr.map(str::to_string),
                 }),
                 &portcullis_testkit::IdpOptions::default(),
             )?;

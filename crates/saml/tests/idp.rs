@@ -58,6 +58,7 @@ fn idp(options: IdpOptions) -> SamlIdp {
             name: "alice".into(),
             password: "alice-password".into(),
             groups: vec!["sre".into(), "staff".into()],
+            authn_context: None,
         }],
         &options,
     )

@@ -19,6 +19,9 @@ pub struct IdpUser {
     pub name: String,
     pub password: String,
     pub groups: Vec<String>,
+    /// The `AuthnContextClassRef` this user's sign-ons state (e.g. an MFA one); `None`:
+    /// SimpleSAMLphp's own (password).
+    pub authn_context: Option<String>,
 }
 
 /// The service provider the IdP trusts.
@@ -125,8 +128,14 @@ impl SamlIdp {
             .iter()
             .map(|u| {
                 let groups: Vec<String> = u.groups.iter().map(|g| php_str(g)).collect();
+                // `acr` is moved into the sign-on's AuthnContextClassRef (authproc below).
+                let acr = u
+                    .authn_context
+                    .as_deref()
+                    .map(|a| format!(", 'acr' => [{}]", php_str(a)))
+                    .unwrap_or_default();
                 format!(
-                    "    {} => ['uid' => [{}], 'groups' => [{}]],\n",
+                    "    {} => ['uid' => [{}], 'groups' => [{}]{acr}],\n",
                     php_str(&format!("{}:{}", u.name, u.password)),
                     php_str(&u.name),
                     groups.join(", ")
@@ -150,6 +159,7 @@ impl SamlIdp {
                  'saml20.sign.response' => true,\n'saml20.sign.assertion' => true,\n\
                  'assertion.lifetime' => {lifetime},\n\
                  'attributes.NameFormat' => 'urn:oasis:names:tc:SAML:2.0:attrname-format:basic',\n\
+                 'authproc' => [10 => ['class' => 'core:PHP', 'code' => 'if (isset($attributes[\"acr\"])) {{ $state[\"saml:AuthnContextClassRef\"] = $attributes[\"acr\"][0]; unset($attributes[\"acr\"]); }}']],\n\
                  ];\n",
                 lifetime = options.assertion_lifetime.as_secs().max(1),
                 algorithm = php_str(&options.signature_algorithm),
