@@ -721,6 +721,14 @@ impl Enforcer {
         Ok(self.redecide_all(now))
     }
 
+    fn flows_of(&self, peer: PeerId) -> Vec<FlowKey> {
+        self.flows
+            .iter()
+            .filter(|(_, f)| f.peer == peer)
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
     /// A new sign-on for `peer`'s device: its flows are decided again with it at once
     /// (a sign-on without the second factor a policy asks for cuts them). Returns how
     /// many were cut.
@@ -730,12 +738,7 @@ impl Enforcer {
         peer: PeerId,
         sign_on: portcullis_model::SignOn,
     ) -> usize {
-        let keys: Vec<FlowKey> = self
-            .flows
-            .iter()
-            .filter(|(_, f)| f.peer == peer)
-            .map(|(k, _)| *k)
-            .collect();
+        let keys = self.flows_of(peer);
         for k in &keys {
             if let Some(f) = self.flows.get_mut(k) {
                 f.sign_on = sign_on;
@@ -747,12 +750,7 @@ impl Enforcer {
 
     /// Cuts every flow of a peer (it is being removed). Resets are injected first.
     pub fn handle_peer_removed(&mut self, now: Instant, peer: PeerId) -> usize {
-        let keys: Vec<FlowKey> = self
-            .flows
-            .iter()
-            .filter(|(_, f)| f.peer == peer)
-            .map(|(k, _)| *k)
-            .collect();
+        let keys = self.flows_of(peer);
         for k in &keys {
             self.cut(*k, now, CloseReason::PeerRemoved);
         }
