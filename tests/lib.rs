@@ -916,39 +916,23 @@ address6 = "fd00:64::3"
         private_key: Option<&str>,
         endpoint: Option<&str>,
     ) -> Result<()> {
-        let mut section = "";
-        let mut fields: Vec<(String, String, String)> = Vec::new();
-        for line in profile.lines().map(str::trim) {
-            if line.starts_with('#') || line.is_empty() {
-                continue;
-            }
-            if line.starts_with('[') {
-                section = if line == "[Interface]" { "i" } else { "p" };
-                continue;
-            }
-            let (k, v) = line
-                .split_once('=')
-                .ok_or_else(|| anyhow!("profile line {line:?} is not key = value"))?;
-            fields.push((section.into(), k.trim().into(), v.trim().into()));
-        }
-        let get = |sec: &str, key: &str| {
-            fields
-                .iter()
-                .find(|(s, k, _)| s == sec && k == key)
-                .map(|(_, _, v)| v.clone())
-                .ok_or_else(|| anyhow!("profile has no {key}:\n{profile}"))
+        let p = parse_profile(profile)?;
+        let private = match (private_key, &p.private_key) {
+            (Some(k), _) => k.to_string(),
+            (None, Some(k)) => k.clone(),
+            (None, None) => return Err(anyhow!("profile has no PrivateKey:\n{profile}")),
         };
-        let private = match private_key {
-            Some(k) => k.to_string(),
-            None => get("i", "PrivateKey")?,
-        };
-        let address = get("i", "Address")?;
-        let peer = get("p", "PublicKey")?;
+        let address = p.address.clone();
+        let first = p
+            .peers
+            .first()
+            .ok_or_else(|| anyhow!("profile has no [Peer]:\n{profile}"))?;
+        let peer = first.public_key.clone();
         let endpoint = match endpoint {
             Some(e) => e.to_string(),
-            None => get("p", "Endpoint")?,
+            None => first.endpoint.clone(),
         };
-        let allowed = get("p", "AllowedIPs")?.replace(' ', "");
+        let allowed = first.allowed_ips.join(",");
         let key_file = self.dir.join(format!("{}-profile.key", c.ifname));
         std::fs::write(&key_file, format!("{private}\n"))?;
         let key_file = key_file.to_string_lossy().to_string();
@@ -1183,6 +1167,75 @@ pub(crate) fn copy_dir(from: &Path, to: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A `wg-quick` profile as the gateway hands it out: the interface's key and address,
+/// and its peers.
+pub(crate) struct Profile {
+    /// `None` when the device made its own key (the line is a comment then).
+    pub private_key: Option<String>,
+    pub address: String,
+    pub peers: Vec<ProfilePeer>,
+}
+
+pub(crate) struct ProfilePeer {
+    pub public_key: String,
+    pub endpoint: String,
+    pub allowed_ips: Vec<String>,
+    pub persistent_keepalive: Option<String>,
+}
+
+pub(crate) fn parse_profile(text: &str) -> Result<Profile> {
+    let mut interface: Vec<(String, String)> = Vec::new();
+    let mut peers: Vec<Vec<(String, String)>> = Vec::new();
+    let mut in_peer = false;
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        match line {
+            "[Interface]" => in_peer = false,
+            "[Peer]" => {
+                in_peer = true;
+                peers.push(Vec::new());
+            }
+            _ => {
+                let (k, v) = line
+                    .split_once('=')
+                    .ok_or_else(|| anyhow!("profile line {line:?} is not key = value"))?;
+                let kv = (k.trim().to_string(), v.trim().to_string());
+                match peers.last_mut() {
+                    Some(p) if in_peer => p.push(kv),
+                    _ => interface.push(kv),
+                }
+            }
+        }
+    }
+    let get = |fields: &[(String, String)], key: &str| {
+        fields
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+            .ok_or_else(|| anyhow!("profile has no {key}:\n{text}"))
+    };
+    Ok(Profile {
+        private_key: get(&interface, "PrivateKey").ok(),
+        address: get(&interface, "Address")?,
+        peers: peers
+            .iter()
+            .map(|p| {
+                Ok(ProfilePeer {
+                    public_key: get(p, "PublicKey")?,
+                    endpoint: get(p, "Endpoint")?,
+                    allowed_ips: get(p, "AllowedIPs")?
+                        .split(',')
+                        .map(|a| a.trim().to_string())
+                        .collect(),
+                    persistent_keepalive: get(p, "PersistentKeepalive").ok(),
+                })
+            })
+            .collect::<Result<_>>()?,
+    })
 }
 
 /// Reads from `s` until the gateway's reset arrives: how long that took (anything else

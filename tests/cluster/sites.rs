@@ -25,7 +25,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Context as _, Result};
 
 use super::{addr_add, link_up, route_via, veth_into_bridge, ClusterLab};
-use crate::{sh, sh_in, wait_until, wg_genkey, Client};
+use crate::{parse_profile, sh, sh_in, wait_until, wg_genkey, Client};
 
 /// The sites the lab can build, in order.
 pub const SITE_NAMES: [&str; 2] = ["eu-1", "us-1"];
@@ -121,74 +121,6 @@ pub(super) fn write_site_policies(dir: &Path) -> Result<()> {
          permit (principal in Group::\"sre\", action == Action::\"connect\", resource in Network::\"prod-us\");\n",
     )?;
     Ok(())
-}
-
-/// A `wg-quick` profile as the gateway hands it out: the interface's key and address,
-/// and its peers.
-struct Profile {
-    private_key: String,
-    address: String,
-    peers: Vec<ProfilePeer>,
-}
-
-struct ProfilePeer {
-    public_key: String,
-    endpoint: String,
-    allowed_ips: Vec<String>,
-    persistent_keepalive: Option<String>,
-}
-
-fn parse_profile(text: &str) -> Result<Profile> {
-    let mut interface: Vec<(String, String)> = Vec::new();
-    let mut peers: Vec<Vec<(String, String)>> = Vec::new();
-    let mut in_peer = false;
-    for line in text.lines().map(str::trim) {
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        match line {
-            "[Interface]" => in_peer = false,
-            "[Peer]" => {
-                in_peer = true;
-                peers.push(Vec::new());
-            }
-            _ => {
-                let (k, v) = line
-                    .split_once('=')
-                    .ok_or_else(|| anyhow!("profile line {line:?} is not key = value"))?;
-                let kv = (k.trim().to_string(), v.trim().to_string());
-                match peers.last_mut() {
-                    Some(p) if in_peer => p.push(kv),
-                    _ => interface.push(kv),
-                }
-            }
-        }
-    }
-    let get = |fields: &[(String, String)], key: &str| {
-        fields
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.clone())
-            .ok_or_else(|| anyhow!("profile has no {key}:\n{text}"))
-    };
-    Ok(Profile {
-        private_key: get(&interface, "PrivateKey")?,
-        address: get(&interface, "Address")?,
-        peers: peers
-            .iter()
-            .map(|p| {
-                Ok(ProfilePeer {
-                    public_key: get(p, "PublicKey")?,
-                    endpoint: get(p, "Endpoint")?,
-                    allowed_ips: get(p, "AllowedIPs")?
-                        .split(',')
-                        .map(|a| a.trim().to_string())
-                        .collect(),
-                    persistent_keepalive: get(p, "PersistentKeepalive").ok(),
-                })
-            })
-            .collect::<Result<_>>()?,
-    })
 }
 
 impl ClusterLab {
@@ -426,7 +358,11 @@ vrrp_instance site {{
         let (ns, k) = self.site_client_ns()?;
         let ifname = self.spawn_wireguard_go(&ns, k)?;
         let key_file = self.dir.join(format!("client-{k}.key"));
-        std::fs::write(&key_file, format!("{}\n", p.private_key))?;
+        let private = p
+            .private_key
+            .as_deref()
+            .ok_or_else(|| anyhow!("profile has no PrivateKey:\n{profile}"))?;
+        std::fs::write(&key_file, format!("{private}\n"))?;
         let key_file = key_file.to_string_lossy().to_string();
         let mut args: Vec<String> = [
             "wg",

@@ -212,6 +212,12 @@ pub fn load_cases(dir: &Path) -> Result<Vec<Case>, Vec<SourceError>> {
     }
 }
 
+/// `FlowRequest::authenticated_at` for a sign-on `auth_age_secs` before `at`; `None`:
+/// never signed on (0).
+pub fn signed_on_at(at: DateTime<Utc>, auth_age_secs: Option<u32>) -> i64 {
+    auth_age_secs.map_or(0, |age| at.timestamp().saturating_sub(i64::from(age)))
+}
+
 /// Decides `case` with plain Cedar over the whole bundle and compares.
 pub fn run_case(bundle: &Arc<PolicyBundle>, case: &Case, now: DateTime<Utc>) -> Outcome {
     let decision = match Engine::new(bundle.clone(), vec![case.user.clone()]) {
@@ -224,12 +230,7 @@ pub fn run_case(bundle: &Arc<PolicyBundle>, case: &Case, now: DateTime<Utc>) -> 
                 protocol: case.dst.protocol,
                 device: "test".into(),
                 mfa: case.mfa,
-                authenticated_at: case.auth_age_secs.map_or(0, |age| {
-                    case.at
-                        .unwrap_or(now)
-                        .timestamp()
-                        .saturating_sub(i64::from(age))
-                }),
+                authenticated_at: signed_on_at(case.at.unwrap_or(now), case.auth_age_secs),
             },
             case.at.unwrap_or(now),
         ),

@@ -73,7 +73,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
 }
 
 /// The networks naming a site that is not in `[[cluster.sites]]` (when there are sites).
-fn unknown_sites(
+pub(crate) fn unknown_sites(
     c: &portcullis_config::Config,
     bundle: &PolicyBundle,
 ) -> Vec<portcullis_policy::SourceError> {

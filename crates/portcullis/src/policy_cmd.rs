@@ -104,21 +104,13 @@ fn validate(dir: &Path, config: Option<&Path>) -> anyhow::Result<ExitCode> {
         let text = std::fs::read_to_string(config)
             .with_context(|| format!("reading {}", config.display()))?;
         let loaded = portcullis_config::parse(config, &text)?;
-        if let Some(cl) = loaded
-            .config
-            .cluster
-            .as_ref()
-            .filter(|cl| !cl.sites.is_empty())
-        {
-            let known: Vec<&str> = cl.sites.iter().map(|s| s.name.as_str()).collect();
-            let unknown = bundle.networks().unknown_sites(&known);
-            if !unknown.is_empty() {
-                for e in &unknown {
-                    eprintln!("{e}");
-                }
-                eprintln!("{} error(s)", unknown.len());
-                return Ok(ExitCode::FAILURE);
+        let unknown = crate::gateway::unknown_sites(&loaded.config, &bundle);
+        if !unknown.is_empty() {
+            for e in &unknown {
+                eprintln!("{e}");
             }
+            eprintln!("{} error(s)", unknown.len());
+            return Ok(ExitCode::FAILURE);
         }
         for g in bundle.unknown_groups(
             loaded
@@ -237,7 +229,7 @@ fn explain(dir: &Path, asked: Asked, json: bool) -> anyhow::Result<ExitCode> {
         protocol: dst.protocol,
         device: "explain".into(),
         mfa,
-        authenticated_at: auth_age.map_or(0, |a| at.timestamp().saturating_sub(i64::from(a))),
+        authenticated_at: portcullis_policy::testing::signed_on_at(at, auth_age),
     };
     let d = engine.decide_plain(&user, &request(mfa, auth_age), at);
     // What the answer depends on: the same request over a grid of sign-ons (with and
