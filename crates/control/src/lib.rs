@@ -66,6 +66,9 @@ pub enum Command {
     /// Applies a validated bundle (the API wrote its files); flows cut, or why the core
     /// refused it.
     ApplyPolicy(Arc<PolicyBundle>, oneshot::Sender<Result<usize, String>>),
+    /// Replaces the temporary grants (every approved access request in force); answers
+    /// how many flows were cut, once their events are durable.
+    Grants(Vec<portcullis_model::Grant>, oneshot::Sender<usize>),
 }
 
 /// Identity changes for the core to apply, with when their request arrived; `done` is

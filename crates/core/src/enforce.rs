@@ -151,6 +151,9 @@ pub struct Enforcer {
     wall_anchor: DateTime<Utc>,
     /// Reads the time only to measure decisions; no decision depends on it.
     decision_clock: Option<fn() -> Instant>,
+    /// The earliest end (Unix seconds) of a temporary grant still in force: when the
+    /// wall clock passes it, that grant's user's flows are decided again (and cut).
+    next_grant_end: Option<i64>,
     pub stats: EnforceStats,
 }
 
@@ -180,6 +183,7 @@ impl Enforcer {
             mono_anchor: now,
             wall_anchor: wall,
             decision_clock: None,
+            next_grant_end: None,
             stats: EnforceStats::default(),
         }
     }
@@ -745,6 +749,69 @@ impl Enforcer {
             }
         }
         self.denied.clear();
+        keys.iter().filter(|k| !self.redecide(k, now)).count()
+    }
+
+    /// Replaces the temporary grants (approved access requests). The flows of every user
+    /// whose grants changed are decided again at once: a revoked grant cuts what only it
+    /// allowed. Returns how many flows were cut.
+    pub fn handle_grants(&mut self, now: Instant, grants: Vec<portcullis_model::Grant>) -> usize {
+        let wall = self.wall(now).timestamp();
+        let before: Vec<portcullis_model::Grant> = self.engine.grants().iter().cloned().collect();
+        let mut changed: rustc_hash::FxHashSet<String> = rustc_hash::FxHashSet::default();
+        for g in before.iter().filter(|g| !grants.contains(g)) {
+            changed.insert(g.user.clone());
+        }
+        for g in grants.iter().filter(|g| !before.contains(g)) {
+            changed.insert(g.user.clone());
+        }
+        self.next_grant_end = grants.iter().map(|g| g.end).filter(|e| *e > wall).min();
+        self.engine
+            .set_grants(portcullis_policy::grants::Grants::new(grants));
+        self.denied.clear();
+        self.redecide_users(now, |u| changed.contains(u))
+    }
+
+    /// When the next grant ends (Unix seconds), if one is in force.
+    pub fn poll_grant_end(&self) -> Option<i64> {
+        self.next_grant_end
+    }
+
+    /// Ends the grants whose time is up: their users' flows are decided again now (the
+    /// engine's window check no longer matches) and the ones only a grant allowed are cut,
+    /// with resets. Cheap when no grant is due. Returns how many flows were cut.
+    pub fn handle_grant_timer(&mut self, now: Instant) -> usize {
+        let wall = self.wall(now).timestamp();
+        // Every grant ending since the last firing ends at or after `due`.
+        let due = match self.next_grant_end {
+            Some(end) if end <= wall => end,
+            _ => return 0,
+        };
+        let ended: rustc_hash::FxHashSet<String> = self
+            .engine
+            .grants()
+            .iter()
+            .filter(|g| g.end >= due && g.end <= wall)
+            .map(|g| g.user.clone())
+            .collect();
+        self.next_grant_end = self
+            .engine
+            .grants()
+            .iter()
+            .map(|g| g.end)
+            .filter(|e| *e > wall)
+            .min();
+        self.denied.clear();
+        self.redecide_users(now, |u| ended.contains(u))
+    }
+
+    fn redecide_users(&mut self, now: Instant, affected: impl Fn(&str) -> bool) -> usize {
+        let keys: Vec<FlowKey> = self
+            .flows
+            .iter()
+            .filter(|(_, f)| affected(f.user.as_ref()))
+            .map(|(k, _)| *k)
+            .collect();
         keys.iter().filter(|k| !self.redecide(k, now)).count()
     }
 

@@ -581,6 +581,10 @@ impl Gateway {
         for id in expired {
             self.end_session(id, now, "idle");
         }
+        // Checked every tick, not every second: a grant's end cuts within a tick.
+        if self.enforcer.handle_grant_timer(now) > 0 {
+            self.flush_injected();
+        }
         if now >= self.next_second {
             self.next_second = now + Duration::from_secs(1);
             self.rate_limiter.reset_count();

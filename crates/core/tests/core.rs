@@ -1414,3 +1414,79 @@ fn a_devices_sign_on_decides_prod_admin_and_a_new_sign_on_without_mfa_cuts_it() 
         Some(prod.clone())
     );
 }
+
+/// A temporary grant: bob (developers, no prod) reaches prod-db on 5432/tcp while it
+/// lasts, the flow names the grant; at its end the loop's own timer resets the open
+/// connection and new ones are denied; a revoked grant (a new set without it) cuts at once.
+#[test]
+fn a_grant_allows_what_it_names_until_its_end_and_its_end_resets_the_flow() {
+    let t0 = Instant::now();
+    let (mut gw, gw_pub) = gateway(t0);
+    let db = [10, 8, 5, 9];
+    let end = wall().timestamp() + 30;
+    let grant = portcullis_model::Grant {
+        id: "ar-0001".into(),
+        user: "bob".into(),
+        network: "prod-db".into(),
+        dst: None,
+        port: Some(5432),
+        protocol: Some(portcullis_model::Protocol::TCP),
+        start: wall().timestamp() - 1,
+        end,
+    };
+    let mut bob = Client::new(2, &gw_pub);
+    let syn = tcp(BOB, 40000, db, 5432, "S", 1, b"");
+    assert_eq!(bob.send(&mut gw, t0, &syn), None, "no grant yet");
+    assert_eq!(gw.handle_grants(t0, vec![grant.clone()]), 0);
+    let syn = tcp(BOB, 40001, db, 5432, "S", 1, b"");
+    assert_eq!(bob.send(&mut gw, t0, &syn), Some(syn.clone()), "granted");
+    let ssh = tcp(BOB, 40002, db, 22, "S", 1, b"");
+    assert_eq!(bob.send(&mut gw, t0, &ssh), None, "only the port granted");
+    let mut out = vec![0u8; portcullis_core::MAX_PACKET];
+    gw.handle_tun_packet(t0, &tcp(db, 5432, BOB, 40001, "SA", 9, b""), &mut out)
+        .expect("syn-ack to bob");
+    while gw.poll_transmit().is_some() {}
+    let ev: Vec<Event> = std::iter::from_fn(|| gw.poll_event()).collect();
+    assert!(
+        ev.iter().any(
+            |e| matches!(e, Event::FlowOpened { policy_ids, .. } if policy_ids == &["ar-0001"])
+        ),
+        "{ev:?}"
+    );
+    assert_eq!(gw.enforcer().poll_grant_end(), Some(end));
+
+    // Just before the end nothing happens; a tick after it the flow is reset.
+    let before = t0 + Duration::from_secs(29);
+    gw.handle_timeout(before);
+    assert!(gw.poll_transmit().is_none());
+    let after = t0 + Duration::from_millis(30_250);
+    gw.handle_timeout(after);
+    let mut resets = 0;
+    while let Some(t) = gw.poll_transmit() {
+        if bob.receive(&t.payload).is_some() {
+            resets += 1;
+        }
+    }
+    assert_eq!(resets, 1, "the open connection is reset at the grant's end");
+    let ev: Vec<Event> = std::iter::from_fn(|| gw.poll_event()).collect();
+    assert!(
+        ev.iter().any(|e| matches!(e, Event::FlowClosed { reason, policy_ids, .. } if *reason == CloseReason::PolicyRevoked && policy_ids == &["ar-0001"])),
+        "{ev:?}"
+    );
+    let again = tcp(BOB, 40003, db, 5432, "S", 1, b"");
+    assert_eq!(bob.send(&mut gw, after, &again), None, "ended");
+    assert_eq!(gw.enforcer().poll_grant_end(), None);
+
+    // A grant withdrawn before its end cuts at once.
+    let t1 = after + Duration::from_secs(1);
+    let renewed = portcullis_model::Grant {
+        id: "ar-0002".into(),
+        end: wall().timestamp() + 3600,
+        ..grant
+    };
+    gw.handle_grants(t1, vec![renewed]);
+    let syn = tcp(BOB, 40004, db, 5432, "S", 1, b"");
+    assert_eq!(bob.send(&mut gw, t1, &syn), Some(syn.clone()));
+    while gw.poll_transmit().is_some() {}
+    assert_eq!(gw.handle_grants(t1, Vec::new()), 1, "revoked: cut");
+}

@@ -290,6 +290,12 @@ impl Loop {
                 let _ = tx.send((engine.bundle().clone(), groups));
                 None
             }
+            Command::Grants(grants, done) => {
+                let cut = gw.handle_grants(Instant::now(), grants);
+                Some(Box::new(move |_| {
+                    let _ = done.send(cut);
+                }))
+            }
             Command::ApplyPolicy(bundle, done) => {
                 let applied = apply_bundle(gw, bundle, "replaced through the api");
                 Some(Box::new(move |_| {

@@ -220,6 +220,25 @@ impl Decision {
     }
 }
 
+/// A temporary grant from an approved access request: `user` may `connect` to
+/// `network` (and its sub-networks), narrowed to `dst` and `port`/`protocol` when set,
+/// from `start` until `end` (Unix seconds, end exclusive). The engine evaluates it as a
+/// permit named `id` (see `portcullis_policy::grants`); forbids still apply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    /// The access request's id; deciding flows carry it among their policy ids.
+    pub id: String,
+    pub user: String,
+    pub network: String,
+    /// An address range inside the network, or the whole network.
+    pub dst: Option<(IpAddr, u8)>,
+    /// One destination port (with `protocol`), or any.
+    pub port: Option<u16>,
+    pub protocol: Option<Protocol>,
+    pub start: i64,
+    pub end: i64,
+}
+
 /// Why a flow ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -463,6 +482,63 @@ pub enum Event {
         events_refused: u64,
         reason: String,
     },
+    /// A user asked for temporary access to a network (`portcullis access request`,
+    /// the admin API or the enrollment pages).
+    AccessRequested {
+        request_id: String,
+        /// The requester.
+        user: String,
+        network: String,
+        /// The narrower destination asked for, if any (a CIDR inside the network).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dst: Option<String>,
+        /// `5432/tcp`, if the request names one port.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        port: Option<String>,
+        duration_secs: u64,
+        reason: String,
+        /// Who filed it (the requester, or `admin:<name>` on their behalf).
+        actor: String,
+    },
+    /// An approver allowed by the `approve_access` policies approved a request: the
+    /// grant exists from `starts_at` to `ends_at`.
+    AccessApproved {
+        request_id: String,
+        user: String,
+        approver: String,
+        network: String,
+        starts_at: DateTime<Utc>,
+        ends_at: DateTime<Utc>,
+        /// The `approve_access` permits that allowed the approver.
+        policy_ids: Vec<String>,
+        reason: String,
+    },
+    /// An approver turned a request down; it grants nothing.
+    AccessDenied {
+        request_id: String,
+        user: String,
+        approver: String,
+        network: String,
+        reason: String,
+    },
+    /// A grant reached its end (or a request was never decided in time); the user's
+    /// flows it allowed were cut at that moment by every node.
+    AccessExpired {
+        request_id: String,
+        user: String,
+        network: String,
+        /// Whether a grant ended (`true`) or a pending request lapsed undecided.
+        granted: bool,
+        ends_at: DateTime<Utc>,
+    },
+    /// A grant (or a pending request) was withdrawn before its end.
+    AccessRevoked {
+        request_id: String,
+        user: String,
+        actor: String,
+        network: String,
+        reason: String,
+    },
     /// A cluster node's run ended without a clean exit (killed, its host lost): the
     /// sessions it had open ended with it, though its own trail never says so. Recorded
     /// once per death, by the node holding the repair lease (`no_heartbeat`) or by the
@@ -502,6 +578,11 @@ impl Event {
             Event::KeyRotated { .. } => "key_rotated",
             Event::AuditDegraded { .. } => "audit_degraded",
             Event::NodeDown { .. } => "node_down",
+            Event::AccessRequested { .. } => "access_requested",
+            Event::AccessApproved { .. } => "access_approved",
+            Event::AccessDenied { .. } => "access_denied",
+            Event::AccessExpired { .. } => "access_expired",
+            Event::AccessRevoked { .. } => "access_revoked",
         }
     }
 }

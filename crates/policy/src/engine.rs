@@ -33,6 +33,7 @@ use portcullis_model::{Decision, FlowRequest, Principal};
 use rustc_hash::FxHashMap;
 
 use crate::analysis::{ContextReads, Scope};
+use crate::grants::{self, Grants};
 use crate::{string_set, uid, PolicyBundle, INTERNET};
 
 /// Bound on cached decisions; the cache is cleared when it is reached.
@@ -138,6 +139,8 @@ pub struct Engine {
     /// Per user: the policies whose principal and action scopes match (network-independent).
     user_candidates: FxHashMap<u32, Arc<Vec<u32>>>,
     decisions: FxHashMap<DecisionKey, Arc<Decision>>,
+    /// Temporary grants (see `grants`); a user with any is never served from the cache.
+    grants: Grants,
     pub stats: EngineStats,
 }
 
@@ -173,6 +176,7 @@ impl Engine {
             slices: FxHashMap::default(),
             user_candidates: FxHashMap::default(),
             decisions: FxHashMap::default(),
+            grants: Grants::default(),
             stats: EngineStats::default(),
         };
         for u in users {
@@ -313,9 +317,13 @@ impl Engine {
             port: req.dst_port,
             protocol: req.protocol.0,
         };
-        if let Some(d) = self.decisions.get(&key) {
-            self.stats.cache_hits += 1;
-            return d.clone();
+        // A grant's window makes the answer depend on the time: never cached.
+        let granted = !self.grants.of(user).is_empty();
+        if !granted {
+            if let Some(d) = self.decisions.get(&key) {
+                self.stats.cache_hits += 1;
+                return d.clone();
+            }
         }
         let user_id = entry.id;
         let slice = match self.slices.get(&(user_id, net_key)) {
@@ -331,17 +339,41 @@ impl Engine {
                 self.stats.evaluations += 1;
                 self.evaluate_slice(user, net, req, now, &slice)
             };
+        let decision = if granted {
+            grants::combine(
+                decision,
+                self.grants.of(user),
+                self.bundle.networks(),
+                net,
+                req,
+                now,
+            )
+        } else {
+            decision
+        };
         if !decision.errors.is_empty() {
             self.stats.policy_errors += 1;
         }
         let decision = Arc::new(decision);
-        if slice.reads.cacheable() {
+        if slice.reads.cacheable() && !granted {
             if self.decisions.len() >= MAX_CACHED_DECISIONS {
                 self.decisions.clear();
             }
             self.decisions.insert(key, decision.clone());
         }
         decision
+    }
+
+    /// Replaces the temporary grants. Cached decisions are dropped (a cached deny of a
+    /// user who now has a grant would be stale); the epoch stays, so the caller
+    /// re-decides the flows of the users whose grants changed.
+    pub fn set_grants(&mut self, grants: Grants) {
+        self.grants = grants;
+        self.decisions.clear();
+    }
+
+    pub fn grants(&self) -> &Grants {
+        &self.grants
     }
 
     /// The reference decision: plain Cedar over the whole policy set, full context.
@@ -677,7 +709,7 @@ impl Engine {
     }
 }
 
-fn user_entity(u: &Principal) -> Result<Entity, EntitiesError> {
+pub(crate) fn user_entity(u: &Principal) -> Result<Entity, EntitiesError> {
     let parents: HashSet<EntityUid> = u.groups.iter().map(|g| uid("Group", g)).collect();
     Entity::new(
         uid("User", &u.name),

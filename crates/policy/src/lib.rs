@@ -18,9 +18,11 @@
 //! clock (callers pass `now`), no caching yet (each call evaluates the whole set).
 
 mod analysis;
+pub mod approval;
 mod compile;
 mod diagnostics;
 mod engine;
+pub mod grants;
 pub mod limits;
 mod networks;
 pub mod synth;

@@ -13,7 +13,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use chrono::{DateTime, TimeZone, Utc};
-use portcullis_model::{FlowRequest, Principal, Protocol};
+use portcullis_model::{FlowRequest, Grant, Principal, Protocol};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -32,6 +32,8 @@ pub struct Shape {
 /// A generated company: its policy bundle, users and a request generator.
 pub struct Company {
     pub bundle: PolicyBundle,
+    /// What `bundle` was built from (to build it again with more policies).
+    pub sources: Sources,
     pub users: Vec<Principal>,
     shape: Shape,
     rng: StdRng,
@@ -156,7 +158,7 @@ impl Company {
             networks: Some((PathBuf::from("networks.toml"), networks)),
             policies: vec![(PathBuf::from("generated.cedar"), cedar)],
         };
-        let bundle = match PolicyBundle::from_sources(sources) {
+        let bundle = match PolicyBundle::from_sources(sources.clone()) {
             Ok(b) => b,
             Err(e) => unreachable_generated(&e.to_string()),
         };
@@ -165,6 +167,7 @@ impl Company {
             .collect();
         Company {
             bundle,
+            sources,
             users,
             shape,
             rng,
@@ -194,6 +197,47 @@ impl Company {
     pub fn reshuffled_user(&mut self, i: usize) -> Principal {
         let shape = self.shape;
         Company::user(&mut self.rng, &shape, i)
+    }
+
+    /// `n` random temporary grants (ids `grant-<i>`): random users and networks, half
+    /// narrowed to an address range, a third to one port and protocol, windows of one
+    /// to sixty days across the year the requests fall in.
+    pub fn grants(&mut self, n: usize) -> Vec<Grant> {
+        let shape = self.shape;
+        let rng = &mut self.rng;
+        (0..n)
+            .map(|i| {
+                let net = rng.gen_range(0..shape.networks);
+                let top = top_level(&shape) as u8;
+                let dst = rng.gen_bool(0.5).then(|| {
+                    let a = IpAddr::from([10, rng.gen_range(0..top), rng.gen_range(0..5), 0]);
+                    (a, pick(rng, &[16u8, 24, 32]))
+                });
+                let (port, protocol) = if rng.gen_bool(0.33) {
+                    (
+                        Some(pick(rng, &PORTS)),
+                        Some(pick(rng, &[Protocol::TCP, Protocol::UDP])),
+                    )
+                } else {
+                    (None, None)
+                };
+                let start = Utc
+                    .with_ymd_and_hms(2026, rng.gen_range(1..=12), rng.gen_range(1..=28), 0, 0, 0)
+                    .single()
+                    .unwrap_or_default()
+                    .timestamp();
+                Grant {
+                    id: format!("grant-{i}"),
+                    user: format!("u{}", rng.gen_range(0..shape.users)),
+                    network: network_name(net, &shape),
+                    dst,
+                    port,
+                    protocol,
+                    start,
+                    end: start + rng.gen_range(1..=60) * 86_400,
+                }
+            })
+            .collect()
     }
 
     /// A random request: (user name, request, time). 1 in 50 names an unknown user.

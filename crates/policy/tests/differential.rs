@@ -87,3 +87,54 @@ fn fast_path_equals_plain_cedar_on_100k_random_requests() {
     assert!(total >= 100_000);
     assert!(closed > 0, "no erroring forbid was exercised");
 }
+
+/// Temporary grants against the Cedar policies they mean: the fast path with a grant
+/// table equals plain Cedar over the bundle with `grants::to_cedar` of every grant
+/// appended (same decision, same deciding ids, grant ids among them).
+#[test]
+fn grants_decide_as_the_cedar_permits_they_render_to() {
+    use portcullis_policy::grants::{to_cedar, Grants};
+    use portcullis_policy::PolicyBundle;
+    for (seed, policies) in [(11, 150), (12, 40)] {
+        let shape = Shape {
+            policies,
+            users: 40,
+            groups: 30,
+            networks: 12,
+            seed,
+        };
+        let mut company = Company::generate(shape);
+        let grants = company.grants(300);
+        let mut sources = company.sources.clone();
+        sources.policies.push((
+            "grants.cedar".into(),
+            grants.iter().map(to_cedar).collect::<String>(),
+        ));
+        let rendered = PolicyBundle::from_sources(sources).expect("rendered grants validate");
+        let plain = Engine::new(Arc::new(rendered), company.users.clone()).expect("engine");
+        let bundle = Arc::new(std::mem::replace(
+            &mut company.bundle,
+            Company::generate(Shape {
+                policies: 1,
+                ..shape
+            })
+            .bundle,
+        ));
+        let mut fast = Engine::new(bundle, company.users.clone()).expect("engine");
+        fast.set_grants(Grants::new(grants.clone()));
+        let (mut by_grant, mut n) = (0, 0);
+        for i in 0..30_000 {
+            let (user, req, now) = company.request();
+            let f = fast.decide(&user, &req, now);
+            let p = plain.decide_plain(&user, &req, now);
+            assert_eq!(*f, p, "request {i}: {user} {req:?} at {now}");
+            by_grant +=
+                usize::from(p.allowed && p.policy_ids.iter().any(|id| id.starts_with("grant-")));
+            n += 1;
+        }
+        assert!(
+            by_grant > n / 200,
+            "seed {seed}: only {by_grant} of {n} allowed by a grant"
+        );
+    }
+}

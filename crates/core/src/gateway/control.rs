@@ -26,6 +26,17 @@ impl Gateway {
         Ok(cut)
     }
 
+    /// Replaces the temporary grants (approved access requests in force); the flows of
+    /// users whose grants changed are decided again now and the denied ones cut, with
+    /// resets. Each grant's end is this loop's own timer ([`Gateway::handle_timeout`]):
+    /// it cuts on time even when the control plane is busy or its database unreachable.
+    pub fn handle_grants(&mut self, now: Instant, grants: Vec<portcullis_model::Grant>) -> usize {
+        let cut = self.enforcer.handle_grants(now, grants);
+        self.flush_injected();
+        self.drain_enforcer_events();
+        cut
+    }
+
     /// Reports a policy set that failed validation; the running one stays in force.
     pub fn handle_policy_rejected(&mut self, errors: Vec<String>) {
         self.events.push_back(Event::PolicyRejected { errors });
