@@ -36,19 +36,24 @@
 //! - `nodes.repaired`: when what the node's last run left (its open sessions) was marked
 //!   ended in the audit trail; a node needs repair when it is neither stopped nor
 //!   repaired since it `started`.
+//!
+//! Version 4:
+//! - `records(kind, id, body jsonb, updated, PRIMARY KEY (kind, id))`: records other
+//!   crates own the format of (kind `access`: `portcullis-access`'s requests), each
+//!   write with a `changes` row of the same kind whose body is the record.
 
 use tokio_postgres::Client;
 
 use crate::{pg, ClusterError};
 
 /// The schema version this gateway writes.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// Held (per transaction) while migrating.
 const MIGRATION_LOCK: i64 = 0x706f_7274_6375;
 
 /// Step `n` takes the schema from version `n` to `n + 1`.
-const STEPS: [&str; 3] = [
+const STEPS: [&str; 4] = [
     r"
 CREATE TABLE nodes (
     node_id text PRIMARY KEY,
@@ -133,6 +138,15 @@ CREATE TABLE sync_entries (
     PRIMARY KEY (source, kind, uuid)
 );
 ALTER TABLE nodes ADD COLUMN repaired timestamptz;
+",
+    r"
+CREATE TABLE records (
+    kind text NOT NULL,
+    id text NOT NULL,
+    body jsonb NOT NULL,
+    updated timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (kind, id)
+);
 ",
 ];
 

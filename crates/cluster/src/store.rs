@@ -159,7 +159,7 @@ async fn changes_after(c: &impl GenericClient, after: i64) -> Result<Vec<Remote>
             let number: i64 = r.try_get(0).map_err(crate::pg("a change row"))?;
             let kind: String = r.try_get(1).map_err(crate::pg("a change row"))?;
             from = number;
-            if kind == crate::policy::KIND {
+            if kind == crate::policy::KIND || RECORD_KINDS.contains(&kind.as_str()) {
                 let Json(body): Json<serde_json::Value> =
                     r.try_get(2).map_err(crate::pg("a change row"))?;
                 out.push(Remote::Other { number, kind, body });
@@ -199,6 +199,15 @@ async fn reload(c: &impl GenericClient) -> Result<Vec<Remote>, ClusterError> {
         groups: s.groups,
         devices: s.devices,
     }];
+    for kind in RECORD_KINDS {
+        for body in read_records(c, kind).await? {
+            out.push(Remote::Other {
+                number,
+                kind: kind.to_string(),
+                body,
+            });
+        }
+    }
     if let Some(body) = crate::policy::current(c).await? {
         out.push(Remote::Other {
             number,
@@ -207,6 +216,29 @@ async fn reload(c: &impl GenericClient) -> Result<Vec<Remote>, ClusterError> {
         });
     }
     Ok(out)
+}
+
+/// The kinds of `records` a node follows through the change log.
+pub const RECORD_KINDS: &[&str] = &["access"];
+
+async fn read_records(
+    c: &impl GenericClient,
+    kind: &str,
+) -> Result<Vec<serde_json::Value>, ClusterError> {
+    let rows = c
+        .query(
+            "SELECT body FROM records WHERE kind = $1 ORDER BY id",
+            &[&kind],
+        )
+        .await
+        .map_err(crate::pg("reading records"))?;
+    rows.iter()
+        .map(|r| {
+            r.try_get::<_, Json<serde_json::Value>>(0)
+                .map(|Json(v)| v)
+                .map_err(crate::pg("a record row"))
+        })
+        .collect()
 }
 
 fn json<T: Serialize>(v: &T) -> Result<serde_json::Value, ClusterError> {
@@ -399,6 +431,46 @@ impl ClusterStore {
         Ok(out)
     }
 
+    async fn write_record(
+        &mut self,
+        kind: &str,
+        id: &str,
+        body: &serde_json::Value,
+    ) -> Result<i64, ClusterError> {
+        let node_id = self.node_id.clone();
+        let c = self.client().await?;
+        let tx = c
+            .transaction()
+            .await
+            .map_err(crate::pg("starting a record write"))?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITER_LOCK])
+            .await
+            .map_err(crate::pg("taking the writers' lock"))?;
+        tx.execute(
+            "INSERT INTO records (kind, id, body) VALUES ($1, $2, $3)
+             ON CONFLICT (kind, id) DO UPDATE SET body = EXCLUDED.body, updated = now()",
+            &[&kind, &id, &Json(body)],
+        )
+        .await
+        .map_err(crate::pg("writing a record"))?;
+        let number: i64 = tx
+            .query_one(
+                "INSERT INTO changes (node_id, kind, body) VALUES ($1, $2, $3) RETURNING number",
+                &[&node_id, &kind, &Json(body)],
+            )
+            .await
+            .map_err(crate::pg("recording the change"))?
+            .try_get(0)
+            .map_err(crate::pg("recording the change"))?;
+        tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &number.to_string()])
+            .await
+            .map_err(crate::pg("announcing the change"))?;
+        tx.commit()
+            .await
+            .map_err(crate::pg("committing the record"))?;
+        Ok(number)
+    }
+
     async fn read_meta(&mut self, key: &str) -> Result<Option<String>, ClusterError> {
         let c = self.client().await?;
         let row = c
@@ -511,6 +583,43 @@ impl Store for ClusterStore {
 
     fn shared(&self) -> bool {
         true
+    }
+
+    fn save_record<'a>(
+        &'a mut self,
+        kind: &'a str,
+        id: &'a str,
+        body: &'a serde_json::Value,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            // This node's number is not marked applied: the catch-up reads the change
+            // back like any other (applying a record is idempotent), so the changes of
+            // other nodes before it are never skipped.
+            let r = bounded(self.write_record(kind, id, body)).await;
+            if matches!(r, Err(ClusterError::Timeout(_))) {
+                self.client = None;
+            }
+            if r.is_err() {
+                self.after_error();
+            }
+            r.map(|_| ()).map_err(store_error)
+        })
+    }
+
+    fn records<'a>(
+        &'a mut self,
+        kind: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<serde_json::Value>, StoreError>> {
+        Box::pin(async move {
+            let r = match self.client().await {
+                Ok(c) => bounded(read_records(&*c, kind)).await,
+                Err(e) => Err(e),
+            };
+            if r.is_err() {
+                self.after_error();
+            }
+            r.map_err(store_error)
+        })
     }
 
     fn meta<'a>(&'a mut self, key: &'a str) -> BoxFuture<'a, Result<Option<String>, StoreError>> {

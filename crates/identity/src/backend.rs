@@ -96,6 +96,23 @@ pub trait Store: Send + 'static {
         false
     }
 
+    /// Writes (or replaces) one record of another `kind` than the directory's (an access
+    /// request: `portcullis-access` owns its format). In a cluster it is written under the
+    /// writers' lock with a change of that kind, which every node (this one too) reads
+    /// back as a [`Remote::Other`].
+    fn save_record<'a>(
+        &'a mut self,
+        kind: &'a str,
+        id: &'a str,
+        body: &'a serde_json::Value,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Every stored record of `kind`.
+    fn records<'a>(
+        &'a mut self,
+        kind: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<serde_json::Value>, StoreError>>;
+
     /// A sync source's saved state (e.g. the LDAP cookie).
     fn meta<'a>(&'a mut self, key: &'a str) -> BoxFuture<'a, Result<Option<String>, StoreError>>;
 
@@ -170,6 +187,22 @@ impl Store for SqliteBackend {
 
     fn initial_devices(&mut self) -> Result<Vec<Device>, StoreError> {
         self.store()?.devices()
+    }
+
+    fn save_record<'a>(
+        &'a mut self,
+        kind: &'a str,
+        id: &'a str,
+        body: &'a serde_json::Value,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move { self.store()?.save_record(kind, id, body) })
+    }
+
+    fn records<'a>(
+        &'a mut self,
+        kind: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<serde_json::Value>, StoreError>> {
+        Box::pin(async move { self.store()?.records(kind) })
     }
 
     fn meta<'a>(&'a mut self, key: &'a str) -> BoxFuture<'a, Result<Option<String>, StoreError>> {

@@ -124,7 +124,7 @@ pub struct Identity {
     /// Woken when a device changes, so the expiry timer can re-arm.
     devices_changed: tokio::sync::Notify,
     /// Where changes of the log that are not the directory's go (see [`Remote::Other`]).
-    others: Mutex<Option<mpsc::UnboundedSender<OtherChange>>>,
+    others: Mutex<Vec<mpsc::UnboundedSender<OtherChange>>>,
     /// In a cluster: revocations accepted while the database was unreachable.
     pending: Option<Mutex<pending::PendingFile>>,
 }
@@ -165,7 +165,7 @@ impl Identity {
             core,
             device_policy: None,
             devices_changed: tokio::sync::Notify::new(),
-            others: Mutex::new(None),
+            others: Mutex::new(Vec::new()),
             pending: None,
         }
     }
@@ -259,9 +259,13 @@ impl Identity {
         }
     }
 
-    /// Hands the log's other changes (policy replacements) to `to`, in order, from now on.
+    /// Hands the log's other changes (policy replacements, access requests) to `to`, in
+    /// order, from now on; every receiver gets every change and picks its kinds.
     pub fn forward_other(&self, to: mpsc::UnboundedSender<OtherChange>) {
-        *self.others.lock().unwrap_or_else(|e| e.into_inner()) = Some(to);
+        self.others
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(to);
     }
 
     /// Enables devices: the stored ones (read from the store) and the policy for new ones.
@@ -311,9 +315,11 @@ impl Identity {
         for r in remote {
             let number = r.number();
             if let Remote::Other { kind, body, .. } = r {
-                if let Some(to) = &*self.others.lock().unwrap_or_else(|e| e.into_inner()) {
-                    let _ = to.send(OtherChange { number, kind, body });
-                }
+                let change = OtherChange { number, kind, body };
+                self.others
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|to| to.send(change.clone()).is_ok());
                 store.applied(number);
                 self.applied.store(number, Ordering::Relaxed);
                 continue;
@@ -781,6 +787,21 @@ impl Identity {
     }
 
     /// A sync source's saved state (e.g. the LDAP cookie).
+    /// Writes a record another crate owns the format of (see [`Store::save_record`]).
+    pub async fn save_record(
+        &self,
+        kind: &str,
+        id: &str,
+        body: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        self.store.lock().await.save_record(kind, id, body).await
+    }
+
+    /// Every stored record of `kind`.
+    pub async fn records(&self, kind: &str) -> Result<Vec<serde_json::Value>, StoreError> {
+        self.store.lock().await.records(kind).await
+    }
+
     pub async fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
         self.store.lock().await.meta(key).await
     }

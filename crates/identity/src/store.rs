@@ -1,6 +1,7 @@
 //! The directory on disk: one SQLite database.
 //!
-//! Format (schema version 2, in `PRAGMA user_version`; version 1 lacked `devices`):
+//! Format (schema version 3, in `PRAGMA user_version`; version 1 lacked `devices`,
+//! version 2 lacked `records`):
 //! - `users(id TEXT PRIMARY KEY, user_name TEXT NOT NULL, record TEXT NOT NULL)`
 //! - `groups(id TEXT PRIMARY KEY, display_name TEXT NOT NULL, record TEXT NOT NULL)`
 //! - `devices(id TEXT PRIMARY KEY, user_name TEXT NOT NULL, public_key TEXT NOT NULL
@@ -8,6 +9,8 @@
 //!   ([`Device`]; `expires` is RFC 3339)
 //! - `meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)` (a sync source's state, e.g. the
 //!   LDAP sync cookie)
+//! - `records(kind TEXT, id TEXT, body TEXT NOT NULL, PRIMARY KEY (kind, id))`: records
+//!   other crates own the format of (`access`: `portcullis-access`'s requests, JSON)
 //!
 //! `record` is the JSON of [`User`] / [`Group`] (membership lives in the group record);
 //! the name columns are copies for people reading the database with `sqlite3`. Journal
@@ -21,7 +24,7 @@ use rusqlite::{params, Connection, OptionalExtension as _};
 use crate::devices::{Device, DeviceMutation};
 use crate::directory::{Group, Mutation, User};
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// Errors of the SQLite store; they name the database file.
 #[derive(Debug, thiserror::Error)]
@@ -125,7 +128,8 @@ impl SqliteStore {
                  CREATE TABLE IF NOT EXISTS groups (id TEXT PRIMARY KEY, display_name TEXT NOT NULL, record TEXT NOT NULL);
                  CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
                  CREATE TABLE IF NOT EXISTS devices (id TEXT PRIMARY KEY, user_name TEXT NOT NULL, public_key TEXT NOT NULL UNIQUE, expires TEXT NOT NULL, record TEXT NOT NULL);
-                 PRAGMA user_version = 2;",
+                 CREATE TABLE IF NOT EXISTS records (kind TEXT NOT NULL, id TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (kind, id));
+                 PRAGMA user_version = 3;",
             )
             .map_err(|e| store.err(e))?;
         let users = store.load::<User>("SELECT id, record FROM users")?;
@@ -233,6 +237,47 @@ impl SqliteStore {
             .map_err(err)?;
         }
         tx.commit().map_err(err)
+    }
+
+    /// Writes (or replaces) a record of `kind`, durably.
+    pub fn save_record(
+        &mut self,
+        kind: &str,
+        id: &str,
+        body: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO records (kind, id, body) VALUES (?1, ?2, ?3)",
+                params![kind, id, body.to_string()],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Every record of `kind`, by id.
+    pub fn records(&self, kind: &str) -> Result<Vec<serde_json::Value>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, body FROM records WHERE kind = ?1 ORDER BY id")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![kind], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, body) = row.map_err(|e| self.err(e))?;
+            out.push(
+                serde_json::from_str(&body).map_err(|e| StoreError::Corrupt {
+                    path: self.path.clone(),
+                    id,
+                    reason: e.to_string(),
+                })?,
+            );
+        }
+        Ok(out)
     }
 
     /// A sync source's saved state.

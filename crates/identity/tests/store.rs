@@ -299,7 +299,7 @@ async fn devices_persist_and_leave_with_their_user() {
         .unwrap()
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
     drop(store);
     std::fs::remove_dir_all(&dir).unwrap();
 }
