@@ -34,6 +34,8 @@ pub const AUDIT_RETENTION: &str = "audit-retention";
 pub const SAML_METADATA: &str = "saml-metadata";
 /// Repairing what a dead node left: its sessions marked ended in the audit trail.
 pub const NODE_REPAIR: &str = "node-repair";
+/// Recording lapsed access requests and grants (`access_expired`) once.
+pub const ACCESS_EXPIRY: &str = "access-expiry";
 
 /// Takes or renews `name` for `holder`; whether it is held now.
 pub async fn take(client: &Client, name: &str, holder: &str) -> Result<bool, ClusterError> {

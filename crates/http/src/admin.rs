@@ -70,6 +70,8 @@ pub struct AdminApi {
     pub shared: Option<Arc<portcullis_cluster::shared::Shared>>,
     /// `[cluster]`: the shared policy set.
     pub cluster_policy: Option<Arc<crate::policy_cluster::ClusterPolicy>>,
+    /// Just-in-time access requests: `/access-requests`.
+    pub access: Option<Arc<crate::access::AccessService>>,
 }
 
 /// The admin routes under `/admin/v1` (bearer) and, with `[api]`, `/api/v1` (signed).
@@ -91,6 +93,7 @@ pub fn admin_router(a: AdminApi) -> Router {
             .map_or_else(|| Arc::new(tokio::sync::Mutex::new(())), |c| c.lock.clone()),
         shared: a.shared,
         cluster_policy: a.cluster_policy,
+        access: a.access,
     };
     let audit = a.store;
     let routes = || {
@@ -105,6 +108,7 @@ pub fn admin_router(a: AdminApi) -> Router {
             .route("/ldap/users/{name}", get(ldap_lookup))
             .merge(crate::devices::routes())
             .merge(crate::policy_api::routes())
+            .merge(crate::access_api::routes())
             .nest("/audit", audit_routes(audit.clone()))
             // Inner layer: runs after authentication, sees the actor.
             .route_layer(axum::middleware::from_fn_with_state(

@@ -39,6 +39,8 @@ pub(crate) struct AdminState {
     pub(crate) shared: Option<Arc<portcullis_cluster::shared::Shared>>,
     /// `[cluster]`: the shared policy set `PUT /policies` stores.
     pub(crate) cluster_policy: Option<Arc<crate::policy_cluster::ClusterPolicy>>,
+    /// Just-in-time access requests (with the identity store).
+    pub(crate) access: Option<Arc<crate::access::AccessService>>,
 }
 
 pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {

@@ -12,11 +12,17 @@
 //! It reaches the packet loop only through `portcullis-control`'s two bounded channels:
 //! commands in, statuses out.
 //!
-//! What it deliberately does not: no packets, no policy evaluation, no audit writing
-//! (events go to the loop as `Command::Report`).
+//! Just-in-time access requests ([`access`], routes in `access_api`) are kept here:
+//! checked, stored, audited, and handed to the loop as grants.
+//!
+//! What it deliberately does not: no packets, no flow decisions (the only policy
+//! question asked here is who may approve an access request), no audit writing (events
+//! go to the loop as `Command::Report`).
 //!
 //! Format owned here: the `[api] nonce_file` ([`nonces`]).
 
+pub mod access;
+mod access_api;
 pub mod admin;
 mod api;
 mod cluster_work;

@@ -320,6 +320,31 @@ impl Plane {
                 }
             });
         }
+        let access = match &identity {
+            Some(identity) => {
+                let follow = cluster.as_ref().map(|_| {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    identity.forward_other(tx);
+                    rx
+                });
+                match crate::access::AccessService::start(identity.clone(), commands.clone()).await
+                {
+                    Ok(a) => {
+                        if let Some(rx) = follow {
+                            tokio::spawn(a.clone().follow(rx));
+                        }
+                        a.clone()
+                            .spawn_expiry(lease(portcullis_cluster::lease::ACCESS_EXPIRY));
+                        Some(a)
+                    }
+                    Err(e) => {
+                        let _ = started.send(Err(e));
+                        return;
+                    }
+                }
+            }
+            None => None,
+        };
         if let Some(identity) = identity.as_ref().filter(|i| i.device_policy().is_some()) {
             devices::spawn_expiry(
                 identity.clone(),
@@ -346,6 +371,7 @@ impl Plane {
                 cluster,
                 &commands,
                 metadata_lease,
+                access,
             )
             .await
             {
@@ -427,6 +453,7 @@ async fn routes(
     )>,
     commands: &mpsc::Sender<Command>,
     metadata_lease: Option<tokio::sync::watch::Receiver<bool>>,
+    access: Option<Arc<crate::access::AccessService>>,
 ) -> anyhow::Result<axum::Router> {
     let c = &loaded.config;
     let mut app = axum::Router::new();
@@ -464,6 +491,7 @@ async fn routes(
             store: store.map(|s| Arc::new(portcullis_auditor::http::StoreHandle::lazy(s))),
             shared: cluster.as_ref().map(|(_, s)| s.clone()),
             cluster_policy: cluster.map(|(p, _)| p),
+            access,
         }));
     }
     // Bearer failures are limited per address on SCIM and /admin/v1 (the signed API

@@ -49,6 +49,8 @@ pub struct Startup {
     pub peers: Vec<PeerSpec>,
     /// Events to record first (devices that expired while the gateway was down).
     pub reports: Vec<Event>,
+    /// The temporary grants in force (approved access requests), before any packet.
+    pub grants: Vec<portcullis_model::Grant>,
 }
 
 /// Builds the gateway core from a loaded configuration.
@@ -273,6 +275,7 @@ pub async fn run(
     for event in startup.reports {
         gw.handle_report(event);
     }
+    gw.handle_grants(Instant::now(), startup.grants);
     gw.set_decision_clock(Instant::now);
     let (audit, recovery) = Pipeline::start(audit_config)?;
     if let Some(r) = recovery {

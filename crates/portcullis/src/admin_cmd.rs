@@ -467,7 +467,7 @@ impl rustls::client::danger::ServerCertVerifier for Pinned {
 }
 
 /// Percent-encodes a path segment.
-fn encode(s: &str) -> String {
+pub(crate) fn encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'@' => {
@@ -484,7 +484,7 @@ fn call(config: &Path, method: &str, path: &str) -> anyhow::Result<Value> {
 
 /// One request to the admin API over plain HTTP/1.1, with an optional JSON body; errors
 /// carry the API's message.
-fn call_with(
+pub(crate) fn call_with(
     config: &Path,
     method: &str,
     path: &str,

@@ -40,6 +40,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         let stored = portcullis_http::devices::stored(identity).await?;
         startup.peers = stored.peers;
         startup.reports = stored.expired;
+        startup.grants = portcullis_http::access::stored_grants(identity).await?;
     }
     // Read once (the ClickHouse password file among it) for the pipeline and the
     // auditor routes.

@@ -20,6 +20,7 @@ use anyhow::Context as _;
 use base64::Engine as _;
 use clap::{Parser, Subcommand};
 
+mod access_cmd;
 mod admin_cmd;
 mod audit_cmd;
 mod cluster_cmd;
@@ -94,6 +95,12 @@ enum Command {
         #[command(subcommand)]
         command: admin_cmd::DevicesCommand,
     },
+    /// Just-in-time access requests on the running gateway: request, list, show,
+    /// approve, deny, revoke.
+    Access {
+        #[command(subcommand)]
+        command: access_cmd::AccessCommand,
+    },
     /// The running gateway's LDAP sync: status, approve-removal, lookup.
     Ldap {
         #[command(subcommand)]
@@ -166,6 +173,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Sessions { command } => admin_cmd::sessions(command),
         Command::Ldap { command } => admin_cmd::ldap(command),
         Command::Devices { command } => admin_cmd::devices(command),
+        Command::Access { command } => access_cmd::run(command),
         Command::Keygen => {
             let secret = boringtun_secret();
             println!(

@@ -35,6 +35,7 @@ fn in_source() -> BTreeSet<(String, String)> {
         ("", include_str!("../admin.rs")),
         ("", include_str!("../devices.rs")),
         ("", include_str!("../policy_api.rs")),
+        ("", include_str!("../access_api.rs")),
         ("/audit", include_str!("../../../auditor/src/http.rs")),
     ];
     let mut ops = BTreeSet::new();
@@ -120,6 +121,7 @@ async fn every_documented_operation_is_served() {
         store: None,
         shared: None,
         cluster_policy: None,
+        access: None,
     });
     for (method, template) in documented() {
         let path = template
