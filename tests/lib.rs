@@ -6,7 +6,8 @@
 //!  ns bob   ── wireguard-go (100.64.0.3, fd00:64::3) ─┤ 192.168.78.0/24
 //!                                                     ▼
 //!  ns gw: portcullis gateway (UDP :51820, TUN pc0 100.64.0.1/24, fd00:64::1/64), forwarding on
-//!        ├── ns prod: 10.8.0.2/24, fd00:8::2/64   (TCP echo :8080, :22; UDP echo :5353)
+//!        ├── ns prod: 10.8.0.2/24, fd00:8::2/64   (TCP echo :8080, :22, :23, :5432; UDP echo :5353)
+//!        │            10.8.5.10/32 (prod-db)
 //!        └── ns dev:  10.9.0.2/24, fd00:9::2/64   (TCP echo :443, :8080)
 //! ```
 //!
@@ -357,6 +358,8 @@ impl Lab {
         addr(&gw, "10.8.0.1/24", "to-prod")?;
         addr(&gw, "fd00:8::1/64", "to-prod")?;
         addr(&prod, "10.8.0.2/24", "eth0")?;
+        // prod-db's host, reached through prod's segment.
+        addr(&prod, "10.8.5.10/32", "eth0")?;
         addr(&prod, "fd00:8::2/64", "eth0")?;
         addr(&gw, "10.9.0.1/24", "to-dev")?;
         addr(&gw, "fd00:9::1/64", "to-dev")?;
@@ -369,6 +372,18 @@ impl Lab {
             sh(&["ip", "-n", ns, "route", "add", "default", "via", v4])?;
             sh(&["ip", "-n", ns, "-6", "route", "add", "default", "via", v6])?;
         }
+        sh(&[
+            "ip",
+            "-n",
+            &gw,
+            "route",
+            "add",
+            "10.8.5.10/32",
+            "via",
+            "10.8.0.2",
+            "dev",
+            "to-prod",
+        ])?;
         // The gateway host forwards between its TUN device and the private networks.
         sh_in(&gw, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
         sh_in(&gw, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
@@ -380,6 +395,7 @@ impl Lab {
             (self.ns_prod.clone(), 8080u16),
             (self.ns_prod.clone(), 22),
             (self.ns_prod.clone(), 23),
+            (self.ns_prod.clone(), 5432),
             (self.ns_dev.clone(), 443),
             (self.ns_dev.clone(), 8080),
         ];

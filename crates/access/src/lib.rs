@@ -223,8 +223,8 @@ impl AccessRequest {
             dst: self.dst.map(|n| (n.network(), n.prefix_len())),
             port: self.port.map(|p| p.port),
             protocol: self.port.map(|p| p.protocol),
-            start: self.starts_at?.timestamp(),
-            end: self.ends_at?.timestamp(),
+            start_ms: self.starts_at?.timestamp_millis(),
+            end_ms: self.ends_at?.timestamp_millis(),
         })
     }
 

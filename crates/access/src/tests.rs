@@ -80,7 +80,10 @@ fn a_request_is_approved_by_someone_else_and_grants_its_window_only() {
         .unwrap();
     assert!(book.apply(approved.clone()), "the grants changed");
     let g = &book.grants(t(11))[0];
-    assert_eq!((g.start, g.end), (t(10).timestamp(), t(7210).timestamp()));
+    assert_eq!(
+        (g.start_ms, g.end_ms),
+        (t(10).timestamp_millis(), t(7210).timestamp_millis())
+    );
     assert_eq!(g.dst, Some(("10.8.5.0".parse().unwrap(), 24)));
     assert_eq!((g.port, g.protocol), (Some(5432), Some(Protocol::TCP)));
     assert!(book.grants(t(7210)).is_empty(), "the end is exclusive");
@@ -275,7 +278,7 @@ proptest! {
             for g in book.grants(now) {
                 let r = book.get(&g.id).unwrap();
                 prop_assert_eq!(r.state, State::Approved);
-                prop_assert!(g.start <= now.timestamp() && now.timestamp() < g.end);
+                prop_assert!(g.start_ms <= now.timestamp_millis() && now.timestamp_millis() < g.end_ms);
             }
         }
     }

@@ -151,7 +151,7 @@ pub struct Enforcer {
     wall_anchor: DateTime<Utc>,
     /// Reads the time only to measure decisions; no decision depends on it.
     decision_clock: Option<fn() -> Instant>,
-    /// The earliest end (Unix seconds) of a temporary grant still in force: when the
+    /// The earliest end (Unix milliseconds) of a temporary grant still in force: when the
     /// wall clock passes it, that grant's user's flows are decided again (and cut).
     next_grant_end: Option<i64>,
     pub stats: EnforceStats,
@@ -756,7 +756,7 @@ impl Enforcer {
     /// whose grants changed are decided again at once: a revoked grant cuts what only it
     /// allowed. Returns how many flows were cut.
     pub fn handle_grants(&mut self, now: Instant, grants: Vec<portcullis_model::Grant>) -> usize {
-        let wall = self.wall(now).timestamp();
+        let wall = self.wall(now).timestamp_millis();
         let before: Vec<portcullis_model::Grant> = self.engine.grants().iter().cloned().collect();
         let mut changed: rustc_hash::FxHashSet<String> = rustc_hash::FxHashSet::default();
         for g in before.iter().filter(|g| !grants.contains(g)) {
@@ -765,14 +765,14 @@ impl Enforcer {
         for g in grants.iter().filter(|g| !before.contains(g)) {
             changed.insert(g.user.clone());
         }
-        self.next_grant_end = grants.iter().map(|g| g.end).filter(|e| *e > wall).min();
+        self.next_grant_end = grants.iter().map(|g| g.end_ms).filter(|e| *e > wall).min();
         self.engine
             .set_grants(portcullis_policy::grants::Grants::new(grants));
         self.denied.clear();
         self.redecide_users(now, |u| changed.contains(u))
     }
 
-    /// When the next grant ends (Unix seconds), if one is in force.
+    /// When the next grant ends (Unix milliseconds), if one is in force.
     pub fn poll_grant_end(&self) -> Option<i64> {
         self.next_grant_end
     }
@@ -781,7 +781,7 @@ impl Enforcer {
     /// engine's window check no longer matches) and the ones only a grant allowed are cut,
     /// with resets. Cheap when no grant is due. Returns how many flows were cut.
     pub fn handle_grant_timer(&mut self, now: Instant) -> usize {
-        let wall = self.wall(now).timestamp();
+        let wall = self.wall(now).timestamp_millis();
         // Every grant ending since the last firing ends at or after `due`.
         let due = match self.next_grant_end {
             Some(end) if end <= wall => end,
@@ -791,14 +791,14 @@ impl Enforcer {
             .engine
             .grants()
             .iter()
-            .filter(|g| g.end >= due && g.end <= wall)
+            .filter(|g| g.end_ms >= due && g.end_ms <= wall)
             .map(|g| g.user.clone())
             .collect();
         self.next_grant_end = self
             .engine
             .grants()
             .iter()
-            .map(|g| g.end)
+            .map(|g| g.end_ms)
             .filter(|e| *e > wall)
             .min();
         self.denied.clear();

@@ -1423,7 +1423,7 @@ fn a_grant_allows_what_it_names_until_its_end_and_its_end_resets_the_flow() {
     let t0 = Instant::now();
     let (mut gw, gw_pub) = gateway(t0);
     let db = [10, 8, 5, 9];
-    let end = wall().timestamp() + 30;
+    let end = wall().timestamp_millis() + 30_000;
     let grant = portcullis_model::Grant {
         id: "ar-0001".into(),
         user: "bob".into(),
@@ -1431,8 +1431,8 @@ fn a_grant_allows_what_it_names_until_its_end_and_its_end_resets_the_flow() {
         dst: None,
         port: Some(5432),
         protocol: Some(portcullis_model::Protocol::TCP),
-        start: wall().timestamp() - 1,
-        end,
+        start_ms: wall().timestamp_millis() - 1000,
+        end_ms: end,
     };
     let mut bob = Client::new(2, &gw_pub);
     let syn = tcp(BOB, 40000, db, 5432, "S", 1, b"");
@@ -1481,7 +1481,7 @@ fn a_grant_allows_what_it_names_until_its_end_and_its_end_resets_the_flow() {
     let t1 = after + Duration::from_secs(1);
     let renewed = portcullis_model::Grant {
         id: "ar-0002".into(),
-        end: wall().timestamp() + 3600,
+        end_ms: wall().timestamp_millis() + 3_600_000,
         ..grant
     };
     gw.handle_grants(t1, vec![renewed]);

@@ -222,7 +222,8 @@ impl Decision {
 
 /// A temporary grant from an approved access request: `user` may `connect` to
 /// `network` (and its sub-networks), narrowed to `dst` and `port`/`protocol` when set,
-/// from `start` until `end` (Unix seconds, end exclusive). The engine evaluates it as a
+/// from `start_ms` until `end_ms` (Unix milliseconds, end exclusive: Cedar's `now`
+/// resolution). The engine evaluates it as a
 /// permit named `id` (see `portcullis_policy::grants`); forbids still apply.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Grant {
@@ -235,8 +236,8 @@ pub struct Grant {
     /// One destination port (with `protocol`), or any.
     pub port: Option<u16>,
     pub protocol: Option<Protocol>,
-    pub start: i64,
-    pub end: i64,
+    pub start_ms: i64,
+    pub end_ms: i64,
 }
 
 /// Why a flow ended.

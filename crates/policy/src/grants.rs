@@ -88,7 +88,7 @@ pub fn permits(
     now: DateTime<Utc>,
 ) -> bool {
     let now_ms = now.timestamp_millis();
-    if now_ms < g.start.saturating_mul(1000) || now_ms >= g.end.saturating_mul(1000) {
+    if now_ms < g.start_ms || now_ms >= g.end_ms {
         return false;
     }
     let Some(resolved) = net.and_then(|i| networks.get(i)) else {
@@ -160,16 +160,16 @@ pub(crate) fn combine(
 /// The Cedar policy a grant means (see the module docs). Names are escaped as Cedar
 /// string literals.
 pub fn to_cedar(g: &Grant) -> String {
-    let at = |secs: i64| {
-        DateTime::<Utc>::from_timestamp(secs, 0)
+    let at = |ms: i64| {
+        DateTime::<Utc>::from_timestamp_millis(ms)
             .unwrap_or_default()
-            .format("%Y-%m-%dT%H:%M:%SZ")
+            .format("%Y-%m-%dT%H:%M:%S%.3fZ")
             .to_string()
     };
     let mut when = format!(
         "context.now >= datetime(\"{}\") && context.now < datetime(\"{}\")",
-        at(g.start),
-        at(g.end)
+        at(g.start_ms),
+        at(g.end_ms)
     );
     if let Some((base, len)) = g.dst {
         when.push_str(&format!(

@@ -225,7 +225,8 @@ impl Company {
                     .with_ymd_and_hms(2026, rng.gen_range(1..=12), rng.gen_range(1..=28), 0, 0, 0)
                     .single()
                     .unwrap_or_default()
-                    .timestamp();
+                    .timestamp_millis()
+                    + rng.gen_range(0..1000);
                 Grant {
                     id: format!("grant-{i}"),
                     user: format!("u{}", rng.gen_range(0..shape.users)),
@@ -233,8 +234,8 @@ impl Company {
                     dst,
                     port,
                     protocol,
-                    start,
-                    end: start + rng.gen_range(1..=60) * 86_400,
+                    start_ms: start,
+                    end_ms: start + rng.gen_range(1..=60) * 86_400_000,
                 }
             })
             .collect()
