@@ -156,6 +156,31 @@ fn a_request_approved_by_an_allowed_approver_grants_its_window_and_its_end_reset
         .unwrap();
     assert_eq!(opened["policy_ids"], serde_json::json!([id]), "{opened}");
 
+    // `policy explain` with the gateway's grants names the grant and its approver.
+    let policies = lab.dir.join("policies");
+    let (ok, out, err) = cli(
+        &lab,
+        &[
+            "policy",
+            "explain",
+            "--dir",
+            policies.to_str().unwrap(),
+            "--user",
+            "bob",
+            "--groups",
+            "developers",
+            "--dst",
+            "10.8.5.10:5432/tcp",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(out.starts_with("ALLOW"), "{out}");
+    assert!(
+        out.contains(&id) && out.contains("approved by dana"),
+        "{out}"
+    );
+    assert!(out.contains("depends:  on a temporary grant"), "{out}");
+
     // The end of the grant resets the open connection within a second.
     let until_end = (ends_at - chrono::Utc::now()).to_std().unwrap_or_default();
     let t0 = Instant::now();

@@ -16,7 +16,9 @@ pub enum FilterError {
     Cidr(String),
     #[error("decision {0:?}: expected allow or deny")]
     Decision(String),
-    #[error("report {0:?}: expected sessions, who-reached, denied or top-talkers")]
+    #[error(
+        "report {0:?}: expected sessions, who-reached, denied, top-talkers or access-requests"
+    )]
     Report(String),
 }
 
@@ -166,6 +168,10 @@ pub enum Report {
     Denied,
     /// Users by bytes moved.
     TopTalkers,
+    /// One line per just-in-time access request: requester, network, reason, who
+    /// decided and with which approval policies, the window, how it ended, and what
+    /// the grant was used for (flows whose deciding ids name it, their bytes).
+    AccessRequests,
 }
 
 impl FromStr for Report {
@@ -176,6 +182,7 @@ impl FromStr for Report {
             "who-reached" => Ok(Report::WhoReached),
             "denied" => Ok(Report::Denied),
             "top-talkers" => Ok(Report::TopTalkers),
+            "access-requests" => Ok(Report::AccessRequests),
             _ => Err(FilterError::Report(s.to_string())),
         }
     }
@@ -232,6 +239,30 @@ pub fn sql(
              any(reason) AS deny_reason \
              FROM {flows} FINAL WHERE {w} AND kind = 'flow_denied' \
              GROUP BY user, network, dst_ip, dst_port, protocol ORDER BY attempts DESC LIMIT {limit}"
+        ),
+        // Aliases never reuse a column's name (ClickHouse aliases are query-wide: the
+        // filter's WHERE would read them). Access events carry the request id in `detail`; flows name a grant among their
+        // policy ids (`ar-…`, the ids the gateway gives requests). visitParam* reads flat
+        // JSON as the rows write it (ClickHouse 18.16 has no JSONExtract).
+        Some(Report::AccessRequests) => format!(
+            "SELECT if(startsWith(kind, 'access_'), visitParamExtractString(detail, 'request_id'), \
+               arrayFirst(p -> startsWith(p, 'ar-'), policy_ids)) AS request_id, \
+             anyIf(user, startsWith(kind, 'access_')) AS requester, \
+             anyIf(network, startsWith(kind, 'access_')) AS target_network, \
+             anyIf(reason, kind = 'access_requested') AS request_reason, \
+             toString(minIf(time, kind = 'access_requested')) AS requested, \
+             replaceOne(argMaxIf(kind, time_us, startsWith(kind, 'access_')), 'access_', '') AS state, \
+             anyIf(visitParamExtractString(detail, 'approver'), kind IN ('access_approved', 'access_denied')) AS decided_by, \
+             anyIf(arrayStringConcat(policy_ids, ','), kind = 'access_approved') AS approval_policies, \
+             anyIf(visitParamExtractString(detail, 'starts_at'), kind = 'access_approved') AS starts_at, \
+             anyIf(visitParamExtractString(detail, 'ends_at'), kind = 'access_approved') AS ends_at, \
+             anyIf(reason, kind IN ('access_denied', 'access_revoked')) AS decision_reason, \
+             anyIf(visitParamExtractString(detail, 'actor'), kind = 'access_revoked') AS revoked_by, \
+             countIf(kind = 'flow_opened') AS flows, \
+             sumIf(bytes_out + bytes_in, kind = 'flow_closed') AS bytes \
+             FROM {db}.events FINAL WHERE {w} AND (startsWith(kind, 'access_') OR \
+               (kind IN ('flow_opened', 'flow_closed') AND arrayExists(p -> startsWith(p, 'ar-'), policy_ids))) \
+             GROUP BY request_id ORDER BY requested LIMIT {limit}"
         ),
         Some(Report::TopTalkers) => format!(
             "SELECT user, sum(bytes_out + bytes_in) AS bytes, sum(bytes_out) AS uploaded, \

@@ -23,7 +23,7 @@ pub enum AuditCommand {
         config: PathBuf,
         #[command(flatten)]
         filter: FilterArgs,
-        /// sessions, who-reached, denied or top-talkers.
+        /// sessions, who-reached, denied, top-talkers or access-requests.
         #[arg(long)]
         report: Option<String>,
         /// JSON ({"columns": [...], "rows": [[...]]}) instead of a table.

@@ -196,6 +196,24 @@ pub struct Asked {
     /// Seconds since that sign-on; absent: never signed on (a static peer).
     #[arg(long)]
     auth_age: Option<u32>,
+    /// The running gateway's configuration: the user's temporary grants (approved
+    /// access requests) are read from its admin API and take part in the decision.
+    #[arg(long, env = "PORTCULLIS_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+/// `user`'s approved access requests on the running gateway (its admin API).
+fn approved_requests(
+    config: &Path,
+    user: &str,
+) -> anyhow::Result<Vec<portcullis_access::AccessRequest>> {
+    let path = format!(
+        "/admin/v1/access-requests?user={}&state=approved",
+        crate::admin_cmd::encode(user)
+    );
+    let v = crate::admin_cmd::call_with(config, "GET", &path, None)?;
+    let list = v.get("requests").cloned().unwrap_or_default();
+    serde_json::from_value(list).context("reading the gateway's access requests")
 }
 
 fn explain(dir: &Path, asked: Asked, json: bool) -> anyhow::Result<ExitCode> {
@@ -207,6 +225,7 @@ fn explain(dir: &Path, asked: Asked, json: bool) -> anyhow::Result<ExitCode> {
         at,
         mfa,
         auth_age,
+        config,
     } = asked;
     let bundle = match load(dir) {
         Ok(b) => Arc::new(b),
@@ -219,8 +238,17 @@ fn explain(dir: &Path, asked: Asked, json: bool) -> anyhow::Result<ExitCode> {
         groups: groups.into_iter().filter(|g| !g.is_empty()).collect(),
         tags: tags.into_iter().filter(|t| !t.is_empty()).collect(),
     };
-    let engine = Engine::new(bundle.clone(), vec![principal.clone()])
+    let mut engine = Engine::new(bundle.clone(), vec![principal.clone()])
         .context("building the request entities")?;
+    let granted = match &config {
+        Some(config) => approved_requests(config, &user)?,
+        None => Vec::new(),
+    };
+    engine.set_grants(portcullis_policy::grants::Grants::new(
+        granted
+            .iter()
+            .filter_map(portcullis_access::AccessRequest::grant),
+    ));
     let at = at.unwrap_or_else(Utc::now);
     let request = |mfa: bool, auth_age: Option<u32>| FlowRequest {
         src_ip: std::net::IpAddr::from([100, 64, 0, 2]),
@@ -231,7 +259,10 @@ fn explain(dir: &Path, asked: Asked, json: bool) -> anyhow::Result<ExitCode> {
         mfa,
         authenticated_at: portcullis_policy::testing::signed_on_at(at, auth_age),
     };
-    let d = engine.decide_plain(&user, &request(mfa, auth_age), at);
+    // The fast path: identical to plain Cedar over the policies with each grant as the
+    // permit it means (the differential tests hold them equal).
+    let d = (*engine.decide(&user, &request(mfa, auth_age), at)).clone();
+    let without_grants = engine.decide_plain(&user, &request(mfa, auth_age), at);
     // What the answer depends on: the same request over a grid of sign-ons (with and
     // without a second factor; just now, as asked, never). The second factor matters if
     // flipping it changes the answer at some age; the age, if changing it does for
@@ -239,7 +270,7 @@ fn explain(dir: &Path, asked: Asked, json: bool) -> anyhow::Result<ExitCode> {
     let ages = [Some(0), auth_age, None];
     let grid: Vec<[bool; 3]> = [false, true]
         .iter()
-        .map(|m| ages.map(|a| engine.decide_plain(&user, &request(*m, a), at).allowed))
+        .map(|m| ages.map(|a| engine.decide(&user, &request(*m, a), at).allowed))
         .collect();
     let mut depends_on: Vec<&str> = Vec::new();
     if let [without, with] = grid.as_slice() {
@@ -252,6 +283,9 @@ fn explain(dir: &Path, asked: Asked, json: bool) -> anyhow::Result<ExitCode> {
         {
             depends_on.push("auth_age_secs");
         }
+    }
+    if without_grants.allowed != d.allowed {
+        depends_on.push("temporary_grant");
     }
     let sign_on = match auth_age {
         Some(a) => format!(
@@ -268,9 +302,13 @@ fn explain(dir: &Path, asked: Asked, json: bool) -> anyhow::Result<ExitCode> {
     let policies: Vec<serde_json::Value> = d
         .policy_ids
         .iter()
-        .map(|id| match bundle.policy(id) {
-            Some(p) => json!({"id": id, "effect": p.effect, "file": p.file.display().to_string(), "line": p.line, "col": p.col}),
-            None => json!({"id": id}),
+        .map(|id| match (bundle.policy(id), granted.iter().find(|r| r.id == *id)) {
+            (Some(p), _) => json!({"id": id, "effect": p.effect, "file": p.file.display().to_string(), "line": p.line, "col": p.col}),
+            (None, Some(r)) => json!({
+                "id": id, "effect": "permit", "temporary_grant": true,
+                "approved_by": r.decided_by, "ends_at": r.ends_at, "reason": r.reason,
+            }),
+            (None, None) => json!({"id": id}),
         })
         .collect();
     let reason = match (d.allowed, d.policy_ids.is_empty()) {
@@ -322,6 +360,7 @@ fn explain(dir: &Path, asked: Asked, json: bool) -> anyhow::Result<ExitCode> {
             .iter()
             .map(|d| match *d {
                 "mfa" => "the second factor",
+                "temporary_grant" => "a temporary grant",
                 _ => "the sign-on's age",
             })
             .collect();
@@ -335,6 +374,16 @@ fn explain(dir: &Path, asked: Asked, json: bool) -> anyhow::Result<ExitCode> {
         r => {
             println!("  reason:   {r} by");
             for p in &policies {
+                if p["temporary_grant"] == true {
+                    println!(
+                        "              {:<28} grant   approved by {}, until {} ({})",
+                        p["id"].as_str().unwrap_or(""),
+                        p["approved_by"].as_str().unwrap_or(""),
+                        p["ends_at"].as_str().unwrap_or(""),
+                        p["reason"].as_str().unwrap_or("")
+                    );
+                    continue;
+                }
                 println!(
                     "              {:<28} {:<7} {}:{}",
                     p["id"].as_str().unwrap_or(""),
