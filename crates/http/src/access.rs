@@ -258,9 +258,10 @@ impl AccessService {
         id: &str,
         approver: &str,
         reason: &str,
+        sign_on: portcullis_model::SignOn,
     ) -> Result<AccessRequest, ApiError> {
         let _w = self.writing.lock().await;
-        self.check_approver(id, approver).await?;
+        self.check_approver(id, approver, sign_on).await?;
         let next = self.book().plan_deny(id, approver, reason, Utc::now())?;
         self.commit(next).await
     }
@@ -278,7 +279,12 @@ impl AccessService {
     }
 
     /// The `approve_access` permits that let `approver` decide `id`, or why not.
-    async fn check_approver(&self, id: &str, approver: &str) -> Result<Vec<String>, ApiError> {
+    async fn check_approver(
+        &self,
+        id: &str,
+        approver: &str,
+        sign_on: portcullis_model::SignOn,
+    ) -> Result<Vec<String>, ApiError> {
         let request = self.book().check_decidable(id, approver)?.clone();
         let approver_p = self.principal(approver).await?;
         let requester = match self.principal(&request.user).await {
@@ -298,9 +304,14 @@ impl AccessService {
         let d = portcullis_policy::approval::may_approve(
             &bundle,
             &approver_p,
-            &requester,
-            &request.network,
-            request.duration_secs,
+            &portcullis_policy::approval::Ask {
+                requester: &requester,
+                network: &request.network,
+                dst: request.dst.map(|d| (d.network(), d.prefix_len())),
+                port: request.port.map(|p| (p.port, p.protocol)),
+                duration_secs: request.duration_secs,
+                sign_on,
+            },
             Utc::now(),
         );
         if d.allowed {
@@ -324,7 +335,11 @@ impl AccessService {
 
     /// The requests that `approver` could decide now (pending, not their own, allowed by
     /// the approval policies).
-    pub(crate) async fn decidable_by(&self, approver: &str) -> Vec<AccessRequest> {
+    pub(crate) async fn decidable_by(
+        &self,
+        approver: &str,
+        sign_on: portcullis_model::SignOn,
+    ) -> Vec<AccessRequest> {
         let pending: Vec<AccessRequest> = self
             .list(None)
             .into_iter()
@@ -332,7 +347,7 @@ impl AccessService {
             .collect();
         let mut out = Vec::new();
         for r in pending {
-            if self.check_approver(&r.id, approver).await.is_ok() {
+            if self.check_approver(&r.id, approver, sign_on).await.is_ok() {
                 out.push(r);
             }
         }

@@ -122,7 +122,10 @@ async fn approve(
     b: Result<Json<DecideBody>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let b = body(b)?;
-    let r = service(&s)?.approve(&id, &b.approver).await?;
+    // An administrator's call is no sign-on: no second factor.
+    let r = service(&s)?
+        .approve(&id, &b.approver, portcullis_model::SignOn::default())
+        .await?;
     Ok(Json(r).into_response())
 }
 
@@ -138,7 +141,14 @@ async fn deny(
             "request body: a denial needs a \"reason\"".into(),
         )
     })?;
-    let r = service(&s)?.deny(&id, &b.approver, &reason).await?;
+    let r = service(&s)?
+        .deny(
+            &id,
+            &b.approver,
+            &reason,
+            portcullis_model::SignOn::default(),
+        )
+        .await?;
     Ok(Json(r).into_response())
 }
 

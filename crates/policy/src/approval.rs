@@ -2,7 +2,10 @@
 //!
 //! The approver is the principal, the requested network the resource (so `resource in
 //! Network::"prod"` covers prod's sub-networks), and the context holds the `requester`
-//! (a `User`, in their groups), the asked `duration_secs` and `now`:
+//! (a `User`, in their groups), the asked `duration_secs`, `now`, and connect's
+//! attributes describing the grant asked for (see the shipped schema), so that a policy
+//! written for every action (`forbid (principal, action, resource) when { … }`) still
+//! validates and applies:
 //!
 //! ```cedar
 //! @id("sre-leads-approve-prod")
@@ -23,8 +26,10 @@ use std::collections::{BTreeSet, HashSet};
 use cedar_policy::{
     Authorizer, Context, Entities, Entity, EntityUid, Request, RestrictedExpression,
 };
+use std::net::IpAddr;
+
 use chrono::{DateTime, Utc};
-use portcullis_model::{Decision, Principal};
+use portcullis_model::{Decision, Principal, Protocol, SignOn};
 
 use crate::engine::user_entity;
 use crate::{uid, PolicyBundle};
@@ -32,17 +37,28 @@ use crate::{uid, PolicyBundle};
 /// The action name in policies.
 pub const ACTION: &str = "approve_access";
 
-/// Whether `approver` may approve `requester`'s request for `network` lasting
-/// `duration_secs`. A deny names the forbids that fired (empty: no permit matched);
-/// `errors` says why nothing could be evaluated.
+/// The request being decided, as the approval policies see it.
+#[derive(Clone, Debug)]
+pub struct Ask<'a> {
+    pub requester: &'a Principal,
+    pub network: &'a str,
+    /// The narrower range asked for (base address, prefix length).
+    pub dst: Option<(IpAddr, u8)>,
+    pub port: Option<(u16, Protocol)>,
+    pub duration_secs: u64,
+    /// The approver's sign-on (none for an administrator's CLI call).
+    pub sign_on: SignOn,
+}
+
+/// Whether `approver` may approve the request `ask`. A deny names the forbids that fired
+/// (empty: no permit matched); `errors` says why nothing could be evaluated.
 pub fn may_approve(
     bundle: &PolicyBundle,
     approver: &Principal,
-    requester: &Principal,
-    network: &str,
-    duration_secs: u64,
+    ask: &Ask<'_>,
     now: DateTime<Utc>,
 ) -> Decision {
+    let (requester, network, duration_secs) = (ask.requester, ask.network, ask.duration_secs);
     let refuse = |error: String| Decision {
         allowed: false,
         policy_ids: Vec::new(),
@@ -81,7 +97,55 @@ pub fn may_approve(
         }
     };
     let requester_uid: EntityUid = uid("User", &requester.name);
+    let dst_ip = ask
+        .dst
+        .map(|(ip, _)| ip)
+        .or_else(|| {
+            bundle
+                .networks()
+                .iter()
+                .find(|n| n.name == network)
+                .and_then(|n| n.cidrs.first())
+                .map(|c| c.network())
+        })
+        .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    let auth_age = if ask.sign_on.at == 0 {
+        now.timestamp()
+    } else {
+        now.timestamp().saturating_sub(ask.sign_on.at)
+    };
     let context = Context::from_pairs([
+        (
+            "dst_ip".to_string(),
+            RestrictedExpression::new_ip(dst_ip.to_string()),
+        ),
+        (
+            "dst_port".to_string(),
+            RestrictedExpression::new_long(ask.port.map_or(0, |(p, _)| i64::from(p))),
+        ),
+        (
+            "protocol".to_string(),
+            RestrictedExpression::new_string(
+                ask.port
+                    .map_or_else(|| "any".to_string(), |(_, p)| p.name().into_owned()),
+            ),
+        ),
+        (
+            "src_ip".to_string(),
+            RestrictedExpression::new_ip("0.0.0.0".to_string()),
+        ),
+        (
+            "device".to_string(),
+            RestrictedExpression::new_string(String::new()),
+        ),
+        (
+            "mfa".to_string(),
+            RestrictedExpression::new_bool(ask.sign_on.mfa),
+        ),
+        (
+            "auth_age_secs".to_string(),
+            RestrictedExpression::new_long(auth_age),
+        ),
         (
             "requester".to_string(),
             RestrictedExpression::new_entity_uid(requester_uid),

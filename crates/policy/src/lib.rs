@@ -338,6 +338,24 @@ impl PolicyBundle {
                 warnings.push(SourceError::from_diagnostic(file, src, w, 0));
             }
             for (policy, pinfo) in renamed_here {
+                // A permit for every action also grants approving access requests.
+                if policy.effect() == cedar_policy::Effect::Permit
+                    && matches!(
+                        policy.action_constraint(),
+                        cedar_policy::ActionConstraint::Any
+                    )
+                {
+                    warnings.push(SourceError::at(
+                        file,
+                        src,
+                        pinfo.line,
+                        pinfo.col,
+                        format!(
+                            "policy {} permits every action: it also lets its principals approve access requests (approve_access); write `action == Action::\"connect\"` if that is not meant",
+                            pinfo.id
+                        ),
+                    ));
+                }
                 if let Err(e) = policies.add(policy.clone()) {
                     errors.push(SourceError::at(
                         file,

@@ -82,7 +82,23 @@ struct RawCase {
     groups: Vec<String>,
     #[serde(default)]
     tags: Vec<String>,
-    dst: String,
+    /// `connect` (the default: needs `dst`) or `approve_access` (needs `network` and
+    /// `requester`; `user` is the approver).
+    #[serde(default)]
+    action: Option<String>,
+    #[serde(default)]
+    dst: Option<String>,
+    #[serde(default)]
+    network: Option<String>,
+    #[serde(default)]
+    requester: Option<String>,
+    #[serde(default)]
+    requester_groups: Vec<String>,
+    #[serde(default)]
+    requester_tags: Vec<String>,
+    /// How long the grant would last (approval cases); u32 as for `auth_age_secs`.
+    #[serde(default)]
+    duration_secs: Option<u32>,
     #[serde(default)]
     at: Option<DateTime<Utc>>,
     #[serde(default)]
@@ -117,6 +133,17 @@ pub struct Case {
     pub auth_age_secs: Option<u32>,
     pub expect: Expect,
     pub policies: Option<Vec<String>>,
+    /// An `approve_access` case: `user` approving this request (`dst` is unused).
+    pub approval: Option<ApprovalCase>,
+}
+
+/// What an `approve_access` case asks: may the case's user approve `requester`'s
+/// request for `network` lasting `duration_secs`?
+#[derive(Clone, Debug)]
+pub struct ApprovalCase {
+    pub network: String,
+    pub requester: Principal,
+    pub duration_secs: u64,
 }
 
 /// The outcome of one case.
@@ -179,10 +206,50 @@ pub fn load_cases(dir: &Path) -> Result<Vec<Case>, Vec<SourceError>> {
             .unwrap_or_default();
         for (i, raw) in parsed.case.into_iter().enumerate() {
             let line = headers.get(i).copied().unwrap_or(1);
-            let dst = match parse_destination(&raw.dst) {
-                Ok(d) => d,
-                Err(e) => {
-                    errors.push(SourceError::at(&file, &src, line, 1, e));
+            let mut fail = |e: String| errors.push(SourceError::at(&file, &src, line, 1, e));
+            let (dst, approval) = match (raw.action.as_deref().unwrap_or("connect"), &raw.dst) {
+                ("connect", Some(dst)) => match parse_destination(dst) {
+                    Ok(d) => (d, None),
+                    Err(e) => {
+                        fail(e);
+                        continue;
+                    }
+                },
+                ("connect", None) => {
+                    fail("a connect case needs dst".into());
+                    continue;
+                }
+                ("approve_access", None) => match (&raw.network, &raw.requester) {
+                    (Some(network), Some(requester)) => (
+                        Destination {
+                            ip: IpAddr::from([0, 0, 0, 0]),
+                            port: 0,
+                            protocol: Protocol::TCP,
+                        },
+                        Some(ApprovalCase {
+                            network: network.clone(),
+                            requester: Principal {
+                                email: format!("{requester}@example.com"),
+                                name: requester.clone(),
+                                groups: raw.requester_groups.clone(),
+                                tags: raw.requester_tags.clone(),
+                            },
+                            duration_secs: u64::from(raw.duration_secs.unwrap_or(3600)),
+                        }),
+                    ),
+                    _ => {
+                        fail("an approve_access case needs network and requester".into());
+                        continue;
+                    }
+                },
+                ("approve_access", Some(_)) => {
+                    fail("an approve_access case has a network, not a dst".into());
+                    continue;
+                }
+                (other, _) => {
+                    fail(format!(
+                        "action {other:?}: expected connect or approve_access"
+                    ));
                     continue;
                 }
             };
@@ -202,6 +269,7 @@ pub fn load_cases(dir: &Path) -> Result<Vec<Case>, Vec<SourceError>> {
                 auth_age_secs: raw.auth_age_secs,
                 expect: raw.expect,
                 policies: raw.policies,
+                approval,
             });
         }
     }
@@ -220,7 +288,30 @@ pub fn signed_on_at(at: DateTime<Utc>, auth_age_secs: Option<u32>) -> i64 {
 
 /// Decides `case` with plain Cedar over the whole bundle and compares.
 pub fn run_case(bundle: &Arc<PolicyBundle>, case: &Case, now: DateTime<Utc>) -> Outcome {
-    let decision = match Engine::new(bundle.clone(), vec![case.user.clone()]) {
+    let decision = match &case.approval {
+        Some(a) => crate::approval::may_approve(
+            bundle,
+            &case.user,
+            &crate::approval::Ask {
+                requester: &a.requester,
+                network: &a.network,
+                dst: None,
+                port: None,
+                duration_secs: a.duration_secs,
+                sign_on: portcullis_model::SignOn {
+                    at: signed_on_at(case.at.unwrap_or(now), case.auth_age_secs),
+                    mfa: case.mfa,
+                },
+            },
+            case.at.unwrap_or(now),
+        ),
+        None => connect_decision(bundle, case, now),
+    };
+    judge(case, decision)
+}
+
+fn connect_decision(bundle: &Arc<PolicyBundle>, case: &Case, now: DateTime<Utc>) -> Decision {
+    match Engine::new(bundle.clone(), vec![case.user.clone()]) {
         Ok(engine) => engine.decide_plain(
             &case.user.name,
             &FlowRequest {
@@ -239,7 +330,10 @@ pub fn run_case(bundle: &Arc<PolicyBundle>, case: &Case, now: DateTime<Utc>) -> 
             d.errors.push(e.to_string());
             d
         }
-    };
+    }
+}
+
+fn judge(case: &Case, decision: Decision) -> Outcome {
     let got = if decision.allowed {
         Expect::Allow
     } else {
@@ -343,6 +437,7 @@ mod tests {
             auth_age_secs: None,
             expect: Expect::Allow,
             policies: None,
+            approval: None,
         };
         let o = run_case(&bundle, &case, Utc::now());
         assert_eq!(o.failure.as_deref(), Some("expected allow, got deny"));

@@ -410,3 +410,47 @@ fn a_second_factor_and_its_age_decide_and_the_cache_never_serves_a_stale_age(
     assert_eq!(e.stats.cache_hits, 0, "{:?}", e.stats);
     Ok(())
 }
+
+#[test]
+fn a_permit_for_every_action_is_warned_about_and_approves_too(
+) -> Result<(), Box<dyn std::error::Error>> {
+    let schema = std::fs::read_to_string(example_dir().join("schema.cedarschema"))?;
+    let dir = write_dir(&[
+        ("schema.cedarschema", &schema),
+        (
+            "p.cedar",
+            "@id(\"ops-all\")\npermit (principal in Group::\"ops\", action, resource);\n\
+             @id(\"no-telnet\")\nforbid (principal, action, resource) when { context.dst_port == 23 };\n",
+        ),
+    ])?;
+    let bundle = PolicyBundle::load(dir.path())?;
+    assert!(
+        bundle
+            .warnings
+            .iter()
+            .any(|w| w.message.contains("ops-all permits every action")),
+        "{:?}",
+        bundle.warnings
+    );
+    let approver = user("olga", &["ops"], &[]);
+    let requester = user("bob", &["developers"], &[]);
+    let ask = |port| crate::approval::Ask {
+        requester: &requester,
+        network: "internet",
+        dst: None,
+        port,
+        duration_secs: 60,
+        sign_on: portcullis_model::SignOn::default(),
+    };
+    let now = at("2026-11-22T10:00:00Z");
+    let d = crate::approval::may_approve(&bundle, &approver, &ask(None), now);
+    assert!(d.allowed && d.policy_ids == ["ops-all"], "{d:?}");
+    // A forbid for every action sees the grant asked for in connect's terms.
+    let d = crate::approval::may_approve(&bundle, &approver, &ask(Some((23, Protocol::TCP))), now);
+    assert!(!d.allowed && d.policy_ids == ["no-telnet"], "{d:?}");
+    // Never for oneself, even as the approver's permit would allow: that is the
+    // caller's rule (portcullis-access), so here the policies alone answer.
+    let d = crate::approval::may_approve(&bundle, &requester, &ask(None), now);
+    assert!(!d.allowed, "{d:?}");
+    Ok(())
+}

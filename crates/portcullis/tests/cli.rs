@@ -55,7 +55,7 @@ fn validate_accepts_the_examples_and_locates_errors() {
     let dir = policies();
     let o = run(&["policy", "validate", "--dir", dir.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("7 policies, 7 networks: ok"));
+    assert!(text(&o).contains("9 policies, 7 networks: ok"));
 
     let bad = copy_policies();
     std::fs::write(bad.path().join("z.cedar"), "\n@id(\"typo\")\npermit(principal in Group::\"sre\", action, resource) when { context.dst_prot == 22 };\n").unwrap();
@@ -430,7 +430,7 @@ fn cluster_migrate_and_status_against_a_real_postgresql() {
     let o = run(&["cluster", "migrate", "--config", cfg]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(
-        text(&o).contains("cluster schema version 3 (was 0)"),
+        text(&o).contains("cluster schema version 4 (was 0)"),
         "{}",
         text(&o)
     );
