@@ -243,9 +243,10 @@ impl AccessService {
         &self,
         id: &str,
         approver: &str,
+        sign_on: portcullis_model::SignOn,
     ) -> Result<AccessRequest, ApiError> {
         let _w = self.writing.lock().await;
-        let policy_ids = self.check_approver(id, approver).await?;
+        let policy_ids = self.check_approver(id, approver, sign_on).await?;
         let next = self
             .book()
             .plan_approve(id, approver, policy_ids, Utc::now())?;

@@ -55,6 +55,9 @@ pub enum PolicyCommand {
         requests: usize,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Temporary grants in force (approved access requests) across the users.
+        #[arg(long, default_value_t = 0)]
+        grants: usize,
     },
 }
 
@@ -70,6 +73,7 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
             networks,
             requests,
             seed,
+            grants,
         } => bench(
             Shape {
                 policies,
@@ -79,6 +83,7 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
                 seed,
             },
             requests,
+            grants,
         ),
     }
 }
@@ -405,7 +410,7 @@ fn percentile(sorted: &[u64], q: f64) -> u64 {
     sorted.get(idx).copied().unwrap_or(0)
 }
 
-fn bench(shape: Shape, requests: usize) -> anyhow::Result<ExitCode> {
+fn bench(shape: Shape, requests: usize, grants: usize) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let mut company = Company::generate(shape);
     let bundle = Arc::new(std::mem::replace(
@@ -418,15 +423,47 @@ fn bench(shape: Shape, requests: usize) -> anyhow::Result<ExitCode> {
         .bundle,
     ));
     let mut engine = Engine::new(bundle.clone(), company.users.clone())?;
+    // Grants in force all year (the requests fall in 2026): every one is live.
+    let year = |y| {
+        chrono::TimeZone::with_ymd_and_hms(&Utc, y, 1, 1, 0, 0, 0)
+            .single()
+            .map(|t| t.timestamp_millis())
+            .unwrap_or_default()
+    };
+    let live: Vec<_> = company
+        .grants(grants)
+        .into_iter()
+        .map(|g| portcullis_model::Grant {
+            start_ms: year(2026),
+            end_ms: year(2027),
+            ..g
+        })
+        .collect();
+    engine.set_grants(portcullis_policy::grants::Grants::new(live));
     let reqs: Vec<_> = (0..requests).map(|_| company.request()).collect();
     let setup_ms = started.elapsed().as_millis();
 
     let mut cold = Vec::with_capacity(requests);
+    let mut granted_users = Vec::new();
     for (u, r, t) in &reqs {
         let s = Instant::now();
         std::hint::black_box(engine.decide(u, r, *t));
-        cold.push(s.elapsed().as_nanos() as u64);
+        let ns = s.elapsed().as_nanos() as u64;
+        cold.push(ns);
+        if !engine.grants().of(u).is_empty() {
+            granted_users.push(ns);
+        }
     }
+    let allowed_by_grant = reqs
+        .iter()
+        .filter(|(u, r, t)| {
+            engine
+                .decide(u, r, *t)
+                .policy_ids
+                .iter()
+                .any(|id| id.starts_with("grant-"))
+        })
+        .count();
     let misses = engine.stats.evaluations + engine.stats.empty_slices;
     let hits_before = engine.stats.cache_hits;
     let mut warm = Vec::with_capacity(requests);
@@ -443,7 +480,7 @@ fn bench(shape: Shape, requests: usize) -> anyhow::Result<ExitCode> {
         std::hint::black_box(engine.decide_plain(u, r, *t));
         plain.push(s.elapsed().as_nanos() as u64);
     }
-    for v in [&mut cold, &mut warm, &mut plain] {
+    for v in [&mut cold, &mut warm, &mut plain, &mut granted_users] {
         v.sort_unstable();
     }
     let (cold50, plain50) = (percentile(&cold, 0.5), percentile(&plain, 0.5));
@@ -458,6 +495,10 @@ fn bench(shape: Shape, requests: usize) -> anyhow::Result<ExitCode> {
             "speedup_cold_p50": plain50 as f64 / cold50.max(1) as f64,
             "cold_cache_misses": misses, "warm_cache_hit_ratio": warm_hits as f64 / requests.max(1) as f64,
             "slice_builds": engine.stats.slice_builds,
+            "grants": grants, "requests_of_granted_users": granted_users.len(),
+            "granted_users_p50_ns": percentile(&granted_users, 0.5),
+            "granted_users_p99_ns": percentile(&granted_users, 0.99),
+            "allowed_by_a_grant": allowed_by_grant,
         })
     );
     Ok(ExitCode::SUCCESS)
