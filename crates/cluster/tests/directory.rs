@@ -533,3 +533,69 @@ async fn a_revocation_during_an_outage_cuts_at_once_survives_a_crash_and_reaches
     converged(&[&a, &c], Duration::from_secs(5)).await;
     assert!(c.identity.read(|d| d.user(&carol).unwrap().active));
 }
+
+/// Records of other kinds (access requests): written by one node under the writers' lock
+/// with a change of their kind, read back by every node (the writer too) in log order,
+/// kept in `records`, and part of a reload when the log was trimmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_records_reach_every_node_through_the_log_and_a_reload() {
+    let (_pg, url) = migrated().await;
+    let a = node(&url, "gw-a").await;
+    let b = node(&url, "gw-b").await;
+    let (a_tx, mut a_rx) = mpsc::unbounded_channel();
+    let (b_tx, mut b_rx) = mpsc::unbounded_channel();
+    a.identity.forward_other(a_tx);
+    b.identity.forward_other(b_tx);
+    let old = snapshot(&mut connect(&url, None).await.unwrap())
+        .await
+        .unwrap();
+    for revision in 1..=2 {
+        let body = serde_json::json!({"id": "ar-1", "revision": revision});
+        a.identity
+            .save_record("access", "ar-1", &body)
+            .await
+            .unwrap();
+        for rx in [&mut a_rx, &mut b_rx] {
+            let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .expect("the change arrives")
+                .unwrap();
+            assert_eq!((got.kind.as_str(), &got.body), ("access", &body));
+        }
+    }
+    assert_eq!(
+        b.identity.records("access").await.unwrap(),
+        vec![serde_json::json!({"id": "ar-1", "revision": 2})]
+    );
+    // A node whose last change the log no longer reaches reloads, records included.
+    let client = connect(&url, None).await.unwrap();
+    client
+        .batch_execute(&format!(
+            "DELETE FROM changes;
+             INSERT INTO meta (key, value) VALUES ('changes.trimmed_through', '{}')
+             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+            a.identity.applied_change().max(b.identity.applied_change())
+        ))
+        .await
+        .unwrap();
+    let (tx, _rx) = mpsc::channel::<Command>(64);
+    let c = Identity::with_store(
+        Directory::from_records(old.users.clone(), old.groups.clone()),
+        Box::new(ClusterStore::new(
+            Target {
+                url: url.clone(),
+                password: None,
+            },
+            "gw-c",
+            &old,
+        )),
+        tx,
+    )
+    .starting_at(old.number);
+    let (c_tx, mut c_rx) = mpsc::unbounded_channel();
+    c.forward_other(c_tx);
+    c.catch_up().await.unwrap();
+    let got = c_rx.try_recv().expect("the reload carries the record");
+    assert_eq!(got.kind, "access");
+    assert_eq!(got.body["revision"], 2);
+}

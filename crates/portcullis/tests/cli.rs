@@ -77,7 +77,7 @@ fn validate_accepts_the_examples_and_locates_errors() {
 fn policy_test_passes_the_examples_and_fails_a_wrong_case() {
     let o = run(&["policy", "test", "--dir", policies().to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("21 passed, 0 failed"), "{}", text(&o));
+    assert!(text(&o).contains("25 passed, 0 failed"), "{}", text(&o));
 
     let dir = copy_policies();
     std::fs::write(
