@@ -291,3 +291,98 @@ fn a_request_approved_by_an_allowed_approver_grants_its_window_and_its_end_reset
     );
     assert!(!ok && err.contains("duration"), "{err}");
 }
+
+/// Runs `tests/clients/saml_access.py` in the gateway's namespace: `user` signs in at the
+/// real SimpleSAMLphp IdP and acts on `/access`.
+fn on_pages(lab: &Lab, user: &str, args: &[&str]) -> Value {
+    let script = repo_root().join("tests/clients/saml_access.py");
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.ns_gw, "python3"])
+        .arg(script)
+        .args(["http://127.0.0.1:18080", user, &format!("{user}-password")])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The same through the sign-on pages: alice (signed in at the IdP) asks for prod-db;
+/// her page lists it as requested and offers her no decision on it; deciding it herself
+/// is refused by the server; carol (whom a policy lets approve prod) sees it waiting and
+/// approves it; the grant is in force; a forged CSRF token changes nothing.
+#[test]
+fn the_sign_on_pages_file_and_decide_requests() {
+    let lab = Lab::start(LabOptions {
+        extra_config: "[http]\nlisten = \"127.0.0.1:18080\"\n[admin]\ntoken_file = \"admin.token\"\n\
+            [devices]\npool = \"100.64.0.128/26\"\nendpoint = \"192.168.77.1:51820\"\n\
+            [saml]\nidp_metadata = \"{idp_metadata_url}\"\nbase_url = \"http://127.0.0.1:18080\"\n\
+            user_attribute = \"uid\"\nlogin_max_secs = 3600\n"
+            .into(),
+        files: vec![
+            ("admin.token".into(), format!("{ADMIN_TOKEN}\n")),
+            (
+                "policies/carol-approves.cedar".into(),
+                "@id(\"carol-approves-prod\")\npermit (principal == User::\"carol\", action == Action::\"approve_access\", resource in Network::\"prod\");\n".into(),
+            ),
+        ],
+        alice_from_identity_source: true,
+        saml_idp: true,
+        ..LabOptions::default()
+    })
+    .unwrap();
+    let asked = on_pages(
+        &lab,
+        "alice",
+        &["request", "prod-db", "5432/tcp", "30m", "INC-9 vacuum"],
+    );
+    assert_eq!(asked["status"], 303, "{}", asked["answer"]);
+    let page = asked["page"].as_str().unwrap();
+    assert!(
+        page.contains("INC-9 vacuum") && page.contains("requested"),
+        "{page}"
+    );
+    assert!(!page.contains("Waiting for your decision"), "{page}");
+    let list: Value = {
+        let (ok, out, err) = cli(&lab, &["access", "list", "--json"]);
+        assert!(ok, "{err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(list[0]["user"], "alice");
+    assert_eq!(list[0]["filed_by"], "alice");
+
+    let own = on_pages(&lab, "alice", &["approve", &id]);
+    assert_eq!(own["status"], 403, "{}", own["answer"]);
+    assert!(own["answer"]
+        .as_str()
+        .unwrap()
+        .contains("own access request"));
+    let forged = on_pages(&lab, "carol", &["forged", &id]);
+    assert_eq!(forged["status"], 400);
+    assert_eq!(show(&lab, &id)["state"], "requested");
+
+    let seen = on_pages(&lab, "carol", &["show"]);
+    let page = seen["page"].as_str().unwrap();
+    assert!(
+        page.contains("Waiting for your decision") && page.contains(&id),
+        "{page}"
+    );
+    let approved = on_pages(&lab, "carol", &["approve", &id]);
+    assert_eq!(approved["status"], 303, "{}", approved["answer"]);
+    let r = show(&lab, &id);
+    assert_eq!(r["state"], "approved");
+    assert_eq!(r["decided_by"], "carol");
+    assert_eq!(
+        r["approval_policies"],
+        serde_json::json!(["carol-approves-prod"])
+    );
+    let e = lab
+        .wait_event(Duration::from_secs(5), |e| kind(e, "access_approved", &id))
+        .unwrap();
+    assert_eq!(e["approver"], "carol");
+}

@@ -150,7 +150,7 @@ pub fn parse_duration(s: &str) -> Result<u64, AccessError> {
         let Some(pos) = units.iter().position(|(u, _)| *u == c) else {
             return Err(bad(format!("unknown unit {c:?} (d, h, m, s)")));
         };
-        if pos + 1 <= last_unit || digits.is_empty() {
+        if pos < last_unit || digits.is_empty() {
             return Err(bad("write it like 2h, 90m or 1h30m".into()));
         }
         last_unit = pos + 1;

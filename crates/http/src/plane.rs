@@ -466,6 +466,7 @@ async fn routes(
             commands.clone(),
             cluster.as_ref().map(|(_, s)| s.clone()),
             metadata_lease,
+            access.clone(),
         )
         .await?;
         app = app.merge(sso::routes(sso));

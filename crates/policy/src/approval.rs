@@ -132,7 +132,7 @@ pub fn may_approve(
         ),
         (
             "src_ip".to_string(),
-            RestrictedExpression::new_ip("0.0.0.0".to_string()),
+            RestrictedExpression::new_ip("0.0.0.0"),
         ),
         (
             "device".to_string(),

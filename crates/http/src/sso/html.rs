@@ -115,3 +115,43 @@ pub(super) fn remote(ci: ConnectInfo<Peer>) -> IpAddr {
 pub(super) fn when(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%d %H:%M UTC").to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::sso::COOKIE;
+
+    #[test]
+    fn return_paths_stay_on_this_site() {
+        for ok in ["/enroll", "/enroll?x=1", "/"] {
+            assert_eq!(local_path(ok), Some(ok));
+        }
+        for bad in [
+            "//evil.example/",
+            "https://evil.example/",
+            "/\\evil",
+            "enroll",
+            "/a\nb",
+            "",
+        ] {
+            assert_eq!(local_path(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn html_is_escaped() {
+        assert_eq!(esc("<b a=\"x\">&'"), "&lt;b a=&quot;x&quot;&gt;&amp;&#39;");
+    }
+
+    #[test]
+    fn the_session_cookie_is_found_among_others() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            "a=1; portcullis_session=abc; b=2".parse().unwrap(),
+        );
+        assert_eq!(cookie(&h, COOKIE), Some("abc"));
+        assert_eq!(cookie(&h, "c"), None);
+    }
+}

