@@ -219,7 +219,7 @@ async fn reload(c: &impl GenericClient) -> Result<Vec<Remote>, ClusterError> {
 }
 
 /// The kinds of `records` a node follows through the change log.
-pub const RECORD_KINDS: &[&str] = &["access"];
+pub const RECORD_KINDS: &[&str] = &["access", "totp"];
 
 async fn read_records(
     c: &impl GenericClient,
@@ -603,6 +603,40 @@ impl Store for ClusterStore {
                 self.after_error();
             }
             r.map(|_| ()).map_err(store_error)
+        })
+    }
+
+    fn record<'a>(
+        &'a mut self,
+        kind: &'a str,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<serde_json::Value>, StoreError>> {
+        Box::pin(async move {
+            let r = match self.client().await {
+                Ok(c) => {
+                    bounded(async {
+                        let row = c
+                            .query_opt(
+                                "SELECT body FROM records WHERE kind = $1 AND id = $2",
+                                &[&kind, &id],
+                            )
+                            .await
+                            .map_err(crate::pg("reading a record"))?;
+                        row.map(|r| {
+                            r.try_get::<_, Json<serde_json::Value>>(0)
+                                .map(|Json(v)| v)
+                                .map_err(crate::pg("a record row"))
+                        })
+                        .transpose()
+                    })
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            if r.is_err() {
+                self.after_error();
+            }
+            r.map_err(store_error)
         })
     }
 

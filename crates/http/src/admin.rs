@@ -100,6 +100,7 @@ pub fn admin_router(a: AdminApi) -> Router {
         Router::new()
             .route("/users", get(users))
             .route("/users/{name}/disable", post(disable_user))
+            .route("/users/{name}/reset-mfa", post(reset_mfa))
             .route("/sessions", get(sessions))
             .route("/sessions/{id}/kill", post(kill_session))
             .route("/cluster", get(cluster_status))
@@ -431,6 +432,41 @@ async fn users(State(s): State<AdminState>) -> Response {
             Json(rows).into_response()
         }
         Err(r) => r,
+    }
+}
+
+/// Removes a user's authenticator (lost phone): their next sign-on sets one up again
+/// (or, without `[mfa] required`, signs in without). Recorded as an `admin_action`.
+async fn reset_mfa(
+    State(s): State<AdminState>,
+    actor: Option<axum::Extension<Actor>>,
+    Path(name): Path<String>,
+) -> Response {
+    let Some(identity) = &s.identity else {
+        return error(StatusCode::NOT_FOUND, "no identity store is configured");
+    };
+    let id = crate::sso::totp_record_id(&name);
+    match identity.record(crate::sso::TOTP_KIND, &id).await {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("user {name:?} has no authenticator"),
+            )
+        }
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+    let body = json!({"user": name, "reset": true});
+    match identity
+        .save_record(crate::sso::TOTP_KIND, &id, &body)
+        .await
+    {
+        Ok(()) => {
+            let actor = actor.map_or_else(|| "admin".to_string(), |a| a.0 .0.clone());
+            tracing::info!(user = %name, %actor, "admin: authenticator reset");
+            Json(json!({"user": name, "mfa_reset": true})).into_response()
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
 

@@ -107,6 +107,13 @@ pub trait Store: Send + 'static {
         body: &'a serde_json::Value,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
 
+    /// One stored record of `kind`, if there is one.
+    fn record<'a>(
+        &'a mut self,
+        kind: &'a str,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<serde_json::Value>, StoreError>>;
+
     /// Every stored record of `kind`.
     fn records<'a>(
         &'a mut self,
@@ -203,6 +210,14 @@ impl Store for SqliteBackend {
         kind: &'a str,
     ) -> BoxFuture<'a, Result<Vec<serde_json::Value>, StoreError>> {
         Box::pin(async move { self.store()?.records(kind) })
+    }
+
+    fn record<'a>(
+        &'a mut self,
+        kind: &'a str,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<serde_json::Value>, StoreError>> {
+        Box::pin(async move { self.store()?.record(kind, id) })
     }
 
     fn meta<'a>(&'a mut self, key: &'a str) -> BoxFuture<'a, Result<Option<String>, StoreError>> {

@@ -797,6 +797,15 @@ impl Identity {
         self.store.lock().await.save_record(kind, id, body).await
     }
 
+    /// One stored record of `kind`.
+    pub async fn record(
+        &self,
+        kind: &str,
+        id: &str,
+    ) -> Result<Option<serde_json::Value>, StoreError> {
+        self.store.lock().await.record(kind, id).await
+    }
+
     /// Every stored record of `kind`.
     pub async fn records(&self, kind: &str) -> Result<Vec<serde_json::Value>, StoreError> {
         self.store.lock().await.records(kind).await

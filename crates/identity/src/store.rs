@@ -255,6 +255,27 @@ impl SqliteStore {
             .map_err(|e| self.err(e))
     }
 
+    /// One record of `kind`.
+    pub fn record(&self, kind: &str, id: &str) -> Result<Option<serde_json::Value>, StoreError> {
+        let body: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT body FROM records WHERE kind = ?1 AND id = ?2",
+                params![kind, id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
+        body.map(|b| {
+            serde_json::from_str(&b).map_err(|e| StoreError::Corrupt {
+                path: self.path.clone(),
+                id: id.to_string(),
+                reason: e.to_string(),
+            })
+        })
+        .transpose()
+    }
+
     /// Every record of `kind`, by id.
     pub fn records(&self, kind: &str) -> Result<Vec<serde_json::Value>, StoreError> {
         let mut stmt = self

@@ -483,6 +483,20 @@ pub enum Event {
         events_refused: u64,
         reason: String,
     },
+    /// A user enrolled a second factor (a TOTP authenticator, confirmed with a code).
+    MfaEnrolled {
+        user: String,
+        method: String,
+        remote: Option<String>,
+    },
+    /// A second-factor code was refused (`malformed`, `wrong`, `replayed`,
+    /// `rate_limited`, `recovery_code_unknown`): the sign-on did not complete.
+    MfaFailed {
+        user: String,
+        method: String,
+        reason: String,
+        remote: Option<String>,
+    },
     /// A user asked for temporary access to a network (`portcullis access request`,
     /// the admin API or the enrollment pages).
     AccessRequested {
@@ -579,6 +593,8 @@ impl Event {
             Event::KeyRotated { .. } => "key_rotated",
             Event::AuditDegraded { .. } => "audit_degraded",
             Event::NodeDown { .. } => "node_down",
+            Event::MfaEnrolled { .. } => "mfa_enrolled",
+            Event::MfaFailed { .. } => "mfa_failed",
             Event::AccessRequested { .. } => "access_requested",
             Event::AccessApproved { .. } => "access_approved",
             Event::AccessDenied { .. } => "access_denied",

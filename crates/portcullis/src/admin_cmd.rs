@@ -30,6 +30,13 @@ pub enum UsersCommand {
         #[arg(long, env = "PORTCULLIS_CONFIG")]
         config: PathBuf,
     },
+    /// Removes a user's TOTP authenticator (a lost phone); their next sign-on sets one
+    /// up again. Audited.
+    ResetMfa {
+        name: String,
+        #[arg(long, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -350,6 +357,15 @@ pub fn users(cmd: UsersCommand) -> anyhow::Result<ExitCode> {
             if let Some(note) = v["note"].as_str() {
                 eprintln!("note: {note}");
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        UsersCommand::ResetMfa { name, config } => {
+            call(
+                &config,
+                "POST",
+                &format!("/admin/v1/users/{}/reset-mfa", encode(&name)),
+            )?;
+            println!("{name}: authenticator reset; the next sign-on sets one up");
             Ok(ExitCode::SUCCESS)
         }
     }

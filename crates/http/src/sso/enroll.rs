@@ -45,7 +45,7 @@ pub(super) async fn enroll_page(State(sso): State<Arc<Sso>>, headers: HeaderMap)
         StatusCode::OK,
         "Your devices",
         &format!(
-            "<p>Signed in as <strong>{user}</strong> until {until}. <a href=\"/saml/logout\">Sign out</a></p>\
+            "<p>Signed in as <strong>{user}</strong> until {until}. <a href=\"/access\">Temporary access</a>{mfa} · <a href=\"/saml/logout\">Sign out</a></p>\
              <h2>Devices</h2>{devices}\
              <h2>Add a device</h2>\
              <form method=\"post\" action=\"/enroll\">\
@@ -60,6 +60,7 @@ pub(super) async fn enroll_page(State(sso): State<Arc<Sso>>, headers: HeaderMap)
             user = esc(&s.user),
             until = when(s.until),
             csrf = esc(&s.csrf),
+            mfa = if sso.mfa.totp { " · <a href=\"/mfa\">Authenticator</a>" } else { "" },
         ),
     )
 }

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
 use super::html::{cookie, esc, local_path, page, remote, see_other, too_many, unavailable};
-use super::{Sso, COOKIE};
+use super::{PendingLogin, Sso, COOKIE};
 use crate::serve::Peer;
 
 pub(super) async fn metadata(State(sso): State<Arc<Sso>>) -> Response {
@@ -162,6 +162,37 @@ pub(super) async fn acs(
             .mfa
             .idp_asserted(&login.authn_context_class_refs, &login.mfa_attribute_values),
     };
+    let back = login
+        .relay_state
+        .as_deref()
+        .and_then(local_path)
+        .unwrap_or("/enroll")
+        .to_string();
+    if !sign_on.mfa && sso.mfa.totp {
+        match sso.totp_enrolled(&login.user).await {
+            // Fail closed: whether the user has a second factor must be known.
+            Err(reason) => return refuse(&login.user, reason).await,
+            Ok(enrolled) if enrolled || sso.mfa.required => {
+                // Nothing is renewed yet: the code first (or, when one is required, the
+                // enrollment of an authenticator), on a short pending session.
+                let pending_until = (now + TimeDelta::minutes(10)).min(until);
+                let Some(token) = sso
+                    .open_session(
+                        &login.user,
+                        pending_until,
+                        sign_on,
+                        &login.groups,
+                        Some(PendingLogin { until, back }),
+                    )
+                    .await
+                else {
+                    return StatusCode::SERVICE_UNAVAILABLE.into_response();
+                };
+                return with_cookie(&sso, see_other("/mfa"), &token, pending_until - now);
+            }
+            Ok(_) => {}
+        }
+    }
     if sso.mfa.required && !sign_on.mfa {
         // Fail closed: nothing is renewed or enrolled by a sign-on without one.
         return refuse(
@@ -170,53 +201,69 @@ pub(super) async fn acs(
         )
         .await;
     }
+    finish_login(
+        &sso,
+        ip,
+        &login.user,
+        &login.groups,
+        until,
+        sign_on,
+        &back,
+        "saml",
+    )
+    .await
+}
+
+/// Sets the session cookie on `r`.
+pub(super) fn with_cookie(sso: &Sso, mut r: Response, token: &str, max_age: TimeDelta) -> Response {
+    let secure = if sso.secure_cookie { "; Secure" } else { "" };
+    let max_age = max_age.num_seconds().max(1);
+    if let Ok(v) =
+        format!("{COOKIE}={token}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age}{secure}")
+            .parse()
+    {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
+}
+
+/// Completes a sign-on: the user's devices renewed with `sign_on` (open flows re-decided
+/// with it), a login session until `until`, `login_succeeded`, and the browser sent
+/// `back`.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn finish_login(
+    sso: &Arc<Sso>,
+    ip: IpAddr,
+    user: &str,
+    groups: &[String],
+    until: chrono::DateTime<Utc>,
+    sign_on: SignOn,
+    back: &str,
+    method: &str,
+) -> Response {
+    let now = Utc::now();
     let owner = match sso
         .identity
-        .login(
-            "saml",
-            &login.user,
-            &login.groups,
-            until,
-            sign_on,
-            Instant::now(),
-            now,
-        )
+        .login("saml", user, groups, until, sign_on, Instant::now(), now)
         .await
     {
         Ok(o) => o,
-        Err(e) => return refuse(&login.user, e.to_string()).await,
+        Err(e) => return refused_login(sso, ip, user.to_string(), e.to_string()).await,
     };
-    let Some(token) = sso.open_session(&owner.user_name, until, sign_on).await else {
+    let Some(token) = sso
+        .open_session(&owner.user_name, until, sign_on, groups, None)
+        .await
+    else {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     };
     sso.report(Event::LoginSucceeded {
         user: owner.user_name.clone(),
-        method: "saml".into(),
+        method: method.into(),
         remote: Some(ip.to_string()),
     })
     .await;
-    tracing::info!(user = %owner.user_name, %ip, until = %until, mfa = sign_on.mfa, "saml login");
-    let max_age = (until - now).num_seconds().max(1);
-    let secure = if sso.secure_cookie { "; Secure" } else { "" };
-    let back = login
-        .relay_state
-        .as_deref()
-        .and_then(local_path)
-        .unwrap_or("/enroll")
-        .to_string();
-    (
-        StatusCode::SEE_OTHER,
-        [
-            (header::LOCATION, back),
-            (
-                header::SET_COOKIE,
-                format!(
-                    "{COOKIE}={token}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age}{secure}"
-                ),
-            ),
-        ],
-    )
-        .into_response()
+    tracing::info!(user = %owner.user_name, %ip, until = %until, mfa = sign_on.mfa, method, "saml login");
+    with_cookie(sso, see_other(back), &token, until - now)
 }
 
 /// Sessions are kept under the SHA-256 of their cookie, never the cookie itself.

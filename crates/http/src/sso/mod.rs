@@ -5,6 +5,8 @@
 //! - `POST /saml/acs`: the IdP's answer; on success a login session (cookie) and 303 back.
 //! - `GET /saml/logout`: ends the login session here.
 //! - `GET /enroll`: the user's devices and the enrollment form (login first otherwise).
+//! - `/mfa`: the second factor (TOTP) after the IdP's answer, and setting one up
+//!   ([`totp`]).
 //! - `/access`: the user's just-in-time access requests, and approvers' decisions
 //!   ([`access`]).
 //! - `POST /enroll`: registers a device (the device's own public key, or a key pair the
@@ -48,6 +50,9 @@ mod access;
 mod enroll;
 mod html;
 mod login;
+mod totp;
+
+pub use totp::{record_id as totp_record_id, KIND as TOTP_KIND};
 
 use html::{cookie, random_b64, unavailable};
 use login::session_key;
@@ -70,6 +75,22 @@ struct WebSession {
     sign_on: SignOn,
     /// Sent with every form, compared in constant time.
     csrf: String,
+    /// The groups the IdP gave (to renew the devices again once a second factor is added).
+    #[serde(default)]
+    groups: Vec<String>,
+    /// Set while the sign-on waits for its second factor (`/mfa`): such a session is
+    /// no login; the pages treat it as signed out.
+    #[serde(default)]
+    pending: Option<PendingLogin>,
+}
+
+/// What finishing a sign-on after its second factor needs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct PendingLogin {
+    /// When the full login ends (the IdP's session, capped).
+    until: DateTime<Utc>,
+    /// Where the browser goes once signed in.
+    back: String,
 }
 
 pub struct Sso {
@@ -90,6 +111,10 @@ pub struct Sso {
     shared: Option<Arc<portcullis_cluster::shared::Shared>>,
     /// Just-in-time access requests (`/access`).
     access: Option<Arc<crate::access::AccessService>>,
+    /// `[mfa] secret_key_file`: seals TOTP secrets (with `[mfa] totp`).
+    sealing: Option<portcullis_mfa::SealingKey>,
+    /// Failed second-factor codes per user.
+    attempts: Mutex<portcullis_mfa::Attempts>,
 }
 
 /// Pending SAML requests imported at one answer, at most.
@@ -256,6 +281,20 @@ impl Sso {
             None => read_metadata(c).await,
         };
         let mfa = loaded.config.mfa.clone().unwrap_or_default();
+        let sealing = match (&mfa.secret_key_file, mfa.totp) {
+            (Some(file), true) => {
+                let text =
+                    portcullis_config::read_secret(&loaded.path, "mfa.secret_key_file", file)?;
+                Some(portcullis_mfa::SealingKey::parse(&text.0).map_err(|e| {
+                    anyhow!(
+                        "{}: key `mfa.secret_key_file`: {}: {e}",
+                        loaded.path.display(),
+                        file.display()
+                    )
+                })?)
+            }
+            _ => None,
+        };
         let mut applied = first.as_ref().ok().map(|md| Sha256::digest(md.as_bytes()));
         let sp = match first {
             Ok(md) => Some(Sp::new(sp_config(c, &mfa), &md).with_context(context)?),
@@ -278,6 +317,8 @@ impl Sso {
             scope: crate::devices::ProfileScope::new(loaded),
             shared,
             access,
+            sealing,
+            attempts: Mutex::new(portcullis_mfa::Attempts::default()),
         });
         let refresh = sso.clone();
         tokio::spawn(async move {
@@ -386,6 +427,13 @@ impl Sso {
     /// The browser's unexpired session. In a cluster the shared database answers (a
     /// session another node opened, or ended); unreachable, nobody is signed in.
     async fn session(&self, headers: &HeaderMap) -> Option<WebSession> {
+        self.any_session(headers)
+            .await
+            .filter(|s| s.pending.is_none())
+    }
+
+    /// [`Sso::session`], including one that waits for its second factor.
+    async fn any_session(&self, headers: &HeaderMap) -> Option<WebSession> {
         let key = session_key(cookie(headers, COOKIE)?);
         if let Some(shared) = &self.shared {
             return match shared.session(&hex::encode(key)).await {
@@ -408,6 +456,8 @@ impl Sso {
         user: &str,
         until: DateTime<Utc>,
         sign_on: SignOn,
+        groups: &[String],
+        pending: Option<PendingLogin>,
     ) -> Option<String> {
         let token = random_b64::<32>();
         let key = session_key(&token);
@@ -416,6 +466,8 @@ impl Sso {
             until,
             sign_on,
             csrf: random_b64::<24>(),
+            groups: groups.to_vec(),
+            pending,
         };
         if let Some(shared) = &self.shared {
             let body = serde_json::to_value(&session).ok()?;
@@ -502,6 +554,7 @@ pub fn routes(sso: Arc<Sso>) -> Router {
         .route("/saml/acs", axum::routing::post(login::acs))
         .route("/saml/logout", get(login::logout))
         .route("/enroll", get(enroll::enroll_page).post(enroll::enroll))
+        .route("/mfa", get(totp::mfa_page).post(totp::mfa_submit))
         .route("/access", get(access::access_page))
         .route("/access/request", axum::routing::post(access::request))
         .route("/access/decide", axum::routing::post(access::decide))
