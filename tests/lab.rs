@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Result;
-use portcullis_e2e::{echo_round_trip, Lab, LabOptions};
+use portcullis_e2e::{echo_round_trip, expect_reset, Lab, LabOptions};
 use serde_json::Value;
 
 #[path = "lab_cluster.rs"]
@@ -59,6 +59,11 @@ fn run() -> Result<()> {
     let clickhouse = portcullis_testkit::ClickHouse::start()?;
     let opts = LabOptions {
         gateway_log: std::env::var("PORTCULLIS_LOG").unwrap_or_else(|_| "info".into()),
+        // dana approves access requests (sre-leads); the admin API serves the CLI.
+        extra_config: "[[user]]\nname = \"dana\"\nemail = \"dana@example.com\"\ngroups = [\"sre-leads\"]\n\
+            [http]\nlisten = \"127.0.0.1:18080\"\n[admin]\ntoken_file = \"admin.token\"\n"
+            .into(),
+        files: vec![("admin.token".into(), "lab-admin-token-0123456789abcdef\n".into())],
         ..LabOptions::default()
     };
     let mut lab = Lab::start_audited(opts, &clickhouse)?;
@@ -134,6 +139,10 @@ fn run() -> Result<()> {
         "bob → dev 10.9.0.2:8080/tcp (port not granted)",
     );
 
+    println!();
+    println!("Just-in-time access: bob asks for prod-db for 15 s, dana (sre-leads) approves:");
+    all &= jit(&lab)?;
+
     if hold {
         println!();
         println!(
@@ -190,6 +199,11 @@ fn run() -> Result<()> {
         "{}",
         indent(&audit_cli(&lab, &["query", "--report", "sessions"])?)
     );
+    println!("`portcullis audit query --report access-requests`:");
+    print!(
+        "{}",
+        indent(&audit_cli(&lab, &["query", "--report", "access-requests"])?)
+    );
     println!("`portcullis audit verify` (hash chain):");
     print!("{}", indent(&audit_cli(&lab, &["verify"])?));
     println!();
@@ -205,6 +219,60 @@ fn run() -> Result<()> {
 }
 
 /// Runs `portcullis audit …` against the lab's config and returns its output.
+fn cli(lab: &Lab, args: &[&str]) -> Result<String> {
+    let out = lab.cli_in_gateway_ns(args)?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "portcullis {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// A request, a refused self-approval, dana's approval, bob's connection through the
+/// grant, and its end resetting that connection.
+fn jit(lab: &Lab) -> Result<bool> {
+    let db = "10.8.5.10:5432";
+    let mut all = step(tcp(lab, &lab.bob, db), false, "bob → prod-db 10.8.5.10:5432/tcp (no grant yet)");
+    let filed = cli(
+        lab,
+        &[
+            "access", "request", "--user", "bob", "--network", "prod-db", "--dst", "10.8.5.10",
+            "--port", "5432/tcp", "--for", "15s", "--reason", "INC-4711 replica lag",
+        ],
+    )?;
+    println!("  $ portcullis access request --user bob --network prod-db --port 5432/tcp --for 15s …");
+    println!("    {filed}");
+    let id = filed.split_whitespace().nth(2).unwrap_or_default().to_string();
+    match cli(lab, &["access", "approve", &id, "--as", "bob"]) {
+        Ok(_) => {
+            println!("  UNEXPECTED: bob approved his own request");
+            all = false;
+        }
+        Err(e) => println!("  $ portcullis access approve {id} --as bob\n    refused: {}", e.to_string().rsplit(": ").next().unwrap_or_default()),
+    }
+    println!("  $ portcullis access approve {id} --as dana");
+    println!("    {}", cli(lab, &["access", "approve", &id, "--as", "dana"])?);
+    let started = std::time::Instant::now();
+    all &= step(tcp(lab, &lab.bob, db), true, "bob → prod-db 10.8.5.10:5432/tcp (the grant)");
+    let mut conn = lab.connect(&lab.bob, db.parse()?, Duration::from_secs(2))?;
+    echo_round_trip(&mut conn, b"select 1")?;
+    let left = Duration::from_secs(15).saturating_sub(started.elapsed());
+    match expect_reset(&mut conn, left + Duration::from_secs(3)) {
+        Ok(_) => println!(
+            "  the grant ended {:.1} s after the approval: bob's open connection was reset",
+            started.elapsed().as_secs_f64()
+        ),
+        Err(e) => {
+            println!("  UNEXPECTED: {e}");
+            all = false;
+        }
+    }
+    all &= step(tcp(lab, &lab.bob, db), false, "bob → prod-db 10.8.5.10:5432/tcp (grant over)");
+    Ok(all)
+}
+
 fn audit_cli(lab: &Lab, args: &[&str]) -> Result<String> {
     let out = lab.audit(args)?;
     if !out.status.success() {
