@@ -60,10 +60,14 @@ fn run() -> Result<()> {
     let opts = LabOptions {
         gateway_log: std::env::var("PORTCULLIS_LOG").unwrap_or_else(|_| "info".into()),
         // dana approves access requests (sre-leads); the admin API serves the CLI.
-        extra_config: "[[user]]\nname = \"dana\"\nemail = \"dana@example.com\"\ngroups = [\"sre-leads\"]\n\
+        extra_config:
+            "[[user]]\nname = \"dana\"\nemail = \"dana@example.com\"\ngroups = [\"sre-leads\"]\n\
             [http]\nlisten = \"127.0.0.1:18080\"\n[admin]\ntoken_file = \"admin.token\"\n"
-            .into(),
-        files: vec![("admin.token".into(), "lab-admin-token-0123456789abcdef\n".into())],
+                .into(),
+        files: vec![(
+            "admin.token".into(),
+            "lab-admin-token-0123456789abcdef\n".into(),
+        )],
         ..LabOptions::default()
     };
     let mut lab = Lab::start_audited(opts, &clickhouse)?;
@@ -234,28 +238,60 @@ fn cli(lab: &Lab, args: &[&str]) -> Result<String> {
 /// grant, and its end resetting that connection.
 fn jit(lab: &Lab) -> Result<bool> {
     let db = "10.8.5.10:5432";
-    let mut all = step(tcp(lab, &lab.bob, db), false, "bob → prod-db 10.8.5.10:5432/tcp (no grant yet)");
+    let mut all = step(
+        tcp(lab, &lab.bob, db),
+        false,
+        "bob → prod-db 10.8.5.10:5432/tcp (no grant yet)",
+    );
     let filed = cli(
         lab,
         &[
-            "access", "request", "--user", "bob", "--network", "prod-db", "--dst", "10.8.5.10",
-            "--port", "5432/tcp", "--for", "15s", "--reason", "INC-4711 replica lag",
+            "access",
+            "request",
+            "--user",
+            "bob",
+            "--network",
+            "prod-db",
+            "--dst",
+            "10.8.5.10",
+            "--port",
+            "5432/tcp",
+            "--for",
+            "15s",
+            "--reason",
+            "INC-4711 replica lag",
         ],
     )?;
-    println!("  $ portcullis access request --user bob --network prod-db --port 5432/tcp --for 15s …");
+    println!(
+        "  $ portcullis access request --user bob --network prod-db --port 5432/tcp --for 15s …"
+    );
     println!("    {filed}");
-    let id = filed.split_whitespace().nth(2).unwrap_or_default().to_string();
+    let id = filed
+        .split_whitespace()
+        .nth(2)
+        .unwrap_or_default()
+        .to_string();
     match cli(lab, &["access", "approve", &id, "--as", "bob"]) {
         Ok(_) => {
             println!("  UNEXPECTED: bob approved his own request");
             all = false;
         }
-        Err(e) => println!("  $ portcullis access approve {id} --as bob\n    refused: {}", e.to_string().rsplit(": ").next().unwrap_or_default()),
+        Err(e) => println!(
+            "  $ portcullis access approve {id} --as bob\n    refused: {}",
+            e.to_string().rsplit(": ").next().unwrap_or_default()
+        ),
     }
     println!("  $ portcullis access approve {id} --as dana");
-    println!("    {}", cli(lab, &["access", "approve", &id, "--as", "dana"])?);
+    println!(
+        "    {}",
+        cli(lab, &["access", "approve", &id, "--as", "dana"])?
+    );
     let started = std::time::Instant::now();
-    all &= step(tcp(lab, &lab.bob, db), true, "bob → prod-db 10.8.5.10:5432/tcp (the grant)");
+    all &= step(
+        tcp(lab, &lab.bob, db),
+        true,
+        "bob → prod-db 10.8.5.10:5432/tcp (the grant)",
+    );
     let mut conn = lab.connect(&lab.bob, db.parse()?, Duration::from_secs(2))?;
     echo_round_trip(&mut conn, b"select 1")?;
     let left = Duration::from_secs(15).saturating_sub(started.elapsed());
@@ -269,7 +305,11 @@ fn jit(lab: &Lab) -> Result<bool> {
             all = false;
         }
     }
-    all &= step(tcp(lab, &lab.bob, db), false, "bob → prod-db 10.8.5.10:5432/tcp (grant over)");
+    all &= step(
+        tcp(lab, &lab.bob, db),
+        false,
+        "bob → prod-db 10.8.5.10:5432/tcp (grant over)",
+    );
     Ok(all)
 }
 
@@ -335,6 +375,22 @@ fn describe(e: &Value) -> String {
         "session_started" => format!("endpoint {}", s("endpoint")),
         "session_ended" => format!("{} after {}ms", s("reason"), e["duration_ms"]),
         "policy_loaded" => format!("{} policies, {} flows cut", e["policies"], e["flows_cut"]),
+        "access_requested" => format!(
+            "{} {} {} for {} s: {}",
+            s("request_id"),
+            s("network"),
+            s("port"),
+            e["duration_secs"],
+            s("reason")
+        ),
+        "access_approved" => format!(
+            "{} by {} until {}",
+            s("request_id"),
+            s("approver"),
+            s("ends_at")
+        ),
+        "access_expired" | "access_revoked" | "access_denied" => s("request_id"),
+        "admin_action" => format!("{} {} {}", s("actor"), s("action"), s("outcome")),
         _ => String::new(),
     };
     format!(
