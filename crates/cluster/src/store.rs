@@ -72,6 +72,8 @@ pub struct Snapshot {
     pub users: Vec<User>,
     pub groups: Vec<Group>,
     pub devices: Vec<Device>,
+    /// The [`RECORD_KINDS`] records, as `(kind, body)`.
+    pub records: Vec<(String, serde_json::Value)>,
     /// The last change the snapshot includes.
     pub number: i64,
 }
@@ -126,6 +128,15 @@ async fn read_all(c: &impl GenericClient) -> Result<Snapshot, ClusterError> {
         users: records(c, "SELECT id, record FROM users ORDER BY id").await?,
         groups: records(c, "SELECT id, record FROM groups ORDER BY id").await?,
         devices: records(c, "SELECT id, record FROM devices ORDER BY id").await?,
+        records: {
+            let mut out = Vec::new();
+            for kind in RECORD_KINDS {
+                for body in read_records(c, kind).await? {
+                    out.push((kind.to_string(), body));
+                }
+            }
+            out
+        },
         number,
     })
 }
@@ -199,14 +210,8 @@ async fn reload(c: &impl GenericClient) -> Result<Vec<Remote>, ClusterError> {
         groups: s.groups,
         devices: s.devices,
     }];
-    for kind in RECORD_KINDS {
-        for body in read_records(c, kind).await? {
-            out.push(Remote::Other {
-                number,
-                kind: kind.to_string(),
-                body,
-            });
-        }
+    for (kind, body) in s.records {
+        out.push(Remote::Other { number, kind, body });
     }
     if let Some(body) = crate::policy::current(c).await? {
         out.push(Remote::Other {
@@ -271,6 +276,9 @@ pub struct ClusterStore {
     client: Option<Client>,
     applied: i64,
     initial_devices: Option<Vec<Device>>,
+    /// The snapshot's records, for the packet loop's start (read on the start's own
+    /// runtime: a connection opened on the data plane's would be driven by it).
+    initial_records: Vec<(String, serde_json::Value)>,
 }
 
 impl std::fmt::Debug for ClusterStore {
@@ -291,6 +299,7 @@ impl ClusterStore {
             client: None,
             applied: snapshot.number,
             initial_devices: Some(snapshot.devices.clone()),
+            initial_records: snapshot.records.clone(),
         }
     }
 
@@ -583,6 +592,14 @@ impl Store for ClusterStore {
 
     fn shared(&self) -> bool {
         true
+    }
+
+    fn initial_records(&mut self, kind: &str) -> Option<Vec<serde_json::Value>> {
+        let (this, rest) = std::mem::take(&mut self.initial_records)
+            .into_iter()
+            .partition(|(k, _)| k == kind);
+        self.initial_records = rest;
+        Some(this.into_iter().map(|(_, body)| body).collect())
     }
 
     fn save_record<'a>(

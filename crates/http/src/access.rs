@@ -83,6 +83,10 @@ async fn stored(identity: &Identity) -> anyhow::Result<Book> {
         .records(KIND)
         .await
         .map_err(|e| anyhow::anyhow!("reading the access requests: {e}"))?;
+    Ok(parse_book(records))
+}
+
+fn parse_book(records: Vec<serde_json::Value>) -> Book {
     let mut parsed = Vec::new();
     for r in records {
         match serde_json::from_value::<AccessRequest>(r) {
@@ -93,13 +97,18 @@ async fn stored(identity: &Identity) -> anyhow::Result<Book> {
             }
         }
     }
-    Ok(Book::from_records(parsed))
+    Book::from_records(parsed)
 }
 
 /// The grants in force in the identity store, for the packet loop's start (it holds
-/// them before its first packet).
+/// them before its first packet). Runs on the data plane's runtime: a cluster node
+/// answers from the snapshot it read at open.
 pub async fn stored_grants(identity: &Identity) -> anyhow::Result<Vec<portcullis_model::Grant>> {
-    Ok(stored(identity).await?.grants(Utc::now()))
+    let records = identity
+        .startup_records(KIND)
+        .await
+        .map_err(|e| anyhow::anyhow!("reading the access requests: {e}"))?;
+    Ok(parse_book(records).grants(Utc::now()))
 }
 
 impl AccessService {

@@ -90,6 +90,12 @@ pub trait Store: Send + 'static {
     /// The devices as loaded at start.
     fn initial_devices(&mut self) -> Result<Vec<Device>, StoreError>;
 
+    /// The records of `kind` as loaded at start, once, when the store read them then
+    /// (a cluster's snapshot); `None`: ask [`Store::records`].
+    fn initial_records(&mut self, _kind: &str) -> Option<Vec<serde_json::Value>> {
+        None
+    }
+
     /// Whether other nodes share this store: expired devices are then swept by the one
     /// node holding the sweep's lease, not by each node at start.
     fn shared(&self) -> bool {

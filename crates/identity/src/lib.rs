@@ -806,6 +806,17 @@ impl Identity {
         self.store.lock().await.record(kind, id).await
     }
 
+    /// The records of `kind` for the packet loop's start: what the store read at its
+    /// open when it did (a cluster node must not connect from the data plane's
+    /// runtime), else read now.
+    pub async fn startup_records(&self, kind: &str) -> Result<Vec<serde_json::Value>, StoreError> {
+        let mut store = self.store.lock().await;
+        match store.initial_records(kind) {
+            Some(r) => Ok(r),
+            None => store.records(kind).await,
+        }
+    }
+
     /// Every stored record of `kind`.
     pub async fn records(&self, kind: &str) -> Result<Vec<serde_json::Value>, StoreError> {
         self.store.lock().await.records(kind).await
