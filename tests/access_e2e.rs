@@ -292,23 +292,10 @@ fn a_request_approved_by_an_allowed_approver_grants_its_window_and_its_end_reset
     assert!(!ok && err.contains("duration"), "{err}");
 }
 
-/// Runs `tests/clients/saml_access.py` in the gateway's namespace: `user` signs in at the
-/// real SimpleSAMLphp IdP and acts on `/access`.
+/// `user` signs in at the real SimpleSAMLphp IdP and acts on `/access`
+/// (`tests/clients/saml_access.py`).
 fn on_pages(lab: &Lab, user: &str, args: &[&str]) -> Value {
-    let script = repo_root().join("tests/clients/saml_access.py");
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &lab.ns_gw, "python3"])
-        .arg(script)
-        .args(["http://127.0.0.1:18080", user, &format!("{user}-password")])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    lab.sign_on_client("saml_access.py", user, args).unwrap()
 }
 
 /// The same through the sign-on pages: alice (signed in at the IdP) asks for prod-db;

@@ -1608,30 +1608,13 @@ fn api_manages_policies_and_answers_audit_queries() {
     assert_eq!(status, 400, "{t}");
 }
 
-/// Runs `tests/clients/saml_enroll.py` in the gateway's namespace (where the gateway's
-/// listener and the IdP are): the browser's side of a login and an enrollment.
+/// The browser's side of a login and an enrollment (`tests/clients/saml_enroll.py`).
 fn saml_enroll(lab: &Lab, user: &str, name: &str, public_key: &str, tamper: bool) -> Value {
-    let script = portcullis_e2e::repo_root().join("tests/clients/saml_enroll.py");
-    let mut cmd = std::process::Command::new("ip");
-    cmd.args(["netns", "exec", &lab.ns_gw, "python3"])
-        .arg(script)
-        .args([
-            "http://127.0.0.1:18080",
-            user,
-            &format!("{user}-password"),
-            name,
-            public_key,
-        ]);
+    let mut args = vec![name, public_key];
     if tamper {
-        cmd.arg("--tamper");
+        args.push("--tamper");
     }
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    lab.sign_on_client("saml_enroll.py", user, &args).unwrap()
 }
 
 /// SAML sign-on against a real SimpleSAMLphp IdP (metadata fetched from its URL), driven

@@ -863,6 +863,23 @@ address6 = "fd00:64::3"
         http_in(&self.ns_gw, method, path, headers, body)
     }
 
+    /// Runs the Python client `tests/clients/{script}` in the gateway's namespace (where
+    /// its listener and the lab's IdP are), as `user` with the IdP password the lab gives
+    /// (`<user>-password`) and then `args`; the JSON it prints.
+    pub fn sign_on_client(&self, script: &str, user: &str, args: &[&str]) -> Result<Value> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns_gw, "python3"])
+            .arg(repo_root().join("tests/clients").join(script))
+            .args(["http://127.0.0.1:18080", user, &format!("{user}-password")])
+            .args(args)
+            .output()
+            .with_context(|| format!("running {script}"))?;
+        if !out.status.success() {
+            bail!("{script}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        serde_json::from_slice(&out.stdout).with_context(|| format!("{script}'s output"))
+    }
+
     pub fn cli_in_gateway_ns(&self, args: &[&str]) -> Result<std::process::Output> {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.ns_gw])

@@ -18,21 +18,9 @@ use serde_json::Value;
 
 const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef";
 
+/// `user` signs in at the IdP and answers `/mfa` (`tests/clients/saml_totp.py`).
 fn totp(lab: &Lab, user: &str, args: &[&str]) -> Value {
-    let script = repo_root().join("tests/clients/saml_totp.py");
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &lab.ns_gw, "python3"])
-        .arg(script)
-        .args(["http://127.0.0.1:18080", user, &format!("{user}-password")])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    lab.sign_on_client("saml_totp.py", user, args).unwrap()
 }
 
 /// Waits into the next 30-second TOTP step (a code of the step just used is a replay).

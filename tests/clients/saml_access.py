@@ -17,21 +17,13 @@ import json
 import re
 import sys
 
-import requests
-
-from saml_login import idp_login
+from saml_login import sign_in
 
 
 def main():
     base, user, password, action = sys.argv[1:5]
     rest = sys.argv[5:]
-    s = requests.Session()
-    s.trust_env = False
-    act, response, relay = idp_login(s, base + "/access", user, password)
-    data = {"SAMLResponse": response}
-    if relay is not None:
-        data["RelayState"] = relay
-    r = s.post(act, data=data, timeout=10)
+    s, r = sign_in(base, "/access", user, password)
     out = {"login_url": r.url, "login_status": r.status_code}
     m = re.search(r'name="csrf" value="([^"]+)"', r.text)
     if r.status_code != 200 or not m:

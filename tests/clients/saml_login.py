@@ -65,6 +65,18 @@ def idp_login(s, url, user, password, issuer=None):
             html.unescape(relay.group(1)) if relay else None)
 
 
+def sign_in(base, path, user, password):
+    """A fresh browser session signed in through the SP's `path` (sent to the IdP, back
+    through the ACS): (session, the page the ACS led to)."""
+    s = requests.Session()
+    s.trust_env = False
+    action, response, relay = idp_login(s, base + path, user, password)
+    data = {"SAMLResponse": response}
+    if relay is not None:
+        data["RelayState"] = relay
+    return s, s.post(action, data=data, timeout=10)
+
+
 def main():
     url, user, password = sys.argv[1:4]
     issuer = None

@@ -21,9 +21,7 @@ import struct
 import sys
 import time
 
-import requests
-
-from saml_login import idp_login
+from saml_login import sign_in
 
 
 def totp(secret_b32, at=None):
@@ -37,13 +35,7 @@ def totp(secret_b32, at=None):
 def main():
     base, user, password, action = sys.argv[1:5]
     arg = sys.argv[5] if len(sys.argv) > 5 else None
-    s = requests.Session()
-    s.trust_env = False
-    act, response, relay = idp_login(s, base + "/enroll", user, password)
-    data = {"SAMLResponse": response}
-    if relay is not None:
-        data["RelayState"] = relay
-    r = s.post(act, data=data, timeout=10)
+    s, r = sign_in(base, "/enroll", user, password)
     out = {"after_login": r.url, "login_status": r.status_code}
     m = re.search(r'name="csrf" value="([^"]+)"', r.text)
     if "/mfa" not in r.url or not m:

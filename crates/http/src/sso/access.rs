@@ -47,6 +47,43 @@ fn csrf_ok(s: &WebSession, sent: &str) -> bool {
     bool::from(sent.as_bytes().ct_eq(s.csrf.as_bytes()))
 }
 
+/// A form with the session's CSRF token.
+trait Posted {
+    fn csrf(&self) -> &str;
+}
+
+/// What every POST here checks first: a login session, the service, a readable form with
+/// the session's CSRF token. `Err` is the page to answer instead.
+async fn gate<'a, F: Posted>(
+    sso: &'a Sso,
+    headers: &HeaderMap,
+    form: Result<Form<F>, axum::extract::rejection::FormRejection>,
+    title: &str,
+) -> Result<(WebSession, &'a Arc<crate::access::AccessService>, F), Box<Response>> {
+    let Some(s) = sso.session(headers).await else {
+        return Err(Box::new(see_other("/saml/login?return=/access")));
+    };
+    let Some(access) = sso.access.as_ref() else {
+        return Err(Box::new(not_enabled()));
+    };
+    let f = match form {
+        Ok(Form(f)) => f,
+        Err(e) => {
+            return Err(Box::new(refused(
+                title,
+                &format!("the form: {}", e.body_text()),
+            )))
+        }
+    };
+    if !csrf_ok(&s, f.csrf()) {
+        return Err(Box::new(refused(
+            title,
+            "the form is stale or was not sent from this page; reload it and try again",
+        )));
+    }
+    Ok((s, access, f))
+}
+
 fn what(r: &AccessRequest) -> String {
     let mut t = esc(&r.network);
     if let Some(d) = r.dst {
@@ -175,23 +212,11 @@ pub(super) async fn request(
     headers: HeaderMap,
     form: Result<Form<RequestForm>, axum::extract::rejection::FormRejection>,
 ) -> Response {
-    let Some(s) = sso.session(&headers).await else {
-        return see_other("/saml/login?return=/access");
-    };
-    let Some(access) = sso.access.as_ref() else {
-        return not_enabled();
-    };
     let title = "Request not filed";
-    let f = match form {
-        Ok(Form(f)) => f,
-        Err(e) => return refused(title, &format!("the form: {}", e.body_text())),
+    let (s, access, f) = match gate(&sso, &headers, form, title).await {
+        Ok(g) => g,
+        Err(answer) => return *answer,
     };
-    if !csrf_ok(&s, &f.csrf) {
-        return refused(
-            title,
-            "the form is stale or was not sent from this page; reload it and try again",
-        );
-    }
     let optional = |v: &str| (!v.trim().is_empty()).then(|| v.trim().to_string());
     let parsed = (|| -> Result<NewRequest, portcullis_access::AccessError> {
         Ok(NewRequest {
@@ -232,23 +257,11 @@ pub(super) async fn decide(
     headers: HeaderMap,
     form: Result<Form<DecideForm>, axum::extract::rejection::FormRejection>,
 ) -> Response {
-    let Some(s) = sso.session(&headers).await else {
-        return see_other("/saml/login?return=/access");
-    };
-    let Some(access) = sso.access.as_ref() else {
-        return not_enabled();
-    };
     let title = "Not decided";
-    let f = match form {
-        Ok(Form(f)) => f,
-        Err(e) => return refused(title, &format!("the form: {}", e.body_text())),
+    let (s, access, f) = match gate(&sso, &headers, form, title).await {
+        Ok(g) => g,
+        Err(answer) => return *answer,
     };
-    if !csrf_ok(&s, &f.csrf) {
-        return refused(
-            title,
-            "the form is stale or was not sent from this page; reload it and try again",
-        );
-    }
     let r = match f.decision.as_str() {
         "approve" => access.approve(&f.id, &s.user, s.sign_on).await,
         "deny" if f.reason.trim().is_empty() => return refused(title, "a denial needs a reason"),
@@ -284,23 +297,11 @@ pub(super) async fn revoke(
     headers: HeaderMap,
     form: Result<Form<RevokeForm>, axum::extract::rejection::FormRejection>,
 ) -> Response {
-    let Some(s) = sso.session(&headers).await else {
-        return see_other("/saml/login?return=/access");
-    };
-    let Some(access) = sso.access.as_ref() else {
-        return not_enabled();
-    };
     let title = "Not withdrawn";
-    let f = match form {
-        Ok(Form(f)) => f,
-        Err(e) => return refused(title, &format!("the form: {}", e.body_text())),
+    let (s, access, f) = match gate(&sso, &headers, form, title).await {
+        Ok(g) => g,
+        Err(answer) => return *answer,
     };
-    if !csrf_ok(&s, &f.csrf) {
-        return refused(
-            title,
-            "the form is stale or was not sent from this page; reload it and try again",
-        );
-    }
     // Only one's own: others' grants are ended by an administrator.
     if access.get(&f.id).is_none_or(|r| r.user != s.user) {
         return refused(title, &format!("you have no access request {}", f.id));
@@ -311,5 +312,23 @@ pub(super) async fn revoke(
     {
         Ok(_) => see_other("/access"),
         Err(e) => refused(title, &e.1),
+    }
+}
+
+impl Posted for RequestForm {
+    fn csrf(&self) -> &str {
+        &self.csrf
+    }
+}
+
+impl Posted for DecideForm {
+    fn csrf(&self) -> &str {
+        &self.csrf
+    }
+}
+
+impl Posted for RevokeForm {
+    fn csrf(&self) -> &str {
+        &self.csrf
     }
 }
