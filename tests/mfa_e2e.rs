@@ -34,7 +34,7 @@ fn next_step() {
 
 #[test]
 fn totp_is_set_up_at_first_sign_on_used_once_per_code_rate_limited_and_reset_by_an_admin() {
-    let lab = Lab::start(LabOptions {
+    let mut lab = Lab::start(LabOptions {
         extra_config:
             "[http]\nlisten = \"127.0.0.1:18080\"\n[admin]\ntoken_file = \"admin.token\"\n\
             [devices]\npool = \"100.64.0.128/26\"\nendpoint = \"192.168.77.1:51820\"\n\
@@ -104,6 +104,22 @@ fn totp_is_set_up_at_first_sign_on_used_once_per_code_rate_limited_and_reset_by_
         limited["status"], 429,
         "even a right code waits: {}",
         limited["answer"]
+    );
+    // The failures are stored with the authenticator: a restart (or another node)
+    // does not forget them.
+    lab.stop_gateway().unwrap();
+    lab.spawn_gateway().unwrap();
+    wait_until(Duration::from_secs(10), || {
+        Ok(lab
+            .http("GET", "/saml/login", "", "")
+            .is_ok_and(|(s, _)| s == 303))
+    })
+    .unwrap();
+    let after_restart = totp(&lab, "alice", &["code", &secret]);
+    assert_eq!(
+        after_restart["status"], 429,
+        "still limited after a restart: {}",
+        after_restart["answer"]
     );
 
     // The administrator's reset (audited): the next sign-on sets one up again.

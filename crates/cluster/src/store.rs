@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use portcullis_identity::backend::BoxFuture;
 use portcullis_identity::{
-    Device, DeviceMutation, Group, Mutation, Remote, Store, StoreError, User,
+    Device, DeviceMutation, Expect, Group, Mutation, Remote, Store, StoreError, User,
 };
 use serde::{Deserialize, Serialize};
 use tokio_postgres::types::Json;
@@ -440,12 +440,14 @@ impl ClusterStore {
         Ok(out)
     }
 
+    /// `None`: the stored record was not the expected one, nothing written.
     async fn write_record(
         &mut self,
         kind: &str,
         id: &str,
         body: &serde_json::Value,
-    ) -> Result<i64, ClusterError> {
+        expect: Expect<'_>,
+    ) -> Result<Option<i64>, ClusterError> {
         let node_id = self.node_id.clone();
         let c = self.client().await?;
         let tx = c
@@ -455,6 +457,29 @@ impl ClusterStore {
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITER_LOCK])
             .await
             .map_err(crate::pg("taking the writers' lock"))?;
+        // Under the writers' lock every record write is serialised cluster-wide: the
+        // check and the write are one step.
+        if expect != Expect::Any {
+            let stored = tx
+                .query_opt(
+                    "SELECT body FROM records WHERE kind = $1 AND id = $2",
+                    &[&kind, &id],
+                )
+                .await
+                .map_err(crate::pg("reading a record"))?
+                .map(|r| {
+                    r.try_get::<_, Json<serde_json::Value>>(0)
+                        .map(|Json(v)| v)
+                        .map_err(crate::pg("a record row"))
+                })
+                .transpose()?;
+            if !expect.matches(stored.as_ref()) {
+                tx.rollback()
+                    .await
+                    .map_err(crate::pg("ending a record write"))?;
+                return Ok(None);
+            }
+        }
         tx.execute(
             "INSERT INTO records (kind, id, body) VALUES ($1, $2, $3)
              ON CONFLICT (kind, id) DO UPDATE SET body = EXCLUDED.body, updated = now()",
@@ -477,7 +502,7 @@ impl ClusterStore {
         tx.commit()
             .await
             .map_err(crate::pg("committing the record"))?;
-        Ok(number)
+        Ok(Some(number))
     }
 
     async fn read_meta(&mut self, key: &str) -> Result<Option<String>, ClusterError> {
@@ -607,19 +632,20 @@ impl Store for ClusterStore {
         kind: &'a str,
         id: &'a str,
         body: &'a serde_json::Value,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        expect: Expect<'a>,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
             // This node's number is not marked applied: the catch-up reads the change
             // back like any other (applying a record is idempotent), so the changes of
             // other nodes before it are never skipped.
-            let r = bounded(self.write_record(kind, id, body)).await;
+            let r = bounded(self.write_record(kind, id, body, expect)).await;
             if matches!(r, Err(ClusterError::Timeout(_))) {
                 self.client = None;
             }
             if r.is_err() {
                 self.after_error();
             }
-            r.map(|_| ()).map_err(store_error)
+            r.map(|n| n.is_some()).map_err(store_error)
         })
     }
 

@@ -15,7 +15,9 @@ use chrono::{TimeDelta, Utc};
 use portcullis_cluster::node::{spawn, NodeInfo};
 use portcullis_cluster::{connect, migrate, snapshot, ClusterStore, Target};
 use portcullis_control::Command;
-use portcullis_identity::{Device, DevicePolicy, Directory, Group, Identity, IdentityError, User};
+use portcullis_identity::{
+    Device, DevicePolicy, Directory, Expect, Group, Identity, IdentityError, User,
+};
 use portcullis_testkit::Postgres;
 use tokio::sync::mpsc;
 
@@ -598,4 +600,43 @@ async fn access_records_reach_every_node_through_the_log_and_a_reload() {
     let got = c_rx.try_recv().expect("the reload carries the record");
     assert_eq!(got.kind, "access");
     assert_eq!(got.body["revision"], 2);
+}
+
+/// A one-time code's record is replaced only over the body its check read: of two nodes
+/// writing over the same body, one wins; the snapshot a node starts from carries the
+/// records (read without the data plane's runtime).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conditional_record_write_lets_one_of_two_nodes_win() {
+    let (_pg, url) = migrated().await;
+    let a = node(&url, "gw-a").await;
+    let b = node(&url, "gw-b").await;
+    let first = serde_json::json!({"user": "alice", "last_step": 1});
+    assert!(a
+        .identity
+        .replace_record("totp", "alice", &first, Expect::Absent)
+        .await
+        .unwrap());
+    assert!(
+        !b.identity
+            .replace_record("totp", "alice", &first, Expect::Absent)
+            .await
+            .unwrap(),
+        "it exists now"
+    );
+    let via_a = serde_json::json!({"user": "alice", "last_step": 2, "by": "a"});
+    let via_b = serde_json::json!({"user": "alice", "last_step": 2, "by": "b"});
+    let (wa, wb) = tokio::join!(
+        a.identity
+            .replace_record("totp", "alice", &via_a, Expect::Body(&first)),
+        b.identity
+            .replace_record("totp", "alice", &via_b, Expect::Body(&first)),
+    );
+    let (wa, wb) = (wa.unwrap(), wb.unwrap());
+    assert!(wa ^ wb, "exactly one wins: a {wa}, b {wb}");
+    let stored = a.identity.record("totp", "alice").await.unwrap().unwrap();
+    assert_eq!(stored, if wa { via_a } else { via_b });
+    let s = snapshot(&mut connect(&url, None).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(s.records, vec![("totp".to_string(), stored)]);
 }

@@ -55,6 +55,30 @@ impl Remote {
     }
 }
 
+/// What a record write expects to replace: a conditional write stores nothing when the
+/// stored record is another (a compare-and-swap: two nodes accepting the same one-time
+/// code at once, one of them wins).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect<'a> {
+    /// Whatever is stored (or nothing).
+    Any,
+    /// No record of that id.
+    Absent,
+    /// Exactly this body (JSON equality).
+    Body(&'a serde_json::Value),
+}
+
+impl Expect<'_> {
+    /// Whether `stored` is what is expected.
+    pub fn matches(&self, stored: Option<&serde_json::Value>) -> bool {
+        match (self, stored) {
+            (Expect::Any, _) | (Expect::Absent, None) => true,
+            (Expect::Body(want), Some(have)) => *want == have,
+            _ => false,
+        }
+    }
+}
+
 /// The identity store's persistence. Calls are serialised by the caller (the writers'
 /// lock of [`crate::Identity`]).
 pub trait Store: Send + 'static {
@@ -105,13 +129,15 @@ pub trait Store: Send + 'static {
     /// Writes (or replaces) one record of another `kind` than the directory's (an access
     /// request: `portcullis-access` owns its format). In a cluster it is written under the
     /// writers' lock with a change of that kind, which every node (this one too) reads
-    /// back as a [`Remote::Other`].
+    /// back as a [`Remote::Other`]. `false`: the stored record was not the `expect`ed
+    /// one and nothing was written.
     fn save_record<'a>(
         &'a mut self,
         kind: &'a str,
         id: &'a str,
         body: &'a serde_json::Value,
-    ) -> BoxFuture<'a, Result<(), StoreError>>;
+        expect: Expect<'a>,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
 
     /// One stored record of `kind`, if there is one.
     fn record<'a>(
@@ -207,8 +233,9 @@ impl Store for SqliteBackend {
         kind: &'a str,
         id: &'a str,
         body: &'a serde_json::Value,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move { self.store()?.save_record(kind, id, body) })
+        expect: Expect<'a>,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move { self.store()?.save_record(kind, id, body, expect) })
     }
 
     fn records<'a>(

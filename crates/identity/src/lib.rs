@@ -35,7 +35,7 @@ use std::time::Instant;
 pub use portcullis_control::Apply;
 use portcullis_control::Command;
 
-pub use backend::{Remote, SqliteBackend, Store};
+pub use backend::{Expect, Remote, SqliteBackend, Store};
 use chrono::{DateTime, TimeDelta, Utc};
 pub use devices::{
     profile, Device, DeviceError, DeviceMutation, DevicePolicy, Devices, NewDevice, Owner,
@@ -786,7 +786,6 @@ impl Identity {
         Ok(if shared { Vec::new() } else { gone })
     }
 
-    /// A sync source's saved state (e.g. the LDAP cookie).
     /// Writes a record another crate owns the format of (see [`Store::save_record`]).
     pub async fn save_record(
         &self,
@@ -794,7 +793,28 @@ impl Identity {
         id: &str,
         body: &serde_json::Value,
     ) -> Result<(), StoreError> {
-        self.store.lock().await.save_record(kind, id, body).await
+        self.store
+            .lock()
+            .await
+            .save_record(kind, id, body, Expect::Any)
+            .await
+            .map(|_| ())
+    }
+
+    /// Replaces a record only if the stored one is still `expect` (see [`Expect`]);
+    /// `false`: another writer came first and nothing was written.
+    pub async fn replace_record(
+        &self,
+        kind: &str,
+        id: &str,
+        body: &serde_json::Value,
+        expect: Expect<'_>,
+    ) -> Result<bool, StoreError> {
+        self.store
+            .lock()
+            .await
+            .save_record(kind, id, body, expect)
+            .await
     }
 
     /// One stored record of `kind`.

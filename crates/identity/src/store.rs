@@ -239,19 +239,26 @@ impl SqliteStore {
         tx.commit().map_err(err)
     }
 
-    /// Writes (or replaces) a record of `kind`, durably.
+    /// Writes (or replaces) a record of `kind`, durably, when the stored one is the
+    /// `expect`ed one (`false`: nothing written). One connection, `&mut self`: the read
+    /// and the write cannot interleave with another writer of this process.
     pub fn save_record(
         &mut self,
         kind: &str,
         id: &str,
         body: &serde_json::Value,
-    ) -> Result<(), StoreError> {
+        expect: crate::backend::Expect<'_>,
+    ) -> Result<bool, StoreError> {
+        if expect != crate::backend::Expect::Any && !expect.matches(self.record(kind, id)?.as_ref())
+        {
+            return Ok(false);
+        }
         self.conn
             .execute(
                 "INSERT OR REPLACE INTO records (kind, id, body) VALUES (?1, ?2, ?3)",
                 params![kind, id, body.to_string()],
             )
-            .map(|_| ())
+            .map(|_| true)
             .map_err(|e| self.err(e))
     }
 

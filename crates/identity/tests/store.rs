@@ -13,8 +13,8 @@ use std::time::Instant;
 use chrono::{DateTime, Utc};
 use portcullis_control::Command;
 use portcullis_identity::{
-    DeviceError, DevicePolicy, Directory, DirectoryError, Group, Identity, IdentityError, Mutation,
-    SqliteStore, User,
+    DeviceError, DevicePolicy, Directory, DirectoryError, Expect, Group, Identity, IdentityError,
+    Mutation, SqliteStore, User,
 };
 use portcullis_model::{ChangeKind, DeviceChange};
 use uuid::Uuid;
@@ -140,6 +140,42 @@ async fn committed_changes_survive_a_reopen_and_reach_the_core_in_order() {
         store.meta("ldap.cookie").unwrap().as_deref(),
         Some("rid=001,csn=x")
     );
+    drop(store);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_conditional_record_write_replaces_only_what_it_read_and_survives_a_reopen() {
+    let dir = std::env::temp_dir().join(format!("pcl-identity-cas-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join("identity.db");
+    let (mut store, _, _) = SqliteStore::open(&db).unwrap();
+    let one = serde_json::json!({"last_step": 1});
+    let two = serde_json::json!({"last_step": 2});
+    assert!(store
+        .save_record("totp", "alice", &one, Expect::Absent)
+        .unwrap());
+    assert!(!store
+        .save_record("totp", "alice", &two, Expect::Absent)
+        .unwrap());
+    assert!(!store
+        .save_record("totp", "alice", &two, Expect::Body(&two))
+        .unwrap());
+    assert!(store
+        .save_record("totp", "alice", &two, Expect::Body(&one))
+        .unwrap());
+    assert!(
+        !store
+            .save_record("totp", "alice", &two, Expect::Body(&one))
+            .unwrap(),
+        "the second writer over the same read loses"
+    );
+    assert!(store.save_record("totp", "bob", &one, Expect::Any).unwrap());
+    drop(store);
+    let (store, _, _) = SqliteStore::open(&db).unwrap();
+    assert_eq!(store.record("totp", "alice").unwrap(), Some(two));
+    assert_eq!(store.records("totp").unwrap().len(), 2);
     drop(store);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -7,7 +7,7 @@
 //! - [`verify_totp`]: a code within ±1 step of `now` is accepted once: a code of a step at
 //!   or before the last one accepted is refused ([`MfaError::Replayed`]), so a code seen
 //!   over a shoulder or in a log cannot be used again;
-//! - [`Attempts`]: failed attempts per user; past [`MAX_FAILURES`] within
+//! - [`Failures`]: a user's failed attempts; past [`MAX_FAILURES`] within
 //!   [`FAILURE_WINDOW_SECS`] every attempt is refused until the oldest failure ages out,
 //!   a right code included (six digits fall to a few hundred thousand guesses);
 //! - recovery codes: [`new_recovery_codes`] and [`RecoveryCodes`], kept only as salted
@@ -31,8 +31,6 @@
 //! - **TOTP**: HMAC-SHA1, 6 digits, 30 s steps, 20-byte secrets: what every authenticator
 //!   app reads from an `otpauth://totp/` URI.
 
-use std::collections::{HashMap, VecDeque};
-
 use base64::Engine as _;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::ChaCha20Poly1305;
@@ -49,9 +47,6 @@ pub const SKEW_STEPS: u64 = 1;
 /// Failed attempts allowed within [`FAILURE_WINDOW_SECS`].
 pub const MAX_FAILURES: usize = 5;
 pub const FAILURE_WINDOW_SECS: u64 = 15 * 60;
-/// Users whose failures are remembered; past this the oldest are forgotten (a flood of
-/// made-up names must not grow memory without bound).
-pub const MAX_TRACKED_USERS: usize = 100_000;
 /// Recovery codes handed out at enrollment.
 pub const RECOVERY_CODES: usize = 10;
 
@@ -157,58 +152,62 @@ pub fn verify_totp(
     }
 }
 
-/// Failed attempts per user, for the limit in the crate doc.
-#[derive(Debug, Default)]
-pub struct Attempts {
-    failures: HashMap<String, VecDeque<u64>>,
-    /// Users in the order they first failed (eviction past [`MAX_TRACKED_USERS`]).
-    order: VecDeque<String>,
+/// A user's recent failed attempts (Unix seconds), for the limit in the crate doc. The
+/// caller keeps it with the user's authenticator, so the limit holds on every node of a
+/// cluster and across restarts; only the last [`MAX_FAILURES`] are kept.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Failures {
+    times: Vec<u64>,
 }
 
-impl Attempts {
-    /// Whether `user` may try a code at `now`.
-    pub fn check(&mut self, user: &str, now: u64) -> Result<(), MfaError> {
-        let Some(f) = self.failures.get_mut(user) else {
+impl Failures {
+    /// From stored times (any order, any count: only the newest [`MAX_FAILURES`] count).
+    pub fn from_times(mut times: Vec<u64>) -> Failures {
+        times.sort_unstable();
+        let extra = times.len().saturating_sub(MAX_FAILURES);
+        times.drain(..extra);
+        Failures { times }
+    }
+
+    /// The times to store, oldest first.
+    pub fn times(&self) -> &[u64] {
+        &self.times
+    }
+
+    /// Whether another attempt is allowed at `now`. A stored time after `now` (another
+    /// node's clock ahead) counts as now.
+    pub fn check(&self, now: u64) -> Result<(), MfaError> {
+        let recent: Vec<u64> = self
+            .times
+            .iter()
+            .map(|t| (*t).min(now))
+            .filter(|t| now - t < FAILURE_WINDOW_SECS)
+            .collect();
+        if recent.len() < MAX_FAILURES {
             return Ok(());
-        };
-        while f
-            .front()
-            .is_some_and(|t| now.saturating_sub(*t) >= FAILURE_WINDOW_SECS)
-        {
-            f.pop_front();
         }
-        if f.len() < MAX_FAILURES {
-            return Ok(());
-        }
-        let oldest = f.front().copied().unwrap_or(now);
+        let oldest = recent.iter().copied().min().unwrap_or(now);
         Err(MfaError::RateLimited {
-            retry_after_secs: (oldest + FAILURE_WINDOW_SECS).saturating_sub(now).max(1),
+            retry_after_secs: oldest
+                .saturating_add(FAILURE_WINDOW_SECS)
+                .saturating_sub(now)
+                .max(1),
         })
     }
 
-    /// Records a failed code (wrong, replayed or malformed) of `user` at `now`.
-    pub fn handle_failure(&mut self, user: &str, now: u64) {
-        if !self.failures.contains_key(user) {
-            if self.order.len() >= MAX_TRACKED_USERS {
-                if let Some(old) = self.order.pop_front() {
-                    self.failures.remove(&old);
-                }
-            }
-            self.order.push_back(user.to_string());
-        }
-        let f = self.failures.entry(user.to_string()).or_default();
-        f.push_back(now);
-        // Only the last MAX_FAILURES matter for the limit.
-        while f.len() > MAX_FAILURES {
-            f.pop_front();
-        }
+    /// Records a failed code (wrong, replayed or malformed) at `now`.
+    pub fn handle_failure(&mut self, now: u64) {
+        self.times
+            .retain(|t| now.saturating_sub(*t) < FAILURE_WINDOW_SECS);
+        self.times.push(now);
+        self.times.sort_unstable();
+        let extra = self.times.len().saturating_sub(MAX_FAILURES);
+        self.times.drain(..extra);
     }
 
-    /// A right code: the user's failures are forgotten.
-    pub fn handle_success(&mut self, user: &str) {
-        if self.failures.remove(user).is_some() {
-            self.order.retain(|u| u != user);
-        }
+    /// A right code: the failures are forgotten.
+    pub fn handle_success(&mut self) {
+        self.times.clear();
     }
 }
 

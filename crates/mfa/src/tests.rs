@@ -80,35 +80,51 @@ fn the_uri_names_every_parameter_and_the_secret_in_base32() {
 
 #[test]
 fn failures_lock_a_user_out_for_the_window_and_a_success_clears_them() {
-    let mut a = Attempts::default();
+    let mut f = Failures::default();
     let t0 = 1_000_000;
     for i in 0..MAX_FAILURES as u64 {
-        assert!(a.check("alice", t0 + i).is_ok());
-        a.handle_failure("alice", t0 + i);
+        assert!(f.check(t0 + i).is_ok());
+        f.handle_failure(t0 + i);
     }
     assert_eq!(
-        a.check("alice", t0 + 10),
+        f.check(t0 + 10),
         Err(MfaError::RateLimited {
             retry_after_secs: FAILURE_WINDOW_SECS - 10
         })
     );
-    assert!(a.check("bob", t0 + 10).is_ok(), "per user");
+    // Stored and read back (another node, a restart): the same limit.
+    let stored = Failures::from_times(f.times().iter().rev().copied().collect());
+    assert_eq!(stored.check(t0 + 10), f.check(t0 + 10));
     // The oldest failure ages out: one more try.
-    assert!(a.check("alice", t0 + FAILURE_WINDOW_SECS).is_ok());
-    a.handle_failure("alice", t0 + FAILURE_WINDOW_SECS);
-    assert!(a.check("alice", t0 + FAILURE_WINDOW_SECS).is_err());
-    a.handle_success("alice");
-    assert!(a.check("alice", t0 + FAILURE_WINDOW_SECS).is_ok());
+    assert!(f.check(t0 + FAILURE_WINDOW_SECS).is_ok());
+    f.handle_failure(t0 + FAILURE_WINDOW_SECS);
+    assert!(f.check(t0 + FAILURE_WINDOW_SECS).is_err());
+    f.handle_success();
+    assert!(f.check(t0 + FAILURE_WINDOW_SECS).is_ok());
 }
 
-#[test]
-fn tracked_users_are_bounded() {
-    let mut a = Attempts::default();
-    for i in 0..MAX_TRACKED_USERS + 10 {
-        a.handle_failure(&format!("u{i}"), 1);
+proptest! {
+    /// Whatever the store holds (a hostile or skewed list): bounded, never a panic, and
+    /// never more than MAX_FAILURES tries in any window after it.
+    #[test]
+    fn stored_failures_are_bounded_and_the_limit_holds(
+        times in proptest::collection::vec(any::<u64>(), 0..50),
+        now in any::<u64>(),
+    ) {
+        let mut f = Failures::from_times(times);
+        prop_assert!(f.times().len() <= MAX_FAILURES);
+        let _ = f.check(now);
+        let mut tries = 0;
+        for i in 0..(MAX_FAILURES as u64 * 2) {
+            let t = now.saturating_add(i);
+            if f.check(t).is_ok() {
+                tries += 1;
+                f.handle_failure(t);
+            }
+        }
+        prop_assert!(tries <= MAX_FAILURES);
+        prop_assert!(f.times().len() <= MAX_FAILURES);
     }
-    assert_eq!(a.failures.len(), MAX_TRACKED_USERS);
-    assert!(!a.failures.contains_key("u0"), "the oldest is forgotten");
 }
 
 #[test]

@@ -14,7 +14,7 @@ use portcullis_model::Event;
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
-use super::html::{cookie, esc, local_path, page, remote, see_other, too_many, unavailable};
+use super::html::{esc, local_path, page, remote, see_other, too_many, unavailable};
 use super::{PendingLogin, Sso, COOKIE};
 use crate::serve::Peer;
 
@@ -272,17 +272,8 @@ pub(super) fn session_key(cookie_value: &str) -> [u8; 32] {
 }
 
 pub(super) async fn logout(State(sso): State<Arc<Sso>>, headers: HeaderMap) -> Response {
-    if let Some(value) = cookie(&headers, COOKIE) {
-        let key = session_key(value);
-        if let Some(shared) = &sso.shared {
-            if let Err(e) = shared.end_session(&hex::encode(key)).await {
-                tracing::error!("saml: login session not ended in the cluster: {e}");
-                return unavailable();
-            }
-        }
-        if let Ok(mut s) = sso.sessions.lock() {
-            s.remove(&key);
-        }
+    if let Err(answer) = sso.end_session(&headers).await {
+        return answer;
     }
     let mut r = page(
         StatusCode::OK,

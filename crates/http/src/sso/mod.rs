@@ -113,8 +113,6 @@ pub struct Sso {
     access: Option<Arc<crate::access::AccessService>>,
     /// `[mfa] secret_key_file`: seals TOTP secrets (with `[mfa] totp`).
     sealing: Option<portcullis_mfa::SealingKey>,
-    /// Failed second-factor codes per user.
-    attempts: Mutex<portcullis_mfa::Attempts>,
 }
 
 /// Pending SAML requests imported at one answer, at most.
@@ -318,7 +316,6 @@ impl Sso {
             shared,
             access,
             sealing,
-            attempts: Mutex::new(portcullis_mfa::Attempts::default()),
         });
         let refresh = sso.clone();
         tokio::spawn(async move {
@@ -448,6 +445,25 @@ impl Sso {
         }
         let sessions = self.sessions.lock().ok()?;
         sessions.get(&key).filter(|s| s.until > Utc::now()).cloned()
+    }
+
+    /// Ends the browser's session (sign-out; a second factor's pending session once the
+    /// sign-on it waited for completed). In a cluster the shared database must take it.
+    async fn end_session(&self, headers: &HeaderMap) -> Result<(), Response> {
+        let Some(value) = cookie(headers, COOKIE) else {
+            return Ok(());
+        };
+        let key = session_key(value);
+        if let Some(shared) = &self.shared {
+            if let Err(e) = shared.end_session(&hex::encode(key)).await {
+                tracing::error!("saml: login session not ended in the cluster: {e}");
+                return Err(unavailable());
+            }
+        }
+        if let Ok(mut s) = self.sessions.lock() {
+            s.remove(&key);
+        }
+        Ok(())
     }
 
     /// A new session; the cookie value to set.

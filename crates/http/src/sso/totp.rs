@@ -3,14 +3,16 @@
 //!   for one without (when `[mfa] required`, or a signed-in user setting one up): a new
 //!   secret as a QR code (`otpauth://`) and as text, and the code that confirms it;
 //! - `POST /mfa`: checks the code (RFC 6238, ±1 step, each step accepted once, 5 failures
-//!   per 15 minutes) or a recovery code (each once); on success the sign-on completes
+//!   per 15 minutes, counted in the stored record so on every node) or a recovery code
+//!   (each once); on success the sign-on completes
 //!   with `mfa = true` as of now (the user's devices renewed with it), and a first
 //!   confirmation shows the ten recovery codes once.
 //!
 //! Stored per user in the identity store (records of kind [`KIND`], id the lower-case
 //! user name, cluster-wide): `{"user", "sealed" (the secret sealed with `[mfa]
 //! secret_key_file`, bound to the user), "confirmed", "last_step", "recovery" (hashes),
-//! "updated_at"}`; an administrator's reset (`POST /admin/v1/users/{name}/reset-mfa`)
+//! "updated_at", "failures" (Unix seconds)}`, replaced only over the body a check read
+//! (a compare-and-swap, so a code is accepted once even on two nodes at once); an administrator's reset (`POST /admin/v1/users/{name}/reset-mfa`)
 //! writes `{"user", "reset": true}`. Every refused code is `mfa_failed`, a confirmation
 //! `mfa_enrolled`.
 
@@ -21,8 +23,8 @@ use axum::extract::{ConnectInfo, Form, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use chrono::Utc;
-use portcullis_identity::SignOn;
-use portcullis_mfa::{verify_totp, MfaError, RecoveryCodes, TotpSecret};
+use portcullis_identity::{Expect, SignOn};
+use portcullis_mfa::{verify_totp, Failures, MfaError, RecoveryCodes, TotpSecret};
 use portcullis_model::Event;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq as _;
@@ -50,6 +52,9 @@ pub(crate) struct TotpRecord {
     pub recovery: Vec<String>,
     #[serde(default)]
     pub updated_at: Option<chrono::DateTime<Utc>>,
+    /// Failed codes (Unix seconds, the newest few): the limit holds cluster-wide.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failures: Vec<u64>,
     /// Reset by an administrator: as if there were none.
     #[serde(default)]
     pub reset: bool,
@@ -60,8 +65,20 @@ pub fn record_id(user: &str) -> String {
     user.to_lowercase()
 }
 
+/// How often a failure is re-noted when another writer changed the record meanwhile.
+const NOTE_TRIES: usize = 3;
+
 impl Sso {
     async fn totp_record(&self, user: &str) -> Result<Option<TotpRecord>, String> {
+        Ok(self.totp_stored(user).await?.map(|(r, _)| r))
+    }
+
+    /// The user's authenticator and the stored body it was read from (what a
+    /// conditional write expects to replace); a reset one is none.
+    async fn totp_stored(
+        &self,
+        user: &str,
+    ) -> Result<Option<(TotpRecord, serde_json::Value)>, String> {
         let found = self
             .identity
             .record(KIND, &record_id(user))
@@ -69,10 +86,48 @@ impl Sso {
             .map_err(|e| format!("the second factor cannot be checked now: {e}"))?;
         match found {
             None => Ok(None),
-            Some(v) => serde_json::from_value::<TotpRecord>(v)
-                .map(|r| (!r.reset).then_some(r))
+            Some(v) => serde_json::from_value::<TotpRecord>(v.clone())
+                .map(|r| (!r.reset).then_some((r, v)))
                 .map_err(|e| format!("the stored second factor is unreadable: {e}")),
         }
+    }
+
+    /// Stores `r` only if the stored body is still `read` (`false`: another sign-on,
+    /// on any node, changed it first).
+    async fn replace_totp(&self, r: &TotpRecord, read: &serde_json::Value) -> Result<bool, String> {
+        let body = serde_json::to_value(r).map_err(|e| e.to_string())?;
+        self.identity
+            .replace_record(KIND, &record_id(&r.user), &body, Expect::Body(read))
+            .await
+            .map_err(|e| format!("the second factor could not be stored: {e}"))
+    }
+
+    /// Adds a failure at `now` to the user's stored ones (re-read when another writer
+    /// came first). Not stored (the store is down): logged; no code is accepted then
+    /// either, as a success must be stored too.
+    async fn note_failure(&self, user: &str, now: u64) {
+        for _ in 0..NOTE_TRIES {
+            let (mut r, read) = match self.totp_stored(user).await {
+                Ok(Some(found)) => found,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::error!(%user, "a failed second factor not counted: {e}");
+                    return;
+                }
+            };
+            let mut failures = Failures::from_times(std::mem::take(&mut r.failures));
+            failures.handle_failure(now);
+            r.failures = failures.times().to_vec();
+            match self.replace_totp(&r, &read).await {
+                Ok(true) => return,
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::error!(%user, "a failed second factor not counted: {e}");
+                    return;
+                }
+            }
+        }
+        tracing::error!(%user, "a failed second factor not counted: the record kept changing");
     }
 
     async fn save_totp(&self, r: &TotpRecord) -> Result<(), String> {
@@ -177,6 +232,8 @@ pub(super) async fn mfa_page(State(sso): State<Arc<Sso>>, headers: HeaderMap) ->
         last_step: None,
         recovery: Vec::new(),
         updated_at: Some(Utc::now()),
+        // A new secret does not wipe the failures against the last one.
+        failures: record.map(|r| r.failures).unwrap_or_default(),
         reset: false,
     };
     if let Err(e) = sso.save_totp(&fresh).await {
@@ -257,22 +314,16 @@ pub(super) async fn mfa_submit(
     }
     let now = Utc::now();
     let now_secs = u64::try_from(now.timestamp()).unwrap_or(0);
-    let limited = sso
-        .attempts
-        .lock()
-        .map(|mut a| a.check(&s.user, now_secs))
-        .unwrap_or(Err(MfaError::RateLimited {
-            retry_after_secs: 60,
-        }));
-    if let Err(e) = limited {
-        sso.failed(&s.user, "rate_limited", ip).await;
-        return again(StatusCode::TOO_MANY_REQUESTS, &e.to_string());
-    }
-    let mut record = match sso.totp_record(&s.user).await {
-        Ok(Some(r)) if !r.sealed.is_empty() => r,
+    let (mut record, read) = match sso.totp_stored(&s.user).await {
+        Ok(Some((r, read))) if !r.sealed.is_empty() => (r, read),
         Ok(_) => return see_other("/mfa"),
         Err(e) => return again(StatusCode::SERVICE_UNAVAILABLE, &e),
     };
+    let mut failures = Failures::from_times(std::mem::take(&mut record.failures));
+    if let Err(e) = failures.check(now_secs) {
+        sso.failed(&s.user, "rate_limited", ip).await;
+        return again(StatusCode::TOO_MANY_REQUESTS, &e.to_string());
+    }
     let secret = match key.open(&s.user, &record.sealed) {
         Ok(secret) => secret,
         Err(e) => {
@@ -301,9 +352,7 @@ pub(super) async fn mfa_submit(
         }
     };
     if let Err(e) = outcome {
-        if let Ok(mut a) = sso.attempts.lock() {
-            a.handle_failure(&s.user, now_secs);
-        }
+        sso.note_failure(&s.user, now_secs).await;
         let reason = match (&e, is_totp) {
             (MfaError::Malformed, _) => "malformed",
             (MfaError::Replayed, _) => "replayed",
@@ -313,9 +362,8 @@ pub(super) async fn mfa_submit(
         sso.failed(&s.user, reason, ip).await;
         return again(StatusCode::UNAUTHORIZED, &e.to_string());
     }
-    if let Ok(mut a) = sso.attempts.lock() {
-        a.handle_success(&s.user);
-    }
+    failures.handle_success();
+    record.failures = failures.times().to_vec();
     let first = !record.confirmed;
     let recovery = if first {
         let codes = portcullis_mfa::new_recovery_codes();
@@ -326,10 +374,16 @@ pub(super) async fn mfa_submit(
         Vec::new()
     };
     record.updated_at = Some(now);
-    // The step (or the used recovery code) is stored before the sign-on completes: a
-    // code is never accepted twice, here or on another node.
-    if let Err(e) = sso.save_totp(&record).await {
-        return again(StatusCode::SERVICE_UNAVAILABLE, &e);
+    // The step (or the used recovery code) is stored before the sign-on completes, and
+    // only over the record the check read: of two sign-ons using one code at once, on
+    // one node or two, one wins and the other is refused as a replay.
+    match sso.replace_totp(&record, &read).await {
+        Ok(true) => {}
+        Ok(false) => {
+            sso.failed(&s.user, "replayed", ip).await;
+            return again(StatusCode::UNAUTHORIZED, &MfaError::Replayed.to_string());
+        }
+        Err(e) => return again(StatusCode::SERVICE_UNAVAILABLE, &e),
     }
     if first {
         sso.report(Event::MfaEnrolled {
@@ -358,6 +412,11 @@ pub(super) async fn mfa_submit(
         "saml+totp",
     )
     .await;
+    if done.status().is_redirection() {
+        // The session that waited for the second factor has served; the new one's
+        // cookie replaces it (an error here is logged and it expires on its own).
+        let _ = sso.end_session(&headers).await;
+    }
     if !first || !done.status().is_redirection() {
         return done;
     }
