@@ -34,45 +34,13 @@ fn access_lab() -> Lab {
     .unwrap()
 }
 
-fn cli(lab: &Lab, args: &[&str]) -> (bool, String, String) {
-    let out = lab.cli_in_gateway_ns(args).unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
-
 /// Files a request for bob and returns its id.
 fn request(lab: &Lab, duration: &str, reason: &str) -> String {
-    let (ok, out, err) = cli(
-        lab,
-        &[
-            "access",
-            "request",
-            "--user",
-            "bob",
-            "--network",
-            "prod-db",
-            "--dst",
-            "10.8.5.10",
-            "--port",
-            "5432/tcp",
-            "--for",
-            duration,
-            "--reason",
-            reason,
-        ],
-    );
-    assert!(ok, "{err}");
-    out.split_whitespace()
-        .nth(2)
-        .expect("the id in the answer")
-        .to_string()
+    lab.request_db_access("bob", duration, reason).unwrap().1
 }
 
 fn show(lab: &Lab, id: &str) -> Value {
-    let (ok, out, err) = cli(lab, &["access", "show", id]);
+    let (ok, out, err) = lab.cli(&["access", "show", id]).unwrap();
     assert!(ok, "{err}");
     serde_json::from_str(&out).unwrap()
 }
@@ -95,9 +63,8 @@ fn a_request_approved_by_an_allowed_approver_grants_its_window_and_its_end_reset
 
     // A denied request grants nothing.
     let denied = request(&lab, "10m", "look at the slow query log");
-    let (ok, _, err) = cli(
-        &lab,
-        &[
+    let (ok, _, err) = lab
+        .cli(&[
             "access",
             "deny",
             &denied,
@@ -105,8 +72,8 @@ fn a_request_approved_by_an_allowed_approver_grants_its_window_and_its_end_reset
             "dana",
             "--reason",
             "use the replica",
-        ],
-    );
+        ])
+        .unwrap();
     assert!(ok, "{err}");
     assert_eq!(show(&lab, &denied)["state"], "denied");
     assert!(!bob_reaches_db(&lab), "a denied request grants nothing");
@@ -115,13 +82,15 @@ fn a_request_approved_by_an_allowed_approver_grants_its_window_and_its_end_reset
     assert_eq!(show(&lab, &id)["state"], "requested");
     assert!(!bob_reaches_db(&lab), "a pending request grants nothing");
     // Bob cannot approve his own request; alice (sre, not sre-leads) is not an approver.
-    let (ok, _, err) = cli(&lab, &["access", "approve", &id, "--as", "bob"]);
+    let (ok, _, err) = lab.cli(&["access", "approve", &id, "--as", "bob"]).unwrap();
     assert!(!ok);
     assert!(
         err.contains("403") && err.contains("own access request"),
         "{err}"
     );
-    let (ok, _, err) = cli(&lab, &["access", "approve", &id, "--as", "alice"]);
+    let (ok, _, err) = lab
+        .cli(&["access", "approve", &id, "--as", "alice"])
+        .unwrap();
     assert!(!ok);
     assert!(
         err.contains("403") && err.contains("no approve_access policy permits it"),
@@ -129,7 +98,9 @@ fn a_request_approved_by_an_allowed_approver_grants_its_window_and_its_end_reset
     );
     assert_eq!(show(&lab, &id)["state"], "requested");
 
-    let (ok, out, err) = cli(&lab, &["access", "approve", &id, "--as", "dana"]);
+    let (ok, out, err) = lab
+        .cli(&["access", "approve", &id, "--as", "dana"])
+        .unwrap();
     assert!(ok, "{err}");
     assert!(out.contains("sre-leads-approve-prod"), "{out}");
     let r = show(&lab, &id);
@@ -158,9 +129,8 @@ fn a_request_approved_by_an_allowed_approver_grants_its_window_and_its_end_reset
 
     // `policy explain` with the gateway's grants names the grant and its approver.
     let policies = lab.dir.join("policies");
-    let (ok, out, err) = cli(
-        &lab,
-        &[
+    let (ok, out, err) = lab
+        .cli(&[
             "policy",
             "explain",
             "--dir",
@@ -171,8 +141,8 @@ fn a_request_approved_by_an_allowed_approver_grants_its_window_and_its_end_reset
             "developers",
             "--dst",
             "10.8.5.10:5432/tcp",
-        ],
-    );
+        ])
+        .unwrap();
     assert!(ok, "{err}");
     assert!(out.starts_with("ALLOW"), "{out}");
     assert!(
@@ -203,7 +173,9 @@ fn a_request_approved_by_an_allowed_approver_grants_its_window_and_its_end_reset
 
     // A grant survives a restart; a revocation cuts at once.
     let long = request(&lab, "1h", "INC-4712 failover drill");
-    let (ok, _, err) = cli(&lab, &["access", "approve", &long, "--as", "dana"]);
+    let (ok, _, err) = lab
+        .cli(&["access", "approve", &long, "--as", "dana"])
+        .unwrap();
     assert!(ok, "{err}");
     lab.stop_gateway().unwrap();
     lab.spawn_gateway().unwrap();
@@ -215,7 +187,9 @@ fn a_request_approved_by_an_allowed_approver_grants_its_window_and_its_end_reset
     .expect("the grant holds after a restart");
     let mut conn = conn.unwrap();
     assert_eq!(echo_round_trip(&mut conn, b"again").unwrap(), b"again");
-    let (ok, _, err) = cli(&lab, &["access", "revoke", &long, "--reason", "drill over"]);
+    let (ok, _, err) = lab
+        .cli(&["access", "revoke", &long, "--reason", "drill over"])
+        .unwrap();
     assert!(ok, "{err}");
     // The revocation answered after the cut: the reset is already there.
     expect_reset(&mut conn, Duration::from_millis(500)).unwrap();
@@ -271,12 +245,11 @@ fn a_request_approved_by_an_allowed_approver_grants_its_window_and_its_end_reset
             "access", "request", "--user", "bob", "--for", "1h", "--reason", "x",
         ];
         all.extend(args);
-        let (ok, _, err) = cli(&lab, &all);
+        let (ok, _, err) = lab.cli(&all).unwrap();
         assert!(!ok && err.contains(want), "{all:?}: {err}");
     }
-    let (ok, _, err) = cli(
-        &lab,
-        &[
+    let (ok, _, err) = lab
+        .cli(&[
             "access",
             "request",
             "--user",
@@ -287,8 +260,8 @@ fn a_request_approved_by_an_allowed_approver_grants_its_window_and_its_end_reset
             "2 weeks",
             "--reason",
             "x",
-        ],
-    );
+        ])
+        .unwrap();
     assert!(!ok && err.contains("duration"), "{err}");
 }
 
@@ -335,7 +308,7 @@ fn the_sign_on_pages_file_and_decide_requests() {
     );
     assert!(!page.contains("Waiting for your decision"), "{page}");
     let list: Value = {
-        let (ok, out, err) = cli(&lab, &["access", "list", "--json"]);
+        let (ok, out, err) = lab.cli(&["access", "list", "--json"]).unwrap();
         assert!(ok, "{err}");
         serde_json::from_str(&out).unwrap()
     };

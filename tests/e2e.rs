@@ -746,22 +746,12 @@ fn devices_lab() -> Lab {
     .unwrap()
 }
 
-/// Runs the CLI in the gateway's namespace: (success, stdout, stderr).
-fn cli(lab: &Lab, args: &[&str]) -> (bool, String, String) {
-    let out = lab.cli_in_gateway_ns(args).unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
-
 fn reaches_prod(lab: &Lab, c: &portcullis_e2e::Client, timeout: Duration) -> bool {
     portcullis_e2e::wait_until(timeout, || Ok(lab.ping(c, "10.8.0.2"))).is_ok()
 }
 
 fn device_list(lab: &Lab) -> Vec<Value> {
-    let (ok, out, err) = cli(lab, &["devices", "list", "--json"]);
+    let (ok, out, err) = lab.cli(&["devices", "list", "--json"]).unwrap();
     assert!(ok, "{err}");
     serde_json::from_str::<Value>(&out)
         .unwrap()
@@ -778,9 +768,8 @@ fn device_list(lab: &Lab) -> Vec<Value> {
 fn devices_register_rotate_expire_and_survive_a_restart() {
     let mut lab = devices_lab();
     let profile1 = lab.dir.join("laptop1.conf");
-    let (ok, _, err) = cli(
-        &lab,
-        &[
+    let (ok, _, err) = lab
+        .cli(&[
             "devices",
             "add",
             "alice",
@@ -788,8 +777,8 @@ fn devices_register_rotate_expire_and_survive_a_restart() {
             "laptop",
             "--profile",
             profile1.to_str().unwrap(),
-        ],
-    );
+        ])
+        .unwrap();
     assert!(ok, "{err}");
     let text = std::fs::read_to_string(&profile1).unwrap();
     assert!(
@@ -830,9 +819,8 @@ fn devices_register_rotate_expire_and_survive_a_restart() {
     // Rotation: the new key (in bob's namespace, acting as alice's new laptop) works at
     // once; the old one keeps working for the 4 s grace, then its connection is reset.
     let profile2 = lab.dir.join("laptop2.conf");
-    let (ok, _, err) = cli(
-        &lab,
-        &[
+    let (ok, _, err) = lab
+        .cli(&[
             "devices",
             "rotate",
             &id1,
@@ -840,8 +828,8 @@ fn devices_register_rotate_expire_and_survive_a_restart() {
             "4",
             "--profile",
             profile2.to_str().unwrap(),
-        ],
-    );
+        ])
+        .unwrap();
     assert!(ok, "{err}");
     let rotated_at = Instant::now();
     let text2 = std::fs::read_to_string(&profile2).unwrap();
@@ -857,7 +845,7 @@ fn devices_register_rotate_expire_and_survive_a_restart() {
         "setup too slow to test the grace"
     );
     assert_eq!(echo_round_trip(&mut old_conn, b"grace").unwrap(), b"grace");
-    let (ok, _, err) = cli(&lab, &["devices", "rotate", &id1]);
+    let (ok, _, err) = lab.cli(&["devices", "rotate", &id1]).unwrap();
     assert!(!ok && err.contains("already rotated"), "{err}");
     expect_reset(&mut old_conn, Duration::from_secs(8));
     let cut_after = rotated_at.elapsed();
@@ -888,9 +876,8 @@ fn devices_register_rotate_expire_and_survive_a_restart() {
 
     // A key the device made itself: the profile has no private key; 3 s lifetime.
     let (own_private, own_public) = portcullis_e2e::wg_genkey().unwrap();
-    let (ok, text3, err) = cli(
-        &lab,
-        &[
+    let (ok, text3, err) = lab
+        .cli(&[
             "devices",
             "add",
             "alice",
@@ -898,8 +885,8 @@ fn devices_register_rotate_expire_and_survive_a_restart() {
             &own_public,
             "--lifetime-secs",
             "3",
-        ],
-    );
+        ])
+        .unwrap();
     assert!(ok, "{err}");
     assert!(
         !text3.lines().any(|l| l.starts_with("PrivateKey")),
@@ -953,13 +940,15 @@ fn devices_register_rotate_expire_and_survive_a_restart() {
             "no device",
         ),
     ] {
-        let (ok, _, err) = cli(&lab, &args);
+        let (ok, _, err) = lab.cli(&args).unwrap();
         assert!(!ok && err.contains(expect), "{args:?}: {err}");
     }
 
     // A device that expires while the gateway is down is removed (and recorded) at start,
     // before any handshake could use it; the rotated device survives the restart.
-    let (ok, _, err) = cli(&lab, &["devices", "add", "bob", "--lifetime-secs", "1"]);
+    let (ok, _, err) = lab
+        .cli(&["devices", "add", "bob", "--lifetime-secs", "1"])
+        .unwrap();
     assert!(ok, "{err}");
     let short = device_list(&lab)
         .into_iter()
@@ -988,7 +977,7 @@ fn devices_register_rotate_expire_and_survive_a_restart() {
         .connect(&lab.bob, addr("10.8.0.2:8080"), Duration::from_secs(5))
         .unwrap();
     assert_eq!(echo_round_trip(&mut conn, b"new").unwrap(), b"new");
-    let (ok, _, err) = cli(&lab, &["devices", "remove", &id2]);
+    let (ok, _, err) = lab.cli(&["devices", "remove", &id2]).unwrap();
     assert!(ok, "{err}");
     expect_reset(&mut conn, Duration::from_secs(1));
     lab.wait_event(Duration::from_secs(2), |e| {
@@ -1100,7 +1089,7 @@ fn https_listener_and_ldaps_sync() {
     let (ok, err) = curl(&lab, &["--cacert", other_ca.to_str().unwrap(), url]);
     assert!(!ok && err.contains("certificate"), "{err}");
     // The CLI pins the configured certificate.
-    let (ok, out, err) = cli(&lab, &["users", "list"]);
+    let (ok, out, err) = lab.cli(&["users", "list"]).unwrap();
     assert!(ok && out.contains("alice"), "{err}");
 
     // Renewal: new files, SIGHUP; new connections get the new certificate.
@@ -1117,11 +1106,11 @@ fn https_listener_and_ldaps_sync() {
     .unwrap();
     let (ok, _) = curl(&lab, &["--cacert", ca.to_str().unwrap(), url]);
     assert!(!ok, "the old certificate is no longer served");
-    let (ok, _, err) = cli(&lab, &["users", "list"]);
+    let (ok, _, err) = lab.cli(&["users", "list"]).unwrap();
     assert!(ok, "the CLI reads the renewed certificate: {err}");
     // A CLI configured with a certificate the gateway does not present refuses to talk.
     std::fs::write(lab.dir.join("http.crt"), read(&cert)).unwrap();
-    let (ok, _, err) = cli(&lab, &["users", "list"]);
+    let (ok, _, err) = lab.cli(&["users", "list"]).unwrap();
     assert!(!ok && err.contains("certificate other than"), "{err}");
     lab.stop_gateway().unwrap();
 }

@@ -145,10 +145,9 @@ fn hostile_policy_sets_are_refused_with_locations_and_the_gateway_lives() {
     assert!(e["errors"].to_string().contains("hostile.cedar:2:"), "{e}");
     data_plane_alive(&lab, &mut conn, "SIGHUP with 1,000 parentheses");
     let dir = lab.policy_dir();
-    let (ok, _, err) = cli(
-        &lab,
-        &["policy", "validate", "--dir", &dir.to_string_lossy()],
-    );
+    let (ok, _, err) = lab
+        .cli(&["policy", "validate", "--dir", &dir.to_string_lossy()])
+        .unwrap();
     assert!(
         !ok && err.contains("hostile.cedar:2:") && err.contains("nesting"),
         "{err}"

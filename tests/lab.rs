@@ -243,34 +243,11 @@ fn jit(lab: &Lab) -> Result<bool> {
         false,
         "bob → prod-db 10.8.5.10:5432/tcp (no grant yet)",
     );
-    let filed = cli(
-        lab,
-        &[
-            "access",
-            "request",
-            "--user",
-            "bob",
-            "--network",
-            "prod-db",
-            "--dst",
-            "10.8.5.10",
-            "--port",
-            "5432/tcp",
-            "--for",
-            "15s",
-            "--reason",
-            "INC-4711 replica lag",
-        ],
-    )?;
+    let (filed, id) = lab.request_db_access("bob", "15s", "INC-4711 replica lag")?;
     println!(
         "  $ portcullis access request --user bob --network prod-db --port 5432/tcp --for 15s …"
     );
     println!("    {filed}");
-    let id = filed
-        .split_whitespace()
-        .nth(2)
-        .unwrap_or_default()
-        .to_string();
     match cli(lab, &["access", "approve", &id, "--as", "bob"]) {
         Ok(_) => {
             println!("  UNEXPECTED: bob approved his own request");

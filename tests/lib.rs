@@ -887,6 +887,52 @@ address6 = "fd00:64::3"
         self.portcullis(cmd, args)
     }
 
+    /// [`Lab::cli_in_gateway_ns`] as (success, stdout, stderr); a CLI that cannot be run
+    /// at all is an error.
+    pub fn cli(&self, args: &[&str]) -> Result<(bool, String, String)> {
+        let out = self.cli_in_gateway_ns(args)?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        ))
+    }
+
+    /// `portcullis access request` for `user` to the lab's database (prod-db,
+    /// 10.8.5.10:5432/tcp): the CLI's answer and the request's id, or its error.
+    pub fn request_db_access(
+        &self,
+        user: &str,
+        duration: &str,
+        reason: &str,
+    ) -> Result<(String, String)> {
+        let (ok, out, err) = self.cli(&[
+            "access",
+            "request",
+            "--user",
+            user,
+            "--network",
+            "prod-db",
+            "--dst",
+            "10.8.5.10",
+            "--port",
+            "5432/tcp",
+            "--for",
+            duration,
+            "--reason",
+            reason,
+        ])?;
+        if !ok {
+            return Err(anyhow!("portcullis access request failed: {}", err.trim()));
+        }
+        let id = out
+            .split_whitespace()
+            .nth(2)
+            .ok_or_else(|| anyhow!("no request id in {out:?}"))?
+            .to_string();
+        Ok((out.trim().to_string(), id))
+    }
+
     fn portcullis(&self, mut cmd: Command, args: &[&str]) -> Result<std::process::Output> {
         cmd.args(args)
             .arg("--config")
