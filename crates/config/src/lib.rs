@@ -32,9 +32,10 @@ pub use secrets::{
 };
 pub use section::{
     AdminConfig, ApiConfig, AuditApiConfig, AuditConfig, ClickHouseConfig, ClusterConfig,
-    DevicesConfig, FlowsConfig, FsyncMode, GatewayConfig, HttpConfig, IdentityConfig, Invalid,
-    LdapAttributes, LdapConfig, LdapDisabled, MfaConfig, OnFull, PeerConfig, PolicyConfig,
-    SamlConfig, ScimConfig, SiteConfig, UserConfig,
+    ConsoleConfig, DevicesConfig, FlowsConfig, FsyncMode, GatewayConfig, HttpConfig,
+    IdentityConfig, Invalid, LdapAttributes, LdapConfig, LdapDisabled, MfaConfig, OnFull,
+    PeerConfig, PolicyConfig, SamlConfig, ScimConfig, SiteConfig, UserConfig,
+    MAX_CONSOLE_IDLE_SECS,
 };
 pub use validate::parse;
 
@@ -95,6 +96,9 @@ pub struct Config {
     /// The second factor at sign-on (TOTP, or the IdP's own).
     #[serde(default)]
     pub mfa: Option<MfaConfig>,
+    /// The web console under `/console` (sign-in through `[saml]`).
+    #[serde(default)]
+    pub console: Option<ConsoleConfig>,
     /// A node of a cluster sharing PostgreSQL (opt-in).
     #[serde(default)]
     pub cluster: Option<ClusterConfig>,

@@ -145,6 +145,59 @@ fn mfa_section_defaults_and_every_mistake_names_its_key() -> Result<(), ConfigEr
 }
 
 #[test]
+fn console_section_defaults_and_every_mistake_names_its_key() -> Result<(), ConfigError> {
+    let base = "[http]\nlisten = \"127.0.0.1:8080\"\n\
+                [devices]\npool = \"100.64.0.128/25\"\nendpoint = \"h:51820\"\n\
+                [saml]\nidp_metadata = \"idp.xml\"\nbase_url = \"https://vpn.example.com/\"\n";
+    let l = check(&sample(&format!(
+        "{base}[console]\nadmin_groups = [\"security\"]\nauditor_groups = [\"audit\"]\nhelpdesk_groups = [\"it\"]\n"
+    )))?;
+    let c = l
+        .config
+        .console
+        .ok_or_else(|| ConfigError::new(Path::new("-"), "console", "missing"))?;
+    assert_eq!(c.admin_groups, ["security"]);
+    assert_eq!(c.auditor_groups, ["audit"]);
+    assert_eq!(c.helpdesk_groups, ["it"]);
+    assert_eq!(c.idle_timeout_secs, 1800);
+    for (extra, key, reason) in [
+        (
+            "[console]\nadmin_groups = [\"security\"]\n".to_string(),
+            "console",
+            "needs [saml]",
+        ),
+        (
+            format!("{base}[console]\n"),
+            "console.admin_groups",
+            "no group has any role",
+        ),
+        (
+            format!("{base}[console]\nauditor_groups = [\"\"]\n"),
+            "console.auditor_groups",
+            "empty group name",
+        ),
+        (
+            format!("{base}[console]\nadmin_groups = [\"s\"]\nidle_timeout_secs = 5\n"),
+            "console.idle_timeout_secs",
+            "out of range",
+        ),
+        (
+            format!("{base}[console]\nadmin_groups = [\"s\"]\nadmins = []\n"),
+            "console",
+            "unknown field `admins`",
+        ),
+    ] {
+        let e = check(&sample(&extra)).err();
+        let e = e.ok_or_else(|| ConfigError::new(Path::new("-"), key, "accepted"))?;
+        assert!(
+            e.key.starts_with(key) && e.reason.contains(reason),
+            "{extra}: {e}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
 fn saml_section_defaults_and_checks() -> Result<(), ConfigError> {
     let base = "[http]\nlisten = \"127.0.0.1:8080\"\n\
                 [devices]\npool = \"100.64.0.128/25\"\nendpoint = \"h:51820\"\n";

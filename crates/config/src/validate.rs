@@ -91,6 +91,15 @@ fn check(c: &Config) -> Result<peers::CheckedPeers, Invalid> {
             ));
         }
     }
+    if let Some(co) = &c.console {
+        co.check()?;
+        if c.saml.is_none() {
+            return Err(Invalid::new(
+                "console",
+                "needs [saml]: console users sign in through the IdP",
+            ));
+        }
+    }
     if let Some(a) = &c.api {
         a.check()?;
     }

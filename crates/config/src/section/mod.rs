@@ -4,6 +4,7 @@
 
 mod audit;
 mod cluster;
+mod console;
 mod devices;
 mod flows;
 mod gateway;
@@ -15,6 +16,7 @@ mod saml;
 
 pub use audit::{AuditApiConfig, AuditConfig, ClickHouseConfig, FsyncMode, OnFull};
 pub use cluster::{ClusterConfig, SiteConfig};
+pub use console::{ConsoleConfig, MAX_CONSOLE_IDLE_SECS};
 pub use devices::DevicesConfig;
 pub use flows::FlowsConfig;
 pub use gateway::{GatewayConfig, IdentityConfig, PolicyConfig};
