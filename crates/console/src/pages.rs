@@ -1,0 +1,444 @@
+//! Every page of the console, from plain values (what `portcullis-http` gathered).
+//!
+//! Rules every page keeps: values are escaped by the template engine; a form that
+//! changes something is a POST with the session's CSRF token; every control has a
+//! `<label>`; a skip link leads to the main content; nothing needs JavaScript; the
+//! style sheet is a file (the content security policy allows no inline style or
+//! script).
+
+use maud::{html, Markup, DOCTYPE};
+use serde_json::Value;
+
+use crate::csv::cell_text;
+use crate::{Action, Roles};
+
+/// Who is looking: shown in the header, and what the navigation offers.
+#[derive(Clone, Debug)]
+pub struct Chrome {
+    pub user: String,
+    pub roles: Roles,
+    /// The session's CSRF token, sent with every form.
+    pub csrf: String,
+}
+
+/// The style sheet served at `/console/console.css`.
+pub const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:0;color:#111}\
+header{background:#1d2733;color:#fff;padding:.5rem 1rem;display:flex;gap:1rem;align-items:center;flex-wrap:wrap}\
+header a{color:#fff}nav ul{list-style:none;display:flex;gap:1rem;margin:0;padding:0}\
+main{padding:1rem}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2rem .4rem;text-align:left;font-size:.9rem}\
+.skip{position:absolute;left:-999px}.skip:focus{left:1rem;top:1rem;background:#fff;color:#000;padding:.5rem}\
+.error{color:#a00}.ok{color:#060}form.inline{display:inline}label{margin-right:.3rem}fieldset{margin-bottom:1rem}\
+a:focus,button:focus,input:focus,select:focus{outline:3px solid #f90}";
+
+fn nav(c: &Chrome) -> Markup {
+    let links = [
+        ("/console", "Overview", Action::ReadOverview),
+        ("/console/users", "Users", Action::ReadUsers),
+        ("/console/audit", "Audit", Action::ReadAudit),
+    ];
+    html! {
+        nav aria-label="console" {
+            ul {
+                @for (href, name, action) in links {
+                    @if c.roles.may(action) {
+                        li { a href=(href) { (name) } }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A whole page.
+pub fn layout(chrome: Option<&Chrome>, title: &str, body: Markup) -> String {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (title) " · Portcullis" }
+                link rel="stylesheet" href="/console/console.css";
+            }
+            body {
+                a class="skip" href="#main" { "Skip to content" }
+                header {
+                    strong { "Portcullis" }
+                    @if let Some(c) = chrome {
+                        (nav(c))
+                        span id="whoami" { "Signed in as " (c.user) " (" (c.roles.names()) ")" }
+                        a href="/saml/logout" { "Sign out" }
+                    }
+                }
+                main id="main" tabindex="-1" {
+                    h1 { (title) }
+                    (body)
+                }
+            }
+        }
+    }
+    .into_string()
+}
+
+/// A page that only says something (refusals, errors).
+pub fn message(chrome: Option<&Chrome>, title: &str, text: &str) -> String {
+    layout(
+        chrome,
+        title,
+        html! { p class="error" role="alert" { (text) } },
+    )
+}
+
+/// The sign-in page for a browser without a console session.
+pub fn sign_in() -> String {
+    layout(
+        None,
+        "Sign in",
+        html! {
+            p { "The console signs you in through your company's identity provider." }
+            p { a id="sign-in" href="/saml/login?return=/console" { "Sign in" } }
+        },
+    )
+}
+
+/// What the overview shows.
+#[derive(Clone, Debug, Default)]
+pub struct Overview {
+    pub live_sessions: usize,
+    pub users: usize,
+    pub disabled_users: usize,
+    /// `(node, address, heartbeat age in seconds)` when clustered.
+    pub nodes: Vec<(String, String, i64)>,
+}
+
+pub fn overview(c: &Chrome, o: &Overview) -> String {
+    layout(
+        Some(c),
+        "Overview",
+        html! {
+            dl {
+                dt { "Live sessions" } dd id="live-sessions" { (o.live_sessions) }
+                dt { "Users" } dd id="users" { (o.users) }
+                dt { "Disabled users" } dd id="disabled-users" { (o.disabled_users) }
+            }
+            @if !o.nodes.is_empty() {
+                h2 { "Nodes" }
+                table {
+                    thead { tr { th scope="col" { "Node" } th scope="col" { "Address" } th scope="col" { "Last heartbeat" } } }
+                    tbody {
+                        @for (node, address, age) in &o.nodes {
+                            tr { td { (node) } td { (address) } td { (age) " s ago" } }
+                        }
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// The audit search form's fields: the CLI's filter names.
+pub const AUDIT_FIELDS: [(&str, &str); 8] = [
+    ("user", "User"),
+    ("group", "Group"),
+    ("dst", "Destination (IP or CIDR)"),
+    ("port", "Port"),
+    ("decision", "Decision (allow or deny)"),
+    ("since", "Since (RFC 3339 or 24h, 7d)"),
+    ("until", "Until"),
+    ("session", "Session id"),
+];
+
+/// A query's answer: its columns and rows.
+pub type Rows<'a> = (&'a [String], &'a [Vec<Value>]);
+
+/// An audit search: the form as filled in, and the answer (a table, or why not).
+pub struct AuditSearch<'a> {
+    /// `(field, value)` as submitted.
+    pub fields: &'a [(String, String)],
+    pub answer: Option<Result<Rows<'a>, String>>,
+    /// The same search as a query string (for the CSV link and the next page).
+    pub query: String,
+    /// The `until` of the next page (the last row's time), when there may be more.
+    pub next_until: Option<String>,
+}
+
+pub fn audit(c: &Chrome, s: &AuditSearch<'_>) -> String {
+    let value = |name: &str| {
+        s.fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or("")
+    };
+    layout(
+        Some(c),
+        "Audit",
+        html! {
+            form method="get" action="/console/audit" {
+                fieldset {
+                    legend { "Search the audit trail" }
+                    @for (name, label) in AUDIT_FIELDS {
+                        label for=(format!("f-{name}")) { (label) }
+                        input type="text" id=(format!("f-{name}")) name=(name) value=(value(name));
+                    }
+                    button type="submit" id="search" { "Search" }
+                }
+            }
+            @match &s.answer {
+                None => {}
+                Some(Err(e)) => { p class="error" role="alert" id="search-error" { (e) } }
+                Some(Ok((columns, rows))) => {
+                    p {
+                        span id="row-count" { (rows.len()) } " rows. "
+                        a id="csv" href=(format!("/console/audit.csv?{}", s.query)) { "Export CSV" }
+                        @if let Some(until) = &s.next_until {
+                            " "
+                            a id="next-page" href=(format!("/console/audit?{}&until={}", strip_until(&s.query), until)) { "Older rows" }
+                        }
+                    }
+                    table id="results" {
+                        thead { tr { @for col in *columns { th scope="col" { (col) } } } }
+                        tbody {
+                            @for row in *rows {
+                                tr { @for v in row { td { (cell_text(v)) } } }
+                            }
+                        }
+                    }
+                }
+            }
+        },
+    )
+}
+
+fn strip_until(query: &str) -> String {
+    query
+        .split('&')
+        .filter(|p| !p.starts_with("until="))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// One line of the user list.
+#[derive(Clone, Debug)]
+pub struct UserLine {
+    pub name: String,
+    pub active: bool,
+    pub groups: Vec<String>,
+    pub source: String,
+    pub sessions: usize,
+}
+
+pub fn users(c: &Chrome, q: &str, lines: &[UserLine]) -> String {
+    layout(
+        Some(c),
+        "Users",
+        html! {
+            form method="get" action="/console/users" role="search" {
+                label for="q" { "Find a user (name or group)" }
+                input type="search" id="q" name="q" value=(q);
+                button type="submit" { "Find" }
+            }
+            table id="users" {
+                thead { tr { th scope="col" { "User" } th scope="col" { "State" } th scope="col" { "Groups" } th scope="col" { "Source" } th scope="col" { "Live sessions" } } }
+                tbody {
+                    @for u in lines {
+                        tr {
+                            td { a href=(format!("/console/users/{}", percent(&u.name))) { (u.name) } }
+                            td { @if u.active { "active" } @else { "disabled" } }
+                            td { (u.groups.join(", ")) }
+                            td { (u.source) }
+                            td { (u.sessions) }
+                        }
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// A user's page.
+#[derive(Clone, Debug)]
+pub struct UserPage {
+    pub line: UserLine,
+    pub tags: Vec<(String, String)>,
+    /// `(id, device, endpoint, started)`.
+    pub sessions: Vec<(u64, String, String, String)>,
+    /// `(id, name, public key, expires)`.
+    pub devices: Vec<(String, String, String, String)>,
+}
+
+pub fn user(c: &Chrome, u: &UserPage) -> String {
+    let may_disable = c.roles.may(Action::DisableUser) && u.line.active;
+    let may_kill = c.roles.may(Action::KillSession);
+    layout(
+        Some(c),
+        &format!("User {}", u.line.name),
+        html! {
+            dl {
+                dt { "State" } dd id="state" { @if u.line.active { "active" } @else { "disabled" } }
+                dt { "Groups" } dd id="groups" { (u.line.groups.join(", ")) }
+                dt { "Source" } dd { (u.line.source) }
+                @for (k, v) in &u.tags { dt { "Tag " (k) } dd { (v) } }
+            }
+            h2 { "Live sessions" }
+            table id="sessions" {
+                thead { tr { th scope="col" { "Session" } th scope="col" { "Device" } th scope="col" { "Endpoint" } th scope="col" { "Started" } @if may_kill { th scope="col" { "Action" } } } }
+                tbody {
+                    @for (id, device, endpoint, started) in &u.sessions {
+                        tr {
+                            td { (id) } td { (device) } td { (endpoint) } td { (started) }
+                            @if may_kill {
+                                td {
+                                    form class="inline" method="post" action=(format!("/console/sessions/{id}/kill")) {
+                                        input type="hidden" name="csrf" value=(c.csrf);
+                                        input type="hidden" name="user" value=(u.line.name);
+                                        button type="submit" aria-label=(format!("End session {id}")) { "End" }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            h2 { "Devices" }
+            table id="devices" {
+                thead { tr { th scope="col" { "Device" } th scope="col" { "Name" } th scope="col" { "Public key" } th scope="col" { "Expires" } } }
+                tbody {
+                    @for (id, name, key, expires) in &u.devices {
+                        tr { td { (id) } td { (name) } td { code { (key) } } td { (expires) } }
+                    }
+                }
+            }
+            @if may_disable {
+                h2 { "Disable" }
+                form method="post" action=(format!("/console/users/{}/disable", percent(&u.line.name))) id="disable" {
+                    input type="hidden" name="csrf" value=(c.csrf);
+                    p {
+                        input type="checkbox" id="confirm" name="confirm" value="yes" required;
+                        label for="confirm" { "Yes, disable " (u.line.name) " now and cut every tunnel" }
+                    }
+                    button type="submit" id="disable-now" { "Disable now" }
+                }
+            }
+        },
+    )
+}
+
+/// The answer to a change: what happened, and where to go on.
+pub fn done(c: &Chrome, title: &str, text: &str, back: &str) -> String {
+    layout(
+        Some(c),
+        title,
+        html! {
+            p class="ok" role="status" id="result" { (text) }
+            p { a href=(back) { "Back" } }
+        },
+    )
+}
+
+/// A path segment, percent-encoded (user names may hold anything the IdP sends).
+pub fn percent(segment: &str) -> String {
+    segment
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chrome(roles: Roles) -> Chrome {
+        Chrome {
+            user: "eve<script>".into(),
+            roles,
+            csrf: "tok\"en".into(),
+        }
+    }
+
+    fn page() -> UserPage {
+        UserPage {
+            line: UserLine {
+                name: "bob\"><img src=x>".into(),
+                active: true,
+                groups: vec!["developers".into()],
+                source: "scim".into(),
+                sessions: 1,
+            },
+            tags: vec![],
+            sessions: vec![(7, "laptop".into(), "10.0.0.1:1".into(), "now".into())],
+            devices: vec![],
+        }
+    }
+
+    #[test]
+    fn values_are_escaped_and_forms_carry_the_token() {
+        let html = user(
+            &chrome(Roles {
+                helpdesk: true,
+                ..Roles::default()
+            }),
+            &page(),
+        );
+        assert!(
+            !html.contains("<script>") && !html.contains("<img"),
+            "{html}"
+        );
+        assert!(html.contains("eve&lt;script&gt;"));
+        assert_eq!(
+            html.matches("name=\"csrf\" value=\"tok&quot;en\"").count(),
+            2
+        );
+        assert!(html.contains("id=\"disable-now\""));
+        assert!(!html.contains("style="), "no inline style (CSP)");
+    }
+
+    #[test]
+    fn an_auditor_sees_no_edit_control() {
+        let html = user(
+            &chrome(Roles {
+                auditor: true,
+                ..Roles::default()
+            }),
+            &page(),
+        );
+        assert!(!html.contains("<form method=\"post\""), "{html}");
+        assert!(!html.contains("method=\"post\""));
+    }
+
+    #[test]
+    fn every_input_has_a_label() {
+        let fields: Vec<(String, String)> = vec![("user".into(), "bob".into())];
+        let html = audit(
+            &chrome(Roles {
+                auditor: true,
+                ..Roles::default()
+            }),
+            &AuditSearch {
+                fields: &fields,
+                answer: None,
+                query: String::new(),
+                next_until: None,
+            },
+        );
+        for (name, _) in AUDIT_FIELDS {
+            assert!(
+                html.contains(&format!("<label for=\"f-{name}\">")),
+                "{name}"
+            );
+            assert!(html.contains(&format!("id=\"f-{name}\"")), "{name}");
+        }
+        assert!(html.contains("value=\"bob\""));
+    }
+
+    #[test]
+    fn segments_are_percent_encoded() {
+        assert_eq!(percent("a b/c%"), "a%20b%2Fc%25");
+        assert_eq!(percent("bob"), "bob");
+    }
+}
