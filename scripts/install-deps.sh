@@ -36,6 +36,9 @@ packages=(
   php-cli
   php-xml
   php-mbstring
+  # the console's browser tests: Debian's Chromium, driven by playwright-core (npm)
+  chromium
+  chromium-driver
 )
 
 missing=()
@@ -53,6 +56,17 @@ if ((${#missing[@]})); then
   "${sudo_cmd[@]}" apt-get update -qq -o DPkg::Lock::Timeout=300
   # --no-install-recommends: wireguard-tools would otherwise pull in a kernel package.
   "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends -o DPkg::Lock::Timeout=300 "${missing[@]}"
+fi
+
+# playwright-core for the browser tests, from the lockfile (no browser download: it
+# drives /usr/bin/chromium). Skipped when the lockfile's version is already there.
+command -v npm >/dev/null || { echo "node and npm are required (the machine's Node.js 20)" >&2; exit 1; }
+browser_dir="$(dirname "$0")/../tests/browser"
+browser_dir="$(cd "$browser_dir" && pwd)"
+wanted=$(node -p "require('$browser_dir/package-lock.json').packages['node_modules/playwright-core'].version")
+installed=$(node -p "require('$browser_dir/node_modules/playwright-core/package.json').version" 2>/dev/null || true)
+if [[ "$installed" != "$wanted" ]]; then
+  (cd "$browser_dir" && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
 if ! command -v cargo >/dev/null; then

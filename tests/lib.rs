@@ -193,8 +193,8 @@ pub struct LabOptions {
     /// `extra_config` become its URL and certificate.
     pub slapd_tls: bool,
     /// Start a SimpleSAMLphp IdP in the gateway's namespace that trusts the SP at
-    /// `http://127.0.0.1:18080` and knows alice (group sre), bob (developers) and carol
-    /// (sre, her sign-ons with a second factor),
+    /// `http://127.0.0.1:18080` and knows alice (group sre), bob (developers), carol
+    /// (sre, her sign-ons with a second factor), audrey (audit) and ivan (it),
     /// password `<name>-password`; its metadata is `idp-metadata.xml` in the lab dir, and
     /// `{idp_metadata_url}` in `extra_config` becomes its metadata URL.
     pub saml_idp: bool,
@@ -290,6 +290,9 @@ impl Lab {
                     ("alice", "sre", None),
                     ("bob", "developers", None),
                     ("carol", "sre", Some("https://refeds.org/profile/mfa")),
+                    // The console's auditor and help desk.
+                    ("audrey", "audit", None),
+                    ("ivan", "it", None),
                 ]
                 .map(|(name, group, acr)| portcullis_testkit::IdpUser {
                     name: name.into(),
@@ -878,6 +881,29 @@ address6 = "fd00:64::3"
             bail!("{script}: {}", String::from_utf8_lossy(&out.stderr));
         }
         serde_json::from_slice(&out.stdout).with_context(|| format!("{script}'s output"))
+    }
+
+    /// Runs `tests/browser/<script>` (Node, driving Chromium) in the gateway's namespace
+    /// as `user` (password `<user>-password`) and returns the JSON object it prints.
+    pub fn browser(&self, script: &str, user: &str, args: &[&str]) -> Result<Value> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns_gw, "node"])
+            .arg(repo_root().join("tests/browser").join(script))
+            .args(["http://127.0.0.1:18080", user, &format!("{user}-password")])
+            .args(args)
+            .output()
+            .with_context(|| format!("running {script}"))?;
+        let v: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "{script}'s output: {} {}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        if let Some(e) = v.get("error") {
+            bail!("{script} {args:?} as {user}: {e}; {v}");
+        }
+        Ok(v)
     }
 
     pub fn cli_in_gateway_ns(&self, args: &[&str]) -> Result<std::process::Output> {

@@ -59,6 +59,10 @@ pub fn layout(chrome: Option<&Chrome>, title: &str, body: Markup) -> String {
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (title) " · Portcullis" }
                 link rel="stylesheet" href="/console/console.css";
+                @if let Some(c) = chrome {
+                    // For scripts of the user's own (the forms carry it already).
+                    meta name="csrf-token" content=(c.csrf);
+                }
             }
             body {
                 a class="skip" href="#main" { "Skip to content" }
@@ -260,7 +264,7 @@ pub fn users(c: &Chrome, q: &str, lines: &[UserLine]) -> String {
 #[derive(Clone, Debug)]
 pub struct UserPage {
     pub line: UserLine,
-    pub tags: Vec<(String, String)>,
+    pub tags: Vec<String>,
     /// `(id, device, endpoint, started)`.
     pub sessions: Vec<(u64, String, String, String)>,
     /// `(id, name, public key, expires)`.
@@ -278,7 +282,7 @@ pub fn user(c: &Chrome, u: &UserPage) -> String {
                 dt { "State" } dd id="state" { @if u.line.active { "active" } @else { "disabled" } }
                 dt { "Groups" } dd id="groups" { (u.line.groups.join(", ")) }
                 dt { "Source" } dd { (u.line.source) }
-                @for (k, v) in &u.tags { dt { "Tag " (k) } dd { (v) } }
+                dt { "Tags" } dd id="tags" { (u.tags.join(", ")) }
             }
             h2 { "Live sessions" }
             table id="sessions" {

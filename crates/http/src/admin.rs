@@ -74,8 +74,17 @@ pub struct AdminApi {
     pub access: Option<Arc<crate::access::AccessService>>,
 }
 
-/// The admin routes under `/admin/v1` (bearer) and, with `[api]`, `/api/v1` (signed).
-pub fn admin_router(a: AdminApi) -> Router {
+/// The admin routes under `/admin/v1` (bearer) and, with `[api]`, `/api/v1` (signed),
+/// and the same routes for the console ([`AdminRouters::console`]).
+pub struct AdminRouters {
+    pub public: Router,
+    /// No authentication of its own: the console checks the user and the role, then
+    /// calls these with its user as the [`Actor`], so each change is the same
+    /// `admin_action` an API call is.
+    pub console: Router,
+}
+
+pub fn admin_router(a: AdminApi) -> AdminRouters {
     let state = AdminState {
         tokens: a.tokens,
         api: a.api,
@@ -117,6 +126,10 @@ pub fn admin_router(a: AdminApi) -> Router {
                 audit_mutations,
             ))
     };
+    let console = routes()
+        .fallback(no_route)
+        .method_not_allowed_fallback(no_method)
+        .with_state(state.clone());
     let mut router = Router::new();
     if state.tokens.is_some() {
         router = router.nest(
@@ -145,7 +158,10 @@ pub fn admin_router(a: AdminApi) -> Router {
                 .method_not_allowed_fallback(no_method),
         );
     }
-    router.with_state(state)
+    AdminRouters {
+        public: router.with_state(state),
+        console,
+    }
 }
 
 /// The auditor's queries (`portcullis_auditor::http`), or a clear 404 without ClickHouse.

@@ -2,7 +2,8 @@
 //!
 //! What it does: serves the one `[http]` listener ([`serve`], [`tls`]) with SCIM
 //! (`portcullis-scim`), the admin and signed API ([`admin`], [`devices`], the policy
-//! API), single sign-on and enrollment ([`sso`]), `/healthz` and `/readyz` ([`health`])
+//! API), single sign-on and enrollment ([`sso`]), the web console (`console`, pages
+//! from `portcullis-console`), `/healthz` and `/readyz` ([`health`])
 //! and `/metrics`; and [`start`]s the control plane: a thread with a runtime of its own
 //! running that listener, the LDAP driver (`portcullis-ldap-sync`), the device expiry
 //! timer, token and certificate reloads on SIGHUP, and the reader of the packet loop's
@@ -26,6 +27,7 @@ mod access_api;
 pub mod admin;
 mod api;
 mod cluster_work;
+mod console;
 pub mod devices;
 pub mod health;
 mod metrics;

@@ -457,6 +457,7 @@ async fn routes(
 ) -> anyhow::Result<axum::Router> {
     let c = &loaded.config;
     let mut app = axum::Router::new();
+    let mut console_sso = None;
     if let (Some(saml), Some(identity), Some(profile)) = (&c.saml, identity, profile) {
         let sso = sso::Sso::start(
             loaded,
@@ -469,6 +470,7 @@ async fn routes(
             access.clone(),
         )
         .await?;
+        console_sso = Some(sso.clone());
         app = app.merge(sso::routes(sso));
     }
     if let (Some(identity), Some(t)) = (identity, &tokens.scim) {
@@ -477,8 +479,8 @@ async fn routes(
             tokens: t.clone(),
         }));
     }
-    if tokens.admin.is_some() || tokens.api.is_some() {
-        app = app.merge(admin::admin_router(admin::AdminApi {
+    if tokens.admin.is_some() || tokens.api.is_some() || c.console.is_some() {
+        let routers = admin::admin_router(admin::AdminApi {
             tokens: tokens.admin.clone(),
             api: tokens.api.clone(),
             nonce_log: tokens.nonce_log.clone(),
@@ -493,7 +495,24 @@ async fn routes(
             shared: cluster.as_ref().map(|(_, s)| s.clone()),
             cluster_policy: cluster.map(|(p, _)| p),
             access,
-        }));
+        });
+        app = app.merge(routers.public);
+        match (&c.console, console_sso) {
+            (Some(cc), Some(sso)) => {
+                app = app.merge(crate::console::routes(crate::console::Console::new(
+                    cc,
+                    sso,
+                    routers.console,
+                )));
+            }
+            (Some(_), None) => {
+                anyhow::bail!(
+                    "{}: [console] needs [saml] with an identity store",
+                    loaded.path.display()
+                )
+            }
+            _ => {}
+        }
     }
     // Bearer failures are limited per address on SCIM and /admin/v1 (the signed API
     // limits its own); the body cap applies to every route.

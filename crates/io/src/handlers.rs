@@ -239,7 +239,23 @@ impl Loop {
                             sessions: sessions.iter().filter(|s| s.user == p.name).count(),
                         }
                     })
-                    .collect();
+                    .collect::<Vec<_>>();
+                // A configured user the engine no longer holds was disabled (until a
+                // restart): listed as such, not forgotten.
+                let mut rows = rows;
+                for u in &self.loaded.config.users {
+                    if gw.enforcer().engine().user(&u.name).is_none() {
+                        rows.push(UserRow {
+                            name: u.name.clone(),
+                            source: "config".into(),
+                            active: false,
+                            groups: u.groups.clone(),
+                            tags: Vec::new(),
+                            devices: Vec::new(),
+                            sessions: 0,
+                        });
+                    }
+                }
                 let _ = tx.send(rows);
                 None
             }

@@ -122,7 +122,8 @@ async fn every_documented_operation_is_served() {
         shared: None,
         cluster_policy: None,
         access: None,
-    });
+    })
+    .public;
     for (method, template) in documented() {
         let path = template
             .replace("{name}", "alice")

@@ -84,6 +84,15 @@ struct WebSession {
     pending: Option<PendingLogin>,
 }
 
+/// A signed-in browser as the console sees it.
+pub(crate) struct ConsoleLogin {
+    pub user: String,
+    /// The IdP's groups at this sign-in: the console's roles come from them.
+    pub groups: Vec<String>,
+    pub csrf: String,
+    pub key: [u8; 32],
+}
+
 /// What finishing a sign-on after its second factor needs.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct PendingLogin {
@@ -447,9 +456,22 @@ impl Sso {
         sessions.get(&key).filter(|s| s.until > Utc::now()).cloned()
     }
 
+    /// The browser's completed login, for the console (`key` identifies the session;
+    /// the console keeps its own idle time per key).
+    pub(crate) async fn console_login(&self, headers: &HeaderMap) -> Option<ConsoleLogin> {
+        let key = session_key(cookie(headers, COOKIE)?);
+        let s = self.session(headers).await?;
+        Some(ConsoleLogin {
+            user: s.user,
+            groups: s.groups,
+            csrf: s.csrf,
+            key,
+        })
+    }
+
     /// Ends the browser's session (sign-out; a second factor's pending session once the
     /// sign-on it waited for completed). In a cluster the shared database must take it.
-    async fn end_session(&self, headers: &HeaderMap) -> Result<(), Response> {
+    pub(crate) async fn end_session(&self, headers: &HeaderMap) -> Result<(), Response> {
         let Some(value) = cookie(headers, COOKIE) else {
             return Ok(());
         };

@@ -1,0 +1,602 @@
+//! The web console under `/console` (`[console]`): pages from `portcullis-console`,
+//! served on the `[http]` listener.
+//!
+//! - Sign-in is the `[saml]` sign-on (`/saml/login?return=/console`); the roles come
+//!   from the IdP groups of that sign-in, so a new sign-in re-reads them. A session
+//!   idle past `[console] idle_timeout_secs` is ended (the login with it).
+//! - Every request is checked here: a login, a role that may take the page's
+//!   [`Action`], and for a POST the session's CSRF token (constant-time). Pages hide
+//!   what a role may not do; the check does not rely on that.
+//! - Every action runs the admin API's own route (no authentication of its own, the
+//!   console user as the actor `console:<name>`), so the console can do nothing the
+//!   API cannot and every change is the API's `admin_action`.
+//! - Every answer carries a strict content security policy (no script, no inline
+//!   style, no framing), `nosniff`, no referrer and no caching.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Form, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use portcullis_console::pages::{self, Chrome, UserLine, UserPage};
+use portcullis_console::{csv, Action, RoleGroups, Roles};
+use serde::Deserialize;
+use serde_json::Value;
+use subtle::ConstantTimeEq as _;
+use tower::ServiceExt as _;
+
+use crate::api::Actor;
+use crate::sso::Sso;
+
+/// Rows on one page of an audit search.
+const PAGE_ROWS: u64 = 100;
+/// Rows in one CSV export at most.
+const CSV_ROWS: u64 = 100_000;
+/// Console sessions remembered for their idle time at most (the oldest go first).
+const MAX_TRACKED: usize = 10_000;
+
+const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self' data:; \
+                   form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+pub(crate) struct Console {
+    sso: Arc<Sso>,
+    /// The admin API's routes without their authentication.
+    api: Router,
+    groups: RoleGroups,
+    idle: Duration,
+    /// Session key → last request.
+    seen: Mutex<HashMap<[u8; 32], Instant>>,
+}
+
+impl Console {
+    pub(crate) fn new(
+        c: &portcullis_config::ConsoleConfig,
+        sso: Arc<Sso>,
+        api: Router,
+    ) -> Arc<Console> {
+        Arc::new(Console {
+            sso,
+            api,
+            groups: RoleGroups {
+                admin: c.admin_groups.clone(),
+                auditor: c.auditor_groups.clone(),
+                helpdesk: c.helpdesk_groups.clone(),
+            },
+            idle: Duration::from_secs(c.idle_timeout_secs),
+            seen: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Who is asking, if they may take `action`; else the answer to give.
+    async fn gate(&self, headers: &HeaderMap, action: Action) -> Result<Chrome, Response> {
+        let Some(login) = self.sso.console_login(headers).await else {
+            return Err(html(StatusCode::UNAUTHORIZED, pages::sign_in()));
+        };
+        let now = Instant::now();
+        let timed_out = {
+            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            let last = seen.get(&login.key).copied();
+            if seen.len() >= MAX_TRACKED && last.is_none() {
+                seen.retain(|_, t| now.duration_since(*t) < self.idle);
+            }
+            match last {
+                Some(t) if now.duration_since(t) >= self.idle => {
+                    seen.remove(&login.key);
+                    true
+                }
+                _ => {
+                    seen.insert(login.key, now);
+                    false
+                }
+            }
+        };
+        if timed_out {
+            let _ = self.sso.end_session(headers).await;
+            tracing::info!(user = %login.user, "console: session ended after its idle time");
+            return Err(html(StatusCode::UNAUTHORIZED, pages::sign_in()));
+        }
+        let roles = Roles::from_groups(&login.groups, &self.groups);
+        let chrome = Chrome {
+            user: login.user,
+            roles,
+            csrf: login.csrf,
+        };
+        if !roles.any() {
+            return Err(html(
+                StatusCode::FORBIDDEN,
+                pages::message(
+                    None,
+                    "No console role",
+                    "Your groups give you no role in the console. Ask a security administrator.",
+                ),
+            ));
+        }
+        if !roles.may(action) {
+            return Err(html(
+                StatusCode::FORBIDDEN,
+                pages::message(
+                    Some(&chrome),
+                    "Not allowed",
+                    "Your role does not allow this.",
+                ),
+            ));
+        }
+        Ok(chrome)
+    }
+
+    /// [`Console::gate`] for a form: the CSRF token must be the session's.
+    async fn gate_post(
+        &self,
+        headers: &HeaderMap,
+        action: Action,
+        csrf: &str,
+    ) -> Result<Chrome, Response> {
+        let chrome = self.gate(headers, action).await?;
+        if !bool::from(csrf.as_bytes().ct_eq(chrome.csrf.as_bytes())) {
+            return Err(html(
+                StatusCode::FORBIDDEN,
+                pages::message(
+                    Some(&chrome),
+                    "Stale form",
+                    "The form is stale or was not sent from this console; reload the page.",
+                ),
+            ));
+        }
+        Ok(chrome)
+    }
+
+    /// Runs an admin API route as `actor`: its status and JSON answer.
+    async fn call(&self, actor: &str, method: Method, uri: &str) -> (StatusCode, Value) {
+        let mut req = match Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::empty())
+        {
+            Ok(r) => r,
+            Err(e) => return (StatusCode::BAD_REQUEST, json_error(e)),
+        };
+        req.extensions_mut()
+            .insert(Actor(format!("console:{actor}")));
+        let response = match self.api.clone().oneshot(req).await {
+            Ok(r) => r,
+            Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, json_error(e)),
+        };
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 64 << 20)
+            .await
+            .unwrap_or_default();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+}
+
+/// A field of a JSON answer (`null` when absent).
+fn at<'a>(v: &'a Value, key: &str) -> &'a Value {
+    v.get(key).unwrap_or(&Value::Null)
+}
+
+fn json_error(e: impl std::fmt::Display) -> Value {
+    serde_json::json!({ "error": e.to_string() })
+}
+
+fn error_text(v: &Value) -> String {
+    v.get("error")
+        .and_then(Value::as_str)
+        .unwrap_or("no answer")
+        .to_string()
+}
+
+fn html(status: StatusCode, body: String) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
+pub(crate) fn routes(console: Arc<Console>) -> Router {
+    Router::new()
+        .route("/console", get(overview))
+        .route("/console/console.css", get(style))
+        .route("/console/users", get(users))
+        .route("/console/users/{name}", get(user))
+        .route("/console/users/{name}/disable", post(disable))
+        .route("/console/sessions/{id}/kill", post(kill))
+        .route("/console/audit", get(audit))
+        .route("/console/audit.csv", get(audit_csv))
+        .layer(axum::middleware::from_fn(security_headers))
+        .with_state(console)
+}
+
+async fn security_headers(req: Request, next: Next) -> Response {
+    let mut r = next.run(req).await;
+    let h = r.headers_mut();
+    for (name, value) in [
+        (header::CONTENT_SECURITY_POLICY, CSP),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::CACHE_CONTROL, "no-store"),
+    ] {
+        h.insert(name, HeaderValue::from_static(value));
+    }
+    r
+}
+
+async fn style() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+        pages::STYLE,
+    )
+        .into_response()
+}
+
+async fn overview(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
+    let chrome = match c.gate(&headers, Action::ReadOverview).await {
+        Ok(ch) => ch,
+        Err(r) => return r,
+    };
+    let (_, sessions) = c.call(&chrome.user, Method::GET, "/sessions").await;
+    let (_, users) = c.call(&chrome.user, Method::GET, "/users").await;
+    let (_, cluster) = c.call(&chrome.user, Method::GET, "/cluster").await;
+    let users = users.as_array().cloned().unwrap_or_default();
+    let o = pages::Overview {
+        live_sessions: sessions.as_array().map_or(0, Vec::len),
+        users: users.len(),
+        disabled_users: users.iter().filter(|u| *at(u, "active") == false).count(),
+        nodes: at(&cluster, "nodes")
+            .as_array()
+            .map(|nodes| {
+                nodes
+                    .iter()
+                    .map(|n| {
+                        (
+                            at(n, "node_id").as_str().unwrap_or_default().to_string(),
+                            at(n, "address").as_str().unwrap_or_default().to_string(),
+                            at(n, "heartbeat_age_secs").as_i64().unwrap_or(-1),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    };
+    html(StatusCode::OK, pages::overview(&chrome, &o))
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn user_line(u: &Value) -> UserLine {
+    UserLine {
+        name: at(u, "name").as_str().unwrap_or_default().to_string(),
+        active: at(u, "active").as_bool().unwrap_or(false),
+        groups: strings(at(u, "groups")),
+        source: at(u, "source").as_str().unwrap_or_default().to_string(),
+        sessions: at(u, "sessions")
+            .as_u64()
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or(0),
+    }
+}
+
+#[derive(Deserialize)]
+struct Find {
+    #[serde(default)]
+    q: String,
+}
+
+async fn users(
+    State(c): State<Arc<Console>>,
+    headers: HeaderMap,
+    find: Result<Query<Find>, QueryRejection>,
+) -> Response {
+    let chrome = match c.gate(&headers, Action::ReadUsers).await {
+        Ok(ch) => ch,
+        Err(r) => return r,
+    };
+    let q = find.map(|Query(f)| f.q).unwrap_or_default();
+    let (status, list) = c.call(&chrome.user, Method::GET, "/users").await;
+    if !status.is_success() {
+        return html(
+            StatusCode::BAD_GATEWAY,
+            pages::message(Some(&chrome), "Users", &error_text(&list)),
+        );
+    }
+    let needle = q.trim().to_lowercase();
+    let lines: Vec<UserLine> = list
+        .as_array()
+        .map(|a| a.iter().map(user_line).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|u: &UserLine| {
+            needle.is_empty()
+                || u.name.to_lowercase().contains(&needle)
+                || u.groups.iter().any(|g| g.to_lowercase().contains(&needle))
+        })
+        .collect();
+    html(StatusCode::OK, pages::users(&chrome, &q, &lines))
+}
+
+async fn user(
+    State(c): State<Arc<Console>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Response {
+    let chrome = match c.gate(&headers, Action::ReadUsers).await {
+        Ok(ch) => ch,
+        Err(r) => return r,
+    };
+    let (_, list) = c.call(&chrome.user, Method::GET, "/users").await;
+    let Some(found) = list
+        .as_array()
+        .and_then(|a| a.iter().find(|u| at(u, "name") == name.as_str()))
+    else {
+        return html(
+            StatusCode::NOT_FOUND,
+            pages::message(Some(&chrome), "No such user", &format!("no user {name:?}")),
+        );
+    };
+    let (_, sessions) = c.call(&chrome.user, Method::GET, "/sessions").await;
+    let query = serde_urlencoded::to_string([("user", name.as_str())]).unwrap_or_default();
+    let (_, devices) = c
+        .call(&chrome.user, Method::GET, &format!("/devices?{query}"))
+        .await;
+    let page = UserPage {
+        line: user_line(found),
+        tags: strings(at(found, "tags")),
+        sessions: sessions
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|s| at(s, "user") == name.as_str())
+                    .map(|s| {
+                        (
+                            at(s, "id").as_u64().unwrap_or(0),
+                            at(s, "device").as_str().unwrap_or_default().to_string(),
+                            at(s, "endpoint").as_str().unwrap_or_default().to_string(),
+                            at(s, "started").as_str().unwrap_or_default().to_string(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        devices: devices
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|d| {
+                        (
+                            at(d, "id").as_str().unwrap_or_default().to_string(),
+                            at(d, "name").as_str().unwrap_or_default().to_string(),
+                            at(d, "public_key").as_str().unwrap_or_default().to_string(),
+                            at(d, "expires").as_str().unwrap_or_default().to_string(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    };
+    html(StatusCode::OK, pages::user(&chrome, &page))
+}
+
+#[derive(Deserialize)]
+struct DisableForm {
+    csrf: String,
+    #[serde(default)]
+    confirm: Option<String>,
+}
+
+async fn disable(
+    State(c): State<Arc<Console>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    Form(f): Form<DisableForm>,
+) -> Response {
+    let chrome = match c.gate_post(&headers, Action::DisableUser, &f.csrf).await {
+        Ok(ch) => ch,
+        Err(r) => return r,
+    };
+    let back = format!("/console/users/{}", pages::percent(&name));
+    if f.confirm.as_deref() != Some("yes") {
+        return html(
+            StatusCode::BAD_REQUEST,
+            pages::message(
+                Some(&chrome),
+                "Not confirmed",
+                "Tick the confirmation to disable the user.",
+            ),
+        );
+    }
+    let started = Instant::now();
+    let (status, answer) = c
+        .call(
+            &chrome.user,
+            Method::POST,
+            &format!("/users/{}/disable", pages::percent(&name)),
+        )
+        .await;
+    // The API answers once the loop has cut every tunnel of the user.
+    let took = started.elapsed();
+    if !status.is_success() {
+        return html(
+            status,
+            pages::message(Some(&chrome), "Not disabled", &error_text(&answer)),
+        );
+    }
+    tracing::info!(user = %name, by = %chrome.user, ms = took.as_secs_f64() * 1e3, "console: user disabled");
+    html(
+        StatusCode::OK,
+        pages::done(
+            &chrome,
+            "User disabled",
+            &format!(
+                "{name} is disabled: every tunnel was cut in {:.1} ms.",
+                took.as_secs_f64() * 1e3
+            ),
+            &back,
+        ),
+    )
+}
+
+#[derive(Deserialize)]
+struct KillForm {
+    csrf: String,
+    #[serde(default)]
+    user: String,
+}
+
+async fn kill(
+    State(c): State<Arc<Console>>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+    Form(f): Form<KillForm>,
+) -> Response {
+    let chrome = match c.gate_post(&headers, Action::KillSession, &f.csrf).await {
+        Ok(ch) => ch,
+        Err(r) => return r,
+    };
+    let (status, answer) = c
+        .call(&chrome.user, Method::POST, &format!("/sessions/{id}/kill"))
+        .await;
+    if !status.is_success() {
+        return html(
+            status,
+            pages::message(Some(&chrome), "Not ended", &error_text(&answer)),
+        );
+    }
+    html(
+        StatusCode::OK,
+        pages::done(
+            &chrome,
+            "Session ended",
+            &format!("Session {id} is ended."),
+            &format!("/console/users/{}", pages::percent(&f.user)),
+        ),
+    )
+}
+
+/// The audit form's fields that are filled in, in the form's order.
+fn audit_fields(raw: Vec<(String, String)>) -> Vec<(String, String)> {
+    pages::AUDIT_FIELDS
+        .iter()
+        .filter_map(|(name, _)| {
+            raw.iter()
+                .find(|(k, v)| k == name && !v.trim().is_empty())
+                .map(|(k, v)| (k.clone(), v.trim().to_string()))
+        })
+        .collect()
+}
+
+async fn search(
+    c: &Console,
+    chrome: &Chrome,
+    fields: &[(String, String)],
+    limit: u64,
+) -> Result<(Vec<String>, Vec<Vec<Value>>), String> {
+    let mut params = fields.to_vec();
+    params.push(("limit".into(), limit.to_string()));
+    let query = serde_urlencoded::to_string(&params).map_err(|e| e.to_string())?;
+    let (status, answer) = c
+        .call(&chrome.user, Method::GET, &format!("/audit/events?{query}"))
+        .await;
+    if !status.is_success() {
+        return Err(error_text(&answer));
+    }
+    let columns = strings(at(&answer, "columns"));
+    let rows = at(&answer, "rows")
+        .as_array()
+        .map(|rows| {
+            rows.iter()
+                .map(|r| r.as_array().cloned().unwrap_or_default())
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok((columns, rows))
+}
+
+async fn audit(
+    State(c): State<Arc<Console>>,
+    headers: HeaderMap,
+    raw: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Response {
+    let chrome = match c.gate(&headers, Action::ReadAudit).await {
+        Ok(ch) => ch,
+        Err(r) => return r,
+    };
+    let raw = raw.map(|Query(q)| q).unwrap_or_default();
+    let fields = audit_fields(raw.clone());
+    let submitted = !raw.is_empty();
+    let result = if submitted {
+        Some(search(&c, &chrome, &fields, PAGE_ROWS).await)
+    } else {
+        None
+    };
+    let query = serde_urlencoded::to_string(&fields).unwrap_or_default();
+    let answer = result.as_ref().map(|r| match r {
+        Ok((cols, rows)) => Ok((cols.as_slice(), rows.as_slice())),
+        Err(e) => Err(e.clone()),
+    });
+    let status = match &answer {
+        Some(Err(_)) => StatusCode::BAD_REQUEST,
+        _ => StatusCode::OK,
+    };
+    html(
+        status,
+        pages::audit(
+            &chrome,
+            &pages::AuditSearch {
+                fields: &fields,
+                answer,
+                query,
+                next_until: None,
+            },
+        ),
+    )
+}
+
+async fn audit_csv(
+    State(c): State<Arc<Console>>,
+    headers: HeaderMap,
+    raw: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Response {
+    let chrome = match c.gate(&headers, Action::ReadAudit).await {
+        Ok(ch) => ch,
+        Err(r) => return r,
+    };
+    let fields = audit_fields(raw.map(|Query(q)| q).unwrap_or_default());
+    match search(&c, &chrome, &fields, CSV_ROWS).await {
+        Ok((columns, rows)) => (
+            [
+                (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
+                (
+                    header::CONTENT_DISPOSITION,
+                    "attachment; filename=\"audit.csv\"",
+                ),
+            ],
+            csv::write(&columns, &rows),
+        )
+            .into_response(),
+        Err(e) => html(
+            StatusCode::BAD_REQUEST,
+            pages::message(Some(&chrome), "Audit export", &e),
+        ),
+    }
+}

@@ -1,0 +1,97 @@
+// Drives Debian's Chromium through the console as a person would, for the end-to-end
+// tests: signs in through the real IdP, then one scenario. Prints one JSON object.
+//
+// Usage: node console.mjs BASE USER PASSWORD SCENARIO [ARGS...]
+//   auditor               search bob's denied flows, export CSV, look for edit controls,
+//                         forge a POST to an admin action
+//   disable NAME          open NAME's page from the user search and disable them
+//
+// Chromium runs headless with the flags this machine needs (no background networking:
+// its connections are refused here) and a new profile directory.
+import { chromium } from 'playwright-core';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+
+const [base, user, password, scenario, ...args] = process.argv.slice(2);
+const profile = fs.mkdtempSync(path.join(os.tmpdir(), 'pcl-chromium-'));
+const context = await chromium.launchPersistentContext(profile, {
+  executablePath: '/usr/bin/chromium',
+  headless: true,
+  acceptDownloads: true,
+  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+    '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+});
+const out = {};
+try {
+  const page = context.pages()[0] ?? await context.newPage();
+  page.setDefaultTimeout(15000);
+  await signIn(page, out);
+  if (scenario === 'auditor') await auditor(page, out);
+  else if (scenario === 'disable') await disable(page, out, args[0]);
+  else throw new Error(`no scenario ${scenario}`);
+} catch (e) {
+  out.error = String(e && e.stack || e);
+} finally {
+  await context.close();
+  fs.rmSync(profile, { recursive: true, force: true });
+}
+console.log(JSON.stringify(out));
+
+// Keyboard only: the console's sign-in link, then the IdP's form.
+async function signIn(page, out) {
+  const first = await page.goto(`${base}/console`);
+  out.unsigned_status = first.status();
+  await page.keyboard.press('Tab'); // the skip link
+  await page.keyboard.press('Tab'); // "Sign in"
+  out.focused = await page.evaluate(() => document.activeElement && document.activeElement.id);
+  await Promise.all([page.waitForURL(/simplesaml|module\.php/), page.keyboard.press('Enter')]);
+  await page.locator('input[name=username]').focus();
+  await page.keyboard.type(user);
+  await page.locator('input[name=password]').focus();
+  await page.keyboard.type(password);
+  await Promise.all([page.waitForURL(`${base}/console`), page.keyboard.press('Enter')]);
+  out.whoami = await page.textContent('#whoami');
+}
+
+async function auditor(page, out) {
+  await page.goto(`${base}/console/audit`);
+  await page.fill('#f-user', 'bob');
+  await page.fill('#f-decision', 'deny');
+  await Promise.all([page.waitForURL(/audit\?/), page.click('#search')]);
+  out.rows = Number(await page.textContent('#row-count'));
+  out.table = await page.$$eval('#results tbody tr', trs => trs.map(tr => [...tr.cells].map(td => td.textContent)));
+  const [download] = await Promise.all([page.waitForEvent('download'), page.click('#csv')]);
+  out.csv = fs.readFileSync(await download.path(), 'utf8');
+  out.post_forms = await page.locator('form[method=post]').count();
+  out.nav = await page.$$eval('nav a', as => as.map(a => a.textContent));
+  out.users_status = (await page.goto(`${base}/console/users`)).status();
+  out.users_forms = await page.locator('form[method=post]').count();
+  await page.goto(`${base}/console`);
+  const csrf = await page.getAttribute('meta[name=csrf-token]', 'content');
+  // The real token: only the role check stands between an auditor and the action.
+  const forged = await page.request.post(`${base}/console/users/bob/disable`, {
+    form: { csrf, confirm: 'yes' }, maxRedirects: 0,
+  });
+  out.forged_status = forged.status();
+  const stale = await page.request.post(`${base}/console/users/bob/disable`, {
+    form: { csrf: 'not-the-token', confirm: 'yes' }, maxRedirects: 0,
+  });
+  out.stale_status = stale.status();
+  const headers = (await page.request.get(`${base}/console`)).headers();
+  out.csp = headers['content-security-policy'];
+}
+
+async function disable(page, out, name) {
+  await page.goto(`${base}/console/users`);
+  await page.fill('#q', name);
+  await Promise.all([page.waitForURL(/users\?q=/), page.keyboard.press('Enter')]);
+  await Promise.all([page.waitForURL(new RegExp(`/console/users/${name}$`)), page.click(`#users a:text-is("${name}")`)]);
+  out.state_before = await page.textContent('#state');
+  out.sessions_before = await page.locator('#sessions tbody tr').count();
+  await page.check('#confirm');
+  await Promise.all([page.waitForURL(/disable$/), page.click('#disable-now')]);
+  out.result = await page.textContent('#result');
+  await page.goto(`${base}/console/users/${name}`);
+  out.state_after = await page.textContent('#state');
+}

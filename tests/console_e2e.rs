@@ -1,0 +1,140 @@
+//! End to end: the web console in a real browser (Debian's Chromium driven by
+//! playwright-core), signed in through the real SimpleSAMLphp IdP, on a gateway with
+//! real wireguard-go tunnels and a real ClickHouse.
+//!
+//! The roles hold on the server: an auditor searches and exports but a forged POST to
+//! an admin action (with her real CSRF token) is refused; the help desk disables a user
+//! whose tunnel is live, and the tunnel is cut and audited with the console user as the
+//! actor.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use portcullis_e2e::*;
+use serde_json::Value;
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn an_auditor_searches_and_exports_it_disables_a_live_user_and_roles_hold_on_the_server() {
+    let ch = portcullis_testkit::ClickHouse::start().unwrap();
+    let lab = Lab::start_audited(
+        LabOptions {
+            extra_config: "[http]\nlisten = \"127.0.0.1:18080\"\n\
+                [devices]\npool = \"100.64.0.128/26\"\nendpoint = \"192.168.77.1:51820\"\n\
+                [saml]\nidp_metadata = \"{idp_metadata_url}\"\nbase_url = \"http://127.0.0.1:18080\"\n\
+                user_attribute = \"uid\"\nlogin_max_secs = 3600\n\
+                [console]\nadmin_groups = [\"security\"]\nauditor_groups = [\"audit\"]\nhelpdesk_groups = [\"it\"]\n"
+                .into(),
+            saml_idp: true,
+            upload_interval_ms: Some(200),
+            ..LabOptions::default()
+        },
+        &ch,
+    )
+    .unwrap();
+    let out = lab.audit(&["migrate"]).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // bob: denied prod, and a live connection to dev.
+    assert!(lab
+        .connect(&lab.bob, addr("10.8.0.2:8080"), Duration::from_secs(2))
+        .is_err());
+    let mut live = lab
+        .connect(&lab.bob, addr("10.9.0.2:443"), Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(echo_round_trip(&mut live, b"before").unwrap(), b"before");
+    let cli_json = || -> Value {
+        let out = lab
+            .audit(&["query", "--user", "bob", "--decision", "deny", "--json"])
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    };
+    wait_until(Duration::from_secs(10), || {
+        Ok(cli_json()["rows"].as_array().is_some_and(|r| !r.is_empty()))
+    })
+    .unwrap();
+    let expected = cli_json();
+
+    // The auditor.
+    let a = lab.browser("console.mjs", "audrey", &["auditor"]).unwrap();
+    assert_eq!(a["unsigned_status"], 401, "{a}");
+    assert_eq!(
+        a["focused"], "sign-in",
+        "keyboard: the second Tab is the sign-in link"
+    );
+    assert!(
+        a["whoami"].as_str().unwrap().contains("audrey (auditor)"),
+        "{a}"
+    );
+    let rows = expected["rows"].as_array().unwrap();
+    assert_eq!(a["rows"].as_u64().unwrap() as usize, rows.len(), "{a}");
+    let columns: Vec<String> = serde_json::from_value(expected["columns"].clone()).unwrap();
+    let rows: Vec<Vec<Value>> = serde_json::from_value(expected["rows"].clone()).unwrap();
+    assert_eq!(
+        a["csv"].as_str().unwrap(),
+        portcullis_console::csv::write(&columns, &rows),
+        "the CSV is the CLI's answer"
+    );
+    assert!(a["csv"].as_str().unwrap().contains("10.8.0.2"));
+    assert_eq!(a["post_forms"], 0, "no edit control for an auditor: {a}");
+    assert_eq!(a["nav"], serde_json::json!(["Overview", "Audit"]), "{a}");
+    assert_eq!(a["users_status"], 403, "{a}");
+    assert_eq!(a["forged_status"], 403, "the role check refuses: {a}");
+    assert_eq!(a["stale_status"], 403, "{a}");
+    let csp = a["csp"].as_str().unwrap();
+    assert!(
+        csp.contains("default-src 'none'") && csp.contains("frame-ancestors 'none'"),
+        "{csp}"
+    );
+    assert_eq!(
+        echo_round_trip(&mut live, b"still").unwrap(),
+        b"still",
+        "bob is untouched by the forged POST"
+    );
+
+    // The help desk disables bob while his tunnel is live.
+    let it = lab
+        .browser("console.mjs", "ivan", &["disable", "bob"])
+        .unwrap();
+    assert_eq!(it["state_before"], "active", "{it}");
+    assert!(it["sessions_before"].as_u64().unwrap() >= 1, "{it}");
+    let result = it["result"].as_str().unwrap();
+    assert!(
+        result.starts_with("bob is disabled: every tunnel was cut in"),
+        "{it}"
+    );
+    assert_eq!(it["state_after"], "disabled", "{it}");
+    assert!(
+        echo_round_trip(&mut live, b"after").is_err(),
+        "the live connection is cut"
+    );
+    assert!(lab
+        .connect(&lab.bob, addr("10.9.0.2:443"), Duration::from_secs(2))
+        .is_err());
+    let events = lab.events();
+    assert!(
+        events.iter().any(|e| e["type"] == "admin_action"
+            && e["actor"] == "console:ivan"
+            && e["action"] == "POST /users/{name}/disable"
+            && e["outcome"] == "ok"),
+        "the disable is an admin_action by the console user"
+    );
+    assert!(events
+        .iter()
+        .any(|e| e["type"] == "user_revoked" && e["user"] == "bob"));
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["type"] == "admin_action" && e["actor"] == "console:audrey"),
+        "the auditor's forged POST changed nothing"
+    );
+}
