@@ -22,6 +22,7 @@ pub mod approval;
 mod compile;
 mod diagnostics;
 mod engine;
+pub mod explain;
 pub mod grants;
 pub mod limits;
 mod networks;

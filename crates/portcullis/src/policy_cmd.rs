@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use clap::Subcommand;
-use portcullis_model::{FlowRequest, Principal};
+use portcullis_model::Principal;
 use portcullis_policy::synth::{Company, Shape};
 use portcullis_policy::testing::{load_cases, parse_destination, run_case};
 use portcullis_policy::{Engine, PolicyBundle};
@@ -243,55 +243,52 @@ fn explain(dir: &Path, asked: Asked, json: bool) -> anyhow::Result<ExitCode> {
         groups: groups.into_iter().filter(|g| !g.is_empty()).collect(),
         tags: tags.into_iter().filter(|t| !t.is_empty()).collect(),
     };
-    let mut engine = Engine::new(bundle.clone(), vec![principal.clone()])
-        .context("building the request entities")?;
     let granted = match &config {
         Some(config) => approved_requests(config, &user)?,
         None => Vec::new(),
     };
-    engine.set_grants(portcullis_policy::grants::Grants::new(
-        granted
-            .iter()
-            .filter_map(portcullis_access::AccessRequest::grant),
-    ));
-    let at = at.unwrap_or_else(Utc::now);
-    let request = |mfa: bool, auth_age: Option<u32>| FlowRequest {
-        src_ip: std::net::IpAddr::from([100, 64, 0, 2]),
-        dst_ip: dst.ip,
-        dst_port: dst.port,
-        protocol: dst.protocol,
-        device: "explain".into(),
+    let question = portcullis_policy::explain::Question {
+        principal: principal.clone(),
+        dst,
+        at: at.unwrap_or_else(Utc::now),
         mfa,
-        authenticated_at: portcullis_policy::testing::signed_on_at(at, auth_age),
-    };
-    // The fast path: identical to plain Cedar over the policies with each grant as the
-    // permit it means (the differential tests hold them equal).
-    let d = (*engine.decide(&user, &request(mfa, auth_age), at)).clone();
-    let without_grants = engine.decide_plain(&user, &request(mfa, auth_age), at);
-    // What the answer depends on: the same request over a grid of sign-ons (with and
-    // without a second factor; just now, as asked, never). The second factor matters if
-    // flipping it changes the answer at some age; the age, if changing it does for
-    // either value of the factor.
-    let ages = [Some(0), auth_age, None];
-    let grid: Vec<[bool; 3]> = [false, true]
-        .iter()
-        .map(|m| ages.map(|a| engine.decide(&user, &request(*m, a), at).allowed))
-        .collect();
-    let mut depends_on: Vec<&str> = Vec::new();
-    if let [without, with] = grid.as_slice() {
-        if without != with {
-            depends_on.push("mfa");
-        }
-        if [without, with]
+        auth_age,
+        grants: granted
             .iter()
-            .any(|row| row.iter().any(|x| Some(x) != row.first()))
-        {
-            depends_on.push("auth_age_secs");
-        }
+            .filter_map(portcullis_access::AccessRequest::grant)
+            .collect(),
+    };
+    let answer = portcullis_policy::explain::explain(bundle.clone(), &question, &|id| {
+        granted.iter().find(|r| r.id == id).map(|r| {
+            json!({
+                "id": id, "effect": "permit", "temporary_grant": true,
+                "approved_by": r.decided_by, "ends_at": r.ends_at, "reason": r.reason,
+            })
+        })
+    })
+    .context("building the request entities")?;
+    if json {
+        println!("{answer}");
+        return Ok(ExitCode::SUCCESS);
     }
-    if without_grants.allowed != d.allowed {
-        depends_on.push("temporary_grant");
-    }
+    let at = question.at;
+    let allowed = answer["decision"] == "allow";
+    let reason = answer["reason"].as_str().unwrap_or_default();
+    let policies = answer["policies"].as_array().cloned().unwrap_or_default();
+    let depends_on: Vec<&str> = answer["depends_on"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    let ancestors: Vec<&str> = answer["ancestors"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    let network = answer["network"].as_str().unwrap_or_default();
+    let errors: Vec<&str> = answer["errors"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    let dst_text = portcullis_policy::explain::destination_text(&dst);
     let sign_on = match auth_age {
         Some(a) => format!(
             "signed on {a} s ago, {} second factor",
@@ -299,51 +296,9 @@ fn explain(dir: &Path, asked: Asked, json: bool) -> anyhow::Result<ExitCode> {
         ),
         None => "never signed on (a static peer)".to_string(),
     };
-    let ancestors: Vec<String> = bundle
-        .networks()
-        .ancestors(&d.network)
-        .map(str::to_string)
-        .collect();
-    let policies: Vec<serde_json::Value> = d
-        .policy_ids
-        .iter()
-        .map(|id| match (bundle.policy(id), granted.iter().find(|r| r.id == *id)) {
-            (Some(p), _) => json!({"id": id, "effect": p.effect, "file": p.file.display().to_string(), "line": p.line, "col": p.col}),
-            (None, Some(r)) => json!({
-                "id": id, "effect": "permit", "temporary_grant": true,
-                "approved_by": r.decided_by, "ends_at": r.ends_at, "reason": r.reason,
-            }),
-            (None, None) => json!({"id": id}),
-        })
-        .collect();
-    let reason = match (d.allowed, d.policy_ids.is_empty()) {
-        (true, _) => "permitted",
-        (false, true) => "no permit matched",
-        (false, false) => "forbidden",
-    };
-    let dst_text = match dst.port {
-        0 => format!("{}/{}", dst.ip, dst.protocol),
-        p if dst.ip.is_ipv6() => format!("[{}]:{p}/{}", dst.ip, dst.protocol),
-        p => format!("{}:{p}/{}", dst.ip, dst.protocol),
-    };
-    if json {
-        println!(
-            "{}",
-            json!({
-                "decision": if d.allowed { "allow" } else { "deny" },
-                "user": principal.name, "groups": principal.groups, "tags": principal.tags,
-                "destination": dst_text, "at": at.to_rfc3339(),
-                "network": d.network, "ancestors": ancestors,
-                "mfa": mfa, "auth_age_secs": auth_age,
-                "reason": reason, "policies": policies, "errors": d.errors,
-                "depends_on": depends_on,
-            })
-        );
-        return Ok(ExitCode::SUCCESS);
-    }
     println!(
         "{}  {} → {} at {}",
-        if d.allowed { "ALLOW" } else { "DENY" },
+        if allowed { "ALLOW" } else { "DENY" },
         principal.name,
         dst_text,
         at.to_rfc3339()
@@ -358,7 +313,7 @@ fn explain(dir: &Path, asked: Asked, json: bool) -> anyhow::Result<ExitCode> {
     } else {
         format!(" (inside {})", ancestors.join(" ⊂ "))
     };
-    println!("  network:  {}{inside}", d.network);
+    println!("  network:  {network}{inside}");
     println!("  sign-on:  {sign_on}");
     if !depends_on.is_empty() {
         let what: Vec<&str> = depends_on
@@ -399,7 +354,7 @@ fn explain(dir: &Path, asked: Asked, json: bool) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    for e in &d.errors {
+    for e in &errors {
         println!("  error:    {e} (the policy was skipped, as Cedar does)");
     }
     Ok(ExitCode::SUCCESS)
