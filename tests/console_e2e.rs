@@ -65,7 +65,10 @@ fn an_auditor_searches_and_exports_it_disables_a_live_user_and_roles_hold_on_the
     let expected = cli_json();
 
     // The auditor.
-    let a = lab.browser("console.mjs", "audrey", &["auditor"]).unwrap();
+    let at = "2026-12-01T10:00:00Z";
+    let a = lab
+        .browser("console.mjs", "audrey", &["auditor", at])
+        .unwrap();
     assert_eq!(a["unsigned_status"], 401, "{a}");
     assert_eq!(
         a["focused"], "sign-in",
@@ -86,7 +89,11 @@ fn an_auditor_searches_and_exports_it_disables_a_live_user_and_roles_hold_on_the
     );
     assert!(a["csv"].as_str().unwrap().contains("10.8.0.2"));
     assert_eq!(a["post_forms"], 0, "no edit control for an auditor: {a}");
-    assert_eq!(a["nav"], serde_json::json!(["Overview", "Audit"]), "{a}");
+    assert_eq!(
+        a["nav"],
+        serde_json::json!(["Overview", "Audit", "Explain"]),
+        "{a}"
+    );
     assert_eq!(a["users_status"], 403, "{a}");
     assert_eq!(a["forged_status"], 403, "the role check refuses: {a}");
     assert_eq!(a["stale_status"], 403, "{a}");
@@ -95,6 +102,67 @@ fn an_auditor_searches_and_exports_it_disables_a_live_user_and_roles_hold_on_the
         csp.contains("default-src 'none'") && csp.contains("frame-ancestors 'none'"),
         "{csp}"
     );
+    // Explain answers as `portcullis policy explain` does for the same inputs.
+    // (Without --config: the same inputs, no admin API to read grants from.)
+    let out = std::process::Command::new(portcullis_bin().unwrap())
+        .args(["policy", "explain", "--dir"])
+        .arg(lab.policy_dir())
+        .args([
+            "--user",
+            "alice",
+            "--groups",
+            "sre",
+            "--tags",
+            "oncall",
+            "--dst",
+            "10.8.100.5:22/tcp",
+            "--at",
+            at,
+            "--auth-age",
+            "60",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cli: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let e = &a["explain"];
+    assert_eq!(e["decision"], cli["decision"], "{e} vs {cli}");
+    assert_eq!(e["reason"], cli["reason"]);
+    assert!(e["network"]
+        .as_str()
+        .unwrap()
+        .starts_with(cli["network"].as_str().unwrap()));
+    assert_eq!(
+        e["depends_on"].as_str().unwrap(),
+        cli["depends_on"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_str().unwrap())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let cli_policies = cli["policies"].as_array().unwrap();
+    assert!(!cli_policies.is_empty());
+    assert_eq!(e["policies"].as_array().unwrap().len(), cli_policies.len());
+    for (shown, p) in e["policies"].as_array().unwrap().iter().zip(cli_policies) {
+        let file = std::path::Path::new(p["file"].as_str().unwrap())
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .to_string();
+        let shown = shown.as_str().unwrap();
+        assert!(
+            shown.starts_with(p["id"].as_str().unwrap())
+                && shown.contains(&format!("{file}:{}", p["line"])),
+            "{shown} vs {p}"
+        );
+    }
     assert_eq!(
         echo_round_trip(&mut live, b"still").unwrap(),
         b"still",

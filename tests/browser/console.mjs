@@ -2,8 +2,8 @@
 // tests: signs in through the real IdP, then one scenario. Prints one JSON object.
 //
 // Usage: node console.mjs BASE USER PASSWORD SCENARIO [ARGS...]
-//   auditor               search bob's denied flows, export CSV, look for edit controls,
-//                         forge a POST to an admin action
+//   auditor AT            search bob's denied flows, export CSV, look for edit controls,
+//                         forge a POST to an admin action; explain alice → prod-admin at AT
 //   disable NAME          open NAME's page from the user search and disable them
 //
 // Chromium runs headless with the flags this machine needs (no background networking:
@@ -27,7 +27,7 @@ try {
   const page = context.pages()[0] ?? await context.newPage();
   page.setDefaultTimeout(15000);
   await signIn(page, out);
-  if (scenario === 'auditor') await auditor(page, out);
+  if (scenario === 'auditor') await auditor(page, out, args[0]);
   else if (scenario === 'disable') await disable(page, out, args[0]);
   else throw new Error(`no scenario ${scenario}`);
 } catch (e) {
@@ -54,7 +54,7 @@ async function signIn(page, out) {
   out.whoami = await page.textContent('#whoami');
 }
 
-async function auditor(page, out) {
+async function auditor(page, out, at) {
   await page.goto(`${base}/console/audit`);
   await page.fill('#f-user', 'bob');
   await page.fill('#f-decision', 'deny');
@@ -80,6 +80,22 @@ async function auditor(page, out) {
   out.stale_status = stale.status();
   const headers = (await page.request.get(`${base}/console`)).headers();
   out.csp = headers['content-security-policy'];
+
+  await page.goto(`${base}/console`);
+  await Promise.all([page.waitForURL(/explain$/), page.click('nav a:text-is("Explain")')]);
+  await page.fill('#x-user', 'alice');
+  await page.fill('#x-dst', '10.8.100.5:22/tcp');
+  await page.fill('#x-at', at);
+  await page.fill('#x-auth-age', '60');
+  await Promise.all([page.waitForURL(/explain\?/), page.click('#explain')]);
+  out.explain = {
+    decision: await page.textContent('#decision'),
+    reason: await page.textContent('#reason'),
+    network: await page.textContent('#network'),
+    depends_on: await page.textContent('#depends-on'),
+    policies: await page.$$eval('#policies li', lis => lis.map(li => li.textContent)),
+    links: await page.$$eval('#policies li a', as => as.map(a => a.getAttribute('href'))),
+  };
 }
 
 async function disable(page, out, name) {

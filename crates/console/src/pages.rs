@@ -35,6 +35,7 @@ fn nav(c: &Chrome) -> Markup {
         ("/console", "Overview", Action::ReadOverview),
         ("/console/users", "Users", Action::ReadUsers),
         ("/console/audit", "Audit", Action::ReadAudit),
+        ("/console/explain", "Explain", Action::Explain),
     ];
     html! {
         nav aria-label="console" {
@@ -220,6 +221,95 @@ fn strip_until(query: &str) -> String {
         .filter(|p| !p.starts_with("until="))
         .collect::<Vec<_>>()
         .join("&")
+}
+
+/// The explain form as filled in: `(user, destination, at, mfa, auth_age)`.
+#[derive(Clone, Debug, Default)]
+pub struct ExplainForm {
+    pub user: String,
+    pub dst: String,
+    pub at: String,
+    pub mfa: bool,
+    pub auth_age: String,
+}
+
+/// The explain page: the form, and the answer (`portcullis_policy::explain`'s JSON) or
+/// why there is none.
+pub fn explain(c: &Chrome, f: &ExplainForm, answer: Option<Result<&Value, String>>) -> String {
+    let text = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_string);
+    let list = |v: &Value| {
+        v.as_array()
+            .map(|a| a.iter().map(text).collect::<Vec<_>>().join(", "))
+            .unwrap_or_default()
+    };
+    layout(
+        Some(c),
+        "Explain",
+        html! {
+            form method="get" action="/console/explain" {
+                fieldset {
+                    legend { "Why is a flow allowed or denied?" }
+                    label for="x-user" { "User" }
+                    input type="text" id="x-user" name="user" value=(f.user) required;
+                    label for="x-dst" { "Destination (ip:port/proto)" }
+                    input type="text" id="x-dst" name="dst" value=(f.dst) required;
+                    label for="x-at" { "At (RFC 3339, empty: now)" }
+                    input type="text" id="x-at" name="at" value=(f.at);
+                    label for="x-auth-age" { "Seconds since sign-on (empty: never)" }
+                    input type="text" id="x-auth-age" name="auth_age" value=(f.auth_age);
+                    input type="checkbox" id="x-mfa" name="mfa" value="yes" checked[f.mfa];
+                    label for="x-mfa" { "With a second factor" }
+                    button type="submit" id="explain" { "Explain" }
+                }
+            }
+            @match answer {
+                None => {}
+                Some(Err(e)) => { p class="error" role="alert" id="explain-error" { (e) } }
+                Some(Ok(a)) => {
+                    dl id="answer" {
+                        dt { "Decision" } dd id="decision" { (text(&a["decision"])) }
+                        dt { "Reason" } dd id="reason" { (text(&a["reason"])) }
+                        dt { "User" } dd { (text(&a["user"])) " (groups " (list(&a["groups"])) ")" }
+                        dt { "Destination" } dd id="destination" { (text(&a["destination"])) }
+                        dt { "Network" } dd id="network" {
+                            (text(&a["network"]))
+                            @if a["ancestors"].as_array().is_some_and(|x| !x.is_empty()) {
+                                " (inside " (list(&a["ancestors"])) ")"
+                            }
+                        }
+                        dt { "Depends on" } dd id="depends-on" { (list(&a["depends_on"])) }
+                    }
+                    h2 { "Deciding policies" }
+                    ul id="policies" {
+                        @for p in a["policies"].as_array().map(Vec::as_slice).unwrap_or_default() {
+                            li {
+                                @if p["temporary_grant"] == true {
+                                    (text(&p["id"])) " — temporary grant approved by " (text(&p["approved_by"])) " until " (text(&p["ends_at"]))
+                                } @else {
+                                    a href=(format!("/console/policies#{}", anchor(&text(&p["file"]), p["line"].as_u64().unwrap_or(0)))) {
+                                        (text(&p["id"]))
+                                    }
+                                    " (" (text(&p["effect"])) ", " (text(&p["file"])) ":" (text(&p["line"])) ")"
+                                }
+                            }
+                        }
+                    }
+                    @for e in a["errors"].as_array().map(Vec::as_slice).unwrap_or_default() {
+                        p class="error" { (text(e)) " (the policy was skipped, as Cedar does)" }
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// The id of a policy file's line on the policies page.
+pub fn anchor(file: &str, line: u64) -> String {
+    let base = std::path::Path::new(file)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!("{}-L{line}", percent(&base))
 }
 
 /// One line of the user list.

@@ -50,6 +50,8 @@ pub(crate) struct Console {
     /// The admin API's routes without their authentication.
     api: Router,
     groups: RoleGroups,
+    /// To the packet loop: the running policy set (explain).
+    commands: tokio::sync::mpsc::Sender<portcullis_control::Command>,
     idle: Duration,
     /// Session key → last request.
     seen: Mutex<HashMap<[u8; 32], Instant>>,
@@ -60,10 +62,12 @@ impl Console {
         c: &portcullis_config::ConsoleConfig,
         sso: Arc<Sso>,
         api: Router,
+        commands: tokio::sync::mpsc::Sender<portcullis_control::Command>,
     ) -> Arc<Console> {
         Arc::new(Console {
             sso,
             api,
+            commands,
             groups: RoleGroups {
                 admin: c.admin_groups.clone(),
                 auditor: c.auditor_groups.clone(),
@@ -215,6 +219,7 @@ pub(crate) fn routes(console: Arc<Console>) -> Router {
         .route("/console/sessions/{id}/kill", post(kill))
         .route("/console/audit", get(audit))
         .route("/console/audit.csv", get(audit_csv))
+        .route("/console/explain", get(explain))
         .layer(axum::middleware::from_fn(security_headers))
         .with_state(console)
 }
@@ -599,4 +604,134 @@ async fn audit_csv(
             pages::message(Some(&chrome), "Audit export", &e),
         ),
     }
+}
+
+#[derive(Deserialize, Default)]
+struct ExplainQuery {
+    #[serde(default)]
+    user: String,
+    #[serde(default)]
+    dst: String,
+    #[serde(default)]
+    at: String,
+    #[serde(default)]
+    mfa: Option<String>,
+    #[serde(default)]
+    auth_age: String,
+}
+
+/// The question of the explain form, with the user's groups, tags and temporary grants
+/// as the gateway holds them now; or why it cannot be asked.
+async fn explain_question(
+    c: &Console,
+    chrome: &Chrome,
+    q: &ExplainQuery,
+) -> Result<
+    (
+        portcullis_policy::explain::Question,
+        Vec<portcullis_access::AccessRequest>,
+    ),
+    String,
+> {
+    let dst = portcullis_policy::testing::parse_destination(q.dst.trim())
+        .map_err(|e| format!("destination {:?}: {e}", q.dst))?;
+    let when = match q.at.trim() {
+        "" => chrono::Utc::now(),
+        t => chrono::DateTime::parse_from_rfc3339(t)
+            .map_err(|e| format!("at {t:?}: {e}"))?
+            .to_utc(),
+    };
+    let auth_age = match q.auth_age.trim() {
+        "" => None,
+        t => Some(
+            t.parse::<u32>()
+                .map_err(|e| format!("seconds since sign-on {t:?}: {e}"))?,
+        ),
+    };
+    let (_, users) = c.call(&chrome.user, Method::GET, "/users").await;
+    let user = q.user.trim();
+    let found = users
+        .as_array()
+        .and_then(|a| a.iter().find(|u| at(u, "name") == user))
+        .ok_or_else(|| format!("no user {user:?}"))?;
+    let query = serde_urlencoded::to_string([("user", user), ("state", "approved")])
+        .map_err(|e| e.to_string())?;
+    let (_, requests) = c
+        .call(
+            &chrome.user,
+            Method::GET,
+            &format!("/access-requests?{query}"),
+        )
+        .await;
+    let granted: Vec<portcullis_access::AccessRequest> =
+        serde_json::from_value(at(&requests, "requests").clone()).unwrap_or_default();
+    let principal = portcullis_model::Principal {
+        // As `portcullis policy explain` names it.
+        email: format!("{user}@example.com"),
+        name: user.to_string(),
+        groups: strings(at(found, "groups")),
+        tags: strings(at(found, "tags")),
+    };
+    Ok((
+        portcullis_policy::explain::Question {
+            principal,
+            dst,
+            at: when,
+            mfa: q.mfa.as_deref() == Some("yes"),
+            auth_age,
+            grants: granted
+                .iter()
+                .filter_map(portcullis_access::AccessRequest::grant)
+                .collect(),
+        },
+        granted,
+    ))
+}
+
+async fn explain(
+    State(c): State<Arc<Console>>,
+    headers: HeaderMap,
+    q: Result<Query<ExplainQuery>, QueryRejection>,
+) -> Response {
+    let chrome = match c.gate(&headers, Action::Explain).await {
+        Ok(ch) => ch,
+        Err(r) => return r,
+    };
+    let q = q.map(|Query(q)| q).unwrap_or_default();
+    let form = pages::ExplainForm {
+        user: q.user.clone(),
+        dst: q.dst.clone(),
+        at: q.at.clone(),
+        mfa: q.mfa.as_deref() == Some("yes"),
+        auth_age: q.auth_age.clone(),
+    };
+    if q.user.trim().is_empty() && q.dst.trim().is_empty() {
+        return html(StatusCode::OK, pages::explain(&chrome, &form, None));
+    }
+    let answer = match explain_question(&c, &chrome, &q).await {
+        Err(e) => Err(e),
+        Ok((question, granted)) => {
+            match portcullis_control::ask(&c.commands, portcullis_control::Command::Policy).await {
+                Err(e) => Err(e.to_string()),
+                Ok(bundle) => portcullis_policy::explain::explain(bundle, &question, &|id| {
+                    granted.iter().find(|r| r.id == id).map(|r| {
+                        serde_json::json!({
+                            "id": id, "effect": "permit", "temporary_grant": true,
+                            "approved_by": r.decided_by, "ends_at": r.ends_at, "reason": r.reason,
+                        })
+                    })
+                })
+                .map_err(|e| e.to_string()),
+            }
+        }
+    };
+    let status = if answer.is_ok() {
+        StatusCode::OK
+    } else {
+        StatusCode::BAD_REQUEST
+    };
+    html(
+        status,
+        pages::explain(&chrome, &form, Some(answer.as_ref().map_err(Clone::clone))),
+    )
 }

@@ -503,6 +503,7 @@ async fn routes(
                     cc,
                     sso,
                     routers.console,
+                    commands.clone(),
                 )));
             }
             (Some(_), None) => {

@@ -221,6 +221,8 @@ fn approved_requests(
     serde_json::from_value(list).context("reading the gateway's access requests")
 }
 
+// serde_json's `value["key"]` answers null for a missing key; it never panics.
+#[allow(clippy::indexing_slicing)]
 fn explain(dir: &Path, asked: Asked, json: bool) -> anyhow::Result<ExitCode> {
     let Asked {
         user,
