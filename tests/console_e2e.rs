@@ -3,9 +3,10 @@
 //! real wireguard-go tunnels and a real ClickHouse.
 //!
 //! The roles hold on the server: an auditor searches and exports but a forged POST to
-//! an admin action (with her real CSRF token) is refused; the help desk disables a user
-//! whose tunnel is live, and the tunnel is cut and audited with the console user as the
-//! actor.
+//! an admin action (with her real CSRF token) is refused; a security admin edits a
+//! policy (errors in place, tests, diff, apply; a stale editor refused); the help desk
+//! disables a user whose tunnel is live; every change is audited with the console user
+//! as the actor.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -20,7 +21,7 @@ fn addr(s: &str) -> SocketAddr {
 }
 
 #[test]
-fn an_auditor_searches_and_exports_it_disables_a_live_user_and_roles_hold_on_the_server() {
+fn auditors_search_admins_edit_policies_it_disables_users_and_roles_hold_on_the_server() {
     let ch = portcullis_testkit::ClickHouse::start().unwrap();
     let lab = Lab::start_audited(
         LabOptions {
@@ -91,10 +92,16 @@ fn an_auditor_searches_and_exports_it_disables_a_live_user_and_roles_hold_on_the
     assert_eq!(a["post_forms"], 0, "no edit control for an auditor: {a}");
     assert_eq!(
         a["nav"],
-        serde_json::json!(["Overview", "Audit", "Explain"]),
+        serde_json::json!(["Overview", "Audit", "Policies", "Explain"]),
         "{a}"
     );
     assert_eq!(a["users_status"], 403, "{a}");
+    assert!(
+        a["policy_files"].as_u64().unwrap() >= 3,
+        "auditors read the policies: {a}"
+    );
+    assert_eq!(a["policy_edit_links"], 0, "{a}");
+    assert_eq!(a["editor_status"], 403, "{a}");
     assert_eq!(a["forged_status"], 403, "the role check refuses: {a}");
     assert_eq!(a["stale_status"], 403, "{a}");
     let csp = a["csp"].as_str().unwrap();
@@ -169,36 +176,131 @@ fn an_auditor_searches_and_exports_it_disables_a_live_user_and_roles_hold_on_the
         "bob is untouched by the forged POST"
     );
 
-    // The help desk disables bob while his tunnel is live.
+    // A security admin edits a policy: an error shows at its line, the fixed set runs
+    // the policy tests and shows its diff, applying it cuts bob's live flow it denies,
+    // and a second editor holding the old version is refused.
+    // The policy repository's tests come with the set, as in a deployment.
+    let tests_dir = lab.policy_dir().join("tests");
+    std::fs::create_dir_all(&tests_dir).unwrap();
+    for f in std::fs::read_dir(repo_root().join("policies/tests")).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), tests_dir.join(f.file_name())).unwrap();
+    }
+    let path = lab.policy_dir().join("access.cedar");
+    let original = std::fs::read_to_string(&path).unwrap();
+    let good = original.replace("[22, 443, 5432]", "[5432]");
+    assert_ne!(good, original);
+    let bad = good.replace(
+        "context.protocol == \"tcp\" &&",
+        "context.protocol == == \"tcp\" &&",
+    );
+    let bad_line = bad.lines().position(|l| l.contains("== ==")).unwrap() + 1;
+    let p = lab
+        .browser(
+            "console.mjs",
+            "sam",
+            &["policy", "access.cedar", &bad, &good],
+        )
+        .unwrap();
+    assert!(p["running"].as_u64().unwrap() > 0, "{p}");
+    let problems = p["problems"].as_array().unwrap();
+    assert!(
+        problems.iter().any(|x| x
+            .as_str()
+            .unwrap()
+            .contains(&format!("access.cedar:{bad_line}:"))),
+        "the error at its line: {p}"
+    );
+    assert_eq!(
+        p["bad_lines"],
+        serde_json::json!([format!("access.cedar-L{bad_line}")]),
+        "marked in place: {p}"
+    );
+    assert_eq!(p["check_note"], "Valid.", "{p}");
+    assert_eq!(p["diff_removed"].as_array().unwrap().len(), 1, "{p}");
+    assert!(p["diff_removed"][0]
+        .as_str()
+        .unwrap()
+        .contains("[22, 443, 5432]"));
+    assert!(p["diff_added"][0].as_str().unwrap().contains("[5432]"));
+    let tests: Vec<&str> = p["tests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert!(tests.iter().any(|t| t.ends_with(": pass")), "{tests:?}");
+    assert!(
+        tests.iter().any(|t| t.contains("FAIL")),
+        "the repository's tests ran against the edited set (one expects developers on ssh): {tests:?}"
+    );
+    assert!(
+        p["apply_note"]
+            .as_str()
+            .unwrap()
+            .starts_with("Applied: version"),
+        "{p}"
+    );
+    assert!(
+        p["stale_note"]
+            .as_str()
+            .unwrap()
+            .contains("changed since you opened the editor"),
+        "{p}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        good,
+        "the first editor's set is on disk"
+    );
+    assert!(
+        echo_round_trip(&mut live, b"cut").is_err(),
+        "bob's live flow to dev:443 is cut by the new set"
+    );
+
+    // The help desk disables alice while her tunnel is live.
+    let mut alice_live = lab
+        .connect(&lab.alice, addr("10.8.0.2:8080"), Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(echo_round_trip(&mut alice_live, b"up").unwrap(), b"up");
     let it = lab
-        .browser("console.mjs", "ivan", &["disable", "bob"])
+        .browser("console.mjs", "ivan", &["disable", "alice"])
         .unwrap();
     assert_eq!(it["state_before"], "active", "{it}");
     assert!(it["sessions_before"].as_u64().unwrap() >= 1, "{it}");
     let result = it["result"].as_str().unwrap();
     assert!(
-        result.starts_with("bob is disabled: every tunnel was cut in"),
+        result.starts_with("alice is disabled: every tunnel was cut in"),
         "{it}"
     );
     assert_eq!(it["state_after"], "disabled", "{it}");
     assert!(
-        echo_round_trip(&mut live, b"after").is_err(),
+        echo_round_trip(&mut alice_live, b"after").is_err(),
         "the live connection is cut"
     );
     assert!(lab
-        .connect(&lab.bob, addr("10.9.0.2:443"), Duration::from_secs(2))
+        .connect(&lab.alice, addr("10.8.0.2:8080"), Duration::from_secs(2))
         .is_err());
     let events = lab.events();
+    let by = |actor: &str, action: &str| {
+        events.iter().any(|e| {
+            e["type"] == "admin_action"
+                && e["actor"] == actor
+                && e["action"] == action
+                && e["outcome"] == "ok"
+        })
+    };
+    assert!(by("console:ivan", "POST /users/{name}/disable"));
+    assert!(by("console:sam", "PUT /policies"));
     assert!(
         events.iter().any(|e| e["type"] == "admin_action"
-            && e["actor"] == "console:ivan"
-            && e["action"] == "POST /users/{name}/disable"
-            && e["outcome"] == "ok"),
-        "the disable is an admin_action by the console user"
+            && e["actor"] == "console:sam"
+            && e["outcome"].as_str().unwrap_or("").starts_with("412")),
+        "the stale apply is recorded as refused"
     );
     assert!(events
         .iter()
-        .any(|e| e["type"] == "user_revoked" && e["user"] == "bob"));
+        .any(|e| e["type"] == "user_revoked" && e["user"] == "alice"));
     assert!(
         !events
             .iter()

@@ -194,7 +194,7 @@ pub struct LabOptions {
     pub slapd_tls: bool,
     /// Start a SimpleSAMLphp IdP in the gateway's namespace that trusts the SP at
     /// `http://127.0.0.1:18080` and knows alice (group sre), bob (developers), carol
-    /// (sre, her sign-ons with a second factor), audrey (audit) and ivan (it),
+    /// (sre, her sign-ons with a second factor), audrey (audit), ivan (it) and sam (security),
     /// password `<name>-password`; its metadata is `idp-metadata.xml` in the lab dir, and
     /// `{idp_metadata_url}` in `extra_config` becomes its metadata URL.
     pub saml_idp: bool,
@@ -293,6 +293,7 @@ impl Lab {
                     // The console's auditor and help desk.
                     ("audrey", "audit", None),
                     ("ivan", "it", None),
+                    ("sam", "security", None),
                 ]
                 .map(|(name, group, acr)| portcullis_testkit::IdpUser {
                     name: name.into(),

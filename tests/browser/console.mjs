@@ -5,6 +5,9 @@
 //   auditor AT            search bob's denied flows, export CSV, look for edit controls,
 //                         forge a POST to an admin action; explain alice → prod-admin at AT
 //   disable NAME          open NAME's page from the user search and disable them
+//   policy FILE BAD GOOD  edit FILE: BAD shows its errors in place, GOOD its tests and
+//                         diff, then apply; a second editor opened before then applies
+//                         over the stale version
 //
 // Chromium runs headless with the flags this machine needs (no background networking:
 // its connections are refused here) and a new profile directory.
@@ -29,6 +32,7 @@ try {
   await signIn(page, out);
   if (scenario === 'auditor') await auditor(page, out, args[0]);
   else if (scenario === 'disable') await disable(page, out, args[0]);
+  else if (scenario === 'policy') await policy(page, out, ...args);
   else throw new Error(`no scenario ${scenario}`);
 } catch (e) {
   out.error = String(e && e.stack || e);
@@ -67,6 +71,10 @@ async function auditor(page, out, at) {
   out.nav = await page.$$eval('nav a', as => as.map(a => a.textContent));
   out.users_status = (await page.goto(`${base}/console/users`)).status();
   out.users_forms = await page.locator('form[method=post]').count();
+  await page.goto(`${base}/console/policies`);
+  out.policy_files = await page.locator('main h2[id^=file-]').count();
+  out.policy_edit_links = await page.locator('a[href*="/console/policies/edit"]').count();
+  out.editor_status = (await page.goto(`${base}/console/policies/edit?file=access.cedar`)).status();
   await page.goto(`${base}/console`);
   const csrf = await page.getAttribute('meta[name=csrf-token]', 'content');
   // The real token: only the role check stands between an auditor and the action.
@@ -110,4 +118,29 @@ async function disable(page, out, name) {
   out.result = await page.textContent('#result');
   await page.goto(`${base}/console/users/${name}`);
   out.state_after = await page.textContent('#state');
+}
+
+async function policy(page, out, file, bad, good) {
+  await page.goto(`${base}/console/policies`);
+  out.running = await page.locator('#running tbody tr').count();
+  await Promise.all([page.waitForURL(/edit\?file=/), page.click(`a:text-is("Edit ${file}")`)]);
+  out.version_before = await page.inputValue('input[name=version]');
+  // A second editor opens the same file now, and applies later.
+  const other = await page.context().newPage();
+  await other.goto(page.url());
+  await page.fill('#text', bad);
+  await Promise.all([page.waitForNavigation(), page.click('#check')]);
+  out.problems = await page.$$eval('#problems li', lis => lis.map(li => li.textContent));
+  out.bad_lines = await page.$$eval('.ln.bad', ls => ls.map(l => l.id));
+  await page.fill('#text', good);
+  await Promise.all([page.waitForNavigation(), page.click('#check')]);
+  out.check_note = await page.textContent('#note');
+  out.diff_added = await page.$$eval('#diff .add', ls => ls.map(l => l.textContent));
+  out.diff_removed = await page.$$eval('#diff .del', ls => ls.map(l => l.textContent));
+  out.tests = await page.$$eval('#tests li', lis => lis.map(li => li.textContent));
+  await Promise.all([page.waitForNavigation(), page.click('#apply')]);
+  out.apply_note = await page.textContent('#note');
+  await other.fill('#text', good + '\n// a second editor\n');
+  await Promise.all([other.waitForNavigation(), other.click('#apply')]);
+  out.stale_note = await other.textContent('#note');
 }

@@ -9,7 +9,7 @@
 //! - [`pages`]: the HTML of every page, from plain values; every interpolated value is
 //!   escaped by the template engine, every form carries the session's CSRF token, every
 //!   control has a label, and no page needs JavaScript to read;
-//! - [`csv`]: an audit search as CSV.
+//! - [`csv`]: an audit search as CSV; [`diff`]: a line diff for the policy editor.
 //!
 //! What it deliberately does not: no HTTP, no sessions, no queries, no clock (the
 //! control plane's `portcullis-http` serves the pages, keeps the sessions and runs the
@@ -26,6 +26,7 @@
 //! IdP).
 
 pub mod csv;
+pub mod diff;
 pub mod pages;
 pub mod roles;
 

@@ -50,6 +50,8 @@ pub(crate) struct Console {
     /// The admin API's routes without their authentication.
     api: Router,
     groups: RoleGroups,
+    /// `[policy] dir`: the policy tests the editor runs.
+    policy_dir: std::path::PathBuf,
     /// To the packet loop: the running policy set (explain).
     commands: tokio::sync::mpsc::Sender<portcullis_control::Command>,
     idle: Duration,
@@ -63,8 +65,10 @@ impl Console {
         sso: Arc<Sso>,
         api: Router,
         commands: tokio::sync::mpsc::Sender<portcullis_control::Command>,
+        policy_dir: std::path::PathBuf,
     ) -> Arc<Console> {
         Arc::new(Console {
+            policy_dir,
             sso,
             api,
             commands,
@@ -158,12 +162,27 @@ impl Console {
 
     /// Runs an admin API route as `actor`: its status and JSON answer.
     async fn call(&self, actor: &str, method: Method, uri: &str) -> (StatusCode, Value) {
-        let mut req = match Request::builder()
+        self.call_with(actor, method, uri, None, None).await
+    }
+
+    /// [`Console::call`] with a JSON body and an `If-Match` version.
+    async fn call_with(
+        &self,
+        actor: &str,
+        method: Method,
+        uri: &str,
+        body: Option<&Value>,
+        if_match: Option<&str>,
+    ) -> (StatusCode, Value) {
+        let mut builder = Request::builder()
             .method(method)
             .uri(uri)
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Body::empty())
-        {
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(v) = if_match {
+            builder = builder.header(header::IF_MATCH, format!("\"{v}\""));
+        }
+        let body = body.map_or_else(Body::empty, |b| Body::from(b.to_string()));
+        let mut req = match builder.body(body) {
             Ok(r) => r,
             Err(e) => return (StatusCode::BAD_REQUEST, json_error(e)),
         };
@@ -220,6 +239,11 @@ pub(crate) fn routes(console: Arc<Console>) -> Router {
         .route("/console/audit", get(audit))
         .route("/console/audit.csv", get(audit_csv))
         .route("/console/explain", get(explain))
+        .route("/console/policies", get(policies))
+        .route(
+            "/console/policies/edit",
+            get(policy_editor).post(policy_submit),
+        )
         .layer(axum::middleware::from_fn(security_headers))
         .with_state(console)
 }
@@ -733,5 +757,278 @@ async fn explain(
     html(
         status,
         pages::explain(&chrome, &form, Some(answer.as_ref().map_err(Clone::clone))),
+    )
+}
+
+/// The policy set as `GET /policies` answers it: version, the files, the running set.
+async fn policy_set(
+    c: &Console,
+    chrome: &Chrome,
+) -> Result<
+    (
+        String,
+        crate::policy_api::PolicyFiles,
+        Vec<pages::RunningPolicy>,
+    ),
+    Response,
+> {
+    let (status, v) = c.call(&chrome.user, Method::GET, "/policies").await;
+    if !status.is_success() {
+        return Err(html(
+            StatusCode::BAD_GATEWAY,
+            pages::message(Some(chrome), "Policies", &error_text(&v)),
+        ));
+    }
+    let files: crate::policy_api::PolicyFiles = serde_json::from_value(at(&v, "files").clone())
+        .map_err(|e| {
+            html(
+                StatusCode::BAD_GATEWAY,
+                pages::message(Some(chrome), "Policies", &e.to_string()),
+            )
+        })?;
+    let running = at(&v, "running")
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|p| pages::RunningPolicy {
+                    id: at(p, "id").as_str().unwrap_or_default().to_string(),
+                    effect: at(p, "effect").as_str().unwrap_or_default().to_string(),
+                    file: at(p, "file").as_str().unwrap_or_default().to_string(),
+                    line: at(p, "line").as_u64().unwrap_or(0),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok((
+        at(&v, "version").as_str().unwrap_or_default().to_string(),
+        files,
+        running,
+    ))
+}
+
+async fn policies(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
+    let chrome = match c.gate(&headers, Action::ReadPolicies).await {
+        Ok(ch) => ch,
+        Err(r) => return r,
+    };
+    let (version, files, running) = match policy_set(&c, &chrome).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let mut shown: Vec<(String, String)> = files.policies.into_iter().collect();
+    if let Some(n) = files.networks {
+        shown.push((portcullis_policy::NETWORKS_FILE.to_string(), n));
+    }
+    html(
+        StatusCode::OK,
+        pages::policies(&chrome, &version, &shown, &running),
+    )
+}
+
+#[derive(Deserialize, Default)]
+struct EditQuery {
+    #[serde(default)]
+    file: String,
+}
+
+async fn policy_editor(
+    State(c): State<Arc<Console>>,
+    headers: HeaderMap,
+    q: Result<Query<EditQuery>, QueryRejection>,
+) -> Response {
+    let chrome = match c.gate(&headers, Action::EditPolicies).await {
+        Ok(ch) => ch,
+        Err(r) => return r,
+    };
+    let file = q.map(|Query(q)| q.file).unwrap_or_default();
+    let (version, files, _) = match policy_set(&c, &chrome).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    match files.policies.get(&file) {
+        Some(text) => html(
+            StatusCode::OK,
+            pages::policy_edit(&chrome, &file, &version, text, None),
+        ),
+        None => html(
+            StatusCode::NOT_FOUND,
+            pages::message(
+                Some(&chrome),
+                "No such file",
+                &format!("no policy file {file:?}"),
+            ),
+        ),
+    }
+}
+
+#[derive(Deserialize)]
+struct EditForm {
+    csrf: String,
+    file: String,
+    version: String,
+    text: String,
+    step: String,
+}
+
+fn problems_of(v: &Value) -> Vec<pages::Problem> {
+    at(v, "errors")
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|p| pages::Problem {
+                    file: at(p, "file").as_str().unwrap_or_default().to_string(),
+                    line: at(p, "line")
+                        .as_u64()
+                        .and_then(|n| usize::try_from(n).ok())
+                        .unwrap_or(0),
+                    col: at(p, "col")
+                        .as_u64()
+                        .and_then(|n| usize::try_from(n).ok())
+                        .unwrap_or(0),
+                    message: at(p, "message").as_str().unwrap_or_default().to_string(),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The policy tests (`[policy] dir`/tests) against the edited set.
+async fn run_tests(
+    c: &Console,
+    files: &crate::policy_api::PolicyFiles,
+) -> Vec<(String, Option<String>)> {
+    let bundle = match crate::policy_api::build(&c.policy_dir, files, Vec::new()).await {
+        Ok(Ok(b)) => Arc::new(b),
+        _ => return Vec::new(),
+    };
+    let dir = c.policy_dir.clone();
+    tokio::task::spawn_blocking(move || match portcullis_policy::testing::load_cases(&dir) {
+        Ok(cases) => cases
+            .iter()
+            .map(|case| {
+                let o = portcullis_policy::testing::run_case(&bundle, case, chrono::Utc::now());
+                (case.name.clone(), o.failure)
+            })
+            .collect(),
+        Err(errors) => errors
+            .iter()
+            .map(|e| ("the test files".to_string(), Some(e.to_string())))
+            .collect(),
+    })
+    .await
+    .unwrap_or_default()
+}
+
+async fn policy_submit(
+    State(c): State<Arc<Console>>,
+    headers: HeaderMap,
+    Form(f): Form<EditForm>,
+) -> Response {
+    let chrome = match c.gate_post(&headers, Action::EditPolicies, &f.csrf).await {
+        Ok(ch) => ch,
+        Err(r) => return r,
+    };
+    let (current_version, files, _) = match policy_set(&c, &chrome).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let Some(running_text) = files.policies.get(&f.file).cloned() else {
+        return html(
+            StatusCode::NOT_FOUND,
+            pages::message(
+                Some(&chrome),
+                "No such file",
+                &format!("no policy file {:?}", f.file),
+            ),
+        );
+    };
+    // Browsers send a textarea's lines with CRLF.
+    let text = f.text.replace("\r\n", "\n");
+    let mut edited = files.clone();
+    edited.policies.insert(f.file.clone(), text.clone());
+    let body = match serde_json::to_value(&edited) {
+        Ok(b) => b,
+        Err(e) => {
+            return html(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                pages::message(Some(&chrome), "Policies", &e.to_string()),
+            )
+        }
+    };
+    let diff: Vec<(char, String)> = portcullis_console::diff::lines(&running_text, &text)
+        .into_iter()
+        .map(|l| match l {
+            portcullis_console::diff::Line::Same(x) => (' ', x.to_string()),
+            portcullis_console::diff::Line::Removed(x) => ('-', x.to_string()),
+            portcullis_console::diff::Line::Added(x) => ('+', x.to_string()),
+        })
+        .collect();
+    let mut checked = pages::Checked::default();
+    let mut version = f.version.clone();
+    let mut status = StatusCode::OK;
+    if f.step == "apply" {
+        let (s, v) = c
+            .call_with(
+                &chrome.user,
+                Method::PUT,
+                "/policies",
+                Some(&body),
+                Some(&f.version),
+            )
+            .await;
+        if s.is_success() {
+            version = at(&v, "version").as_str().unwrap_or_default().to_string();
+            checked.note = Some((
+                true,
+                format!(
+                    "Applied: version {version}; {} flows the new set denies were cut.",
+                    at(&v, "flows_cut")
+                ),
+            ));
+        } else {
+            status = s;
+            checked.problems = problems_of(&v);
+            let why = if s == StatusCode::PRECONDITION_FAILED {
+                format!(
+                    "Not applied: the policies changed since you opened the editor (now version {current_version}). Reload, then apply your change again."
+                )
+            } else {
+                format!("Not applied: {}", error_text(&v))
+            };
+            checked.note = Some((false, why));
+            checked.diff = diff;
+        }
+    } else {
+        let (s, v) = c
+            .call_with(
+                &chrome.user,
+                Method::POST,
+                "/policies/validate",
+                Some(&body),
+                None,
+            )
+            .await;
+        if !s.is_success() {
+            status = s;
+            checked.note = Some((false, error_text(&v)));
+        } else if *at(&v, "valid") == false {
+            status = StatusCode::UNPROCESSABLE_ENTITY;
+            checked.problems = problems_of(&v);
+        } else {
+            checked.tests = run_tests(&c, &edited).await;
+            checked.diff = diff;
+            if current_version != f.version {
+                checked.note = Some((
+                    false,
+                    format!("The policies changed since you opened the editor (now version {current_version}): applying will be refused."),
+                ));
+            } else {
+                checked.note = Some((true, "Valid.".to_string()));
+            }
+        }
+    }
+    html(
+        status,
+        pages::policy_edit(&chrome, &f.file, &version, &text, Some(&checked)),
     )
 }

@@ -504,6 +504,7 @@ async fn routes(
                     sso,
                     routers.console,
                     commands.clone(),
+                    c.policy.dir.clone(),
                 )));
             }
             (Some(_), None) => {
