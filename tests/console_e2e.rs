@@ -90,6 +90,18 @@ fn auditors_search_admins_edit_policies_it_disables_users_and_roles_hold_on_the_
     );
     assert!(a["csv"].as_str().unwrap().contains("10.8.0.2"));
     assert_eq!(a["post_forms"], 0, "no edit control for an auditor: {a}");
+    assert!(
+        a["report_columns"][0] == "user" && a["report_columns"][5] == "attempts",
+        "{a}"
+    );
+    assert!(a["report_rows"].as_u64().unwrap() >= 1, "{a}");
+    assert!(
+        a["verdict"]
+            .as_str()
+            .unwrap()
+            .ends_with("rows checked, 0 findings"),
+        "{a}"
+    );
     assert_eq!(
         a["nav"],
         serde_json::json!(["Overview", "Audit", "Policies", "Explain"]),

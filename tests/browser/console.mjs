@@ -17,6 +17,11 @@ import os from 'node:os';
 import path from 'node:path';
 
 const [base, user, password, scenario, ...args] = process.argv.slice(2);
+// With PORTCULLIS_SCREENSHOTS=DIR, the pages are also saved there (the README's).
+const shots = process.env.PORTCULLIS_SCREENSHOTS;
+async function shot(page, name) {
+  if (shots) await page.screenshot({ path: path.join(shots, `${name}.png`), fullPage: true });
+}
 const profile = fs.mkdtempSync(path.join(os.tmpdir(), 'pcl-chromium-'));
 const context = await chromium.launchPersistentContext(profile, {
   executablePath: '/usr/bin/chromium',
@@ -56,6 +61,7 @@ async function signIn(page, out) {
   await page.keyboard.type(password);
   await Promise.all([page.waitForURL(`${base}/console`), page.keyboard.press('Enter')]);
   out.whoami = await page.textContent('#whoami');
+  await shot(page, `overview-${user}`);
 }
 
 async function auditor(page, out, at) {
@@ -65,9 +71,16 @@ async function auditor(page, out, at) {
   await Promise.all([page.waitForURL(/audit\?/), page.click('#search')]);
   out.rows = Number(await page.textContent('#row-count'));
   out.table = await page.$$eval('#results tbody tr', trs => trs.map(tr => [...tr.cells].map(td => td.textContent)));
+  await shot(page, 'audit');
   const [download] = await Promise.all([page.waitForEvent('download'), page.click('#csv')]);
   out.csv = fs.readFileSync(await download.path(), 'utf8');
   out.post_forms = await page.locator('form[method=post]').count();
+  await page.selectOption('#f-report', 'denied');
+  await Promise.all([page.waitForNavigation(), page.click('#search')]);
+  out.report_columns = await page.$$eval('#results thead th', ths => ths.map(th => th.textContent));
+  out.report_rows = Number(await page.textContent('#row-count'));
+  await Promise.all([page.waitForURL(/verify$/), page.click('#verify')]);
+  out.verdict = await page.textContent('#verdict');
   out.nav = await page.$$eval('nav a', as => as.map(a => a.textContent));
   out.users_status = (await page.goto(`${base}/console/users`)).status();
   out.users_forms = await page.locator('form[method=post]').count();
@@ -96,6 +109,7 @@ async function auditor(page, out, at) {
   await page.fill('#x-at', at);
   await page.fill('#x-auth-age', '60');
   await Promise.all([page.waitForURL(/explain\?/), page.click('#explain')]);
+  await shot(page, 'explain');
   out.explain = {
     decision: await page.textContent('#decision'),
     reason: await page.textContent('#reason'),
@@ -113,9 +127,11 @@ async function disable(page, out, name) {
   await Promise.all([page.waitForURL(new RegExp(`/console/users/${name}$`)), page.click(`#users a:text-is("${name}")`)]);
   out.state_before = await page.textContent('#state');
   out.sessions_before = await page.locator('#sessions tbody tr').count();
+  await shot(page, 'user');
   await page.check('#confirm');
   await Promise.all([page.waitForURL(/disable$/), page.click('#disable-now')]);
   out.result = await page.textContent('#result');
+  await shot(page, 'disabled');
   await page.goto(`${base}/console/users/${name}`);
   out.state_after = await page.textContent('#state');
 }
@@ -132,12 +148,14 @@ async function policy(page, out, file, bad, good) {
   await Promise.all([page.waitForNavigation(), page.click('#check')]);
   out.problems = await page.$$eval('#problems li', lis => lis.map(li => li.textContent));
   out.bad_lines = await page.$$eval('.ln.bad', ls => ls.map(l => l.id));
+  await shot(page, 'policy-error');
   await page.fill('#text', good);
   await Promise.all([page.waitForNavigation(), page.click('#check')]);
   out.check_note = await page.textContent('#note');
   out.diff_added = await page.$$eval('#diff .add', ls => ls.map(l => l.textContent));
   out.diff_removed = await page.$$eval('#diff .del', ls => ls.map(l => l.textContent));
   out.tests = await page.$$eval('#tests li', lis => lis.map(li => li.textContent));
+  await shot(page, 'policy-check');
   await Promise.all([page.waitForNavigation(), page.click('#apply')]);
   out.apply_note = await page.textContent('#note');
   await other.fill('#text', good + '\n// a second editor\n');

@@ -36,6 +36,8 @@ pub struct Filter {
     pub session: Option<u64>,
     pub kind: Option<String>,
     pub limit: Option<u64>,
+    /// Rows to skip first (the next page: the order is fixed, `time, gateway, seq`).
+    pub offset: Option<u64>,
 }
 
 /// Parses `2026-11-22T10:00:00Z` or a duration before `now` (`90s`, `15m`, `24h`, `7d`).
@@ -154,7 +156,19 @@ impl Filter {
     fn limit(&self) -> u64 {
         self.limit.unwrap_or(1000).min(1_000_000)
     }
+
+    /// `LIMIT offset, limit` (the form ClickHouse 18.16 reads too).
+    fn limit_clause(&self) -> String {
+        format!(
+            "{}, {}",
+            self.offset.unwrap_or(0).min(MAX_OFFSET),
+            self.limit()
+        )
+    }
 }
+
+/// The largest `offset` taken (past it, the answer is empty anyway on any real trail).
+pub const MAX_OFFSET: u64 = 1_000_000_000;
 
 /// Canned reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -196,7 +210,7 @@ pub fn sql(
     now: DateTime<Utc>,
 ) -> Result<String, FilterError> {
     let w = filter.where_clause(now)?;
-    let limit = filter.limit();
+    let limit = filter.limit_clause();
     // Destination questions read the table ordered by destination.
     let flows = if filter.dst.is_some() {
         format!("{db}.flows_by_dst")

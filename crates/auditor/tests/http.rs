@@ -176,6 +176,27 @@ fn the_api_answers_only_with_the_token_and_serves_queries_reports_and_verify() {
         assert_eq!(status, 200, "{t}");
         assert_eq!(column(&t, "dst_ip"), vec![Value::from("10.8.0.2")], "{t}");
 
+        // Pages: the fixed order, `limit` rows after `offset`.
+        let mut paged = Vec::new();
+        for offset in [0, 3] {
+            let (status, t) = get(
+                port,
+                "GET",
+                &format!("/v1/events?limit=3&offset={offset}"),
+                Some(TOKEN),
+            )
+            .await;
+            assert_eq!(status, 200, "{t}");
+            paged.extend(column(&t, "seq"));
+        }
+        let (_, all) = get(port, "GET", "/v1/events", Some(TOKEN)).await;
+        assert_eq!(
+            paged,
+            column(&all, "seq"),
+            "two pages are the whole listing"
+        );
+        assert_eq!(paged.len(), 4);
+
         // A canned report.
         let (status, t) = get(port, "GET", "/v1/reports/denied", Some(TOKEN)).await;
         assert_eq!(status, 200, "{t}");

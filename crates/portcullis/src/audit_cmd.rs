@@ -79,6 +79,9 @@ pub struct FilterArgs {
     /// Most rows to show (default 1000).
     #[arg(long)]
     limit: Option<u64>,
+    /// Rows to skip first (the next page; the order is fixed).
+    #[arg(long)]
+    offset: Option<u64>,
 }
 
 impl From<FilterArgs> for Filter {
@@ -94,6 +97,7 @@ impl From<FilterArgs> for Filter {
             session: a.session,
             kind: a.kind,
             limit: a.limit,
+            offset: a.offset,
         }
     }
 }

@@ -1,0 +1,321 @@
+//! The web console under `/console` (`[console]`): pages from `portcullis-console`,
+//! served on the `[http]` listener.
+//!
+//! - Sign-in is the `[saml]` sign-on (`/saml/login?return=/console`); the roles come
+//!   from the IdP groups of that sign-in, so a new sign-in re-reads them. A session
+//!   idle past `[console] idle_timeout_secs` is ended (the login with it).
+//! - Every request is checked here: a login, a role that may take the page's
+//!   [`Action`], and for a POST the session's CSRF token (constant-time). Pages hide
+//!   what a role may not do; the check does not rely on that.
+//! - Every action runs the admin API's own route (no authentication of its own, the
+//!   console user as the actor `console:<name>`), so the console can do nothing the
+//!   API cannot and every change is the API's `admin_action`.
+//! - Every answer carries a strict content security policy (no script, no inline
+//!   style, no framing), `nosniff`, no referrer and no caching.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use portcullis_console::pages::{self, Chrome};
+use portcullis_console::{Action, RoleGroups, Roles};
+use serde_json::Value;
+use subtle::ConstantTimeEq as _;
+use tower::ServiceExt as _;
+
+use crate::api::Actor;
+use crate::sso::Sso;
+
+mod audit;
+mod policies;
+mod users;
+
+use audit::{audit, audit_csv, verify};
+use policies::{explain, policies, policy_editor, policy_submit};
+use users::{disable, kill, user, users};
+
+/// Rows on one page of an audit search.
+const PAGE_ROWS: u64 = 100;
+/// Rows in one CSV export at most.
+const CSV_ROWS: u64 = 100_000;
+/// Console sessions remembered for their idle time at most (the oldest go first).
+const MAX_TRACKED: usize = 10_000;
+
+const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self' data:; \
+                   form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+pub(crate) struct Console {
+    sso: Arc<Sso>,
+    /// The admin API's routes without their authentication.
+    api: Router,
+    groups: RoleGroups,
+    /// `[policy] dir`: the policy tests the editor runs.
+    policy_dir: std::path::PathBuf,
+    /// To the packet loop: the running policy set (explain).
+    commands: tokio::sync::mpsc::Sender<portcullis_control::Command>,
+    idle: Duration,
+    /// Session key → last request.
+    seen: Mutex<HashMap<[u8; 32], Instant>>,
+}
+
+impl Console {
+    pub(crate) fn new(
+        c: &portcullis_config::ConsoleConfig,
+        sso: Arc<Sso>,
+        api: Router,
+        commands: tokio::sync::mpsc::Sender<portcullis_control::Command>,
+        policy_dir: std::path::PathBuf,
+    ) -> Arc<Console> {
+        Arc::new(Console {
+            policy_dir,
+            sso,
+            api,
+            commands,
+            groups: RoleGroups {
+                admin: c.admin_groups.clone(),
+                auditor: c.auditor_groups.clone(),
+                helpdesk: c.helpdesk_groups.clone(),
+            },
+            idle: Duration::from_secs(c.idle_timeout_secs),
+            seen: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Who is asking, if they may take `action`; else the answer to give.
+    async fn gate(&self, headers: &HeaderMap, action: Action) -> Result<Chrome, Response> {
+        let Some(login) = self.sso.console_login(headers).await else {
+            return Err(html(StatusCode::UNAUTHORIZED, pages::sign_in()));
+        };
+        let now = Instant::now();
+        let timed_out = {
+            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            let last = seen.get(&login.key).copied();
+            if seen.len() >= MAX_TRACKED && last.is_none() {
+                seen.retain(|_, t| now.duration_since(*t) < self.idle);
+            }
+            match last {
+                Some(t) if now.duration_since(t) >= self.idle => {
+                    seen.remove(&login.key);
+                    true
+                }
+                _ => {
+                    seen.insert(login.key, now);
+                    false
+                }
+            }
+        };
+        if timed_out {
+            let _ = self.sso.end_session(headers).await;
+            tracing::info!(user = %login.user, "console: session ended after its idle time");
+            return Err(html(StatusCode::UNAUTHORIZED, pages::sign_in()));
+        }
+        let roles = Roles::from_groups(&login.groups, &self.groups);
+        let chrome = Chrome {
+            user: login.user,
+            roles,
+            csrf: login.csrf,
+        };
+        if !roles.any() {
+            return Err(html(
+                StatusCode::FORBIDDEN,
+                pages::message(
+                    None,
+                    "No console role",
+                    "Your groups give you no role in the console. Ask a security administrator.",
+                ),
+            ));
+        }
+        if !roles.may(action) {
+            return Err(html(
+                StatusCode::FORBIDDEN,
+                pages::message(
+                    Some(&chrome),
+                    "Not allowed",
+                    "Your role does not allow this.",
+                ),
+            ));
+        }
+        Ok(chrome)
+    }
+
+    /// [`Console::gate`] for a form: the CSRF token must be the session's.
+    async fn gate_post(
+        &self,
+        headers: &HeaderMap,
+        action: Action,
+        csrf: &str,
+    ) -> Result<Chrome, Response> {
+        let chrome = self.gate(headers, action).await?;
+        if !bool::from(csrf.as_bytes().ct_eq(chrome.csrf.as_bytes())) {
+            return Err(html(
+                StatusCode::FORBIDDEN,
+                pages::message(
+                    Some(&chrome),
+                    "Stale form",
+                    "The form is stale or was not sent from this console; reload the page.",
+                ),
+            ));
+        }
+        Ok(chrome)
+    }
+
+    /// Runs an admin API route as `actor`: its status and JSON answer.
+    async fn call(&self, actor: &str, method: Method, uri: &str) -> (StatusCode, Value) {
+        self.call_with(actor, method, uri, None, None).await
+    }
+
+    /// [`Console::call`] with a JSON body and an `If-Match` version.
+    async fn call_with(
+        &self,
+        actor: &str,
+        method: Method,
+        uri: &str,
+        body: Option<&Value>,
+        if_match: Option<&str>,
+    ) -> (StatusCode, Value) {
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(v) = if_match {
+            builder = builder.header(header::IF_MATCH, format!("\"{v}\""));
+        }
+        let body = body.map_or_else(Body::empty, |b| Body::from(b.to_string()));
+        let mut req = match builder.body(body) {
+            Ok(r) => r,
+            Err(e) => return (StatusCode::BAD_REQUEST, json_error(e)),
+        };
+        req.extensions_mut()
+            .insert(Actor(format!("console:{actor}")));
+        let response = match self.api.clone().oneshot(req).await {
+            Ok(r) => r,
+            Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, json_error(e)),
+        };
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 64 << 20)
+            .await
+            .unwrap_or_default();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+}
+
+/// A field of a JSON answer (`null` when absent).
+fn at<'a>(v: &'a Value, key: &str) -> &'a Value {
+    v.get(key).unwrap_or(&Value::Null)
+}
+
+fn json_error(e: impl std::fmt::Display) -> Value {
+    serde_json::json!({ "error": e.to_string() })
+}
+
+fn error_text(v: &Value) -> String {
+    v.get("error")
+        .and_then(Value::as_str)
+        .unwrap_or("no answer")
+        .to_string()
+}
+
+fn html(status: StatusCode, body: String) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
+pub(crate) fn routes(console: Arc<Console>) -> Router {
+    Router::new()
+        .route("/console", get(overview))
+        .route("/console/console.css", get(style))
+        .route("/console/users", get(users))
+        .route("/console/users/{name}", get(user))
+        .route("/console/users/{name}/disable", post(disable))
+        .route("/console/sessions/{id}/kill", post(kill))
+        .route("/console/audit", get(audit))
+        .route("/console/audit.csv", get(audit_csv))
+        .route("/console/audit/verify", get(verify))
+        .route("/console/explain", get(explain))
+        .route("/console/policies", get(policies))
+        .route(
+            "/console/policies/edit",
+            get(policy_editor).post(policy_submit),
+        )
+        .layer(axum::middleware::from_fn(security_headers))
+        .with_state(console)
+}
+
+async fn security_headers(req: Request, next: Next) -> Response {
+    let mut r = next.run(req).await;
+    let h = r.headers_mut();
+    for (name, value) in [
+        (header::CONTENT_SECURITY_POLICY, CSP),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::CACHE_CONTROL, "no-store"),
+    ] {
+        h.insert(name, HeaderValue::from_static(value));
+    }
+    r
+}
+
+async fn style() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+        pages::STYLE,
+    )
+        .into_response()
+}
+
+async fn overview(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
+    let chrome = match c.gate(&headers, Action::ReadOverview).await {
+        Ok(ch) => ch,
+        Err(r) => return r,
+    };
+    let (_, sessions) = c.call(&chrome.user, Method::GET, "/sessions").await;
+    let (_, users) = c.call(&chrome.user, Method::GET, "/users").await;
+    let (_, cluster) = c.call(&chrome.user, Method::GET, "/cluster").await;
+    let users = users.as_array().cloned().unwrap_or_default();
+    let o = pages::Overview {
+        live_sessions: sessions.as_array().map_or(0, Vec::len),
+        users: users.len(),
+        disabled_users: users.iter().filter(|u| *at(u, "active") == false).count(),
+        nodes: at(&cluster, "nodes")
+            .as_array()
+            .map(|nodes| {
+                nodes
+                    .iter()
+                    .map(|n| {
+                        (
+                            at(n, "node_id").as_str().unwrap_or_default().to_string(),
+                            at(n, "address").as_str().unwrap_or_default().to_string(),
+                            at(n, "heartbeat_age_secs").as_i64().unwrap_or(-1),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    };
+    html(StatusCode::OK, pages::overview(&chrome, &o))
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
