@@ -79,6 +79,21 @@ fn auditors_search_admins_edit_policies_it_disables_users_and_roles_hold_on_the_
         a["whoami"].as_str().unwrap().contains("audrey (auditor)"),
         "{a}"
     );
+    assert!(
+        a["live"]["sessions"]
+            .as_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1,
+        "bob's tunnel: {a}"
+    );
+    assert!(a["live"]["audit_backlog"].is_string(), "{a}");
+    assert_eq!(
+        a["console_errors"],
+        serde_json::json!([]),
+        "nothing blocked by the CSP: {a}"
+    );
     let rows = expected["rows"].as_array().unwrap();
     assert_eq!(a["rows"].as_u64().unwrap() as usize, rows.len(), "{a}");
     let columns: Vec<String> = serde_json::from_value(expected["columns"].clone()).unwrap();
@@ -286,6 +301,15 @@ fn auditors_search_admins_edit_policies_it_disables_users_and_roles_hold_on_the_
         "{it}"
     );
     assert_eq!(it["state_after"], "disabled", "{it}");
+    assert!(
+        it["revocations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r[1] == "alice" && r[2].as_str().unwrap().ends_with(" ms")),
+        "the overview lists the revocation with its latency: {it}"
+    );
+    assert_eq!(it["console_errors"], serde_json::json!([]), "{it}");
     assert!(
         echo_round_trip(&mut alice_live, b"after").is_err(),
         "the live connection is cut"

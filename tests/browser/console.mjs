@@ -34,6 +34,13 @@ const out = {};
 try {
   const page = context.pages()[0] ?? await context.newPage();
   page.setDefaultTimeout(15000);
+  // Anything the content security policy blocked, or a script error, shows here (not
+  // the refusals the tests ask for: those are HTTP statuses).
+  out.console_errors = [];
+  page.on('console', m => {
+    if (m.type() === 'error' && !m.text().startsWith('Failed to load resource')) out.console_errors.push(m.text());
+  });
+  page.on('pageerror', e => out.console_errors.push(String(e)));
   await signIn(page, out);
   if (scenario === 'auditor') await auditor(page, out, args[0]);
   else if (scenario === 'disable') await disable(page, out, args[0]);
@@ -65,6 +72,9 @@ async function signIn(page, out) {
 }
 
 async function auditor(page, out, at) {
+  // The overview's numbers refresh from its script (allowed by the CSP: 'self').
+  await page.waitForSelector('body[data-refreshed]');
+  out.live = await page.$$eval('[data-live]', els => Object.fromEntries(els.map(e => [e.dataset.live, e.textContent])));
   await page.goto(`${base}/console/audit`);
   await page.fill('#f-user', 'bob');
   await page.fill('#f-decision', 'deny');
@@ -134,6 +144,13 @@ async function disable(page, out, name) {
   await shot(page, 'disabled');
   await page.goto(`${base}/console/users/${name}`);
   out.state_after = await page.textContent('#state');
+  // The overview lists the revocation once the trail has it (uploads every 200 ms).
+  for (let i = 0; i < 20; i++) {
+    await page.goto(`${base}/console`);
+    out.revocations = await page.$$eval('#revocations tbody tr', trs => trs.map(tr => [...tr.cells].map(td => td.textContent)));
+    if (out.revocations.some(r => r[1] === name)) break;
+    await page.waitForTimeout(500);
+  }
 }
 
 async function policy(page, out, file, bad, good) {

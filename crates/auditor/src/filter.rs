@@ -17,7 +17,7 @@ pub enum FilterError {
     #[error("decision {0:?}: expected allow or deny")]
     Decision(String),
     #[error(
-        "report {0:?}: expected sessions, who-reached, denied, top-talkers or access-requests"
+        "report {0:?}: expected sessions, who-reached, denied, top-talkers, access-requests or revocations"
     )]
     Report(String),
 }
@@ -186,6 +186,9 @@ pub enum Report {
     /// decided and with which approval policies, the window, how it ended, and what
     /// the grant was used for (flows whose deciding ids name it, their bytes).
     AccessRequests,
+    /// User revocations, newest first: who, asked by whom, the measured time until every
+    /// session and flow was cut, and how many.
+    Revocations,
 }
 
 impl FromStr for Report {
@@ -196,6 +199,7 @@ impl FromStr for Report {
             "who-reached" => Ok(Report::WhoReached),
             "denied" => Ok(Report::Denied),
             "top-talkers" => Ok(Report::TopTalkers),
+            "revocations" => Ok(Report::Revocations),
             "access-requests" => Ok(Report::AccessRequests),
             _ => Err(FilterError::Report(s.to_string())),
         }
@@ -258,6 +262,13 @@ pub fn sql(
         // filter's WHERE would read them). Access events carry the request id in `detail`; flows name a grant among their
         // policy ids (`ar-…`, the ids the gateway gives requests). visitParam* reads flat
         // JSON as the rows write it (ClickHouse 18.16 has no JSONExtract).
+        Some(Report::Revocations) => format!(
+            "SELECT toString(time) AS at, user, visitParamExtractString(detail, 'source') AS revoked_by, \
+             latency_us AS cut_latency_us, visitParamExtractUInt(detail, 'sessions_cut') AS sessions_cut, \
+             visitParamExtractUInt(detail, 'flows_cut') AS flows_cut, gateway \
+             FROM {db}.events FINAL WHERE {w} AND kind = 'user_revoked' \
+             ORDER BY time DESC, gateway, seq LIMIT {limit}"
+        ),
         Some(Report::AccessRequests) => format!(
             "SELECT if(startsWith(kind, 'access_'), visitParamExtractString(detail, 'request_id'), \
                arrayFirst(p -> startsWith(p, 'ar-'), policy_ids)) AS request_id, \

@@ -8,7 +8,9 @@
 //! audit commit, upload batch) travel in the snapshot as bucket counts
 //! ([`portcullis_model::latency`]) and are encoded as Prometheus histograms.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::header;
@@ -29,6 +31,21 @@ use prometheus_client::registry::Registry;
 pub struct Metrics {
     registry: Registry,
     snapshot: Arc<Mutex<Snapshot>>,
+    /// `(when, flows opened, denied)` over the last [`RATE_WINDOW`], for the console's
+    /// live rates.
+    history: Mutex<VecDeque<(Instant, u64, u64)>>,
+}
+
+/// How far back the live rates look.
+pub const RATE_WINDOW: Duration = Duration::from_secs(60);
+
+/// Live rates from the loop's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Rates {
+    /// New flows per second over the last 10 s.
+    pub flows_per_sec: f64,
+    /// Denied packets per minute over the last minute.
+    pub denies_per_min: f64,
 }
 
 #[derive(Debug)]
@@ -39,13 +56,62 @@ impl Metrics {
         let snapshot = Arc::new(Mutex::new(Snapshot::default()));
         let mut registry = Registry::with_prefix("portcullis");
         registry.register_collector(Box::new(Published(snapshot.clone())));
-        Arc::new(Metrics { registry, snapshot })
+        Arc::new(Metrics {
+            registry,
+            snapshot,
+            history: Mutex::new(VecDeque::new()),
+        })
     }
 
     /// The packet loop's numbers now.
     pub fn publish(&self, s: Snapshot) {
+        let now = Instant::now();
+        if let Ok(mut h) = self.history.lock() {
+            h.push_back((now, s.enforce.flows_opened, s.enforce.denied));
+            while h
+                .front()
+                .is_some_and(|(t, _, _)| now.duration_since(*t) > RATE_WINDOW)
+            {
+                h.pop_front();
+            }
+        }
         if let Ok(mut slot) = self.snapshot.lock() {
             *slot = s;
+        }
+    }
+
+    /// The latest numbers.
+    pub fn latest(&self) -> Snapshot {
+        self.snapshot.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// The rates over the recent history (zero until there are two samples).
+    pub fn rates(&self) -> Rates {
+        let Ok(h) = self.history.lock() else {
+            return Rates::default();
+        };
+        let Some(&(now, opened, denied)) = h.back() else {
+            return Rates::default();
+        };
+        let since = |window: Duration| {
+            h.iter()
+                .find(|(t, _, _)| now.duration_since(*t) <= window)
+                .copied()
+        };
+        let per = |then: Option<(Instant, u64, u64)>,
+                   pick: fn(&(Instant, u64, u64)) -> u64,
+                   unit: f64| {
+            match then {
+                Some(t) if now > t.0 => {
+                    let secs = now.duration_since(t.0).as_secs_f64();
+                    pick(&(now, opened, denied)).saturating_sub(pick(&t)) as f64 / secs * unit
+                }
+                _ => 0.0,
+            }
+        };
+        Rates {
+            flows_per_sec: per(since(Duration::from_secs(10)), |s| s.1, 1.0),
+            denies_per_min: per(since(RATE_WINDOW), |s| s.2, 60.0),
         }
     }
 

@@ -372,6 +372,7 @@ impl Plane {
                 &commands,
                 metadata_lease,
                 access,
+                metrics.clone(),
             )
             .await
             {
@@ -454,6 +455,7 @@ async fn routes(
     commands: &mpsc::Sender<Command>,
     metadata_lease: Option<tokio::sync::watch::Receiver<bool>>,
     access: Option<Arc<crate::access::AccessService>>,
+    metrics: Arc<metrics::Metrics>,
 ) -> anyhow::Result<axum::Router> {
     let c = &loaded.config;
     let mut app = axum::Router::new();
@@ -505,6 +507,7 @@ async fn routes(
                     routers.console,
                     commands.clone(),
                     c.policy.dir.clone(),
+                    metrics,
                 )));
             }
             (Some(_), None) => {

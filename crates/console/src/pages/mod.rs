@@ -69,6 +69,7 @@ pub fn layout(chrome: Option<&Chrome>, title: &str, body: Markup) -> String {
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (title) " · Portcullis" }
                 link rel="stylesheet" href="/console/console.css";
+                script src="/console/console.js" defer {}
                 @if let Some(c) = chrome {
                     // For scripts of the user's own (the forms carry it already).
                     meta name="csrf-token" content=(c.csrf);
@@ -118,9 +119,15 @@ pub fn sign_in() -> String {
 /// What the overview shows.
 #[derive(Clone, Debug, Default)]
 pub struct Overview {
-    pub live_sessions: usize,
     pub users: usize,
     pub disabled_users: usize,
+    /// `(key, label, value)`: the numbers the page refreshes from `/console/overview.json`
+    /// (by key) while it is open.
+    pub live: Vec<(&'static str, &'static str, String)>,
+    /// `(when, user, latency)` of the last revocations in the audit trail.
+    pub revocations: Vec<(String, String, String)>,
+    /// `(source, state)`: the identity sources.
+    pub sources: Vec<(String, String)>,
     /// `(node, address, heartbeat age in seconds)` when clustered.
     pub nodes: Vec<(String, String, i64)>,
 }
@@ -130,14 +137,29 @@ pub fn overview(c: &Chrome, o: &Overview) -> String {
         Some(c),
         "Overview",
         html! {
-            dl {
-                dt { "Live sessions" } dd id="live-sessions" { (o.live_sessions) }
+            dl id="live" {
+                @for (key, label, value) in &o.live {
+                    dt { (label) } dd id=(key.replace('_', "-")) data-live=(key) { (value) }
+                }
                 dt { "Users" } dd id="users" { (o.users) }
                 dt { "Disabled users" } dd id="disabled-users" { (o.disabled_users) }
             }
+            h2 { "Last revocations" }
+            @if o.revocations.is_empty() {
+                p id="no-revocations" { "None in the last day." }
+            } @else {
+                table id="revocations" {
+                    thead { tr { th scope="col" { "When" } th scope="col" { "User" } th scope="col" { "Cut in" } } }
+                    tbody { @for (when, user, took) in &o.revocations { tr { td { (when) } td { (user) } td { (took) } } } }
+                }
+            }
+            @if !o.sources.is_empty() {
+                h2 { "Identity sources" }
+                dl id="sources" { @for (source, state) in &o.sources { dt { (source) } dd { (state) } } }
+            }
             @if !o.nodes.is_empty() {
                 h2 { "Nodes" }
-                table {
+                table id="nodes" {
                     thead { tr { th scope="col" { "Node" } th scope="col" { "Address" } th scope="col" { "Last heartbeat" } } }
                     tbody {
                         @for (node, address, age) in &o.nodes {
@@ -149,6 +171,29 @@ pub fn overview(c: &Chrome, o: &Overview) -> String {
         },
     )
 }
+
+/// The script served at `/console/console.js` (the CSP allows scripts from the console
+/// itself only): while a page with live numbers is open, they are refreshed every 2 s.
+/// Without JavaScript the page shows the numbers of its load.
+pub const SCRIPT: &str = r#"(() => {
+  const live = () => document.querySelectorAll('[data-live]');
+  if (live().length === 0) return;
+  async function poll() {
+    try {
+      const r = await fetch('/console/overview.json', { credentials: 'same-origin', cache: 'no-store' });
+      if (!r.ok) return;
+      const v = await r.json();
+      for (const el of live()) {
+        const k = el.dataset.live;
+        if (k in v) el.textContent = String(v[k]);
+      }
+      document.body.dataset.refreshed = String(Date.now());
+    } catch (e) { /* the next poll tries again */ }
+  }
+  poll();
+  setInterval(poll, 2000);
+})();
+"#;
 
 /// The answer to a change: what happened, and where to go on.
 pub fn done(c: &Chrome, title: &str, text: &str, back: &str) -> String {

@@ -48,7 +48,7 @@ const CSV_ROWS: u64 = 100_000;
 /// Console sessions remembered for their idle time at most (the oldest go first).
 const MAX_TRACKED: usize = 10_000;
 
-const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self' data:; \
+const CSP: &str = "default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'self'; img-src 'self' data:; \
                    form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
 pub(crate) struct Console {
@@ -58,6 +58,8 @@ pub(crate) struct Console {
     groups: RoleGroups,
     /// `[policy] dir`: the policy tests the editor runs.
     policy_dir: std::path::PathBuf,
+    /// The packet loop's latest numbers (the overview).
+    metrics: Arc<crate::metrics::Metrics>,
     /// To the packet loop: the running policy set (explain).
     commands: tokio::sync::mpsc::Sender<portcullis_control::Command>,
     idle: Duration,
@@ -72,9 +74,11 @@ impl Console {
         api: Router,
         commands: tokio::sync::mpsc::Sender<portcullis_control::Command>,
         policy_dir: std::path::PathBuf,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Arc<Console> {
         Arc::new(Console {
             policy_dir,
+            metrics,
             sso,
             api,
             commands,
@@ -238,6 +242,8 @@ pub(crate) fn routes(console: Arc<Console>) -> Router {
     Router::new()
         .route("/console", get(overview))
         .route("/console/console.css", get(style))
+        .route("/console/console.js", get(script))
+        .route("/console/overview.json", get(overview_json))
         .route("/console/users", get(users))
         .route("/console/users/{name}", get(user))
         .route("/console/users/{name}/disable", post(disable))
@@ -278,19 +284,119 @@ async fn style() -> Response {
         .into_response()
 }
 
+/// The overview's live numbers, by key (the page's `data-live` elements).
+fn live_numbers(c: &Console) -> Vec<(&'static str, &'static str, String)> {
+    let s = c.metrics.latest();
+    let r = c.metrics.rates();
+    let ms = |q: f64| {
+        s.revocation_latency
+            .quantile_bound_secs(q)
+            .map_or_else(|| "-".to_string(), |v| format!("≤ {:.1} ms", v * 1e3))
+    };
+    vec![
+        ("sessions", "Live sessions", s.sessions.to_string()),
+        ("flows", "Open flows", s.flows.to_string()),
+        (
+            "flows_per_sec",
+            "New flows per second",
+            format!("{:.1}", r.flows_per_sec),
+        ),
+        (
+            "denies_per_min",
+            "Denied packets per minute",
+            format!("{:.1}", r.denies_per_min),
+        ),
+        (
+            "revocations",
+            "Revocations since start",
+            s.revocation_latency.count().to_string(),
+        ),
+        ("revocation_p99", "Revocation latency p99", ms(0.99)),
+        (
+            "audit_backlog",
+            "Audit events not yet in ClickHouse",
+            s.audit_backlog.to_string(),
+        ),
+        ("audit_lag_ms", "Audit lag (ms)", s.audit_lag_ms.to_string()),
+        (
+            "audit_refused",
+            "Audit events refused (spool full)",
+            s.audit_refused.to_string(),
+        ),
+    ]
+}
+
 async fn overview(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
     let chrome = match c.gate(&headers, Action::ReadOverview).await {
         Ok(ch) => ch,
         Err(r) => return r,
     };
-    let (_, sessions) = c.call(&chrome.user, Method::GET, "/sessions").await;
     let (_, users) = c.call(&chrome.user, Method::GET, "/users").await;
     let (_, cluster) = c.call(&chrome.user, Method::GET, "/cluster").await;
+    let (ldap_status, ldap) = c.call(&chrome.user, Method::GET, "/ldap").await;
+    let (_, revoked) = c
+        .call(
+            &chrome.user,
+            Method::GET,
+            "/audit/reports/revocations?since=24h&limit=5",
+        )
+        .await;
     let users = users.as_array().cloned().unwrap_or_default();
+    let mut sources = Vec::new();
+    if ldap_status.is_success() {
+        let state = match (
+            at(&ldap, "connected").as_bool(),
+            at(&ldap, "live").as_bool(),
+        ) {
+            (Some(true), Some(true)) => "connected, live",
+            (Some(true), _) => "connected, refreshing",
+            _ => "not connected",
+        };
+        let mut text = format!(
+            "{state}; {} users, {} groups; last pass {}",
+            at(&ldap, "users"),
+            at(&ldap, "groups"),
+            at(&ldap, "last_pass_at").as_str().unwrap_or("never")
+        );
+        if let Some(e) = at(&ldap, "last_error").as_str() {
+            text.push_str(&format!("; last error: {e}"));
+        }
+        if let Some(r) = at(&ldap, "refused").as_str() {
+            text.push_str(&format!("; a refused mass removal waits for approval: {r}"));
+        }
+        sources.push(("LDAP".to_string(), text));
+    }
+    // Newest first.
+    let columns = strings(at(&revoked, "columns"));
+    let col = |name: &str| columns.iter().position(|c| c == name);
+    let revocations = match (col("at"), col("user"), col("cut_latency_us")) {
+        (Some(t), Some(u), Some(us)) => at(&revoked, "rows")
+            .as_array()
+            .map(|rows| {
+                rows.iter()
+                    .map(|r| {
+                        let cell = |i: usize| {
+                            r.get(i)
+                                .map(portcullis_console::csv::cell_text)
+                                .unwrap_or_default()
+                        };
+                        let took = r
+                            .get(us)
+                            .and_then(|v| v.as_u64().or_else(|| v.as_str()?.parse().ok()))
+                            .map_or_else(String::new, |us| format!("{:.1} ms", us as f64 / 1e3));
+                        (cell(t), cell(u), took)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    };
     let o = pages::Overview {
-        live_sessions: sessions.as_array().map_or(0, Vec::len),
         users: users.len(),
         disabled_users: users.iter().filter(|u| *at(u, "active") == false).count(),
+        live: live_numbers(&c),
+        revocations,
+        sources,
         nodes: at(&cluster, "nodes")
             .as_array()
             .map(|nodes| {
@@ -308,6 +414,26 @@ async fn overview(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response
             .unwrap_or_default(),
     };
     html(StatusCode::OK, pages::overview(&chrome, &o))
+}
+
+/// The overview's live numbers as JSON, for the page's script.
+async fn overview_json(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
+    if let Err(r) = c.gate(&headers, Action::ReadOverview).await {
+        return r;
+    }
+    let map: serde_json::Map<String, Value> = live_numbers(&c)
+        .into_iter()
+        .map(|(k, _, v)| (k.to_string(), Value::String(v)))
+        .collect();
+    axum::Json(Value::Object(map)).into_response()
+}
+
+async fn script() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        pages::SCRIPT,
+    )
+        .into_response()
 }
 
 fn strings(v: &Value) -> Vec<String> {
