@@ -29,8 +29,10 @@ fn auditors_search_admins_edit_policies_it_disables_users_and_roles_hold_on_the_
                 [devices]\npool = \"100.64.0.128/26\"\nendpoint = \"192.168.77.1:51820\"\n\
                 [saml]\nidp_metadata = \"{idp_metadata_url}\"\nbase_url = \"http://127.0.0.1:18080\"\n\
                 user_attribute = \"uid\"\nlogin_max_secs = 3600\n\
+                [admin]\ntoken_file = \"admin.token\"\n\
                 [console]\nadmin_groups = [\"security\"]\nauditor_groups = [\"audit\"]\nhelpdesk_groups = [\"it\"]\n"
                 .into(),
+            files: vec![("admin.token".into(), "console-test-admin-token-0123456789\n".into())],
             saml_idp: true,
             upload_interval_ms: Some(200),
             ..LabOptions::default()
@@ -317,7 +319,27 @@ fn auditors_search_admins_edit_policies_it_disables_users_and_roles_hold_on_the_
     assert!(lab
         .connect(&lab.alice, addr("10.8.0.2:8080"), Duration::from_secs(2))
         .is_err());
+    // Break-glass: a one-time link, issued with the admin token (audited), signs sam in
+    // without the IdP, once.
+    let (ok, url, err) = lab.cli(&["console", "login-link", "--as", "sam"]).unwrap();
+    assert!(ok, "{err}");
+    let url = url.trim();
+    assert!(
+        url.starts_with("http://127.0.0.1:18080/console/login-link?t="),
+        "{url}"
+    );
+    let l = lab.browser("console.mjs", "sam", &["link", url]).unwrap();
+    assert!(l["whoami"].as_str().unwrap().contains("sam (admin)"), "{l}");
+    assert_eq!(l["again_status"], 403, "used once: {l}");
+    let (ok, _, err) = lab
+        .cli(&["console", "login-link", "--as", "nobody"])
+        .unwrap();
+    assert!(!ok && err.contains("no active user"), "{err}");
+
     let events = lab.events();
+    assert!(events.iter().any(|e| e["type"] == "login_succeeded"
+        && e["user"] == "sam"
+        && e["method"] == "console-link"));
     let by = |actor: &str, action: &str| {
         events.iter().any(|e| {
             e["type"] == "admin_action"
@@ -328,6 +350,12 @@ fn auditors_search_admins_edit_policies_it_disables_users_and_roles_hold_on_the_
     };
     assert!(by("console:ivan", "POST /users/{name}/disable"));
     assert!(by("console:sam", "PUT /policies"));
+    assert!(
+        events.iter().any(|e| e["type"] == "admin_action"
+            && e["action"] == "POST /console/login-links"
+            && e["outcome"] == "ok"),
+        "issuing the link is audited"
+    );
     assert!(
         events.iter().any(|e| e["type"] == "admin_action"
             && e["actor"] == "console:sam"

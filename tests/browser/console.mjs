@@ -5,6 +5,7 @@
 //   auditor AT            search bob's denied flows, export CSV, look for edit controls,
 //                         forge a POST to an admin action; explain alice → prod-admin at AT
 //   disable NAME          open NAME's page from the user search and disable them
+//   link URL              (no IdP sign-in) open a break-glass link, use it, use it again
 //   policy FILE BAD GOOD  edit FILE: BAD shows its errors in place, GOOD its tests and
 //                         diff, then apply; a second editor opened before then applies
 //                         over the stale version
@@ -41,8 +42,10 @@ try {
     if (m.type() === 'error' && !m.text().startsWith('Failed to load resource')) out.console_errors.push(m.text());
   });
   page.on('pageerror', e => out.console_errors.push(String(e)));
-  await signIn(page, out);
-  if (scenario === 'auditor') await auditor(page, out, args[0]);
+  if (scenario === 'link') await link(page, out, args[0]);
+  else await signIn(page, out);
+  if (scenario === 'link') { /* done */ }
+  else if (scenario === 'auditor') await auditor(page, out, args[0]);
   else if (scenario === 'disable') await disable(page, out, args[0]);
   else if (scenario === 'policy') await policy(page, out, ...args);
   else throw new Error(`no scenario ${scenario}`);
@@ -178,4 +181,15 @@ async function policy(page, out, file, bad, good) {
   await other.fill('#text', good + '\n// a second editor\n');
   await Promise.all([other.waitForNavigation(), other.click('#apply')]);
   out.stale_note = await other.textContent('#note');
+}
+
+async function link(page, out, url) {
+  await page.goto(url);
+  await Promise.all([page.waitForURL(`${base}/console`), page.click('#use-link')]);
+  out.whoami = await page.textContent('#whoami');
+  // The same link again, in a fresh page: refused.
+  const again = await page.context().newPage();
+  await again.goto(url);
+  const [response] = await Promise.all([again.waitForNavigation(), again.click('#use-link')]);
+  out.again_status = response.status();
 }

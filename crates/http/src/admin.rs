@@ -72,6 +72,8 @@ pub struct AdminApi {
     pub cluster_policy: Option<Arc<crate::policy_cluster::ClusterPolicy>>,
     /// Just-in-time access requests: `/access-requests`.
     pub access: Option<Arc<crate::access::AccessService>>,
+    /// `[console]`: break-glass sign-in links (`POST /console/login-links`).
+    pub console_links: Option<Arc<crate::console::Links>>,
 }
 
 /// The admin routes under `/admin/v1` (bearer) and, with `[api]`, `/api/v1` (signed),
@@ -103,6 +105,7 @@ pub fn admin_router(a: AdminApi) -> AdminRouters {
         shared: a.shared,
         cluster_policy: a.cluster_policy,
         access: a.access,
+        console_links: a.console_links,
     };
     let audit = a.store;
     let routes = || {
@@ -110,6 +113,7 @@ pub fn admin_router(a: AdminApi) -> AdminRouters {
             .route("/users", get(users))
             .route("/users/{name}/disable", post(disable_user))
             .route("/users/{name}/reset-mfa", post(reset_mfa))
+            .route("/console/login-links", post(crate::console::mint_link))
             .route("/sessions", get(sessions))
             .route("/sessions/{id}/kill", post(kill_session))
             .route("/cluster", get(cluster_status))

@@ -41,6 +41,8 @@ pub(crate) struct AdminState {
     pub(crate) cluster_policy: Option<Arc<crate::policy_cluster::ClusterPolicy>>,
     /// Just-in-time access requests (with the identity store).
     pub(crate) access: Option<Arc<crate::access::AccessService>>,
+    /// `[console]`: break-glass sign-in links.
+    pub(crate) console_links: Option<Arc<crate::console::Links>>,
 }
 
 pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {

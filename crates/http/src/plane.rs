@@ -481,8 +481,16 @@ async fn routes(
             tokens: t.clone(),
         }));
     }
+    let console_links = match (&c.console, &c.saml) {
+        (Some(_), Some(saml)) => Some(crate::console::Links::new(
+            saml.base(),
+            cluster.as_ref().map(|(_, s)| s.clone()),
+        )),
+        _ => None,
+    };
     if tokens.admin.is_some() || tokens.api.is_some() || c.console.is_some() {
         let routers = admin::admin_router(admin::AdminApi {
+            console_links: console_links.clone(),
             tokens: tokens.admin.clone(),
             api: tokens.api.clone(),
             nonce_log: tokens.nonce_log.clone(),
@@ -508,6 +516,9 @@ async fn routes(
                     commands.clone(),
                     c.policy.dir.clone(),
                     metrics,
+                    console_links
+                        .clone()
+                        .ok_or_else(|| anyhow::anyhow!("[console] needs [saml]"))?,
                 )));
             }
             (Some(_), None) => {

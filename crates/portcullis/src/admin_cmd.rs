@@ -40,6 +40,43 @@ pub enum UsersCommand {
 }
 
 #[derive(Subcommand)]
+pub enum ConsoleCommand {
+    /// Prints a one-time link that signs its holder in to the console as NAME, valid
+    /// 10 minutes, for when the IdP is down. Issuing it is an audited admin action.
+    LoginLink {
+        #[arg(long, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+        /// The console user the link signs in (their groups give the roles).
+        #[arg(long = "as")]
+        name: String,
+    },
+}
+
+pub fn console(cmd: ConsoleCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        ConsoleCommand::LoginLink { config, name } => {
+            let v = call_with(
+                &config,
+                "POST",
+                "/admin/v1/console/login-links",
+                Some(&serde_json::json!({ "as": name })),
+            )?;
+            println!(
+                "{}",
+                v.get("url").and_then(Value::as_str).unwrap_or_default()
+            );
+            eprintln!(
+                "valid once, until {}",
+                v.get("expires_at")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[derive(Subcommand)]
 pub enum SessionsCommand {
     /// Live sessions.
     List {

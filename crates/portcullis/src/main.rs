@@ -101,6 +101,11 @@ enum Command {
         #[command(subcommand)]
         command: access_cmd::AccessCommand,
     },
+    /// The web console: login-link (break-glass sign-in when the IdP is down).
+    Console {
+        #[command(subcommand)]
+        command: admin_cmd::ConsoleCommand,
+    },
     /// The running gateway's LDAP sync: status, approve-removal, lookup.
     Ldap {
         #[command(subcommand)]
@@ -174,6 +179,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Ldap { command } => admin_cmd::ldap(command),
         Command::Devices { command } => admin_cmd::devices(command),
         Command::Access { command } => access_cmd::run(command),
+        Command::Console { command } => admin_cmd::console(command),
         Command::Keygen => {
             let secret = boringtun_secret();
             println!(

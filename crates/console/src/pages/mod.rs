@@ -116,6 +116,22 @@ pub fn sign_in() -> String {
     )
 }
 
+/// A break-glass link's page: one button signs in (a GET alone never uses the link).
+pub fn link_sign_in(token: &str, name: &str) -> String {
+    layout(
+        None,
+        "Sign in with a link",
+        html! {
+            p { "This one-time link signs you in to the console as " strong { (name) } ", without the identity provider." }
+            form method="post" action="/console/login-link" {
+                input type="hidden" name="t" value=(token);
+                input type="hidden" name="as" value=(name);
+                button type="submit" id="use-link" { "Sign in as " (name) }
+            }
+        },
+    )
+}
+
 /// What the overview shows.
 #[derive(Clone, Debug, Default)]
 pub struct Overview {

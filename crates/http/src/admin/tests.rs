@@ -122,6 +122,7 @@ async fn every_documented_operation_is_served() {
         shared: None,
         cluster_policy: None,
         access: None,
+        console_links: None,
     })
     .public;
     for (method, template) in documented() {

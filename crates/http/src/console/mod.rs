@@ -34,8 +34,12 @@ use crate::api::Actor;
 use crate::sso::Sso;
 
 mod audit;
+mod links;
 mod policies;
 mod users;
+
+pub(crate) use links::mint as mint_link;
+pub use links::Links;
 
 use audit::{audit, audit_csv, verify};
 use policies::{explain, policies, policy_editor, policy_submit};
@@ -58,6 +62,8 @@ pub(crate) struct Console {
     groups: RoleGroups,
     /// `[policy] dir`: the policy tests the editor runs.
     policy_dir: std::path::PathBuf,
+    /// Break-glass sign-in links.
+    links: Arc<Links>,
     /// The packet loop's latest numbers (the overview).
     metrics: Arc<crate::metrics::Metrics>,
     /// To the packet loop: the running policy set (explain).
@@ -75,8 +81,10 @@ impl Console {
         commands: tokio::sync::mpsc::Sender<portcullis_control::Command>,
         policy_dir: std::path::PathBuf,
         metrics: Arc<crate::metrics::Metrics>,
+        links: Arc<Links>,
     ) -> Arc<Console> {
         Arc::new(Console {
+            links,
             policy_dir,
             metrics,
             sso,
@@ -244,6 +252,7 @@ pub(crate) fn routes(console: Arc<Console>) -> Router {
         .route("/console/console.css", get(style))
         .route("/console/console.js", get(script))
         .route("/console/overview.json", get(overview_json))
+        .route("/console/login-link", get(link_page).post(link_sign_in))
         .route("/console/users", get(users))
         .route("/console/users/{name}", get(user))
         .route("/console/users/{name}/disable", post(disable))
@@ -444,4 +453,79 @@ fn strings(v: &Value) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+#[derive(serde::Deserialize, Default)]
+struct LinkParams {
+    #[serde(default)]
+    t: String,
+    #[serde(default, rename = "as")]
+    name: String,
+}
+
+/// A break-glass link opened: a button, so that a link scanner fetching the URL does not
+/// use it up.
+async fn link_page(
+    q: Result<axum::extract::Query<LinkParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let q = q.map(|axum::extract::Query(q)| q).unwrap_or_default();
+    html(StatusCode::OK, pages::link_sign_in(&q.t, &q.name))
+}
+
+async fn link_sign_in(
+    State(c): State<Arc<Console>>,
+    ci: axum::extract::ConnectInfo<crate::serve::Peer>,
+    axum::extract::Form(f): axum::extract::Form<LinkParams>,
+) -> Response {
+    let ip = ci.0 .0.ip();
+    let refused = |why: &str| {
+        html(
+            StatusCode::FORBIDDEN,
+            pages::message(None, "Sign-in link", why),
+        )
+    };
+    match c.links.redeem(&f.t, &f.name).await {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!(user = %f.name, %ip, "console: an unknown, used or expired sign-in link");
+            return refused("This sign-in link is unknown, used or expired. Ask for a new one.");
+        }
+        Err(e) => {
+            return html(
+                StatusCode::SERVICE_UNAVAILABLE,
+                pages::message(None, "Sign-in link", &e),
+            )
+        }
+    }
+    // The user's groups as the gateway holds them now (the IdP may be down).
+    let (_, users) = c.call("break-glass", Method::GET, "/users").await;
+    let Some(found) = users.as_array().and_then(|a| {
+        a.iter()
+            .find(|u| at(u, "name") == f.name.as_str() && *at(u, "active") == true)
+    }) else {
+        return refused("The user of this link is not an active user.");
+    };
+    let groups = strings(at(found, "groups"));
+    let mut answer = StatusCode::SEE_OTHER.into_response();
+    if let Ok(v) = HeaderValue::from_str("/console") {
+        answer.headers_mut().insert(header::LOCATION, v);
+    }
+    match c
+        .sso
+        .open_link_session(&f.name, &groups, ip, answer, links::LINK_SESSION)
+        .await
+    {
+        Some(r) => {
+            tracing::warn!(user = %f.name, %ip, "console: signed in with a break-glass link");
+            r
+        }
+        None => html(
+            StatusCode::SERVICE_UNAVAILABLE,
+            pages::message(
+                None,
+                "Sign-in link",
+                "the session could not be stored; try again",
+            ),
+        ),
+    }
 }

@@ -469,6 +469,34 @@ impl Sso {
         })
     }
 
+    /// A console session for `user` opened without the IdP (a break-glass link): the
+    /// answer with its cookie set, and `login_succeeded` (method `console-link`)
+    /// recorded; `None` when the session could not be stored.
+    pub(crate) async fn open_link_session(
+        &self,
+        user: &str,
+        groups: &[String],
+        ip: IpAddr,
+        answer: Response,
+        lifetime: TimeDelta,
+    ) -> Option<Response> {
+        let until = Utc::now() + lifetime;
+        let sign_on = SignOn {
+            at: Utc::now().timestamp(),
+            mfa: false,
+        };
+        let token = self
+            .open_session(user, until, sign_on, groups, None)
+            .await?;
+        self.report(Event::LoginSucceeded {
+            user: user.to_string(),
+            method: "console-link".into(),
+            remote: Some(ip.to_string()),
+        })
+        .await;
+        Some(login::with_cookie(self, answer, &token, lifetime))
+    }
+
     /// Ends the browser's session (sign-out; a second factor's pending session once the
     /// sign-on it waited for completed). In a cluster the shared database must take it.
     pub(crate) async fn end_session(&self, headers: &HeaderMap) -> Result<(), Response> {
