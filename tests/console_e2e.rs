@@ -292,9 +292,32 @@ fn auditors_search_admins_edit_policies_it_disables_users_and_roles_hold_on_the_
         .connect(&lab.alice, addr("10.8.0.2:8080"), Duration::from_secs(5))
         .unwrap();
     assert_eq!(echo_round_trip(&mut alice_live, b"up").unwrap(), b"up");
+    // A registered device for IT to rotate and remove.
+    let (ok, _, err) = lab.cli(&["devices", "add", "bob"]).unwrap();
+    assert!(ok, "{err}");
     let it = lab
         .browser("console.mjs", "ivan", &["disable", "alice"])
         .unwrap();
+    assert!(it["sessions_listed"].as_u64().unwrap() >= 1, "{it}");
+    assert_eq!(it["devices_listed"], 1, "{it}");
+    assert!(it["rotated"].as_str().unwrap().contains("bob"), "{it}");
+    assert!(
+        it["profile"].as_str().unwrap().contains("[Interface]"),
+        "{it}"
+    );
+    assert!(
+        it["profile"].as_str().unwrap().contains("PrivateKey"),
+        "{it}"
+    );
+    assert_eq!(it["qr"], 1, "{it}");
+    assert_eq!(
+        it["devices_after_rotate"], 2,
+        "the old key lives through its grace: {it}"
+    );
+    assert!(
+        it["removed"].as_str().unwrap().contains("is removed"),
+        "{it}"
+    );
     assert_eq!(it["state_before"], "active", "{it}");
     assert!(it["sessions_before"].as_u64().unwrap() >= 1, "{it}");
     let result = it["result"].as_str().unwrap();
@@ -349,6 +372,8 @@ fn auditors_search_admins_edit_policies_it_disables_users_and_roles_hold_on_the_
         })
     };
     assert!(by("console:ivan", "POST /users/{name}/disable"));
+    assert!(by("console:ivan", "POST /devices/{id}/rotate"));
+    assert!(by("console:ivan", "DELETE /devices/{id}"));
     assert!(by("console:sam", "PUT /policies"));
     assert!(
         events.iter().any(|e| e["type"] == "admin_action"

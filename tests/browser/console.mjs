@@ -134,6 +134,21 @@ async function auditor(page, out, at) {
 }
 
 async function disable(page, out, name) {
+  // IT's sessions and devices page: rotate a registered device (its new profile shown
+  // once, with a QR code), then remove it.
+  await page.goto(`${base}/console`);
+  await Promise.all([page.waitForURL(/devices$/), page.click('nav a:text-is("Sessions and devices")')]);
+  out.sessions_listed = await page.locator('#all-sessions tbody tr').count();
+  out.devices_listed = await page.locator('#all-devices tbody tr').count();
+  await Promise.all([page.waitForNavigation(), page.click('#all-devices tbody tr:first-child button:text-is("Rotate")')]);
+  out.rotated = await page.textContent('#result');
+  out.profile = await page.inputValue('#profile');
+  out.qr = await page.locator('#qr svg').count();
+  await shot(page, 'rotated');
+  await page.goto(`${base}/console/devices`);
+  out.devices_after_rotate = await page.locator('#all-devices tbody tr').count();
+  await Promise.all([page.waitForNavigation(), page.click('#all-devices tbody tr:first-child button:text-is("Remove")')]);
+  out.removed = await page.textContent('#result');
   await page.goto(`${base}/console/users`);
   await page.fill('#q', name);
   await Promise.all([page.waitForURL(/users\?q=/), page.keyboard.press('Enter')]);

@@ -18,7 +18,7 @@ pub use audit::{audit, verify, AuditSearch, Rows, AUDIT_FIELDS, REPORTS};
 pub use policies::{
     anchor, explain, policies, policy_edit, Checked, ExplainForm, Problem, RunningPolicy,
 };
-pub use users::{user, users, UserLine, UserPage};
+pub use users::{rotated, sessions_devices, user, users, UserLine, UserPage};
 
 /// Who is looking: shown in the header, and what the navigation offers.
 #[derive(Clone, Debug)]
@@ -42,6 +42,11 @@ fn nav(c: &Chrome) -> Markup {
     let links = [
         ("/console", "Overview", Action::ReadOverview),
         ("/console/users", "Users", Action::ReadUsers),
+        (
+            "/console/devices",
+            "Sessions and devices",
+            Action::ReadUsers,
+        ),
         ("/console/audit", "Audit", Action::ReadAudit),
         ("/console/policies", "Policies", Action::ReadPolicies),
         ("/console/explain", "Explain", Action::Explain),

@@ -1,6 +1,6 @@
 //! Users: the search and a user's page.
 
-use maud::html;
+use maud::{html, PreEscaped};
 
 use super::{layout, percent, Chrome};
 use crate::Action;
@@ -107,6 +107,82 @@ pub fn user(c: &Chrome, u: &UserPage) -> String {
                     button type="submit" id="disable-now" { "Disable now" }
                 }
             }
+        },
+    )
+}
+
+/// The live sessions and the registered devices, for IT.
+pub fn sessions_devices(
+    c: &Chrome,
+    sessions: &[(u64, String, String, String, String)],
+    devices: &[(String, String, String, String, String)],
+) -> String {
+    let may_kill = c.roles.may(Action::KillSession);
+    let may_manage = c.roles.may(Action::ManageDevices);
+    layout(
+        Some(c),
+        "Sessions and devices",
+        html! {
+            h2 { "Live sessions" }
+            table id="all-sessions" {
+                thead { tr { th scope="col" { "Session" } th scope="col" { "User" } th scope="col" { "Device" } th scope="col" { "Endpoint" } th scope="col" { "Started" } @if may_kill { th scope="col" { "Action" } } } }
+                tbody {
+                    @for (id, user, device, endpoint, started) in sessions {
+                        tr {
+                            td { (id) } td { a href=(format!("/console/users/{}", percent(user))) { (user) } } td { (device) } td { (endpoint) } td { (started) }
+                            @if may_kill {
+                                td {
+                                    form class="inline" method="post" action=(format!("/console/sessions/{id}/kill")) {
+                                        input type="hidden" name="csrf" value=(c.csrf);
+                                        input type="hidden" name="user" value=(user);
+                                        button type="submit" aria-label=(format!("End session {id} of {user}")) { "End" }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            h2 { "Devices" }
+            table id="all-devices" {
+                thead { tr { th scope="col" { "User" } th scope="col" { "Name" } th scope="col" { "Public key" } th scope="col" { "Expires" } @if may_manage { th scope="col" { "Actions" } } } }
+                tbody {
+                    @for (id, user, name, key, expires) in devices {
+                        tr {
+                            td { (user) } td { (name) } td { code { (key) } } td { (expires) }
+                            @if may_manage {
+                                td {
+                                    form class="inline" method="post" action=(format!("/console/devices/{}/rotate", percent(id))) {
+                                        input type="hidden" name="csrf" value=(c.csrf);
+                                        button type="submit" aria-label=(format!("Rotate {user}'s device {name}")) { "Rotate" }
+                                    }
+                                    " "
+                                    form class="inline" method="post" action=(format!("/console/devices/{}/remove", percent(id))) {
+                                        input type="hidden" name="csrf" value=(c.csrf);
+                                        button type="submit" aria-label=(format!("Remove {user}'s device {name}")) { "Remove" }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// A rotated device's new profile, once: as text and as a QR code (`qr_svg` is the
+/// server's own rendering of `profile`).
+pub fn rotated(c: &Chrome, user: &str, profile: &str, qr_svg: &str) -> String {
+    layout(
+        Some(c),
+        "Device rotated",
+        html! {
+            p class="ok" role="status" id="result" { "A new key for " (user) "'s device; the old one stops after its grace period. This profile holds the private key and is shown only now." }
+            div id="qr" { (PreEscaped(qr_svg)) }
+            label for="profile" { "WireGuard profile" }
+            textarea id="profile" rows="12" readonly { (profile) }
+            p { a href="/console/devices" { "Back" } }
         },
     )
 }

@@ -43,7 +43,7 @@ pub use links::Links;
 
 use audit::{audit, audit_csv, verify};
 use policies::{explain, policies, policy_editor, policy_submit};
-use users::{disable, kill, user, users};
+use users::{disable, kill, remove_device, rotate_device, sessions_devices, user, users};
 
 /// Rows on one page of an audit search.
 const PAGE_ROWS: u64 = 100;
@@ -257,6 +257,9 @@ pub(crate) fn routes(console: Arc<Console>) -> Router {
         .route("/console/users/{name}", get(user))
         .route("/console/users/{name}/disable", post(disable))
         .route("/console/sessions/{id}/kill", post(kill))
+        .route("/console/devices", get(sessions_devices))
+        .route("/console/devices/{id}/rotate", post(rotate_device))
+        .route("/console/devices/{id}/remove", post(remove_device))
         .route("/console/audit", get(audit))
         .route("/console/audit.csv", get(audit_csv))
         .route("/console/audit/verify", get(verify))

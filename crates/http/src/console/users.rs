@@ -223,3 +223,138 @@ pub(super) async fn kill(
         ),
     )
 }
+
+fn text_of(v: &Value, key: &str) -> String {
+    let x = at(v, key);
+    x.as_str().map_or_else(|| x.to_string(), str::to_string)
+}
+
+pub(super) async fn sessions_devices(
+    State(c): State<Arc<Console>>,
+    headers: HeaderMap,
+) -> Response {
+    let chrome = match c.gate(&headers, Action::ReadUsers).await {
+        Ok(ch) => ch,
+        Err(r) => return r,
+    };
+    let (_, sessions) = c.call(&chrome.user, Method::GET, "/sessions").await;
+    let (_, devices) = c.call(&chrome.user, Method::GET, "/devices").await;
+    let sessions: Vec<_> = sessions
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|s| {
+                    (
+                        at(s, "id").as_u64().unwrap_or(0),
+                        text_of(s, "user"),
+                        text_of(s, "device"),
+                        text_of(s, "endpoint"),
+                        text_of(s, "started"),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let devices: Vec<_> = devices
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|d| {
+                    (
+                        text_of(d, "id"),
+                        text_of(d, "user"),
+                        text_of(d, "name"),
+                        text_of(d, "public_key"),
+                        text_of(d, "expires"),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    html(
+        StatusCode::OK,
+        pages::sessions_devices(&chrome, &sessions, &devices),
+    )
+}
+
+#[derive(Deserialize)]
+pub(super) struct CsrfForm {
+    csrf: String,
+}
+
+pub(super) async fn rotate_device(
+    State(c): State<Arc<Console>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Form(f): Form<CsrfForm>,
+) -> Response {
+    let chrome = match c.gate_post(&headers, Action::ManageDevices, &f.csrf).await {
+        Ok(ch) => ch,
+        Err(r) => return r,
+    };
+    let (status, v) = c
+        .call_with(
+            &chrome.user,
+            Method::POST,
+            &format!("/devices/{}/rotate", pages::percent(&id)),
+            Some(&serde_json::json!({})),
+            None,
+        )
+        .await;
+    if !status.is_success() {
+        return html(
+            status,
+            pages::message(Some(&chrome), "Not rotated", &error_text(&v)),
+        );
+    }
+    let profile = text_of(&v, "profile");
+    let qr = qrcode::QrCode::new(profile.as_bytes())
+        .map(|code| {
+            code.render::<qrcode::render::svg::Color<'_>>()
+                .min_dimensions(240, 240)
+                .build()
+        })
+        .unwrap_or_default();
+    html(
+        StatusCode::OK,
+        pages::rotated(&chrome, &text_of(at(&v, "device"), "user"), &profile, &qr),
+    )
+}
+
+pub(super) async fn remove_device(
+    State(c): State<Arc<Console>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Form(f): Form<CsrfForm>,
+) -> Response {
+    let chrome = match c.gate_post(&headers, Action::ManageDevices, &f.csrf).await {
+        Ok(ch) => ch,
+        Err(r) => return r,
+    };
+    let (status, v) = c
+        .call(
+            &chrome.user,
+            Method::DELETE,
+            &format!("/devices/{}", pages::percent(&id)),
+        )
+        .await;
+    if !status.is_success() {
+        return html(
+            status,
+            pages::message(Some(&chrome), "Not removed", &error_text(&v)),
+        );
+    }
+    html(
+        StatusCode::OK,
+        pages::done(
+            &chrome,
+            "Device removed",
+            &format!(
+                "{}'s device {} is removed; its tunnel is cut.",
+                text_of(at(&v, "device"), "user"),
+                text_of(at(&v, "device"), "name")
+            ),
+            "/console/devices",
+        ),
+    )
+}
