@@ -277,6 +277,14 @@ fn auditors_search_admins_edit_policies_it_disables_users_and_roles_hold_on_the_
             .contains("changed since you opened the editor"),
         "{p}"
     );
+    let history = p["history"].as_array().unwrap();
+    assert_eq!(history.len(), 2, "{p}");
+    assert_eq!(
+        history[0][1], "console:sam",
+        "newest first: the refused one: {p}"
+    );
+    assert!(history[0][2].as_str().unwrap().starts_with("412"), "{p}");
+    assert_eq!(history[1][2], "ok", "{p}");
     assert_eq!(
         std::fs::read_to_string(&path).unwrap(),
         good,
@@ -319,6 +327,11 @@ fn auditors_search_admins_edit_policies_it_disables_users_and_roles_hold_on_the_
         "{it}"
     );
     assert_eq!(it["state_before"], "active", "{it}");
+    assert!(
+        it["tabs_to_confirm"].as_i64().unwrap() > 0,
+        "keyboard reaches the confirmation: {it}"
+    );
+    assert!(it["tabs_to_disable"].as_i64().unwrap() > 0, "{it}");
     assert!(it["sessions_before"].as_u64().unwrap() >= 1, "{it}");
     let result = it["result"].as_str().unwrap();
     assert!(

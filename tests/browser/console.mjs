@@ -156,8 +156,11 @@ async function disable(page, out, name) {
   out.state_before = await page.textContent('#state');
   out.sessions_before = await page.locator('#sessions tbody tr').count();
   await shot(page, 'user');
-  await page.check('#confirm');
-  await Promise.all([page.waitForURL(/disable$/), page.click('#disable-now')]);
+  // Keyboard only: Tab to the confirmation, Space ticks it, Tab to the button, Enter.
+  out.tabs_to_confirm = await tabTo(page, 'confirm');
+  await page.keyboard.press('Space');
+  out.tabs_to_disable = await tabTo(page, 'disable-now');
+  await Promise.all([page.waitForURL(/disable$/), page.keyboard.press('Enter')]);
   out.result = await page.textContent('#result');
   await shot(page, 'disabled');
   await page.goto(`${base}/console/users/${name}`);
@@ -196,6 +199,13 @@ async function policy(page, out, file, bad, good) {
   await other.fill('#text', good + '\n// a second editor\n');
   await Promise.all([other.waitForNavigation(), other.click('#apply')]);
   out.stale_note = await other.textContent('#note');
+  // The history names who replaced the set (from the audit trail, uploaded every 200 ms).
+  for (let i = 0; i < 20; i++) {
+    await page.goto(`${base}/console/policies`);
+    out.history = await page.$$eval('#history tbody tr', trs => trs.map(tr => [...tr.cells].map(td => td.textContent)));
+    if (out.history.length >= 2) break;
+    await page.waitForTimeout(500);
+  }
 }
 
 async function link(page, out, url) {
@@ -207,4 +217,14 @@ async function link(page, out, url) {
   await again.goto(url);
   const [response] = await Promise.all([again.waitForNavigation(), again.click('#use-link')]);
   out.again_status = response.status();
+}
+
+// Presses Tab until the element with `id` has the focus; how many presses it took
+// (-1: never, within 60).
+async function tabTo(page, id) {
+  for (let i = 1; i <= 60; i++) {
+    await page.keyboard.press('Tab');
+    if (await page.evaluate(() => document.activeElement && document.activeElement.id) === id) return i;
+  }
+  return -1;
 }

@@ -17,7 +17,7 @@ pub enum FilterError {
     #[error("decision {0:?}: expected allow or deny")]
     Decision(String),
     #[error(
-        "report {0:?}: expected sessions, who-reached, denied, top-talkers, access-requests or revocations"
+        "report {0:?}: expected sessions, who-reached, denied, top-talkers, access-requests, revocations or policy-changes"
     )]
     Report(String),
 }
@@ -189,6 +189,9 @@ pub enum Report {
     /// User revocations, newest first: who, asked by whom, the measured time until every
     /// session and flow was cut, and how many.
     Revocations,
+    /// Policy set replacements (`PUT /policies`, from the API or the console), newest
+    /// first: when, by whom, the outcome (`ok`, or the status and why not).
+    PolicyChanges,
 }
 
 impl FromStr for Report {
@@ -200,6 +203,7 @@ impl FromStr for Report {
             "denied" => Ok(Report::Denied),
             "top-talkers" => Ok(Report::TopTalkers),
             "revocations" => Ok(Report::Revocations),
+            "policy-changes" => Ok(Report::PolicyChanges),
             "access-requests" => Ok(Report::AccessRequests),
             _ => Err(FilterError::Report(s.to_string())),
         }
@@ -267,7 +271,14 @@ pub fn sql(
              latency_us AS cut_latency_us, visitParamExtractUInt(detail, 'sessions_cut') AS sessions_cut, \
              visitParamExtractUInt(detail, 'flows_cut') AS flows_cut, gateway \
              FROM {db}.events FINAL WHERE {w} AND kind = 'user_revoked' \
-             ORDER BY time DESC, gateway, seq LIMIT {limit}"
+             ORDER BY time_us DESC, gateway, seq DESC LIMIT {limit}"
+        ),
+        Some(Report::PolicyChanges) => format!(
+            "SELECT toString(time) AS at, visitParamExtractString(detail, 'actor') AS changed_by, \
+             visitParamExtractString(detail, 'outcome') AS outcome, gateway \
+             FROM {db}.events FINAL WHERE {w} AND kind = 'admin_action' \
+             AND visitParamExtractString(detail, 'action') = 'PUT /policies' \
+             ORDER BY time_us DESC, gateway, seq DESC LIMIT {limit}"
         ),
         Some(Report::AccessRequests) => format!(
             "SELECT if(startsWith(kind, 'access_'), visitParamExtractString(detail, 'request_id'), \

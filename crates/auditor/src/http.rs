@@ -5,7 +5,7 @@
 //! [`routes`] are the same routes without authentication, for the gateway to mount
 //! under its signed `/api/v1/audit`. Routes (query parameters are the CLI's filter names):
 //! - `GET /v1/events?user=&group=&dst=&port=&decision=&since=&until=&session=&kind=&limit=`
-//! - `GET /v1/reports/{sessions|who-reached|denied|top-talkers|access-requests|revocations}?…same filters…`
+//! - `GET /v1/reports/{sessions|who-reached|denied|top-talkers|access-requests|revocations|policy-changes}?…same filters…`
 //! - `GET /v1/verify?gateway=&since=&until=`
 //!
 //! Answers are JSON: a [`Table`](crate::Table) (`columns`, `rows`) or a

@@ -23,7 +23,7 @@ pub enum AuditCommand {
         config: PathBuf,
         #[command(flatten)]
         filter: FilterArgs,
-        /// sessions, who-reached, denied, top-talkers, access-requests or revocations.
+        /// sessions, who-reached, denied, top-talkers, access-requests, revocations or policy-changes.
         #[arg(long)]
         report: Option<String>,
         /// JSON ({"columns": [...], "rows": [[...]]}) instead of a table.

@@ -22,13 +22,14 @@ pub const AUDIT_FIELDS: [(&str, &str); 8] = [
 pub type Rows<'a> = (&'a [String], &'a [Vec<Value>]);
 
 /// The canned reports the audit page offers (`portcullis audit query --report`).
-pub const REPORTS: [(&str, &str); 6] = [
+pub const REPORTS: [(&str, &str); 7] = [
     ("sessions", "Sessions"),
     ("who-reached", "Who reached (needs a destination)"),
     ("denied", "Denied"),
     ("top-talkers", "Top talkers"),
     ("access-requests", "Access requests"),
     ("revocations", "Revocations"),
+    ("policy-changes", "Policy changes"),
 ];
 
 /// An audit search: the form as filled in, and the answer (a table, or why not).

@@ -200,6 +200,7 @@ pub fn policies(
     version: &str,
     files: &[(String, String)],
     running: &[RunningPolicy],
+    history: &[(String, String, String)],
 ) -> String {
     let may_edit = c.roles.may(Action::EditPolicies);
     layout(
@@ -217,6 +218,15 @@ pub fn policies(
                             td { a href=(format!("#{}", anchor(&p.file, p.line))) { (p.file) ":" (p.line) } }
                         }
                     }
+                }
+            }
+            h2 { "History" }
+            @if history.is_empty() {
+                p id="no-history" { "No replacement in the audit trail." }
+            } @else {
+                table id="history" {
+                    thead { tr { th scope="col" { "When" } th scope="col" { "By" } th scope="col" { "Outcome" } } }
+                    tbody { @for (when, by, outcome) in history { tr { td { (when) } td { (by) } td { (outcome) } } } }
                 }
             }
             @for (name, text) in files {

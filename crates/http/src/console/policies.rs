@@ -202,9 +202,38 @@ pub(super) async fn policies(State(c): State<Arc<Console>>, headers: HeaderMap) 
     if let Some(n) = files.networks {
         shown.push((portcullis_policy::NETWORKS_FILE.to_string(), n));
     }
+    // Who replaced the set, newest first (the audit trail's policy-changes report).
+    let (_, changes) = c
+        .call(
+            &chrome.user,
+            Method::GET,
+            "/audit/reports/policy-changes?limit=20",
+        )
+        .await;
+    let columns = strings(at(&changes, "columns"));
+    let col = |name: &str| columns.iter().position(|c| c == name);
+    let history: Vec<(String, String, String)> =
+        match (col("at"), col("changed_by"), col("outcome")) {
+            (Some(t), Some(b), Some(o)) => at(&changes, "rows")
+                .as_array()
+                .map(|rows| {
+                    rows.iter()
+                        .map(|r| {
+                            let cell = |i: usize| {
+                                r.get(i)
+                                    .map(portcullis_console::csv::cell_text)
+                                    .unwrap_or_default()
+                            };
+                            (cell(t), cell(b), cell(o))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
     html(
         StatusCode::OK,
-        pages::policies(&chrome, &version, &shown, &running),
+        pages::policies(&chrome, &version, &shown, &running, &history),
     )
 }
 
