@@ -157,6 +157,27 @@ impl Console {
         Ok(chrome)
     }
 
+    /// A form's action: the checks of [`Console::gate_post`], then the admin API route;
+    /// the user and the API's answer, or the page to show (`failed` titles a refusal).
+    async fn act(
+        &self,
+        headers: &HeaderMap,
+        action: Action,
+        csrf: &str,
+        (method, uri, body): (Method, &str, Option<&Value>),
+        failed: &str,
+    ) -> Result<(Chrome, Value), Response> {
+        let chrome = self.gate_post(headers, action, csrf).await?;
+        let (status, answer) = self.call_with(&chrome.user, method, uri, body, None).await;
+        if !status.is_success() {
+            return Err(html(
+                status,
+                pages::message(Some(&chrome), failed, &error_text(&answer)),
+            ));
+        }
+        Ok((chrome, answer))
+    }
+
     /// [`Console::gate`] for a form: the CSRF token must be the session's.
     async fn gate_post(
         &self,
@@ -224,6 +245,36 @@ impl Console {
 /// A field of a JSON answer (`null` when absent).
 fn at<'a>(v: &'a Value, key: &str) -> &'a Value {
     v.get(key).unwrap_or(&Value::Null)
+}
+
+/// The named columns of a query's answer (`{"columns", "rows"}`), as text, row by row;
+/// nothing when a column is missing.
+fn pick(table: &Value, names: &[&str]) -> Vec<Vec<String>> {
+    let columns = strings(at(table, "columns"));
+    let Some(index): Option<Vec<usize>> = names
+        .iter()
+        .map(|n| columns.iter().position(|c| c == n))
+        .collect()
+    else {
+        return Vec::new();
+    };
+    at(table, "rows")
+        .as_array()
+        .map(|rows| {
+            rows.iter()
+                .map(|r| {
+                    index
+                        .iter()
+                        .map(|i| {
+                            r.get(*i)
+                                .map(portcullis_console::csv::cell_text)
+                                .unwrap_or_default()
+                        })
+                        .collect()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn json_error(e: impl std::fmt::Display) -> Value {
@@ -379,30 +430,18 @@ async fn overview(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response
         sources.push(("LDAP".to_string(), text));
     }
     // Newest first.
-    let columns = strings(at(&revoked, "columns"));
-    let col = |name: &str| columns.iter().position(|c| c == name);
-    let revocations = match (col("at"), col("user"), col("cut_latency_us")) {
-        (Some(t), Some(u), Some(us)) => at(&revoked, "rows")
-            .as_array()
-            .map(|rows| {
-                rows.iter()
-                    .map(|r| {
-                        let cell = |i: usize| {
-                            r.get(i)
-                                .map(portcullis_console::csv::cell_text)
-                                .unwrap_or_default()
-                        };
-                        let took = r
-                            .get(us)
-                            .and_then(|v| v.as_u64().or_else(|| v.as_str()?.parse().ok()))
-                            .map_or_else(String::new, |us| format!("{:.1} ms", us as f64 / 1e3));
-                        (cell(t), cell(u), took)
-                    })
-                    .collect()
-            })
-            .unwrap_or_default(),
-        _ => Vec::new(),
-    };
+    let revocations = pick(&revoked, &["at", "user", "cut_latency_us"])
+        .into_iter()
+        .map(|r| match r.as_slice() {
+            [when, user, us] => (
+                when.clone(),
+                user.clone(),
+                us.parse::<u64>()
+                    .map_or_else(|_| String::new(), |us| format!("{:.1} ms", us as f64 / 1e3)),
+            ),
+            _ => Default::default(),
+        })
+        .collect();
     let o = pages::Overview {
         users: users.len(),
         disabled_users: users.iter().filter(|u| *at(u, "active") == false).count(),

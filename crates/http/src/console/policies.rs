@@ -11,7 +11,7 @@ use portcullis_console::Action;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{at, error_text, html, strings, Console};
+use super::{at, error_text, html, pick, strings, Console};
 
 #[derive(Deserialize, Default)]
 pub(super) struct ExplainQuery {
@@ -210,27 +210,13 @@ pub(super) async fn policies(State(c): State<Arc<Console>>, headers: HeaderMap) 
             "/audit/reports/policy-changes?limit=20",
         )
         .await;
-    let columns = strings(at(&changes, "columns"));
-    let col = |name: &str| columns.iter().position(|c| c == name);
-    let history: Vec<(String, String, String)> =
-        match (col("at"), col("changed_by"), col("outcome")) {
-            (Some(t), Some(b), Some(o)) => at(&changes, "rows")
-                .as_array()
-                .map(|rows| {
-                    rows.iter()
-                        .map(|r| {
-                            let cell = |i: usize| {
-                                r.get(i)
-                                    .map(portcullis_console::csv::cell_text)
-                                    .unwrap_or_default()
-                            };
-                            (cell(t), cell(b), cell(o))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default(),
-            _ => Vec::new(),
-        };
+    let history: Vec<(String, String, String)> = pick(&changes, &["at", "changed_by", "outcome"])
+        .into_iter()
+        .map(|r| match r.as_slice() {
+            [when, by, outcome] => (when.clone(), by.clone(), outcome.clone()),
+            _ => Default::default(),
+        })
+        .collect();
     html(
         StatusCode::OK,
         pages::policies(&chrome, &version, &shown, &running, &history),

@@ -200,19 +200,20 @@ pub(super) async fn kill(
     Path(id): Path<u64>,
     Form(f): Form<KillForm>,
 ) -> Response {
-    let chrome = match c.gate_post(&headers, Action::KillSession, &f.csrf).await {
-        Ok(ch) => ch,
+    let uri = format!("/sessions/{id}/kill");
+    let (chrome, _) = match c
+        .act(
+            &headers,
+            Action::KillSession,
+            &f.csrf,
+            (Method::POST, &uri, None),
+            "Not ended",
+        )
+        .await
+    {
+        Ok(done) => done,
         Err(r) => return r,
     };
-    let (status, answer) = c
-        .call(&chrome.user, Method::POST, &format!("/sessions/{id}/kill"))
-        .await;
-    if !status.is_success() {
-        return html(
-            status,
-            pages::message(Some(&chrome), "Not ended", &error_text(&answer)),
-        );
-    }
     html(
         StatusCode::OK,
         pages::done(
@@ -288,25 +289,21 @@ pub(super) async fn rotate_device(
     Path(id): Path<String>,
     Form(f): Form<CsrfForm>,
 ) -> Response {
-    let chrome = match c.gate_post(&headers, Action::ManageDevices, &f.csrf).await {
-        Ok(ch) => ch,
+    let uri = format!("/devices/{}/rotate", pages::percent(&id));
+    let body = serde_json::json!({});
+    let (chrome, v) = match c
+        .act(
+            &headers,
+            Action::ManageDevices,
+            &f.csrf,
+            (Method::POST, &uri, Some(&body)),
+            "Not rotated",
+        )
+        .await
+    {
+        Ok(done) => done,
         Err(r) => return r,
     };
-    let (status, v) = c
-        .call_with(
-            &chrome.user,
-            Method::POST,
-            &format!("/devices/{}/rotate", pages::percent(&id)),
-            Some(&serde_json::json!({})),
-            None,
-        )
-        .await;
-    if !status.is_success() {
-        return html(
-            status,
-            pages::message(Some(&chrome), "Not rotated", &error_text(&v)),
-        );
-    }
     let profile = text_of(&v, "profile");
     let qr = qrcode::QrCode::new(profile.as_bytes())
         .map(|code| {
@@ -327,23 +324,20 @@ pub(super) async fn remove_device(
     Path(id): Path<String>,
     Form(f): Form<CsrfForm>,
 ) -> Response {
-    let chrome = match c.gate_post(&headers, Action::ManageDevices, &f.csrf).await {
-        Ok(ch) => ch,
+    let uri = format!("/devices/{}", pages::percent(&id));
+    let (chrome, v) = match c
+        .act(
+            &headers,
+            Action::ManageDevices,
+            &f.csrf,
+            (Method::DELETE, &uri, None),
+            "Not removed",
+        )
+        .await
+    {
+        Ok(done) => done,
         Err(r) => return r,
     };
-    let (status, v) = c
-        .call(
-            &chrome.user,
-            Method::DELETE,
-            &format!("/devices/{}", pages::percent(&id)),
-        )
-        .await;
-    if !status.is_success() {
-        return html(
-            status,
-            pages::message(Some(&chrome), "Not removed", &error_text(&v)),
-        );
-    }
     html(
         StatusCode::OK,
         pages::done(
