@@ -29,10 +29,13 @@ fn auditors_search_admins_edit_policies_it_disables_users_and_roles_hold_on_the_
                 [devices]\npool = \"100.64.0.128/26\"\nendpoint = \"192.168.77.1:51820\"\n\
                 [saml]\nidp_metadata = \"{idp_metadata_url}\"\nbase_url = \"http://127.0.0.1:18080\"\n\
                 user_attribute = \"uid\"\nlogin_max_secs = 3600\n\
-                [admin]\ntoken_file = \"admin.token\"\n\
+                [admin]\ntoken_file = \"admin.token\"\n[scim]\ntoken_file = \"scim.token\"\n\
                 [console]\nadmin_groups = [\"security\"]\nauditor_groups = [\"audit\"]\nhelpdesk_groups = [\"it\"]\n"
                 .into(),
-            files: vec![("admin.token".into(), "console-test-admin-token-0123456789\n".into())],
+            files: vec![
+                ("admin.token".into(), "console-test-admin-token-0123456789\n".into()),
+                ("scim.token".into(), "console-test-scim-token-0123456789\n".into()),
+            ],
             saml_idp: true,
             upload_interval_ms: Some(200),
             ..LabOptions::default()
@@ -285,6 +288,18 @@ fn auditors_search_admins_edit_policies_it_disables_users_and_roles_hold_on_the_
     );
     assert!(history[0][2].as_str().unwrap().starts_with("412"), "{p}");
     assert_eq!(history[1][2], "ok", "{p}");
+    let applied = p["apply_note"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("Applied: version ")
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        history[1][3], applied,
+        "the applied version is in the history: {p}"
+    );
     assert_eq!(
         std::fs::read_to_string(&path).unwrap(),
         good,
@@ -300,6 +315,16 @@ fn auditors_search_admins_edit_policies_it_disables_users_and_roles_hold_on_the_
         .connect(&lab.alice, addr("10.8.0.2:8080"), Duration::from_secs(5))
         .unwrap();
     assert_eq!(echo_round_trip(&mut alice_live, b"up").unwrap(), b"up");
+    // An identity source's call, for the overview's health line.
+    let (status, _) = lab
+        .http(
+            "GET",
+            "/scim/v2/Users",
+            "console-test-scim-token-0123456789",
+            "",
+        )
+        .unwrap();
+    assert_eq!(status, 200);
     // A registered device for IT to rotate and remove.
     let (ok, _, err) = lab.cli(&["devices", "add", "bob"]).unwrap();
     assert!(ok, "{err}");
@@ -348,6 +373,14 @@ fn auditors_search_admins_edit_policies_it_disables_users_and_roles_hold_on_the_
         "the overview lists the revocation with its latency: {it}"
     );
     assert_eq!(it["console_errors"], serde_json::json!([]), "{it}");
+    assert!(
+        it["sources"].as_str().unwrap().contains("SCIM")
+            && it["sources"]
+                .as_str()
+                .unwrap()
+                .contains("last successful call"),
+        "{it}"
+    );
     assert!(
         echo_round_trip(&mut alice_live, b"after").is_err(),
         "the live connection is cut"

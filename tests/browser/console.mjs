@@ -172,6 +172,7 @@ async function disable(page, out, name) {
     if (out.revocations.some(r => r[1] === name)) break;
     await page.waitForTimeout(500);
   }
+  out.sources = await page.textContent('#sources');
 }
 
 async function policy(page, out, file, bad, good) {

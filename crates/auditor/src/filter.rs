@@ -190,7 +190,8 @@ pub enum Report {
     /// session and flow was cut, and how many.
     Revocations,
     /// Policy set replacements (`PUT /policies`, from the API or the console), newest
-    /// first: when, by whom, the outcome (`ok`, or the status and why not).
+    /// first: when, by whom, the outcome (`ok`, or the status and why not), the version
+    /// applied.
     PolicyChanges,
 }
 
@@ -275,7 +276,8 @@ pub fn sql(
         ),
         Some(Report::PolicyChanges) => format!(
             "SELECT toString(time) AS at, visitParamExtractString(detail, 'actor') AS changed_by, \
-             visitParamExtractString(detail, 'outcome') AS outcome, gateway \
+             visitParamExtractString(detail, 'outcome') AS outcome, \
+             visitParamExtractString(detail, 'version') AS version, gateway \
              FROM {db}.events FINAL WHERE {w} AND kind = 'admin_action' \
              AND visitParamExtractString(detail, 'action') = 'PUT /policies' \
              ORDER BY time_us DESC, gateway, seq DESC LIMIT {limit}"

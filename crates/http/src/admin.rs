@@ -356,6 +356,12 @@ async fn audit_mutations(State(s): State<AdminState>, req: Request, next: Next) 
         .unwrap_or_else(|| req.uri().path().to_string());
     let response = next.run(req).await;
     let status = response.status();
+    let version = status
+        .is_success()
+        .then(|| response.headers().get(header::ETAG))
+        .flatten()
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim_matches('"').to_string());
     let (response, outcome) = if status.is_success() {
         (response, "ok".to_string())
     } else {
@@ -383,6 +389,7 @@ async fn audit_mutations(State(s): State<AdminState>, req: Request, next: Next) 
                 action,
                 target,
                 outcome,
+                version,
             },
             Some(tx),
         ))

@@ -475,11 +475,31 @@ async fn routes(
         console_sso = Some(sso.clone());
         app = app.merge(sso::routes(sso));
     }
+    // When SCIM last answered a call (Unix seconds; 0: never), for the console.
+    let scim_last_call = Arc::new(std::sync::atomic::AtomicI64::new(0));
     if let (Some(identity), Some(t)) = (identity, &tokens.scim) {
-        app = app.merge(portcullis_scim::router(portcullis_scim::ScimState {
-            identity: identity.clone(),
-            tokens: t.clone(),
-        }));
+        let last = scim_last_call.clone();
+        app = app.merge(
+            portcullis_scim::router(portcullis_scim::ScimState {
+                identity: identity.clone(),
+                tokens: t.clone(),
+            })
+            .layer(axum::middleware::from_fn(
+                move |req: axum::extract::Request, next: axum::middleware::Next| {
+                    let last = last.clone();
+                    async move {
+                        let r = next.run(req).await;
+                        if r.status().is_success() {
+                            last.store(
+                                chrono::Utc::now().timestamp(),
+                                std::sync::atomic::Ordering::Relaxed,
+                            );
+                        }
+                        r
+                    }
+                },
+            )),
+        );
     }
     let console_links = match (&c.console, &c.saml) {
         (Some(_), Some(saml)) => Some(crate::console::Links::new(
@@ -509,16 +529,19 @@ async fn routes(
         app = app.merge(routers.public);
         match (&c.console, console_sso) {
             (Some(cc), Some(sso)) => {
-                app = app.merge(crate::console::routes(crate::console::Console::new(
-                    cc,
+                let parts = crate::console::Parts {
                     sso,
-                    routers.console,
-                    commands.clone(),
-                    c.policy.dir.clone(),
+                    api: routers.console,
+                    commands: commands.clone(),
+                    policy_dir: c.policy.dir.clone(),
                     metrics,
-                    console_links
+                    links: console_links
                         .clone()
                         .ok_or_else(|| anyhow::anyhow!("[console] needs [saml]"))?,
+                    scim_last_call: tokens.scim.as_ref().map(|_| scim_last_call.clone()),
+                };
+                app = app.merge(crate::console::routes(crate::console::Console::new(
+                    cc, parts,
                 )));
             }
             (Some(_), None) => {

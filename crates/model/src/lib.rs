@@ -454,6 +454,10 @@ pub enum Event {
         action: String,
         target: String,
         outcome: String,
+        /// The version the change produced, when the answer names one (a policy set's
+        /// `ETag`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version: Option<String>,
     },
     LoginSucceeded {
         user: String,

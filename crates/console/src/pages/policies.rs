@@ -200,7 +200,7 @@ pub fn policies(
     version: &str,
     files: &[(String, String)],
     running: &[RunningPolicy],
-    history: &[(String, String, String)],
+    history: &[(String, String, String, String)],
 ) -> String {
     let may_edit = c.roles.may(Action::EditPolicies);
     layout(
@@ -225,8 +225,8 @@ pub fn policies(
                 p id="no-history" { "No replacement in the audit trail." }
             } @else {
                 table id="history" {
-                    thead { tr { th scope="col" { "When" } th scope="col" { "By" } th scope="col" { "Outcome" } } }
-                    tbody { @for (when, by, outcome) in history { tr { td { (when) } td { (by) } td { (outcome) } } } }
+                    thead { tr { th scope="col" { "When" } th scope="col" { "By" } th scope="col" { "Outcome" } th scope="col" { "Version" } } }
+                    tbody { @for (when, by, outcome, version) in history { tr { td { (when) } td { (by) } td { (outcome) } td { code { (version) } } } } }
                 }
             }
             @for (name, text) in files {

@@ -64,6 +64,8 @@ pub(crate) struct Console {
     policy_dir: std::path::PathBuf,
     /// Break-glass sign-in links.
     links: Arc<Links>,
+    /// With `[scim]`: when SCIM last answered a call successfully (Unix seconds, 0: never).
+    scim_last_call: Option<Arc<std::sync::atomic::AtomicI64>>,
     /// The packet loop's latest numbers (the overview).
     metrics: Arc<crate::metrics::Metrics>,
     /// To the packet loop: the running policy set (explain).
@@ -73,23 +75,28 @@ pub(crate) struct Console {
     seen: Mutex<HashMap<[u8; 32], Instant>>,
 }
 
+/// What the console is made of, from the control plane.
+pub(crate) struct Parts {
+    pub sso: Arc<Sso>,
+    /// The admin API's routes without their authentication.
+    pub api: Router,
+    pub commands: tokio::sync::mpsc::Sender<portcullis_control::Command>,
+    pub policy_dir: std::path::PathBuf,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub links: Arc<Links>,
+    pub scim_last_call: Option<Arc<std::sync::atomic::AtomicI64>>,
+}
+
 impl Console {
-    pub(crate) fn new(
-        c: &portcullis_config::ConsoleConfig,
-        sso: Arc<Sso>,
-        api: Router,
-        commands: tokio::sync::mpsc::Sender<portcullis_control::Command>,
-        policy_dir: std::path::PathBuf,
-        metrics: Arc<crate::metrics::Metrics>,
-        links: Arc<Links>,
-    ) -> Arc<Console> {
+    pub(crate) fn new(c: &portcullis_config::ConsoleConfig, p: Parts) -> Arc<Console> {
         Arc::new(Console {
-            links,
-            policy_dir,
-            metrics,
-            sso,
-            api,
-            commands,
+            links: p.links,
+            scim_last_call: p.scim_last_call,
+            policy_dir: p.policy_dir,
+            metrics: p.metrics,
+            sso: p.sso,
+            api: p.api,
+            commands: p.commands,
             groups: RoleGroups {
                 admin: c.admin_groups.clone(),
                 auditor: c.auditor_groups.clone(),
@@ -406,6 +413,18 @@ async fn overview(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response
         .await;
     let users = users.as_array().cloned().unwrap_or_default();
     let mut sources = Vec::new();
+    if let Some(last) = &c.scim_last_call {
+        let at = last.load(std::sync::atomic::Ordering::Relaxed);
+        let text = match chrono::DateTime::from_timestamp(at, 0).filter(|_| at > 0) {
+            Some(t) => format!(
+                "last successful call {} ({} s ago)",
+                t.to_rfc3339(),
+                (chrono::Utc::now() - t).num_seconds().max(0)
+            ),
+            None => "no call since the gateway started".to_string(),
+        };
+        sources.push(("SCIM".to_string(), text));
+    }
     if ldap_status.is_success() {
         let state = match (
             at(&ldap, "connected").as_bool(),

@@ -210,13 +210,16 @@ pub(super) async fn policies(State(c): State<Arc<Console>>, headers: HeaderMap) 
             "/audit/reports/policy-changes?limit=20",
         )
         .await;
-    let history: Vec<(String, String, String)> = pick(&changes, &["at", "changed_by", "outcome"])
-        .into_iter()
-        .map(|r| match r.as_slice() {
-            [when, by, outcome] => (when.clone(), by.clone(), outcome.clone()),
-            _ => Default::default(),
-        })
-        .collect();
+    let history: Vec<(String, String, String, String)> =
+        pick(&changes, &["at", "changed_by", "outcome", "version"])
+            .into_iter()
+            .map(|r| match r.as_slice() {
+                [when, by, outcome, version] => {
+                    (when.clone(), by.clone(), outcome.clone(), version.clone())
+                }
+                _ => Default::default(),
+            })
+            .collect();
     html(
         StatusCode::OK,
         pages::policies(&chrome, &version, &shown, &running, &history),

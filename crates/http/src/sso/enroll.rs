@@ -130,6 +130,7 @@ pub(super) async fn enroll(
         action: "POST /enroll".into(),
         target: device.id.to_string(),
         outcome: "ok".into(),
+        version: None,
     })
     .await;
     let profile = sso
