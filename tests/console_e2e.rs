@@ -364,6 +364,11 @@ fn auditors_search_admins_edit_policies_it_disables_users_and_roles_hold_on_the_
         "{it}"
     );
     assert_eq!(it["state_after"], "disabled", "{it}");
+    let recent = it["recent"].as_array().unwrap();
+    assert!(
+        recent.iter().any(|r| r[2] == "10.8.0.2"),
+        "alice's page shows her recent flows: {it}"
+    );
     assert!(
         it["revocations"]
             .as_array()
@@ -373,6 +378,13 @@ fn auditors_search_admins_edit_policies_it_disables_users_and_roles_hold_on_the_
         "the overview lists the revocation with its latency: {it}"
     );
     assert_eq!(it["console_errors"], serde_json::json!([]), "{it}");
+    for run in [&a, &p, &it] {
+        assert_eq!(
+            run["unlabeled"],
+            serde_json::json!([]),
+            "every control has a label: {run}"
+        );
+    }
     assert!(
         it["sources"].as_str().unwrap().contains("SCIM")
             && it["sources"]

@@ -42,6 +42,18 @@ try {
     if (m.type() === 'error' && !m.text().startsWith('Failed to load resource')) out.console_errors.push(m.text());
   });
   page.on('pageerror', e => out.console_errors.push(String(e)));
+  // Every page loaded: each visible form control must have a label (or an aria-label).
+  out.unlabeled = [];
+  out.pages_checked = 0;
+  page.on('load', async () => {
+    try {
+      out.pages_checked += 1;
+      const missing = await page.$$eval('input:not([type=hidden]), select, textarea', els => els
+        .filter(e => !(e.id && document.querySelector(`label[for="${e.id}"]`)) && !e.getAttribute('aria-label'))
+        .map(e => e.name || e.id || e.outerHTML.slice(0, 60)));
+      for (const m of missing) out.unlabeled.push(`${page.url()}: ${m}`);
+    } catch (e) { /* the page navigated on */ }
+  });
   if (scenario === 'link') await link(page, out, args[0]);
   else await signIn(page, out);
   if (scenario === 'link') { /* done */ }
@@ -163,7 +175,13 @@ async function disable(page, out, name) {
   await Promise.all([page.waitForURL(/disable$/), page.keyboard.press('Enter')]);
   out.result = await page.textContent('#result');
   await shot(page, 'disabled');
-  await page.goto(`${base}/console/users/${name}`);
+  // The user's page, with their newest flows and denies once the trail has them.
+  for (let i = 0; i < 20; i++) {
+    await page.goto(`${base}/console/users/${name}`);
+    out.recent = await page.$$eval('#recent tbody tr', trs => trs.map(tr => [...tr.cells].map(td => td.textContent)));
+    if (out.recent.length > 0) break;
+    await page.waitForTimeout(500);
+  }
   out.state_after = await page.textContent('#state');
   // The overview lists the revocation once the trail has it (uploads every 200 ms).
   for (let i = 0; i < 20; i++) {

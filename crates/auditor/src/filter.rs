@@ -20,6 +20,8 @@ pub enum FilterError {
         "report {0:?}: expected sessions, who-reached, denied, top-talkers, access-requests, revocations or policy-changes"
     )]
     Report(String),
+    #[error("order {0:?}: expected asc or desc")]
+    Order(String),
 }
 
 /// Which rows an auditor asks about. Every field narrows.
@@ -38,6 +40,8 @@ pub struct Filter {
     pub limit: Option<u64>,
     /// Rows to skip first (the next page: the order is fixed, `time, gateway, seq`).
     pub offset: Option<u64>,
+    /// A listing's order: `asc` (oldest first, the default) or `desc` (newest first).
+    pub order: Option<String>,
 }
 
 /// Parses `2026-11-22T10:00:00Z` or a duration before `now` (`90s`, `15m`, `24h`, `7d`).
@@ -157,6 +161,15 @@ impl Filter {
         self.limit.unwrap_or(1000).min(1_000_000)
     }
 
+    /// The listing's `ORDER BY`.
+    fn listing_order(&self) -> Result<&'static str, FilterError> {
+        match self.order.as_deref() {
+            None | Some("asc") => Ok("time, gateway, seq"),
+            Some("desc") => Ok("time DESC, gateway DESC, seq DESC"),
+            Some(other) => Err(FilterError::Order(other.to_string())),
+        }
+    }
+
     /// `LIMIT offset, limit` (the form ClickHouse 18.16 reads too).
     fn limit_clause(&self) -> String {
         format!(
@@ -220,6 +233,7 @@ pub fn sql(
 ) -> Result<String, FilterError> {
     let w = filter.where_clause(now)?;
     let limit = filter.limit_clause();
+    let order = filter.listing_order()?;
     // Destination questions read the table ordered by destination.
     let flows = if filter.dst.is_some() {
         format!("{db}.flows_by_dst")
@@ -230,12 +244,12 @@ pub fn sql(
         None if filter.dst.is_some() => format!(
             "SELECT toString(time) AS at, kind, user, device, protocol, src_ip, src_port, dst_ip, dst_port, \
              network, decision, policy_ids, reason, bytes_out, bytes_in, session_id \
-             FROM {flows} FINAL WHERE {w} ORDER BY time, gateway, seq LIMIT {limit}"
+             FROM {flows} FINAL WHERE {w} ORDER BY {order} LIMIT {limit}"
         ),
         None => format!(
             "SELECT toString(time) AS at, kind, user, device, protocol, src_ip, src_port, dst_ip, dst_port, \
              network, decision, policy_ids, reason, bytes_out, bytes_in, session_id, gateway, seq \
-             FROM {db}.events FINAL WHERE {w} ORDER BY time, gateway, seq LIMIT {limit}"
+             FROM {db}.events FINAL WHERE {w} ORDER BY {order} LIMIT {limit}"
         ),
         // Session ids are per node: a session is (gateway, session_id).
         Some(Report::Sessions) => format!(

@@ -82,6 +82,9 @@ pub struct FilterArgs {
     /// Rows to skip first (the next page; the order is fixed).
     #[arg(long)]
     offset: Option<u64>,
+    /// A listing's order: asc (oldest first, the default) or desc (newest first).
+    #[arg(long)]
+    order: Option<String>,
 }
 
 impl From<FilterArgs> for Filter {
@@ -98,6 +101,7 @@ impl From<FilterArgs> for Filter {
             kind: a.kind,
             limit: a.limit,
             offset: a.offset,
+            order: a.order,
         }
     }
 }

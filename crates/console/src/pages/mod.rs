@@ -18,7 +18,7 @@ pub use audit::{audit, verify, AuditSearch, Rows, AUDIT_FIELDS, REPORTS};
 pub use policies::{
     anchor, explain, policies, policy_edit, Checked, ExplainForm, Problem, RunningPolicy,
 };
-pub use users::{rotated, sessions_devices, user, users, UserLine, UserPage};
+pub use users::{rotated, sessions_devices, user, users, UserLine, UserPage, RECENT_COLUMNS};
 
 /// Who is looking: shown in the header, and what the navigation offers.
 #[derive(Clone, Debug)]
@@ -265,6 +265,7 @@ mod tests {
             tags: vec![],
             sessions: vec![(7, "laptop".into(), "10.0.0.1:1".into(), "now".into())],
             devices: vec![],
+            recent: vec![],
         }
     }
 

@@ -52,7 +52,21 @@ pub struct UserPage {
     pub sessions: Vec<(u64, String, String, String)>,
     /// `(id, name, public key, expires)`.
     pub devices: Vec<(String, String, String, String)>,
+    /// The user's newest audit events, as [`RECENT_COLUMNS`].
+    pub recent: Vec<Vec<String>>,
 }
+
+/// The columns of a user's recent events on their page.
+pub const RECENT_COLUMNS: [&str; 8] = [
+    "at",
+    "kind",
+    "dst_ip",
+    "dst_port",
+    "protocol",
+    "network",
+    "decision",
+    "policy_ids",
+];
 
 pub fn user(c: &Chrome, u: &UserPage) -> String {
     let may_disable = c.roles.may(Action::DisableUser) && u.line.active;
@@ -96,6 +110,12 @@ pub fn user(c: &Chrome, u: &UserPage) -> String {
                     }
                 }
             }
+            h2 { "Recent flows and denies" }
+            table id="recent" {
+                thead { tr { @for c in RECENT_COLUMNS { th scope="col" { (c) } } } }
+                tbody { @for row in &u.recent { tr { @for cell in row { td { (cell) } } } } }
+            }
+            p { a href=(format!("/console/audit?user={}", percent(&u.line.name))) { "All of " (u.line.name) "'s events" } }
             @if may_disable {
                 h2 { "Disable" }
                 form method="post" action=(format!("/console/users/{}/disable", percent(&u.line.name))) id="disable" {

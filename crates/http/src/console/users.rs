@@ -90,7 +90,15 @@ pub(super) async fn user(
     let (_, devices) = c
         .call(&chrome.user, Method::GET, &format!("/devices?{query}"))
         .await;
+    let (_, recent) = c
+        .call(
+            &chrome.user,
+            Method::GET,
+            &format!("/audit/events?{query}&order=desc&limit=20"),
+        )
+        .await;
     let page = UserPage {
+        recent: super::pick(&recent, &pages::RECENT_COLUMNS),
         line: user_line(found),
         tags: strings(at(found, "tags")),
         sessions: sessions
