@@ -43,3 +43,16 @@ pub use plane::{
     adopt_cluster_policy, check, cluster_target, leave_cluster, load_api_tokens, open_identity,
     start,
 };
+
+/// `data` as an SVG QR code at least `min_px` square (a WireGuard profile, an
+/// `otpauth://` URI), for the enrollment, second-factor and console pages; empty when
+/// `data` does not fit in a QR code.
+pub(crate) fn qr_svg(data: &str, min_px: u32) -> String {
+    qrcode::QrCode::new(data.as_bytes())
+        .map(|code| {
+            code.render::<qrcode::render::svg::Color<'_>>()
+                .min_dimensions(min_px, min_px)
+                .build()
+        })
+        .unwrap_or_default()
+}

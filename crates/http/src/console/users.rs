@@ -313,13 +313,7 @@ pub(super) async fn rotate_device(
         Err(r) => return r,
     };
     let profile = text_of(&v, "profile");
-    let qr = qrcode::QrCode::new(profile.as_bytes())
-        .map(|code| {
-            code.render::<qrcode::render::svg::Color<'_>>()
-                .min_dimensions(240, 240)
-                .build()
-        })
-        .unwrap_or_default();
+    let qr = crate::qr_svg(&profile, 240);
     html(
         StatusCode::OK,
         pages::rotated(&chrome, &text_of(at(&v, "device"), "user"), &profile, &qr),

@@ -137,13 +137,7 @@ pub(super) async fn enroll(
         .scope
         .profile(&sso.profile, &sso.commands, &device, private.as_deref())
         .await;
-    let qr = qrcode::QrCode::new(profile.as_bytes())
-        .map(|code| {
-            code.render::<qrcode::render::svg::Color<'_>>()
-                .min_dimensions(240, 240)
-                .build()
-        })
-        .unwrap_or_default();
+    let qr = crate::qr_svg(&profile, 240);
     let download = base64::engine::general_purpose::STANDARD.encode(profile.as_bytes());
     let file = format!("portcullis-{}.conf", device.address);
     let key_note = if private.is_some() {

@@ -244,13 +244,7 @@ pub(super) async fn mfa_page(State(sso): State<Arc<Sso>>, headers: HeaderMap) ->
         );
     }
     let uri = secret.otpauth_uri(&sso.mfa.issuer, &s.user);
-    let qr = qrcode::QrCode::new(uri.as_bytes())
-        .map(|code| {
-            code.render::<qrcode::render::svg::Color<'_>>()
-                .min_dimensions(200, 200)
-                .build()
-        })
-        .unwrap_or_default();
+    let qr = crate::qr_svg(&uri, 200);
     page(
         StatusCode::OK,
         "Set up your authenticator",
