@@ -278,11 +278,7 @@ fn on_pages(lab: &Lab, user: &str, args: &[&str]) -> Value {
 #[test]
 fn the_sign_on_pages_file_and_decide_requests() {
     let lab = Lab::start(LabOptions {
-        extra_config: "[http]\nlisten = \"127.0.0.1:18080\"\n[admin]\ntoken_file = \"admin.token\"\n\
-            [devices]\npool = \"100.64.0.128/26\"\nendpoint = \"192.168.77.1:51820\"\n\
-            [saml]\nidp_metadata = \"{idp_metadata_url}\"\nbase_url = \"http://127.0.0.1:18080\"\n\
-            user_attribute = \"uid\"\nlogin_max_secs = 3600\n"
-            .into(),
+        extra_config: format!("{SIGN_ON_CONFIG}[admin]\ntoken_file = \"admin.token\"\n"),
         files: vec![
             ("admin.token".into(), format!("{ADMIN_TOKEN}\n")),
             (

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
-use portcullis_e2e::{quantile, repo_root, Lab, LabOptions};
+use portcullis_e2e::{quantile, repo_root, Lab, LabOptions, SIGN_ON_CONFIG};
 use portcullis_testkit::numeric_arg as arg;
 
 fn main() -> Result<()> {
@@ -21,12 +21,7 @@ fn main() -> Result<()> {
     let ch = portcullis_testkit::ClickHouse::start()?;
     let lab = Lab::start_audited(
         LabOptions {
-            extra_config: "[http]\nlisten = \"127.0.0.1:18080\"\n\
-                [devices]\npool = \"100.64.0.128/26\"\nendpoint = \"192.168.77.1:51820\"\n\
-                [saml]\nidp_metadata = \"{idp_metadata_url}\"\nbase_url = \"http://127.0.0.1:18080\"\n\
-                user_attribute = \"uid\"\nlogin_max_secs = 3600\n\
-                [console]\nauditor_groups = [\"audit\"]\n"
-                .into(),
+            extra_config: format!("{SIGN_ON_CONFIG}[console]\nauditor_groups = [\"audit\"]\n"),
             saml_idp: true,
             gateway_log: "warn".into(),
             ..LabOptions::default()

@@ -25,13 +25,9 @@ fn auditors_search_admins_edit_policies_it_disables_users_and_roles_hold_on_the_
     let ch = portcullis_testkit::ClickHouse::start().unwrap();
     let lab = Lab::start_audited(
         LabOptions {
-            extra_config: "[http]\nlisten = \"127.0.0.1:18080\"\n\
-                [devices]\npool = \"100.64.0.128/26\"\nendpoint = \"192.168.77.1:51820\"\n\
-                [saml]\nidp_metadata = \"{idp_metadata_url}\"\nbase_url = \"http://127.0.0.1:18080\"\n\
-                user_attribute = \"uid\"\nlogin_max_secs = 3600\n\
+            extra_config: format!("{SIGN_ON_CONFIG}\
                 [admin]\ntoken_file = \"admin.token\"\n[scim]\ntoken_file = \"scim.token\"\n\
-                [console]\nadmin_groups = [\"security\"]\nauditor_groups = [\"audit\"]\nhelpdesk_groups = [\"it\"]\n"
-                .into(),
+                [console]\nadmin_groups = [\"security\"]\nauditor_groups = [\"audit\"]\nhelpdesk_groups = [\"it\"]\n"),
             files: vec![
                 ("admin.token".into(), "console-test-admin-token-0123456789\n".into()),
                 ("scim.token".into(), "console-test-scim-token-0123456789\n".into()),

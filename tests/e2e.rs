@@ -13,7 +13,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use portcullis_e2e::{echo_round_trip, Lab, LabOptions};
+use portcullis_e2e::{echo_round_trip, Lab, LabOptions, SIGN_ON_CONFIG};
 use serde_json::Value;
 
 fn addr(s: &str) -> SocketAddr {
@@ -1616,11 +1616,7 @@ fn saml_enroll(lab: &Lab, user: &str, name: &str, public_key: &str, tamper: bool
 #[test]
 fn saml_login_enrolls_a_device_that_reaches_what_the_groups_allow() {
     let lab = Lab::start(LabOptions {
-        extra_config: "[http]\nlisten = \"127.0.0.1:18080\"\n\
-            [devices]\npool = \"100.64.0.128/26\"\nendpoint = \"192.168.77.1:51820\"\n\
-            [saml]\nidp_metadata = \"{idp_metadata_url}\"\nbase_url = \"http://127.0.0.1:18080\"\n\
-            user_attribute = \"uid\"\nlogin_max_secs = 3600\n"
-            .into(),
+        extra_config: SIGN_ON_CONFIG.into(),
         alice_from_identity_source: true,
         saml_idp: true,
         ..LabOptions::default()

@@ -169,6 +169,13 @@ pub enum GatewayKind {
     WireguardGo,
 }
 
+/// The `[http]`, `[devices]` and `[saml]` sections of a lab whose users sign on through
+/// its SimpleSAMLphp IdP (`saml_idp`) at `http://127.0.0.1:18080`; a test appends its own.
+pub const SIGN_ON_CONFIG: &str = "[http]\nlisten = \"127.0.0.1:18080\"\n\
+    [devices]\npool = \"100.64.0.128/26\"\nendpoint = \"192.168.77.1:51820\"\n\
+    [saml]\nidp_metadata = \"{idp_metadata_url}\"\nbase_url = \"http://127.0.0.1:18080\"\n\
+    user_attribute = \"uid\"\nlogin_max_secs = 3600\n";
+
 /// Options for [`Lab::start`].
 #[derive(Clone, Debug)]
 pub struct LabOptions {

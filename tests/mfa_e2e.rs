@@ -35,13 +35,10 @@ fn next_step() {
 #[test]
 fn totp_is_set_up_at_first_sign_on_used_once_per_code_rate_limited_and_reset_by_an_admin() {
     let mut lab = Lab::start(LabOptions {
-        extra_config:
-            "[http]\nlisten = \"127.0.0.1:18080\"\n[admin]\ntoken_file = \"admin.token\"\n\
-            [devices]\npool = \"100.64.0.128/26\"\nendpoint = \"192.168.77.1:51820\"\n\
-            [saml]\nidp_metadata = \"{idp_metadata_url}\"\nbase_url = \"http://127.0.0.1:18080\"\n\
-            user_attribute = \"uid\"\nlogin_max_secs = 3600\n\
+        extra_config: format!(
+            "{SIGN_ON_CONFIG}[admin]\ntoken_file = \"admin.token\"\n\
             [mfa]\ntotp = true\nrequired = true\nsecret_key_file = \"mfa.key\"\n"
-                .into(),
+        ),
         files: vec![
             ("admin.token".into(), format!("{ADMIN_TOKEN}\n")),
             // 32 bytes, base64.
