@@ -539,6 +539,7 @@ async fn routes(
                         .clone()
                         .ok_or_else(|| anyhow::anyhow!("[console] needs [saml]"))?,
                     scim_last_call: tokens.scim.as_ref().map(|_| scim_last_call.clone()),
+                    sites: devices::ProfileScope::new(loaded).site_names(),
                 };
                 app = app.merge(crate::console::routes(crate::console::Console::new(
                     cc, parts,

@@ -150,10 +150,10 @@ fn check_size(name: &str, text: &str) -> Result<(), ApiError> {
 /// One located problem; `file` is relative to the policy directory.
 #[derive(Debug, Serialize)]
 pub(crate) struct Problem {
-    file: String,
-    line: usize,
-    col: usize,
-    message: String,
+    pub(crate) file: String,
+    pub(crate) line: usize,
+    pub(crate) col: usize,
+    pub(crate) message: String,
 }
 
 fn problems(dir: &Path, errors: &[SourceError]) -> Vec<Problem> {

@@ -60,6 +60,8 @@ pub(crate) struct Console {
     /// The admin API's routes without their authentication.
     api: Router,
     groups: RoleGroups,
+    /// `[[cluster.sites]]`, for validating an edited set.
+    sites: Vec<String>,
     /// `[policy] dir`: the policy tests the editor runs.
     policy_dir: std::path::PathBuf,
     /// Break-glass sign-in links.
@@ -85,6 +87,8 @@ pub(crate) struct Parts {
     pub metrics: Arc<crate::metrics::Metrics>,
     pub links: Arc<Links>,
     pub scim_last_call: Option<Arc<std::sync::atomic::AtomicI64>>,
+    /// `[[cluster.sites]]`: a policy set naming another site does not validate.
+    pub sites: Vec<String>,
 }
 
 impl Console {
@@ -92,6 +96,7 @@ impl Console {
         Arc::new(Console {
             links: p.links,
             scim_last_call: p.scim_last_call,
+            sites: p.sites,
             policy_dir: p.policy_dir,
             metrics: p.metrics,
             sso: p.sso,

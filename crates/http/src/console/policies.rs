@@ -296,12 +296,9 @@ fn problems_of(v: &Value) -> Vec<pages::Problem> {
 /// The policy tests (`[policy] dir`/tests) against the edited set.
 async fn run_tests(
     c: &Console,
-    files: &crate::policy_api::PolicyFiles,
+    bundle: portcullis_policy::PolicyBundle,
 ) -> Vec<(String, Option<String>)> {
-    let bundle = match crate::policy_api::build(&c.policy_dir, files, Vec::new()).await {
-        Ok(Ok(b)) => Arc::new(b),
-        _ => return Vec::new(),
-    };
+    let bundle = Arc::new(bundle);
     let dir = c.policy_dir.clone();
     tokio::task::spawn_blocking(move || match portcullis_policy::testing::load_cases(&dir) {
         Ok(cases) => cases
@@ -400,31 +397,36 @@ pub(super) async fn policy_submit(
             checked.diff = diff;
         }
     } else {
-        let (s, v) = c
-            .call_with(
-                &chrome.user,
-                Method::POST,
-                "/policies/validate",
-                Some(&body),
-                None,
-            )
-            .await;
-        if !s.is_success() {
-            status = s;
-            checked.note = Some((false, error_text(&v)));
-        } else if *at(&v, "valid") == false {
-            status = StatusCode::UNPROCESSABLE_ENTITY;
-            checked.problems = problems_of(&v);
-        } else {
-            checked.tests = run_tests(&c, &edited).await;
-            checked.diff = diff;
-            if current_version != f.version {
-                checked.note = Some((
+        // Validated as `POST /policies/validate` does (the cluster's sites included),
+        // once: the same bundle runs the tests.
+        match crate::policy_api::build(&c.policy_dir, &edited, c.sites.clone()).await {
+            Err(e) => {
+                status = e.0;
+                checked.note = Some((false, e.1));
+            }
+            Ok(Err(problems)) => {
+                status = StatusCode::UNPROCESSABLE_ENTITY;
+                checked.problems = problems
+                    .into_iter()
+                    .map(|p| pages::Problem {
+                        file: p.file,
+                        line: p.line,
+                        col: p.col,
+                        message: p.message,
+                    })
+                    .collect();
+            }
+            Ok(Ok(bundle)) => {
+                checked.tests = run_tests(&c, bundle).await;
+                checked.diff = diff;
+                if current_version != f.version {
+                    checked.note = Some((
                     false,
                     format!("The policies changed since you opened the editor (now version {current_version}): applying will be refused."),
                 ));
-            } else {
-                checked.note = Some((true, "Valid.".to_string()));
+                } else {
+                    checked.note = Some((true, "Valid.".to_string()));
+                }
             }
         }
     }
