@@ -7,8 +7,12 @@
 //!   month, ordered by `(user, time, gateway, seq)`: per-user time ranges read a narrow
 //!   slice, and a retried batch collapses onto the rows it repeats (same key) when parts
 //!   merge; queries that count read `FINAL`.
-//! - `flows_by_dst`: flow events again, ordered by `(dst_addr, time, gateway, seq)` for
-//!   per-destination questions, filled by the materialized view `flows_by_dst_mv`.
+//! - `flows_by_dst_idx` (since schema 5): a narrow index of flow events ordered by
+//!   `(dst_addr, time, gateway, seq)`, holding only the destination and the key of the row
+//!   in `events` (`user, time, gateway, seq`); per-destination questions find the keys
+//!   here and read the rows from `events` by its primary key. Filled by the materialized
+//!   view `flows_by_dst_idx_mv`. It replaced `flows_by_dst` (schema 2 to 4), a 24-column
+//!   copy of every flow row that cost ClickHouse ~1.2 µs of CPU per flow row to write.
 //! - `uploader_metrics`: each gateway's uploader state every 10 s (backlog, lag, errors).
 //! - `schema_migrations`: applied migration versions.
 //!
@@ -276,7 +280,10 @@ impl Store {
                 .await?;
         }
         self.execute(&EVENTS_V4.replace("{db}", db)).await?;
-        self.execute(&FLOWS_BY_DST_MV.replace("{db}", db)).await?;
+        // Schema 5 dropped the wide copy; a rerun after it has no view to restore.
+        if self.table_exists("flows_by_dst").await? {
+            self.execute(&FLOWS_BY_DST_MV.replace("{db}", db)).await?;
+        }
         // The old table's own columns (not this build's list, which later schemas extend).
         let names: Vec<String> = self
             .client
@@ -354,7 +361,7 @@ impl Store {
             .client
             .query(
                 "SELECT table, partition FROM system.parts \
-                 WHERE database = ? AND active AND table IN ('events', 'flows_by_dst', 'uploader_metrics') \
+                 WHERE database = ? AND active AND table IN ('events', 'flows_by_dst_idx', 'uploader_metrics') \
                  GROUP BY table, partition HAVING toInt64(max(max_time)) < ?",
             )
             .bind(&self.database)
@@ -400,7 +407,7 @@ struct Migration {
 }
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: u32 = 4;
+pub const SCHEMA_VERSION: u32 = 5;
 
 const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -452,7 +459,35 @@ const MIGRATIONS: &[Migration] = &[
         name: "raw_hashes",
         sql: &[],
     },
+    // The index is created before the old copy goes: a destination query keeps an answer
+    // throughout (flows inserted between the backfill and the view's creation are
+    // backfilled again, collapsing onto the key).
+    Migration {
+        version: 5,
+        name: "flows_by_dst_idx",
+        sql: &[
+            FLOWS_BY_DST_IDX,
+            FLOWS_BY_DST_IDX_MV,
+            "INSERT INTO {db}.flows_by_dst_idx (dst_addr, time, user, gateway, seq) \
+             SELECT dst_addr, time, user, gateway, seq FROM {db}.events \
+             WHERE kind IN ('flow_opened', 'flow_denied', 'flow_closed')",
+            "DROP TABLE IF EXISTS {db}.flows_by_dst_mv",
+            "DROP TABLE IF EXISTS {db}.flows_by_dst",
+        ],
+    },
 ];
+
+/// Schema 5's index table; see the module docs.
+const FLOWS_BY_DST_IDX: &str = "CREATE TABLE IF NOT EXISTS {db}.flows_by_dst_idx (
+            dst_addr FixedString(16), time DateTime, user String, gateway String, seq UInt64
+        ) ENGINE = ReplacingMergeTree()
+        PARTITION BY toYYYYMM(time)
+        ORDER BY (dst_addr, time, gateway, seq)";
+
+const FLOWS_BY_DST_IDX_MV: &str =
+    "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.flows_by_dst_idx_mv TO {db}.flows_by_dst_idx AS
+            SELECT dst_addr, time, user, gateway, seq
+            FROM {db}.events WHERE kind IN ('flow_opened', 'flow_denied', 'flow_closed')";
 
 const FLOWS_BY_DST_MV: &str =
     "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.flows_by_dst_mv TO {db}.flows_by_dst AS

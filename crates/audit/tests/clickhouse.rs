@@ -216,13 +216,13 @@ fn schema_4_rebuilds_events_with_raw_hashes_keeping_every_row_and_the_view() {
     let err = rt().block_on(store.check_schema()).unwrap_err().to_string();
     assert!(err.contains("schema version 3"), "{err}");
 
-    assert_eq!(rt().block_on(store.migrate()).unwrap(), vec![4]);
+    assert_eq!(rt().block_on(store.migrate()).unwrap(), vec![4, 5]);
     rt().block_on(store.check_schema()).unwrap();
     assert_rebuild_finished(&ch, &store, "pc");
     let back = rows_back(&store, "pc");
     assert_eq!(back, rows, "every row, hashes now raw and equal");
     assert!(back.iter().all(|r| r.expected_hash() == r.hash));
-    // The view feeds flows_by_dst again (its 40 rows were there before the rebuild).
+    // Schema 5's index holds the 40 flows (backfilled) and its view feeds it.
     let next = {
         let mut row = AuditRow::from_envelope(&Envelope {
             v: 1,
@@ -237,12 +237,12 @@ fn schema_4_rebuilds_events_with_raw_hashes_keeping_every_row_and_the_view() {
     };
     rt().block_on(store.insert(&[next])).unwrap();
     assert_eq!(
-        ch.count("SELECT count() FROM pc.flows_by_dst FINAL")
+        ch.count("SELECT count() FROM pc.flows_by_dst_idx FINAL")
             .unwrap(),
         41
     );
     assert_eq!(
-        ch.count("SELECT count() FROM pc.flows_by_dst FINAL WHERE user = 'carol'")
+        ch.count("SELECT count() FROM pc.flows_by_dst_idx FINAL WHERE user = 'carol'")
             .unwrap(),
         1
     );
@@ -257,7 +257,7 @@ fn the_schema_4_rebuild_resumes_after_an_interruption() {
     let (store, rows, _) = schema_3_with_rows(&ch, "pc", 30);
     ch.query("DROP TABLE pc.flows_by_dst_mv").unwrap();
     ch.query("RENAME TABLE pc.events TO pc.events_v3").unwrap();
-    assert_eq!(rt().block_on(store.migrate()).unwrap(), vec![4]);
+    assert_eq!(rt().block_on(store.migrate()).unwrap(), vec![4, 5]);
     assert_eq!(rows_back(&store, "pc"), rows);
 
     // Stopped after the copy, before the old table was dropped and the version recorded:
@@ -277,10 +277,10 @@ fn the_schema_4_rebuild_resumes_after_an_interruption() {
          (1, 'events', now()), (2, 'flows_by_dst', now()), (3, 'uploader_metrics', now())",
     )
     .unwrap();
-    assert_eq!(rt().block_on(store.migrate()).unwrap(), vec![4]);
+    assert_eq!(rt().block_on(store.migrate()).unwrap(), vec![4, 5]);
     assert_eq!(rows_back(&store, "pc"), rows, "each row once after FINAL");
     assert_eq!(
-        ch.count("SELECT count() FROM pc.flows_by_dst FINAL")
+        ch.count("SELECT count() FROM pc.flows_by_dst_idx FINAL")
             .unwrap(),
         30
     );
@@ -315,15 +315,15 @@ fn events_land_once_each_with_a_contiguous_chain() {
             .unwrap(),
         200 * n / 2
     );
-    // flows_by_dst got the same flows (the view is fed block by block after the table,
-    // so it may trail the events table by a moment).
-    wait_for("flows_by_dst filled", Duration::from_secs(10), || {
-        ch.count("SELECT count() FROM pc.flows_by_dst FINAL")
+    // flows_by_dst_idx got the same flows (the view is fed block by block after the
+    // table, so it may trail the events table by a moment).
+    wait_for("flows_by_dst_idx filled", Duration::from_secs(10), || {
+        ch.count("SELECT count() FROM pc.flows_by_dst_idx FINAL")
             .unwrap_or(0)
             == n
     });
     assert_eq!(
-        ch.count("SELECT uniqExact(seq) FROM pc.flows_by_dst")
+        ch.count("SELECT uniqExact(seq) FROM pc.flows_by_dst_idx")
             .unwrap(),
         n
     );
@@ -558,7 +558,7 @@ fn retention_drops_only_old_partitions() {
         "{dropped:?}"
     );
     assert!(
-        dropped.contains(&"flows_by_dst/202003".to_string()),
+        dropped.contains(&"flows_by_dst_idx/202003".to_string()),
         "{dropped:?}"
     );
     assert_eq!(ch.count("SELECT count() FROM pc.events").unwrap(), 1);

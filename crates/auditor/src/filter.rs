@@ -1,4 +1,6 @@
-//! Auditor filters and reports as SQL over the `events` / `flows_by_dst` tables.
+//! Auditor filters and reports as SQL over the `events` table. A destination filter first
+//! finds the flows' keys in the narrow `flows_by_dst_idx` (ordered by destination) and
+//! reads those rows from `events` by its primary key (`user, time, gateway, seq`).
 
 use std::net::IpAddr;
 use std::str::FromStr;
@@ -157,6 +159,37 @@ impl Filter {
         Ok(c.join(" AND "))
     }
 
+    /// With a destination: `(user, time, gateway, seq) IN (…)` over `flows_by_dst_idx`,
+    /// narrowed by everything the index holds (destination, time, user).
+    pub fn dst_keys(&self, db: &str, now: DateTime<Utc>) -> Result<Option<String>, FilterError> {
+        let Some(d) = &self.dst else {
+            return Ok(None);
+        };
+        let (lo, hi) = cidr_bounds(d)?;
+        let mut c = vec![format!(
+            "dst_addr >= unhex('{lo}') AND dst_addr <= unhex('{hi}')"
+        )];
+        if let Some(u) = &self.user {
+            c.push(format!("user = {}", quote(u)));
+        }
+        if let Some(s) = &self.since {
+            c.push(format!(
+                "time >= toDateTime({})",
+                db_seconds(parse_time(s, now)?)
+            ));
+        }
+        if let Some(u) = &self.until {
+            c.push(format!(
+                "time <= toDateTime({})",
+                db_seconds(parse_time(u, now)?)
+            ));
+        }
+        Ok(Some(format!(
+            "(user, time, gateway, seq) IN (SELECT user, time, gateway, seq FROM {db}.flows_by_dst_idx WHERE {})",
+            c.join(" AND ")
+        )))
+    }
+
     fn limit(&self) -> u64 {
         self.limit.unwrap_or(1000).min(1_000_000)
     }
@@ -234,18 +267,13 @@ pub fn sql(
     let w = filter.where_clause(now)?;
     let limit = filter.limit_clause();
     let order = filter.listing_order()?;
-    // Destination questions read the table ordered by destination.
-    let flows = if filter.dst.is_some() {
-        format!("{db}.flows_by_dst")
-    } else {
-        format!("{db}.events")
+    // Destination questions find their rows' keys in the index ordered by destination.
+    let keys = filter.dst_keys(db, now)?;
+    let w = match &keys {
+        Some(k) => format!("{k} AND {w}"),
+        None => w,
     };
     Ok(match report {
-        None if filter.dst.is_some() => format!(
-            "SELECT toString(time) AS at, kind, user, device, protocol, src_ip, src_port, dst_ip, dst_port, \
-             network, decision, policy_ids, reason, bytes_out, bytes_in, session_id \
-             FROM {flows} FINAL WHERE {w} ORDER BY {order} LIMIT {limit}"
-        ),
         None => format!(
             "SELECT toString(time) AS at, kind, user, device, protocol, src_ip, src_port, dst_ip, dst_port, \
              network, decision, policy_ids, reason, bytes_out, bytes_in, session_id, gateway, seq \
@@ -267,14 +295,14 @@ pub fn sql(
              toString(min(time)) AS first_seen, toString(max(time)) AS last_seen, \
              groupUniqArray(dst_ip) AS destinations, \
              sumIf(bytes_out + bytes_in, kind = 'flow_closed') AS bytes \
-             FROM {flows} FINAL WHERE {w} AND decision = 'allow' \
+             FROM {db}.events FINAL WHERE {w} AND decision = 'allow' \
              GROUP BY user ORDER BY flows DESC LIMIT {limit}"
         ),
         Some(Report::Denied) => format!(
             "SELECT user, network, dst_ip, dst_port, protocol, count() AS attempts, \
              toString(max(time)) AS last_attempt, groupUniqArray(arrayStringConcat(policy_ids, ',')) AS policies, \
              any(reason) AS deny_reason \
-             FROM {flows} FINAL WHERE {w} AND kind = 'flow_denied' \
+             FROM {db}.events FINAL WHERE {w} AND kind = 'flow_denied' \
              GROUP BY user, network, dst_ip, dst_port, protocol ORDER BY attempts DESC LIMIT {limit}"
         ),
         // Aliases never reuse a column's name (ClickHouse aliases are query-wide: the
@@ -319,7 +347,7 @@ pub fn sql(
         Some(Report::TopTalkers) => format!(
             "SELECT user, sum(bytes_out + bytes_in) AS bytes, sum(bytes_out) AS uploaded, \
              sum(bytes_in) AS downloaded, count() AS flows \
-             FROM {flows} FINAL WHERE {w} AND kind = 'flow_closed' \
+             FROM {db}.events FINAL WHERE {w} AND kind = 'flow_closed' \
              GROUP BY user ORDER BY bytes DESC LIMIT {limit}"
         ),
     })
