@@ -487,6 +487,34 @@ pub enum Event {
         events_refused: u64,
         reason: String,
     },
+    /// A node signed its chain head (Ed25519, `[audit] checkpoint_key_file`): the event
+    /// at `seq` has `hash`, and the rows `from_seq..=seq` have the Merkle root `root`.
+    /// The same signed checkpoint is kept outside ClickHouse (see `portcullis-audit`'s
+    /// `checkpoint` module for the format and what verification checks).
+    AuditCheckpoint {
+        node: String,
+        seq: u64,
+        hash: String,
+        time_us: u64,
+        from_seq: u64,
+        root: String,
+        /// Rows since the previous checkpoint that no signed root covers (their records
+        /// were gone when the node restarted); `[0, 0]` when none.
+        uncovered: [u64; 2],
+        key_id: String,
+        signature: String,
+    },
+    /// Legal hold placed or lifted: retention keeps every partition holding rows of
+    /// `user` (any user when empty) between `since` and `until`.
+    LegalHold {
+        id: String,
+        action: String,
+        user: String,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+        reason: String,
+        actor: String,
+    },
     /// A user enrolled a second factor (a TOTP authenticator, confirmed with a code).
     MfaEnrolled {
         user: String,
@@ -596,6 +624,8 @@ impl Event {
             Event::LoginFailed { .. } => "login_failed",
             Event::KeyRotated { .. } => "key_rotated",
             Event::AuditDegraded { .. } => "audit_degraded",
+            Event::AuditCheckpoint { .. } => "audit_checkpoint",
+            Event::LegalHold { .. } => "legal_hold",
             Event::NodeDown { .. } => "node_down",
             Event::MfaEnrolled { .. } => "mfa_enrolled",
             Event::MfaFailed { .. } => "mfa_failed",
