@@ -36,6 +36,12 @@ fn audit_cli(lab: &Lab, args: &[&str]) -> (bool, String) {
     (out.status.success(), stdout)
 }
 
+/// `N signed checkpoints verified; …` in `audit verify`'s output → N.
+fn checkpoints_verified(out: &str) -> Option<u64> {
+    out.lines()
+        .find_map(|l| l.split_once(" signed checkpoints verified")?.0.parse().ok())
+}
+
 fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     wait_until(timeout, || Ok(f())).unwrap_or_else(|e| panic!("waiting for {what}: {e}"));
 }
@@ -270,7 +276,29 @@ fn event_stream(lab: &Lab, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()>
 #[test]
 fn kill_9_ten_times_loses_nothing_and_doubles_nothing() {
     let ch = ClickHouse::start().unwrap();
-    let mut lab = audit_lab(&ch);
+    // The node signs its chain head every second: each restart continues the signed
+    // interval the killed process left open.
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("audit-signing.key");
+    let out = std::process::Command::new(portcullis_e2e::portcullis_bin().unwrap())
+        .args(["audit", "keygen", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let pubkey = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(pubkey.starts_with("ed25519:"), "{pubkey}");
+    let mut lab = Lab::start_audited(
+        LabOptions {
+            audit_config: format!(
+                "checkpoint_key_file = \"{}\"\ncheckpoint_interval_secs = 1\n",
+                key.display()
+            ),
+            ..LabOptions::default()
+        },
+        &ch,
+    )
+    .expect("lab starts");
     assert!(audit_cli(&lab, &["migrate"]).0);
     let stop = Arc::new(AtomicBool::new(false));
     let stream = event_stream(&lab, stop.clone());
@@ -309,9 +337,14 @@ fn kill_9_ten_times_loses_nothing_and_doubles_nothing() {
     let stored = clickhouse_ids(&ch);
     let missing: Vec<_> = ids.difference(&stored).take(5).collect();
     assert!(missing.is_empty(), "acknowledged but missing: {missing:?}");
-    // Across ten crashes the chain still verifies.
-    let (ok, out) = audit_cli(&lab, &["verify"]);
+    // Across ten crashes the chain still verifies, and so does every signed checkpoint
+    // (the trail's and the file's), checked with the published key.
+    let (ok, out) = audit_cli(&lab, &["verify", "--grace-secs", "0", "--pubkey", &pubkey]);
     assert!(ok, "{out}");
+    let verified =
+        checkpoints_verified(&out).unwrap_or_else(|| panic!("no checkpoint line: {out}"));
+    assert!(verified >= 20, "{out}");
+    assert!(!out.contains("under no signed root"), "{out}");
     let log = lab.gateway_log();
     assert!(log.matches("gateway up").count() >= 12, "restarts: {log}");
 }

@@ -60,7 +60,8 @@ fn start(
     events_file: bool,
 ) -> Pipeline {
     let store = StoreConfig {
-        url: ch.url(),
+        urls: vec![ch.url()],
+        cluster: None,
         database: db.into(),
         user: "default".into(),
         password: None,
@@ -93,6 +94,7 @@ fn start(
         }),
         queue: 65_536,
         commit_interval: Duration::from_millis(50),
+        checkpoints: None,
     })
     .unwrap();
     p

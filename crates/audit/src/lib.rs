@@ -10,7 +10,9 @@
 //! What it does: [`row`] maps events to the flat `events` row, its canonical encoding, the
 //! spool record format and the per-gateway hash chain; [`native`] turns spool records into
 //! the columnar block the uploader inserts; [`pipeline`] runs the writer and the uploader;
-//! [`store`] owns the ClickHouse schema (migrations), inserts, and retention.
+//! [`store`] owns the ClickHouse schema (migrations), inserts, and retention;
+//! [`checkpoint`] the signed checkpoints of a chain head (format, Merkle tree, Ed25519)
+//! and [`signer`] how the writer makes and keeps them.
 //!
 //! What it deliberately does not: no queries or chain verification for auditors (the
 //! `portcullis-auditor` crate), no policy or packet logic, no fsync tuning of its own (the
@@ -24,12 +26,15 @@
 //! `FINAL`). When events cannot be written the pipeline reports
 //! [`pipeline::Pipeline::blocked`] and the gateway fails closed on new flows (configurable).
 
+pub mod checkpoint;
 pub mod native;
 pub mod pipeline;
 pub mod row;
+pub mod signer;
 pub mod store;
 
 pub use native::NativeBlock;
 pub use pipeline::{Pipeline, PipelineConfig, PipelineStats, SpoolSettings, UploadConfig};
 pub use row::{AuditRow, Chain, Hash, GENESIS};
+pub use signer::CheckpointSettings;
 pub use store::{Store, StoreConfig, StoreError, SCHEMA_VERSION};

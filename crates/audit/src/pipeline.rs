@@ -33,6 +33,7 @@ use portcullis_spool::{Recovery, Spool, SpoolConfig, SpoolError};
 
 use crate::native::NativeBlock;
 use crate::row::{AuditRow, Chain};
+use crate::signer::{CheckpointSettings, Signer};
 use crate::store::{MetricsRow, Store, StoreConfig};
 
 /// Where events go.
@@ -50,6 +51,8 @@ pub struct PipelineConfig {
     /// full batch waits, or an event from `submit_durable`, which a request waits for).
     /// Events reach the spool at most this long after `submit`.
     pub commit_interval: Duration,
+    /// Signed checkpoints of the chain head (needs the spool).
+    pub checkpoints: Option<CheckpointSettings>,
 }
 
 #[derive(Clone, Debug)]
@@ -96,6 +99,14 @@ pub enum AuditError {
     },
     #[error("starting audit thread: {0}")]
     Thread(std::io::Error),
+    #[error("checkpoints file {path}: {source}")]
+    Checkpoints {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("signed checkpoints need the spool ([audit.clickhouse] and spool_dir)")]
+    CheckpointsWithoutSpool,
 }
 
 /// Counters and gauges, readable from any thread.
@@ -197,6 +208,10 @@ impl Pipeline {
         let mut spool = None;
         let mut chain = Chain::default();
         let mut next_seq = 1;
+        let mut signer = None;
+        if config.checkpoints.is_some() && config.spool.is_none() {
+            return Err(AuditError::CheckpointsWithoutSpool);
+        }
         if let Some(s) = &config.spool {
             let (sp, rec) = Spool::open(&s.dir, s.spool.clone())?;
             if let Some((seq, bytes)) = sp.last_record()? {
@@ -206,6 +221,16 @@ impl Pipeline {
                 }
             }
             next_seq = sp.next_seq();
+            if let Some(c) = &config.checkpoints {
+                signer = Some(
+                    Signer::open(c.clone(), &config.gateway, &sp).map_err(|source| {
+                        AuditError::Checkpoints {
+                            path: c.file.clone(),
+                            source,
+                        }
+                    })?,
+                );
+            }
             shared
                 .stats
                 .written_seq
@@ -235,6 +260,8 @@ impl Pipeline {
                 .unwrap_or(u64::MAX),
             buf: Vec::with_capacity(1024),
             ids: rand::SeedableRng::from_entropy(),
+            signer,
+            final_checkpoint: false,
         };
         if let Some(rec) = &recovery {
             if let Some(reason) = recovery_report(rec) {
@@ -398,6 +425,9 @@ struct Writer {
     /// Event ids: random (v4) UUIDs from a CSPRNG seeded once by the OS, instead of a
     /// `getrandom` syscall per event.
     ids: rand::rngs::StdRng,
+    signer: Option<Signer>,
+    /// Shutting down: sign the head whatever the interval.
+    final_checkpoint: bool,
 }
 
 /// How often an idle writer retries to report a degraded interval.
@@ -429,6 +459,8 @@ impl Writer {
             let full = batch.len() == WRITE_BATCH;
             if !batch.is_empty() {
                 self.write_batch(std::mem::take(&mut batch));
+            } else if self.checkpoint_due() {
+                self.write_batch(Vec::new());
             } else if (self.degraded.is_some()
                 || self.shared.queue_refused.load(Ordering::Relaxed) > 0)
                 && last_degraded_try.elapsed() >= DEGRADED_RETRY
@@ -446,8 +478,48 @@ impl Writer {
                 std::thread::park_timeout(interval);
             }
         }
+        if self.signer.is_some() {
+            self.final_checkpoint = true;
+            self.write_batch(Vec::new());
+        }
         if let Some((f, _)) = &mut self.events {
             let _ = f.flush();
+        }
+    }
+
+    fn checkpoint_due(&self) -> bool {
+        self.degraded.is_none()
+            && self
+                .signer
+                .as_ref()
+                .is_some_and(|s| s.due(Instant::now(), self.final_checkpoint))
+    }
+
+    /// Signs the chain head and appends the checkpoint's event; its copies outside
+    /// ClickHouse are written once the spool committed it.
+    fn append_checkpoint(&mut self, spool: Option<&mut Spool>, written: &mut Vec<Envelope>) {
+        let Some(sp) = spool else {
+            return;
+        };
+        let head = sp.next_seq().saturating_sub(1);
+        let now = Utc::now();
+        let Some(signer) = &mut self.signer else {
+            return;
+        };
+        let cp = signer.sign(
+            head,
+            self.chain.last_hash,
+            now.timestamp_micros().max(0) as u64,
+        );
+        let event = cp.to_event();
+        signer.hold(cp);
+        match self.append(Some(sp), event, now) {
+            Some(env) => written.push(env),
+            None => {
+                if let Some(signer) = &mut self.signer {
+                    signer.own_event_refused();
+                }
+            }
         }
     }
 
@@ -512,6 +584,9 @@ impl Writer {
             }
         }
         self.interval_refused += refused;
+        if self.checkpoint_due() {
+            self.append_checkpoint(guard.as_deref_mut(), &mut written);
+        }
         let st = &self.shared.stats;
         st.refused.fetch_add(refused, Ordering::Relaxed);
         if let Some(sp) = guard.as_deref_mut() {
@@ -534,6 +609,9 @@ impl Writer {
                 .store(sp.next_seq().saturating_sub(1), Ordering::Relaxed);
             st.backlog.store(sp.backlog(), Ordering::Relaxed);
             st.spool_bytes.store(sp.bytes(), Ordering::Relaxed);
+            if let Some(signer) = &mut self.signer {
+                signer.committed();
+            }
         }
         drop(guard);
         st.written
@@ -599,7 +677,12 @@ impl Writer {
         let before = self.chain.last_hash;
         self.chain.seal_record(&mut row, &mut self.buf);
         match spool.append(&self.buf) {
-            Ok(_) => Some(env),
+            Ok(_) => {
+                if let Some(signer) = &mut self.signer {
+                    signer.on_row(&row.hash);
+                }
+                Some(env)
+            }
             Err(e) => {
                 // The event is not in the chain: the next one links to the last written.
                 self.chain.last_hash = before;
@@ -829,7 +912,8 @@ mod tests {
     fn upload(retention: Option<Duration>, lease: Option<Arc<AtomicBool>>) -> UploadConfig {
         UploadConfig {
             store: StoreConfig {
-                url: "http://127.0.0.1:1".into(),
+                urls: vec!["http://127.0.0.1:1".into()],
+                cluster: None,
                 database: "audit".into(),
                 user: "default".into(),
                 password: None,

@@ -27,7 +27,12 @@ use crate::row::{AuditRow, COLUMNS};
 /// Connection settings.
 #[derive(Clone)]
 pub struct StoreConfig {
-    pub url: String,
+    /// One server, or the replicas of one trail (tried in order, from where the last
+    /// connection failed).
+    pub urls: Vec<String>,
+    /// The ClickHouse cluster the replicas form (replicated tables and a `Distributed`
+    /// `events`); `None`: one server's plain tables.
+    pub cluster: Option<String>,
     pub database: String,
     pub user: String,
     pub password: Option<String>,
@@ -36,7 +41,8 @@ pub struct StoreConfig {
 impl std::fmt::Debug for StoreConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StoreConfig")
-            .field("url", &self.url)
+            .field("urls", &self.urls)
+            .field("cluster", &self.cluster)
             .field("database", &self.database)
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
@@ -52,6 +58,8 @@ pub enum StoreError {
         #[source]
         source: clickhouse::error::Error,
     },
+    #[error("no clickhouse url configured")]
+    NoUrl,
     #[error("clickhouse at {url} reports an unparseable version {version:?}")]
     Version { url: String, version: String },
     #[error("cannot encode a row for clickhouse: {0}")]
@@ -76,7 +84,10 @@ pub enum StoreError {
 pub struct Store {
     client: clickhouse::Client,
     url: String,
+    /// Which of the configured urls this is.
+    pub url_index: usize,
     pub database: String,
+    pub cluster: Option<String>,
     /// (major, minor) of the server.
     pub version: (u32, u32),
 }
@@ -98,9 +109,9 @@ impl std::fmt::Debug for Store {
 /// compares the table's column types with what the uploader encodes before any insert.
 const MODERN_MAJOR: u32 = 22;
 
-fn base_client(cfg: &StoreConfig) -> clickhouse::Client {
+fn base_client(cfg: &StoreConfig, url: &str) -> clickhouse::Client {
     let mut c = clickhouse::Client::default()
-        .with_url(&cfg.url)
+        .with_url(url)
         .with_user(&cfg.user);
     if let Some(p) = &cfg.password {
         c = c.with_password(p);
@@ -109,13 +120,33 @@ fn base_client(cfg: &StoreConfig) -> clickhouse::Client {
 }
 
 impl Store {
-    /// Connects and detects the server version.
+    /// Connects to the first url that answers and detects its server version.
     pub async fn connect(cfg: &StoreConfig) -> Result<Store, StoreError> {
+        Store::connect_from(cfg, 0).await
+    }
+
+    /// Connects to the first url that answers, trying them in order from `start`
+    /// (wrapping around): after a replica failed, from the one after it.
+    pub async fn connect_from(cfg: &StoreConfig, start: usize) -> Result<Store, StoreError> {
+        let n = cfg.urls.len();
+        let mut last = StoreError::NoUrl;
+        for i in 0..n {
+            let index = (start + i) % n;
+            match Store::connect_one(cfg, index).await {
+                Ok(s) => return Ok(s),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    async fn connect_one(cfg: &StoreConfig, index: usize) -> Result<Store, StoreError> {
+        let url = cfg.urls.get(index).ok_or(StoreError::NoUrl)?;
         let err = |source| StoreError::Client {
-            url: cfg.url.clone(),
+            url: url.clone(),
             source,
         };
-        let probe = base_client(cfg)
+        let probe = base_client(cfg, url)
             .with_validation(false)
             .with_compression(clickhouse::Compression::None);
         let version: String = probe
@@ -126,21 +157,37 @@ impl Store {
         let mut parts = version.split('.').map(|p| p.parse::<u32>());
         let (Some(Ok(major)), Some(Ok(minor))) = (parts.next(), parts.next()) else {
             return Err(StoreError::Version {
-                url: cfg.url.clone(),
+                url: url.clone(),
                 version,
             });
         };
         let client = if major >= MODERN_MAJOR {
-            base_client(cfg).with_compression(clickhouse::Compression::Lz4)
+            base_client(cfg, url).with_compression(clickhouse::Compression::Lz4)
         } else {
             probe
         };
         Ok(Store {
             client,
-            url: cfg.url.clone(),
+            url: url.clone(),
+            url_index: index,
             database: cfg.database.clone(),
+            cluster: cfg.cluster.clone(),
             version: (major, minor),
         })
+    }
+
+    /// The server this store talks to.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The table rows are inserted into and partitions dropped from: `events`, or in a
+    /// cluster the replicated `events_local` under the `Distributed` `events`.
+    pub fn local(&self, table: &str) -> String {
+        match self.cluster {
+            Some(_) => format!("{}.{table}_local", self.database),
+            None => format!("{}.{table}", self.database),
+        }
     }
 
     pub fn client(&self) -> &clickhouse::Client {

@@ -21,7 +21,8 @@ use portcullis_testkit::ClickHouse;
 
 fn store_config(ch: &ClickHouse, db: &str) -> StoreConfig {
     StoreConfig {
-        url: ch.url(),
+        urls: vec![ch.url()],
+        cluster: None,
         database: db.into(),
         user: "default".into(),
         password: None,
@@ -94,6 +95,7 @@ fn pipeline_config(dir: &Path, ch: &ClickHouse, db: &str, max_bytes: u64) -> Pip
         }),
         queue: 100_000,
         commit_interval: Duration::from_millis(10),
+        checkpoints: None,
     }
 }
 
@@ -576,6 +578,7 @@ fn a_durable_submit_answers_after_the_event_is_written() {
         spool: None,
         queue: 1000,
         commit_interval: Duration::from_millis(50),
+        checkpoints: None,
     };
     let (p, _) = Pipeline::start(cfg).unwrap();
     let rt = rt();
@@ -605,6 +608,7 @@ fn a_durable_submit_wakes_the_writer_instead_of_waiting_the_interval() {
         spool: None,
         queue: 1000,
         commit_interval: Duration::from_secs(30),
+        checkpoints: None,
     };
     let (p, _) = Pipeline::start(cfg).unwrap();
     let rt = rt();

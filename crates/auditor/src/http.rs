@@ -32,6 +32,8 @@ use crate::{filter, AuditorError, Filter, Report};
 pub struct StoreHandle {
     config: Option<StoreConfig>,
     store: tokio::sync::Mutex<Option<Store>>,
+    /// Keys `verify` checks signed checkpoints with.
+    keys: Vec<portcullis_audit::checkpoint::PublicKey>,
 }
 
 impl StoreHandle {
@@ -40,6 +42,7 @@ impl StoreHandle {
         StoreHandle {
             config: Some(config),
             store: tokio::sync::Mutex::new(None),
+            keys: Vec::new(),
         }
     }
 
@@ -48,6 +51,28 @@ impl StoreHandle {
         StoreHandle {
             config: None,
             store: tokio::sync::Mutex::new(Some(store)),
+            keys: Vec::new(),
+        }
+    }
+
+    /// Checks signed checkpoints in `verify` with these keys.
+    pub fn with_keys(mut self, keys: Vec<portcullis_audit::checkpoint::PublicKey>) -> StoreHandle {
+        self.keys = keys;
+        self
+    }
+
+    /// A query failed: with the config at hand, the next one connects again, to the
+    /// replica after this one (a lost replica does not keep answering 502).
+    async fn failed(&self, failed: &Store) {
+        let Some(cfg) = &self.config else {
+            return;
+        };
+        let mut slot = self.store.lock().await;
+        if slot
+            .as_ref()
+            .is_some_and(|s| s.url_index == failed.url_index)
+        {
+            *slot = Store::connect_from(cfg, failed.url_index + 1).await.ok();
         }
     }
 
@@ -78,11 +103,16 @@ struct ApiState {
 
 /// The API with bearer-token authentication (`portcullis audit serve`).
 pub fn router(store: Store, token: String) -> Router {
+    router_with(StoreHandle::connected(store), token)
+}
+
+/// [`router`] over a handle (lazy, reconnecting, with checkpoint keys).
+pub fn router_with(handle: StoreHandle, token: String) -> Router {
     let state = Arc::new(ApiState {
         token_digest: Sha256::digest(token.as_bytes()).into(),
     });
     Router::new()
-        .nest("/v1", routes(Arc::new(StoreHandle::connected(store))))
+        .nest("/v1", routes(Arc::new(handle)))
         // The token is checked before anything else looks at the request, so a caller
         // without it learns nothing from parameter errors.
         .route_layer(axum::middleware::from_fn_with_state(state, require_token))
@@ -151,7 +181,11 @@ async fn events(
         Ok(s) => s,
         Err(r) => return r,
     };
-    match crate::run_query(&store, &f, None, chrono::Utc::now()).await {
+    let answer = crate::run_query(&store, &f, None, chrono::Utc::now()).await;
+    if answer.is_err() {
+        st.failed(&store).await;
+    }
+    match answer {
         Ok(t) => Json(t).into_response(),
         Err(e) => failure(e),
     }
@@ -174,7 +208,11 @@ async fn report(
         Ok(s) => s,
         Err(r) => return r,
     };
-    match crate::run_query(&store, &f, Some(report), chrono::Utc::now()).await {
+    let answer = crate::run_query(&store, &f, Some(report), chrono::Utc::now()).await;
+    if answer.is_err() {
+        st.failed(&store).await;
+    }
+    match answer {
         Ok(t) => Json(t).into_response(),
         Err(e) => failure(e),
     }
@@ -206,8 +244,19 @@ async fn verify(
         Ok(s) => s,
         Err(r) => return r,
     };
-    match crate::verify_trail(&store, p.gateway.as_deref(), since, until).await {
+    let opts = crate::VerifyOptions {
+        gateway: p.gateway.clone(),
+        since,
+        until,
+        keys: st.keys.clone(),
+        outside: Vec::new(),
+        grace: std::time::Duration::ZERO,
+    };
+    match crate::verify_trail(&store, &opts).await {
         Ok(r) => Json(r).into_response(),
-        Err(e) => failure(e),
+        Err(e) => {
+            st.failed(&store).await;
+            failure(e)
+        }
     }
 }

@@ -19,7 +19,7 @@ use portcullis_audit::{AuditRow, Store};
 use serde::Serialize;
 
 pub use filter::{Filter, FilterError, Report};
-pub use verify::{Finding, VerifyReport};
+pub use verify::{Finding, Sourced, Verifier, VerifyReport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditorError {
@@ -168,26 +168,60 @@ pub async fn select_table(store: &Store, sql: &str) -> Result<Table, AuditorErro
     })
 }
 
-/// Reads the rows of every gateway (or one) since `since` and verifies the chains.
+/// What `verify_trail` reads and checks against.
+#[derive(Clone, Debug, Default)]
+pub struct VerifyOptions {
+    pub gateway: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    /// Keys checkpoints are verified with (none: checkpoints are not checked).
+    pub keys: Vec<portcullis_audit::checkpoint::PublicKey>,
+    /// Checkpoints kept outside ClickHouse (files, the cluster database).
+    pub outside: Vec<verify::Sourced>,
+    /// Outside checkpoints younger than this are not used: their rows may still be on
+    /// their way from a live node's spool.
+    pub grace: std::time::Duration,
+}
+
+/// Reads the rows of every gateway (or one) in the window and verifies the chains and,
+/// with keys, the signed checkpoints (the trail's own and the outside copies). Rows are
+/// streamed: memory does not grow with the trail.
 pub async fn verify_trail(
     store: &Store,
-    gateway: Option<&str>,
-    since: Option<DateTime<Utc>>,
-    until: Option<DateTime<Utc>>,
+    opts: &VerifyOptions,
 ) -> Result<VerifyReport, AuditorError> {
     let mut w = vec!["1".to_string()];
-    if let Some(g) = gateway {
+    if let Some(g) = &opts.gateway {
         w.push(format!("gateway = {}", filter::quote(g)));
     }
-    if let Some(s) = since {
+    if let Some(s) = opts.since {
         w.push(format!("time >= toDateTime({})", filter::db_seconds(s)));
     }
-    if let Some(u) = until {
+    if let Some(u) = opts.until {
         w.push(format!("time <= toDateTime({})", filter::db_seconds(u)));
     }
     // Rows are read in the types this build knows (schema 4 hashes): an older schema is
     // named, with the remedy, instead of misread.
     store.check_schema().await?;
+    let mut input = verify::CheckpointInput {
+        keys: opts.keys.clone(),
+        checkpoints: Vec::new(),
+        whole_trail: opts.since.is_none() && opts.until.is_none(),
+    };
+    if !opts.keys.is_empty() {
+        input.checkpoints = trail_checkpoints(store, opts.gateway.as_deref()).await?;
+        let cutoff = (Utc::now().timestamp_micros().max(0) as u64)
+            .saturating_sub(opts.grace.as_micros().min(u128::from(u64::MAX)) as u64);
+        input.checkpoints.extend(
+            opts.outside
+                .iter()
+                .filter(|s| {
+                    let cp = &s.checkpoint.checkpoint;
+                    cp.time_us <= cutoff && opts.gateway.as_ref().is_none_or(|g| *g == cp.node)
+                })
+                .cloned(),
+        );
+    }
     let cols = portcullis_audit::row::column_list();
     // Without FINAL: a row edited into a second version must show up as a conflict.
     let sql = format!(
@@ -195,8 +229,41 @@ pub async fn verify_trail(
         store.database,
         w.join(" AND ")
     );
-    let rows: Vec<AuditRow> = store.client().query(&sql).fetch_all().await?;
-    Ok(verify::verify(&rows))
+    let mut cursor = store.client().query(&sql).fetch::<AuditRow>()?;
+    let mut verifier = verify::Verifier::new(input);
+    while let Some(row) = cursor.next().await? {
+        verifier.push(row);
+    }
+    Ok(verifier.finish())
+}
+
+/// The `audit_checkpoint` events in the trail, parsed (a row that does not parse is
+/// left to the chain check: its hash still covers it).
+pub async fn trail_checkpoints(
+    store: &Store,
+    gateway: Option<&str>,
+) -> Result<Vec<verify::Sourced>, AuditorError> {
+    let mut sql = format!(
+        "SELECT detail FROM {}.events WHERE kind = 'audit_checkpoint'",
+        store.database
+    );
+    if let Some(g) = gateway {
+        sql.push_str(&format!(" AND gateway = {}", filter::quote(g)));
+    }
+    let details: Vec<String> = store.client().query(&sql).fetch_all().await?;
+    let mut out: Vec<verify::Sourced> = Vec::new();
+    for d in details {
+        if let Some(cp) = portcullis_audit::checkpoint::SignedCheckpoint::from_detail(&d) {
+            // Retried uploads repeat rows: one of each.
+            if !out.iter().any(|s| s.checkpoint == cp) {
+                out.push(verify::Sourced {
+                    checkpoint: cp,
+                    source: "trail".into(),
+                });
+            }
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use portcullis_audit::checkpoint::{Merkle, PublicKey, SignedCheckpoint};
 use portcullis_audit::{AuditRow, GENESIS};
 use serde::Serialize;
 
@@ -32,6 +33,28 @@ pub enum Finding {
     TimeBackwards { gateway: String, seq: u64 },
     /// A node the cluster registry knows has no rows at all: its trail is missing.
     MissingChain { gateway: String },
+    /// A checkpoint whose signature no given key verifies (forged, or signed by a key
+    /// not given): it proves nothing and was not used.
+    BadSignature {
+        gateway: String,
+        seq: u64,
+        source: String,
+    },
+    /// The rows a signed checkpoint covers are not the rows it signed (the head's hash or
+    /// the interval's Merkle root differ): rows rewritten, even consistently re-hashed.
+    CheckpointMismatch {
+        gateway: String,
+        seq: u64,
+        source: String,
+    },
+    /// The trail ends before a signed checkpoint's head (or its own event): the tail
+    /// was cut or the newest rows deleted.
+    Truncated {
+        gateway: String,
+        signed_seq: u64,
+        last_seq: u64,
+        source: String,
+    },
 }
 
 /// What verification found.
@@ -41,6 +64,13 @@ pub struct VerifyReport {
     /// Per gateway: (first seq, last seq) checked.
     pub gateways: BTreeMap<String, (u64, u64)>,
     pub findings: Vec<Finding>,
+    /// Signed checkpoints whose rows were all checked against them.
+    pub checkpoints_verified: u64,
+    /// Per gateway: rows after its newest verified checkpoint (not yet signed).
+    pub unsigned_tail: BTreeMap<String, u64>,
+    /// Per gateway: row ranges in the chain that no signed root covers (their records
+    /// were gone when a node restarted); the chain still links them.
+    pub uncovered: BTreeMap<String, Vec<[u64; 2]>>,
 }
 
 impl VerifyReport {
@@ -66,73 +96,276 @@ impl VerifyReport {
 impl Serialize for VerifyReport {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct as _;
-        let mut st = s.serialize_struct("VerifyReport", 4)?;
+        let mut st = s.serialize_struct("VerifyReport", 7)?;
         st.serialize_field("rows", &self.rows)?;
         st.serialize_field("gateways", &self.gateways)?;
         st.serialize_field("findings", &self.findings)?;
+        st.serialize_field("checkpoints_verified", &self.checkpoints_verified)?;
+        st.serialize_field("unsigned_tail", &self.unsigned_tail)?;
+        st.serialize_field("uncovered", &self.uncovered)?;
         st.serialize_field("ok", &self.ok())?;
         st.end()
     }
 }
 
-/// Verifies rows sorted by `(gateway, seq)`. Identical rows (a retried upload before the
-/// merge collapsed them) count once. The first row of each gateway is the anchor: its own
-/// hash is checked, its link to earlier rows (outside the window) is not.
-pub fn verify(rows: &[AuditRow]) -> VerifyReport {
-    let mut report = VerifyReport::default();
-    let mut prev: Option<&AuditRow> = None;
-    for row in rows {
-        if let Some(p) = prev.filter(|p| p.gateway == row.gateway && p.seq == row.seq) {
-            if p != row {
-                report.findings.push(Finding::Conflict {
+/// A signed checkpoint and where it was found (`trail`, a file's path, `cluster`).
+#[derive(Clone, Debug)]
+pub struct Sourced {
+    pub checkpoint: SignedCheckpoint,
+    pub source: String,
+}
+
+/// What the verifier checks checkpoints with.
+#[derive(Clone, Debug, Default)]
+pub struct CheckpointInput {
+    pub keys: Vec<PublicKey>,
+    pub checkpoints: Vec<Sourced>,
+    /// Whether the whole trail is read (no time window): only then does a checkpoint
+    /// beyond the last row mean a cut tail.
+    pub whole_trail: bool,
+}
+
+/// One gateway's checkpoints while its rows stream by.
+#[derive(Debug, Default)]
+struct GatewayCheckpoints {
+    /// By head seq; several sources of one checkpoint are checked each.
+    pending: BTreeMap<u64, Vec<Sourced>>,
+    /// The interval being rebuilt: (from_seq, tree so far).
+    open: BTreeMap<u64, Merkle>,
+    newest_verified: Option<u64>,
+}
+
+/// Streaming verification: rows in `(gateway, seq)` order, one at a time, in constant
+/// memory (the previous row and one Merkle frontier per open checkpoint interval).
+/// Identical rows (a retried upload before the merge collapsed them) count once. The
+/// first row of each gateway is the anchor: its own hash is checked, its link to earlier
+/// rows (outside the window) is not.
+#[derive(Debug, Default)]
+pub struct Verifier {
+    report: VerifyReport,
+    prev: Option<AuditRow>,
+    by_gateway: BTreeMap<String, GatewayCheckpoints>,
+    current: Option<GatewayCheckpoints>,
+    whole_trail: bool,
+    /// Keys were given: checkpoints are part of the check.
+    checking: bool,
+}
+
+impl Verifier {
+    /// A verifier that also checks `input`'s checkpoints (bad signatures are findings
+    /// at once and the checkpoint is not used).
+    pub fn new(input: CheckpointInput) -> Verifier {
+        let mut v = Verifier {
+            whole_trail: input.whole_trail,
+            checking: !input.keys.is_empty(),
+            ..Verifier::default()
+        };
+        for s in input.checkpoints {
+            let cp = &s.checkpoint.checkpoint;
+            if !s.checkpoint.verify(&input.keys) {
+                v.report.findings.push(Finding::BadSignature {
+                    gateway: cp.node.clone(),
+                    seq: cp.seq,
+                    source: s.source.clone(),
+                });
+                continue;
+            }
+            let g = v.by_gateway.entry(cp.node.clone()).or_default();
+            if cp.uncovered != [0, 0] {
+                let list = v.report.uncovered.entry(cp.node.clone()).or_default();
+                if !list.contains(&cp.uncovered) {
+                    list.push(cp.uncovered);
+                }
+            }
+            g.pending.entry(cp.seq).or_default().push(s);
+        }
+        v
+    }
+
+    pub fn push(&mut self, row: AuditRow) {
+        if let Some(p) = self
+            .prev
+            .as_ref()
+            .filter(|p| p.gateway == row.gateway && p.seq == row.seq)
+        {
+            if p != &row {
+                self.report.findings.push(Finding::Conflict {
                     gateway: row.gateway.clone(),
                     seq: row.seq,
                 });
             }
-            continue;
+            return;
         }
-        report.rows += 1;
-        let same_gateway = prev.filter(|p| p.gateway == row.gateway);
-        let entry = report
+        let same_gateway = self.prev.as_ref().is_some_and(|p| p.gateway == row.gateway);
+        if !same_gateway {
+            self.finish_gateway();
+            self.current = Some(self.by_gateway.remove(&row.gateway).unwrap_or_default());
+        }
+        self.report.rows += 1;
+        let entry = self
+            .report
             .gateways
             .entry(row.gateway.clone())
             .or_insert((row.seq, row.seq));
         entry.1 = row.seq;
         if row.expected_hash() != row.hash {
-            report.findings.push(Finding::Altered {
+            self.report.findings.push(Finding::Altered {
                 gateway: row.gateway.clone(),
                 seq: row.seq,
                 event_id: row.event_id.to_string(),
             });
         }
-        if let Some(p) = same_gateway {
+        if let Some(p) = self.prev.as_ref().filter(|_| same_gateway) {
             if row.prev_hash == GENESIS && row.seq != p.seq + 1 {
-                report.findings.push(Finding::ChainRestart {
+                self.report.findings.push(Finding::ChainRestart {
                     gateway: row.gateway.clone(),
                     seq: row.seq,
                 });
             } else if row.seq != p.seq + 1 {
-                report.findings.push(Finding::Gap {
+                self.report.findings.push(Finding::Gap {
                     gateway: row.gateway.clone(),
                     after: p.seq,
                     next: row.seq,
                 });
             } else if row.prev_hash != p.hash {
-                report.findings.push(Finding::BrokenLink {
+                self.report.findings.push(Finding::BrokenLink {
                     gateway: row.gateway.clone(),
                     seq: row.seq,
                 });
             }
             if row.time_us < p.time_us {
-                report.findings.push(Finding::TimeBackwards {
+                self.report.findings.push(Finding::TimeBackwards {
                     gateway: row.gateway.clone(),
                     seq: row.seq,
                 });
             }
         }
-        prev = Some(row);
+        self.check_checkpoints(&row);
+        self.prev = Some(row);
     }
-    report
+
+    /// Feeds the row into every open interval, opens the ones starting here, and closes
+    /// (compares) the ones whose head it is.
+    fn check_checkpoints(&mut self, row: &AuditRow) {
+        let Some(g) = self.current.as_mut() else {
+            return;
+        };
+        // Intervals starting at this row, for every checkpoint heading at or after it.
+        let starts: Vec<u64> = g
+            .pending
+            .range(row.seq..)
+            .flat_map(|(_, list)| list.iter().map(|s| s.checkpoint.checkpoint.from_seq))
+            .filter(|from| *from == row.seq)
+            .collect();
+        for from in starts {
+            g.open.entry(from).or_default();
+        }
+        for tree in g.open.values_mut() {
+            tree.push(&row.hash);
+        }
+        let Some(heads) = g.pending.remove(&row.seq) else {
+            return;
+        };
+        for s in heads {
+            let cp = &s.checkpoint.checkpoint;
+            let matches = cp.hash == row.hash
+                && g.open
+                    .get(&cp.from_seq)
+                    .is_some_and(|tree| tree.len() == cp.leaves() && tree.root() == cp.root);
+            if matches {
+                self.report.checkpoints_verified += 1;
+                g.newest_verified = Some(g.newest_verified.map_or(cp.seq, |n| n.max(cp.seq)));
+            } else if g.open.contains_key(&cp.from_seq) || cp.hash != row.hash {
+                self.report.findings.push(Finding::CheckpointMismatch {
+                    gateway: cp.node.clone(),
+                    seq: cp.seq,
+                    source: s.source.clone(),
+                });
+            }
+            // Else the interval began before the window: its root cannot be checked.
+        }
+        // Intervals no pending checkpoint ends any more are done.
+        let wanted: Vec<u64> = g
+            .pending
+            .values()
+            .flatten()
+            .map(|s| s.checkpoint.checkpoint.from_seq)
+            .collect();
+        g.open.retain(|from, _| wanted.contains(from));
+    }
+
+    /// The gateway's rows ended: checkpoints past its last row mean a cut tail.
+    fn finish_gateway(&mut self) {
+        let (Some(g), Some(prev)) = (self.current.take(), self.prev.as_ref()) else {
+            return;
+        };
+        let last = prev.seq;
+        for (seq, list) in g.pending {
+            for s in list {
+                if self.whole_trail && seq > last {
+                    self.report.findings.push(Finding::Truncated {
+                        gateway: prev.gateway.clone(),
+                        signed_seq: seq,
+                        last_seq: last,
+                        source: s.source,
+                    });
+                }
+            }
+        }
+        // Each checkpoint's own event follows its head: the head being the last row
+        // means that event (at least) was deleted.
+        if let Some(newest) = g.newest_verified {
+            if self.whole_trail && newest == last {
+                self.report.findings.push(Finding::Truncated {
+                    gateway: prev.gateway.clone(),
+                    signed_seq: newest + 1,
+                    last_seq: last,
+                    source: "checkpoint event".into(),
+                });
+            }
+            self.report
+                .unsigned_tail
+                .insert(prev.gateway.clone(), last.saturating_sub(newest));
+        } else if self.checking {
+            let first = self
+                .report
+                .gateways
+                .get(&prev.gateway)
+                .map_or(last, |g| g.0);
+            self.report
+                .unsigned_tail
+                .insert(prev.gateway.clone(), last + 1 - first);
+        }
+    }
+
+    pub fn finish(mut self) -> VerifyReport {
+        self.finish_gateway();
+        // Gateways with checkpoints and no rows at all: everything was deleted.
+        for (gateway, g) in std::mem::take(&mut self.by_gateway) {
+            for (seq, list) in g.pending {
+                for s in list {
+                    if self.whole_trail {
+                        self.report.findings.push(Finding::Truncated {
+                            gateway: gateway.clone(),
+                            signed_seq: seq,
+                            last_seq: 0,
+                            source: s.source,
+                        });
+                    }
+                }
+            }
+        }
+        self.report
+    }
+}
+
+/// Verifies rows sorted by `(gateway, seq)` without checkpoints.
+pub fn verify(rows: &[AuditRow]) -> VerifyReport {
+    let mut v = Verifier::new(CheckpointInput::default());
+    for row in rows {
+        v.push(row.clone());
+    }
+    v.finish()
 }
 
 #[cfg(test)]

@@ -240,18 +240,20 @@ fn verify_on_an_older_schema_asks_for_the_migration() {
     let rt = common::runtime();
     rt.block_on(async {
         let store = common::store(&ch, 3).await;
-        let err = portcullis_auditor::verify_trail(&store, None, None, None)
-            .await
-            .unwrap_err()
-            .to_string();
+        let err =
+            portcullis_auditor::verify_trail(&store, &portcullis_auditor::VerifyOptions::default())
+                .await
+                .unwrap_err()
+                .to_string();
         assert!(
             err.contains("schema version 3") && err.contains("portcullis audit migrate"),
             "{err}"
         );
         store.migrate().await.unwrap();
-        let report = portcullis_auditor::verify_trail(&store, None, None, None)
-            .await
-            .unwrap();
+        let report =
+            portcullis_auditor::verify_trail(&store, &portcullis_auditor::VerifyOptions::default())
+                .await
+                .unwrap();
         // An empty trail has no findings, but nothing was verified: not a pass.
         assert!(
             !report.ok() && report.rows == 0 && report.findings.is_empty(),

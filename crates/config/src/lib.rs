@@ -149,6 +149,9 @@ pub fn load_unkeyed(path: &Path) -> Result<Loaded, ConfigError> {
     if let Some(api) = &mut c.audit.api {
         resolve(&mut api.token_file);
     }
+    if let Some(f) = &mut c.audit.checkpoint_key_file {
+        resolve(f);
+    }
     resolve(&mut c.identity.database);
     if let Some(scim) = &mut c.scim {
         resolve(&mut scim.token_file);

@@ -230,12 +230,46 @@ pub fn pipeline_config(loaded: &Loaded) -> anyhow::Result<PipelineConfig> {
         }),
         _ => None,
     };
+    let checkpoints = match (&a.checkpoint_key_file, &a.spool_dir) {
+        (Some(key_file), Some(dir)) => Some(portcullis_audit::CheckpointSettings {
+            key: std::sync::Arc::new(checkpoint_key(loaded, key_file)?),
+            interval: Duration::from_secs(a.checkpoint_interval_secs),
+            file: dir.join(CHECKPOINTS_FILE),
+            sink: None,
+        }),
+        _ => None,
+    };
     Ok(PipelineConfig {
         gateway: c.gateway.id.clone(),
         events_file: a.events_file.clone(),
         spool,
         queue: 65_536,
         commit_interval: Duration::from_millis(a.commit_interval_ms),
+        checkpoints,
+    })
+}
+
+/// The copy of a node's signed checkpoints outside ClickHouse, in its spool directory.
+pub const CHECKPOINTS_FILE: &str = "checkpoints.jsonl";
+
+/// The node's checkpoint signing key (`[audit] checkpoint_key_file`).
+pub fn checkpoint_key(
+    loaded: &Loaded,
+    file: &std::path::Path,
+) -> anyhow::Result<portcullis_audit::checkpoint::SigningKey> {
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        anyhow!(
+            "{}: key `audit.checkpoint_key_file`: cannot read {}: {e}",
+            loaded.path.display(),
+            file.display()
+        )
+    })?;
+    portcullis_audit::checkpoint::SigningKey::from_pem(&text).map_err(|e| {
+        anyhow!(
+            "{}: key `audit.checkpoint_key_file`: {}: {e}",
+            loaded.path.display(),
+            file.display()
+        )
     })
 }
 
@@ -251,7 +285,8 @@ pub fn store_config(loaded: &Loaded) -> anyhow::Result<Option<StoreConfig>> {
         None => None,
     };
     Ok(Some(StoreConfig {
-        url: ch.url.clone(),
+        urls: ch.all_urls(),
+        cluster: ch.cluster.clone(),
         database: ch.database.clone(),
         user: ch.user.clone(),
         password,

@@ -42,8 +42,31 @@ pub enum AuditCommand {
         /// Only this gateway.
         #[arg(long)]
         gateway: Option<String>,
+        /// Public keys (`ed25519:…`, a PEM public key, or a file holding one) signed
+        /// checkpoints are checked with; default: the one of `[audit]
+        /// checkpoint_key_file`. Repeat for keys rotated out.
+        #[arg(long, env = "PORTCULLIS_AUDIT_PUBKEY", value_delimiter = ',')]
+        pubkey: Vec<String>,
+        /// Checkpoint copies kept outside ClickHouse (`checkpoints.jsonl` of each node);
+        /// default: this node's, beside its spool. Repeatable.
+        #[arg(long)]
+        checkpoints: Vec<PathBuf>,
+        /// Outside checkpoints younger than this are not used (their rows may still be
+        /// in a live node's spool).
+        #[arg(long, default_value_t = 120)]
+        grace_secs: u64,
         #[arg(long)]
         json: bool,
+    },
+    /// Write a new Ed25519 checkpoint signing key (PKCS#8 PEM, mode 0600).
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the public key of `[audit] checkpoint_key_file` (what auditors verify with).
+    Pubkey {
+        #[arg(long, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
     },
     /// Serve the read-only auditor HTTP API ([audit.api]).
     Serve {
@@ -162,11 +185,47 @@ async fn run_async(command: AuditCommand) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        AuditCommand::Keygen { out } => {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let pem = portcullis_audit::checkpoint::SigningKey::generate_pem()?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&out)
+                .with_context(|| format!("creating {} (it must not exist)", out.display()))?;
+            f.write_all(pem.as_bytes())?;
+            f.sync_all()?;
+            let key = portcullis_audit::checkpoint::SigningKey::from_pem(&pem)?;
+            println!("{}", key.public());
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Pubkey { config } => {
+            let loaded = portcullis_config::load_unkeyed(&config)?;
+            let file = loaded
+                .config
+                .audit
+                .checkpoint_key_file
+                .clone()
+                .ok_or_else(|| {
+                    anyhow!(
+                        "{}: key `audit.checkpoint_key_file`: missing (no checkpoint signing key)",
+                        config.display()
+                    )
+                })?;
+            let key = portcullis_io::checkpoint_key(&loaded, &file)?;
+            println!("{}", key.public());
+            Ok(ExitCode::SUCCESS)
+        }
         AuditCommand::Verify {
             config,
             since,
             until,
             gateway,
+            pubkey,
+            checkpoints,
+            grace_secs,
             json,
         } => {
             let now = chrono::Utc::now();
@@ -179,8 +238,18 @@ async fn run_async(command: AuditCommand) -> anyhow::Result<ExitCode> {
                 .map(|t| portcullis_auditor::filter::parse_time(t, now))
                 .transpose()?;
             let (store, loaded) = connect(&config).await?;
-            let mut report =
-                portcullis_auditor::verify_trail(&store, gateway.as_deref(), since, until).await?;
+            let keys = verify_keys(&loaded, &pubkey)?;
+            let outside = outside_checkpoints(&loaded, &checkpoints)?;
+            let checking = !keys.is_empty();
+            let opts = portcullis_auditor::VerifyOptions {
+                gateway: gateway.clone(),
+                since,
+                until,
+                keys,
+                outside,
+                grace: std::time::Duration::from_secs(grace_secs),
+            };
+            let mut report = portcullis_auditor::verify_trail(&store, &opts).await?;
             // In a cluster every registered node must have a chain (over all time).
             if let (Some(cl), None, None, None) = (&loaded.config.cluster, &gateway, since, until) {
                 match registered_nodes(&loaded, cl).await {
@@ -198,6 +267,17 @@ async fn run_async(command: AuditCommand) -> anyhow::Result<ExitCode> {
                 }
                 for f in &report.findings {
                     println!("FINDING {}", serde_json::to_string(f)?);
+                }
+                if checking {
+                    println!(
+                        "{} signed checkpoints verified; rows not yet signed: {:?}",
+                        report.checkpoints_verified, report.unsigned_tail
+                    );
+                    for (g, ranges) in &report.uncovered {
+                        println!("gateway {g}: rows under no signed root (chain only): {ranges:?}");
+                    }
+                } else {
+                    println!("signed checkpoints not checked: no key (--pubkey or [audit] checkpoint_key_file)");
                 }
                 println!(
                     "{} rows checked, {} findings",
@@ -240,13 +320,80 @@ async fn run_async(command: AuditCommand) -> anyhow::Result<ExitCode> {
                 idle_timeout: std::time::Duration::from_secs(60),
             }
             .fitted();
-            let app = portcullis_auditor::http::router(store, token.0).layer(
+            // Reconnecting to the next replica after a failed query.
+            let sc = portcullis_io::store_config(&loaded)?
+                .ok_or_else(|| anyhow!("{}: key `audit.clickhouse`: missing", config.display()))?;
+            drop(store);
+            let handle = portcullis_auditor::http::StoreHandle::lazy(sc)
+                .with_keys(verify_keys(&loaded, &[])?);
+            let app = portcullis_auditor::http::router_with(handle, token.0).layer(
                 axum::middleware::from_fn(portcullis_http::serve::json_errors),
             );
             portcullis_http::serve::serve_plain(listener, app, limits).await;
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The keys to check checkpoints with: `--pubkey` values (a key or a file holding one),
+/// else the public half of this node's signing key, else none.
+fn verify_keys(
+    loaded: &portcullis_config::Loaded,
+    given: &[String],
+) -> anyhow::Result<Vec<portcullis_audit::checkpoint::PublicKey>> {
+    use portcullis_audit::checkpoint::PublicKey;
+    if !given.is_empty() {
+        return given
+            .iter()
+            .map(|g| {
+                let text = if Path::new(g).is_file() {
+                    std::fs::read_to_string(g).with_context(|| format!("reading --pubkey {g}"))?
+                } else {
+                    g.clone()
+                };
+                PublicKey::parse(&text).with_context(|| format!("--pubkey {g}"))
+            })
+            .collect();
+    }
+    match &loaded.config.audit.checkpoint_key_file {
+        Some(f) => Ok(vec![portcullis_io::checkpoint_key(loaded, f)?.public()]),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// Checkpoints from `--checkpoints` files, else this node's own file (when present).
+fn outside_checkpoints(
+    loaded: &portcullis_config::Loaded,
+    given: &[PathBuf],
+) -> anyhow::Result<Vec<portcullis_auditor::Sourced>> {
+    let own = loaded
+        .config
+        .audit
+        .spool_dir
+        .as_ref()
+        .map(|d| d.join(portcullis_io::CHECKPOINTS_FILE))
+        .filter(|p| p.is_file());
+    let files: Vec<PathBuf> = if given.is_empty() {
+        own.into_iter().collect()
+    } else {
+        given.to_vec()
+    };
+    let mut out = Vec::new();
+    for f in files {
+        let (cps, bad) = portcullis_audit::signer::read_checkpoints(&f)
+            .with_context(|| format!("reading checkpoints {}", f.display()))?;
+        if bad > 0 {
+            eprintln!("warning: {}: {bad} lines are not checkpoints", f.display());
+        }
+        out.extend(
+            cps.into_iter()
+                .map(|checkpoint| portcullis_auditor::Sourced {
+                    checkpoint,
+                    source: f.display().to_string(),
+                }),
+        );
+    }
+    Ok(out)
 }
 
 /// The node ids of the cluster's registry.

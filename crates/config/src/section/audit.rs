@@ -41,6 +41,18 @@ pub struct AuditConfig {
     pub clickhouse: Option<ClickHouseConfig>,
     #[serde(default)]
     pub api: Option<AuditApiConfig>,
+    /// Ed25519 private key (PKCS#8 PEM) this node signs its chain head with; no signed
+    /// checkpoints without it. `portcullis audit keygen` writes one, `portcullis audit
+    /// pubkey` prints the public key auditors verify with.
+    #[serde(default)]
+    pub checkpoint_key_file: Option<PathBuf>,
+    /// How often the chain head is signed (and at shutdown).
+    #[serde(default = "default_checkpoint_interval_secs")]
+    pub checkpoint_interval_secs: u64,
+}
+
+fn default_checkpoint_interval_secs() -> u64 {
+    60
 }
 
 fn default_commit_interval_ms() -> u64 {
@@ -76,8 +88,18 @@ pub enum OnFull {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClickHouseConfig {
-    /// HTTP interface, e.g. `http://127.0.0.1:8123`.
-    pub url: String,
+    /// HTTP interface, e.g. `http://127.0.0.1:8123` (one server; or `urls`).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Replicas of one trail, tried in order: the uploader and the auditor commands
+    /// fail over between them.
+    #[serde(default)]
+    pub urls: Vec<String>,
+    /// The ClickHouse cluster (`remote_servers`) the replicas form: `audit migrate`
+    /// creates replicated tables on every replica (`ON CLUSTER`) and a `Distributed`
+    /// table for queries.
+    #[serde(default)]
+    pub cluster: Option<String>,
     #[serde(default = "default_database")]
     pub database: String,
     #[serde(default = "default_ch_user")]
@@ -154,6 +176,21 @@ impl AuditConfig {
         if let Some(ch) = &self.clickhouse {
             ch.check()?;
         }
+        if !(1..=86_400).contains(&self.checkpoint_interval_secs) {
+            return Err(Invalid::new(
+                "audit.checkpoint_interval_secs",
+                format!(
+                    "{}: must be between 1 and 86400",
+                    self.checkpoint_interval_secs
+                ),
+            ));
+        }
+        if self.checkpoint_key_file.is_some() && self.clickhouse.is_none() {
+            return Err(Invalid::new(
+                "audit.checkpoint_key_file",
+                "set without [audit.clickhouse]: checkpoints sign the spooled chain",
+            ));
+        }
         if self.segment_bytes < 4096 || self.spool_max_bytes < 2 * self.segment_bytes {
             return Err(Invalid::new(
                 "audit.spool_max_bytes",
@@ -168,34 +205,67 @@ impl AuditConfig {
 }
 
 impl ClickHouseConfig {
+    /// `url` or `urls`, in the order tried.
+    pub fn all_urls(&self) -> Vec<String> {
+        self.url.iter().chain(&self.urls).cloned().collect()
+    }
+
     fn check(&self) -> Result<(), Invalid> {
         at_most_max(
             "audit.clickhouse.batch_interval_ms",
             self.batch_interval_ms / 1000,
         )?;
-        if crate::url_has_credentials(&self.url) {
+        let urls = self.all_urls();
+        if urls.is_empty() {
             return Err(Invalid::new(
                 "audit.clickhouse.url",
-                format!(
-                    "{} carries credentials: put the user in audit.clickhouse.user and the password in audit.clickhouse.password_file",
-                    crate::redact_url(&self.url)
-                ),
+                "missing: set url (one server) or urls (replicas)",
             ));
         }
-        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+        if self.url.is_some() && !self.urls.is_empty() {
             return Err(Invalid::new(
-                "audit.clickhouse.url",
-                format!(
-                    "{:?} is not an http(s) URL of ClickHouse's HTTP interface",
-                    crate::redact_url(&self.url)
-                ),
+                "audit.clickhouse.urls",
+                "set together with url: list every replica in urls",
             ));
+        }
+        let key = if self.urls.is_empty() {
+            "audit.clickhouse.url"
+        } else {
+            "audit.clickhouse.urls"
+        };
+        for url in &urls {
+            if crate::url_has_credentials(url) {
+                return Err(Invalid::new(
+                    key,
+                    format!(
+                        "{} carries credentials: put the user in audit.clickhouse.user and the password in audit.clickhouse.password_file",
+                        crate::redact_url(url)
+                    ),
+                ));
+            }
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(Invalid::new(
+                    key,
+                    format!(
+                        "{:?} is not an http(s) URL of ClickHouse's HTTP interface",
+                        crate::redact_url(url)
+                    ),
+                ));
+            }
         }
         let ident = |v: &str| {
             !v.is_empty()
                 && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
                 && !v.starts_with(|c: char| c.is_ascii_digit())
         };
+        if let Some(c) = &self.cluster {
+            if !ident(c) {
+                return Err(Invalid::new(
+                    "audit.clickhouse.cluster",
+                    format!("{c:?} must be letters, digits and _"),
+                ));
+            }
+        }
         if !ident(&self.database) {
             return Err(Invalid::new(
                 "audit.clickhouse.database",
