@@ -345,6 +345,34 @@ fn kill_9_ten_times_loses_nothing_and_doubles_nothing() {
         checkpoints_verified(&out).unwrap_or_else(|| panic!("no checkpoint line: {out}"));
     assert!(verified >= 20, "{out}");
     assert!(!out.contains("under no signed root"), "{out}");
+    // An auditor's export of the denied flows, checked offline with the published key.
+    let dir = tempfile::tempdir().unwrap();
+    let export = dir.path().join("export");
+    let export_arg = export.display().to_string();
+    let (ok, out) = audit_cli(
+        &lab,
+        &[
+            "export",
+            "--kind",
+            "flow_denied",
+            "--limit",
+            "200",
+            "--format",
+            "csv",
+            "--out",
+            &export_arg,
+        ],
+    );
+    assert!(ok && out.contains("exported 200 rows"), "{out}");
+    let check = std::process::Command::new(portcullis_e2e::portcullis_bin().unwrap())
+        .args(["audit", "verify-export", &export_arg, "--pubkey", &pubkey])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.status.success() && said.contains("200 rows checked"),
+        "{said}"
+    );
     let log = lab.gateway_log();
     assert!(log.matches("gateway up").count() >= 12, "restarts: {log}");
 }

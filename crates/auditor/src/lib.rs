@@ -10,6 +10,8 @@
 //! What it deliberately does not: write anything to ClickHouse (the gateway's
 //! `portcullis-audit` crate owns the schema and the inserts).
 
+pub mod evidence;
+pub mod export;
 pub mod filter;
 pub mod http;
 pub mod verify;

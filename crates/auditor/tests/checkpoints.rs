@@ -167,6 +167,8 @@ fn rewritten_and_cut_tails_fail_against_signed_checkpoints() {
         .all(|f| matches!(f, Finding::BadSignature { .. })));
     assert_eq!(r.findings.len(), 2 * outside.len());
 
+    exports_verify_offline_and_any_change_fails(&original, &key);
+
     // 1. The last 1,000 rows rewritten and re-hashed along the chain.
     let rewritten = store(&ch, "rewritten");
     let cut = rows.len() - 1000;
@@ -272,6 +274,118 @@ fn rewritten_and_cut_tails_fail_against_signed_checkpoints() {
         r.findings
             .iter()
             .any(|f| matches!(f, Finding::Truncated { .. })),
+        "{:?}",
+        r.findings
+    );
+}
+
+/// An export of one user's rows (scattered over every checkpoint interval) verifies
+/// offline with the key; an edited, re-hashed, reordered, removed or added row, or an
+/// edited manifest, does not.
+fn exports_verify_offline_and_any_change_fails(store: &Store, key: &SigningKey) {
+    use portcullis_auditor::evidence::{verify_export, ExportFinding, Format};
+    let dir = tempfile::tempdir().unwrap();
+    let keys = [key.public()];
+    for format in [Format::Jsonl, Format::Csv] {
+        let out = dir.path().join(format.name());
+        let filter = portcullis_auditor::Filter {
+            user: Some("u7".into()),
+            ..Default::default()
+        };
+        let summary = common::runtime()
+            .block_on(portcullis_auditor::export::export(
+                store,
+                &filter,
+                format,
+                &out,
+                key,
+                chrono::Utc::now(),
+            ))
+            .unwrap();
+        assert_eq!(summary.rows, 150, "6000 rows over 40 users");
+        assert!(summary.checkpoints >= 6, "{summary:?}");
+        let r = verify_export(&out, &keys).unwrap();
+        assert!(r.ok, "{format:?}: {:?}", r.findings);
+        assert_eq!(r.rows, 150);
+        // The wrong key proves nothing.
+        let other = SigningKey::from_pem(&SigningKey::generate_pem().unwrap()).unwrap();
+        assert!(!verify_export(&out, &[other.public()]).unwrap().ok);
+
+        let file = out.join(format.file());
+        let original = std::fs::read_to_string(&file).unwrap();
+        let header = usize::from(format == Format::Csv);
+        let lines: Vec<&str> = original.lines().collect();
+        let rewrite = |lines: &[String]| {
+            let mut t = lines.join(if format == Format::Csv { "\r\n" } else { "\n" });
+            t.push_str(if format == Format::Csv { "\r\n" } else { "\n" });
+            std::fs::write(&file, t).unwrap();
+        };
+        let owned: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+        let check = |what: &str, expect: &dyn Fn(&ExportFinding) -> bool| {
+            let r = verify_export(&out, &keys).unwrap();
+            assert!(!r.ok, "{what} passed");
+            assert!(r.findings.iter().any(expect), "{what}: {:?}", r.findings);
+        };
+
+        // One row edited.
+        let mut edited = owned.clone();
+        edited[header + 3] = edited[header + 3].replace("u7", "u8");
+        rewrite(&edited);
+        check("edited row", &|f| {
+            matches!(f, ExportFinding::Altered { .. })
+        });
+        // Two rows swapped.
+        let mut swapped = owned.clone();
+        swapped.swap(header + 1, header + 2);
+        rewrite(&swapped);
+        check("reordered rows", &|f| {
+            matches!(f, ExportFinding::Order { .. })
+        });
+        // A row removed.
+        let mut removed = owned.clone();
+        removed.remove(header + 5);
+        rewrite(&removed);
+        check("removed row", &|f| {
+            matches!(f, ExportFinding::FileDigest { .. })
+        });
+        // The digest brought up to date by someone without the key.
+        let manifest_path = out.join("manifest.json");
+        let manifest = std::fs::read_to_string(&manifest_path).unwrap();
+        let mut m: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+        m["files"][format.file()] =
+            portcullis_auditor::evidence::sha256_hex(&std::fs::read(&file).unwrap()).into();
+        m["rows"] = 149.into();
+        std::fs::write(&manifest_path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+        check("re-digested manifest", &|f| {
+            matches!(f, ExportFinding::ManifestSignature)
+        });
+        std::fs::write(&manifest_path, &manifest).unwrap();
+        rewrite(&owned);
+        assert!(verify_export(&out, &keys).unwrap().ok, "restored");
+    }
+
+    // An edited row re-hashed by the forger: its hash is in no signed interval.
+    let out = dir.path().join(Format::Jsonl.name());
+    let file = out.join(Format::Jsonl.file());
+    let text = std::fs::read_to_string(&file).unwrap();
+    let mut rows: Vec<portcullis_auditor::evidence::ExportRow> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut row = AuditRow::try_from(rows[4].clone()).unwrap();
+    row.device = "forged".into();
+    row.hash = row.expected_hash();
+    rows[4] = (&row).into();
+    let forged: String = rows
+        .iter()
+        .map(|r| serde_json::to_string(r).unwrap() + "\n")
+        .collect();
+    std::fs::write(&file, forged).unwrap();
+    let r = verify_export(&out, &keys).unwrap();
+    assert!(
+        r.findings
+            .iter()
+            .any(|f| matches!(f, ExportFinding::Unproven { line: 5, .. })),
         "{:?}",
         r.findings
     );

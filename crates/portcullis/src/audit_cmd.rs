@@ -58,6 +58,31 @@ pub enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Export the rows the filters select, with a signed manifest and a proof per row,
+    /// for an auditor to check offline (`audit verify-export`).
+    Export {
+        #[arg(long, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// csv or jsonl.
+        #[arg(long, default_value = "jsonl")]
+        format: String,
+        /// A new (or empty) directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Check an export offline (no ClickHouse): manifest signature, file digests,
+    /// checkpoint signatures, every row's hash and proof, their order. Exit 1 on any finding.
+    VerifyExport {
+        dir: PathBuf,
+        /// The published checkpoint key (`ed25519:…`, PEM, or a file holding one);
+        /// repeatable for rotated keys.
+        #[arg(long, required = true, value_delimiter = ',')]
+        pubkey: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a new Ed25519 checkpoint signing key (PKCS#8 PEM, mode 0600).
     Keygen {
         #[arg(long)]
@@ -184,6 +209,78 @@ async fn run_async(command: AuditCommand) -> anyhow::Result<ExitCode> {
                 print!("{}", table.render());
             }
             Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Export {
+            config,
+            filter,
+            format,
+            out,
+        } => {
+            let format = portcullis_auditor::evidence::Format::parse(&format)
+                .ok_or_else(|| anyhow!("--format {format:?}: expected csv or jsonl"))?;
+            let (store, loaded) = connect(&config).await?;
+            let key_file = loaded.config.audit.checkpoint_key_file.clone().ok_or_else(|| {
+                anyhow!(
+                    "{}: key `audit.checkpoint_key_file`: missing (exports are signed with the checkpoint key)",
+                    config.display()
+                )
+            })?;
+            let key = portcullis_io::checkpoint_key(&loaded, &key_file)?;
+            let summary = portcullis_auditor::export::export(
+                &store,
+                &filter.into(),
+                format,
+                &out,
+                &key,
+                chrono::Utc::now(),
+            )
+            .await?;
+            println!(
+                "exported {} rows under {} signed checkpoints into {}",
+                summary.rows,
+                summary.checkpoints,
+                out.display()
+            );
+            for s in &summary.segments {
+                println!(
+                    "gateway {}: seq {}..={} ({} rows)",
+                    s.gateway, s.first_seq, s.last_seq, s.rows
+                );
+            }
+            println!(
+                "verify with: portcullis audit verify-export {} --pubkey {}",
+                out.display(),
+                key.public()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::VerifyExport { dir, pubkey, json } => {
+            let keys = parse_keys(&pubkey)?;
+            let report = portcullis_auditor::evidence::verify_export(&dir, &keys)
+                .with_context(|| format!("reading export {}", dir.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for f in &report.findings {
+                    println!("FINDING {}", serde_json::to_string(f)?);
+                }
+                println!(
+                    "{} rows checked under {} signed checkpoints, {} findings: {}",
+                    report.rows,
+                    report.checkpoints,
+                    report.findings.len(),
+                    if report.ok {
+                        "verified"
+                    } else {
+                        "NOT verified"
+                    }
+                );
+            }
+            Ok(if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         AuditCommand::Keygen { out } => {
             use std::io::Write as _;
@@ -341,24 +438,29 @@ fn verify_keys(
     loaded: &portcullis_config::Loaded,
     given: &[String],
 ) -> anyhow::Result<Vec<portcullis_audit::checkpoint::PublicKey>> {
-    use portcullis_audit::checkpoint::PublicKey;
     if !given.is_empty() {
-        return given
-            .iter()
-            .map(|g| {
-                let text = if Path::new(g).is_file() {
-                    std::fs::read_to_string(g).with_context(|| format!("reading --pubkey {g}"))?
-                } else {
-                    g.clone()
-                };
-                PublicKey::parse(&text).with_context(|| format!("--pubkey {g}"))
-            })
-            .collect();
+        return parse_keys(given);
     }
     match &loaded.config.audit.checkpoint_key_file {
         Some(f) => Ok(vec![portcullis_io::checkpoint_key(loaded, f)?.public()]),
         None => Ok(Vec::new()),
     }
+}
+
+/// `--pubkey` values: a key, or a file holding one.
+fn parse_keys(given: &[String]) -> anyhow::Result<Vec<portcullis_audit::checkpoint::PublicKey>> {
+    given
+        .iter()
+        .map(|g| {
+            let text = if Path::new(g).is_file() {
+                std::fs::read_to_string(g).with_context(|| format!("reading --pubkey {g}"))?
+            } else {
+                g.clone()
+            };
+            portcullis_audit::checkpoint::PublicKey::parse(&text)
+                .with_context(|| format!("--pubkey {g}"))
+        })
+        .collect()
 }
 
 /// Checkpoints from `--checkpoints` files, else this node's own file (when present).
