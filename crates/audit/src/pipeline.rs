@@ -764,7 +764,11 @@ impl Uploader {
                     next_retention = now + RETENTION_RECHECK;
                 } else if let Some(age) = self.config.retention {
                     match s.apply_retention(age).await {
-                        Ok(d) if !d.is_empty() => tracing::info!(dropped = ?d, "audit retention"),
+                        Ok(r) if !r.dropped.is_empty() || !r.held.is_empty() => tracing::info!(
+                            dropped = ?r.dropped,
+                            kept_under_legal_hold = ?r.held,
+                            "audit retention"
+                        ),
                         Ok(_) => {}
                         Err(e) => tracing::warn!("audit retention: {e}"),
                     }

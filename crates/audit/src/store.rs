@@ -14,6 +14,8 @@
 //!   view `flows_by_dst_idx_mv`. It replaced `flows_by_dst` (schema 2 to 4), a 24-column
 //!   copy of every flow row that cost ClickHouse ~1.2 µs of CPU per flow row to write.
 //! - `uploader_metrics`: each gateway's uploader state every 10 s (backlog, lag, errors).
+//! - `legal_holds` (since schema 6): holds placed and lifted, append-only; retention
+//!   keeps every partition that holds rows under an active hold.
 //! - `schema_migrations`: applied migration versions.
 //!
 //! The SQL keeps to what ClickHouse 18.16 (Debian's) and current releases both accept: no
@@ -395,31 +397,42 @@ impl Store {
         insert.end().await.map_err(self.err())
     }
 
-    /// Drops monthly partitions whose newest row is older than `max_age`; returns
-    /// `table/partition` names dropped.
-    pub async fn apply_retention(&self, max_age: Duration) -> Result<Vec<String>, StoreError> {
+    /// Drops monthly partitions whose newest row is older than `max_age`, except those
+    /// an active legal hold covers: a hold on a time range keeps every month it overlaps
+    /// (in every table); a hold on a user keeps the months holding that user's rows in
+    /// the range. When the holds cannot be read nothing is dropped.
+    pub async fn apply_retention(&self, max_age: Duration) -> Result<Retention, StoreError> {
         #[derive(clickhouse::Row, serde::Deserialize)]
         struct Part {
             table: String,
             partition: String,
         }
         let cutoff = chrono::Utc::now().timestamp() - max_age.as_secs() as i64;
+        let tables = ["events", "flows_by_dst_idx", "uploader_metrics"]
+            .map(|t| format!("'{}'", self.local(t).rsplit('.').next().unwrap_or(t)))
+            .join(", ");
         let parts: Vec<Part> = self
             .client
-            .query(
+            .query(&format!(
                 "SELECT table, partition FROM system.parts \
-                 WHERE database = ? AND active AND table IN ('events', 'flows_by_dst_idx', 'uploader_metrics') \
-                 GROUP BY table, partition HAVING toInt64(max(max_time)) < ?",
-            )
+                 WHERE database = ? AND active AND table IN ({tables}) \
+                 GROUP BY table, partition HAVING toInt64(max(max_time)) < ?"
+            ))
             .bind(&self.database)
             .bind(cutoff)
             .fetch_all()
             .await
             .map_err(self.err())?;
-        let mut dropped = Vec::new();
+        let held = self.held_months().await?;
+        let mut out = Retention::default();
         for p in parts {
             // Partition ids of toYYYYMM are digits; anything else is not ours to drop.
-            if p.partition.is_empty() || !p.partition.bytes().all(|b| b.is_ascii_digit()) {
+            let Ok(month) = p.partition.parse::<u32>() else {
+                continue;
+            };
+            let name = format!("{}/{}", p.table, p.partition);
+            if held.contains(&month) {
+                out.held.push(name);
                 continue;
             }
             self.execute(&format!(
@@ -427,10 +440,150 @@ impl Store {
                 self.database, p.table, p.partition
             ))
             .await?;
-            dropped.push(format!("{}/{}", p.table, p.partition));
+            out.dropped.push(name);
         }
-        Ok(dropped)
+        Ok(out)
     }
+
+    /// Months (`YYYYMM`) an active hold keeps.
+    async fn held_months(&self) -> Result<std::collections::BTreeSet<u32>, StoreError> {
+        let mut months = std::collections::BTreeSet::new();
+        for h in self.holds().await? {
+            if h.user.is_empty() {
+                let (mut y, mut m) = (h.since / 100, h.since % 100);
+                while y * 100 + m <= h.until {
+                    months.insert(y * 100 + m);
+                    (y, m) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+                }
+                continue;
+            }
+            let found: Vec<u32> = self
+                .client
+                .query(&format!(
+                    "SELECT DISTINCT toUInt32(toYYYYMM(time)) FROM {}.events \
+                     WHERE user = ? AND time >= toDateTime(?) AND time <= toDateTime(?)",
+                    self.database
+                ))
+                .bind(&h.user)
+                .bind(h.since_secs)
+                .bind(h.until_secs)
+                .fetch_all()
+                .await
+                .map_err(self.err())?;
+            months.extend(found);
+        }
+        Ok(months)
+    }
+
+    /// Records a hold placed (`add`) or lifted (`remove`).
+    pub async fn record_hold(&self, h: &HoldRecord) -> Result<(), StoreError> {
+        self.client
+            .query(&format!(
+                "INSERT INTO {} (id, action, user, since, until, reason, actor, time) \
+                 SELECT ?, ?, ?, toDateTime(?), toDateTime(?), ?, ?, now()",
+                self.local("legal_holds")
+            ))
+            .bind(&h.id)
+            .bind(&h.action)
+            .bind(&h.user)
+            .bind(h.since_secs)
+            .bind(h.until_secs)
+            .bind(&h.reason)
+            .bind(&h.actor)
+            .execute()
+            .await
+            .map_err(self.err())
+    }
+
+    /// The active holds (placed and not lifted), oldest first.
+    pub async fn holds(&self) -> Result<Vec<Hold>, StoreError> {
+        #[derive(clickhouse::Row, serde::Deserialize)]
+        struct Row {
+            id: String,
+            user: String,
+            since: u32,
+            until: u32,
+            reason: String,
+            actor: String,
+            placed: u32,
+        }
+        let rows: Vec<Row> = self
+            .client
+            .query(&format!(
+                "SELECT id, anyIf(user, action = 'add') AS user, \
+                 toUInt32(anyIf(since, action = 'add')) AS since, toUInt32(anyIf(until, action = 'add')) AS until, \
+                 anyIf(reason, action = 'add') AS reason, anyIf(actor, action = 'add') AS actor, \
+                 toUInt32(minIf(time, action = 'add')) AS placed \
+                 FROM {}.legal_holds GROUP BY id \
+                 HAVING countIf(action = 'add') > 0 AND countIf(action = 'remove') = 0 ORDER BY placed, id",
+                self.database
+            ))
+            .fetch_all()
+            .await
+            .map_err(self.err())?;
+        let month = |secs: u32| {
+            chrono::DateTime::from_timestamp(i64::from(secs), 0)
+                .map(|t| {
+                    use chrono::Datelike as _;
+                    t.year().max(0) as u32 * 100 + t.month()
+                })
+                .unwrap_or(0)
+        };
+        Ok(rows
+            .into_iter()
+            .map(|r| Hold {
+                since: month(r.since),
+                until: month(r.until),
+                id: r.id,
+                user: r.user,
+                since_secs: r.since,
+                until_secs: r.until,
+                reason: r.reason,
+                actor: r.actor,
+                placed_secs: r.placed,
+            })
+            .collect())
+    }
+}
+
+/// What a retention pass did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// `table/partition` dropped.
+    pub dropped: Vec<String>,
+    /// `table/partition` past the retention age and kept under a legal hold.
+    pub held: Vec<String>,
+}
+
+/// A hold placed or lifted (one row of `legal_holds`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HoldRecord {
+    pub id: String,
+    /// `add` or `remove`.
+    pub action: String,
+    /// Empty: every user.
+    pub user: String,
+    pub since_secs: u32,
+    pub until_secs: u32,
+    pub reason: String,
+    pub actor: String,
+}
+
+/// An active hold.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Hold {
+    pub id: String,
+    pub user: String,
+    /// Months `YYYYMM` of the range's ends.
+    #[serde(skip)]
+    pub since: u32,
+    #[serde(skip)]
+    pub until: u32,
+    pub since_secs: u32,
+    pub until_secs: u32,
+    pub reason: String,
+    pub actor: String,
+    pub placed_secs: u32,
 }
 
 /// A sample of the uploader's state.
@@ -454,7 +607,7 @@ struct Migration {
 }
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: u32 = 5;
+pub const SCHEMA_VERSION: u32 = 6;
 
 const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -522,7 +675,20 @@ const MIGRATIONS: &[Migration] = &[
             "DROP TABLE IF EXISTS {db}.flows_by_dst",
         ],
     },
+    Migration {
+        version: 6,
+        name: "legal_holds",
+        sql: &[LEGAL_HOLDS],
+    },
 ];
+
+/// Schema 6: legal holds, an append-only log (`add` and `remove` rows; a hold is active
+/// while its `add` has no `remove`). Retention never drops it.
+const LEGAL_HOLDS: &str = "CREATE TABLE IF NOT EXISTS {db}.legal_holds (
+            id String, action String, user String, since DateTime, until DateTime,
+            reason String, actor String, time DateTime
+        ) ENGINE = MergeTree()
+        ORDER BY (id, time)";
 
 /// Schema 5's index table; see the module docs.
 const FLOWS_BY_DST_IDX: &str = "CREATE TABLE IF NOT EXISTS {db}.flows_by_dst_idx (

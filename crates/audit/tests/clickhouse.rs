@@ -525,46 +525,129 @@ fn a_full_spool_blocks_then_raises_an_alarm_with_the_count() {
     p.shutdown(Duration::from_secs(5));
 }
 
+/// Retention drops old months, except those a legal hold keeps: a hold on a time range
+/// keeps every month it overlaps; a hold on a user keeps the months with that user's rows
+/// in its range. A lifted hold keeps nothing.
 #[test]
-fn retention_drops_only_old_partitions() {
+fn retention_drops_old_partitions_except_those_under_legal_hold() {
+    use portcullis_audit::store::HoldRecord;
     let ch = ClickHouse::start().unwrap();
     let store = migrated(&ch, "pc");
-    let old = chrono::DateTime::parse_from_rfc3339("2020-03-15T10:00:00Z")
-        .unwrap()
-        .to_utc();
+    let at = |t: &str| chrono::DateTime::parse_from_rfc3339(t).unwrap().to_utc();
     let mut chain = Chain::default();
-    let rows: Vec<AuditRow> = [(1, old), (2, chrono::Utc::now())]
-        .into_iter()
-        .map(|(seq, time)| {
-            let mut r = AuditRow::from_envelope(&Envelope {
-                v: 1,
-                id: uuid::Uuid::new_v4(),
-                seq,
-                time,
-                gateway: "gw".into(),
-                event: flow_closed(seq, "alice"),
-            });
-            chain.seal(&mut r);
-            r
-        })
-        .collect();
-    let dropped = rt().block_on(async {
+    // Alice in March and May 2020, bob in April 2020, June 2020 and July 2020, and now.
+    let rows: Vec<AuditRow> = [
+        (1, "2020-03-15T10:00:00Z", "alice"),
+        (2, "2020-04-15T10:00:00Z", "bob"),
+        (3, "2020-05-15T10:00:00Z", "alice"),
+        (4, "2020-06-15T10:00:00Z", "bob"),
+        (5, "2020-07-15T10:00:00Z", "bob"),
+    ]
+    .into_iter()
+    .map(|(seq, t, user)| (seq, at(t), user))
+    .chain([(6, chrono::Utc::now(), "carol")])
+    .map(|(seq, time, user)| {
+        let mut r = AuditRow::from_envelope(&Envelope {
+            v: 1,
+            id: uuid::Uuid::new_v4(),
+            seq,
+            time,
+            gateway: "gw".into(),
+            event: flow_closed(seq, user),
+        });
+        chain.seal(&mut r);
+        r
+    })
+    .collect();
+    let hold = |id: &str, action: &str, user: &str, since: &str, until: &str| HoldRecord {
+        id: id.into(),
+        action: action.into(),
+        user: user.into(),
+        since_secs: at(since).timestamp() as u32,
+        until_secs: at(until).timestamp() as u32,
+        reason: "case 2026-17".into(),
+        actor: "admin:cli".into(),
+    };
+    let retention = rt().block_on(async {
         store.insert(&rows).await.unwrap();
+        // Alice's rows from March to May: months 202003 and 202005 (not bob's April).
+        store
+            .record_hold(&hold(
+                "lh-1",
+                "add",
+                "alice",
+                "2020-01-01T00:00:00Z",
+                "2020-05-31T00:00:00Z",
+            ))
+            .await
+            .unwrap();
+        // Everyone's in June.
+        store
+            .record_hold(&hold(
+                "lh-2",
+                "add",
+                "",
+                "2020-06-01T00:00:00Z",
+                "2020-06-30T00:00:00Z",
+            ))
+            .await
+            .unwrap();
+        // Placed on July and lifted again.
+        store
+            .record_hold(&hold(
+                "lh-3",
+                "add",
+                "",
+                "2020-07-01T00:00:00Z",
+                "2020-07-30T00:00:00Z",
+            ))
+            .await
+            .unwrap();
+        store
+            .record_hold(&hold(
+                "lh-3",
+                "remove",
+                "",
+                "2020-07-01T00:00:00Z",
+                "2020-07-30T00:00:00Z",
+            ))
+            .await
+            .unwrap();
+        let holds = store.holds().await.unwrap();
+        assert_eq!(
+            holds.iter().map(|h| h.id.as_str()).collect::<Vec<_>>(),
+            ["lh-1", "lh-2"]
+        );
         store
             .apply_retention(Duration::from_secs(400 * 86_400))
             .await
             .unwrap()
     });
-    assert!(
-        dropped.contains(&"events/202003".to_string()),
-        "{dropped:?}"
+    let months = |list: &[String], table: &str| -> Vec<String> {
+        let mut m: Vec<String> = list
+            .iter()
+            .filter_map(|p| p.strip_prefix(&format!("{table}/")).map(str::to_string))
+            .collect();
+        m.sort();
+        m
+    };
+    assert_eq!(months(&retention.dropped, "events"), ["202004", "202007"]);
+    assert_eq!(
+        months(&retention.held, "events"),
+        ["202003", "202005", "202006"]
     );
-    assert!(
-        dropped.contains(&"flows_by_dst_idx/202003".to_string()),
-        "{dropped:?}"
+    assert_eq!(
+        months(&retention.dropped, "flows_by_dst_idx"),
+        ["202004", "202007"]
     );
-    assert_eq!(ch.count("SELECT count() FROM pc.events").unwrap(), 1);
-    assert_eq!(ch.count("SELECT max(seq) FROM pc.events").unwrap(), 2);
+    let mut left: Vec<u64> = ch
+        .query("SELECT seq FROM pc.events ORDER BY seq")
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(left, [1, 3, 4, 6]);
 }
 
 /// `submit_durable` answers once the event is in the events file (no spool) or committed

@@ -76,6 +76,11 @@ impl StoreHandle {
         }
     }
 
+    /// The connected store (connecting now if needed), or a JSON error response.
+    pub async fn store(&self) -> Result<Store, Response> {
+        self.get().await
+    }
+
     async fn get(&self) -> Result<Store, Response> {
         let mut slot = self.store.lock().await;
         if let Some(s) = slot.as_ref() {

@@ -26,6 +26,7 @@
 //!   replaced (see `policy_api`).
 //! - `/admin/v1/audit/events|reports/{name}|verify`: the auditor's queries
 //!   (`portcullis_auditor::http`), with `[audit.clickhouse]`.
+//! - `/admin/v1/audit/holds`: legal holds on the trail (see [`crate::holds`]).
 
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
@@ -106,6 +107,7 @@ pub fn admin_router(a: AdminApi) -> AdminRouters {
         cluster_policy: a.cluster_policy,
         access: a.access,
         console_links: a.console_links,
+        audit_store: a.store.clone(),
     };
     let audit = a.store;
     let routes = || {
@@ -171,10 +173,10 @@ pub fn admin_router(a: AdminApi) -> AdminRouters {
 /// The auditor's queries (`portcullis_auditor::http`), or a clear 404 without ClickHouse.
 fn audit_routes(store: Option<Arc<portcullis_auditor::http::StoreHandle>>) -> Router<AdminState> {
     match store {
-        Some(store) => portcullis_auditor::http::routes(store),
+        Some(store) => portcullis_auditor::http::routes(store).merge(crate::holds::routes()),
         None => Router::new().route(
             "/{*rest}",
-            get(|| async {
+            axum::routing::any(|| async {
                 error(
                     StatusCode::NOT_FOUND,
                     "no [audit.clickhouse] section is configured",

@@ -43,6 +43,8 @@ pub(crate) struct AdminState {
     pub(crate) access: Option<Arc<crate::access::AccessService>>,
     /// `[console]`: break-glass sign-in links.
     pub(crate) console_links: Option<Arc<crate::console::Links>>,
+    /// `[audit.clickhouse]`: legal holds are kept there.
+    pub(crate) audit_store: Option<Arc<portcullis_auditor::http::StoreHandle>>,
 }
 
 pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {

@@ -30,6 +30,7 @@ mod cluster_work;
 mod console;
 pub mod devices;
 pub mod health;
+mod holds;
 mod metrics;
 pub mod nonces;
 mod plane;

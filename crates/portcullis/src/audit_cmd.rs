@@ -83,6 +83,12 @@ pub enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Legal holds: retention never drops partitions holding rows of a held user or
+    /// time range. Placed and lifted through the gateway's admin API, audited.
+    Hold {
+        #[command(subcommand)]
+        command: HoldCommand,
+    },
     /// Write a new Ed25519 checkpoint signing key (PKCS#8 PEM, mode 0600).
     Keygen {
         #[arg(long)]
@@ -98,6 +104,107 @@ pub enum AuditCommand {
         #[arg(long, env = "PORTCULLIS_CONFIG")]
         config: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+pub enum HoldCommand {
+    /// Place a hold: a user's rows in a time range, or every row in it (no --user).
+    Add {
+        #[arg(long, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        user: Option<String>,
+        /// RFC 3339 time or a duration ago (90d).
+        #[arg(long)]
+        since: String,
+        #[arg(long, default_value = "0s")]
+        until: String,
+        /// The case or request the hold is for (recorded).
+        #[arg(long)]
+        reason: String,
+    },
+    /// The active holds.
+    List {
+        #[arg(long, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lift a hold.
+    Remove {
+        id: String,
+        #[arg(long, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+// Indexing a serde_json Value by key yields Null for a missing key; it never panics.
+#[allow(clippy::indexing_slicing)]
+fn run_hold(command: HoldCommand) -> anyhow::Result<ExitCode> {
+    use crate::admin_cmd::call_with;
+    match command {
+        HoldCommand::Add {
+            config,
+            user,
+            since,
+            until,
+            reason,
+        } => {
+            let body =
+                serde_json::json!({"user": user, "since": since, "until": until, "reason": reason});
+            let v = call_with(&config, "POST", "/admin/v1/audit/holds", Some(&body))?;
+            println!(
+                "hold {} placed: {} from {} to {}",
+                v["id"].as_str().unwrap_or("?"),
+                v["user"]
+                    .as_str()
+                    .filter(|u| !u.is_empty())
+                    .unwrap_or("every user"),
+                v["since"].as_str().unwrap_or("?"),
+                v["until"].as_str().unwrap_or("?")
+            );
+        }
+        HoldCommand::List { config, json } => {
+            let v = call_with(&config, "GET", "/admin/v1/audit/holds", None)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v["holds"])?);
+            } else {
+                let holds = v["holds"].as_array().cloned().unwrap_or_default();
+                for h in &holds {
+                    println!(
+                        "{}  {}  {} .. {}  by {} at {}: {}",
+                        h["id"].as_str().unwrap_or(""),
+                        h["user"]
+                            .as_str()
+                            .filter(|u| !u.is_empty())
+                            .unwrap_or("(every user)"),
+                        h["since"].as_str().unwrap_or(""),
+                        h["until"].as_str().unwrap_or(""),
+                        h["placed_by"].as_str().unwrap_or(""),
+                        h["placed_at"].as_str().unwrap_or(""),
+                        h["reason"].as_str().unwrap_or("")
+                    );
+                }
+                println!("({} active holds)", holds.len());
+            }
+        }
+        HoldCommand::Remove { id, config, reason } => {
+            let path = format!(
+                "/admin/v1/audit/holds/{}/remove",
+                crate::admin_cmd::encode(&id)
+            );
+            call_with(
+                &config,
+                "POST",
+                &path,
+                Some(&serde_json::json!({"reason": reason})),
+            )?;
+            println!("hold {id} lifted");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Args)]
@@ -167,6 +274,10 @@ async fn connect(config: &Path) -> anyhow::Result<(Store, portcullis_config::Loa
 }
 
 pub fn run(command: AuditCommand) -> anyhow::Result<ExitCode> {
+    // The admin API client blocks: no runtime around it.
+    if let AuditCommand::Hold { command } = command {
+        return run_hold(command);
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -282,6 +393,7 @@ async fn run_async(command: AuditCommand) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        AuditCommand::Hold { command } => run_hold(command),
         AuditCommand::Keygen { out } => {
             use std::io::Write as _;
             use std::os::unix::fs::OpenOptionsExt as _;

@@ -37,6 +37,7 @@ fn in_source() -> BTreeSet<(String, String)> {
         ("", include_str!("../policy_api.rs")),
         ("", include_str!("../access_api.rs")),
         ("/audit", include_str!("../../../auditor/src/http.rs")),
+        ("/audit", include_str!("../holds.rs")),
     ];
     let mut ops = BTreeSet::new();
     for (prefix, src) in sources {
