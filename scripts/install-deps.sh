@@ -13,6 +13,7 @@ packages=(
   kmod
   clickhouse-server # the audit store (Debian's 18.16), started by the lab and tests themselves
   clickhouse-client
+  zookeeper         # coordinates ClickHouse 18.16's replicated audit tables in the replica tests
   postgresql-15     # the cluster's shared state, started by the tests themselves (initdb into a temp dir)
   keepalived        # VRRP: moves a site's address between nodes in the failover tests (run inside their namespaces)
   slapd             # OpenLDAP (syncprov, memberof) for the LDAP sync tests, started by the tests

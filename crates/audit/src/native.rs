@@ -196,9 +196,10 @@ impl NativeBlock {
     }
 
     /// `INSERT INTO db.events (columns…) FORMAT Native`.
-    pub fn insert_sql(database: &str) -> String {
+    /// The insert statement for `table` (`db.events`, or `db.events_local` in a cluster).
+    pub fn insert_sql(table: &str) -> String {
         format!(
-            "INSERT INTO {database}.events ({}) FORMAT Native",
+            "INSERT INTO {table} ({}) FORMAT Native",
             crate::row::column_list()
         )
     }

@@ -736,9 +736,13 @@ impl Uploader {
         let mut next_metrics = Instant::now();
         let mut next_retention = Instant::now();
         let mut last_error_log: Option<Instant> = None;
+        // Which replica to try first: after a failure, the one after the failed one. A
+        // batch retried on another replica lands once (the same rows collapse on their
+        // key after FINAL; replicated tables also drop a repeated block).
+        let mut first_url = 0usize;
         while !self.shared.stop.load(Ordering::Relaxed) {
             let Some(s) = &store else {
-                match Store::connect(&self.config.store).await {
+                match Store::connect_from(&self.config.store, first_url).await {
                     Ok(s) => match s.check_schema().await {
                         Ok(()) => {
                             tracing::info!(version = ?s.version, database = %s.database, "audit uploader connected");
@@ -853,6 +857,8 @@ impl Uploader {
                     backoff = Duration::from_millis(100);
                 }
                 Err(e) => {
+                    first_url = s.url_index + 1;
+                    let e = format!("{}: {e}", s.url());
                     self.failed(&e, &mut backoff, &mut last_error_log).await;
                     store = None;
                 }

@@ -208,9 +208,136 @@ impl Store {
         self.client.query(sql).execute().await.map_err(self.err())
     }
 
-    /// Applies the migrations the database lacks; returns the versions applied.
+    /// Applies the migrations the database lacks; returns the versions applied. With a
+    /// cluster: see [`Store::migrate_cluster`].
     pub async fn migrate(&self) -> Result<Vec<u32>, StoreError> {
-        self.migrate_to(SCHEMA_VERSION).await
+        match self.cluster.clone() {
+            Some(c) => self.migrate_cluster(&c).await,
+            None => self.migrate_to(SCHEMA_VERSION).await,
+        }
+    }
+
+    /// The replicated schema, on every replica of `cluster` at once (`ON CLUSTER`; the
+    /// servers need `<zookeeper>`, `<remote_servers>` naming the cluster, and the
+    /// `{shard}`/`{replica}` macros): `events_local`, `flows_by_dst_idx_local` (with its
+    /// view), `uploader_metrics_local` and `legal_holds_local` as `Replicated*MergeTree`
+    /// under `/clickhouse/tables/{shard}/<database>/<table>`, a `Distributed` table of
+    /// each one's name without `_local` for queries, and a replicated
+    /// `schema_migrations`. A single-server trail on the server connected to (plain
+    /// `events`) is first brought to the current schema, moved aside, copied into the
+    /// replicated tables (which replicate it) and dropped. Every step can run again.
+    /// Returns the versions recorded.
+    pub async fn migrate_cluster(&self, cluster: &str) -> Result<Vec<u32>, StoreError> {
+        let db = &self.database;
+        let on = format!("ON CLUSTER {cluster}");
+        let single = self.table_exists("events").await? && !self.is_distributed("events").await?;
+        if single {
+            // A plain trail here: current first, then out of the way.
+            Store {
+                cluster: None,
+                ..self.clone()
+            }
+            .migrate_to(SCHEMA_VERSION)
+            .await?;
+            self.execute(&format!("DROP TABLE IF EXISTS {db}.flows_by_dst_idx_mv"))
+                .await?;
+            for t in CLUSTER_TABLES.iter().chain(&["schema_migrations"]) {
+                if self.table_exists(t).await? {
+                    self.execute(&format!("RENAME TABLE {db}.{t} TO {db}.{t}_single"))
+                        .await?;
+                }
+            }
+        }
+        self.execute(&format!("CREATE DATABASE IF NOT EXISTS {db} {on}"))
+            .await?;
+        let replicated = |engine: &str, table: &str| {
+            format!("{engine}('/clickhouse/tables/{{shard}}/{db}/{table}', '{{replica}}')")
+        };
+        let ddl = [
+            cluster_table(EVENTS_V4, "events", &replicated("ReplicatedReplacingMergeTree", "events")),
+            cluster_table(
+                FLOWS_BY_DST_IDX,
+                "flows_by_dst_idx",
+                &replicated("ReplicatedReplacingMergeTree", "flows_by_dst_idx"),
+            ),
+            cluster_table(
+                UPLOADER_METRICS,
+                "uploader_metrics",
+                &replicated("ReplicatedMergeTree", "uploader_metrics"),
+            ),
+            cluster_table(
+                LEGAL_HOLDS,
+                "legal_holds",
+                &replicated("ReplicatedMergeTree", "legal_holds"),
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {{db}}.schema_migrations (version UInt32, name String, applied DateTime) \
+                 ENGINE = {} ORDER BY version",
+                replicated("ReplicatedMergeTree", "schema_migrations")
+            ),
+            FLOWS_BY_DST_IDX_MV
+                .replace("{db}.flows_by_dst_idx_mv", "{db}.flows_by_dst_idx_mv_local")
+                .replace("{db}.flows_by_dst_idx ", "{db}.flows_by_dst_idx_local ")
+                .replace("{db}.events ", "{db}.events_local "),
+        ];
+        for stmt in ddl {
+            let stmt = stmt.replace("{db}", db);
+            // `CREATE … IF NOT EXISTS db.t` → `… db.t ON CLUSTER c`.
+            self.execute(&on_cluster(&stmt, &on)).await?;
+        }
+        for t in CLUSTER_TABLES {
+            self.execute(&format!(
+                "CREATE TABLE IF NOT EXISTS {db}.{t} {on} AS {db}.{t}_local \
+                 ENGINE = Distributed({cluster}, {db}, {t}_local)"
+            ))
+            .await?;
+        }
+        if single {
+            for t in CLUSTER_TABLES {
+                if self.table_exists(&format!("{t}_single")).await? {
+                    // The view fills the index from the copied events.
+                    if *t != "flows_by_dst_idx" {
+                        self.execute(&format!(
+                            "INSERT INTO {db}.{t}_local SELECT * FROM {db}.{t}_single"
+                        ))
+                        .await?;
+                    }
+                    self.execute(&format!("DROP TABLE {db}.{t}_single")).await?;
+                }
+            }
+            self.execute(&format!(
+                "DROP TABLE IF EXISTS {db}.schema_migrations_single"
+            ))
+            .await?;
+        }
+        let current = self.schema_version().await?;
+        let mut recorded = Vec::new();
+        for m in MIGRATIONS.iter().filter(|m| m.version > current) {
+            self.client
+                .query(&format!(
+                    "INSERT INTO {db}.schema_migrations (version, name, applied) SELECT ?, ?, now()"
+                ))
+                .bind(m.version)
+                .bind(m.name)
+                .execute()
+                .await
+                .map_err(self.err())?;
+            recorded.push(m.version);
+        }
+        tracing::info!(cluster, database = %db, converted = single, "audit schema on the cluster");
+        Ok(recorded)
+    }
+
+    async fn is_distributed(&self, table: &str) -> Result<bool, StoreError> {
+        let n: u64 = self
+            .client
+            .query("SELECT count() FROM system.tables WHERE database = ? AND name = ? AND engine = 'Distributed'")
+            .bind(&self.database)
+            .bind(table)
+            .fetch_one()
+            .await
+            .map_err(self.err())?;
+        Ok(n > 0)
     }
 
     /// Applies the migrations the database lacks up to `target` (an older schema, for
@@ -376,7 +503,7 @@ impl Store {
     pub async fn insert_block(&self, block: NativeBlock) -> Result<(), StoreError> {
         let mut insert = self
             .client
-            .insert_formatted_with(NativeBlock::insert_sql(&self.database));
+            .insert_formatted_with(NativeBlock::insert_sql(&self.local("events")));
         insert
             .send(bytes::Bytes::from(block.finish()))
             .await
@@ -386,11 +513,15 @@ impl Store {
 
     /// Writes one uploader metrics sample.
     pub async fn insert_metrics(&self, m: &MetricsRow) -> Result<(), StoreError> {
+        let table = match self.cluster {
+            Some(_) => "uploader_metrics_local",
+            None => "uploader_metrics",
+        };
         let mut insert = self
             .client
             .clone()
             .with_database(&self.database)
-            .insert::<MetricsRow>("uploader_metrics")
+            .insert::<MetricsRow>(table)
             .await
             .map_err(self.err())?;
         insert.write(m).await.map_err(self.err())?;
@@ -646,12 +777,7 @@ const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 3,
         name: "uploader_metrics",
-        sql: &["CREATE TABLE IF NOT EXISTS {db}.uploader_metrics (
-            gateway String, time DateTime, backlog UInt64, lag_ms UInt64, batches UInt64,
-            rows UInt64, errors UInt64, spool_bytes UInt64, refused UInt64
-        ) ENGINE = MergeTree()
-        PARTITION BY toYYYYMM(time)
-        ORDER BY (gateway, time)"],
+        sql: &[UPLOADER_METRICS],
     },
     // The table rebuild is code: `Store::raw_hashes`.
     Migration {
@@ -681,6 +807,55 @@ const MIGRATIONS: &[Migration] = &[
         sql: &[LEGAL_HOLDS],
     },
 ];
+
+/// The tables a cluster keeps as `<name>_local` (replicated) under a `Distributed` `<name>`.
+const CLUSTER_TABLES: &[&str] = &[
+    "events",
+    "flows_by_dst_idx",
+    "uploader_metrics",
+    "legal_holds",
+];
+
+/// `uploader_metrics` as migration 3 made it.
+const UPLOADER_METRICS: &str = "CREATE TABLE IF NOT EXISTS {db}.uploader_metrics (
+            gateway String, time DateTime, backlog UInt64, lag_ms UInt64, batches UInt64,
+            rows UInt64, errors UInt64, spool_bytes UInt64, refused UInt64
+        ) ENGINE = MergeTree()
+        PARTITION BY toYYYYMM(time)
+        ORDER BY (gateway, time)";
+
+/// A table's statement for the cluster: renamed `<table>_local`, with `engine`.
+fn cluster_table(create: &str, table: &str, engine: &str) -> String {
+    let renamed = create.replacen(
+        &format!("{{db}}.{table} ("),
+        &format!("{{db}}.{table}_local ("),
+        1,
+    );
+    match renamed.split_once("ENGINE = ") {
+        Some((head, tail)) => {
+            let rest = tail.split_once(')').map_or("", |(_, r)| r);
+            format!("{head}ENGINE = {engine}{rest}")
+        }
+        None => renamed,
+    }
+}
+
+/// `CREATE … db.t …` → `CREATE … db.t ON CLUSTER c …` (after the first name).
+fn on_cluster(stmt: &str, on: &str) -> String {
+    let Some(at) = stmt.find("IF NOT EXISTS ") else {
+        return stmt.to_string();
+    };
+    let name_start = at + "IF NOT EXISTS ".len();
+    let name_end = stmt
+        .get(name_start..)
+        .and_then(|r| r.find([' ', '\n', '(']))
+        .map_or(stmt.len(), |i| name_start + i);
+    format!(
+        "{} {on}{}",
+        stmt.get(..name_end).unwrap_or_default(),
+        stmt.get(name_end..).unwrap_or_default()
+    )
+}
 
 /// Schema 6: legal holds, an append-only log (`add` and `remove` rows; a hold is active
 /// while its `add` has no `remove`). Retention never drops it.

@@ -123,12 +123,61 @@ impl ClickHouse {
             dir,
             child: None,
         };
-        ch.write_config()?;
+        ch.write_config("")?;
         ch.resume()?;
         Ok(ch)
     }
 
-    fn write_config(&self) -> anyhow::Result<()> {
+    /// `n` replicas of one shard of the ClickHouse cluster `cluster`, coordinated by `zk`
+    /// (macros `{shard}` = 01, `{replica}` = r1, r2, …; `ON CLUSTER` DDL through ZooKeeper).
+    pub fn start_replicas(
+        n: usize,
+        zk: &ZooKeeper,
+        cluster: &str,
+    ) -> anyhow::Result<Vec<ClickHouse>> {
+        if !Self::available() {
+            bail!("{CLICKHOUSE_SERVER} is missing: run scripts/install-deps.sh");
+        }
+        let mut servers = Vec::with_capacity(n);
+        for _ in 0..n {
+            servers.push(ClickHouse {
+                http_port: free_port()?,
+                tcp_port: free_port()?,
+                dir: tempfile::Builder::new()
+                    .prefix("portcullis-ch-")
+                    .tempdir()?,
+                child: None,
+            });
+        }
+        let replicas: String = servers
+            .iter()
+            .map(|s| {
+                format!(
+                    "<replica><host>127.0.0.1</host><port>{}</port></replica>",
+                    s.tcp_port
+                )
+            })
+            .collect();
+        for (i, s) in servers.iter().enumerate() {
+            let interserver = free_port()?;
+            s.write_config(&format!(
+                "<zookeeper><node><host>127.0.0.1</host><port>{zk}</port></node><session_timeout_ms>6000</session_timeout_ms></zookeeper>
+  <remote_servers><{cluster}><shard><internal_replication>true</internal_replication>{replicas}</shard></{cluster}></remote_servers>
+  <macros><shard>01</shard><replica>r{}</replica></macros>
+  <distributed_ddl><path>/clickhouse/task_queue/ddl</path></distributed_ddl>
+  <interserver_http_port>{interserver}</interserver_http_port>
+  <interserver_http_host>127.0.0.1</interserver_http_host>",
+                i + 1,
+                zk = zk.port
+            ))?;
+        }
+        for s in &mut servers {
+            s.resume()?;
+        }
+        Ok(servers)
+    }
+
+    fn write_config(&self, extra: &str) -> anyhow::Result<()> {
         let d = self.dir.path().display();
         std::fs::write(
             self.dir.path().join("config.xml"),
@@ -145,6 +194,7 @@ impl ClickHouse {
   <default_profile>default</default_profile>
   <default_database>default</default_database>
   <mark_cache_size>5368709120</mark_cache_size>
+  {extra}
 </yandex>
 "#,
                 self.http_port, self.tcp_port
@@ -277,6 +327,100 @@ fn dechunk(body: &str) -> String {
 impl Drop for ClickHouse {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A ZooKeeper server of our own (Debian's `zookeeper`), on a free loopback port, for
+/// ClickHouse 18.16's replication.
+pub struct ZooKeeper {
+    dir: tempfile::TempDir,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl std::fmt::Debug for ZooKeeper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZooKeeper")
+            .field("port", &self.port)
+            .finish()
+    }
+}
+
+const ZK_SERVER: &str = "/usr/share/zookeeper/bin/zkServer.sh";
+
+impl ZooKeeper {
+    pub fn available() -> bool {
+        Path::new(ZK_SERVER).exists()
+    }
+
+    /// Starts a standalone server and waits until it answers `ruok`.
+    pub fn start() -> anyhow::Result<ZooKeeper> {
+        if !Self::available() {
+            bail!("{ZK_SERVER} is missing: run scripts/install-deps.sh");
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("portcullis-zk-")
+            .tempdir()?;
+        let port = free_port()?;
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("data"))?;
+        std::fs::write(
+            d.join("zoo.cfg"),
+            format!(
+                "tickTime=500\ninitLimit=10\nsyncLimit=5\ndataDir={}\nclientPort={port}\n\
+                 clientPortAddress=127.0.0.1\nadmin.enableServer=false\n4lw.commands.whitelist=ruok\n",
+                d.join("data").display()
+            ),
+        )?;
+        let child = Command::new(ZK_SERVER)
+            .arg("start-foreground")
+            .arg(d.join("zoo.cfg"))
+            .env("ZOO_LOG_DIR", d)
+            .current_dir(d)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(std::fs::File::create(d.join("zk.log"))?))
+            .stderr(Stdio::from(std::fs::File::create(d.join("zk.err.log"))?))
+            .spawn()
+            .context("starting zookeeper")?;
+        let mut zk = ZooKeeper {
+            dir,
+            port,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = TcpStream::connect(("127.0.0.1", port)).and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(1)))?;
+                s.write_all(b"ruok")?;
+                let mut r = String::new();
+                s.read_to_string(&mut r)?;
+                Ok(r == "imok")
+            });
+            if matches!(ok, Ok(true)) {
+                return Ok(zk);
+            }
+            if let Some(c) = &mut zk.child {
+                if let Some(status) = c.try_wait()? {
+                    let log =
+                        std::fs::read_to_string(zk.dir.path().join("zk.log")).unwrap_or_default();
+                    bail!("zookeeper exited ({status}): {log}");
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("zookeeper did not answer on port {port} within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for ZooKeeper {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // zkServer.sh execs java: the child is the JVM itself.
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
