@@ -70,6 +70,13 @@ if [[ "$installed" != "$wanted" ]]; then
   (cd "$browser_dir" && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
+# chdb-core: current ClickHouse (26.x) embedded in Python; the tests run the trail's schema,
+# Native blocks and queries on it too (no current server package is available here).
+chdb_wanted=26.9.0
+if ! python3 -c "import chdb, sys; sys.exit(chdb.__version__ != '$chdb_wanted')" 2>/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check "chdb-core==$chdb_wanted"
+fi
+
 if ! command -v cargo >/dev/null; then
   echo "cargo is required (install Rust with rustup)" >&2
   exit 1

@@ -544,13 +544,7 @@ impl Store {
             .join(", ");
         let parts: Vec<Part> = self
             .client
-            .query(&format!(
-                "SELECT table, partition FROM system.parts \
-                 WHERE database = ? AND active AND table IN ({tables}) \
-                 GROUP BY table, partition HAVING toInt64(max(max_time)) < ?"
-            ))
-            .bind(&self.database)
-            .bind(cutoff)
+            .query(&retention_parts_sql(&self.database, &tables, cutoff))
             .fetch_all()
             .await
             .map_err(self.err())?;
@@ -590,14 +584,12 @@ impl Store {
             }
             let found: Vec<u32> = self
                 .client
-                .query(&format!(
-                    "SELECT DISTINCT toUInt32(toYYYYMM(time)) FROM {}.events \
-                     WHERE user = ? AND time >= toDateTime(?) AND time <= toDateTime(?)",
-                    self.database
+                .query(&held_months_sql(
+                    &self.database,
+                    &h.user,
+                    h.since_secs,
+                    h.until_secs,
                 ))
-                .bind(&h.user)
-                .bind(h.since_secs)
-                .bind(h.until_secs)
                 .fetch_all()
                 .await
                 .map_err(self.err())?;
@@ -631,24 +623,16 @@ impl Store {
         #[derive(clickhouse::Row, serde::Deserialize)]
         struct Row {
             id: String,
-            user: String,
-            since: u32,
-            until: u32,
-            reason: String,
-            actor: String,
+            held_user: String,
+            held_since: u32,
+            held_until: u32,
+            held_reason: String,
+            placed_by: String,
             placed: u32,
         }
         let rows: Vec<Row> = self
             .client
-            .query(&format!(
-                "SELECT id, anyIf(user, action = 'add') AS user, \
-                 toUInt32(anyIf(since, action = 'add')) AS since, toUInt32(anyIf(until, action = 'add')) AS until, \
-                 anyIf(reason, action = 'add') AS reason, anyIf(actor, action = 'add') AS actor, \
-                 toUInt32(minIf(time, action = 'add')) AS placed \
-                 FROM {}.legal_holds GROUP BY id \
-                 HAVING countIf(action = 'add') > 0 AND countIf(action = 'remove') = 0 ORDER BY placed, id",
-                self.database
-            ))
+            .query(&holds_sql(&self.database))
             .fetch_all()
             .await
             .map_err(self.err())?;
@@ -663,18 +647,88 @@ impl Store {
         Ok(rows
             .into_iter()
             .map(|r| Hold {
-                since: month(r.since),
-                until: month(r.until),
+                since: month(r.held_since),
+                until: month(r.held_until),
                 id: r.id,
-                user: r.user,
-                since_secs: r.since,
-                until_secs: r.until,
-                reason: r.reason,
-                actor: r.actor,
+                user: r.held_user,
+                since_secs: r.held_since,
+                until_secs: r.held_until,
+                reason: r.held_reason,
+                actor: r.placed_by,
                 placed_secs: r.placed,
             })
             .collect())
     }
+}
+
+/// A ClickHouse string literal (backslash and quote escaped; `?` doubled, which the
+/// client library reads as a literal `?` rather than a bind).
+pub fn sql_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('\'');
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\'' => out.push_str("\\'"),
+            '\n' => out.push_str("\\n"),
+            '\0' => out.push_str("\\0"),
+            '?' => out.push_str("??"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+/// The partitions of `tables` (quoted, comma separated) whose newest row is before
+/// `cutoff` (Unix seconds).
+pub fn retention_parts_sql(db: &str, tables: &str, cutoff: i64) -> String {
+    format!(
+        "SELECT table, partition FROM system.parts \
+         WHERE database = {} AND active AND table IN ({tables}) \
+         GROUP BY table, partition HAVING toInt64(max(max_time)) < {cutoff}",
+        sql_string(db)
+    )
+}
+
+/// The months (`YYYYMM`) with rows of `user` between the two times.
+pub fn held_months_sql(db: &str, user: &str, since: u32, until: u32) -> String {
+    format!(
+        "SELECT DISTINCT toUInt32(toYYYYMM(time)) FROM {db}.events \
+         WHERE user = {} AND time >= toDateTime({since}) AND time <= toDateTime({until})",
+        sql_string(user)
+    )
+}
+
+/// The active holds. Aliases differ from the column names (current ClickHouse resolves
+/// an alias inside the aggregate that defines it).
+pub fn holds_sql(db: &str) -> String {
+    format!(
+        "SELECT id, anyIf(user, action = 'add') AS held_user, \
+         toUInt32(anyIf(since, action = 'add')) AS held_since, toUInt32(anyIf(until, action = 'add')) AS held_until, \
+         anyIf(reason, action = 'add') AS held_reason, anyIf(actor, action = 'add') AS placed_by, \
+         toUInt32(minIf(time, action = 'add')) AS placed \
+         FROM {db}.legal_holds GROUP BY id \
+         HAVING countIf(action = 'add') > 0 AND countIf(action = 'remove') = 0 ORDER BY placed, id"
+    )
+}
+
+/// The tables of a fresh database at [`SCHEMA_VERSION`] on one server, as the migrations
+/// leave them (a test holds the two equal): what the current-ClickHouse tests create.
+pub fn current_schema(db: &str) -> Vec<String> {
+    [
+        "CREATE DATABASE IF NOT EXISTS {db}",
+        "CREATE TABLE IF NOT EXISTS {db}.schema_migrations \
+         (version UInt32, name String, applied DateTime) ENGINE = TinyLog",
+        EVENTS_V4,
+        FLOWS_BY_DST_IDX,
+        FLOWS_BY_DST_IDX_MV,
+        UPLOADER_METRICS,
+        LEGAL_HOLDS,
+    ]
+    .iter()
+    .map(|s| s.replace("{db}", db))
+    .collect()
 }
 
 /// What a retention pass did.

@@ -709,3 +709,34 @@ fn a_durable_submit_wakes_the_writer_instead_of_waiting_the_interval() {
     assert!(lines.lines().next().unwrap().contains("\"bob\""));
     p.shutdown(Duration::from_secs(1));
 }
+
+/// `store::current_schema` (what the current-ClickHouse tests create) is what the
+/// migrations leave on a fresh database: the same tables with the same definitions.
+#[test]
+fn the_current_schema_is_what_the_migrations_build() {
+    let ch = ClickHouse::start().unwrap();
+    migrated(&ch, "migrated");
+    for stmt in portcullis_audit::store::current_schema("direct") {
+        ch.query(&stmt).unwrap();
+    }
+    let tables = |db: &str| -> Vec<(String, String)> {
+        ch.query(&format!(
+            "SELECT name, engine_full FROM system.tables WHERE database = '{db}' ORDER BY name"
+        ))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let (n, e) = l.split_once('\t').unwrap();
+            (n.to_string(), e.replace(db, "DB"))
+        })
+        .collect()
+    };
+    let columns = |db: &str| {
+        ch.query(&format!(
+            "SELECT table, name, type FROM system.columns WHERE database = '{db}' ORDER BY table, name"
+        ))
+        .unwrap()
+    };
+    assert_eq!(tables("direct"), tables("migrated"));
+    assert_eq!(columns("direct"), columns("migrated"));
+}

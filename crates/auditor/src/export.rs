@@ -102,19 +102,7 @@ pub async fn export(
             .insert(cp.checkpoint.seq, cp);
     }
 
-    let db = &store.database;
-    let w = filter.where_clause(now).map_err(AuditorError::from)?;
-    let w = match filter.dst_keys(db, now).map_err(AuditorError::from)? {
-        Some(k) => format!("{k} AND {w}"),
-        None => w,
-    };
-    let limit = filter
-        .limit
-        .map(|l| format!(" LIMIT {}", l.min(u64::MAX / 2)))
-        .unwrap_or_default();
-    let cols = portcullis_audit::row::column_list();
-    let sql =
-        format!("SELECT {cols} FROM {db}.events FINAL WHERE {w} ORDER BY gateway, seq{limit}");
+    let sql = export_sql(&store.database, filter, now)?;
 
     let rows_path = out.join(format.file());
     let proofs_path = out.join("proofs.jsonl");
@@ -251,6 +239,33 @@ pub async fn export(
     })
 }
 
+/// The rows an export holds, in chain order.
+pub fn export_sql(db: &str, filter: &Filter, now: DateTime<Utc>) -> Result<String, ExportError> {
+    let w = filter.where_clause(now).map_err(AuditorError::from)?;
+    let w = match filter.dst_keys(db, now).map_err(AuditorError::from)? {
+        Some(k) => format!("{k} AND {w}"),
+        None => w,
+    };
+    let limit = filter
+        .limit
+        .map(|l| format!(" LIMIT {}", l.min(u64::MAX / 2)))
+        .unwrap_or_default();
+    let cols = portcullis_audit::row::column_list();
+    Ok(format!(
+        "SELECT {cols} FROM {db}.events FINAL WHERE {w} ORDER BY gateway, seq{limit}"
+    ))
+}
+
+/// A checkpoint interval's `(seq, hash)` rows (repeats of a retried upload included).
+pub fn interval_sql(db: &str, cp: &portcullis_audit::checkpoint::Checkpoint) -> String {
+    format!(
+        "SELECT seq, hash FROM {db}.events WHERE gateway = {} AND seq >= {} AND seq <= {} ORDER BY seq",
+        filter::quote(&cp.node),
+        cp.from_seq,
+        cp.seq
+    )
+}
+
 /// The filters as the manifest records them (only those given).
 fn filter_json(f: &Filter) -> BTreeMap<&'static str, serde_json::Value> {
     let mut m = BTreeMap::new();
@@ -280,13 +295,7 @@ async fn interval_hashes(store: &Store, cp: &SignedCheckpoint) -> Result<Vec<Has
         hash: Hash,
     }
     let c = &cp.checkpoint;
-    let sql = format!(
-        "SELECT seq, hash FROM {}.events WHERE gateway = {} AND seq >= {} AND seq <= {} ORDER BY seq",
-        store.database,
-        filter::quote(&c.node),
-        c.from_seq,
-        c.seq
-    );
+    let sql = interval_sql(&store.database, c);
     let mut cursor = store.client().query(&sql).fetch::<SeqHash>()?;
     let mut out: Vec<Hash> = Vec::with_capacity(c.leaves().min(1 << 24) as usize);
     let mut last_seq = None;

@@ -288,7 +288,7 @@ pub fn sql(
              sumIf(bytes_in, kind = 'session_ended') AS sent, \
              countIf(kind = 'flow_opened') AS flows, countIf(kind = 'flow_denied') AS denied \
              FROM {db}.events FINAL WHERE {w} AND session_id != 0 \
-             GROUP BY session_id, gateway, user, device ORDER BY started LIMIT {limit}"
+             GROUP BY session_id, gateway, user, device ORDER BY started, gateway, session_id LIMIT {limit}"
         ),
         Some(Report::WhoReached) => format!(
             "SELECT user, countIf(kind = 'flow_opened') AS flows, \
@@ -296,15 +296,18 @@ pub fn sql(
              groupUniqArray(dst_ip) AS destinations, \
              sumIf(bytes_out + bytes_in, kind = 'flow_closed') AS bytes \
              FROM {db}.events FINAL WHERE {w} AND decision = 'allow' \
-             GROUP BY user ORDER BY flows DESC LIMIT {limit}"
+             GROUP BY user ORDER BY flows DESC, user LIMIT {limit}"
         ),
         Some(Report::Denied) => format!(
             "SELECT user, network, dst_ip, dst_port, protocol, count() AS attempts, \
              toString(max(time)) AS last_attempt, groupUniqArray(arrayStringConcat(policy_ids, ',')) AS policies, \
              any(reason) AS deny_reason \
              FROM {db}.events FINAL WHERE {w} AND kind = 'flow_denied' \
-             GROUP BY user, network, dst_ip, dst_port, protocol ORDER BY attempts DESC LIMIT {limit}"
+             GROUP BY user, network, dst_ip, dst_port, protocol \
+             ORDER BY attempts DESC, user, network, dst_ip, dst_port, protocol LIMIT {limit}"
         ),
+        // Every report's order is total (ties broken by the grouping keys), so a page
+        // (`offset`, `limit`) is the same on every server version and every run.
         // Aliases never reuse a column's name (ClickHouse aliases are query-wide: the
         // filter's WHERE would read them). Access events carry the request id in `detail`; flows name a grant among their
         // policy ids (`ar-…`, the ids the gateway gives requests). visitParam* reads flat
@@ -330,7 +333,7 @@ pub fn sql(
              anyIf(user, startsWith(kind, 'access_')) AS requester, \
              anyIf(network, startsWith(kind, 'access_')) AS target_network, \
              anyIf(reason, kind = 'access_requested') AS request_reason, \
-             toString(minIf(time, kind = 'access_requested')) AS requested, \
+             if(countIf(kind = 'access_requested') > 0, toString(minIf(time, kind = 'access_requested')), '') AS requested, \
              replaceOne(argMaxIf(kind, time_us, startsWith(kind, 'access_')), 'access_', '') AS state, \
              anyIf(visitParamExtractString(detail, 'approver'), kind IN ('access_approved', 'access_denied')) AS decided_by, \
              anyIf(arrayStringConcat(policy_ids, ','), kind = 'access_approved') AS approval_policies, \
@@ -342,13 +345,13 @@ pub fn sql(
              sumIf(bytes_out + bytes_in, kind = 'flow_closed') AS bytes \
              FROM {db}.events FINAL WHERE {w} AND (startsWith(kind, 'access_') OR \
                (kind IN ('flow_opened', 'flow_closed') AND arrayExists(p -> startsWith(p, 'ar-'), policy_ids))) \
-             GROUP BY request_id ORDER BY requested LIMIT {limit}"
+             GROUP BY request_id ORDER BY requested, request_id LIMIT {limit}"
         ),
         Some(Report::TopTalkers) => format!(
             "SELECT user, sum(bytes_out + bytes_in) AS bytes, sum(bytes_out) AS uploaded, \
              sum(bytes_in) AS downloaded, count() AS flows \
              FROM {db}.events FINAL WHERE {w} AND kind = 'flow_closed' \
-             GROUP BY user ORDER BY bytes DESC LIMIT {limit}"
+             GROUP BY user ORDER BY bytes DESC, user LIMIT {limit}"
         ),
     })
 }

@@ -192,16 +192,6 @@ pub async fn verify_trail(
     store: &Store,
     opts: &VerifyOptions,
 ) -> Result<VerifyReport, AuditorError> {
-    let mut w = vec!["1".to_string()];
-    if let Some(g) = &opts.gateway {
-        w.push(format!("gateway = {}", filter::quote(g)));
-    }
-    if let Some(s) = opts.since {
-        w.push(format!("time >= toDateTime({})", filter::db_seconds(s)));
-    }
-    if let Some(u) = opts.until {
-        w.push(format!("time <= toDateTime({})", filter::db_seconds(u)));
-    }
     // Rows are read in the types this build knows (schema 4 hashes): an older schema is
     // named, with the remedy, instead of misread.
     store.check_schema().await?;
@@ -224,13 +214,7 @@ pub async fn verify_trail(
                 .cloned(),
         );
     }
-    let cols = portcullis_audit::row::column_list();
-    // Without FINAL: a row edited into a second version must show up as a conflict.
-    let sql = format!(
-        "SELECT {cols} FROM {}.events WHERE {} ORDER BY gateway, seq",
-        store.database,
-        w.join(" AND ")
-    );
+    let sql = verify_sql(&store.database, opts);
     let mut cursor = store.client().query(&sql).fetch::<AuditRow>()?;
     let mut verifier = verify::Verifier::new(input);
     while let Some(row) = cursor.next().await? {
@@ -239,19 +223,42 @@ pub async fn verify_trail(
     Ok(verifier.finish())
 }
 
+/// The rows `verify_trail` reads, in chain order. Without FINAL: a row edited into a
+/// second version must show up as a conflict.
+pub fn verify_sql(db: &str, opts: &VerifyOptions) -> String {
+    let mut w = vec!["1".to_string()];
+    if let Some(g) = &opts.gateway {
+        w.push(format!("gateway = {}", filter::quote(g)));
+    }
+    if let Some(s) = opts.since {
+        w.push(format!("time >= toDateTime({})", filter::db_seconds(s)));
+    }
+    if let Some(u) = opts.until {
+        w.push(format!("time <= toDateTime({})", filter::db_seconds(u)));
+    }
+    format!(
+        "SELECT {} FROM {db}.events WHERE {} ORDER BY gateway, seq",
+        portcullis_audit::row::column_list(),
+        w.join(" AND ")
+    )
+}
+
+/// The trail's `audit_checkpoint` rows' details.
+pub fn checkpoints_sql(db: &str, gateway: Option<&str>) -> String {
+    let mut sql = format!("SELECT detail FROM {db}.events WHERE kind = 'audit_checkpoint'");
+    if let Some(g) = gateway {
+        sql.push_str(&format!(" AND gateway = {}", filter::quote(g)));
+    }
+    sql
+}
+
 /// The `audit_checkpoint` events in the trail, parsed (a row that does not parse is
 /// left to the chain check: its hash still covers it).
 pub async fn trail_checkpoints(
     store: &Store,
     gateway: Option<&str>,
 ) -> Result<Vec<verify::Sourced>, AuditorError> {
-    let mut sql = format!(
-        "SELECT detail FROM {}.events WHERE kind = 'audit_checkpoint'",
-        store.database
-    );
-    if let Some(g) = gateway {
-        sql.push_str(&format!(" AND gateway = {}", filter::quote(g)));
-    }
+    let sql = checkpoints_sql(&store.database, gateway);
     let details: Vec<String> = store.client().query(&sql).fetch_all().await?;
     let mut out: Vec<verify::Sourced> = Vec::new();
     for d in details {

@@ -1,0 +1,36 @@
+#!/usr/bin/env python3
+"""Runs a job against current ClickHouse embedded by chdb-core (no server): the schema's
+DDL, Native blocks inserted from files, then every query, each answered as JSONCompact
+or with its error. Reads the job (JSON) from argv[1], writes the results (JSON) to argv[2].
+
+Job: {"path": dir, "ddl": [sql], "inserts": [[sql, native_file]], "queries": [[name, sql]]}
+Result: {"version": "...", "ddl_errors": [...], "insert_errors": [...],
+         "answers": {name: {"data": [...]} | {"error": "..."}}}
+"""
+import json
+import sys
+
+import chdb.session as cs
+
+job = json.load(open(sys.argv[1]))
+s = cs.Session(job["path"])
+out = {"version": s.query("SELECT version()", "CSV").bytes().decode().strip().strip('"'),
+       "ddl_errors": [], "insert_errors": [], "answers": {}}
+for sql in job["ddl"]:
+    try:
+        s.query(sql)
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        out["ddl_errors"].append(f"{sql[:80]}: {e}")
+for sql, path in job["inserts"]:
+    try:
+        s.query(f"{sql} SELECT * FROM file('{path}', 'Native')")
+    except Exception as e:  # noqa: BLE001
+        out["insert_errors"].append(f"{sql[:80]}: {e}")
+for name, sql in job["queries"]:
+    try:
+        r = s.query(sql, "JSONCompact")
+        body = r.bytes()
+        out["answers"][name] = {"data": json.loads(body)["data"] if body.strip() else []}
+    except Exception as e:  # noqa: BLE001
+        out["answers"][name] = {"error": str(e)[:500]}
+json.dump(out, open(sys.argv[2], "w"))
