@@ -218,7 +218,7 @@ fn schema_4_rebuilds_events_with_raw_hashes_keeping_every_row_and_the_view() {
     let err = rt().block_on(store.check_schema()).unwrap_err().to_string();
     assert!(err.contains("schema version 3"), "{err}");
 
-    assert_eq!(rt().block_on(store.migrate()).unwrap(), vec![4, 5]);
+    assert_eq!(rt().block_on(store.migrate()).unwrap(), vec![4, 5, 6]);
     rt().block_on(store.check_schema()).unwrap();
     assert_rebuild_finished(&ch, &store, "pc");
     let back = rows_back(&store, "pc");
@@ -259,7 +259,7 @@ fn the_schema_4_rebuild_resumes_after_an_interruption() {
     let (store, rows, _) = schema_3_with_rows(&ch, "pc", 30);
     ch.query("DROP TABLE pc.flows_by_dst_mv").unwrap();
     ch.query("RENAME TABLE pc.events TO pc.events_v3").unwrap();
-    assert_eq!(rt().block_on(store.migrate()).unwrap(), vec![4, 5]);
+    assert_eq!(rt().block_on(store.migrate()).unwrap(), vec![4, 5, 6]);
     assert_eq!(rows_back(&store, "pc"), rows);
 
     // Stopped after the copy, before the old table was dropped and the version recorded:
@@ -279,7 +279,7 @@ fn the_schema_4_rebuild_resumes_after_an_interruption() {
          (1, 'events', now()), (2, 'flows_by_dst', now()), (3, 'uploader_metrics', now())",
     )
     .unwrap();
-    assert_eq!(rt().block_on(store.migrate()).unwrap(), vec![4, 5]);
+    assert_eq!(rt().block_on(store.migrate()).unwrap(), vec![4, 5, 6]);
     assert_eq!(rows_back(&store, "pc"), rows, "each row once after FINAL");
     assert_eq!(
         ch.count("SELECT count() FROM pc.flows_by_dst_idx FINAL")
