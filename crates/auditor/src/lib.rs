@@ -5,7 +5,9 @@
 //! `--port`, `--decision`, `--since/--until`, `--session`) and canned reports into SQL;
 //! [`run_query`] returns a [`Table`] (columns in order, rows as JSON values);
 //! [`verify`] recomputes every gateway's chain and reports gaps, edits, broken links and
-//! conflicts; [`http`] serves all of it to tools behind a bearer token.
+//! conflicts, and checks signed checkpoints against the rows (streaming, constant memory);
+//! [`export`] writes verifiable exports and [`evidence`] owns their format and checks one
+//! offline; [`http`] serves queries, reports and verify to tools behind a bearer token.
 //!
 //! What it deliberately does not: write anything to ClickHouse (the gateway's
 //! `portcullis-audit` crate owns the schema and the inserts).
