@@ -8,6 +8,8 @@
 //! uploads to a local ClickHouse (started here), the same iperf3 runs while a churn of
 //! new UDP flows (`--flows-per-sec`, default 2,000; each one a flow_opened and, 2 s
 //! later, a flow_closed event) runs through the same tunnel, so the pipeline is busy.
+//! With `--audit --checkpoints`: the audited gateway also signs its chain head every
+//! second (`checkpoint_interval_secs = 1`, sixty times the default).
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -36,6 +38,16 @@ fn main() -> Result<()> {
     let reps = arg("--reps", 3);
     let audit = std::env::args().any(|a| a == "--audit");
     let flows_per_sec = arg("--flows-per-sec", 2_000);
+    let checkpoints = std::env::args().any(|a| a == "--checkpoints");
+    let keys = tempfile::tempdir()?;
+    let key = keys.path().join("audit-signing.key");
+    if checkpoints {
+        let made = Command::new(portcullis_e2e::portcullis_bin()?)
+            .args(["audit", "keygen", "--out"])
+            .arg(&key)
+            .output()?;
+        anyhow::ensure!(made.status.success(), "audit keygen: {made:?}");
+    }
     let (base, other) = if audit {
         ("audit off", "audit on")
     } else {
@@ -60,6 +72,14 @@ fn main() -> Result<()> {
                 GatewayKind::Portcullis
             },
             extra_config: if audit { flows.into() } else { String::new() },
+            audit_config: if checkpoints && name == "audit on" {
+                format!(
+                    "checkpoint_key_file = \"{}\"\ncheckpoint_interval_secs = 1\n",
+                    key.display()
+                )
+            } else {
+                String::new()
+            },
             // What an operator gets: the uploader's default batch interval.
             upload_interval_ms: None,
             ..LabOptions::default()

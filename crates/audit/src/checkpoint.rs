@@ -239,8 +239,8 @@ impl SignedCheckpoint {
         let c = &self.checkpoint;
         portcullis_model::Event::AuditCheckpoint {
             node: c.node.clone(),
-            seq: c.seq,
-            hash: hex::encode(c.hash),
+            head_seq: c.seq,
+            head_hash: hex::encode(c.hash),
             time_us: c.time_us,
             from_seq: c.from_seq,
             root: hex::encode(c.root),
@@ -252,7 +252,34 @@ impl SignedCheckpoint {
 
     /// From an `audit_checkpoint` row's `detail` (the event's fields as JSON).
     pub fn from_detail(detail: &str) -> Option<SignedCheckpoint> {
-        serde_json::from_str(detail).ok()
+        #[derive(Deserialize)]
+        struct Detail {
+            node: String,
+            head_seq: u64,
+            #[serde(with = "hex_hash")]
+            head_hash: Hash,
+            time_us: u64,
+            from_seq: u64,
+            #[serde(with = "hex_hash")]
+            root: Hash,
+            uncovered: [u64; 2],
+            key_id: String,
+            signature: String,
+        }
+        let d: Detail = serde_json::from_str(detail).ok()?;
+        Some(SignedCheckpoint {
+            checkpoint: Checkpoint {
+                node: d.node,
+                seq: d.head_seq,
+                hash: d.head_hash,
+                time_us: d.time_us,
+                from_seq: d.from_seq,
+                root: d.root,
+                uncovered: d.uncovered,
+            },
+            key_id: d.key_id,
+            signature: d.signature,
+        })
     }
 }
 
@@ -526,6 +553,24 @@ mod tests {
         };
         let row = crate::AuditRow::from_envelope(&env);
         assert_eq!(row.kind, "audit_checkpoint");
+        // The events file's line names `seq` once: the envelope's.
+        let line = serde_json::to_string(&env).unwrap();
+        assert_eq!(line.matches("\"seq\":").count(), 1, "{line}");
+        assert_eq!(row.seq, 42);
+        let hold = portcullis_model::Envelope {
+            event: portcullis_model::Event::LegalHold {
+                hold_id: "lh-1".into(),
+                action: "add".into(),
+                user: "bob".into(),
+                since: chrono::Utc::now(),
+                until: chrono::Utc::now(),
+                reason: "case".into(),
+                actor: "admin".into(),
+            },
+            ..env
+        };
+        let line = serde_json::to_string(&hold).unwrap();
+        assert_eq!(line.matches("\"id\":").count(), 1, "{line}");
         assert_eq!(SignedCheckpoint::from_detail(&row.detail).unwrap(), signed);
         // Public keys round-trip through their printed form.
         let printed = key.public().to_string();

@@ -128,7 +128,7 @@ fn events(now: chrono::DateTime<chrono::Utc>) -> Vec<Event> {
             version: Some("v-123".into()),
         },
         Event::LegalHold {
-            id: "lh-1".into(),
+            hold_id: "lh-1".into(),
             action: "add".into(),
             user: "alice".into(),
             since: now,

@@ -85,7 +85,7 @@ async fn list(State(s): State<AdminState>) -> Response {
 async fn record(s: &AdminState, h: &HoldRecord) -> Result<(), Response> {
     let (tx, rx) = oneshot::channel();
     let event = portcullis_model::Event::LegalHold {
-        id: h.id.clone(),
+        hold_id: h.id.clone(),
         action: h.action.clone(),
         user: h.user.clone(),
         since: to_time(h.since_secs),

@@ -488,13 +488,15 @@ pub enum Event {
         reason: String,
     },
     /// A node signed its chain head (Ed25519, `[audit] checkpoint_key_file`): the event
-    /// at `seq` has `hash`, and the rows `from_seq..=seq` have the Merkle root `root`.
+    /// at `head_seq` has `head_hash`, and the rows `from_seq..=head_seq` have the Merkle
+    /// root `root`.
     /// The same signed checkpoint is kept outside ClickHouse (see `portcullis-audit`'s
     /// `checkpoint` module for the format and what verification checks).
     AuditCheckpoint {
         node: String,
-        seq: u64,
-        hash: String,
+        /// The signed head (named apart from the envelope's own `seq`).
+        head_seq: u64,
+        head_hash: String,
         time_us: u64,
         from_seq: u64,
         root: String,
@@ -507,7 +509,8 @@ pub enum Event {
     /// Legal hold placed or lifted: retention keeps every partition holding rows of
     /// `user` (any user when empty) between `since` and `until`.
     LegalHold {
-        id: String,
+        /// The hold's id (named apart from the envelope's event `id`).
+        hold_id: String,
         action: String,
         user: String,
         since: DateTime<Utc>,
