@@ -738,12 +738,24 @@ fn postgresql_stopped_for_a_minute_deprovisions_nobody_and_a_revocation_reaches_
 fn every_node_chains_its_own_trail_and_audit_verify_checks_them_all() {
     let ch = portcullis_testkit::ClickHouse::start().unwrap();
     let (alice_key, alice_pub) = wg_genkey().unwrap();
+    // Every node signs its chain head every second with the cluster's key.
+    let keys = tempfile::tempdir().unwrap();
+    let made = std::process::Command::new(portcullis_e2e::portcullis_bin().unwrap())
+        .args(["audit", "keygen", "--out"])
+        .arg(keys.path().join("k"))
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let pem = std::fs::read_to_string(keys.path().join("k")).unwrap();
     let mut lab = ClusterLab::start_audited(
         ClusterOptions {
             // retention_days lands in [audit.clickhouse]: one node applies it.
             extra_config: format!(
                 "retention_days = 3650\n[[peer]]\nuser = \"alice\"\npublic_key = \"{alice_pub}\"\naddress = \"100.64.0.2\"\n"
             ),
+            audit_config: "checkpoint_key_file = \"audit-signing.key\"\ncheckpoint_interval_secs = 1\n"
+                .into(),
+            files: vec![("audit-signing.key".into(), pem)],
             ..ClusterOptions::default()
         },
         &ch,
@@ -872,6 +884,26 @@ fn every_node_chains_its_own_trail_and_audit_verify_checks_them_all() {
     for g in ["gw-a", "gw-b", "gw-c"] {
         assert!(report["gateways"].get(g).is_some(), "{report}");
     }
+    // Every node's signed checkpoints are also in the cluster database, and verify checks
+    // them there (no grace: every node is stopped, its trail uploaded).
+    let copied = lab
+        .postgres
+        .psql(
+            "portcullis",
+            "SELECT string_agg(DISTINCT split_part(id, '/', 1), ',' ORDER BY split_part(id, '/', 1)) FROM records WHERE kind = 'audit-checkpoint'",
+        )
+        .unwrap();
+    assert_eq!(copied, "gw-a,gw-b,gw-c");
+    let out = lab
+        .cli(1, &["audit", "verify", "--json", "--grace-secs", "0"])
+        .unwrap();
+    let signed: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    assert!(out.status.success(), "{signed}");
+    assert!(
+        signed["checkpoints_verified"].as_u64().unwrap() > 6,
+        "{signed}"
+    );
     // A node the registry knows but whose trail is missing is a finding.
     lab.postgres
         .psql(

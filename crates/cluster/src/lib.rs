@@ -240,6 +240,51 @@ impl Registry {
     }
 }
 
+/// `records` of this kind hold each node's signed audit checkpoints (the
+/// `portcullis-audit` `SignedCheckpoint` JSON, id `<node>/<seq>`): the cluster's copy
+/// outside ClickHouse. Written without a `changes` row: no node applies them.
+pub const CHECKPOINT_KIND: &str = "audit-checkpoint";
+
+/// Keeps one signed checkpoint (a repeat of the same one changes nothing).
+pub async fn put_checkpoint(
+    client: &Client,
+    node: &str,
+    seq: u64,
+    body: &serde_json::Value,
+) -> Result<(), ClusterError> {
+    client
+        .execute(
+            "INSERT INTO records (kind, id, body) VALUES ($1, $2, $3) ON CONFLICT (kind, id) DO NOTHING",
+            &[
+                &CHECKPOINT_KIND,
+                &format!("{node}/{seq}"),
+                &tokio_postgres::types::Json(body),
+            ],
+        )
+        .await
+        .map_err(pg("writing an audit checkpoint"))?;
+    Ok(())
+}
+
+/// Every node's signed checkpoints, as stored.
+pub async fn checkpoints(client: &Client) -> Result<Vec<serde_json::Value>, ClusterError> {
+    schema::require_current(client).await?;
+    let rows = client
+        .query(
+            "SELECT body FROM records WHERE kind = $1 ORDER BY id",
+            &[&CHECKPOINT_KIND],
+        )
+        .await
+        .map_err(pg("reading the audit checkpoints"))?;
+    rows.iter()
+        .map(|r| {
+            r.try_get::<_, tokio_postgres::types::Json<serde_json::Value>>(0)
+                .map(|j| j.0)
+                .map_err(pg("reading the audit checkpoints"))
+        })
+        .collect()
+}
+
 /// Every node, by id, with its state as of the database's clock.
 pub async fn status(client: &Client) -> Result<Vec<NodeRow>, ClusterError> {
     schema::require_current(client).await?;

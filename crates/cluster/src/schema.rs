@@ -40,7 +40,9 @@
 //! Version 4:
 //! - `records(kind, id, body jsonb, updated, PRIMARY KEY (kind, id))`: records other
 //!   crates own the format of (kind `access`: `portcullis-access`'s requests), each
-//!   write with a `changes` row of the same kind whose body is the record.
+//!   write with a `changes` row of the same kind whose body is the record; kind
+//!   `audit-checkpoint` (each node's signed audit checkpoints, `portcullis-audit`'s
+//!   format, id `<node>/<seq>`) is written without one: no node applies them.
 
 use tokio_postgres::Client;
 

@@ -1,6 +1,7 @@
 //! The control plane's once-per-cluster work that needs more than the cluster crate
-//! knows: the LDAP consumer's mirror saved in the database ([`ClusterMirror`]), and the
-//! dead nodes recorded in the audit trail ([`record_repairs`]).
+//! knows: the LDAP consumer's mirror saved in the database ([`ClusterMirror`]), the
+//! dead nodes recorded in the audit trail ([`record_repairs`]), and this node's signed
+//! audit checkpoints copied into the database ([`copy_checkpoints`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -193,4 +194,74 @@ pub async fn record_repairs(
             Err(e) => tracing::error!("cluster: repair claim not given back: {e}"),
         }
     }
+}
+
+/// Copies each signed checkpoint the audit writer hands over into the cluster database
+/// (a third copy, beside the trail and `checkpoints.jsonl`). The writer never waits: its
+/// channel is bounded and a full one drops the copy (logged there). While the database
+/// is unreachable the newest 1,000 wait here and are written once it answers.
+pub(crate) fn copy_checkpoints(
+    rx: std::sync::mpsc::Receiver<portcullis_audit::checkpoint::SignedCheckpoint>,
+    shared: Arc<Shared>,
+) {
+    let (tx, mut arx) = mpsc::channel(64);
+    // The writer's channel is a std one: a thread of its own turns it into a task's.
+    let bridged = std::thread::Builder::new()
+        .name("checkpoint-copy".into())
+        .spawn(move || {
+            while let Ok(cp) = rx.recv() {
+                if tx.blocking_send(cp).is_err() {
+                    return;
+                }
+            }
+        });
+    if let Err(e) = bridged {
+        tracing::error!("checkpoints are not copied into the cluster database: {e}");
+        return;
+    }
+    tokio::spawn(async move {
+        let mut waiting: std::collections::VecDeque<
+            portcullis_audit::checkpoint::SignedCheckpoint,
+        > = std::collections::VecDeque::new();
+        loop {
+            if waiting.is_empty() {
+                match arx.recv().await {
+                    Some(cp) => waiting.push_back(cp),
+                    None => return,
+                }
+            }
+            while let Ok(cp) = arx.try_recv() {
+                if waiting.len() >= 1000 {
+                    waiting.pop_front();
+                }
+                waiting.push_back(cp);
+            }
+            let Some(cp) = waiting.front() else { continue };
+            let body = serde_json::to_value(cp).unwrap_or_default();
+            let written = match shared.client().await {
+                Ok(client) => {
+                    portcullis_cluster::put_checkpoint(
+                        &client,
+                        &cp.checkpoint.node,
+                        cp.checkpoint.seq,
+                        &body,
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            match written {
+                Ok(()) => {
+                    waiting.pop_front();
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        waiting = waiting.len(),
+                        "audit checkpoint not copied into the cluster database yet: {e}"
+                    );
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    });
 }

@@ -97,6 +97,7 @@ pub fn start(
     store: Option<portcullis_audit::StoreConfig>,
     control: ControlSide,
     retention_lease: Option<Arc<AtomicBool>>,
+    checkpoints: Option<std::sync::mpsc::Receiver<portcullis_audit::checkpoint::SignedCheckpoint>>,
 ) -> anyhow::Result<Option<SocketAddr>> {
     let c = &loaded.config;
     // Everything that reads a file or binds is done here, so a mistake stops the start
@@ -162,6 +163,7 @@ pub fn start(
                     store,
                     control,
                     retention_lease,
+                    checkpoints,
                 };
                 plane.run(listener, ldap_setup, started_tx).await;
             });
@@ -185,6 +187,8 @@ struct Plane {
     store: Option<portcullis_audit::StoreConfig>,
     control: ControlSide,
     retention_lease: Option<Arc<AtomicBool>>,
+    /// In a cluster: the audit writer's signed checkpoints, copied into the database.
+    checkpoints: Option<std::sync::mpsc::Receiver<portcullis_audit::checkpoint::SignedCheckpoint>>,
 }
 
 impl Plane {
@@ -203,6 +207,7 @@ impl Plane {
             store,
             control,
             retention_lease,
+            checkpoints,
         } = self;
         let ControlSide {
             commands,
@@ -304,6 +309,9 @@ impl Plane {
                 shared.clone(),
                 commands.clone(),
             ));
+        }
+        if let (Some((_, shared)), Some(rx)) = (&cluster, checkpoints) {
+            crate::cluster_work::copy_checkpoints(rx, shared.clone());
         }
         if let (Some(flag), Some(mut held)) = (
             retention_lease,

@@ -170,7 +170,7 @@ async fn the_control_plane_answers_through_the_channels_and_only_after_the_loop(
     assert!(identity.is_some());
     let script = Arc::new(Mutex::new(Script::default()));
     let status_tx = scripted_loop(data, script.clone());
-    let addr = portcullis_http::start(loaded, bundle, identity, None, control, None)
+    let addr = portcullis_http::start(loaded, bundle, identity, None, control, None, None)
         .unwrap()
         .unwrap();
 

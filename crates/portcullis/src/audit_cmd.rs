@@ -448,7 +448,19 @@ async fn run_async(command: AuditCommand) -> anyhow::Result<ExitCode> {
                 .transpose()?;
             let (store, loaded) = connect(&config).await?;
             let keys = verify_keys(&loaded, &pubkey)?;
-            let outside = outside_checkpoints(&loaded, &checkpoints)?;
+            let mut outside = outside_checkpoints(&loaded, &checkpoints)?;
+            // In a cluster, every node's copy in the database too.
+            if let (Some(cl), false) = (
+                &loaded.config.cluster,
+                pubkey.is_empty() && loaded.config.audit.checkpoint_key_file.is_none(),
+            ) {
+                match cluster_checkpoints(&loaded, cl).await {
+                    Ok(mut cps) => outside.append(&mut cps),
+                    Err(e) => eprintln!(
+                        "warning: the cluster database's checkpoints were not read: {e:#}"
+                    ),
+                }
+            }
             let checking = !keys.is_empty();
             let opts = portcullis_auditor::VerifyOptions {
                 gateway: gateway.clone(),
@@ -606,6 +618,33 @@ fn outside_checkpoints(
                     source: f.display().to_string(),
                 }),
         );
+    }
+    Ok(out)
+}
+
+/// The signed checkpoints every node copied into the cluster database.
+async fn cluster_checkpoints(
+    loaded: &portcullis_config::Loaded,
+    cl: &portcullis_config::ClusterConfig,
+) -> anyhow::Result<Vec<portcullis_auditor::Sourced>> {
+    let password = match &cl.password_file {
+        Some(f) => {
+            Some(portcullis_config::read_secret(&loaded.path, "cluster.password_file", f)?.0)
+        }
+        None => None,
+    };
+    let client = portcullis_cluster::connect(&cl.database_url, password.as_deref()).await?;
+    let mut out = Vec::new();
+    for body in portcullis_cluster::checkpoints(&client).await? {
+        match serde_json::from_value(body) {
+            Ok(checkpoint) => out.push(portcullis_auditor::Sourced {
+                checkpoint,
+                source: "cluster".into(),
+            }),
+            Err(e) => {
+                eprintln!("warning: a checkpoint in the cluster database does not parse: {e}")
+            }
+        }
     }
     Ok(out)
 }

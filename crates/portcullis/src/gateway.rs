@@ -56,6 +56,15 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    // In a cluster the signed checkpoints are also kept in the database.
+    let checkpoints = match (&c.cluster, audit_config.checkpoints.as_mut()) {
+        (Some(_), Some(cp)) => {
+            let (tx, rx) = std::sync::mpsc::sync_channel(64);
+            cp.sink = Some(tx);
+            Some(rx)
+        }
+        _ => None,
+    };
     portcullis_http::start(
         loaded.clone(),
         bundle.clone(),
@@ -63,6 +72,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         store,
         control,
         retention_lease,
+        checkpoints,
     )?;
     portcullis_io::run(loaded.clone(), bundle, startup, audit_config, data).await?;
     // A clean exit (sessions ended in the trail): marked stopped, not repaired as dead.
