@@ -449,11 +449,9 @@ async fn run_async(command: AuditCommand) -> anyhow::Result<ExitCode> {
             let (store, loaded) = connect(&config).await?;
             let keys = verify_keys(&loaded, &pubkey)?;
             let mut outside = outside_checkpoints(&loaded, &checkpoints)?;
-            // In a cluster, every node's copy in the database too.
-            if let (Some(cl), false) = (
-                &loaded.config.cluster,
-                pubkey.is_empty() && loaded.config.audit.checkpoint_key_file.is_none(),
-            ) {
+            // In a cluster, every node's copy in the database too (when checking them).
+            let with_keys = !pubkey.is_empty() || loaded.config.audit.checkpoint_key_file.is_some();
+            if let (Some(cl), true) = (&loaded.config.cluster, with_keys) {
                 match cluster_checkpoints(&loaded, cl).await {
                     Ok(mut cps) => outside.append(&mut cps),
                     Err(e) => eprintln!(
