@@ -125,12 +125,15 @@ pub struct CheckpointInput {
     pub whole_trail: bool,
 }
 
-/// One gateway's checkpoints while its rows stream by.
+/// One gateway's checkpoints while its rows stream by. Each row costs O(log n) in the
+/// number of checkpoints (a year of one-a-minute checkpoints is ~525,000).
 #[derive(Debug, Default)]
 struct GatewayCheckpoints {
     /// By head seq; several sources of one checkpoint are checked each.
     pending: BTreeMap<u64, Vec<Sourced>>,
-    /// The interval being rebuilt: (from_seq, tree so far).
+    /// Interval starts (`from_seq`) with how many pending checkpoints begin there.
+    starts: BTreeMap<u64, usize>,
+    /// The intervals being rebuilt: from_seq → tree so far.
     open: BTreeMap<u64, Merkle>,
     newest_verified: Option<u64>,
 }
@@ -171,6 +174,7 @@ impl Verifier {
                 continue;
             }
             let g = v.by_gateway.entry(cp.node.clone()).or_default();
+            *g.starts.entry(cp.from_seq).or_default() += 1;
             if cp.uncovered != [0, 0] {
                 let list = v.report.uncovered.entry(cp.node.clone()).or_default();
                 if !list.contains(&cp.uncovered) {
@@ -250,15 +254,8 @@ impl Verifier {
         let Some(g) = self.current.as_mut() else {
             return;
         };
-        // Intervals starting at this row, for every checkpoint heading at or after it.
-        let starts: Vec<u64> = g
-            .pending
-            .range(row.seq..)
-            .flat_map(|(_, list)| list.iter().map(|s| s.checkpoint.checkpoint.from_seq))
-            .filter(|from| *from == row.seq)
-            .collect();
-        for from in starts {
-            g.open.entry(from).or_default();
+        if g.starts.contains_key(&row.seq) {
+            g.open.entry(row.seq).or_default();
         }
         for tree in g.open.values_mut() {
             tree.push(&row.hash);
@@ -268,14 +265,13 @@ impl Verifier {
         };
         for s in heads {
             let cp = &s.checkpoint.checkpoint;
+            let tree = g.open.get(&cp.from_seq);
             let matches = cp.hash == row.hash
-                && g.open
-                    .get(&cp.from_seq)
-                    .is_some_and(|tree| tree.len() == cp.leaves() && tree.root() == cp.root);
+                && tree.is_some_and(|t| t.len() == cp.leaves() && t.root() == cp.root);
             if matches {
                 self.report.checkpoints_verified += 1;
                 g.newest_verified = Some(g.newest_verified.map_or(cp.seq, |n| n.max(cp.seq)));
-            } else if g.open.contains_key(&cp.from_seq) || cp.hash != row.hash {
+            } else if tree.is_some() || cp.hash != row.hash {
                 self.report.findings.push(Finding::CheckpointMismatch {
                     gateway: cp.node.clone(),
                     seq: cp.seq,
@@ -283,15 +279,14 @@ impl Verifier {
                 });
             }
             // Else the interval began before the window: its root cannot be checked.
+            if let Some(n) = g.starts.get_mut(&cp.from_seq) {
+                *n -= 1;
+                if *n == 0 {
+                    g.starts.remove(&cp.from_seq);
+                    g.open.remove(&cp.from_seq);
+                }
+            }
         }
-        // Intervals no pending checkpoint ends any more are done.
-        let wanted: Vec<u64> = g
-            .pending
-            .values()
-            .flatten()
-            .map(|s| s.checkpoint.checkpoint.from_seq)
-            .collect();
-        g.open.retain(|from, _| wanted.contains(from));
     }
 
     /// The gateway's rows ended: checkpoints past its last row mean a cut tail.
@@ -458,5 +453,104 @@ mod tests {
                 seq: 7
             }]
         );
+    }
+
+    fn signed_every(
+        rows: &[AuditRow],
+        every: usize,
+        key: &portcullis_audit::checkpoint::SigningKey,
+    ) -> Vec<Sourced> {
+        let mut out = Vec::new();
+        for chunk in rows.chunks(every) {
+            let mut tree = Merkle::default();
+            for r in chunk {
+                tree.push(&r.hash);
+            }
+            let (first, last) = (&chunk[0], &chunk[chunk.len() - 1]);
+            out.push(Sourced {
+                checkpoint: key.sign(portcullis_audit::checkpoint::Checkpoint {
+                    node: last.gateway.clone(),
+                    seq: last.seq,
+                    hash: last.hash,
+                    time_us: 0,
+                    from_seq: first.seq,
+                    root: tree.root(),
+                    uncovered: [0, 0],
+                }),
+                source: "file".into(),
+            });
+        }
+        out
+    }
+
+    fn run(
+        rows: &[AuditRow],
+        cps: &[Sourced],
+        key: &portcullis_audit::checkpoint::SigningKey,
+    ) -> VerifyReport {
+        let mut v = Verifier::new(CheckpointInput {
+            keys: vec![key.public()],
+            checkpoints: cps.to_vec(),
+            whole_trail: true,
+        });
+        for r in rows {
+            v.push(r.clone());
+        }
+        v.finish()
+    }
+
+    #[test]
+    fn checkpoints_catch_a_rehashed_tail_and_a_cut_one_the_chain_cannot() {
+        use portcullis_audit::checkpoint::SigningKey;
+        let key = SigningKey::from_pem(&SigningKey::generate_pem().unwrap()).unwrap();
+        let rows = chain("a", 100);
+        // Signed up to seq 90 (the last 10 rows not yet).
+        let cps = signed_every(&rows[..90], 30, &key);
+        let r = run(&rows, &cps, &key);
+        assert!(r.ok(), "{:?}", r.findings);
+        assert_eq!(r.checkpoints_verified, 3);
+        assert_eq!(r.unsigned_tail["a"], 10);
+
+        // Rows 51.. rewritten and re-hashed along the chain.
+        let mut forged = rows.clone();
+        let mut c = Chain {
+            last_hash: forged[49].hash,
+        };
+        for r in &mut forged[50..] {
+            r.user = "mallory".into();
+            c.seal(r);
+        }
+        assert!(verify(&forged).ok(), "the chain alone passes");
+        let r = run(&forged, &cps, &key);
+        assert!(
+            matches!(
+                &r.findings[..],
+                [
+                    Finding::CheckpointMismatch { seq: 60, .. },
+                    Finding::CheckpointMismatch { seq: 90, .. }
+                ]
+            ),
+            "{:?}",
+            r.findings
+        );
+
+        // Cut after 75.
+        assert!(verify(&rows[..75]).ok(), "the chain alone passes");
+        let r = run(&rows[..75], &cps, &key);
+        assert!(
+            r.findings.contains(&Finding::Truncated {
+                gateway: "a".into(),
+                signed_seq: 90,
+                last_seq: 75,
+                source: "file".into()
+            }),
+            "{:?}",
+            r.findings
+        );
+
+        // A window that starts mid-interval checks what it can and no more.
+        let r = run(&rows[40..], &cps, &key);
+        assert!(r.ok(), "{:?}", r.findings);
+        assert_eq!(r.checkpoints_verified, 1);
     }
 }
