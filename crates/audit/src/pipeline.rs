@@ -209,6 +209,7 @@ impl Pipeline {
         let mut chain = Chain::default();
         let mut next_seq = 1;
         let mut signer = None;
+        let mut last_time = None;
         if config.checkpoints.is_some() && config.spool.is_none() {
             return Err(AuditError::CheckpointsWithoutSpool);
         }
@@ -216,7 +217,12 @@ impl Pipeline {
             let (sp, rec) = Spool::open(&s.dir, s.spool.clone())?;
             if let Some((seq, bytes)) = sp.last_record()? {
                 match AuditRow::decode(&bytes) {
-                    Ok(row) => chain.last_hash = row.hash,
+                    Ok(row) => {
+                        chain.last_hash = row.hash;
+                        last_time = i64::try_from(row.time_us)
+                            .ok()
+                            .and_then(DateTime::from_timestamp_micros);
+                    }
                     Err(e) => tracing::error!(seq, "audit chain restarts: last spool record: {e}"),
                 }
             }
@@ -262,6 +268,7 @@ impl Pipeline {
             ids: rand::SeedableRng::from_entropy(),
             signer,
             final_checkpoint: false,
+            last_time,
         };
         if let Some(rec) = &recovery {
             if let Some(reason) = recovery_report(rec) {
@@ -428,6 +435,31 @@ struct Writer {
     signer: Option<Signer>,
     /// Shutting down: sign the head whatever the interval.
     final_checkpoint: bool,
+    /// The time of the chain's last row (see [`monotone_time`]).
+    last_time: Option<DateTime<Utc>>,
+}
+
+/// How far an event's time may lag the row before it and still be moved up to it.
+const REORDER_WINDOW_US: i64 = 1_000_000;
+
+/// The time a row is recorded with: event times are taken by their submitters before
+/// the queue, so an event can reach the writer after a later-stamped one (another
+/// thread's, or the writer's own checkpoint or alarm at the end of a batch). Such a lag
+/// of up to [`REORDER_WINDOW_US`] is moved up to the previous row's time, so the trail's
+/// time runs forwards along its sequence; a larger step is a clock step and kept as it
+/// is, for `audit verify` to report.
+fn monotone_time(last: Option<DateTime<Utc>>, time: DateTime<Utc>) -> DateTime<Utc> {
+    match last {
+        Some(last)
+            if time < last
+                && (last - time)
+                    .num_microseconds()
+                    .is_some_and(|lag| lag <= REORDER_WINDOW_US) =>
+        {
+            last
+        }
+        _ => time,
+    }
 }
 
 /// How often an idle writer retries to report a degraded interval.
@@ -661,6 +693,7 @@ impl Writer {
             .as_ref()
             .map(|s| s.next_seq())
             .unwrap_or(self.next_seq);
+        let time = monotone_time(self.last_time, time);
         let env = Envelope {
             v: EVENT_VERSION,
             id: uuid::Builder::from_random_bytes(rand::Rng::gen(&mut self.ids)).into_uuid(),
@@ -671,6 +704,7 @@ impl Writer {
         };
         let Some(spool) = spool else {
             self.next_seq += 1;
+            self.last_time = Some(time);
             return Some(env);
         };
         let mut row = AuditRow::from_envelope(&env);
@@ -678,6 +712,7 @@ impl Writer {
         self.chain.seal_record(&mut row, &mut self.buf);
         match spool.append(&self.buf) {
             Ok(_) => {
+                self.last_time = Some(time);
                 if let Some(signer) = &mut self.signer {
                     signer.on_row(&row.hash);
                 }
@@ -950,5 +985,26 @@ mod tests {
         assert!(c.retention_due(), "this node took the lease");
         held.store(false, Ordering::Relaxed);
         assert!(!c.retention_due(), "the lease was lost");
+    }
+
+    #[test]
+    fn a_row_lagging_its_predecessor_by_queueing_is_moved_up_and_a_clock_step_is_kept() {
+        let t = |us: i64| DateTime::from_timestamp_micros(1_800_000_000_000_000 + us).unwrap();
+        assert_eq!(monotone_time(None, t(0)), t(0));
+        assert_eq!(monotone_time(Some(t(0)), t(5)), t(5), "forwards: as it is");
+        assert_eq!(
+            monotone_time(Some(t(900_000)), t(0)),
+            t(900_000),
+            "queued behind"
+        );
+        assert_eq!(
+            monotone_time(Some(t(REORDER_WINDOW_US)), t(0)),
+            t(REORDER_WINDOW_US)
+        );
+        assert_eq!(
+            monotone_time(Some(t(REORDER_WINDOW_US + 1)), t(0)),
+            t(0),
+            "a clock step stays visible"
+        );
     }
 }
