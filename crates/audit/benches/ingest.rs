@@ -9,15 +9,22 @@
 //!    every 10 ms; an event counts as queryable at the first poll whose count covers it
 //!    (uploads are in sequence order); the poll itself is a `count()` over HTTP. p50/p99 over sampled events, poll resolution included.
 //!
-//! Run: `cargo bench -p portcullis-audit --bench ingest [-- --events N --rate R --seconds S]`
+//! 3. Checkpoint cost: the default configuration again with signed checkpoints every
+//!    second (`checkpoint_interval_secs = 1`, 60× the default), sustained and latency.
+//!
+//! Run: `cargo bench -p portcullis-audit --bench ingest [-- --events N --rate R --seconds S
+//! --batch-rows B]`
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use portcullis_audit::{Pipeline, PipelineConfig, SpoolSettings, Store, StoreConfig, UploadConfig};
+use portcullis_audit::checkpoint::SigningKey;
+use portcullis_audit::{
+    CheckpointSettings, Pipeline, PipelineConfig, SpoolSettings, Store, StoreConfig, UploadConfig,
+};
 use portcullis_model::{CloseReason, Counters, Event, FlowTuple, Protocol};
 use portcullis_spool::{FsyncPolicy, SpoolConfig};
 use portcullis_testkit::{cpu_seconds, numeric_arg as arg, ClickHouse};
@@ -58,6 +65,7 @@ fn start(
     dir: &std::path::Path,
     batch_rows: usize,
     events_file: bool,
+    checkpoints: bool,
 ) -> Pipeline {
     let store = StoreConfig {
         urls: vec![ch.url()],
@@ -94,7 +102,12 @@ fn start(
         }),
         queue: 65_536,
         commit_interval: Duration::from_millis(50),
-        checkpoints: None,
+        checkpoints: checkpoints.then(|| CheckpointSettings {
+            key: Arc::new(SigningKey::from_pem(&SigningKey::generate_pem().unwrap()).unwrap()),
+            interval: Duration::from_secs(1),
+            file: dir.join("checkpoints.jsonl"),
+            sink: None,
+        }),
     })
     .unwrap();
     p
@@ -143,10 +156,16 @@ struct Sustained {
     cpu_us: Vec<(String, f64)>,
 }
 
-fn sustained(ch: &ClickHouse, events: u64, batch_rows: usize, events_file: bool) -> Sustained {
+fn sustained(
+    ch: &ClickHouse,
+    events: u64,
+    batch_rows: usize,
+    events_file: bool,
+    checkpoints: bool,
+) -> Sustained {
     let dir = tempfile::tempdir().unwrap();
-    let db = format!("bench_sustained_{batch_rows}_{events_file}");
-    let p = start(ch, &db, dir.path(), batch_rows, events_file);
+    let db = format!("bench_sustained_{batch_rows}_{events_file}_{checkpoints}");
+    let p = start(ch, &db, dir.path(), batch_rows, events_file, checkpoints);
     let server = ch.pid().unwrap_or(0);
     let cpu_before = cpu_snapshot(server);
     let t0 = Instant::now();
@@ -185,10 +204,10 @@ fn sustained(ch: &ClickHouse, events: u64, batch_rows: usize, events_file: bool)
     result
 }
 
-fn latency(ch: &ClickHouse, rate: u64, seconds: u64) -> Vec<f64> {
+fn latency(ch: &ClickHouse, rate: u64, seconds: u64, checkpoints: bool) -> Vec<f64> {
     let dir = tempfile::tempdir().unwrap();
-    let db = &format!("bench_latency_{rate}");
-    let p = start(ch, db, dir.path(), 100_000, true);
+    let db = &format!("bench_latency_{rate}_{checkpoints}");
+    let p = start(ch, db, dir.path(), 100_000, true, checkpoints);
     let total = rate * seconds;
     // Submit instants of every 100th event; the poller's (instant, count) observations.
     let sample = 100;
@@ -248,11 +267,23 @@ fn main() {
     let ch = ClickHouse::start().expect("clickhouse-server (scripts/install-deps.sh)");
     let version = ch.query("SELECT version()").unwrap();
     println!("clickhouse {}", version.trim());
-    for (batch_rows, events_file) in [(20_000, true), (100_000, true), (100_000, false)] {
-        let r = sustained(&ch, events, batch_rows, events_file);
+    // The product's default `batch_rows` unless given.
+    let batch = arg("--batch-rows", 100_000) as usize;
+    for (batch_rows, events_file, checkpoints) in [
+        (20_000, true, false),
+        (batch, true, false),
+        (batch, false, false),
+        (batch, true, true),
+    ] {
+        let r = sustained(&ch, events, batch_rows, events_file, checkpoints);
         let trail = if events_file { "with" } else { "without" };
+        let signed = if checkpoints {
+            ", checkpoints every 1 s"
+        } else {
+            ""
+        };
         println!(
-            "sustained, {events} flow events, batch_rows {batch_rows}, {trail} the events file: into clickhouse {:.0} events/s (spooled {:.0}/s); CPU µs per event: {}",
+            "sustained, {events} flow events, batch_rows {batch_rows}, {trail} the events file{signed}: into clickhouse {:.0} events/s (spooled {:.0}/s); CPU µs per event: {}",
             r.rate,
             r.writer_rate,
             r.cpu_us
@@ -262,10 +293,15 @@ fn main() {
                 .join(", ")
         );
     }
-    for rate in [rate / 2, rate] {
-        let lat = latency(&ch, rate, seconds);
+    for (rate, checkpoints) in [(rate / 2, false), (rate, false), (rate, true)] {
+        let lat = latency(&ch, rate, seconds, checkpoints);
+        let signed = if checkpoints {
+            ", checkpoints every 1 s"
+        } else {
+            ""
+        };
         println!(
-        "event-to-queryable at {rate} events/s for {seconds} s ({} samples, 10 ms polls): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        "event-to-queryable at {rate} events/s for {seconds} s{signed} ({} samples, 10 ms polls): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
         lat.len(),
         percentile(&lat, 0.5),
         percentile(&lat, 0.99),
