@@ -50,6 +50,19 @@ fn the_documented_example_parses() -> Result<(), ConfigError> {
 }
 
 #[test]
+fn a_routed_peer_carries_its_subnets() -> Result<(), ConfigError> {
+    let l = check(&sample("routes = [\"192.168.10.0/24\", \"fd10::/64\"]"))?;
+    let routes: Vec<String> = l.config.peers[0]
+        .routes
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(routes, ["192.168.10.0/24", "fd10::/64"]);
+    assert!(check(&sample(""))?.config.peers[0].routes.is_empty());
+    Ok(())
+}
+
+#[test]
 fn devices_section_defaults_and_checks() -> Result<(), ConfigError> {
     let base = "[admin]\ntoken_file = \"t\"\n[http]\nlisten = \"127.0.0.1:8080\"\n[devices]\n";
     let l = check(&sample(&format!(
@@ -301,6 +314,15 @@ fn errors_name_file_key_and_reason() {
         ),
         (sample("").replace("\"pc0\"", "\"a-very-long-interface\""), "gateway.tun_name", "15"),
         (sample("address6 = \"fd00::2\""), "peer[0].address6", "tunnel_address6"),
+        (sample("routes = [\"192.168.10.5/24\"]"), "peer[0].routes[0]", "192.168.10.0/24"),
+        (sample("routes = [\"0.0.0.0/0\"]"), "peer[0].routes[0]", "default route"),
+        (sample("routes = [\"100.64.0.0/16\"]"), "peer[0].routes[0]", "tunnel network"),
+        (sample("routes = [\"nonsense\"]"), "peer.routes", "invalid IP address"),
+        (
+            sample(&format!("routes = [\"192.168.10.0/24\"]\n[[peer]]\nuser = \"alice\"\npublic_key = \"{KEY_B}\"\naddress = \"100.64.0.3\"\nroutes = [\"10.9.0.0/16\", \"192.168.10.128/25\"]\n")),
+            "peer[1].routes[1]",
+            "overlaps 192.168.10.0/24 (peer[0].routes[0] of \"alice\")",
+        ),
         (sample("").replace("[audit]\nevents_file = \"events.jsonl\"\n", ""), "-", "missing field `audit`"),
         (sample("").replace("events_file = \"events.jsonl\"\n", ""), "audit.events_file", "go nowhere"),
         (

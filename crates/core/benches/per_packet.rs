@@ -72,6 +72,7 @@ fn per_packet(c: &mut Criterion) {
         user: &user,
         device: &device,
         addresses: &addrs,
+        routes: &[],
         session_id: 1,
         sign_on: Default::default(),
     };
@@ -137,6 +138,7 @@ fn gateway_path(c: &mut Criterion) {
         user: "alice".into(),
         public_key: PublicKey::from(&client_secret).to_bytes(),
         addresses: vec![IpAddr::from([100, 64, 0, 2])],
+        routes: Vec::new(),
         persistent_keepalive: None,
         sign_on: Default::default(),
     })

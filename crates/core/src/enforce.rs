@@ -38,6 +38,8 @@ pub struct PeerCtx<'a> {
     pub user: &'a Arc<str>,
     pub device: &'a Arc<str>,
     pub addresses: &'a [IpAddr],
+    /// Subnets behind the peer: further inner sources it may use.
+    pub routes: &'a [ipnet::IpNet],
     pub session_id: u64,
     pub sign_on: portcullis_model::SignOn,
 }
@@ -258,7 +260,8 @@ impl Enforcer {
                 return Err(Drop::Malformed);
             }
         };
-        if !peer.addresses.contains(&meta.src) {
+        if !peer.addresses.contains(&meta.src) && !peer.routes.iter().any(|r| r.contains(&meta.src))
+        {
             self.stats.spoofed += 1;
             self.report_spoof(now, peer, meta.src);
             return Err(Drop::Spoofed);

@@ -34,6 +34,7 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use chrono::{DateTime, Utc};
+use ipnet::IpNet;
 use portcullis_model::{CloseReason, Counters, Event, Principal};
 use portcullis_policy::{Engine, PolicyBundle};
 use rustc_hash::FxHashMap;
@@ -58,6 +59,9 @@ pub struct PeerSpec {
     pub public_key: [u8; 32],
     /// Tunnel addresses assigned to the device (IPv4 and optionally IPv6).
     pub addresses: Vec<IpAddr>,
+    /// Subnets behind the peer (a site's router; AllowedIPs on our side): the inner
+    /// sources it may use besides its addresses. No two peers' routes overlap.
+    pub routes: Vec<IpNet>,
     pub persistent_keepalive: Option<u16>,
     /// The device's sign-on (static peers: never, no second factor).
     pub sign_on: portcullis_model::SignOn,
@@ -157,6 +161,8 @@ pub struct Gateway {
     peers: Vec<Option<Peer>>,
     by_key: FxHashMap<[u8; 32], PeerId>,
     by_addr: FxHashMap<IpAddr, PeerId>,
+    /// Every peer's routes, for the overlap check (few: one entry per routed subnet).
+    routes: Vec<(IpNet, PeerId)>,
     /// Receiver index (upper 24 bits) → peer.
     by_index: FxHashMap<u32, PeerId>,
     resume: ResumeLimiter,
@@ -191,6 +197,15 @@ pub enum ControlError {
     DuplicateAddress(IpAddr),
     #[error("too many peers")]
     TooManyPeers,
+    /// A route of a new peer overlaps a route or an address of another.
+    #[error("route {route} of {user} overlaps {other} of {other_user}")]
+    RouteOverlap {
+        user: String,
+        route: IpNet,
+        other_user: String,
+        /// The other peer's route, or its address as a host prefix.
+        other: IpNet,
+    },
     #[error(transparent)]
     Entities(#[from] portcullis_policy::EntitiesError),
 }
@@ -213,6 +228,7 @@ impl Gateway {
             peers: Vec::new(),
             by_key: FxHashMap::default(),
             by_addr: FxHashMap::default(),
+            routes: Vec::new(),
             by_index: FxHashMap::default(),
             resume: ResumeLimiter::new(),
             enforcer: Enforcer::new(engine, config.limits, now, wall),
@@ -271,6 +287,7 @@ impl Gateway {
         if let Some(a) = spec.addresses.iter().find(|a| self.by_addr.contains_key(a)) {
             return Err(ControlError::DuplicateAddress(*a));
         }
+        self.check_routes(&spec)?;
         let slot = match self.peers.iter().position(Option::is_none) {
             Some(s) => s,
             None => {
@@ -299,6 +316,7 @@ impl Gateway {
         for a in &spec.addresses {
             self.by_addr.insert(*a, id);
         }
+        self.routes.extend(spec.routes.iter().map(|r| (*r, id)));
         self.by_index.insert(index, id);
         self.by_key.insert(spec.public_key, id);
         let device: Arc<str> = b64(&spec.public_key).into();
@@ -345,12 +363,54 @@ impl Gateway {
         for a in &peer.spec.addresses {
             self.by_addr.remove(a);
         }
+        self.routes.retain(|(_, owner)| *owner != id);
         self.events.push_back(Event::PeerRemoved {
             user: peer.spec.user,
             device: peer.device.to_string(),
             reason: reason.into(),
         });
         true
+    }
+
+    /// A new peer's routes overlap no other peer's route or address, and its addresses
+    /// lie in no other peer's route: every inner source has one owner.
+    fn check_routes(&self, spec: &PeerSpec) -> Result<(), ControlError> {
+        let user_of = |id: PeerId| {
+            self.peers
+                .get(id.0 as usize)
+                .and_then(Option::as_ref)
+                .map_or_else(String::new, |p| p.spec.user.clone())
+        };
+        let overlap = |a: &IpNet, b: &IpNet| a.contains(&b.network()) || b.contains(&a.network());
+        for route in &spec.routes {
+            if let Some((other, owner)) = self.routes.iter().find(|(o, _)| overlap(route, o)) {
+                return Err(ControlError::RouteOverlap {
+                    user: spec.user.clone(),
+                    route: *route,
+                    other_user: user_of(*owner),
+                    other: *other,
+                });
+            }
+            if let Some((addr, owner)) = self.by_addr.iter().find(|(a, _)| route.contains(*a)) {
+                return Err(ControlError::RouteOverlap {
+                    user: spec.user.clone(),
+                    route: *route,
+                    other_user: user_of(*owner),
+                    other: IpNet::from(*addr),
+                });
+            }
+        }
+        for addr in &spec.addresses {
+            if let Some((other, owner)) = self.routes.iter().find(|(o, _)| o.contains(addr)) {
+                return Err(ControlError::RouteOverlap {
+                    user: spec.user.clone(),
+                    route: IpNet::from(*addr),
+                    other_user: user_of(*owner),
+                    other: *other,
+                });
+            }
+        }
+        Ok(())
     }
 
     fn new_tunn(&self, spec: &PeerSpec, index: u32) -> Tunn {
@@ -491,6 +551,7 @@ impl Gateway {
                     user: &peer.user,
                     device: &peer.device,
                     addresses: &peer.spec.addresses,
+                    routes: &peer.spec.routes,
                     session_id: peer.session.as_ref().map(|s| s.id).unwrap_or(0),
                     sign_on: peer.spec.sign_on,
                 };

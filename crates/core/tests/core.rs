@@ -64,6 +64,7 @@ impl Who {
             user: &self.user,
             device: &self.device,
             addresses: &self.addrs,
+            routes: &[],
             session_id: 7,
             sign_on: SignOn::default(),
         }
@@ -896,6 +897,7 @@ fn a_device_of_a_user_no_source_provides_yet_waits_until_the_user_exists() {
         user: "carol".into(),
         public_key: PublicKey::from(&carol_key).to_bytes(),
         addresses: vec![IpAddr::from([100, 64, 0, 4])],
+        routes: Vec::new(),
         persistent_keepalive: None,
         sign_on: Default::default(),
     })
@@ -1093,6 +1095,7 @@ fn a_registered_device_connects_and_its_removal_cuts_it_with_the_reason() {
             user: "alice".into(),
             public_key: key,
             addresses: vec![IpAddr::from([100, 64, 0, 9])],
+            routes: Vec::new(),
             persistent_keepalive: None,
             expires_at,
             previous: Some(PublicKey::from(&client_key(1)).to_bytes()),
@@ -1210,6 +1213,7 @@ fn a_refused_identity_change_revokes_the_user() {
         user: "alice".into(),
         public_key: PublicKey::from(&client_key(1)).to_bytes(),
         addresses: vec![IpAddr::from(ALICE)],
+        routes: Vec::new(),
         persistent_keepalive: None,
         sign_on: Default::default(),
     })
@@ -1347,6 +1351,7 @@ fn a_devices_sign_on_decides_prod_admin_and_a_new_sign_on_without_mfa_cuts_it() 
             user: "alice".into(),
             public_key: key,
             addresses: vec![IpAddr::from([100, 64, 0, 9])],
+            routes: Vec::new(),
             persistent_keepalive: None,
             expires_at: wall() + chrono::Duration::hours(12),
             previous: None,

@@ -306,6 +306,7 @@ pub async fn stored(identity: &Identity) -> anyhow::Result<StoredDevices> {
             user,
             public_key,
             addresses,
+            routes,
             persistent_keepalive,
             sign_on,
             ..
@@ -315,6 +316,7 @@ pub async fn stored(identity: &Identity) -> anyhow::Result<StoredDevices> {
                 user,
                 public_key,
                 addresses,
+                routes,
                 persistent_keepalive,
                 sign_on,
             });

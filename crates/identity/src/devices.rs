@@ -51,6 +51,9 @@ pub struct Device {
     /// The sign-on that last enrolled or renewed it (never: registered by an administrator).
     #[serde(default)]
     pub sign_on: SignOn,
+    /// Subnets behind the device (a site's router), set only by an administrator.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<IpNet>,
 }
 
 impl Device {
@@ -248,6 +251,7 @@ impl Devices {
             replaces: None,
             replaced_by: None,
             sign_on,
+            routes: Vec::new(),
         };
         Ok((
             DeviceMutation {
@@ -329,8 +333,12 @@ impl Devices {
             replaces: Some(old.id),
             replaced_by: None,
             sign_on: old.sign_on,
+            // A router's subnets move to the new key at once (one owner per source);
+            // the old key carries only its own address through the grace period.
+            routes: old.routes.clone(),
         };
         let mut retiring = old.clone();
+        retiring.routes.clear();
         retiring.replaced_by = Some(new.id);
         retiring.expires = retiring.expires.min(now + grace);
         Ok((
@@ -433,6 +441,7 @@ fn added(d: &Device, previous: Option<[u8; 32]>, policy: Option<&DevicePolicy>) 
         user: d.user_name.clone(),
         public_key: d.public_key,
         addresses: vec![IpAddr::V4(d.address)],
+        routes: d.routes.clone(),
         persistent_keepalive: policy.and_then(|p| p.persistent_keepalive),
         expires_at: d.expires,
         previous,
@@ -738,6 +747,7 @@ mod tests {
                 user: "alice".into(),
                 public_key: [2; 32],
                 addresses: vec![IpAddr::V4(new.address)],
+                routes: Vec::new(),
                 persistent_keepalive: Some(25),
                 expires_at: t(60 + 12 * 3600),
                 previous: Some([1; 32]),

@@ -109,6 +109,7 @@ pub fn build_gateway(
             user: p.user.clone(),
             public_key: *key,
             addresses,
+            routes: p.routes.clone(),
             persistent_keepalive: p.persistent_keepalive,
             sign_on: Default::default(),
         })?;

@@ -124,6 +124,9 @@ pub enum DeviceChange {
         user: String,
         public_key: [u8; 32],
         addresses: Vec<IpAddr>,
+        /// Subnets behind the device (a site's router): inner sources it may use besides
+        /// its addresses. Empty for a user's own device.
+        routes: Vec<ipnet::IpNet>,
         persistent_keepalive: Option<u16>,
         expires_at: DateTime<Utc>,
         /// The key this one replaces (a rotation); it stays valid for the grace period.

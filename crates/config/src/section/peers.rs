@@ -31,6 +31,10 @@ pub struct PeerConfig {
     pub address6: Option<IpAddr>,
     #[serde(default)]
     pub persistent_keepalive: Option<u16>,
+    /// Subnets behind this peer (an office router): inner sources it may use, and the
+    /// gateway's kernel routes towards the tunnel.
+    #[serde(default)]
+    pub routes: Vec<IpNet>,
 }
 
 /// What the `[[user]]` and `[[peer]]` tables yield once checked.
@@ -64,6 +68,7 @@ pub(crate) fn check(
     }
     let mut seen_keys = std::collections::HashSet::new();
     let mut seen_addrs = std::collections::HashSet::new();
+    let mut seen_routes: Vec<(IpNet, String)> = Vec::new();
     for (i, p) in peers.iter().enumerate() {
         let key = crate::decode_key(&p.public_key)
             .map_err(|r| Invalid::new(format!("peer[{i}].public_key"), r))?;
@@ -99,6 +104,20 @@ pub(crate) fn check(
                 ));
             }
         }
+        for (j, route) in p.routes.iter().enumerate() {
+            let key = format!("peer[{i}].routes[{j}]");
+            check_route(route, gateway).map_err(|r| Invalid::new(key.clone(), r))?;
+            if let Some((other, at)) = seen_routes
+                .iter()
+                .find(|(o, _): &&(IpNet, String)| overlaps(o, route))
+            {
+                return Err(Invalid::new(
+                    key,
+                    format!("{route} of {:?} overlaps {other} ({at}): every source address has one owner", p.user),
+                ));
+            }
+            seen_routes.push((*route, format!("peer[{i}].routes[{j}] of {:?}", p.user)));
+        }
         if !user_names.contains(p.user.as_str()) {
             out.warnings.push(format!(
                 "peer[{i}] names user {:?}, which no [[user]] defines: it has no access until an identity source provides that user",
@@ -107,4 +126,31 @@ pub(crate) fn check(
         }
     }
     Ok(out)
+}
+
+fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// A routed subnet is a network (no host bits), not everything, and outside the tunnel
+/// networks (whose addresses are the devices' own).
+fn check_route(route: &IpNet, gateway: &super::GatewayConfig) -> Result<(), String> {
+    if route.addr() != route.network() {
+        return Err(format!(
+            "{route} has host bits set: the subnet is {}",
+            route.trunc()
+        ));
+    }
+    if route.prefix_len() == 0 {
+        return Err(format!(
+            "{route} is every address: a routed peer carries named subnets, not a default route"
+        ));
+    }
+    for net in std::iter::once(gateway.tunnel_address).chain(gateway.tunnel_address6) {
+        let net = net.trunc();
+        if overlaps(&net, route) {
+            return Err(format!("{route} overlaps the tunnel network {net}"));
+        }
+    }
+    Ok(())
 }

@@ -183,11 +183,19 @@ impl Gateway {
                 user,
                 public_key,
                 addresses,
+                routes,
                 persistent_keepalive,
                 expires_at,
                 previous,
                 sign_on,
             } => {
+                if let Some(prev) = previous.as_ref().and_then(|k| self.by_key.get(k).copied()) {
+                    // The new key takes over the router's subnets (see the registry).
+                    self.routes.retain(|(_, owner)| *owner != prev);
+                    if let Some(p) = self.peers.get_mut(prev.0 as usize).and_then(Option::as_mut) {
+                        p.spec.routes.clear();
+                    }
+                }
                 self.events.push_back(Event::KeyRotated {
                     user: user.clone(),
                     device: b64(&public_key),
@@ -198,6 +206,7 @@ impl Gateway {
                     user,
                     public_key,
                     addresses,
+                    routes,
                     persistent_keepalive,
                     sign_on,
                 })?;

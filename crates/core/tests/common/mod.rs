@@ -98,6 +98,7 @@ pub fn node(t0: Instant, devices: &[(u8, &str, [u8; 4])]) -> Gateway {
             user: (*user).into(),
             public_key: PublicKey::from(&client_key(*n)).to_bytes(),
             addresses: vec![IpAddr::from(*addr)],
+            routes: Vec::new(),
             persistent_keepalive: None,
             sign_on: Default::default(),
         })
