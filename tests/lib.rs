@@ -65,6 +65,8 @@ pub struct Lab {
     gateway_stderr_inherit: bool,
     gateway_ifname: Option<String>,
     wg_procs: Vec<Child>,
+    /// Sockets of wireguard-go interfaces started by [`Lab::start_wireguard_go`].
+    extra_wg_socks: Vec<PathBuf>,
     namespaces: Vec<String>,
     stop: Arc<AtomicBool>,
     servers: Vec<JoinHandle<()>>,
@@ -269,6 +271,7 @@ impl Lab {
             gateway_stderr_inherit: false,
             gateway_ifname: None,
             wg_procs: Vec::new(),
+            extra_wg_socks: Vec::new(),
             namespaces: Vec::new(),
             stop: Arc::new(AtomicBool::new(false)),
             servers: Vec::new(),
@@ -316,6 +319,81 @@ impl Lab {
         lab.start_gateway(&opts)?;
         lab.start_clients()?;
         Ok(lab)
+    }
+
+    /// A further namespace of this lab (`pcl<id>-<role>`), removed with it.
+    pub fn add_namespace(&mut self, role: &str) -> Result<String> {
+        let name = format!("pcl{}-{role}", self.id);
+        self.add_ns(&name)?;
+        Ok(name)
+    }
+
+    /// A veth pair between two namespaces, both ends up.
+    pub fn link(&self, a_ns: &str, a: &str, b_ns: &str, b: &str) -> Result<()> {
+        self.veth(a_ns, a, b_ns, b)
+    }
+
+    /// A wireguard-go interface `ifname` in `ns` with `address` (/32), a peer of the
+    /// gateway at `endpoint` for `allowed_ips`, stopped with the lab. The key file is
+    /// `key_file` in the lab directory.
+    pub fn start_wireguard_go(
+        &mut self,
+        ns: &str,
+        ifname: &str,
+        key_file: &str,
+        address: &str,
+        endpoint: &str,
+        allowed_ips: &str,
+    ) -> Result<()> {
+        let sock = PathBuf::from(format!("/var/run/wireguard/{ifname}.sock"));
+        let _ = std::fs::remove_file(&sock);
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "wireguard-go", "-f", ifname])
+            .env("WG_PROCESS_FOREGROUND", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(File::create(
+                self.dir.join(format!("wireguard-go-{ifname}.log")),
+            )?))
+            .spawn()
+            .context("starting wireguard-go")?;
+        self.wg_procs.push(child);
+        self.extra_wg_socks.push(sock.clone());
+        wait_until(Duration::from_secs(10), || Ok(sock.exists()))
+            .with_context(|| format!("wireguard-go did not create {}", sock.display()))?;
+        let key = self.dir.join(key_file);
+        let key = key.to_string_lossy();
+        sh_in(
+            ns,
+            &[
+                "wg",
+                "set",
+                ifname,
+                "private-key",
+                &key,
+                "peer",
+                &self.gateway_public_key,
+                "endpoint",
+                endpoint,
+                "allowed-ips",
+                allowed_ips,
+            ],
+        )?;
+        sh(&[
+            "ip",
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{address}/32"),
+            "dev",
+            ifname,
+        ])?;
+        sh(&["ip", "-n", ns, "link", "set", ifname, "up"])?;
+        for net in allowed_ips.split(',') {
+            sh(&["ip", "-n", ns, "route", "add", net, "dev", ifname])?;
+        }
+        Ok(())
     }
 
     fn add_ns(&mut self, name: &str) -> Result<()> {
@@ -1112,6 +1190,9 @@ impl Drop for Lab {
         let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.bob.ifname));
         if let Some(g) = &self.gateway_ifname {
             let _ = std::fs::remove_file(format!("/var/run/wireguard/{g}.sock"));
+        }
+        for sock in self.extra_wg_socks.drain(..) {
+            let _ = std::fs::remove_file(sock);
         }
         if let Some(mut g) = self.gateway.take() {
             terminate(&mut g);

@@ -11,6 +11,7 @@ use portcullis_config::Loaded;
 use portcullis_control::{Apply, Command, Readiness, Revoke, Snapshot, Status, UserRow};
 use portcullis_core::Gateway;
 use portcullis_model::latency::Latency;
+use portcullis_model::DeviceChange;
 use portcullis_policy::PolicyBundle;
 use tokio::sync::{mpsc, oneshot};
 
@@ -70,6 +71,12 @@ impl Loop {
             }
         }
         for change in apply.devices {
+            if let DeviceChange::Added { routes, .. } = &change {
+                crate::routes::install_in_background(
+                    &self.loaded.config.gateway.tun_name,
+                    routes.clone(),
+                );
+            }
             if let Err(e) = self.gw.handle_device_change(now, change) {
                 tracing::error!("device change not applied: {e}");
             }

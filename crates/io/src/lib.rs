@@ -21,6 +21,7 @@
 
 mod datapath;
 mod handlers;
+mod routes;
 
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
@@ -305,6 +306,12 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let c = &loaded.config;
     let mut gw = build_gateway(&loaded, bundle, startup.directory_users, Instant::now())?;
+    let routed: Vec<ipnet::IpNet> = c
+        .peers
+        .iter()
+        .flat_map(|p| p.routes.iter().copied())
+        .chain(startup.peers.iter().flat_map(|p| p.routes.iter().copied()))
+        .collect();
     for peer in startup.peers {
         gw.handle_peer_add(peer).context("adding a stored device")?;
     }
@@ -324,6 +331,7 @@ pub async fn run(
     }
     let udp = bind_udp(c.gateway.listen, c.gateway.socket_buffer_bytes)?;
     let (tun, offload) = build_tun(&loaded)?;
+    routes::install(&c.gateway.tun_name, &routed)?;
     let dp = Datapath::new(udp, tun, offload)?;
     tracing::info!(
         listen = %dp.udp.local_addr()?,

@@ -4,7 +4,9 @@
 //! A generated company has `groups` groups, nested networks (top-level /16s with /24
 //! children), and `policies` policies mixing: group and user grants to networks, port and
 //! protocol conditions, forbids with `unless`, tag conditions on principals and resources,
-//! expiring grants (`context.now`), destination-range conditions (`context.dst_ip`), second
+//! expiring grants (`context.now`), destination-range conditions (`context.dst_ip`), source
+//! ranges of sites behind routed peers (`context.src_ip`, with a quarter of the requests
+//! from such a LAN), second
 //! factors within a number of hours (`context.mfa`, `context.auth_age_secs`), and a
 //! policy that errors on some inputs (integer overflow), so every path of the engine runs.
 
@@ -127,7 +129,15 @@ impl Company {
                 85..=89 => format!(
                     "permit (principal in Group::\"g{g}\", action == Action::\"connect\", resource)\nwhen {{ principal.tags.contains(\"{tag}\") && resource.tags.contains(\"{tag}\") }};"
                 ),
-                90..=93 => {
+                // A site's subnet behind a routed peer (`context.src_ip`: the LAN host).
+                92..=93 => {
+                    let third = rng.gen_range(0..4);
+                    format!(
+                        "permit (principal in Group::\"g{g}\", action == Action::\"connect\", resource in Network::\"{n}\")\nwhen {{ context.src_ip.isInRange(ip(\"192.168.{third}.0/{}\")) }};",
+                        pick(&mut rng, &[24, 26, 28])
+                    )
+                }
+                90..=91 => {
                     let third = rng.gen_range(0..4);
                     format!(
                         "permit (principal in Group::\"g{g}\", action == Action::\"connect\", resource)\nwhen {{ context.dst_ip.isInRange(ip(\"10.{}.{third}.0/24\")) }};",
@@ -289,7 +299,12 @@ impl Company {
             .single()
             .unwrap_or_default();
         let req = FlowRequest {
-            src_ip: IpAddr::from([100, 64, 0, rng.gen_range(2..250)]),
+            // A device's tunnel address, or a host behind a routed peer (a site's LAN).
+            src_ip: if rng.gen_ratio(1, 4) {
+                IpAddr::from([192, 168, rng.gen_range(0..5), rng.gen()])
+            } else {
+                IpAddr::from([100, 64, 0, rng.gen_range(2..250)])
+            },
             dst_ip: dst,
             dst_port,
             protocol,

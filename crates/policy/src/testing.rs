@@ -88,6 +88,10 @@ struct RawCase {
     action: Option<String>,
     #[serde(default)]
     dst: Option<String>,
+    /// The packet's source (`context.src_ip`): a tunnel address, or for a routed peer a
+    /// host behind it. Default 100.64.0.2.
+    #[serde(default)]
+    src: Option<IpAddr>,
     #[serde(default)]
     network: Option<String>,
     #[serde(default)]
@@ -126,6 +130,8 @@ pub struct Case {
     pub name: String,
     pub user: Principal,
     pub dst: Destination,
+    /// `context.src_ip`.
+    pub src: IpAddr,
     pub at: Option<DateTime<Utc>>,
     /// The device's sign-on used a second factor.
     pub mfa: bool,
@@ -264,6 +270,7 @@ pub fn load_cases(dir: &Path) -> Result<Vec<Case>, Vec<SourceError>> {
                     tags: raw.tags,
                 },
                 dst,
+                src: raw.src.unwrap_or(DEFAULT_SRC),
                 at: raw.at,
                 mfa: raw.mfa,
                 auth_age_secs: raw.auth_age_secs,
@@ -279,6 +286,9 @@ pub fn load_cases(dir: &Path) -> Result<Vec<Case>, Vec<SourceError>> {
         Err(errors)
     }
 }
+
+/// A case's source unless it names one: a device's tunnel address.
+pub const DEFAULT_SRC: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(100, 64, 0, 2));
 
 /// `FlowRequest::authenticated_at` for a sign-on `auth_age_secs` before `at`; `None`:
 /// never signed on (0).
@@ -315,7 +325,7 @@ fn connect_decision(bundle: &Arc<PolicyBundle>, case: &Case, now: DateTime<Utc>)
         Ok(engine) => engine.decide_plain(
             &case.user.name,
             &FlowRequest {
-                src_ip: IpAddr::from([100, 64, 0, 2]),
+                src_ip: case.src,
                 dst_ip: case.dst.ip,
                 dst_port: case.dst.port,
                 protocol: case.dst.protocol,
@@ -432,6 +442,7 @@ mod tests {
                 tags: vec![],
             },
             dst: parse_destination("10.8.0.2:22/tcp").unwrap_or_else(|e| panic!("{e}")),
+            src: DEFAULT_SRC,
             at: None,
             mfa: false,
             auth_age_secs: None,
