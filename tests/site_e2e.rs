@@ -31,8 +31,10 @@ fn office_lab() -> (Lab, Vec<(String, &'static str)>) {
     let (router_private, router_public) = wg_genkey().unwrap();
     let mut lab = Lab::start(LabOptions {
         extra_config: format!(
-            "[http]\nlisten = \"127.0.0.1:18080\"\n[admin]\ntoken_file = \"admin.token\"\n\n\
+            "[http]\nlisten = \"127.0.0.1:18080\"\n[admin]\ntoken_file = \"admin.token\"\n\
+             [devices]\npool = \"100.64.0.128/26\"\nendpoint = \"192.168.79.1:51820\"\n\n\
              [[user]]\nname = \"office-sf\"\ngroups = [\"offices\"]\n\n\
+             [[user]]\nname = \"office-nyc\"\ngroups = [\"offices\"]\n\n\
              [[peer]]\nuser = \"office-sf\"\npublic_key = \"{router_public}\"\n\
              address = \"100.64.0.50\"\nroutes = [\"192.168.10.0/24\"]\n"
         ),
@@ -222,6 +224,32 @@ fn an_office_router_carries_its_lan_decided_audited_and_cut_per_host() {
         })
         .unwrap();
     assert_eq!(spoofed["user"], "office-sf", "{spoofed}");
+
+    // A second office's router registered through the admin API: its profile is the
+    // router's, its subnet is routed to the TUN; a subnet another peer owns is refused.
+    let (ok, profile, err) = lab
+        .cli(&["devices", "add", "office-nyc", "--route", "192.168.20.0/24"])
+        .unwrap();
+    assert!(ok, "{err}");
+    assert!(
+        profile.contains("# A site's router for 192.168.20.0/24"),
+        "{profile}"
+    );
+    assert!(profile.contains("AllowedIPs = 10.8.0.0/16"), "{profile}");
+    portcullis_e2e::wait_until(Duration::from_secs(5), || {
+        Ok(sh_in(&lab.ns_gw, &["ip", "route", "show", "192.168.20.0/24"])?.contains("dev pc0"))
+    })
+    .expect("the registered router's subnet is routed to the TUN");
+    let (ok, _, err) = lab
+        .cli(&[
+            "devices",
+            "add",
+            "office-nyc",
+            "--route",
+            "192.168.10.128/25",
+        ])
+        .unwrap();
+    assert!(!ok && err.contains("overlaps 192.168.10.0/24"), "{err}");
 
     // Disabling the office's identity cuts every LAN host's live connection.
     let out = lab

@@ -37,6 +37,7 @@ fn policy() -> DevicePolicy {
         pool: "100.70.0.0/24".parse().unwrap(),
         reserved_addresses: BTreeSet::from(["100.70.0.1".parse().unwrap()]),
         reserved_keys: BTreeSet::new(),
+        reserved_routes: Vec::new(),
         lifetime: TimeDelta::days(30),
         grace: TimeDelta::hours(1),
         persistent_keepalive: None,

@@ -72,6 +72,11 @@ pub fn policy(loaded: &Loaded, d: &DevicesConfig) -> DevicePolicy {
     DevicePolicy {
         pool: d.pool,
         reserved_addresses,
+        reserved_routes: c
+            .peers
+            .iter()
+            .flat_map(|p| p.routes.iter().copied())
+            .collect(),
         // The gateway's own key too: a device with it would make the gateway its own peer.
         reserved_keys: loaded
             .peer_keys
@@ -392,6 +397,8 @@ struct DeviceRow {
     expires: DateTime<Utc>,
     replaces: Option<Uuid>,
     replaced_by: Option<Uuid>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    routes: Vec<String>,
 }
 
 impl From<&Device> for DeviceRow {
@@ -406,6 +413,7 @@ impl From<&Device> for DeviceRow {
             expires: d.expires,
             replaces: d.replaces,
             replaced_by: d.replaced_by,
+            routes: d.routes.iter().map(ToString::to_string).collect(),
         }
     }
 }
@@ -426,6 +434,9 @@ struct RegisterBody {
     name: Option<String>,
     #[serde(default)]
     lifetime_secs: Option<u64>,
+    /// Subnets behind the device (a site's router). Only here, on the admin API.
+    #[serde(default)]
+    routes: Vec<ipnet::IpNet>,
 }
 
 #[derive(Deserialize, Default)]
@@ -523,6 +534,7 @@ async fn register(
                 name: b.name.clone().unwrap_or_default(),
                 lifetime: secs("lifetime_secs", b.lifetime_secs)?,
                 sign_on: portcullis_identity::SignOn::default(),
+                routes: b.routes.clone(),
             },
             Instant::now(),
             Utc::now(),

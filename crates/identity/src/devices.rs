@@ -89,6 +89,8 @@ pub struct DevicePolicy {
     /// Addresses and keys taken outside the registry (the gateway, static `[[peer]]`s).
     pub reserved_addresses: BTreeSet<IpAddr>,
     pub reserved_keys: BTreeSet<[u8; 32]>,
+    /// Subnets routed to other peers (the configuration's `[[peer]] routes`).
+    pub reserved_routes: Vec<IpNet>,
     /// Longest and default lifetime of a key.
     pub lifetime: TimeDelta,
     /// How long the old key stays valid after a rotation.
@@ -211,6 +213,66 @@ impl Devices {
         Ok(())
     }
 
+    /// A router's subnets are networks (no host bits, not everything), outside the
+    /// device pool, and overlap no other peer's subnets or addresses: each source has one
+    /// owner.
+    fn check_routes(&self, policy: &DevicePolicy, routes: &[IpNet]) -> Result<(), DeviceError> {
+        let overlap = |a: &IpNet, b: &IpNet| a.contains(&b.network()) || b.contains(&a.network());
+        for (i, route) in routes.iter().enumerate() {
+            if route.addr() != route.network() {
+                return Err(DeviceError::Invalid(format!(
+                    "route {route} has host bits set: the subnet is {}",
+                    route.trunc()
+                )));
+            }
+            if route.prefix_len() == 0 {
+                return Err(DeviceError::Invalid(format!(
+                    "route {route} is every address: a router carries named subnets"
+                )));
+            }
+            if overlap(route, &IpNet::V4(policy.pool.trunc())) {
+                return Err(DeviceError::Invalid(format!(
+                    "route {route} overlaps the device pool {}",
+                    policy.pool
+                )));
+            }
+            if let Some(a) = policy
+                .reserved_addresses
+                .iter()
+                .find(|a| route.contains(*a))
+            {
+                return Err(DeviceError::Invalid(format!(
+                    "route {route} contains {a}, a tunnel address of another peer"
+                )));
+            }
+            if let Some(other) = policy.reserved_routes.iter().find(|o| overlap(route, o)) {
+                return Err(DeviceError::Invalid(format!(
+                    "route {route} overlaps {other}, routed to a peer of the configuration file"
+                )));
+            }
+            if let Some((d, other)) = self
+                .by_id
+                .values()
+                .filter(|d| d.replaced_by.is_none())
+                .find_map(|d| d.routes.iter().find(|o| overlap(route, o)).map(|o| (d, o)))
+            {
+                return Err(DeviceError::Invalid(format!(
+                    "route {route} overlaps {other} of device {} ({})",
+                    d.id, d.user_name
+                )));
+            }
+            if let Some(earlier) = routes
+                .get(..i)
+                .and_then(|r| r.iter().find(|o| overlap(route, o)))
+            {
+                return Err(DeviceError::Invalid(format!(
+                    "route {route} overlaps {earlier}, given before it"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn lifetime(policy: &DevicePolicy, asked: Option<TimeDelta>) -> Result<TimeDelta, DeviceError> {
         match asked {
             None => Ok(policy.lifetime),
@@ -235,10 +297,12 @@ impl Devices {
             name,
             lifetime,
             sign_on,
+            routes,
         } = new.clone();
         let name = name.as_str();
         check_label(name)?;
         self.check_key(policy, &public_key)?;
+        self.check_routes(policy, &routes)?;
         let device = Device {
             id: Uuid::new_v4(),
             user_name: owner.user_name,
@@ -251,7 +315,7 @@ impl Devices {
             replaces: None,
             replaced_by: None,
             sign_on,
-            routes: Vec::new(),
+            routes,
         };
         Ok((
             DeviceMutation {
@@ -467,6 +531,9 @@ pub struct NewDevice {
     pub lifetime: Option<TimeDelta>,
     /// The sign-on enrolling it; default: none (an administrator registers it).
     pub sign_on: SignOn,
+    /// Subnets behind it (a site's router): an administrator's registration only;
+    /// enrollment never sets them.
+    pub routes: Vec<IpNet>,
 }
 
 /// What a WireGuard profile for a device says besides the device itself.
@@ -525,8 +592,20 @@ pub fn profile(device: &Device, private_key: Option<&str>, s: &ProfileSettings) 
             );
         }
     }
+    let router = !device.routes.is_empty();
+    if router {
+        let subnets: Vec<String> = device.routes.iter().map(ToString::to_string).collect();
+        let _ = writeln!(
+            out,
+            "# A site's router for {}: forward its LAN's traffic for the AllowedIPs below into\n\
+             # this tunnel without NAT (the gateway decides and audits each LAN host by its own\n\
+             # address and accepts those sources from this key only); enable IP forwarding.",
+            subnets.join(", ")
+        );
+    }
     let _ = writeln!(out, "Address = {}/32", device.address);
-    if !s.dns.is_empty() {
+    // A router keeps its resolver: the LAN's hosts have their own.
+    if !s.dns.is_empty() && !router {
         let dns: Vec<String> = s.dns.iter().map(ToString::to_string).collect();
         let _ = writeln!(out, "DNS = {}", dns.join(", "));
     }
@@ -551,7 +630,10 @@ pub fn profile(device: &Device, private_key: Option<&str>, s: &ProfileSettings) 
         let _ = writeln!(out, "Endpoint = {}", peer.endpoint);
         let allowed: Vec<String> = peer.allowed_ips.iter().map(ToString::to_string).collect();
         let _ = writeln!(out, "AllowedIPs = {}", allowed.join(", "));
-        if let Some(k) = s.persistent_keepalive {
+        // A router is usually behind NAT and carries traffic the gateway starts too
+        // (return traffic only, but after a quiet spell): keep its mapping alive.
+        let keepalive = s.persistent_keepalive.or(router.then_some(25));
+        if let Some(k) = keepalive {
             let _ = writeln!(out, "PersistentKeepalive = {k}");
         }
     }
@@ -573,6 +655,7 @@ mod tests {
             name: name.into(),
             lifetime,
             sign_on: SignOn::default(),
+            routes: Vec::new(),
         }
     }
 
@@ -582,6 +665,7 @@ mod tests {
             reserved_addresses: ["100.64.0.1".parse().unwrap(), "100.64.0.2".parse().unwrap()]
                 .into(),
             reserved_keys: [[9; 32]].into(),
+            reserved_routes: Vec::new(),
             lifetime: TimeDelta::hours(12),
             grace: TimeDelta::minutes(5),
             persistent_keepalive: Some(25),
@@ -604,6 +688,55 @@ mod tests {
         let (m, dev) = d.plan_register(&policy(), owner(), [key; 32], &nd("laptop", None), now)?;
         d.apply(m, Some(&policy()));
         Ok(dev)
+    }
+
+    #[test]
+    fn a_router_device_owns_its_subnets_alone_and_keeps_them_through_a_rotation() {
+        let mut pol = policy();
+        pol.reserved_routes = vec!["10.77.0.0/16".parse().unwrap()];
+        let mut d = Devices::default();
+        let router = |routes: &[&str]| NewDevice {
+            routes: routes.iter().map(|r| r.parse().unwrap()).collect(),
+            ..nd("office router", None)
+        };
+        let (m, office) = d
+            .plan_register(&pol, owner(), [1; 32], &router(&["192.168.10.0/24"]), t(0))
+            .unwrap();
+        d.apply(m, Some(&pol));
+        let refused = [
+            (
+                &["192.168.10.128/25"][..],
+                "overlaps 192.168.10.0/24 of device",
+            ),
+            (&["192.168.10.5/24"], "host bits"),
+            (&["0.0.0.0/0"], "every address"),
+            (&["100.64.0.0/30"], "device pool"),
+            (&["10.77.1.0/24"], "configuration file"),
+            (&["192.168.20.0/24", "192.168.20.0/25"], "given before it"),
+        ];
+        for (routes, said) in refused {
+            match d.plan_register(&pol, owner(), [2; 32], &router(routes), t(0)) {
+                Err(DeviceError::Invalid(e)) => assert!(e.contains(said), "{routes:?}: {e}"),
+                other => panic!("{routes:?}: {other:?}"),
+            }
+        }
+        // The peer the core gets carries the routes.
+        match &d.peers(Some(&pol))[..] {
+            [DeviceChange::Added { routes, .. }] => {
+                assert_eq!(routes, &office.routes);
+            }
+            other => panic!("{other:?}"),
+        }
+        // A rotation moves them to the new key; the retiring key keeps none.
+        let (m, new) = d
+            .plan_rotate(&pol, &office.id, [3; 32], None, t(10))
+            .unwrap();
+        d.apply(m, Some(&pol));
+        assert_eq!(new.routes, office.routes);
+        let retiring = d.iter().find(|x| x.id == office.id).unwrap();
+        assert!(retiring.routes.is_empty());
+        // A user's own device has none.
+        assert!(register(&mut d, 4, t(0)).unwrap().routes.is_empty());
     }
 
     #[test]
@@ -820,6 +953,32 @@ mod tests {
     }
 
     #[test]
+    fn a_router_profile_names_its_subnets_keeps_its_resolver_and_stays_alive() {
+        let mut d = Devices::default();
+        let new = NewDevice {
+            routes: vec!["192.168.10.0/24".parse().unwrap()],
+            ..nd("office router", None)
+        };
+        let (m, dev) = d
+            .plan_register(&policy(), owner(), [8; 32], &new, t(0))
+            .unwrap();
+        d.apply(m, Some(&policy()));
+        let s = ProfileSettings {
+            gateway_public_key: [1; 32],
+            endpoint: "gw.example.com:51820".into(),
+            allowed_ips: vec!["10.8.0.0/16".parse().unwrap()],
+            dns: vec!["10.8.0.53".parse().unwrap()],
+            persistent_keepalive: None,
+            sites: Vec::new(),
+        };
+        let p = profile(&dev, None, &s);
+        assert!(p.contains("# A site's router for 192.168.10.0/24"), "{p}");
+        assert!(p.lines().any(|l| l == "AllowedIPs = 10.8.0.0/16"), "{p}");
+        assert!(p.lines().any(|l| l == "PersistentKeepalive = 25"), "{p}");
+        assert!(!p.lines().any(|l| l.starts_with("DNS")), "{p}");
+    }
+
+    #[test]
     fn profile_is_wg_quick() {
         let mut d = Devices::default();
         let dev = register(&mut d, 7, t(0)).unwrap();
@@ -936,6 +1095,7 @@ mod tests {
                 [7; 32],
                 &NewDevice {
                     sign_on: with_mfa,
+                    routes: Vec::new(),
                     ..nd("phone", None)
                 },
                 t(400),

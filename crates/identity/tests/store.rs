@@ -204,6 +204,7 @@ fn device_policy() -> DevicePolicy {
         pool: "100.64.0.128/30".parse().unwrap(),
         reserved_addresses: Default::default(),
         reserved_keys: Default::default(),
+        reserved_routes: Vec::new(),
         lifetime: chrono::TimeDelta::hours(12),
         grace: chrono::TimeDelta::minutes(5),
         persistent_keepalive: None,

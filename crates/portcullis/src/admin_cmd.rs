@@ -142,6 +142,10 @@ pub enum DevicesCommand {
         /// Shorter than `[devices] key_lifetime_secs` (never longer).
         #[arg(long)]
         lifetime_secs: Option<u64>,
+        /// A subnet behind the device, which is then a site's router (repeatable; e.g.
+        /// --route 192.168.10.0/24).
+        #[arg(long = "route", value_name = "CIDR")]
+        routes: Vec<ipnet::IpNet>,
         /// Write the profile to this file (mode 0600) instead of standard output.
         #[arg(long)]
         profile: Option<PathBuf>,
@@ -233,11 +237,13 @@ pub fn devices(cmd: DevicesCommand) -> anyhow::Result<ExitCode> {
             public_key,
             name,
             lifetime_secs,
+            routes,
             profile,
             config,
         } => {
             let body = serde_json::json!({
                 "user": user, "public_key": public_key, "name": name, "lifetime_secs": lifetime_secs,
+                "routes": routes,
             });
             let v = call_with(&config, "POST", "/admin/v1/devices", Some(&body))?;
             emit_profile(&v, profile.as_deref())?;

@@ -113,6 +113,8 @@ pub(super) async fn enroll(
             &s.user,
             public,
             &NewDevice {
+                // Self-service never registers a router.
+                routes: Vec::new(),
                 name: f.name.trim().to_string(),
                 lifetime: Some(lifetime),
                 sign_on: s.sign_on,
