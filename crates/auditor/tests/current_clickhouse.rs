@@ -33,7 +33,12 @@ fn tuple(i: u64) -> FlowTuple {
         } else {
             Protocol::TCP
         },
-        src_ip: "100.64.0.2".parse().unwrap(),
+        // A device's tunnel address, or hosts behind routed peers (a site's LAN).
+        src_ip: match i % 3 {
+            0 => "100.64.0.2".parse().unwrap(),
+            1 => format!("192.168.10.{}", i % 40).parse().unwrap(),
+            _ => format!("fd10::{i:x}").parse().unwrap(),
+        },
         src_port: 40000 + i as u16,
         dst_ip: if i % 5 == 0 {
             "fd00::7".parse().unwrap()
@@ -352,6 +357,18 @@ fn schema_native_blocks_queries_and_dashboards_run_on_current_clickhouse_with_th
             portcullis_auditor::export::export_sql(DB, f, now).unwrap(),
         ));
     }
+    for prefix in [24, 28] {
+        for r in [Report::WhoReached, Report::TopTalkers] {
+            let f = Filter {
+                source_prefix: Some(prefix),
+                ..Filter::default()
+            };
+            queries.push((
+                format!("by /{prefix} {r:?}"),
+                portcullis_auditor::filter::sql(DB, &f, Some(r), now).unwrap(),
+            ));
+        }
+    }
     queries.push((
         "verify".into(),
         portcullis_auditor::verify_sql(DB, &VerifyOptions::default()),
@@ -477,6 +494,25 @@ fn schema_native_blocks_queries_and_dashboards_run_on_current_clickhouse_with_th
         failures.join("\n")
     );
     assert!(answered > 50, "only {answered} queries had rows");
+    // By source subnet: each LAN is one row per user, its hosts folded into the subnet.
+    let subnets: std::collections::BTreeSet<String> = current["answers"]["by /28 TopTalkers"]
+        ["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r[1].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        subnets.into_iter().collect::<Vec<_>>(),
+        [
+            "100.64.0.0/28",
+            "192.168.10.0/28",
+            "192.168.10.16/28",
+            "192.168.10.32/28",
+            "fd10::/64"
+        ],
+        "top talkers by source subnet"
+    );
     // The rows in chdb verify like the 18.16 ones: the same hashes came through.
     let rows_back = &current["answers"]["verify"]["data"];
     assert_eq!(rows_back.as_array().unwrap().len(), rows.len());

@@ -240,6 +240,10 @@ pub struct FilterArgs {
     /// A listing's order: asc (oldest first, the default) or desc (newest first).
     #[arg(long)]
     order: Option<String>,
+    /// who-reached and top-talkers also by source subnet: IPv4 sources by this prefix
+    /// length (24: a site's /24), IPv6 sources by /64.
+    #[arg(long)]
+    source_prefix: Option<u8>,
 }
 
 impl From<FilterArgs> for Filter {
@@ -257,6 +261,7 @@ impl From<FilterArgs> for Filter {
             limit: a.limit,
             offset: a.offset,
             order: a.order,
+            source_prefix: a.source_prefix,
         }
     }
 }
