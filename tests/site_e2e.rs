@@ -240,6 +240,28 @@ fn an_office_router_carries_its_lan_decided_audited_and_cut_per_host() {
         Ok(sh_in(&lab.ns_gw, &["ip", "route", "show", "192.168.20.0/24"])?.contains("dev pc0"))
     })
     .expect("the registered router's subnet is routed to the TUN");
+    // Listed with its subnet; its profile again on request, without a private key.
+    let (ok, listed, err) = lab.cli(&["devices", "list", "--json"]).unwrap();
+    assert!(ok, "{err}");
+    let listed: Value = serde_json::from_str(&listed).unwrap();
+    let nyc = &listed.as_array().unwrap()[0];
+    assert_eq!(
+        nyc["routes"],
+        serde_json::json!(["192.168.20.0/24"]),
+        "{nyc}"
+    );
+    let (ok, again, err) = lab
+        .cli(&["devices", "profile", nyc["id"].as_str().unwrap()])
+        .unwrap();
+    assert!(ok, "{err}");
+    assert!(
+        again.contains("# A site's router for 192.168.20.0/24"),
+        "{again}"
+    );
+    assert!(
+        !again.lines().any(|l| l.starts_with("PrivateKey")),
+        "{again}"
+    );
     let (ok, _, err) = lab
         .cli(&[
             "devices",

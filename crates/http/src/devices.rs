@@ -3,10 +3,12 @@
 //!
 //! Admin API (same bearer token as the rest of `/admin/v1`):
 //! - `GET /admin/v1/devices[?user=NAME]`: registered devices.
-//! - `POST /admin/v1/devices` `{"user", "public_key"?, "name"?, "lifetime_secs"?}`:
-//!   registers a key (the device's own public key; without one the gateway generates a
-//!   key pair and returns the private key once, inside the profile). Answers 201 with the
-//!   device and its `wg-quick` profile once the peer is live.
+//! - `POST /admin/v1/devices` `{"user", "public_key"?, "name"?, "lifetime_secs"?,
+//!   "routes"?}`: registers a key (the device's own public key; without one the gateway
+//!   generates a key pair and returns the private key once, inside the profile). Answers
+//!   201 with the device and its `wg-quick` profile once the peer is live. `routes` makes
+//!   it a site's router (subnets behind it); only here, never through enrollment.
+//! - `GET /admin/v1/devices/{id}/profile`: its profile again, without a private key.
 //! - `POST /admin/v1/devices/{id}/rotate` `{"public_key"?, "grace_secs"?}`: a new key and
 //!   address replace the device's; the old key keeps working for the grace period.
 //! - `DELETE /admin/v1/devices/{id}`: removes the device, cutting its session and flows.
@@ -382,6 +384,7 @@ pub(crate) fn routes() -> Router<AdminState> {
     Router::new()
         .route("/devices", get(list).post(register))
         .route("/devices/{id}/rotate", post(rotate))
+        .route("/devices/{id}/profile", get(profile_of))
         .route("/devices/{id}", axum::routing::delete(remove))
 }
 
@@ -591,6 +594,26 @@ async fn rotate(
         "previous": previous,
         "profile": text,
         "private_key_included": private.is_some(),
+    }))
+    .into_response())
+}
+
+/// A registered device's `wg-quick` profile again (a site's router's included), without
+/// its private key: the gateway never keeps one.
+async fn profile_of(
+    State(s): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let (identity, profile) = devices_of(&s)?;
+    let id = parse_id(&id)?;
+    let d = identity
+        .read_devices(|d| d.get(&id).cloned())
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no device {id}")))?;
+    let text = s.scope.profile(profile, &s.commands, &d, None).await;
+    Ok(Json(json!({
+        "device": DeviceRow::from(&d),
+        "profile": text,
+        "private_key_included": false,
     }))
     .into_response())
 }

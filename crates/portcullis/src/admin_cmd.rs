@@ -128,6 +128,16 @@ pub enum DevicesCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Prints a registered device's WireGuard profile again (a site's router's: its
+    /// subnets named, AllowedIPs per site), without the private key.
+    Profile {
+        id: String,
+        /// Write the profile to this file (mode 0600) instead of standard output.
+        #[arg(long)]
+        profile: Option<PathBuf>,
+        #[arg(long, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+    },
     /// Registers a device for USER and prints its WireGuard profile. Without
     /// --public-key the gateway generates the key pair: the profile then holds the
     /// private key, shown this once.
@@ -230,6 +240,20 @@ pub fn devices(cmd: DevicesCommand) -> anyhow::Result<ExitCode> {
                     d["public_key"].as_str().unwrap_or(""),
                 );
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        DevicesCommand::Profile {
+            id,
+            profile,
+            config,
+        } => {
+            let v = call_with(
+                &config,
+                "GET",
+                &format!("/admin/v1/devices/{id}/profile"),
+                None,
+            )?;
+            emit_profile(&v, profile.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
         DevicesCommand::Add {
