@@ -328,9 +328,32 @@ impl Lab {
         Ok(name)
     }
 
+    /// Adds `cidr` to `dev` in `ns`.
+    pub fn add_address(ns: &str, cidr: &str, dev: &str) -> Result<()> {
+        sh(&["ip", "-n", ns, "addr", "add", cidr, "dev", dev]).map(drop)
+    }
+
     /// A veth pair between two namespaces, both ends up.
     pub fn link(&self, a_ns: &str, a: &str, b_ns: &str, b: &str) -> Result<()> {
         self.veth(a_ns, a, b_ns, b)
+    }
+
+    /// Starts wireguard-go for `ifname` in `ns` (stopped with the lab), its log in the
+    /// lab directory, and waits for its control socket.
+    fn spawn_wireguard_go(&mut self, ns: &str, ifname: &str, log: &str) -> Result<()> {
+        let sock = PathBuf::from(format!("/var/run/wireguard/{ifname}.sock"));
+        let _ = std::fs::remove_file(&sock);
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "wireguard-go", "-f", ifname])
+            .env("WG_PROCESS_FOREGROUND", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(File::create(self.dir.join(log))?))
+            .spawn()
+            .context("starting wireguard-go")?;
+        self.wg_procs.push(child);
+        wait_until(Duration::from_secs(10), || Ok(sock.exists()))
+            .with_context(|| format!("wireguard-go did not create {}", sock.display()))
     }
 
     /// A wireguard-go interface `ifname` in `ns` with `address` (/32), a peer of the
@@ -345,22 +368,9 @@ impl Lab {
         endpoint: &str,
         allowed_ips: &str,
     ) -> Result<()> {
-        let sock = PathBuf::from(format!("/var/run/wireguard/{ifname}.sock"));
-        let _ = std::fs::remove_file(&sock);
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns, "wireguard-go", "-f", ifname])
-            .env("WG_PROCESS_FOREGROUND", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(File::create(
-                self.dir.join(format!("wireguard-go-{ifname}.log")),
-            )?))
-            .spawn()
-            .context("starting wireguard-go")?;
-        self.wg_procs.push(child);
-        self.extra_wg_socks.push(sock.clone());
-        wait_until(Duration::from_secs(10), || Ok(sock.exists()))
-            .with_context(|| format!("wireguard-go did not create {}", sock.display()))?;
+        self.spawn_wireguard_go(ns, ifname, &format!("wireguard-go-{ifname}.log"))?;
+        self.extra_wg_socks
+            .push(PathBuf::from(format!("/var/run/wireguard/{ifname}.sock")));
         let key = self.dir.join(key_file);
         let key = key.to_string_lossy();
         sh_in(
@@ -727,22 +737,8 @@ address6 = "fd00:64::3"
                 c.addr6.clone(),
                 c.endpoint.clone(),
             );
-            let _ = std::fs::remove_file(format!("/var/run/wireguard/{ifname}.sock"));
-            let child = Command::new("ip")
-                .args(["netns", "exec", &ns, "wireguard-go", "-f", &ifname])
-                .env("WG_PROCESS_FOREGROUND", "1")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::from(File::create(
-                    self.dir.join(format!("wireguard-go-{who}.log")),
-                )?))
-                .spawn()
-                .context("starting wireguard-go")?;
-            self.wg_procs.push(child);
-            let sock = PathBuf::from(format!("/var/run/wireguard/{ifname}.sock"));
-            wait_until(Duration::from_secs(10), || Ok(sock.exists())).with_context(|| {
-                format!("wireguard-go for {who} did not create {}", sock.display())
-            })?;
+            self.spawn_wireguard_go(&ns, &ifname, &format!("wireguard-go-{who}.log"))
+                .with_context(|| format!("wireguard-go for {who}"))?;
             let key = self.dir.join(key);
             let key = key.to_string_lossy();
             sh_in(

@@ -48,41 +48,11 @@ fn office_lab() -> (Lab, Vec<(String, &'static str)>) {
     let gw = lab.ns_gw.clone();
     let router = lab.add_namespace("rtr").unwrap();
     lab.link(&gw, "to-office", &router, "wan0").unwrap();
-    sh(&[
-        "ip",
-        "-n",
-        &gw,
-        "addr",
-        "add",
-        "192.168.79.1/24",
-        "dev",
-        "to-office",
-    ])
-    .unwrap();
-    sh(&[
-        "ip",
-        "-n",
-        &router,
-        "addr",
-        "add",
-        "192.168.79.2/24",
-        "dev",
-        "wan0",
-    ])
-    .unwrap();
+    Lab::add_address(&gw, "192.168.79.1/24", "to-office").unwrap();
+    Lab::add_address(&router, "192.168.79.2/24", "wan0").unwrap();
     // The office LAN: a bridge on the router, one namespace per host.
     sh(&["ip", "-n", &router, "link", "add", "br0", "type", "bridge"]).unwrap();
-    sh(&[
-        "ip",
-        "-n",
-        &router,
-        "addr",
-        "add",
-        "192.168.10.1/24",
-        "dev",
-        "br0",
-    ])
-    .unwrap();
+    Lab::add_address(&router, "192.168.10.1/24", "br0").unwrap();
     sh(&["ip", "-n", &router, "link", "set", "br0", "up"]).unwrap();
     let mut hosts = Vec::new();
     for (i, addr) in ["192.168.10.10", "192.168.10.11", "192.168.10.20"]
@@ -93,17 +63,7 @@ fn office_lab() -> (Lab, Vec<(String, &'static str)>) {
         let port = format!("lan{i}");
         lab.link(&router, &port, &ns, "eth0").unwrap();
         sh(&["ip", "-n", &router, "link", "set", &port, "master", "br0"]).unwrap();
-        sh(&[
-            "ip",
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{addr}/24"),
-            "dev",
-            "eth0",
-        ])
-        .unwrap();
+        Lab::add_address(&ns, &format!("{addr}/24"), "eth0").unwrap();
         sh(&[
             "ip",
             "-n",
@@ -120,17 +80,7 @@ fn office_lab() -> (Lab, Vec<(String, &'static str)>) {
     // The router forwards between its LAN and the tunnel, without NAT: the gateway sees
     // the LAN hosts' own addresses. An address outside its routes, for the spoofing case.
     sh_in(&router, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]).unwrap();
-    sh(&[
-        "ip",
-        "-n",
-        &router,
-        "addr",
-        "add",
-        "192.168.99.1/32",
-        "dev",
-        "lo",
-    ])
-    .unwrap();
+    Lab::add_address(&router, "192.168.99.1/32", "lo").unwrap();
     let ifname = format!("wg{}r", lab.id);
     lab.start_wireguard_go(
         &router,
