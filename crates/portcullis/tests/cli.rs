@@ -55,7 +55,7 @@ fn validate_accepts_the_examples_and_locates_errors() {
     let dir = policies();
     let o = run(&["policy", "validate", "--dir", dir.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("9 policies, 7 networks: ok"));
+    assert!(text(&o).contains("10 policies, 7 networks: ok"));
 
     let bad = copy_policies();
     std::fs::write(bad.path().join("z.cedar"), "\n@id(\"typo\")\npermit(principal in Group::\"sre\", action, resource) when { context.dst_prot == 22 };\n").unwrap();
@@ -77,7 +77,7 @@ fn validate_accepts_the_examples_and_locates_errors() {
 fn policy_test_passes_the_examples_and_fails_a_wrong_case() {
     let o = run(&["policy", "test", "--dir", policies().to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("25 passed, 0 failed"), "{}", text(&o));
+    assert!(text(&o).contains("28 passed, 0 failed"), "{}", text(&o));
 
     let dir = copy_policies();
     std::fs::write(
