@@ -141,12 +141,30 @@ fn a_killed_replica_loses_nothing_doubles_nothing_and_catches_up() {
     stream(&p, &mut submitted, Duration::from_secs(4));
     let total = submitted;
     let second = &replicas[1];
+    // Its own replicated table first (the Distributed one may first try the dead
+    // replica on a loaded machine); the Distributed answer is checked below.
+    let count_local = |ch: &ClickHouse| {
+        ch.count("SELECT count() FROM pc.events_local FINAL WHERE gateway = 'gw-a'")
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while count_local(second) != total {
+        let st = p.stats();
+        assert!(
+            Instant::now() < deadline,
+            "every event on the surviving replica: {} of {total} there, acknowledged up to {}, backlog {}",
+            count_local(second),
+            st.acked_seq.load(std::sync::atomic::Ordering::Relaxed),
+            st.backlog.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let count_on = |ch: &ClickHouse| {
         ch.count("SELECT count() FROM pc.events FINAL WHERE gateway = 'gw-a'")
             .unwrap_or(0)
     };
     wait_for(
-        "every event on the surviving replica",
+        "every event through the Distributed table",
         Duration::from_secs(60),
         || count_on(second) == total,
     );
